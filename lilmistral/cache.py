@@ -1,0 +1,103 @@
+"""The KV cache: a rolling buffer for sliding-window models, a fixed context for the others."""
+from __future__ import annotations
+
+import torch
+
+from .errors import ContextLengthError
+
+
+class RollingKVCache:
+    """Keys and values of every layer in `size` slots; position p lives in slot p % size.
+
+    Sliding-window models get size == window, so memory is fixed however long the
+    conversation runs. Other models get size == num_ctx (window None) and stop there.
+
+    Worked example, window = size = 4, after positions 0..5 were written:
+
+        slot:      0  1  2  3
+        position:  4  5  2  3
+
+    Decoding position 6 writes slot 2, dropping position 2, which position 6 no longer
+    sees (it attends to 3, 4, 5, 6). A prefill chunk attends to the cached slots and to
+    itself (concatenated) before it is written, because writing first would overwrite
+    positions its own earlier tokens still need.
+
+    Each forward calls `begin(n)`, then `update(layer, k, v)` per layer, then `end(n)`.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, size: int, window: int | None,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        assert window is None or size >= window
+        shape = (n_layers, n_kv_heads, size, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.size = size
+        self.window = window
+        self.length = 0  # positions written so far; the next token's position
+        self._n_new = 0
+        self._write_first = True
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def rewind(self, length: int) -> bool:
+        """Forget positions >= length. False when the buffer no longer holds what that needs."""
+        if length > self.length:
+            return False
+        if self.window is not None and self.length - length > self.size - self.window:
+            return False
+        self.length = length
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def _slot_positions(self, length: int) -> torch.Tensor:
+        """Positions held by slots 0 .. min(length, size)-1 once `length` positions are written."""
+        slots = torch.arange(min(length, self.size), device=self.k.device)
+        return length - 1 - (length - 1 - slots) % self.size
+
+    def begin(self, n_new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions of the n_new tokens and the boolean attention mask [n_new, keys] (None: attend to all)."""
+        if self.window is None and self.length + n_new > self.size:
+            raise ContextLengthError(
+                f"context is full: {self.length} + {n_new} tokens do not fit num_ctx={self.size}")
+        self._n_new = n_new
+        self._write_first = n_new == 1 or self.window is None
+        q_pos = torch.arange(self.length, self.length + n_new, device=self.k.device)
+        end = self.length + n_new
+        if self._write_first:
+            if n_new == 1 and (self.window is None or min(end, self.size) <= self.window):
+                return q_pos, None
+            k_pos = self._slot_positions(end)
+        else:
+            k_pos = torch.cat([self._slot_positions(self.length), q_pos])
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if self.window is not None:
+            mask &= q_pos[:, None] - k_pos[None, :] < self.window
+        return q_pos, mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [n_kv_heads, n_new, head_dim]; return the keys and values to attend to."""
+        if self._write_first:
+            self._write(layer, k, v)
+            n = min(self.length + self._n_new, self.size)
+            return self.k[layer, :, :n], self.v[layer, :, :n]
+        n = min(self.length, self.size)
+        keys = torch.cat([self.k[layer, :, :n], k], dim=1)
+        values = torch.cat([self.v[layer, :, :n], v], dim=1)
+        self._write(layer, k, v)
+        return keys, values
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[1]
+        keep = min(n, self.size)  # of a chunk longer than the buffer only the tail survives
+        start = self.length + n - keep
+        slots = torch.arange(start, start + keep, device=self.k.device) % self.size
+        self.k[layer, :, slots] = k[:, n - keep:]
+        self.v[layer, :, slots] = v[:, n - keep:]
+
+    def end(self) -> None:
+        self.length += self._n_new
+        self._n_new = 0

@@ -1,0 +1,173 @@
+"""Model arguments, read from a checkpoint's own config (HF config.json or Mistral params.json)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelFormatError
+
+HF_ARCHITECTURES = ("MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE scaling as in HF's `rope_parameters`: kind is "linear" or "yarn"."""
+
+    kind: str
+    factor: float
+    original_max_position: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    hidden_dim: int
+    vocab_size: int
+    head_dim: int = 0  # 0: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    max_seq_len: int = 32768
+    tie_embeddings: bool = False
+    n_experts: int = 0  # 0: dense FFN
+    n_experts_per_tok: int = 0
+    architecture: str = "MistralForCausalLM"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ModelFormatError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+
+def _rope_scaling_from_hf(params: dict[str, Any] | None) -> RopeScaling | None:
+    if not params:
+        return None
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ("linear", "yarn"):
+        raise ModelFormatError(f"unsupported RoPE scaling type {kind!r} (supported: linear, yarn)")
+    return RopeScaling(
+        kind=kind,
+        factor=float(params["factor"]),
+        original_max_position=params.get("original_max_position_embeddings"),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=params.get("attention_factor"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
+    """ModelArgs from a Hugging Face config.json (Mistral, Mixtral or Llama)."""
+    arch = (cfg.get("architectures") or ["MistralForCausalLM"])[0]
+    if arch not in HF_ARCHITECTURES:
+        raise ModelFormatError(f"unsupported architecture {arch!r} (supported: {', '.join(HF_ARCHITECTURES)})")
+    # transformers >= 5 nests rope_theta in rope_parameters; older configs keep rope_theta/rope_scaling at top level
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = _rope_scaling_from_hf(rope)
+    max_pos = int(cfg.get("max_position_embeddings", 32768))
+    if scaling and scaling.kind == "yarn" and scaling.original_max_position is None:
+        scaling = dataclasses.replace(scaling, original_max_position=max_pos)
+    window = cfg.get("sliding_window") if arch != "LlamaForCausalLM" else None
+    if cfg.get("use_sliding_window") is False:
+        window = None
+    return ModelArgs(
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=cfg["num_attention_heads"],
+        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        hidden_dim=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        head_dim=cfg.get("head_dim") or 0,
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        sliding_window=int(window) if window else None,
+        max_seq_len=max_pos,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        n_experts=int(cfg.get("num_local_experts", 0) or 0),
+        n_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0),
+        architecture=arch,
+    )
+
+
+def from_params_json(p: dict[str, Any]) -> ModelArgs:
+    """ModelArgs from Mistral's own params.json (consolidated checkpoints)."""
+    moe = p.get("moe") or {}
+    yarn = p.get("yarn")
+    scaling = None
+    if yarn:
+        scaling = RopeScaling(
+            kind="yarn",
+            factor=float(yarn["factor"]),
+            original_max_position=int(yarn["original_max_position_embeddings"]),
+            beta_fast=float(yarn.get("beta", 32.0)),
+            beta_slow=float(yarn.get("alpha", 1.0)),
+        )
+    return ModelArgs(
+        dim=p["dim"],
+        n_layers=p["n_layers"],
+        n_heads=p["n_heads"],
+        n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
+        hidden_dim=p["hidden_dim"],
+        vocab_size=p["vocab_size"],
+        head_dim=p.get("head_dim") or 0,
+        norm_eps=float(p.get("norm_eps", 1e-5)),
+        rope_theta=float(p.get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
+        sliding_window=p.get("sliding_window"),
+        max_seq_len=int(p.get("max_seq_len", p.get("max_position_embeddings", 32768))),
+        tie_embeddings=bool(p.get("tied_embeddings", False)),
+        n_experts=int(moe.get("num_experts", 0)),
+        n_experts_per_tok=int(moe.get("num_experts_per_tok", 0)),
+        architecture="MixtralForCausalLM" if moe else "MistralForCausalLM",
+    )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{path}: cannot read JSON ({e})") from None
+
+
+def load_args(folder: Path) -> ModelArgs:
+    """Read config.json (preferred) or params.json from a model folder."""
+    if (folder / "config.json").is_file():
+        return from_hf_config(read_json(folder / "config.json"))
+    if (folder / "params.json").is_file():
+        return from_params_json(read_json(folder / "params.json"))
+    raise ModelFormatError(f"{folder}: no config.json or params.json")

@@ -1,0 +1,1 @@
+"""Checkpoint sources (Hugging Face folders, GGUF files) and the converter to lilmistral's packed format."""

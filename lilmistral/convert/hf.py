@@ -1,0 +1,103 @@
+"""Read Hugging Face and Mistral-consolidated safetensors folders, tensor by tensor, memory-mapped."""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..config import ModelArgs
+from ..errors import ModelFormatError
+
+# HF name -> lilmistral name (the names of Mistral's consolidated checkpoints). {i} layer, {e} expert.
+HF_TO_LILMISTRAL = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+    "model.layers.{i}.block_sparse_moe.gate.weight": "layers.{i}.feed_forward.gate.weight",
+    "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight": "layers.{i}.feed_forward.experts.{e}.w1.weight",
+    "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight": "layers.{i}.feed_forward.experts.{e}.w2.weight",
+    "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight": "layers.{i}.feed_forward.experts.{e}.w3.weight",
+}
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def name_mapper(table: dict[str, str]):
+    """A function mapping a source tensor name to lilmistral's via a table with {i}/{e} placeholders."""
+    rules = []
+    for src, dst in table.items():
+        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+        rules.append((re.compile(pattern + "$"), dst))
+
+    def map_name(name: str) -> str | None:
+        for pattern, dst in rules:
+            if m := pattern.match(name):
+                return dst.format(**m.groupdict())
+        return None
+
+    return map_name
+
+
+map_hf_name = name_mapper(HF_TO_LILMISTRAL)
+
+
+def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Interleaved-pair RoPE rows (Mistral consolidated, GGUF) -> HF's half-split rows."""
+    out_dim, in_dim = w.shape
+    return w.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def weight_files(folder: Path) -> tuple[list[Path], bool]:
+    """The safetensors files holding the weights, and whether they use HF names (else consolidated)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ModelFormatError(f"{index}: not a safetensors index ({e})") from None
+        files = [folder / s for s in shards]
+        for f in files:
+            if not f.is_file():
+                raise ModelFormatError(f"{f}: shard listed in {index.name} is missing")
+        return files, True
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"], True
+    consolidated = sorted(folder.glob("consolidated*.safetensors"))
+    if consolidated:
+        return consolidated, False
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
+        raise ModelFormatError(f"{folder}: only pickle weights (.bin/.pt); lilmistral reads safetensors only")
+    raise ModelFormatError(f"{folder}: no safetensors weights found")
+
+
+def iter_tensors(folder: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """(lilmistral name, tensor) for every weight, memory-mapped, in file order."""
+    files, hf_names = weight_files(folder)
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if IGNORED.match(key):
+                        continue
+                    name = map_hf_name(key) if hf_names else key
+                    if name is None:
+                        raise ModelFormatError(f"{path}: unexpected tensor {key!r}")
+                    tensor = f.get_tensor(key)
+                    if not hf_names and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                        heads = args.n_heads if ".wq." in name else args.n_kv_heads
+                        tensor = unpermute_rope(tensor, heads)
+                    yield name, tensor
+        except SafetensorError as e:
+            raise ModelFormatError(f"{path}: cannot read safetensors ({e})") from None

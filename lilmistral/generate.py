@@ -1,0 +1,107 @@
+"""Prefill, incremental decode and sampling. Generation is an iterator and never prints."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from .cache import RollingKVCache
+from .errors import LilmistralError
+from .model import Transformer
+
+PREFILL_CHUNK = 512  # tokens per prefill step for models without a sliding window
+
+
+@dataclass
+class SamplingParams:
+    """Ollama's defaults; temperature 0 is greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40  # 0: off
+    top_p: float = 0.9  # 1.0: off
+    repeat_penalty: float = 1.1  # 1.0: off
+    repeat_last_n: int = 64
+    seed: int | None = None
+    max_tokens: int | None = None  # None: until EOS or the context is full
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> SamplingParams:
+        known = {f.name for f in fields(cls)}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise LilmistralError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        params = cls(**kwargs)  # type: ignore[arg-type]
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LilmistralError(message)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, history: list[int],
+           generator: torch.Generator | None) -> int:
+    """One token from float32 logits [vocab]: repetition penalty, temperature, top-k, top-p, then draw."""
+    if params.repeat_penalty != 1.0 and history:
+        recent = torch.tensor(history[-params.repeat_last_n:], device=logits.device).unique()
+        picked = logits[recent]
+        logits = logits.clone()
+        logits[recent] = torch.where(picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty)
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the token crossing top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def prefill(model: Transformer, cache: RollingKVCache, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+    """Run ids in chunks (at most the window for sliding-window models); logits of the last token or of all."""
+    chunk = cache.window or PREFILL_CHUNK
+    outputs = []
+    for start in range(0, len(ids), chunk):
+        tokens = torch.tensor(ids[start:start + chunk], dtype=torch.long, device=cache.k.device)
+        logits = model(tokens, cache, last_only=not all_logits)
+        if all_logits or start + chunk >= len(ids):
+            outputs.append(logits)
+    return torch.cat(outputs)
+
+
+def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int], params: SamplingParams,
+                    eos_ids: Iterable[int]) -> Iterator[int]:
+    """Stream sampled token ids after the prompt. The cache may already hold a prefix of the prompt
+    (cache.length < len(prompt) tokens of it); only the rest is prefilled."""
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=cache.k.device).manual_seed(params.seed)
+    eos = set(eos_ids)
+    history = list(prompt)
+    logits = prefill(model, cache, prompt[cache.length:])[-1]
+    produced = 0
+    while params.max_tokens is None or produced < params.max_tokens:
+        token = sample(logits, params, history, generator)
+        if token in eos:
+            return
+        yield token
+        produced += 1
+        history.append(token)
+        if cache.window is None and cache.length >= cache.size:
+            return  # the context is full: stop as if max_tokens were reached
+        logits = model(torch.tensor([token], device=cache.k.device), cache)[-1]

@@ -1,0 +1,151 @@
+"""The public `LLM` object: a loaded model, its tokenizer and its KV cache."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .cache import RollingKVCache
+from .config import ModelArgs
+from .errors import ContextLengthError
+from .generate import SamplingParams, generate_tokens, prefill
+from .model import Transformer
+from .tokenizer import Message, StreamDecoder, Tokenizer
+
+DEFAULT_NUM_CTX = 8192
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # tokens in the prompt
+    prefill_tokens: int = 0  # of those, tokens actually run (the rest came from the cache)
+    prefill_s: float = 0.0
+    eval_tokens: int = 0
+    eval_s: float = 0.0
+    dropped_messages: int = 0  # oldest messages left out to fit the context
+
+
+class LLM:
+    """Use `lilmistral.load()` to make one."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, num_ctx: int | None = None,
+                 source: str = "", info: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.args: ModelArgs = model.args
+        self.source = source
+        self.info = info or {}
+        self.num_ctx = min(num_ctx or DEFAULT_NUM_CTX, self.args.max_seq_len)
+        window = self.args.sliding_window
+        if window is not None and window >= self.num_ctx:
+            window = None  # the window never takes effect within num_ctx tokens
+        param = model.tok_embeddings.weight
+        self.cache = RollingKVCache(self.args.n_layers, self.args.n_kv_heads, self.args.head_dim,
+                                    size=window or self.num_ctx, window=window,
+                                    dtype=param.dtype if param.is_floating_point() else torch.bfloat16,
+                                    device=param.device)
+        self._cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
+        self.stats = GenerationStats()
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int]) -> torch.Tensor:
+        """float32 logits [len(ids), vocab], through the same chunked-prefill cache path as generation."""
+        self.cache.reset()
+        self._cached_ids = []
+        logits = prefill(self.model, self.cache, list(ids), all_logits=True)
+        self._cached_ids = list(ids)
+        return logits
+
+    def generate(self, ids: list[int], **sampling: Any) -> Iterator[int]:
+        """Stream token ids after `ids`; sampling options as `SamplingParams`."""
+        params = SamplingParams.from_kwargs(**sampling)
+        return self._generate(list(ids), params)
+
+    def _reuse_prefix(self, ids: list[int]) -> None:
+        """Keep the cached keys of the longest common prefix (at least one token is always recomputed)."""
+        common = 0
+        for a, b in zip(self._cached_ids, ids):
+            if a != b:
+                break
+            common += 1
+        if not self.cache.rewind(min(common, len(ids) - 1)):
+            self.cache.reset()
+
+    def _generate(self, ids: list[int], params: SamplingParams) -> Iterator[int]:
+        if not ids:
+            raise ValueError("generate needs at least one prompt token")
+        if self.cache.window is None and len(ids) >= self.cache.size:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; the context holds {self.cache.size} "
+                                     f"(raise num_ctx, up to {self.args.max_seq_len})")
+        self._reuse_prefix(ids)
+        self.stats = GenerationStats(prompt_tokens=len(ids), prefill_tokens=len(ids) - self.cache.length,
+                                     dropped_messages=self.stats.dropped_messages)
+        generated: list[int] = []
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for token in generate_tokens(self.model, self.cache, ids, params, self.tokenizer.eos_ids):
+                    now = time.perf_counter()
+                    if not generated:
+                        self.stats.prefill_s = now - start
+                        start = now
+                    generated.append(token)
+                    self.stats.eval_tokens = len(generated)
+                    self.stats.eval_s = now - start
+                    yield token
+        finally:
+            self._cached_ids = (ids + generated)[:self.cache.length]
+
+    def tokenize_chat(self, messages: list[Message]) -> list[int]:
+        """The exact prompt ids for a list of {"role", "content"} messages."""
+        return self.tokenizer.encode_chat(messages)
+
+    def fit_messages(self, messages: list[Message], reserve: int) -> list[Message]:
+        """Drop the oldest turns (never the system prompt or the last message) until the prompt leaves
+        `reserve` tokens for the answer. Sliding-window models never need to."""
+        if self.cache.window is not None:
+            return messages
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system):]
+        while len(self.tokenize_chat(system + turns)) + reserve > self.num_ctx:
+            if len(turns) <= 1:
+                raise ContextLengthError(f"the last message does not fit num_ctx={self.num_ctx} "
+                                         f"with {reserve} tokens left for the answer")
+            turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+        return system + turns
+
+    def chat(self, messages: list[Message], **sampling: Any) -> Iterator[str]:
+        """Stream the assistant's answer as text pieces (whole UTF-8 characters), stopping at stop strings."""
+        params = SamplingParams.from_kwargs(**sampling)
+        reserve = min(params.max_tokens or 512, self.num_ctx // 4)
+        fitted = self.fit_messages(list(messages), reserve)
+        self.stats.dropped_messages = len(messages) - len(fitted)
+        return stream_text(self._generate(self.tokenize_chat(fitted), params), self.tokenizer, params.stop)
+
+
+def _partial_stop(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (and so must be held back)."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def stream_text(tokens: Iterator[int], tokenizer: Tokenizer, stop: list[str]) -> Iterator[str]:
+    """Text pieces of a token stream; ends before the first stop string, which is not emitted."""
+    decoder = StreamDecoder(tokenizer.decode)
+    held = ""
+    for token in tokens:
+        held += decoder.push(token)
+        hits = [i for i in (held.find(s) for s in stop if s) if i >= 0]
+        if hits:
+            if held[:min(hits)]:
+                yield held[:min(hits)]
+            tokens.close()  # type: ignore[attr-defined]
+            return
+        cut = len(held) - _partial_stop(held, stop)
+        if cut > 0:
+            yield held[:cut]
+            held = held[cut:]
+    if held:
+        yield held
