@@ -166,8 +166,13 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def load_args(folder: Path) -> ModelArgs:
     """Read config.json (preferred) or params.json from a model folder."""
-    if (folder / "config.json").is_file():
-        return from_hf_config(read_json(folder / "config.json"))
-    if (folder / "params.json").is_file():
-        return from_params_json(read_json(folder / "params.json"))
+    for name, parse in (("config.json", from_hf_config), ("params.json", from_params_json)):
+        path = folder / name
+        if path.is_file():
+            try:
+                return parse(read_json(path))
+            except KeyError as e:
+                raise ModelFormatError(f"{path}: missing field {e}") from None
+            except (TypeError, ValueError, AttributeError) as e:
+                raise ModelFormatError(f"{path}: bad value ({e})") from None
     raise ModelFormatError(f"{folder}: no config.json or params.json")

@@ -141,7 +141,9 @@ def stream_text(tokens: Iterator[int], tokenizer: Tokenizer, stop: list[str]) ->
         if hits:
             if held[:min(hits)]:
                 yield held[:min(hits)]
-            tokens.close()  # type: ignore[attr-defined]
+            close = getattr(tokens, "close", None)
+            if close:
+                close()  # lets the generator record what the cache holds
             return
         cut = len(held) - _partial_stop(held, stop)
         if cut > 0:

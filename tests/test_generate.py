@@ -1,0 +1,147 @@
+"""The cache, sampling, streaming text, context limits and `lilmistral run` on a tiny model."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lilmistral
+from conftest import make_hf_model
+from lilmistral.cache import RollingKVCache
+from lilmistral.generate import SamplingParams, sample
+from lilmistral.llm import stream_text
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("windowed")
+    make_hf_model(folder, "mistral", sliding_window=8)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("full")
+    make_hf_model(folder, "mistral", sliding_window=None)
+    return folder
+
+
+def test_rolling_cache_memory_is_fixed(windowed):
+    llm = lilmistral.load(windowed)
+    k, v = llm.cache.k, llm.cache.v
+    assert llm.cache.size == 8 and k.shape == (2, 2, 8, 16)
+    before = (k.data_ptr(), v.data_ptr(), llm.cache.nbytes)
+    llm.forward(list(range(10, 110)))  # 100 tokens through an 8-slot buffer
+    tokens = list(llm.generate(list(range(10, 50)), temperature=0, max_tokens=60))
+    assert len(tokens) > 8
+    assert (llm.cache.k.data_ptr(), llm.cache.v.data_ptr(), llm.cache.nbytes) == before
+    assert llm.cache.length > 8 * 5
+
+
+def test_rolling_cache_slots_follow_positions():
+    cache = RollingKVCache(1, 1, 1, size=4, window=4, dtype=torch.float32)
+    for p in range(6):
+        cache.begin(1)
+        cache.update(0, torch.full((1, 1, 1), float(p)), torch.zeros(1, 1, 1))
+        cache.end()
+    assert cache.k[0, 0, :, 0].tolist() == [4.0, 5.0, 2.0, 3.0]  # the docstring's worked example
+
+
+def test_prompt_longer_than_window_is_chunked(windowed):
+    llm = lilmistral.load(windowed)
+    ids = list(range(5, 5 + 50))
+    whole = llm.forward(ids)
+    llm.cache.reset()
+    with torch.inference_mode():
+        stepwise = torch.cat([llm.model(torch.tensor([t]), llm.cache) for t in ids])
+    assert (whole - stepwise).abs().max().item() < 1e-4
+
+
+def test_seed_reproducible_and_sampling_options(full):
+    llm = lilmistral.load(full)
+    ids = list(range(100, 120))
+    a = list(llm.generate(ids, temperature=1.0, seed=3, max_tokens=20))
+    b = list(llm.generate(ids, temperature=1.0, seed=3, max_tokens=20))
+    c = list(llm.generate(ids, temperature=1.0, seed=4, max_tokens=20))
+    assert a == b and a != c
+    greedy = list(llm.generate(ids, temperature=0, repeat_penalty=1.0, max_tokens=20))
+    assert list(llm.generate(ids, temperature=1.5, top_k=1, repeat_penalty=1.0, seed=9, max_tokens=20)) == greedy
+    assert list(llm.generate(ids, temperature=1.5, top_p=1e-6, repeat_penalty=1.0, seed=9, max_tokens=20)) == greedy
+
+
+def test_sample_filters():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample(logits, SamplingParams(temperature=1.0, top_k=2, top_p=1.0, repeat_penalty=1.0), [], g)
+             for _ in range(200)}
+    assert draws == {1, 2}
+    # repetition penalty divides a positive logit: token 1 (3.0 -> 1.5) loses to token 2
+    assert sample(logits, SamplingParams(temperature=0, repeat_penalty=2.0), [1], None) == 2
+    with pytest.raises(lilmistral.LilmistralError):
+        SamplingParams.from_kwargs(temperature=-1)
+    with pytest.raises(lilmistral.LilmistralError):
+        SamplingParams.from_kwargs(temprature=1)
+
+
+def test_second_turn_reuses_the_cached_prefix(full):
+    llm = lilmistral.load(full)
+    messages = [{"role": "user", "content": "Hello there"}]
+    answer = "".join(llm.chat(messages, temperature=0, max_tokens=8))
+    first_prompt = llm.stats.prompt_tokens
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    list(llm.chat(messages, temperature=0, max_tokens=4))
+    assert llm.stats.prefill_tokens < llm.stats.prompt_tokens - first_prompt + 8
+
+
+def test_stop_strings_end_the_text(full):
+    llm = lilmistral.load(full)
+    ids = llm.tokenizer.encode("alpha beta STOP gamma delta")
+    pieces = list(stream_text(iter(ids), llm.tokenizer, ["STOP"]))
+    assert "".join(pieces).rstrip() == "alpha beta"
+    pieces = list(stream_text(iter(ids), llm.tokenizer, ["ST", "zzz"]))
+    assert "".join(pieces).rstrip() == "alpha beta"
+    assert "".join(stream_text(iter(ids), llm.tokenizer, ["STOPX"])) == "alpha beta STOP gamma delta"
+
+
+def test_context_overflow_policy(full):
+    llm = lilmistral.load(full, num_ctx=64)
+    assert llm.cache.size == 64
+    with pytest.raises(lilmistral.ContextLengthError):
+        list(llm.generate(list(range(10, 80))))
+    # generation stops at a full context instead of failing
+    out = list(llm.generate(list(range(10, 60)), temperature=0, repeat_penalty=1.0))
+    assert len(out) <= 64 - 50 + 1 and llm.cache.length <= 64
+    # chat drops the oldest turns, keeping the system prompt
+    messages = [{"role": "system", "content": "sys"}]
+    for i in range(6):
+        messages += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": "ok " * 3}]
+    messages.append({"role": "user", "content": "last"})
+    list(llm.chat(messages, temperature=0, max_tokens=4))
+    assert llm.stats.dropped_messages > 0 and llm.stats.prompt_tokens + 4 <= 64
+    with pytest.raises(lilmistral.ContextLengthError):
+        list(llm.chat([{"role": "user", "content": "word " * 200}], max_tokens=4))
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lilmistral", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_run_prints_the_answer(full):
+    llm = lilmistral.load(full)
+    expected = "".join(llm.chat([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=6))
+    r = run_cli("run", str(full), "Hi", "--temperature", "0", "--max-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected + "\n"
+    r = run_cli("run", str(full), "--temperature", "0", "--max-tokens", "6", stdin="Hi\n")
+    assert r.returncode == 0 and r.stdout == expected + "\n"
+
+
+def test_cli_user_errors_are_one_line(tmp_path):
+    r = run_cli("run", str(tmp_path / "nope"), "Hi")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no such model" in r.stderr
+    (tmp_path / "config.json").write_text("{}")
+    r = run_cli("run", str(tmp_path), "Hi")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
