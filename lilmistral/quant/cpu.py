@@ -1,0 +1,62 @@
+"""CPU kernels: PyTorch's own weight-only int4/int8 matmuls (they need bfloat16 activations).
+
+Other activation dtypes (float32 for exact reference runs) and shapes the kernels cannot take
+dequantize the packed weight on the fly instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .pack import QuantSpec, dequantize, unpack_int4
+
+
+class DequantKernel:
+    """Correct for every shape and dtype: dequantize per call (the weight stays packed in memory)."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+        self.parts, self.spec = parts, spec
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.parts, self.spec, x.dtype))
+
+
+class Int8Kernel:
+    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+        self.q = parts["qweight"]  # int8 [N, K]
+        self.scales = parts["scales"].to(torch.bfloat16)
+        self.fallback = DequantKernel(parts, spec)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return self.fallback(x)
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scales)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class Int4Kernel:
+    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+        q = unpack_int4(parts["qweight"]).to(torch.int32)  # [N, K], 0..15
+        self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # ISA-specific layout
+        scales = parts["scales"].float()  # [N, K/G]
+        # the kernel computes (q - 8) * scale + zero
+        zeros = torch.zeros_like(scales) if spec.symmetric else parts["mins"].float() + 8 * scales
+        self.scale_zero = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()  # [K/G, N, 2]
+        self.group_size = spec.group_size
+        self.fallback = DequantKernel(parts, spec)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return self.fallback(x)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.w, self.group_size,
+                                                         self.scale_zero)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+def make_kernel(parts: dict[str, torch.Tensor], spec: QuantSpec):
+    n = parts["qweight"].shape[0]
+    if spec.scheme == "int8":
+        return Int8Kernel(parts, spec)
+    if n % 16 == 0:
+        return Int4Kernel(parts, spec)
+    return DequantKernel(parts, spec)

@@ -1,0 +1,100 @@
+"""The canonical, backend-neutral packed layouts (see docs/format.md).
+
+int8: q int8 [N, K], w = q * scale, scale float16 [N] (symmetric, per output channel).
+int4: q uint8 [N, K/2], two 4-bit values q in 0..15 per byte along K, element 2j in the low
+      nibble and 2j+1 in the high one; per group of G inputs a float16 scale [N, K/G] and:
+      asymmetric: a float16 min [N, K/G],  w = q * scale + min   (GGUF Q4_1 when G = 32)
+      symmetric:  no min,                  w = (q - 8) * scale   (GGUF Q4_0 when G = 32)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    scheme: str  # "int4" or "int8"
+    group_size: int = 0  # int4 only
+    symmetric: bool = True
+
+    def to_dict(self) -> dict:
+        return {"scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric}
+
+
+def group_size_for(k: int, wanted: int) -> int:
+    """The requested group size, or the largest smaller one that divides K (576 has no group of 128)."""
+    for g in sorted((g for g in GROUP_SIZES if g <= wanted), reverse=True):
+        if k % g == 0:
+            return g
+    raise ValueError(f"no int4 group size divides {k} input features")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15 [N, K] -> bytes [N, K/2]."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """bytes [N, K/2] -> uint8 values 0..15 [N, K]."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).half()
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return {"qweight": q, "scales": scale}
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool) -> dict[str, torch.Tensor]:
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)  # [N, K/G, G]
+    if symmetric:  # as Q4_0: the value of largest magnitude maps to -8 exactly
+        extreme = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+        scale = (extreme / -8).half()
+        s = scale.float().where(scale.float() != 0, torch.ones(()))
+        q = torch.round(g / s[..., None] + 8).clamp(0, 15)
+        return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale}
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).half()
+    low = lo.half()
+    s = scale.float().where(scale.float() != 0, torch.ones(()))
+    q = torch.round((g - low.float()[..., None]) / s[..., None]).clamp(0, 15)
+    return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale, "mins": low}
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    if spec.scheme == "int8":
+        return quantize_int8(w)
+    return quantize_int4(w, spec.group_size, spec.symmetric)
+
+
+def dequantize(parts: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight [N, K] that packed parts stand for (the reference every kernel is tested against)."""
+    scales = parts["scales"].float()
+    if spec.scheme == "int8":
+        return (parts["qweight"].float() * scales[:, None]).to(dtype)
+    q = unpack_int4(parts["qweight"]).float()
+    n, k = q.shape
+    q = q.reshape(n, k // spec.group_size, spec.group_size)
+    if spec.symmetric:
+        w = (q - 8) * scales[..., None]
+    else:
+        w = q * scales[..., None] + parts["mins"].float()[..., None]
+    return w.reshape(n, k).to(dtype)
+
+
+def packed_shapes(n: int, k: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of the packed parts of an [N, K] weight, without computing them."""
+    if spec.scheme == "int8":
+        return {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.float16)}
+    groups = k // spec.group_size
+    shapes = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, groups), torch.float16)}
+    if not spec.symmetric:
+        shapes["mins"] = ((n, groups), torch.float16)
+    return shapes
