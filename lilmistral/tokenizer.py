@@ -99,11 +99,86 @@ class MistralTokenizer(Tokenizer):
             raise LilmistralError(f"invalid conversation: {str(e).splitlines()[0]}") from None
 
 
+class HFTokenizer(Tokenizer):
+    """A `tokenizers` tokenizer (built from GGUF metadata or a tokenizer.json) with a Jinja chat template."""
+
+    def __init__(self, tk: Any, bos_id: int | None, eos_ids: set[int], chat_template: str | None,
+                 add_bos: bool, kind: str) -> None:
+        self._tk = tk
+        self.bos_id = -1 if bos_id is None else bos_id
+        self.eos_ids = frozenset(eos_ids)
+        self.vocab_size = tk.get_vocab_size(with_added_tokens=True)
+        self.chat_template = chat_template
+        self.add_bos = add_bos and bos_id is not None
+        self.kind = kind
+
+    def token(self, token_id: int) -> str:
+        return self._tk.id_to_token(token_id) or ""
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self._tk.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos and self.bos_id >= 0 else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tk.decode(ids, skip_special_tokens=True)
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        from .chat import render_chat_template
+
+        if not self.chat_template:
+            raise LilmistralError("this model has no chat template")
+        bos = self.token(self.bos_id) if self.bos_id >= 0 else ""
+        eos = self.token(min(self.eos_ids)) if self.eos_ids else ""
+        text = render_chat_template(self.chat_template, messages, bos_token=bos, eos_token=eos)
+        return self.encode(text, bos=self.add_bos and not (bos and text.startswith(bos)))
+
+    def to_config(self) -> dict[str, Any]:
+        """What tokenizer_config.json records beside tokenizer.json in a converted model."""
+        return {"bos_token": self.token(self.bos_id) if self.bos_id >= 0 else None,
+                "eos_token": [self.token(i) for i in sorted(self.eos_ids)],
+                "add_bos_token": self.add_bos, "chat_template": self.chat_template, "lilmistral_kind": self.kind}
+
+    def save(self, folder: Path) -> None:
+        import json
+
+        self._tk.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(self.to_config(), indent=1, ensure_ascii=False))
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> HFTokenizer:
+        import json
+
+        import tokenizers
+
+        try:
+            tk = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+            cfg = json.loads((folder / "tokenizer_config.json").read_text()) \
+                if (folder / "tokenizer_config.json").is_file() else {}
+        except Exception as e:  # tokenizers raises its own exception type for malformed files
+            raise ModelFormatError(f"{folder}/tokenizer.json: cannot load ({e})") from None
+        template = cfg.get("chat_template")
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+
+        def token_id(tok: Any) -> int | None:
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            return tk.token_to_id(tok) if isinstance(tok, str) else None
+
+        eos = cfg.get("eos_token")
+        eos_ids = {i for t in (eos if isinstance(eos, list) else [eos]) if (i := token_id(t)) is not None}
+        return cls(tk, token_id(cfg.get("bos_token")), eos_ids, template, bool(cfg.get("add_bos_token", False)),
+                   cfg.get("lilmistral_kind", "huggingface tokenizer.json"))
+
+
 def load_tokenizer(folder: Path) -> Tokenizer:
+    """A Mistral tokenizer file (tekken.json, tokenizer.model[.vN]) when there is one, else tokenizer.json."""
     path = _find_mistral_tokenizer_file(folder)
-    if path is None:
-        raise ModelFormatError(f"{folder}: no tokenizer (tekken.json or tokenizer.model)")
-    return MistralTokenizer(path)
+    if path is not None:
+        return MistralTokenizer(path)
+    if (folder / "tokenizer.json").is_file():
+        return HFTokenizer.from_folder(folder)
+    raise ModelFormatError(f"{folder}: no tokenizer (tekken.json, tokenizer.model or tokenizer.json)")
 
 
 class StreamDecoder:

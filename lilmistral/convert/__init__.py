@@ -1,1 +1,182 @@
-"""Checkpoint sources (Hugging Face folders, GGUF files) and the converter to lilmistral's packed format."""
+"""Checkpoint sources (Hugging Face folders, GGUF files) and the converter to lilmistral's packed format.
+
+The converter streams: it reads, packs and writes one tensor at a time, so its memory stays near the
+size of the largest tensor, and it writes into a temporary folder renamed into place at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LilmistralError, ModelFormatError
+from ..quant import DEFAULT_GROUP_SIZE, FLOAT_SCHEMES, SCHEMES, QuantSpec, quantize, spec_for
+from ..quant.pack import GROUP_SIZES, packed_shapes
+from .gguf import GGUFSource, gguf_tokenizer
+from .hf import HFSource, TensorEntry
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+FLOAT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+MISTRAL_TOKENIZER_GLOBS = ("tekken*.json", "*.model.v*", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                           "chat_template.jinja")
+
+Source = HFSource | GGUFSource
+
+
+def open_source(path: Path) -> Source:
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFSource(path)
+    if path.is_dir():
+        return HFSource(path)
+    raise LilmistralError(f"{path}: not a model folder or a .gguf file")
+
+
+def default_scheme(src: Source) -> str:
+    """The lilmistral scheme closest to how the source is stored."""
+    kinds = [e.source_type for e in src.entries if e.name.endswith(".w1.weight")] or [src.entries[0].source_type]
+    kind = max(set(kinds), key=kinds.count)
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K"):
+        return "int4"
+    if kind in ("Q8_0", "Q6_K"):
+        return "int8"
+    return "f32" if kind == "F32" else "bf16"
+
+
+@dataclass(frozen=True)
+class Planned:
+    entry: TensorEntry
+    spec: QuantSpec | None
+    lossless: bool
+    outputs: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]  # (name, dtype, shape) written
+
+
+def plan(src: Source, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
+         float_dtype: torch.dtype = torch.bfloat16) -> list[Planned]:
+    """What every source tensor becomes, decided before anything is read."""
+    if scheme not in SCHEMES:
+        raise LilmistralError(f"unknown quantization {scheme!r} (choose from {', '.join(SCHEMES)})")
+    if group_size not in GROUP_SIZES:
+        raise LilmistralError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}")
+    planned = []
+    for e in src.entries:
+        spec = spec_for(e.name, e.shape, scheme, group_size, tied=src.args.tie_embeddings)
+        exact = src.lossless_spec(e, spec) if isinstance(src, GGUFSource) else None
+        spec = exact or spec
+        if spec is None:
+            outputs = ((e.name, float_dtype, e.shape),)
+        else:
+            base = e.name.removesuffix(".weight")
+            outputs = tuple((f"{base}.{part}", dtype, shape)
+                            for part, (shape, dtype) in packed_shapes(e.shape[0], e.shape[1], spec).items())
+        planned.append(Planned(e, spec, exact is not None, outputs))
+    return planned
+
+
+def produce(src: Source, planned: list[Planned]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The output tensors, one source tensor at a time."""
+    for p in planned:
+        if p.lossless:
+            parts = src.read_packed(p.entry)  # type: ignore[union-attr]
+        elif p.spec is not None:
+            parts = quantize(src.read(p.entry), p.spec)
+        else:
+            yield p.outputs[0][0], src.read(p.entry).to(p.outputs[0][1])
+            continue
+        for name, _, _ in p.outputs:
+            yield name, parts[name.rsplit(".", 1)[1]]
+
+
+def sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_files(src: Source) -> list[Path]:
+    return sorted({e.file for e in src.entries})
+
+
+def _save_tokenizer(src: Source, folder: Path) -> str:
+    if isinstance(src, GGUFSource):
+        tok = gguf_tokenizer(src)
+        tok.save(folder)
+        return tok.kind
+    copied = [p for g in MISTRAL_TOKENIZER_GLOBS for p in src.folder.glob(g) if p.is_file()]
+    if not copied:
+        raise ModelFormatError(f"{src.folder}: no tokenizer files")
+    for p in copied:
+        shutil.copy(p, folder / p.name)
+    return ", ".join(sorted(p.name for p in copied))
+
+
+def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False,
+            on_tensor: Callable[[str, int], None] | None = None, extra: dict | None = None) -> Path:
+    """Convert `source` into a lilmistral model folder at `out`, atomically."""
+    src = open_source(source)
+    float_dtype = FLOAT_DTYPES.get(scheme, torch.bfloat16)
+    planned = plan(src, scheme, group_size, float_dtype)
+    if out.exists() and not overwrite:
+        raise LilmistralError(f"{out} already exists")
+    from .safetensors_io import SafetensorsWriter
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        writer = SafetensorsWriter(tmp / WEIGHTS, [o for p in planned for o in p.outputs],
+                                   metadata={"format": "pt", "lilmistral": str(FORMAT_VERSION)})
+        for name, tensor in produce(src, planned):
+            writer.write(name, tensor)
+            if on_tensor:
+                on_tensor(name, tensor.numel() * tensor.element_size())
+        writer.close()
+        manifest = {
+            "format": "lilmistral", "format_version": FORMAT_VERSION,
+            "args": src.args.to_dict(),
+            "quant": {"scheme": scheme, "group_size": group_size if scheme == "int4" else None},
+            "float_dtype": str(float_dtype).removeprefix("torch."),
+            "tensors": {p.entry.name: p.spec.to_dict() for p in planned if p.spec is not None},
+            "lossless_tensors": sum(p.lossless for p in planned),
+            "tokenizer": _save_tokenizer(src, tmp),
+            "source": {"path": str(source.resolve()), "kind": "gguf" if isinstance(src, GGUFSource) else "huggingface",
+                       "sha256": sha256_files(_source_files(src))},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an existing target is swapped out first and removed after."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+    os.rename(new, target)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_converted(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+__all__ = ["convert", "open_source", "plan", "produce", "default_scheme", "is_converted", "FLOAT_SCHEMES"]

@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-from ..config import ModelArgs
+from ..config import load_args
 from ..errors import ModelFormatError
+from .safetensors_io import CODES, SafetensorsFile
 
 # HF name -> lilmistral name (the names of Mistral's consolidated checkpoints). {i} layer, {e} expert.
 HF_TO_LILMISTRAL = {
@@ -65,7 +67,7 @@ def weight_files(folder: Path) -> tuple[list[Path], bool]:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, AttributeError) as e:
             raise ModelFormatError(f"{index}: not a safetensors index ({e})") from None
         files = [folder / s for s in shards]
         for f in files:
@@ -82,22 +84,46 @@ def weight_files(folder: Path) -> tuple[list[Path], bool]:
     raise ModelFormatError(f"{folder}: no safetensors weights found")
 
 
-def iter_tensors(folder: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
-    """(lilmistral name, tensor) for every weight, memory-mapped, in file order."""
-    files, hf_names = weight_files(folder)
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if IGNORED.match(key):
-                        continue
-                    name = map_hf_name(key) if hf_names else key
-                    if name is None:
-                        raise ModelFormatError(f"{path}: unexpected tensor {key!r}")
-                    tensor = f.get_tensor(key)
-                    if not hf_names and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-                        heads = args.n_heads if ".wq." in name else args.n_kv_heads
-                        tensor = unpermute_rope(tensor, heads)
-                    yield name, tensor
-        except SafetensorError as e:
-            raise ModelFormatError(f"{path}: cannot read safetensors ({e})") from None
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str  # lilmistral's name
+    shape: tuple[int, ...]
+    source_type: str  # e.g. "BF16", "Q4_1"
+    file: Path
+    key: str  # the name inside the file
+
+
+class HFSource:
+    """A Hugging Face (or Mistral consolidated) folder: config, tensor list, tensors on demand."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.args = load_args(folder)
+        files, self.hf_names = weight_files(folder)
+        self.entries: list[TensorEntry] = []
+        for path in files:
+            st = SafetensorsFile(path)
+            for key, (dtype, shape, _, _) in st.entries.items():
+                if IGNORED.match(key):
+                    continue
+                name = map_hf_name(key) if self.hf_names else key
+                if name is None:
+                    raise ModelFormatError(f"{path}: unexpected tensor {key!r}")
+                self.entries.append(TensorEntry(name, shape, CODES[dtype], path, key))
+        self._files = {p: SafetensorsFile(p) for p in files}
+
+    def read(self, entry: TensorEntry, mmap: bool = False) -> torch.Tensor:
+        """The tensor in lilmistral's layout; memory-mapped (for loading) or read into memory (for converting)."""
+        if mmap:
+            with safe_open(str(entry.file), framework="pt") as f:
+                tensor = f.get_tensor(entry.key)
+        else:
+            tensor = self._files[entry.file].read(entry.key)
+        if not self.hf_names and entry.name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            heads = self.args.n_heads if ".wq." in entry.name else self.args.n_kv_heads
+            tensor = unpermute_rope(tensor, heads)
+        return tensor
+
+    def tensors(self, mmap: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        for entry in self.entries:
+            yield entry.name, self.read(entry, mmap)

@@ -1,0 +1,273 @@
+"""Read GGUF files (`general.architecture = llama`: Mistral 7B, Mixtral): config, tensors, tokenizer.
+
+A GGUF file is untrusted input: metadata is type-checked, tensor extents are checked against the
+file, and its chat template is only ever rendered in a sandbox (see chat.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelArgs, RopeScaling
+from ..errors import ModelFormatError
+from ..quant.pack import QuantSpec, pack_int4
+from .hf import TensorEntry, name_mapper, unpermute_rope
+
+GGUF_TO_LILMISTRAL = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+    "blk.{i}.ffn_gate_inp.weight": "layers.{i}.feed_forward.gate.weight",
+    "blk.{i}.ffn_gate.{e}.weight": "layers.{i}.feed_forward.experts.{e}.w1.weight",  # older Mixtral files
+    "blk.{i}.ffn_down.{e}.weight": "layers.{i}.feed_forward.experts.{e}.w2.weight",
+    "blk.{i}.ffn_up.{e}.weight": "layers.{i}.feed_forward.experts.{e}.w3.weight",
+}
+# Experts stacked in one 3-D tensor [E, out, in]: one entry per expert, {e} filled in.
+GGUF_STACKED = {
+    "blk.{i}.ffn_gate_exps.weight": "layers.{i}.feed_forward.experts.{e}.w1.weight",
+    "blk.{i}.ffn_down_exps.weight": "layers.{i}.feed_forward.experts.{e}.w2.weight",
+    "blk.{i}.ffn_up_exps.weight": "layers.{i}.feed_forward.experts.{e}.w3.weight",
+}
+map_gguf_name = name_mapper(GGUF_TO_LILMISTRAL)
+map_stacked_name = name_mapper({k: v.replace("{e}", "{{e}}") for k, v in GGUF_STACKED.items()})
+
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED = (*FLOAT_TYPES, *BLOCK_TYPES)
+# Block formats that are exactly one of lilmistral's int4 layouts (group 32): type -> symmetric
+LOSSLESS_INT4 = {"Q4_0": True, "Q4_1": False}
+
+
+@dataclass(frozen=True)
+class GGUFEntry(TensorEntry):
+    offset: int = 0  # absolute byte offset of this (expert's) data in the file
+    nbytes: int = 0
+
+
+class GGUFSource:
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # the gguf package raises ValueError, struct.error, IndexError on bad input
+            raise ModelFormatError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] or type(e).__name__})") \
+                from None
+        self.metadata = {name: _field_value(f) for name, f in self.reader.fields.items()}
+        arch = self.metadata.get("general.architecture")
+        if arch != "llama":
+            raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+        self.args = self._args()
+        self.entries = self._entries()
+
+    def meta(self, key: str, kind: type, default: Any = None) -> Any:
+        value = self.metadata.get(key, default)
+        if value is default:
+            return default
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind):
+            raise ModelFormatError(f"{self.path}: metadata {key} should be {kind.__name__}, is {type(value).__name__}")
+        return value
+
+    def _args(self) -> ModelArgs:
+        a = "llama."
+        try:
+            dim = self.meta(a + "embedding_length", int)
+            heads = self.meta(a + "attention.head_count", int)
+            tokens = self.meta("tokenizer.ggml.tokens", list, [])
+            scaling = None
+            kind = self.meta(a + "rope.scaling.type", str)
+            if kind in ("linear", "yarn"):
+                scaling = RopeScaling(kind=kind, factor=self.meta(a + "rope.scaling.factor", float),
+                                      original_max_position=self.meta(a + "rope.scaling.original_context_length", int))
+            has_output = any(t.name == "output.weight" for t in self.reader.tensors)
+            return ModelArgs(
+                dim=dim, n_layers=self.meta(a + "block_count", int), n_heads=heads,
+                n_kv_heads=self.meta(a + "attention.head_count_kv", int, heads),
+                hidden_dim=self.meta(a + "feed_forward_length", int),
+                vocab_size=self.meta(a + "vocab_size", int, len(tokens)),
+                head_dim=self.meta(a + "attention.key_length", int, 0),
+                norm_eps=self.meta(a + "attention.layer_norm_rms_epsilon", float, 1e-5),
+                rope_theta=self.meta(a + "rope.freq_base", float, 10000.0),
+                rope_scaling=scaling, sliding_window=None,
+                max_seq_len=self.meta(a + "context_length", int, 4096),
+                tie_embeddings=not has_output,
+                n_experts=self.meta(a + "expert_count", int, 0), n_experts_per_tok=self.meta(a + "expert_used_count", int, 0),
+                architecture="MixtralForCausalLM" if self.meta(a + "expert_count", int, 0) else "LlamaForCausalLM",
+            )
+        except TypeError as e:
+            raise ModelFormatError(f"{self.path}: incomplete llama metadata ({e})") from None
+
+    def _entries(self) -> list[GGUFEntry]:
+        size = self.path.stat().st_size
+        entries = []
+        for t in self.reader.tensors:
+            kind = t.tensor_type.name
+            if kind not in SUPPORTED:
+                raise ModelFormatError(f"{self.path}: tensor {t.name} has type {kind}, which lilmistral cannot read "
+                                       f"(supported: {', '.join(SUPPORTED)})")
+            shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
+            if t.data_offset + t.n_bytes > size:
+                raise ModelFormatError(f"{self.path}: truncated (tensor {t.name} runs past the end)")
+            if (stacked := map_stacked_name(t.name)) is not None:
+                per_expert = t.n_bytes // shape[0]
+                for e in range(shape[0]):
+                    entries.append(GGUFEntry(stacked.format(e=e), shape[1:], kind, self.path, t.name,
+                                             t.data_offset + e * per_expert, per_expert))
+                continue
+            name = map_gguf_name(t.name)
+            if name is None:
+                raise ModelFormatError(f"{self.path}: unexpected tensor {t.name!r}")
+            entries.append(GGUFEntry(name, shape, kind, self.path, t.name, t.data_offset, int(t.n_bytes)))
+        return entries
+
+    def _raw(self, entry: GGUFEntry) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            f.seek(entry.offset)
+            data = f.read(entry.nbytes)
+        if len(data) != entry.nbytes:
+            raise ModelFormatError(f"{self.path}: truncated while reading {entry.key}")
+        return np.frombuffer(data, dtype=np.uint8).reshape(entry.shape[0], -1)  # a row of bytes per output row
+
+    def _rope_rows(self, entry: GGUFEntry) -> torch.Tensor | None:
+        """llama.cpp stores q/k rows in interleaved-pair RoPE order: the row order that undoes it."""
+        if entry.name.endswith("attention.wq.weight"):
+            heads = self.args.n_heads
+        elif entry.name.endswith("attention.wk.weight"):
+            heads = self.args.n_kv_heads
+        else:
+            return None
+        return unpermute_rope(torch.arange(entry.shape[0])[:, None], heads)[:, 0]
+
+    def read(self, entry: GGUFEntry) -> torch.Tensor:
+        """The tensor dequantized to float32 (float types keep their dtype), in lilmistral's layout."""
+        import gguf
+
+        raw = self._raw(entry)
+        if entry.source_type in FLOAT_TYPES:
+            tensor = torch.frombuffer(bytearray(raw.tobytes()), dtype=FLOAT_TYPES[entry.source_type])
+        else:
+            qtype = gguf.GGMLQuantizationType[entry.source_type]
+            tensor = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False))
+        tensor = tensor.reshape(entry.shape)
+        rows = self._rope_rows(entry)
+        return tensor if rows is None else tensor[rows]
+
+    def lossless_spec(self, entry: GGUFEntry, spec: QuantSpec | None) -> QuantSpec | None:
+        """The int4 layout that holds this tensor's blocks exactly, when `spec` asks for int4 groups of 32."""
+        if spec and spec.scheme == "int4" and spec.group_size == 32 and entry.source_type in LOSSLESS_INT4:
+            return QuantSpec("int4", 32, LOSSLESS_INT4[entry.source_type])
+        return None
+
+    def read_packed(self, entry: GGUFEntry) -> dict[str, torch.Tensor]:
+        """Q4_0 / Q4_1 blocks re-laid into lilmistral's int4 parts, bit for bit (see lossless_spec)."""
+        raw = torch.from_numpy(self._raw(entry).copy())
+        n = entry.shape[0]
+        head = 2 if entry.source_type == "Q4_0" else 4
+        blocks = raw.reshape(n, -1, head + 16)  # [N, K/32, bytes]
+        scales = blocks[..., :2].contiguous().view(torch.float16)[..., 0]
+        qs = blocks[..., head:]  # element j in the low nibble of byte j, element j+16 in its high nibble
+        q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(n, -1)
+        parts = {"qweight": pack_int4(q), "scales": scales}
+        if entry.source_type == "Q4_1":
+            parts["mins"] = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]
+        rows = self._rope_rows(entry)
+        return parts if rows is None else {k: v[rows] for k, v in parts.items()}
+
+
+def _field_value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception:  # a malformed field: treat as absent rather than trusting it
+        return None
+
+
+# How byte-level BPE vocabularies split text before merging, by `tokenizer.ggml.pre` (llama.cpp's names).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "tekken": _TEKKEN_SPLIT}
+CONTROL, USER_DEFINED = 3, 4
+
+
+def _byte_level_pre_tokenizer(pre: str | None):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre in PRE_SPLITS:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRE_SPLITS[pre]), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # GPT-2's split, with every digit on its own
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """SentencePiece-BPE vocabularies list no merges: every split of a token into two known pieces is a
+    merge, ranked by the score of the token it makes."""
+    index = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        for k in range(1, len(token)):
+            left, right = token[:k], token[k:]
+            if left in index and right in index:
+                merges.append((-score, index[left], index[right], left, right))
+    merges.sort()
+    return [(m[3], m[4]) for m in merges]
+
+
+def gguf_tokenizer(src: GGUFSource):
+    """A `tokenizers` tokenizer rebuilt from the GGUF vocabulary, with the file's chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from ..tokenizer import HFTokenizer
+
+    kind = src.meta("tokenizer.ggml.model", str)
+    tokens = src.meta("tokenizer.ggml.tokens", list, [])
+    types = src.meta("tokenizer.ggml.token_type", list, [1] * len(tokens))
+    if not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ModelFormatError(f"{src.path}: no tokenizer vocabulary in the metadata")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in src.meta("tokenizer.ggml.merges", list, [])]
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tk.pre_tokenizer = _byte_level_pre_tokenizer(src.meta("tokenizer.ggml.pre", str))
+        tk.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        scores = src.meta("tokenizer.ggml.scores", list, [0.0] * len(tokens))
+        unk_id = src.meta("tokenizer.ggml.unknown_token_id", int, 0)
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores), unk_token=tokens[unk_id],
+                                  fuse_unk=True, byte_fallback=True))
+        prepend = "first" if src.meta("tokenizer.ggml.add_space_prefix", bool, True) else "never"
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend, split=False)
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+    else:
+        raise ModelFormatError(f"{src.path}: tokenizer model {kind!r} is not supported (gpt2, llama)")
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if ty == CONTROL])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    bos = src.meta("tokenizer.ggml.bos_token_id", int)
+    eos = src.meta("tokenizer.ggml.eos_token_id", int)
+    eos_ids = {eos} if eos is not None else set()
+    if eot := src.meta("tokenizer.ggml.eot_token_id", int):
+        eos_ids.add(eot)
+    return HFTokenizer(tk, bos, eos_ids, src.meta("tokenizer.chat_template", str),
+                       src.meta("tokenizer.ggml.add_bos_token", bool, kind == "llama"), f"gguf {kind}")

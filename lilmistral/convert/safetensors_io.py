@@ -1,0 +1,102 @@
+"""Streaming safetensors: read one tensor at a time with plain reads, write tensors as they come.
+
+The converter uses these instead of memory-mapping so its resident memory stays near one tensor,
+whatever the model's size (mapped pages of a 90 GB source would count as resident).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelFormatError
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+CODES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """The header of a safetensors file, checked against the file's size; `read` loads one tensor."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFormatError(f"{path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, MAX_HEADER):
+                raise ModelFormatError(f"{path}: truncated or corrupt safetensors header")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError:
+                raise ModelFormatError(f"{path}: corrupt safetensors header") from None
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            if info.get("dtype") not in DTYPES:
+                raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+            begin, end = info["data_offsets"]
+            dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
+            if end - begin != _numel(shape) * dtype.itemsize or self.data_start + end > size:
+                raise ModelFormatError(f"{path}: truncated safetensors file (tensor {name!r} runs past the end)")
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, begin, end = self.entries[name]
+        buf = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(buf) != len(buf):
+                raise ModelFormatError(f"{self.path}: truncated while reading {name!r}")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class SafetensorsWriter:
+    """Writes a header planned from (name, dtype, shape) first, then each tensor's bytes in that order."""
+
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, dtype, shape in plan:
+            nbytes = _numel(shape) * dtype.itemsize
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._plan = iter(plan)
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self.total_bytes = offset
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, dtype, shape = next(self._plan)
+        assert (name, dtype, tuple(shape)) == (want_name, tensor.dtype, tuple(tensor.shape)), (name, want_name)
+        if tensor.numel():
+            self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def close(self) -> None:
+        assert next(self._plan, None) is None, "not every planned tensor was written"
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
