@@ -6,6 +6,8 @@ import sys
 from collections.abc import Callable
 
 from .errors import LilmistralError
+from .quant import DEFAULT_GROUP_SIZE, SCHEMES
+from .quant.pack import GROUP_SIZES
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,40 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .convert import convert, open_source, plan
+
+    source = Path(ns.source).expanduser()
+    out = Path(ns.out).expanduser() if ns.out else Path.cwd() / (ns.name or f"{source.stem}-{ns.quant}")
+    planned = plan(open_source(source), ns.quant, ns.group_size)
+    total = sum(p.entry.shape[0] * (p.entry.shape[1] if len(p.entry.shape) > 1 else 1) for p in planned)
+    console = _stderr_console()
+    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=console, disable=not console.is_terminal) as progress:
+        tensors = progress.add_task("tensors", total=len(planned))
+        progress.update(tensors, total=len(planned))
+        written = {"bytes": 0}
+
+        def on_tensor(name: str, nbytes: int) -> None:
+            written["bytes"] += nbytes
+            if not name.endswith((".scales", ".mins")):
+                progress.advance(tensors)
+
+        convert(source, out, ns.quant, ns.group_size, overwrite=ns.force, on_tensor=on_tensor)
+    print(f"wrote {out} ({ns.quant}, {written['bytes'] / 1e6:.1f} MB from {total / 1e6:.1f}M weights)")
+    return 0
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lilmistral", description="Run Mistral-family models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(run)
     _load_args(run)
     run.set_defaults(func=cmd_run)
+
+    conv = sub.add_parser("convert", help="write a model in lilmistral's packed format")
+    conv.add_argument("source", help="a Hugging Face folder or a .gguf file")
+    conv.add_argument("--quant", choices=SCHEMES, default="int4")
+    conv.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
+                      help="int4 group size")
+    where = conv.add_mutually_exclusive_group()
+    where.add_argument("--out", help="output folder")
+    where.add_argument("--name", help="output folder name in the current folder")
+    conv.add_argument("--force", action="store_true", help="replace an existing output folder")
+    conv.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class ModelArgs:
     n_experts: int = 0  # 0: dense FFN
     n_experts_per_tok: int = 0
     architecture: str = "MistralForCausalLM"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:

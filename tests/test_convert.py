@@ -1,0 +1,261 @@
+"""The packed format, `lilmistral convert` (HF folders and GGUF files), and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lilmistral
+from conftest import SPM_V1, make_hf_model, write_gguf
+from lilmistral.convert.gguf import GGUFSource
+from lilmistral.quant import QuantLinear, QuantSpec, dequantize, quantize
+from lilmistral.quant.pack import pack_int4, unpack_int4
+
+MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+
+
+def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lilmistral", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {"mistral": (root / "mistral", make_hf_model(root / "mistral", "mistral", sliding_window=8)),
+            "mixtral": (root / "mixtral", make_hf_model(root / "mixtral", "mixtral", **MIXTRAL))}
+
+
+def test_pack_int4_round_trip():
+    q = torch.randint(0, 16, (16, 64), dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.shape == (16, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+    assert packed[0, 0].item() == q[0, 0].item() | (q[0, 1].item() << 4)  # element 2j low, 2j+1 high
+
+
+@pytest.mark.parametrize("spec,max_rel", [(QuantSpec("int8"), 0.01), (QuantSpec("int4", 32, False), 0.09),
+                                          (QuantSpec("int4", 64, False), 0.1), (QuantSpec("int4", 32, True), 0.1)])
+def test_quantize_error_bounds(spec, max_rel):
+    w = torch.randn(96, 256)
+    rel = ((dequantize(quantize(w, spec), spec) - w).norm() / w.norm()).item()
+    assert rel < max_rel
+
+
+@pytest.mark.parametrize("arch", ["mistral", "mixtral"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "bf16"])
+def test_convert_hf_folder(hf_models, tmp_path, arch, scheme):
+    folder, ref = hf_models[arch]
+    out = tmp_path / "out"
+    r = cli("convert", str(folder), "--quant", scheme, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["quant"]["scheme"] == scheme
+    assert manifest["source"]["kind"] == "huggingface" and len(manifest["source"]["sha256"]) == 64
+    assert (out / "tokenizer.model.v3").is_file()
+    quantized = set(manifest["tensors"])
+    if scheme == "bf16":
+        assert not quantized
+    else:
+        assert "layers.0.attention.wq.weight" in quantized and "tok_embeddings.weight" not in quantized
+        assert not any("norm" in n or n.endswith("feed_forward.gate.weight") for n in quantized)
+    # the packed parts on disk are exactly what quantizing in memory gives
+    converted = lilmistral.load(out, dtype="float32")
+    in_memory = lilmistral.load(folder, quant=scheme, dtype="float32").model.state_dict()
+    for name, value in converted.model.state_dict().items():
+        if name.endswith((".qweight", ".scales", ".mins")):
+            assert torch.equal(value, in_memory[name]), name
+    ids = list(range(100, 140))
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    # relative L2 error of the logits; a MoE router flipping a near-tied expert choice on a random model costs more
+    tolerance = {"int8": 0.03, "int4": 0.3, "bf16": 0.03}[scheme] * (2 if arch == "mixtral" else 1)
+    error = ((converted.forward(ids) - expected).norm() / expected.norm()).item()
+    print(arch, scheme, f"relative logits error {error:.4f}")
+    assert error < tolerance
+    # and the default bfloat16 path uses the packed kernels
+    fast = lilmistral.load(out)
+    assert any(isinstance(m, QuantLinear) for m in fast.model.modules()) == (scheme != "bf16")
+    assert len(list(fast.generate(ids, temperature=0, max_tokens=5))) <= 5
+
+
+def test_gguf_mixtral_experts_float_parity(hf_models, tmp_path):
+    folder, ref = hf_models["mixtral"]
+    state = lilmistral.load(folder).model.state_dict()
+    args = lilmistral.load(folder).args
+    path = tmp_path / "mixtral.gguf"
+    write_gguf(path, state, args)
+    src = GGUFSource(path)
+    assert src.args.n_experts == 4 and src.args.n_experts_per_tok == 2
+    assert "layers.1.feed_forward.experts.3.w2.weight" in {e.name for e in src.entries}
+    llm = lilmistral.load(path, quant="f32")
+    ids = list(range(200, 240))
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    assert (llm.forward(ids) - expected).abs().max().item() <= 1e-4
+    out = tmp_path / "converted"
+    r = cli("convert", str(path), "--quant", "int8", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert lilmistral.load(out).forward(ids).shape == (40, 32768)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16"])
+def test_gguf_block_types(hf_models, tmp_path, qtype):
+    folder, _ = hf_models["mistral"]
+    base = lilmistral.load(folder)
+    path = tmp_path / f"m-{qtype}.gguf"
+    write_gguf(path, base.model.state_dict(), base.args, qtype=qtype)
+    src = GGUFSource(path)
+    entry = next(e for e in src.entries if e.name == "layers.0.attention.wq.weight")
+    assert entry.source_type == qtype
+    float_weight = src.read(entry)
+    spec = src.lossless_spec(entry, QuantSpec("int4", 32, False))
+    if qtype in ("Q4_0", "Q4_1"):  # Q4_0 and Q4_1 map onto int4 g32 bit for bit
+        assert spec == QuantSpec("int4", 32, qtype == "Q4_0")
+        assert torch.equal(dequantize(src.read_packed(entry), spec), float_weight)
+    else:
+        assert spec is None
+    llm = lilmistral.load(path, quant="int4")
+    assert len(list(llm.generate([1, 2, 3, 4], temperature=0, max_tokens=4))) <= 4
+
+
+def test_gguf_llama_vocab_matches_sentencepiece(hf_models, tmp_path):
+    import sentencepiece
+
+    folder, _ = hf_models["mistral"]
+    base = lilmistral.load(folder)
+    path = tmp_path / "vocab.gguf"
+    write_gguf(path, base.model.state_dict(), base.args)
+    tok = lilmistral.load(path, quant="f32").tokenizer
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(SPM_V1))
+    for text in ["Hello world", "The capital of France is Paris.", "naïve café 😀 日本語", "  two spaces",
+                 "line\nbreak\ttab", "1234567 + 89 = ?"]:
+        assert tok.encode(text) == sp.encode(text), text
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
+    assert ids == [1, *sp.encode("[INST] Hi [/INST]")]
+
+
+def test_chat_template_is_sandboxed():
+    from lilmistral.chat import render_chat_template
+
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(lilmistral.LilmistralError):
+        render_chat_template(evil, [{"role": "user", "content": "x"}])
+    evil = "{{ cycler.__init__.__globals__.os.system('echo pwned') }}"
+    with pytest.raises(lilmistral.LilmistralError):
+        render_chat_template(evil, [{"role": "user", "content": "x"}])
+    assert render_chat_template("{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}",
+                                [{"role": "user", "content": "é"}]) == '"é"'
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+def test_bad_inputs_give_one_line_and_write_nothing(hf_models, tmp_path):
+    import shutil
+
+    folder, _ = hf_models["mistral"]
+    outdir = tmp_path / "outs"
+    outdir.mkdir()
+    # a truncated safetensors file
+    bad = tmp_path / "truncated"
+    shutil.copytree(folder, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(cli("convert", str(bad), "--out", str(outdir / "a")), "model.safetensors", "truncated")
+    # a missing shard
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    assert_one_line_error(cli("convert", str(sharded), "--out", str(outdir / "b")), "model-00002-of-00002", "missing")
+    # a GGUF with a wrong magic
+    base = lilmistral.load(folder)
+    wrong = tmp_path / "wrong.gguf"
+    write_gguf(wrong, base.model.state_dict(), base.args, magic_ok=False)
+    assert_one_line_error(cli("convert", str(wrong), "--out", str(outdir / "c")), "wrong.gguf")
+    # a GGUF with a tensor type lilmistral does not read
+    odd = tmp_path / "odd.gguf"
+    write_gguf(odd, base.model.state_dict(), base.args, raw_types={"blk.1.attn_v.weight": "IQ4_NL"})
+    assert_one_line_error(cli("convert", str(odd), "--out", str(outdir / "d")), "odd.gguf", "IQ4_NL",
+                          "blk.1.attn_v.weight")
+    assert list(outdir.iterdir()) == []  # nothing written, not even a partial folder
+
+
+def test_interrupted_convert_leaves_nothing(hf_models, tmp_path):
+    """Ctrl-C part-way: the temporary folder is removed and no output folder appears."""
+    folder, _ = hf_models["mixtral"]
+    code = textwrap.dedent(f"""
+        import lilmistral.convert as c
+        def on_tensor(name, n):
+            if name.startswith("layers.1"):
+                raise KeyboardInterrupt
+        c.convert(c.Path({str(folder)!r}), c.Path({str(tmp_path / 'out')!r}), "int4", on_tensor=on_tensor)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "KeyboardInterrupt" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_streams_with_bounded_memory(tmp_path):
+    """A ~1 GB float32 model converts with peak RSS far below its size: one tensor at a time."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "big"
+    src.mkdir()
+    dim, hidden, layers = 1024, 4096, 12
+    cfg = dict(architectures=["MistralForCausalLM"], hidden_size=dim, intermediate_size=hidden,
+               num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8, vocab_size=8000,
+               max_position_embeddings=4096, sliding_window=None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "tokenizer.model").write_bytes(SPM_V1.read_bytes())
+    index, total, largest = {}, 0, 0
+    g = torch.Generator().manual_seed(0)
+    for i in range(layers):  # one shard per layer, like a real sharded checkpoint
+        p = f"model.layers.{i}."
+        shard = {p + "self_attn.q_proj.weight": (dim, dim), p + "self_attn.k_proj.weight": (dim, dim),
+                 p + "self_attn.v_proj.weight": (dim, dim), p + "self_attn.o_proj.weight": (dim, dim),
+                 p + "mlp.gate_proj.weight": (hidden, dim), p + "mlp.up_proj.weight": (hidden, dim),
+                 p + "mlp.down_proj.weight": (dim, hidden), p + "input_layernorm.weight": (dim,),
+                 p + "post_attention_layernorm.weight": (dim,)}
+        tensors = {k: torch.randn(s, generator=g) * 0.02 for k, s in shard.items()}
+        name = f"model-{i:05d}.safetensors"
+        save_file(tensors, src / name)
+        index.update({k: name for k in tensors})
+        total += sum(t.nbytes for t in tensors.values())
+        largest = max(largest, max(t.nbytes for t in tensors.values()))
+    extra = {"model.embed_tokens.weight": torch.randn(8000, dim, generator=g), "model.norm.weight": torch.ones(dim),
+             "lm_head.weight": torch.randn(8000, dim, generator=g)}
+    save_file(extra, src / "model-extra.safetensors")
+    index.update({k: "model-extra.safetensors" for k in extra})
+    total += sum(t.nbytes for t in extra.values())
+    largest = max(largest, max(t.nbytes for t in extra.values()))
+    del tensors, extra
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+
+    def peak_rss_kb(statement: str) -> int:
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across exec
+        code = (f"import re, lilmistral.cli; {statement}; "
+                "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout.split()[-1])
+
+    base_kb = peak_rss_kb("pass")
+    peak_kb = peak_rss_kb(f"lilmistral.cli.main(['convert', {str(src)!r}, '--quant', 'int4', '--out', "
+                          f"{str(tmp_path / 'out')!r}])")
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    bound = 6 * largest  # the tensor, its float32 copy and the quantizer's temporaries
+    assert total > 2 * bound
+    print(f"convert peak RSS {peak_kb / 1024:.0f} MB, {base_kb / 1024:.0f} MB after imports; model {total / 1e6:.0f} MB")
+    assert (peak_kb - base_kb) * 1024 < bound, f"grew {(peak_kb - base_kb) / 1024:.0f} MB for a {total / 1e9:.2f} GB model"
