@@ -25,6 +25,7 @@ def _sampling_kwargs(ns: argparse.Namespace) -> dict:
 
 
 def _load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", choices=SCHEMES, help="weights for a HF folder or .gguf (default: as stored)")
     p.add_argument("--num-ctx", type=int, help="context length for models without a sliding window")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype of float weights")
     p.add_argument("--device", default="cpu")
@@ -38,7 +39,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt or not prompt.strip():
         raise LilmistralError("give a prompt: lilmistral run MODEL \"your question\" (or pipe it on standard input)")
-    llm = load(ns.model, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype)
+    llm = load(ns.model, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype)
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     messages.append({"role": "user", "content": prompt.strip()})
     for piece in llm.chat(messages, **_sampling_kwargs(ns)):

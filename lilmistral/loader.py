@@ -92,7 +92,7 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
     """Load a model for generation.
 
     source: a converted folder (`lilmistral convert`), a Hugging Face model folder, or a .gguf file.
-    quant: "int4", "int8", "bf16", "f16", "f32", or None for the source as stored (a converted folder's
+    quant: "int4", "int4-sym", "int8", "bf16", "f16", "f32", or None for the source as stored (a converted folder's
         scheme; a HF folder's float weights; for a GGUF, the closest scheme: Q4_0/Q4_1 map to int4
         exactly). A HF folder or GGUF is quantized in memory; `lilmistral convert` saves the result.
     dtype: compute dtype ("float32", "bfloat16", "float16"); default bfloat16 for int4/int8 (the CPU
@@ -119,7 +119,7 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
         planned = plan(src, quant, group_size, compute)
         specs = {p.entry.name: p.spec for p in planned if p.spec is not None}
         model = build_model(src.args, produce(src, planned), specs, device, compute)
-    info = {"quant": quant or "as stored", "group_size": group_size if quant == "int4" else None}
+    info = {"quant": quant or "as stored", "group_size": group_size if quant and quant.startswith("int4") else None}
     return LLM(model, tokenizer, num_ctx=num_ctx, source=str(path), info=info)
 
 

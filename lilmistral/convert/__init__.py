@@ -146,7 +146,7 @@ def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROU
         manifest = {
             "format": "lilmistral", "format_version": FORMAT_VERSION,
             "args": src.args.to_dict(),
-            "quant": {"scheme": scheme, "group_size": group_size if scheme == "int4" else None},
+            "quant": {"scheme": scheme, "group_size": group_size if scheme.startswith("int4") else None},
             "float_dtype": str(float_dtype).removeprefix("torch."),
             "tensors": {p.entry.name: p.spec.to_dict() for p in planned if p.spec is not None},
             "lossless_tensors": sum(p.lossless for p in planned),

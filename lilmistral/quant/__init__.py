@@ -7,14 +7,14 @@ from .linear import QuantLinear
 from .pack import QuantSpec, dequantize, group_size_for, quantize
 
 FLOAT_SCHEMES = ("f32", "bf16", "f16")
-SCHEMES = ("int4", "int8", *FLOAT_SCHEMES)
+SCHEMES = ("int4", "int4-sym", "int8", *FLOAT_SCHEMES)  # int4: with a per-group min; int4-sym: without
 DEFAULT_GROUP_SIZE = 32  # chosen by measurement: README, "Quantization quality"
 QUANTIZED_SUFFIXES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
                       ".w1.weight", ".w2.weight", ".w3.weight")
 
 
 def spec_for(name: str, shape: tuple[int, ...], scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
-             symmetric: bool = False, tied: bool = False) -> QuantSpec | None:
+             tied: bool = False) -> QuantSpec | None:
     """How tensor `name` is stored under `scheme`; None: kept in floating point.
 
     Attention and FFN (and expert) projections take the scheme. An untied output head takes int8
@@ -26,7 +26,7 @@ def spec_for(name: str, shape: tuple[int, ...], scheme: str, group_size: int = D
     if name.endswith(QUANTIZED_SUFFIXES):
         if scheme == "int8":
             return QuantSpec("int8")
-        return QuantSpec("int4", group_size_for(shape[1], group_size), symmetric)
+        return QuantSpec("int4", group_size_for(shape[1], group_size), symmetric=scheme == "int4-sym")
     if name == "output.weight" and not tied:
         return QuantSpec("int8")
     return None
@@ -44,4 +44,4 @@ def swap_in_quant_linears(model: nn.Module, specs: dict[str, QuantSpec]) -> None
 
 
 __all__ = ["QuantLinear", "QuantSpec", "quantize", "dequantize", "spec_for", "swap_in_quant_linears", "SCHEMES",
-           "FLOAT_SCHEMES", "DEFAULT_GROUP_SIZE"]
+           "FLOAT_SCHEMES", "DEFAULT_GROUP_SIZE", "QUANTIZED_SUFFIXES"]

@@ -1,0 +1,116 @@
+"""Real trained weights: SmolLM2-135M-Instruct (Q4_1 GGUF) against transformers, answers, perplexity."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lilmistral
+from conftest import smollm2_gguf
+from lilmistral.perplexity import perplexity, reference_text
+
+QUESTIONS = {"What is the capital of Japan?": "Tokyo", "What is the chemical symbol for water?": "H2O"}
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="module")
+def float_llm(gguf_path):
+    return lilmistral.load(gguf_path, quant="f32")
+
+
+def test_logits_match_transformers(gguf_path, float_llm):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    ids = float_llm.tokenize_chat([{"role": "user", "content": "What is the capital of France?"}])
+    ids += float_llm.tokenizer.encode(reference_text()[:3000])[:300]
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0]
+    got = float_llm.forward(ids)
+    assert len(ids) > 300
+    assert (got - expected).abs().max().item() <= 1e-3
+    # and transformers' own greedy answer
+    with torch.no_grad():
+        prompt = float_llm.tokenize_chat([{"role": "user", "content": "What is the capital of France?"}])
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+    assert float_llm.tokenizer.decode(out[0, len(prompt):].tolist()).startswith("The capital of France is Paris.")
+
+
+def test_float_answers_paris(float_llm):
+    answer = "".join(float_llm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+                                    max_tokens=20))
+    assert "Paris" in answer
+
+
+@pytest.mark.parametrize("quant", ["f32", "int8", "int4"])
+def test_answers_every_path(gguf_path, float_llm, quant):
+    llm = float_llm if quant == "f32" else lilmistral.load(gguf_path, quant=quant)
+    for question, expected in QUESTIONS.items():
+        answer = "".join(llm.chat([{"role": "user", "content": question}], temperature=0, max_tokens=24))
+        assert expected in answer, (quant, answer)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8", "f32"])
+def test_cli_run_on_the_gguf(gguf_path, quant):
+    question, expected = "What is the capital of Japan?", "Tokyo"
+    r = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(gguf_path), question, "--temperature", "0",
+                        "--max-tokens", "24", "--quant", quant], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert expected in r.stdout
+
+
+def quality_table(gguf_path, n_tokens: int) -> dict[str, float]:
+    """Perplexity of the float weights and of each 4/8-bit scheme made from them (all run in float32, so
+    only the weights differ). The GGUF's float weights lie on a Q4_1 grid, so int4 g32 with a min is
+    exact; lilmistral keeps such tensors bit for bit when it reads the file (the product path)."""
+    import gguf
+
+    from lilmistral.quant import QUANTIZED_SUFFIXES, QuantSpec, dequantize, quantize
+    from lilmistral.quant.pack import group_size_for
+
+    llm = lilmistral.load(gguf_path, quant="f32")
+    ids = llm.tokenizer.encode(reference_text())[:n_tokens]
+    state = llm.model.state_dict()
+    original = {n: w.clone() for n, w in state.items() if n.endswith(QUANTIZED_SUFFIXES)}
+
+    def ppl_with(transform) -> float:
+        for name, w in original.items():
+            state[name].copy_(transform(w))
+        return perplexity(llm, ids)
+
+    def ours(scheme: str, g: int = 0, symmetric: bool = False):
+        def transform(w):
+            spec = QuantSpec(scheme, group_size_for(w.shape[1], g) if g else 0, symmetric)
+            return dequantize(quantize(w, spec), spec)
+        return transform
+
+    def llama_cpp(kind: str):
+        qtype = gguf.GGMLQuantizationType[kind]
+        return lambda w: torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype), qtype))
+
+    table = {"float (the file, dequantized)": ppl_with(lambda w: w)}
+    table["int8"] = ppl_with(ours("int8"))
+    for g in (32, 64, 128):
+        table[f"int4 g{g}"] = ppl_with(ours("int4", g))
+    table["int4-sym g32"] = ppl_with(ours("int4", 32, symmetric=True))
+    table["llama.cpp Q4_0 (g32 sym)"] = ppl_with(llama_cpp("Q4_0"))
+    table["llama.cpp Q4_1 (g32 min)"] = ppl_with(llama_cpp("Q4_1"))
+    return table
+
+
+def test_quantization_quality(gguf_path):
+    n = int(os.environ.get("LILMISTRAL_PPL_TOKENS", "2048"))
+    table = quality_table(gguf_path, n)
+    print(f"\nperplexity, SmolLM2-135M-Instruct, pydoc topics, first {n} tokens, windows of 512:")
+    for name, ppl in table.items():
+        print(f"  {name:32s} {ppl:8.3f}")
+    base = table["float (the file, dequantized)"]
+    assert table["int8"] <= base * 1.01
+    assert table[f"int4 g{lilmistral.quant.DEFAULT_GROUP_SIZE}"] <= base * 1.10
