@@ -93,10 +93,12 @@ class RollingKVCache:
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[1]
         keep = min(n, self.size)  # of a chunk longer than the buffer only the tail survives
-        start = self.length + n - keep
-        slots = torch.arange(start, start + keep, device=self.k.device) % self.size
-        self.k[layer, :, slots] = k[:, n - keep:]
-        self.v[layer, :, slots] = v[:, n - keep:]
+        start = (self.length + n - keep) % self.size
+        first = min(keep, self.size - start)  # up to the end of the buffer, then wrap to slot 0
+        for dst, src in ((self.k, k), (self.v, v)):
+            dst[layer, :, start:start + first] = src[:, n - keep:n - keep + first]
+            if first < keep:
+                dst[layer, :, :keep - first] = src[:, n - keep + first:]
 
     def end(self) -> None:
         self.length += self._n_new

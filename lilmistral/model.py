@@ -79,6 +79,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: RollingKVCache, layer: int) -> torch.Tensor:
+        """mask: [H/K * T, S] boolean, True where a query may attend (None: everywhere)."""
         T = x.shape[0]
         q = self.wq(x).view(T, self.n_heads, self.head_dim).transpose(0, 1)  # [H, T, hd]
         k = self.wk(x).view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
@@ -86,8 +87,10 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.update(layer, k, v)  # [K, S, hd]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [H, T, hd]
-        return self.wo(out.transpose(0, 1).reshape(T, -1))
+        # grouped-query attention without repeating keys: the H/K query heads sharing a kv head become rows
+        q = q.reshape(self.n_kv_heads, -1, self.head_dim)  # [K, H/K * T, hd]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [K, H/K * T, hd]
+        return self.wo(out.view(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1))
 
 
 class FeedForward(nn.Module):
@@ -155,6 +158,8 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: RollingKVCache, last_only: bool = False) -> torch.Tensor:
         """Run tokens [T] at the cache's next positions; float32 logits [T, vocab] (or [1, vocab])."""
         positions, mask = cache.begin(tokens.shape[0])
+        if mask is not None:
+            mask = mask.repeat(self.args.n_heads // self.args.n_kv_heads, 1)  # [H/K * T, S]: see Attention
         h = self.tok_embeddings(tokens)  # [T, D]
         cos, sin = self.rope(positions, h.dtype)
         for i, layer in enumerate(self.layers):
