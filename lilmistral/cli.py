@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from .errors import LilmistralError
 from .quant import DEFAULT_GROUP_SIZE, SCHEMES
@@ -31,6 +33,126 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _store():
+    from .store import Store
+
+    return Store()
+
+
+def _pull(name: str, keep_source: bool = False, force: bool = False) -> Path:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    from .download import pull
+    from .registry import resolve
+
+    store = _store()
+    ref = resolve(name, store.home)
+    console = _stderr_console()
+    console.print(f"pulling {ref.display} from {ref.repo}", highlight=False)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, disable=not console.is_terminal) as progress:
+        def on_file(file: str, size: int, have: int):
+            task = progress.add_task(file, total=size, completed=have)
+            return lambda n: progress.advance(task, n)
+
+        path = pull(ref, store, keep_source=keep_source, force=force, on_file=on_file,
+                    say=lambda m: console.print(m, highlight=False))
+    console.print(f"{ref.display} ready", highlight=False)
+    return path
+
+
+def _model_path(model: str) -> str:
+    """A path as given; else a registry name, pulled first when missing (as `ollama run` does)."""
+    from .registry import resolve
+
+    if Path(model).expanduser().exists():
+        return model
+    store = _store()
+    ref = resolve(model, store.home)
+    installed = store.installed(ref)
+    return str(installed.path if installed else _pull(model))
+
+
+def cmd_pull(ns: argparse.Namespace) -> int:
+    _pull(ns.model, keep_source=ns.keep_source, force=ns.force)
+    return 0
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    from .store import human_age, human_size
+
+    rows = [(f"{m.name}:{m.tag}", m.quant, human_size(m.size), human_age(m.modified)) for m in _store().list()]
+    header = ("NAME", "QUANT", "SIZE", "MODIFIED")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_show(ns: argparse.Namespace) -> int:
+    from .config import ModelArgs
+
+    path = Path(_installed_or_path(ns.model))
+    manifest = json.loads((path / "manifest.json").read_text())
+    args = ModelArgs.from_dict(manifest["args"])
+    window = f"sliding window {args.sliding_window}" if args.sliding_window else "no sliding window"
+    experts = f", {args.n_experts} experts ({args.n_experts_per_tok} per token)" if args.is_moe else ""
+    q = manifest["quant"]
+    source = manifest.get("source", {})
+    lines = [
+        ("model", manifest.get("name", path.name) + (f":{manifest['tag']}" if manifest.get("tag") else "")),
+        ("description", manifest.get("description") or ""),
+        ("architecture", f"{args.architecture}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / "
+                         f"{args.n_kv_heads} kv heads, head_dim {args.head_dim}, FFN {args.hidden_dim}{experts}"),
+        ("parameters", f"{args.n_parameters / 1e9:.2f}B"),
+        ("context", f"{manifest.get('num_ctx') or args.max_seq_len} tokens, {window}"),
+        ("rope", f"theta {args.rope_theta:g}" + (f", {args.rope_scaling.kind} x{args.rope_scaling.factor:g}"
+                                                 if args.rope_scaling else "")),
+        ("quantization", q["scheme"] + (f", group size {q['group_size']}" if q.get("group_size") else "")),
+        ("tokenizer", manifest.get("tokenizer", "")),
+        ("chat format", "Mistral instruct, encoded by mistral_common" if _has_mistral_tokenizer(path)
+         else "the model's Jinja chat template (sandboxed)"),
+        ("licence", manifest.get("license") or "see the source repo"),
+        ("source", f"{manifest['repo']} @ {manifest.get('revision', '?')}" if manifest.get("repo")
+         else f"{source.get('path', '?')} ({source.get('kind', '?')})"),
+        ("size on disk", _size(path)),
+    ]
+    for key, value in lines:
+        if value:
+            print(f"  {key:14s}{value}")
+    return 0
+
+
+def _has_mistral_tokenizer(path: Path) -> bool:
+    return any(path.glob("tekken*.json")) or any(path.glob("*.model*"))
+
+
+def _size(path: Path) -> str:
+    from .store import folder_size, human_size
+
+    return human_size(folder_size(path))
+
+
+def _installed_or_path(model: str) -> str:
+    from .loader import installed_path
+
+    path = Path(model).expanduser()
+    if (path / "manifest.json").is_file():
+        return str(path)
+    return str(installed_path(model))
+
+
+def cmd_rm(ns: argparse.Namespace) -> int:
+    from .registry import resolve
+    from .store import human_size
+
+    store = _store()
+    for name in ns.models:
+        ref = resolve(name, store.home)
+        print(f"deleted {ref.display} ({human_size(store.remove(ref))} freed)")
+    return 0
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     from . import load
 
@@ -39,7 +161,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     if not prompt or not prompt.strip():
         raise LilmistralError("give a prompt: lilmistral run MODEL \"your question\" (or pipe it on standard input)")
-    llm = load(ns.model, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype)
+    llm = load(_model_path(ns.model), quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype)
     messages = [{"role": "system", "content": ns.system}] if ns.system else []
     messages.append({"role": "user", "content": prompt.strip()})
     for piece in llm.chat(messages, **_sampling_kwargs(ns)):
@@ -50,8 +172,6 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .convert import convert, open_source, plan
@@ -87,12 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lilmistral", description="Run Mistral-family models locally.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer a prompt with a model")
-    run.add_argument("model", help="a model folder")
+    run.add_argument("model", help="a model name (pulled if missing), a model folder or a .gguf file")
     run.add_argument("prompt", nargs="?", help="the question (default: standard input)")
     run.add_argument("--system", help="system prompt")
     _sampling_args(run)
     _load_args(run)
     run.set_defaults(func=cmd_run)
+
+    pull = sub.add_parser("pull", help="download a model and convert it into the store")
+    pull.add_argument("model", help="name[:tag] (see models.toml) or a Hugging Face repo id")
+    pull.add_argument("--keep-source", action="store_true", help="keep the downloaded original files")
+    pull.add_argument("--force", action="store_true", help="convert again even if up to date")
+    pull.set_defaults(func=cmd_pull)
+    sub.add_parser("list", aliases=["ls"], help="list pulled models").set_defaults(func=cmd_list)
+    show = sub.add_parser("show", help="describe a pulled model")
+    show.add_argument("model")
+    show.set_defaults(func=cmd_show)
+    rm = sub.add_parser("rm", help="delete pulled models")
+    rm.add_argument("models", nargs="+")
+    rm.set_defaults(func=cmd_rm)
 
     conv = sub.add_parser("convert", help="write a model in lilmistral's packed format")
     conv.add_argument("source", help="a Hugging Face folder or a .gguf file")

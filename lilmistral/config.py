@@ -56,12 +56,20 @@ class ModelArgs:
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
+    @property
+    def n_parameters(self) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        ffn = 3 * self.dim * self.hidden_dim * max(self.n_experts, 1) + self.dim * self.n_experts
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.n_layers * (attn + ffn + 2 * self.dim) + self.dim + head
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
-        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
         if d.get("rope_scaling"):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)

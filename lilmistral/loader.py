@@ -87,11 +87,28 @@ def _load_converted(folder: Path, quant: str | None, device: str, dtype: str | t
     return LLM(model, load_tokenizer(folder), num_ctx=num_ctx, source=str(folder), info=info)
 
 
+def installed_path(name: str) -> Path:
+    """The store folder of a pulled model name (`mistral`, `mixtral:8x22b-instruct`)."""
+    from .registry import resolve
+    from .store import Store
+
+    store = Store()
+    try:
+        ref = resolve(name, store.home)
+    except LilmistralError as e:
+        raise LilmistralError(f"{name}: no such model folder or file, and {e}") from None
+    installed = store.installed(ref)
+    if installed is None:
+        raise LilmistralError(f"{ref.display} is not pulled yet: lilmistral pull {name}")
+    return installed.path
+
+
 def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", num_ctx: int | None = None,
          dtype: str | torch.dtype | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> LLM:
     """Load a model for generation.
 
-    source: a converted folder (`lilmistral convert`), a Hugging Face model folder, or a .gguf file.
+    source: a pulled model name (`mistral`), a converted folder (`lilmistral convert`), a Hugging Face
+        model folder, or a .gguf file.
     quant: "int4", "int4-sym", "int8", "bf16", "f16", "f32", or None for the source as stored (a converted folder's
         scheme; a HF folder's float weights; for a GGUF, the closest scheme: Q4_0/Q4_1 map to int4
         exactly). A HF folder or GGUF is quantized in memory; `lilmistral convert` saves the result.
@@ -101,7 +118,7 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise LilmistralError(f"{source}: no such model folder or file")
+        path = installed_path(str(source))
     if is_converted(path):
         return _load_converted(path, quant, device, dtype, num_ctx)
     src = open_source(path)

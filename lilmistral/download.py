@@ -1,0 +1,192 @@
+"""`pull`: fetch a model's files from the Hugging Face Hub (or `HF_ENDPOINT`), resumably, verified, then convert.
+
+huggingface_hub gives the file list, hashes, URLs, auth headers and HTTP session. The byte transfer is our
+own so that a download resumes across runs: bytes go to FILE.partial, a later attempt or a later `pull`
+continues from its size with an HTTP Range request, and only a file whose sha256 (LFS) or git blob id
+matches the hub's is renamed into place.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LilmistralError
+from .registry import ModelRef
+from .store import Store
+
+CHUNK = 1 << 20
+RETRIES = 5
+
+
+class OfflineError(LilmistralError):
+    pass
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+    sha256: str | None  # LFS files
+    blob_id: str | None  # git blob sha1 (small files)
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _gated_message(repo: str) -> str:
+    return (f"{repo} is gated: accept its licence at {endpoint()}/{repo} while logged in, then set HF_TOKEN "
+            f"(or run `huggingface-cli login`)")
+
+
+def _hub_errors(repo: str, call: Callable):
+    """Run a hub call, turning its failures into one-line errors (never showing the token)."""
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return call()
+    except GatedRepoError:
+        raise LilmistralError(_gated_message(repo)) from None
+    except RevisionNotFoundError:
+        raise LilmistralError(f"{repo}: revision not found on {endpoint()}") from None
+    except RepositoryNotFoundError:
+        hint = "" if _token() else " (if it is private or gated, set HF_TOKEN)"
+        raise LilmistralError(f"{repo} was not found on {endpoint()}{hint}") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise LilmistralError(_gated_message(repo)) from None
+        raise LilmistralError(f"{repo}: the hub answered {status}") from None
+    except (httpx2.TransportError, OSError) as e:
+        raise OfflineError(f"cannot reach {endpoint()} ({type(e).__name__}); pulled models still run offline") \
+            from None
+
+
+def repo_files(ref: ModelRef) -> tuple[str, list[RemoteFile]]:
+    """The commit the revision points at, and every file of the repo with its size and hash."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint())
+    info = _hub_errors(ref.repo, lambda: api.model_info(ref.repo, revision=ref.revision, files_metadata=True,
+                                                        token=_token()))
+    files = [RemoteFile(s.rfilename, s.lfs.size if s.lfs else (s.size or 0), s.lfs.sha256 if s.lfs else None,
+                        s.blob_id) for s in info.siblings or []]
+    return info.sha or ref.revision, files
+
+
+def select_files(patterns: tuple[str, ...], files: list[RemoteFile]) -> list[RemoteFile]:
+    """The files matching the entry's globs; of the two weight sets Mistral publishes, only one."""
+    chosen = [f for f in files if any(fnmatch.fnmatch(f.name, p) for p in patterns)]
+    if any(fnmatch.fnmatch(f.name, "model*.safetensors") for f in chosen):
+        chosen = [f for f in chosen if not f.name.startswith("consolidated")]
+    if not any(f.name.endswith(".safetensors") for f in chosen):
+        raise LilmistralError("the repo has no safetensors weights matching the registry entry")
+    if any("/" in f.name or f.name.startswith(".") for f in chosen):
+        raise LilmistralError("the repo lists a file outside its root; refusing it")
+    return chosen
+
+
+def verify(path: Path, f: RemoteFile) -> bool:
+    if f.sha256:
+        h = hashlib.sha256()
+    elif f.blob_id:
+        h = hashlib.sha1()
+        h.update(f"blob {path.stat().st_size}\0".encode())
+    else:
+        return path.stat().st_size == f.size
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest() == (f.sha256 or f.blob_id)
+
+
+def download_file(repo: str, revision: str, f: RemoteFile, dest: Path, on_bytes: Callable[[int], None]) -> None:
+    """Download one file to dest, resuming from dest.partial; verify it, then rename it into place."""
+    import httpx2
+    from huggingface_hub import get_session, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+
+    partial = dest.with_name(dest.name + ".partial")
+    url = hf_hub_url(repo, f.name, revision=revision, endpoint=endpoint())
+    headers = build_hf_headers(token=_token(), library_name="lilmistral")
+    for attempt in range(RETRIES + 1):
+        have = partial.stat().st_size if partial.exists() else 0
+        if have >= f.size:
+            break
+        ranged = {**headers, "Range": f"bytes={have}-"} if have else headers
+        try:
+            with get_session().stream("GET", url, headers=ranged, follow_redirects=True, timeout=30) as r:
+                if have and r.status_code == 200:  # the server ignored the range: start over
+                    have = 0
+                    partial.unlink()
+                if r.status_code >= 400:
+                    r.read()  # the error's body, for hf_raise_for_status's message
+                _hub_errors(repo, lambda: hf_raise_for_status(r))
+                with open(partial, "ab") as out:
+                    for chunk in r.iter_bytes(CHUNK):
+                        out.write(chunk)
+                        on_bytes(len(chunk))
+                    out.flush()
+                    os.fsync(out.fileno())
+        except (httpx2.TransportError, OSError) as e:
+            if attempt == RETRIES:
+                raise OfflineError(f"downloading {f.name} failed ({type(e).__name__}); run pull again to resume") \
+                    from None
+            time.sleep(min(2 ** attempt * 0.2, 5))
+    if not verify(partial, f):
+        partial.unlink()
+        raise LilmistralError(f"{f.name}: checksum does not match the hub's (corrupted download, removed); "
+                              f"run pull again")
+    os.replace(partial, dest)
+
+
+def pull(ref: ModelRef, store: Store, keep_source: bool = False, force: bool = False,
+         on_file: Callable[[str, int, int], Callable[[int], None]] | None = None,
+         say: Callable[[str], None] = lambda s: None) -> Path:
+    """Make sure `ref` is in the store, up to date with the hub; return its folder.
+
+    on_file(name, size, already_have) returns the callback that receives byte counts for that file.
+    """
+    from .convert import convert
+
+    installed = store.installed(ref)
+    try:
+        revision, remote = repo_files(ref)
+    except OfflineError:
+        if installed:
+            say(f"{ref.display}: offline, using the pulled copy")
+            return installed.path
+        raise
+    if installed and installed.manifest.get("revision") == revision and not force:
+        say(f"{ref.display} is up to date")
+        return installed.path
+    files = select_files(ref.files, remote)
+    folder = store.download_dir(ref, revision)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        dest = folder / f.name
+        if dest.exists():
+            continue
+        partial = dest.with_name(dest.name + ".partial")
+        have = partial.stat().st_size if partial.exists() else 0
+        download_file(ref.repo, revision, f, dest, on_file(f.name, f.size, have) if on_file else lambda n: None)
+    say(f"converting to {ref.quant}")
+    extra = {"name": ref.name, "tag": ref.tag, "repo": ref.repo, "revision": revision, "license": ref.license,
+             "description": ref.description, "num_ctx": ref.num_ctx}
+    path = convert(folder, store.model_dir(ref), ref.quant, overwrite=True, extra=extra)
+    if not keep_source:
+        shutil.rmtree(folder, ignore_errors=True)
+    return path

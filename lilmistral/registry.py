@@ -1,0 +1,118 @@
+"""Model names (`mistral`, `mixtral:8x22b-instruct`, `mistral:7b-instruct-v0.3-int8`, a repo id) -> what to fetch."""
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import LilmistralError
+from .quant import SCHEMES
+
+NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+QUANT_SUFFIXES = ("int4", "int8", "bf16")
+DEFAULT_FILES = ["config.json", "params.json", "model-*.safetensors", "model.safetensors",
+                 "model.safetensors.index.json", "consolidated*.safetensors", "tekken.json", "tokenizer.model*",
+                 "tokenizer.json", "tokenizer_config.json"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved name: where the model comes from and how it is stored."""
+
+    name: str  # store folder name: "mistral", or "mistralai--Mistral-7B-Instruct-v0.3" for a repo id
+    tag: str
+    repo: str
+    files: tuple[str, ...]
+    quant: str
+    num_ctx: int | None
+    description: str = ""
+    license: str = ""
+    revision: str = "main"
+
+    @property
+    def display(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+
+class UnknownModelError(LilmistralError):
+    pass
+
+
+def _shipped() -> dict[str, Any]:
+    return tomllib.loads(resources.files("lilmistral").joinpath("models.toml").read_text())
+
+
+def load_registry(home: Path | None = None) -> dict[str, Any]:
+    """The shipped models.toml, overridden name by name and tag by tag by the store's own."""
+    registry = _shipped()
+    user = home / "models.toml" if home else None
+    if user and user.is_file():
+        try:
+            overrides = tomllib.loads(user.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise LilmistralError(f"{user}: {e}") from None
+        for name, entry in overrides.items():
+            merged = registry.setdefault(name, {})
+            tags = {**merged.get("tags", {}), **entry.get("tags", {})}
+            merged.update(entry)
+            merged["tags"] = tags
+    return registry
+
+
+def _validate_quant(quant: str, where: str) -> str:
+    if quant not in SCHEMES:
+        raise LilmistralError(f"{where}: unknown quantization {quant!r} (choose from {', '.join(SCHEMES)})")
+    return quant
+
+
+def resolve(ref: str, home: Path | None = None) -> ModelRef:
+    """`name[:tag]` from the registry, or a Hugging Face repo id (`owner/name[:quant]`)."""
+    registry = load_registry(home)
+    ref = ref.strip()
+    if "/" in ref:
+        repo, _, quant = ref.partition(":")
+        if not REPO_ID.match(repo) or ".." in repo:
+            raise LilmistralError(f"{ref!r} is not a valid model name or Hugging Face repo id")
+        quant = _validate_quant(quant or "int4", ref)
+        return ModelRef(name=repo.replace("/", "--"), tag=quant, repo=repo, files=tuple(DEFAULT_FILES), quant=quant,
+                        num_ctx=None)
+    name, _, tag = ref.partition(":")
+    if not NAME.match(name) or (tag and not TAG.match(tag)):
+        raise LilmistralError(f"{ref!r} is not a valid model name (letters, digits, '.', '_', '-'; name[:tag])")
+    entry = registry.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(registry))}"
+        raise UnknownModelError(f"unknown model {name!r}{hint}")
+    tags: dict[str, Any] = entry.get("tags", {})
+    tag = tag or entry.get("default", "latest")
+    quant = None
+    base = tag
+    if tag not in tags:
+        head, _, suffix = tag.rpartition("-")
+        if suffix in QUANT_SUFFIXES and head in tags:
+            base, quant = head, suffix
+        else:
+            close = difflib.get_close_matches(tag, list(tags), n=3, cutoff=0.4)
+            hint = f"; did you mean {', '.join(f'{name}:{c}' for c in close)}?" if close else \
+                f"; tags: {', '.join(sorted(tags))}"
+            raise UnknownModelError(f"unknown tag {name}:{tag}{hint}")
+    t = tags[base]
+    try:
+        return ModelRef(name=name, tag=tag, repo=t["repo"], files=tuple(t.get("files", DEFAULT_FILES)),
+                        quant=_validate_quant(quant or t.get("quant", "int4"), f"{name}:{tag}"),
+                        num_ctx=t.get("num_ctx"), description=t.get("description", entry.get("description", "")),
+                        license=t.get("license", entry.get("license", "")), revision=t.get("revision", "main"))
+    except KeyError as e:
+        raise LilmistralError(f"models.toml: {name}:{base} has no {e}") from None
+
+
+def known_names(home: Path | None = None) -> list[str]:
+    registry = load_registry(home)
+    return [f"{n}:{t}" for n, e in sorted(registry.items()) for t in sorted(e.get("tags", {}))]

@@ -1,0 +1,130 @@
+"""The local store, `$LILMISTRAL_HOME` (default ~/.lilmistral):
+
+    models/NAME/TAG/          a converted model (see docs/format.md); manifest.json is written last and the
+                              folder is renamed into place, so a model is either whole or absent
+    downloads/NAME/TAG/REV/   files being pulled: FILE.partial while incomplete (resumed from its size),
+                              FILE once verified; removed after a successful convert
+    models.toml               your own registry entries (override the shipped ones)
+    history                   the REPL's input history
+
+Folders starting with "." are temporary (a convert or rm in progress) and are never listed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LilmistralError
+from .registry import ModelRef
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LILMISTRAL_HOME") or "~/.lilmistral").expanduser()
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    name: str
+    tag: str
+    path: Path
+    manifest: dict
+    size: int
+    modified: float
+
+    @property
+    def quant(self) -> str:
+        return self.manifest.get("quant", {}).get("scheme", "?")
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Store:
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = home or default_home()
+        self.models = self.home / "models"
+        self.downloads = self.home / "downloads"
+
+    def _inside(self, path: Path, root: Path) -> Path:
+        """Every path a name leads to must stay inside the store (names are validated too; this is the backstop)."""
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise LilmistralError(f"{path} is outside the store")
+        return path
+
+    def model_dir(self, ref: ModelRef) -> Path:
+        return self._inside(self.models / ref.name / ref.tag, self.models)
+
+    def download_dir(self, ref: ModelRef, revision: str) -> Path:
+        return self._inside(self.downloads / ref.name / ref.tag / revision, self.downloads)
+
+    def installed(self, ref: ModelRef) -> InstalledModel | None:
+        path = self.model_dir(ref)
+        return self._read(ref.name, ref.tag, path)
+
+    def _read(self, name: str, tag: str, path: Path) -> InstalledModel | None:
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+            mtime = (path / "manifest.json").stat().st_mtime
+        except (OSError, ValueError):
+            return None
+        return InstalledModel(name, tag, path, manifest, folder_size(path), mtime)
+
+    def list(self) -> list[InstalledModel]:
+        found = []
+        if not self.models.is_dir():
+            return found
+        for name_dir in sorted(self.models.iterdir()):
+            if name_dir.name.startswith(".") or not name_dir.is_dir():
+                continue
+            for tag_dir in sorted(name_dir.iterdir()):
+                if tag_dir.name.startswith("."):
+                    continue
+                model = self._read(name_dir.name, tag_dir.name, tag_dir)
+                if model:
+                    found.append(model)
+        return found
+
+    def remove(self, ref: ModelRef) -> int:
+        """Delete a model (and any download of it); returns the bytes freed."""
+        path = self.model_dir(ref)
+        if not path.exists():
+            raise LilmistralError(f"{ref.display} is not pulled")
+        freed = folder_size(path)
+        trash = path.parent / f".{path.name}.rm-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)  # atomic: `list` never sees a half-deleted model
+        shutil.rmtree(trash, ignore_errors=True)
+        downloads = self.downloads / ref.name / ref.tag
+        if downloads.exists():
+            freed += folder_size(downloads)
+            shutil.rmtree(downloads, ignore_errors=True)
+        for parent in (path.parent, downloads.parent):
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+        return freed
+
+    @property
+    def history_file(self) -> Path:
+        return self.home / "history"
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_age(t: float) -> str:
+    s = time.time() - t
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if s >= size:
+            n = int(s // size)
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"

@@ -1,0 +1,224 @@
+"""`pull`, `list`, `show`, `rm` and `run NAME` against a Hugging Face Hub served on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from conftest import SPM_V3, hf_to_interleaved, make_hf_model
+from hub import Hub
+
+REGISTRY = """
+[tiny]
+default = "latest"
+description = "a tiny random Mistral"
+license = "apache-2.0"
+
+[tiny.tags.latest]
+repo = "test/tiny-mistral"
+files = ["config.json", "params.json", "model-*.safetensors", "model.safetensors.index.json",
+         "consolidated.safetensors", "tokenizer.model.v3"]
+quant = "int8"
+num_ctx = 4096
+
+[tinymix]
+default = "latest"
+[tinymix.tags.latest]
+repo = "test/tiny-mixtral"
+files = ["config.json", "model-*.safetensors", "model.safetensors.index.json", "tokenizer.model.v3"]
+quant = "int4"
+
+[gated]
+default = "latest"
+[gated.tags.latest]
+repo = "mistralai/gated-tiny"
+files = ["config.json", "model-*.safetensors", "model.safetensors.index.json", "tokenizer.model.v3"]
+quant = "int8"
+"""
+
+
+def publish(folder: Path, ref_model, consolidated: bool) -> Path:
+    """Lay a tiny model out like a Mistral repo: sharded model-*.safetensors + index, and optionally the
+    same weights again as consolidated.safetensors with params.json."""
+    ref_model.save_pretrained(folder, max_shard_size="6MB")
+    (folder / "tokenizer.model.v3").write_bytes(SPM_V3.read_bytes())
+    if consolidated:
+        import lilmistral
+
+        llm = lilmistral.load(folder)
+        state = {}
+        for name, t in llm.model.state_dict().items():
+            if name.endswith("attention.wq.weight"):
+                t = hf_to_interleaved(t, llm.args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                t = hf_to_interleaved(t, llm.args.n_kv_heads)
+            state[name] = t.contiguous()
+        save_file(state, folder / "consolidated.safetensors")
+        a = llm.args
+        (folder / "params.json").write_text(json.dumps(dict(
+            dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, hidden_dim=a.hidden_dim,
+            vocab_size=a.vocab_size, norm_eps=a.norm_eps, rope_theta=a.rope_theta, sliding_window=a.sliding_window)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repos")
+    hub = Hub()
+    made = root / "made"
+    m = make_hf_model(made / "mistral", "mistral", sliding_window=8)
+    hub.add_repo("test/tiny-mistral", publish(root / "tiny-mistral", m, consolidated=True))
+    x = make_hf_model(made / "mixtral", "mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    hub.add_repo("test/tiny-mixtral", publish(root / "tiny-mixtral", x, consolidated=False))
+    hub.add_repo("mistralai/gated-tiny", publish(root / "gated", m, consolidated=False), gated=True)
+    yield hub
+    hub.close()
+
+
+@pytest.fixture
+def home(tmp_path, hub):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models.toml").write_text(REGISTRY)
+    hub.requests.clear()
+    return home
+
+
+def env_for(home: Path, hub: Hub, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(LILMISTRAL_HOME=str(home), HF_ENDPOINT=hub.url, HF_HOME=str(home / "hf-home"), **extra)
+    return env
+
+
+def cli(home: Path, hub: Hub, *args: str, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lilmistral", *args], capture_output=True, text=True,
+                          timeout=300, env=env_for(home, hub, **extra))
+
+
+def test_pull_then_run_then_pull_again(home, hub):
+    r = cli(home, hub, "pull", "tiny")
+    assert r.returncode == 0, r.stderr
+    fetched = {p.rsplit("/", 1)[1] for _, p, _ in hub.requests if "/resolve/" in p}
+    assert "consolidated.safetensors" not in fetched  # the repo has the weights twice: one set only
+    assert any(f.startswith("model-000") for f in fetched) and "tokenizer.model.v3" in fetched
+    assert not (home / "downloads" / "tiny").exists() or not any((home / "downloads" / "tiny").rglob("*.safetensors"))
+    r = cli(home, hub, "list")
+    assert r.returncode == 0 and "tiny:latest" in r.stdout and "int8" in r.stdout
+    r = cli(home, hub, "show", "tiny")
+    assert r.returncode == 0
+    for words in ("MistralForCausalLM", "sliding window 8", "int8", "test/tiny-mistral", "apache-2.0", "mistral_common"):
+        assert words in r.stdout, r.stdout
+    r = cli(home, hub, "run", "tiny", "Hello", "--temperature", "0", "--max-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    hub.requests.clear()
+    r = cli(home, hub, "pull", "tiny")
+    assert r.returncode == 0 and "up to date" in r.stderr
+    assert not any("/resolve/" in p for _, p, _ in hub.requests)  # nothing downloaded again
+
+
+def test_run_pulls_first_and_rm_frees_space(home, hub):
+    r = cli(home, hub, "run", "tinymix", "Hello", "--temperature", "0", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    model = home / "models" / "tinymix" / "latest"
+    assert (model / "manifest.json").is_file()
+    r = cli(home, hub, "rm", "tinymix")
+    assert r.returncode == 0 and "freed" in r.stdout
+    assert not model.exists()
+    assert "tinymix" not in cli(home, hub, "list").stdout
+
+
+def shard_names(hub: Hub, repo: str) -> list[str]:
+    return sorted(n for n in hub.repos[repo]["files"] if n.startswith("model-"))
+
+
+def test_cut_connection_resumes_with_a_range(home, hub):
+    shard = shard_names(hub, "test/tiny-mistral")[0]
+    size = len(hub.repos["test/tiny-mistral"]["files"][shard])
+    hub.cut_after[shard] = size // 3
+    r = cli(home, hub, "pull", "tiny")
+    assert r.returncode == 0, r.stderr
+    ranges = [rng for _, _, rng in hub.file_requests(shard)]
+    assert ranges[0] is None and len(ranges) == 2
+    resumed_at = int(ranges[1].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < resumed_at <= size // 3  # continues from the bytes that reached the disk
+
+
+def test_sigint_then_pull_again_resumes(home, hub):
+    files = hub.repos["test/tiny-mistral"]["files"]
+    shard = max(shard_names(hub, "test/tiny-mistral"), key=lambda n: len(files[n]))
+    hub.slow[shard] = 0.05  # about 1.3 MB/s
+    proc = subprocess.Popen([sys.executable, "-m", "lilmistral", "pull", "tiny"], env=env_for(home, hub),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = None
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = list(home.glob(f"downloads/**/{shard}.partial"))
+        if found and found[0].stat().st_size > len(files[shard]) // 4:
+            partial = found[0]
+            break
+        time.sleep(0.05)
+    assert partial is not None, "the download never started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    hub.slow.clear()
+    assert proc.returncode != 0
+    have = partial.stat().st_size
+    assert have > 0
+    r = cli(home, hub, "list")  # the store reads cleanly: no half model
+    assert r.returncode == 0 and "tiny" not in r.stdout
+    r = cli(home, hub, "pull", "tiny")
+    assert r.returncode == 0, r.stderr
+    assert hub.file_requests(shard)[-1][2] == f"bytes={have}-"
+    assert "tiny:latest" in cli(home, hub, "list").stdout
+
+
+def test_corrupted_byte_is_caught(home, hub):
+    shard = shard_names(hub, "test/tiny-mistral")[0]
+    hub.corrupt.add(shard)
+    try:
+        r = cli(home, hub, "pull", "tiny")
+    finally:
+        hub.corrupt.clear()
+    assert r.returncode == 1 and "checksum" in r.stderr and shard in r.stderr
+    assert r.stderr.strip().count("\n") <= 1 and "Traceback" not in r.stderr
+    assert "tiny" not in cli(home, hub, "list").stdout
+    assert not list(home.glob(f"downloads/**/{shard}*"))
+
+
+def test_gated_repo_needs_a_token(home, hub):
+    r = cli(home, hub, "pull", "gated")
+    assert r.returncode == 1 and "gated" in r.stderr and "HF_TOKEN" in r.stderr and "Traceback" not in r.stderr
+    r = cli(home, hub, "pull", "gated", HF_TOKEN="hf_wrong_token_value")
+    assert r.returncode == 1 and "gated" in r.stderr and "hf_wrong_token_value" not in r.stderr + r.stdout
+    r = cli(home, hub, "pull", "gated", HF_TOKEN=hub.token)
+    assert r.returncode == 0, r.stderr
+    assert hub.token not in r.stderr + r.stdout
+
+
+def test_unknown_and_unsafe_names(home, hub):
+    r = cli(home, hub, "pull", "tinny")
+    assert r.returncode == 1 and "did you mean tiny" in r.stderr
+    r = cli(home, hub, "pull", "tiny:lates")
+    assert r.returncode == 1 and "tiny:latest" in r.stderr
+    for bad in ("../../etc", "/etc/passwd", "tiny:../x", "a/../../b", "..", "x\\y"):
+        r = cli(home, hub, "pull", bad)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, bad
+    assert sorted(p.name for p in home.iterdir()) == ["models.toml"]
+
+
+def test_offline(home, hub, tmp_path):
+    assert cli(home, hub, "pull", "tiny").returncode == 0
+    offline = dict(HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens on the discard port
+    r = subprocess.run([sys.executable, "-m", "lilmistral", "pull", "tinymix"], capture_output=True, text=True,
+                       timeout=120, env={**env_for(home, hub), **offline})
+    assert r.returncode == 1 and "cannot reach" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "lilmistral", "run", "tiny", "Hi", "--max-tokens", "3"],
+                       capture_output=True, text=True, timeout=120, env={**env_for(home, hub), **offline})
+    assert r.returncode == 0, r.stderr
