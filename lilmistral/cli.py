@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -154,20 +156,40 @@ def cmd_rm(ns: argparse.Namespace) -> int:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from . import load
+    from .repl import Chat, repl, stats_text, stream_answer
 
     prompt = ns.prompt
-    if prompt is None and not sys.stdin.isatty():
+    interactive = prompt is None and sys.stdin.isatty()
+    if prompt is None and not interactive:
         prompt = sys.stdin.read()
-    if not prompt or not prompt.strip():
-        raise LilmistralError("give a prompt: lilmistral run MODEL \"your question\" (or pipe it on standard input)")
-    llm = load(_model_path(ns.model), quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype)
-    messages = [{"role": "system", "content": ns.system}] if ns.system else []
-    messages.append({"role": "user", "content": prompt.strip()})
-    for piece in llm.chat(messages, **_sampling_kwargs(ns)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        if not prompt.strip():
+            raise LilmistralError("standard input is empty: give a prompt")
+    path = _model_path(ns.model)
+    err = _stderr_console()
+    with err.status("loading model...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
+        llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype)
+    chat = Chat(llm, system=ns.system)
+    for key, value in _sampling_kwargs(ns).items():
+        chat.set(key, str(value))
+    console = Console()
+    if interactive:
+        repl(chat, console, _store().history_file, markdown=ns.markdown, verbose=ns.verbose)
+        return 0
+    if ns.format == "json":
+        start = time.perf_counter()
+        answer = "".join(chat.ask(prompt.strip()))
+        s = llm.stats
+        print(json.dumps({"model": ns.model, "response": answer, "prompt_tokens": s.prompt_tokens,
+                          "eval_tokens": s.eval_tokens, "prompt_eval_s": round(s.prefill_s, 4),
+                          "eval_s": round(s.eval_s, 4), "total_s": round(time.perf_counter() - start, 4)},
+                         ensure_ascii=False))
+        return 0
+    stream_answer(chat, prompt.strip(), console, ns.markdown, verbose=False)
+    if ns.verbose:
+        err.print(stats_text(llm, llm.stats.prefill_s + llm.stats.eval_s), markup=False, highlight=False)
     return 0
 
 
@@ -210,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", help="a model name (pulled if missing), a model folder or a .gguf file")
     run.add_argument("prompt", nargs="?", help="the question (default: standard input)")
     run.add_argument("--system", help="system prompt")
+    run.add_argument("--format", choices=["text", "json"], default="text",
+                     help="json: one JSON object with the answer and stats")
+    run.add_argument("--markdown", action="store_true", help="render answers as Markdown")
+    run.add_argument("--verbose", action="store_true", help="timings after each answer")
     _sampling_args(run)
     _load_args(run)
     run.set_defaults(func=cmd_run)

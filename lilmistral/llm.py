@@ -10,7 +10,7 @@ import torch
 
 from .cache import RollingKVCache
 from .config import ModelArgs
-from .errors import ContextLengthError
+from .errors import ContextLengthError, LilmistralError
 from .generate import SamplingParams, generate_tokens, prefill
 from .model import Transformer
 from .tokenizer import Message, StreamDecoder, Tokenizer
@@ -38,17 +38,24 @@ class LLM:
         self.args: ModelArgs = model.args
         self.source = source
         self.info = info or {}
-        self.num_ctx = min(num_ctx or DEFAULT_NUM_CTX, self.args.max_seq_len)
+        self.stats = GenerationStats()
+        self.resize_context(num_ctx or DEFAULT_NUM_CTX)
+
+    def resize_context(self, num_ctx: int) -> None:
+        """(Re)allocate the KV cache for num_ctx tokens (capped at the model's maximum)."""
+        if num_ctx < 16:
+            raise LilmistralError("num_ctx must be at least 16")
+        self.num_ctx = min(num_ctx, self.args.max_seq_len)
         window = self.args.sliding_window
         if window is not None and window >= self.num_ctx:
             window = None  # the window never takes effect within num_ctx tokens
-        param = model.tok_embeddings.weight
+        param = self.model.tok_embeddings.weight
+        self.cache = None  # free the old one first
         self.cache = RollingKVCache(self.args.n_layers, self.args.n_kv_heads, self.args.head_dim,
                                     size=window or self.num_ctx, window=window,
                                     dtype=param.dtype if param.is_floating_point() else torch.bfloat16,
                                     device=param.device)
         self._cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
-        self.stats = GenerationStats()
 
     @torch.inference_mode()
     def forward(self, ids: list[int]) -> torch.Tensor:

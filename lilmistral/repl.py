@@ -1,0 +1,284 @@
+"""The interactive chat: `lilmistral run NAME` with no prompt.
+
+`Chat` holds the conversation and options and knows nothing of terminals; `repl()` is the prompt-toolkit
+loop around it; slash commands are a table of small handlers.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import LilmistralError
+from .generate import SamplingParams
+from .llm import LLM
+from .tokenizer import Message
+
+HELP = """Available commands:
+  /set temperature|top_p|top_k|repeat_penalty|seed|num_ctx|max_tokens VALUE
+  /set system "text"       set the system prompt (/set system "" removes it)
+  /show info|parameters|template|system
+  /clear                   forget the conversation
+  /save FILE               save the conversation as JSON
+  /load FILE               load a conversation saved with /save
+  /bye                     exit (or Ctrl-D)
+  /?, /help                this help
+
+Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer (what was written is kept)."""
+
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float, "seed": int,
+            "max_tokens": int, "num_ctx": int}
+
+
+@dataclass
+class Chat:
+    llm: LLM
+    params: SamplingParams = field(default_factory=SamplingParams)
+    system: str | None = None
+    messages: list[Message] = field(default_factory=list)
+    told_overflow: bool = False
+
+    def conversation(self) -> list[Message]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def ask(self, text: str) -> Iterator[str]:
+        """Stream the answer to `text`. The answer joins the conversation even when the stream is cut short."""
+        self.messages.append({"role": "user", "content": text})
+        answer: list[str] = []
+        try:
+            kwargs = {f.name: getattr(self.params, f.name) for f in fields(self.params)}
+            for piece in self.llm.chat(self.conversation(), **kwargs):
+                answer.append(piece)
+                yield piece
+        except LilmistralError:
+            self.messages.pop()  # the question could not be asked (it does not fit): forget it
+            raise
+        finally:  # also on Ctrl-C: a partial answer is kept; a question with no answer yet is dropped
+            if self.messages and self.messages[-1] == {"role": "user", "content": text}:
+                if answer:
+                    self.messages.append({"role": "assistant", "content": "".join(answer)})
+                else:
+                    self.messages.pop()
+
+    def overflow_notice(self) -> str | None:
+        """A one-time notice when the conversation first outgrows the context."""
+        if self.llm.stats.dropped_messages and not self.told_overflow:
+            self.told_overflow = True
+            return (f"(the conversation is longer than num_ctx={self.llm.num_ctx}: its oldest turns are left out "
+                    f"from now on; /set num_ctx to raise it)")
+        return None
+
+    def set(self, key: str, value: str) -> str:
+        if key == "system":
+            self.system = value or None
+            return "Set system message." if value else "Cleared system message."
+        if key not in SETTABLE:
+            raise LilmistralError(f"unknown parameter {key!r}; try: {', '.join(SETTABLE)}, system")
+        try:
+            parsed = SETTABLE[key](value)
+        except ValueError:
+            raise LilmistralError(f"{key} needs a {SETTABLE[key].__name__}, not {value!r}") from None
+        if key == "num_ctx":
+            self.llm.resize_context(parsed)
+            return f"Set parameter 'num_ctx' to '{self.llm.num_ctx}'"
+        trial = SamplingParams(**{**self.params.__dict__, key: parsed})
+        trial.validate()
+        self.params = trial
+        return f"Set parameter '{key}' to '{parsed}'"
+
+    def save(self, path: Path) -> None:
+        data = {"model": self.llm.source, "system": self.system, "messages": self.messages,
+                "options": {k: v for k, v in self.params.__dict__.items() if k != "stop"}}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+        tmp.replace(path)
+
+    def load(self, path: Path) -> int:
+        try:
+            data = json.loads(path.read_text())
+            messages = data["messages"]
+            ok = all(m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str) for m in messages)
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+            raise LilmistralError(f"{path}: not a saved conversation ({e})") from None
+        if not ok:
+            raise LilmistralError(f"{path}: messages must be user/assistant with text content")
+        self.messages = messages
+        self.system = data.get("system")
+        options = {k: v for k, v in (data.get("options") or {}).items() if k in SETTABLE and k != "num_ctx"}
+        self.params = SamplingParams(**{**self.params.__dict__, **options})
+        return len(messages)
+
+
+def show(chat: Chat, what: str) -> str:
+    llm = chat.llm
+    if what == "info":
+        a = llm.args
+        lines = [f"  architecture   {a.architecture}", f"  parameters     {a.n_parameters / 1e9:.2f}B",
+                 f"  context        {llm.num_ctx}" + (f" (sliding window {a.sliding_window})" if a.sliding_window else ""),
+                 f"  quantization   {llm.info.get('quant', '?')}", f"  tokenizer      {llm.tokenizer.kind}"]
+        return "\n".join(lines)
+    if what == "parameters":
+        p = chat.params
+        return "\n".join(f"  {k:16s}{getattr(p, k)}" for k in SETTABLE if k != "num_ctx") + f"\n  {'num_ctx':16s}{llm.num_ctx}"
+    if what == "template":
+        template = getattr(llm.tokenizer, "chat_template", None)
+        return template or f"Mistral's own chat format ({llm.tokenizer.kind}), encoded by mistral_common"
+    if what == "system":
+        return chat.system or "No system message was specified."
+    raise LilmistralError("usage: /show info|parameters|template|system")
+
+
+def run_command(chat: Chat, line: str) -> str | None:
+    """Run a slash command; returns text to print. Raises EOFError for /bye."""
+    try:
+        words = shlex.split(line)
+    except ValueError as e:
+        raise LilmistralError(f"cannot parse the command: {e}") from None
+    command, args = words[0].lower(), words[1:]
+    handler = COMMANDS.get(command)
+    if handler is None:
+        raise LilmistralError(f"unknown command {command!r}; /help lists them")
+    return handler(chat, args)
+
+
+def _set(chat: Chat, args: list[str]) -> str:
+    if len(args) != 2 and not (args and args[0] == "system"):
+        raise LilmistralError("usage: /set PARAMETER VALUE (or /set system \"text\")")
+    return chat.set(args[0], " ".join(args[1:]) if args[0] == "system" else args[1])
+
+
+def _file_arg(args: list[str], usage: str) -> Path:
+    if len(args) != 1:
+        raise LilmistralError(usage)
+    return Path(args[0]).expanduser()
+
+
+def _bye(chat: Chat, args: list[str]) -> str:
+    raise EOFError
+
+
+def _clear(chat: Chat, args: list[str]) -> str:
+    chat.messages.clear()
+    chat.told_overflow = False
+    return "Cleared session context."
+
+
+def _save(chat: Chat, args: list[str]) -> str:
+    path = _file_arg(args, "usage: /save FILE")
+    chat.save(path)
+    return f"Saved the conversation to {path}"
+
+
+def _load(chat: Chat, args: list[str]) -> str:
+    path = _file_arg(args, "usage: /load FILE")
+    return f"Loaded {chat.load(path)} messages from {path}"
+
+
+def _show(chat: Chat, args: list[str]) -> str:
+    return show(chat, args[0] if len(args) == 1 else "")
+
+
+COMMANDS: dict[str, Callable[[Chat, list[str]], str | None]] = {
+    "/set": _set, "/show": _show, "/clear": _clear, "/save": _save, "/load": _load,
+    "/bye": _bye, "/exit": _bye, "/help": lambda c, a: HELP, "/?": lambda c, a: HELP,
+}
+
+
+def stats_text(llm: LLM, total_s: float) -> str:
+    s = llm.stats
+    prefill_rate = s.prefill_tokens / s.prefill_s if s.prefill_s else 0.0
+    eval_rate = (s.eval_tokens - 1) / s.eval_s if s.eval_s else 0.0  # the first token's time is prompt eval
+    return (f"total duration:       {total_s:.3f}s\n"
+            f"prompt eval count:    {s.prefill_tokens} token(s) ({s.prompt_tokens - s.prefill_tokens} from the cache)\n"
+            f"prompt eval duration: {s.prefill_s:.3f}s\n"
+            f"prompt eval rate:     {prefill_rate:.2f} tokens/s\n"
+            f"eval count:           {s.eval_tokens} token(s)\n"
+            f"eval duration:        {s.eval_s:.3f}s\n"
+            f"eval rate:            {eval_rate:.2f} tokens/s")
+
+
+def say(console: Any, text: str, style: str | None = None) -> None:
+    """Print plain text: no markup parsing, no highlighting (model output and file names are not markup)."""
+    console.print(text, style=style, markup=False, highlight=False)
+
+
+def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: bool) -> None:
+    """Print the answer as it streams; Ctrl-C stops it and keeps what was written."""
+    start = time.perf_counter()
+    pieces = chat.ask(text)
+    written = ""
+    try:
+        if markdown and console.is_terminal:
+            from rich.live import Live
+            from rich.markdown import Markdown
+
+            with Live(Markdown(""), console=console, refresh_per_second=8, vertical_overflow="visible") as live:
+                for piece in pieces:
+                    written += piece
+                    live.update(Markdown(written))
+        else:
+            for piece in pieces:
+                written += piece
+                console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+                console.file.flush()
+            console.print()
+    except KeyboardInterrupt:
+        pieces.close()
+        say(console, "\n(stopped)", "dim")
+    if notice := chat.overflow_notice():
+        say(console, notice, "yellow")
+    if verbose:
+        say(console, stats_text(chat.llm, time.perf_counter() - start), "dim")
+
+
+def read_message(session: Any, first: str) -> str:
+    """A line, or a block between lines of \"\"\" (Ollama's convention)."""
+    stripped = first.strip()
+    if not stripped.startswith('"""'):
+        return first
+    body = stripped[3:]
+    if body.endswith('"""'):
+        return body[:-3]
+    lines = [body] if body else []
+    while True:
+        line = session.prompt("... ")
+        if line.rstrip().endswith('"""'):
+            lines.append(line.rstrip()[:-3])
+            return "\n".join(lines).strip("\n")
+        lines.append(line)
+
+
+def repl(chat: Chat, console: Any, history: Path, markdown: bool = False, verbose: bool = False) -> None:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    history.parent.mkdir(parents=True, exist_ok=True)
+    session: PromptSession = PromptSession(history=FileHistory(str(history)))
+    say(console, "Type a message, /? for help, Ctrl-D or /bye to exit.", "dim")
+    while True:
+        try:
+            line = session.prompt(">>> ")
+            if line.startswith("/"):
+                if (output := run_command(chat, line)) is not None:
+                    say(console, output)
+                continue
+            text = read_message(session, line)
+        except KeyboardInterrupt:
+            say(console, "Use Ctrl + d or /bye to exit.")
+            continue
+        except EOFError:
+            return
+        except LilmistralError as e:
+            say(console, f"Error: {e}", "red")
+            continue
+        if not text.strip():
+            continue
+        try:
+            stream_answer(chat, text, console, markdown, verbose)
+        except LilmistralError as e:
+            say(console, f"Error: {e}", "red")

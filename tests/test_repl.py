@@ -1,0 +1,157 @@
+"""The real REPL in a pseudo-terminal (pexpect), on SmolLM2 converted to int4."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+import lilmistral
+from conftest import smollm2_gguf
+from lilmistral.repl import Chat, run_command
+
+PROMPT = ">>>"  # prompt-toolkit draws the space after it with a cursor move
+NEXT_PROMPT = r"\n(?:\x1b\[[0-9;?]*[A-Za-z]|\r)*>>>"  # a fresh prompt line, not the redraw of the one just sent
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "smol-int4"
+    lilmistral.convert.convert(smollm2_gguf(), out, "int4")
+    return out
+
+
+@pytest.fixture
+def spawn(smol, tmp_path):
+    children = []
+
+    def start(*args: str) -> pexpect.spawn:
+        env = {**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home"), "PROMPT_TOOLKIT_NO_CPR": "1",
+               "TERM": "xterm"}
+        child = pexpect.spawn(sys.executable, ["-m", "lilmistral", "run", str(smol), *args], env=env,
+                              encoding="utf-8", timeout=90, dimensions=(50, 200))
+        children.append(child)
+        child.expect_exact(PROMPT)
+        return child
+
+    yield start
+    for child in children:
+        child.close(force=True)
+
+
+def ask(child: pexpect.spawn, text: str) -> str:
+    child.sendline(text)
+    child.expect(NEXT_PROMPT)
+    return ANSI.sub("", child.before)
+
+
+def test_question_streams_an_answer_and_bye_exits(spawn, tmp_path):
+    child = spawn()
+    assert "Tokyo" in ask(child, "What is the capital of Japan?")
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    history = (tmp_path / "home" / "history").read_text()
+    assert "What is the capital of Japan?" in history
+
+
+def test_temperature_zero_is_repeatable_and_commands(spawn, tmp_path):
+    child = spawn()
+    assert "temperature" in ask(child, "/set temperature 0")
+    ask(child, "/set max_tokens 24")
+    first = ask(child, "Name a color.").split("Name a color.", 1)[1]
+    ask(child, "/clear")
+    second = ask(child, "Name a color.").split("Name a color.", 1)[1]
+    assert first.strip() and first == second
+    assert "unknown command" in ask(child, "/frobnicate")
+    assert "needs a float" in ask(child, "/set temperature hot")
+    assert "unknown parameter" in ask(child, "/set warmth 1")
+    assert "No system message" in ask(child, "/show system")
+    ask(child, '/set system "Answer in one word."')
+    assert "Answer in one word." in ask(child, "/show system")
+    assert "int4" in ask(child, "/show info")
+    assert "im_start" in ask(child, "/show template")
+    assert "0.0" in ask(child, "/show parameters")
+    assert "Traceback" not in child.before
+
+
+def test_multiline_input(spawn):
+    child = spawn()
+    ask(child, "/set temperature 0")
+    child.sendline('"""')
+    child.expect_exact("...")
+    child.sendline("What is the capital")
+    child.expect_exact("...")
+    child.sendline('of Japan?"""')
+    child.expect(NEXT_PROMPT)
+    assert "Tokyo" in child.before
+
+
+def test_ctrl_c_stops_the_answer_and_the_session_goes_on(spawn):
+    child = spawn()
+    ask(child, "/set max_tokens 2000")
+    child.sendline("Write a very long story about a dragon who learns to cook, with many chapters.")
+    child.expect(r"chapters\.(?:\x1b\[[0-9;?]*[A-Za-z])*\r\r?\n")  # the input, accepted
+    child.expect(r"[A-Za-z]+ [A-Za-z]+ [A-Za-z]+ [A-Za-z]+ ")  # then some words of the answer
+    child.sendintr()
+    child.expect_exact("(stopped)")
+    child.expect(NEXT_PROMPT)
+    child.sendintr()  # at an empty prompt: a hint, not an exit
+    child.expect_exact("Use Ctrl + d or /bye to exit.")
+    child.expect(NEXT_PROMPT)
+    ask(child, "/set temperature 0")
+    ask(child, "/set max_tokens 24")
+    assert "Tokyo" in ask(child, "What is the capital of Japan?")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+
+
+def test_save_and_load_restore_the_conversation(spawn, tmp_path):
+    saved = tmp_path / "chat.json"
+    child = spawn()
+    ask(child, "/set temperature 0")
+    ask(child, "What is the capital of Japan?")
+    assert "Saved" in ask(child, f"/save {saved}")
+    data = json.loads(saved.read_text())
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"] and "Tokyo" in data["messages"][1]["content"]
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+    child = spawn("--verbose")
+    assert "Loaded 2 messages" in ask(child, f"/load {saved}")
+    out = ask(child, "And of France?")
+    assert "Paris" in out and "prompt eval count" in out
+    assert "not a saved conversation" in ask(child, f"/load {tmp_path / 'missing.json'}")
+
+
+def test_second_turn_reuses_the_first_turns_cache(smol):
+    chat = Chat(lilmistral.load(smol))
+    run_command(chat, "/set temperature 0")
+    "".join(chat.ask("What is the capital of Japan?"))
+    first = chat.llm.stats
+    "".join(chat.ask("And of France?"))
+    second = chat.llm.stats
+    new_turn = second.prompt_tokens - first.prompt_tokens - first.eval_tokens
+    assert new_turn > 0
+    # only the new turn (and the end-of-turn tokens around it) runs: not the first question, nor its answer
+    assert second.prefill_tokens <= new_turn + 2
+    assert second.prompt_tokens - second.prefill_tokens >= first.prompt_tokens + first.eval_tokens - 2
+
+
+def test_pipes_and_json_output(smol):
+    env = {**os.environ, "TERM": "xterm"}
+    r = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(smol), "--temperature", "0"],
+                       input="What is the capital of Japan?\n", capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and "Tokyo" in r.stdout and "\x1b[" not in r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(smol), "What is the capital of Japan?",
+                        "--temperature", "0", "--format", "json"], capture_output=True, text=True, timeout=120, env=env)
+    data = json.loads(r.stdout)
+    assert "Tokyo" in data["response"] and data["eval_tokens"] > 0 and data["prompt_tokens"] > 0
+    r = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(smol), "hi", "--temperature", "-1"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and "temperature" in r.stderr and "Traceback" not in r.stderr
