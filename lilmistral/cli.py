@@ -69,6 +69,8 @@ def _model_path(model: str) -> str:
 
     if Path(model).expanduser().exists():
         return model
+    if model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf"):
+        raise LilmistralError(f"{model}: no such model folder or file")
     store = _store()
     ref = resolve(model, store.home)
     installed = store.installed(ref)
@@ -193,6 +195,26 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from . import load
+    from .bench import bench
+
+    llm = load(_model_path(ns.model), quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype)
+    result = bench(llm, ns.prompt_tokens, ns.gen_tokens).to_dict()
+    if not ns.json:
+        rows = [("prefill", f"{result['prefill_tps']:.1f} tokens/s ({ns.prompt_tokens} tokens)"),
+                ("decode", f"{result['decode_tps']:.1f} tokens/s ({result['gen_tokens']} tokens)"),
+                ("time to first token", f"{result['ttft_s'] * 1e3:.1f} ms"),
+                ("peak memory", f"{result['peak_rss_mb']:.0f} MB"),
+                ("weights read per token", f"{result['weight_bytes_per_token'] / 1e6:.1f} MB"),
+                ("achieved", f"{result['achieved_gbps']:.1f} GB/s of {result['bandwidth_gbps']:.1f} GB/s measured "
+                             f"({100 * result['bandwidth_fraction']:.0f}%)")]
+        for key, value in rows:
+            print(f"  {key:24s}{value}")
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_convert(ns: argparse.Namespace) -> int:
     from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -252,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="delete pulled models")
     rm.add_argument("models", nargs="+")
     rm.set_defaults(func=cmd_rm)
+
+    b = sub.add_parser("bench", help="measure prefill and decode speed")
+    b.add_argument("model", help="a model name, a converted folder, a HF folder or a .gguf file")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--gen-tokens", type=int, default=64)
+    b.add_argument("--json", action="store_true", help="only the JSON line")
+    _load_args(b)
+    b.set_defaults(func=cmd_bench)
 
     conv = sub.add_parser("convert", help="write a model in lilmistral's packed format")
     conv.add_argument("source", help="a Hugging Face folder or a .gguf file")

@@ -1,6 +1,7 @@
 """The cache, sampling, streaming text, context limits and `lilmistral run` on a tiny model."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -145,3 +146,16 @@ def test_cli_user_errors_are_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     r = run_cli("run", str(tmp_path), "Hi")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_bench_reports_every_key(full):
+    r = run_cli("bench", str(full), "--prompt-tokens", "32", "--gen-tokens", "8", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "weight_bytes_per_token", "achieved_gbps",
+                "bandwidth_fraction"):
+        assert result[key] > 0, key
+    assert result["gen_tokens"] == 8
+    llm = lilmistral.load(full)
+    params = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    assert result["weight_bytes_per_token"] < params  # one embedding row, not the table

@@ -1,4 +1,5 @@
-"""CUDA kernels. Until the Triton backend lands, dequantize on the fly (correct on any GPU)."""
+"""CUDA kernels: Triton's fused dequantize + GEMV (`pip install lilmistral[gpu]`); without Triton, dequantize
+on the fly and use cuBLAS (correct on any GPU, slower at decode)."""
 from __future__ import annotations
 
 import torch
@@ -8,4 +9,8 @@ from .pack import QuantSpec
 
 
 def make_kernel(parts: dict[str, torch.Tensor], spec: QuantSpec):
-    return DequantKernel(parts, spec)
+    try:
+        from .triton_kernels import TritonKernel
+    except ImportError:
+        return DequantKernel(parts, spec)
+    return TritonKernel(parts, spec)

@@ -1,0 +1,104 @@
+"""`lilmistral bench`: prefill and decode speed, time to first token, memory, and decode against the
+machine's own measured memory bandwidth (decode reads every weight once per token)."""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .generate import SamplingParams, generate_tokens, prefill
+from .llm import LLM
+
+
+@dataclass
+class BenchResult:
+    prompt_tokens: int
+    gen_tokens: int
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    peak_rss_mb: float
+    weight_bytes_per_token: int
+    achieved_gbps: float
+    bandwidth_gbps: float
+    bandwidth_fraction: float
+    device: str
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: torch.device, gib: float = 1.0, repeat: int = 5) -> float:
+    """Read bandwidth in GB/s: the best of `repeat` sums over a buffer far larger than the caches."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+    best = 0.0
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = max(best, x.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoded token reads: all of them, but only one row of the embedding table."""
+    total = 0
+    seen: set[int] = set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name == "inv_freq" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t[0].nbytes if name.startswith("tok_embeddings") else t.nbytes
+    tied = getattr(model, "args", None) is not None and model.args.tie_embeddings
+    if tied:  # the head reads the whole (shared) table
+        emb = model.tok_embeddings.weight
+        total += emb.nbytes - emb[0].nbytes
+    return total
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        match = re.search(r"VmHWM:\s+(\d+)", f.read())
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+def bench(llm: LLM, prompt_tokens: int = 128, gen_tokens: int = 64, bandwidth: float | None = None) -> BenchResult:
+    device = llm.cache.k.device
+    vocab = llm.args.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab // 2), vocab, (prompt_tokens,), generator=g).tolist()
+    params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=gen_tokens)
+    with torch.inference_mode():
+        llm.cache.reset()
+        prefill(llm.model, llm.cache, ids[:16])  # warm-up
+        llm.cache.reset()
+        _sync(device)
+        start = time.perf_counter()
+        prefill(llm.model, llm.cache, ids)
+        _sync(device)
+        prefill_s = time.perf_counter() - start
+        llm.cache.reset()
+        start = time.perf_counter()
+        stream = generate_tokens(llm.model, llm.cache, ids, params, eos_ids=())
+        next(stream)
+        _sync(device)
+        first = time.perf_counter()
+        produced = 1 + sum(1 for _ in stream)
+        _sync(device)
+        end = time.perf_counter()
+    llm._cached_ids = []  # the cache no longer holds a conversation
+    rss = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+    decode_s = (end - first) / max(produced - 1, 1)
+    nbytes = weight_bytes_per_token(llm.model)
+    bw = bandwidth or measure_bandwidth(device)
+    achieved = nbytes / decode_s / 1e9
+    return BenchResult(prompt_tokens, produced, prompt_tokens / prefill_s, 1 / decode_s, first - start, rss, nbytes,
+                       achieved, bw, achieved / bw, str(device))
