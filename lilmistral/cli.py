@@ -32,7 +32,8 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=SCHEMES, help="weights for a HF folder or .gguf (default: as stored)")
     p.add_argument("--num-ctx", type=int, help="context length for models without a sliding window")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype of float weights")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (with --pp, stage i on GPU i)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages, one process each")
 
 
 def _store():
@@ -120,11 +121,23 @@ def cmd_show(ns: argparse.Namespace) -> int:
         ("source", f"{manifest['repo']} @ {manifest.get('revision', '?')}" if manifest.get("repo")
          else f"{source.get('path', '?')} ({source.get('kind', '?')})"),
         ("size on disk", _size(path)),
+        ("pipeline", _stage_split(path, ns.pp) if ns.pp > 1 else ""),
     ]
     for key, value in lines:
         if value:
             print(f"  {key:14s}{value}")
     return 0
+
+
+def _stage_split(path: Path, pp: int) -> str:
+    from .loader import model_args, tensor_bytes
+    from .parallel import plan_stages, stage_bytes
+
+    sizes = tensor_bytes(path)
+    ranges = plan_stages(sizes, model_args(path).n_layers, pp)
+    per_stage = stage_bytes(sizes, ranges, model_args(path).tie_embeddings)
+    return "; ".join(f"stage {i}: layers {a}-{b - 1} ({n / 1e6:.1f} MB)" for i, ((a, b), n) in
+                     enumerate(zip(ranges, per_stage)))
 
 
 def _has_mistral_tokenizer(path: Path) -> bool:
@@ -158,21 +171,53 @@ def cmd_rm(ns: argparse.Namespace) -> int:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from . import load
-    from .repl import Chat, repl, stats_text, stream_answer
-
     prompt = ns.prompt
     interactive = prompt is None and sys.stdin.isatty()
     if prompt is None and not interactive:
         prompt = sys.stdin.read()
         if not prompt.strip():
             raise LilmistralError("standard input is empty: give a prompt")
+    if _torchrun_worker(ns):
+        return 0
     path = _model_path(ns.model)
     err = _stderr_console()
     with err.status("loading model...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
-        llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype)
+        llm = _load(ns, path)
+    try:
+        return _run(ns, llm, prompt, interactive, err)
+    finally:
+        llm.close()
+
+
+def _load(ns: argparse.Namespace, path: str):
+    from . import load
+
+    return load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp)
+
+
+def _torchrun_worker(ns: argparse.Namespace) -> bool:
+    """Under torchrun, ranks > 0 serve their pipeline stage and return True."""
+    import os
+
+    if ns.pp <= 1 or int(os.environ.get("RANK", "0")) == 0:
+        return False
+    from .loader import resolve_source
+    from .parallel import serve_torchrun_worker
+    from .quant import DEFAULT_GROUP_SIZE
+
+    serve_torchrun_worker(resolve_source(ns.model), ns.pp, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx,
+                          dtype=ns.dtype, group_size=DEFAULT_GROUP_SIZE)
+    return True
+
+
+def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err) -> int:
+    from rich.console import Console
+
+    from .repl import Chat, repl, stats_text, stream_answer
+
+    if ns.verbose and llm.info.get("stages"):
+        err.print("pipeline stages: " + "; ".join(f"{s} ({b / 1e6:.1f} MB)" for s, b in
+                                                  zip(llm.info["stages"], llm.info["stage_bytes"])), highlight=False)
     chat = Chat(llm, system=ns.system)
     for key, value in _sampling_kwargs(ns).items():
         chat.set(key, str(value))
@@ -196,11 +241,17 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
-    from . import load
     from .bench import bench
 
-    llm = load(_model_path(ns.model), quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype)
-    result = bench(llm, ns.prompt_tokens, ns.gen_tokens).to_dict()
+    if _torchrun_worker(ns):
+        return 0
+    llm = _load(ns, _model_path(ns.model))
+    try:
+        result = bench(llm, ns.prompt_tokens, ns.gen_tokens).to_dict()
+    finally:
+        llm.close()
+    if llm.info.get("stages"):
+        result["stages"] = llm.info["stages"]
     if not ns.json:
         rows = [("prefill", f"{result['prefill_tps']:.1f} tokens/s ({ns.prompt_tokens} tokens)"),
                 ("decode", f"{result['decode_tps']:.1f} tokens/s ({result['gen_tokens']} tokens)"),
@@ -270,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", aliases=["ls"], help="list pulled models").set_defaults(func=cmd_list)
     show = sub.add_parser("show", help="describe a pulled model")
     show.add_argument("model")
+    show.add_argument("--pp", type=int, default=1, help="also show how N pipeline stages would split it")
     show.set_defaults(func=cmd_show)
     rm = sub.add_parser("rm", help="delete pulled models")
     rm.add_argument("models", nargs="+")

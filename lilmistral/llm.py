@@ -50,12 +50,20 @@ class LLM:
         if window is not None and window >= self.num_ctx:
             window = None  # the window never takes effect within num_ctx tokens
         param = self.model.tok_embeddings.weight
+        if hasattr(self.model, "resize_context"):  # a pipeline: the other stages resize their caches too
+            self.model.resize_context(num_ctx)
         self.cache = None  # free the old one first
-        self.cache = RollingKVCache(self.args.n_layers, self.args.n_kv_heads, self.args.head_dim,
+        layers = getattr(self.model, "cache_layers", self.args.n_layers)  # a pipeline's first stage: its own
+        self.cache = RollingKVCache(layers, self.args.n_kv_heads, self.args.head_dim,
                                     size=window or self.num_ctx, window=window,
                                     dtype=param.dtype if param.is_floating_point() else torch.bfloat16,
                                     device=param.device)
         self._cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
+
+    def close(self) -> None:
+        """Stop a pipeline's worker processes (nothing to do for a single process)."""
+        if hasattr(self.model, "close"):
+            self.model.close()
 
     @torch.inference_mode()
     def forward(self, ids: list[int]) -> torch.Tensor:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -15,24 +16,30 @@ from .errors import LilmistralError, ModelFormatError
 from .llm import LLM
 from .model import Transformer
 from .quant import DEFAULT_GROUP_SIZE, QuantLinear, QuantSpec, swap_in_quant_linears
-from .tokenizer import load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEME_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
+Keep = Callable[[str], bool]
+
+
 def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], specs: dict[str, QuantSpec],
-                device: str, dtype: torch.dtype) -> Transformer:
+                device: str, dtype: torch.dtype, keep: Keep | None = None) -> Transformer:
     """Assign tensors to a model made on the meta device (no copy when memory-mapped and of the right
-    dtype); QuantLinears take the packed parts named in `specs` and repack them for the device once."""
+    dtype); QuantLinears take the packed parts named in `specs` and repack them for the device once.
+    With `keep`, only the tensors it accepts are loaded (a pipeline stage); the rest stay on meta."""
     with torch.device("meta"):
         model = Transformer(args)
     swap_in_quant_linears(model, specs)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if keep is None or keep(name)}
     if args.tie_embeddings:
-        expected.pop("output.weight")
+        expected.pop("output.weight", None)
     state = {}
     for name, tensor in tensors:
+        if keep is not None and not keep(name):
+            continue
         if name not in expected:
             if args.tie_embeddings and name == "output.weight":
                 continue
@@ -50,7 +57,7 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
         model.output.weight = model.tok_embeddings.weight
     model.inv_freq = model.inv_freq.to(device)
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear) and module.qweight.device.type != "meta":
             module.prepare()
     return model.eval()
 
@@ -71,7 +78,7 @@ def _compute_dtype(dtype: str | torch.dtype | None, scheme: str | None, stored: 
 
 
 def _load_converted(folder: Path, quant: str | None, device: str, dtype: str | torch.dtype | None,
-                    num_ctx: int | None) -> LLM:
+                    keep: Keep | None) -> tuple[Transformer, dict]:
     manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("format_version", 0) > 1:
         raise ModelFormatError(f"{folder}: made by a newer lilmistral (format {manifest['format_version']})")
@@ -82,9 +89,10 @@ def _load_converted(folder: Path, quant: str | None, device: str, dtype: str | t
     specs = {name: QuantSpec(**s) for name, s in manifest["tensors"].items()}
     compute = _compute_dtype(dtype, scheme, DTYPES.get(manifest.get("float_dtype", "")), device)
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:
-        model = build_model(args, ((k, f.get_tensor(k)) for k in f.keys()), specs, device, compute)
+        names = [k for k in f.keys() if keep is None or keep(k)]
+        model = build_model(args, ((k, f.get_tensor(k)) for k in names), specs, device, compute, keep)
     info = {"quant": scheme, "group_size": manifest["quant"].get("group_size"), "source": manifest.get("source", {})}
-    return LLM(model, load_tokenizer(folder), num_ctx=num_ctx, source=str(folder), info=info)
+    return model, info
 
 
 def installed_path(name: str) -> Path:
@@ -104,7 +112,7 @@ def installed_path(name: str) -> Path:
 
 
 def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", num_ctx: int | None = None,
-         dtype: str | torch.dtype | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> LLM:
+         dtype: str | torch.dtype | None = None, group_size: int = DEFAULT_GROUP_SIZE, pp: int = 1) -> LLM:
     """Load a model for generation.
 
     source: a pulled model name (`mistral`), a converted folder (`lilmistral convert`), a Hugging Face
@@ -115,29 +123,69 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
     dtype: compute dtype ("float32", "bfloat16", "float16"); default bfloat16 for int4/int8 (the CPU
         kernels need it), else the weights' own. float32 with int4/int8 runs the exact dequantized reference.
     num_ctx: context length for models without a sliding window (default 8192, at most the model's maximum).
+    pp: pipeline stages, each in its own process holding only its layers (see parallel.py).
     """
+    path = resolve_source(source)
+    if pp > 1:
+        from .parallel import load_pipeline
+
+        return load_pipeline(path, pp, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype,
+                             group_size=group_size)
+    model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
+    return LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info)
+
+
+def resolve_source(source: str | Path) -> Path:
     path = Path(source).expanduser()
-    if not path.exists():
-        path = installed_path(str(source))
+    return path if path.exists() else installed_path(str(source))
+
+
+def load_model_tokenizer(path: Path) -> Tokenizer:
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_tokenizer(GGUFSource(path))
+    return load_tokenizer(path)
+
+
+def load_model(path: Path, *, quant: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
+               group_size: int = DEFAULT_GROUP_SIZE, keep: Keep | None = None) -> tuple[Transformer, dict]:
+    """The model (or, with `keep`, the part of it a pipeline stage holds) and a description of its weights."""
     if is_converted(path):
-        return _load_converted(path, quant, device, dtype, num_ctx)
+        return _load_converted(path, quant, device, dtype, keep)
     src = open_source(path)
     if isinstance(src, GGUFSource):
-        tokenizer = gguf_tokenizer(src)
         quant = quant or default_scheme(src)
-    else:
-        tokenizer = load_tokenizer(path)
     if quant is None:  # a HF folder as stored: memory-mapped, no copy
         stored = next((src.read(e, mmap=True).dtype for e in src.entries[:1]), None)
         compute = _compute_dtype(dtype, None, stored, device)
-        model = build_model(src.args, src.tensors(mmap=True), {}, device, compute)
+        model = build_model(src.args, src.tensors(mmap=True), {}, device, compute, keep)
     else:
         compute = _compute_dtype(dtype, quant, None, device)
-        planned = plan(src, quant, group_size, compute)
+        planned = [p for p in plan(src, quant, group_size, compute) if keep is None or keep(p.entry.name)]
         specs = {p.entry.name: p.spec for p in planned if p.spec is not None}
-        model = build_model(src.args, produce(src, planned), specs, device, compute)
+        model = build_model(src.args, produce(src, planned), specs, device, compute, keep)
     info = {"quant": quant or "as stored", "group_size": group_size if quant and quant.startswith("int4") else None}
-    return LLM(model, tokenizer, num_ctx=num_ctx, source=str(path), info=info)
+    return model, info
 
 
-__all__ = ["load", "build_model"]
+def model_args(path: Path) -> ModelArgs:
+    """The architecture of a source, read from its metadata only."""
+    if is_converted(path):
+        return ModelArgs.from_dict(json.loads((path / MANIFEST).read_text())["args"])
+    return open_source(path).args
+
+
+def tensor_bytes(path: Path, quant: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:
+    """Bytes of every stored tensor (packed parts by their own names), without loading any."""
+    from .convert.safetensors_io import SafetensorsFile
+
+    if is_converted(path):
+        st = SafetensorsFile(path / WEIGHTS)
+        return {name: end - begin for name, (_, _, begin, end) in st.entries.items()}
+    src = open_source(path)
+    if quant is None and isinstance(src, GGUFSource):
+        quant = default_scheme(src)
+    sizes = {}
+    for p in plan(src, quant or "bf16", group_size):
+        for name, dtype, shape in p.outputs:
+            sizes[name] = math.prod(shape) * dtype.itemsize
+    return sizes

@@ -157,14 +157,20 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: RollingKVCache, last_only: bool = False) -> torch.Tensor:
         """Run tokens [T] at the cache's next positions; float32 logits [T, vocab] (or [1, vocab])."""
-        positions, mask = cache.begin(tokens.shape[0])
+        return self.head(self.run_layers(self.tok_embeddings(tokens), cache), last_only)
+
+    def run_layers(self, h: torch.Tensor, cache: RollingKVCache, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Hidden states [T, D] through layers start..end-1, whose keys and values are `cache`'s layers 0, 1, ..."""
+        positions, mask = cache.begin(h.shape[0])
         if mask is not None:
             mask = mask.repeat(self.args.n_heads // self.args.n_kv_heads, 1)  # [H/K * T, S]: see Attention
-        h = self.tok_embeddings(tokens)  # [T, D]
         cos, sin = self.rope(positions, h.dtype)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[start:end]):
             h = layer(h, cos, sin, mask, cache, i)
         cache.end()
+        return h
+
+    def head(self, h: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         if last_only:
             h = h[-1:]
         return self.output(self.norm(h)).float()
