@@ -49,18 +49,16 @@ def measure_bandwidth(device: torch.device, gib: float = 1.0, repeat: int = 5) -
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights one decoded token reads: all of them, but only one row of the embedding table."""
+    """Bytes of weights one decoded token reads: all of them, but one row of the embedding table
+    (unless the head shares the table and reads all of it)."""
+    shared = getattr(model.output, "weight", None) is model.tok_embeddings.weight
     total = 0
     seen: set[int] = set()
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name == "inv_freq" or t.data_ptr() in seen:
+        if name == "inv_freq" or t.data_ptr() in seen or t.device.type == "meta":
             continue
         seen.add(t.data_ptr())
-        total += t[0].nbytes if name.startswith("tok_embeddings") else t.nbytes
-    tied = getattr(model, "args", None) is not None and model.args.tie_embeddings
-    if tied:  # the head reads the whole (shared) table
-        emb = model.tok_embeddings.weight
-        total += emb.nbytes - emb[0].nbytes
+        total += t[0].nbytes if name.startswith("tok_embeddings") and not shared else t.nbytes
     return total
 
 

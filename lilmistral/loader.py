@@ -15,7 +15,7 @@ from .convert.gguf import GGUFSource, gguf_tokenizer
 from .errors import LilmistralError, ModelFormatError
 from .llm import LLM
 from .model import Transformer
-from .quant import DEFAULT_GROUP_SIZE, QuantLinear, QuantSpec, swap_in_quant_linears
+from .quant import DEFAULT_GROUP_SIZE, QuantLinear, QuantSpec, quantize, swap_in_quant_linears
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,13 +53,27 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
         raise ModelFormatError(f"missing tensors: {', '.join(sorted(missing)[:3])}"
                                + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     model.load_state_dict(state, strict=False, assign=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
+    if args.tie_embeddings and (keep is None or keep("output.weight")):
+        model.output = _tied_head(model.tok_embeddings.weight, quantized=bool(specs))
     model.inv_freq = model.inv_freq.to(device)
     for module in model.modules():
         if isinstance(module, QuantLinear) and module.qweight.device.type != "meta":
             module.prepare()
     return model.eval()
+
+
+def _tied_head(embedding: torch.Tensor, quantized: bool) -> torch.nn.Module:
+    """The output head that shares the embedding table. In a quantized model it is an int8 copy, as an
+    untied head would be: decode reads the whole head every token, but only one row of the embeddings."""
+    if not quantized:
+        head = torch.nn.Linear(embedding.shape[1], embedding.shape[0], bias=False, device="meta")
+        head.weight = embedding
+        return head
+    spec = QuantSpec("int8")
+    head = QuantLinear(embedding.shape[1], embedding.shape[0], spec)
+    for name, part in quantize(embedding, spec).items():
+        setattr(head, name, part.to(embedding.device))
+    return head
 
 
 def _compute_dtype(dtype: str | torch.dtype | None, scheme: str | None, stored: torch.dtype | None,

@@ -22,9 +22,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # in float32, as the reference does
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
@@ -88,8 +87,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         keys, values = cache.update(layer, k, v)  # [K, S, hd]
         # grouped-query attention without repeating keys: the H/K query heads sharing a kv head become rows
-        q = q.reshape(self.n_kv_heads, -1, self.head_dim)  # [K, H/K * T, hd]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [K, H/K * T, hd]
+        q = q.reshape(1, self.n_kv_heads, -1, self.head_dim)  # [1, K, H/K * T, hd]
+        # 4-D inputs take PyTorch's flash-attention CPU kernel (3-D ones fall back to the slower math path)
+        out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask)  # [1, K, H/K * T, hd]
         return self.wo(out.view(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1))
 
 
