@@ -20,6 +20,7 @@ from lilmistral.generate import SamplingParams, generate_tokens
 from lilmistral.model import Transformer
 from lilmistral.quant import QuantLinear, spec_for, swap_in_quant_linears
 from lilmistral.quant.pack import packed_shapes
+from lilmistral.bench import weight_bytes_per_token
 
 MISTRAL_7B = dict(dim=4096, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000, max_seq_len=32768,
                   rope_theta=1e6)
@@ -109,16 +110,6 @@ def build(args: ModelArgs, scheme: str) -> Transformer:
         if isinstance(m, QuantLinear):
             m.prepare()
     return model.eval()
-
-
-def weight_bytes_per_token(model: Transformer) -> int:
-    """Bytes of weights read per decoded token: everything but the embedding table (one row of it)."""
-    total = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name == "inv_freq":
-            continue
-        total += t.nbytes if not name.startswith("tok_embeddings") else t.shape[-1] * t.element_size()
-    return total
 
 
 def decode_table(layers: int, tokens: int, bw: float) -> list[dict]:

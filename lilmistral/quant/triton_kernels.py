@@ -88,7 +88,7 @@ def _split_k(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
 class TritonKernel:
     """QuantLinear's math on a CUDA device (or on CPU tensors under TRITON_INTERPRET=1)."""
 
-    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec, block_n: int = 32,
+    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec, block_n: int = 16,
                  block_k: int = 256) -> None:
         self.parts = {k: v.contiguous() for k, v in parts.items()}
         self.spec = spec
