@@ -112,7 +112,3 @@ def resolve(ref: str, home: Path | None = None) -> ModelRef:
     except KeyError as e:
         raise LilmistralError(f"models.toml: {name}:{base} has no {e}") from None
 
-
-def known_names(home: Path | None = None) -> list[str]:
-    registry = load_registry(home)
-    return [f"{n}:{t}" for n, e in sorted(registry.items()) for t in sorted(e.get("tags", {}))]

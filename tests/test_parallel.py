@@ -12,7 +12,6 @@ import time
 
 import psutil
 import pytest
-import torch
 
 import lilmistral
 from conftest import make_hf_model

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
