@@ -66,9 +66,10 @@ def test_same_logits_and_tokens_as_one_process(folders, model, pp):
         piped.close()
 
 
+@pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("pp", [2, 3])
-def test_cli_run_with_pp(folders, pp):
-    folder = str(folders["mixtral"])
+def test_cli_run_with_pp(folders, model, pp):
+    folder = str(folders[model])
     base = [sys.executable, "-m", "lilmistral", "run", folder, "Hello", "--temperature", "0", "--max-tokens", "12"]
     one = subprocess.run(base, capture_output=True, text=True, timeout=120)
     many = subprocess.run([*base, "--pp", str(pp), "--verbose"], capture_output=True, text=True, timeout=120)
