@@ -17,6 +17,8 @@ import triton.language as tl
 from .pack import QuantSpec, dequantize
 
 GEMV_MAX_ROWS = 8
+# (BLOCK_N, BLOCK_K, num_warps) per scheme: the best of benchmarks/gemv_sweep.py on an H100, Mistral-7B shapes
+TILES = {"int4": (8, 256, 2), "int8": (32, 512, 4)}
 
 
 @triton.jit
@@ -88,8 +90,10 @@ def _split_k(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
 class TritonKernel:
     """QuantLinear's math on a CUDA device (or on CPU tensors under TRITON_INTERPRET=1)."""
 
-    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec, block_n: int = 16,
-                 block_k: int = 256) -> None:
+    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec, block_n: int | None = None,
+                 block_k: int | None = None, num_warps: int | None = None, max_split: int = 16) -> None:
+        default_n, default_k, default_warps = TILES[spec.scheme]
+        block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
         self.parts = {k: v.contiguous() for k, v in parts.items()}
         self.spec = spec
         self.n = parts["qweight"].shape[0]
@@ -99,7 +103,8 @@ class TritonKernel:
         self.block_n, self.block_k = block_n, block_k
         device = parts["qweight"].device
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        self.split_k = _split_k(self.n, self.k, block_n, block_k, sms)
+        self.num_warps = num_warps
+        self.split_k = min(_split_k(self.n, self.k, block_n, block_k, sms), max_split)
         per_split = triton.cdiv(triton.cdiv(self.k, self.split_k), block_k) * block_k
         self.split_k = triton.cdiv(self.k, per_split)
         self.k_per_split = per_split
@@ -114,10 +119,12 @@ class TritonKernel:
             has_min = "mins" in p
             _int4_gemv[grid](x, p["qweight"], p["scales"], p["mins"] if has_min else p["scales"], out,
                              self.n, self.k, self.k_per_split, G=self.spec.group_size, HAS_MIN=has_min,
-                             SPLIT_K=self.split_k, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+                             SPLIT_K=self.split_k, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                             num_warps=self.num_warps)
         else:
             _int8_gemv[grid](x, p["qweight"], p["scales"], out, self.n, self.k, self.k_per_split,
-                             SPLIT_K=self.split_k, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
+                             SPLIT_K=self.split_k, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                             num_warps=self.num_warps)
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
