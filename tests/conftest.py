@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import mistral_common
-import pytest
 import torch
 
 MC_DATA = Path(mistral_common.__file__).parent / "data"
@@ -35,12 +34,6 @@ def make_hf_model(folder: Path, arch: str = "mistral", seed: int = 0, **override
     model.save_pretrained(folder)
     shutil.copy(SPM_V3, folder / "tokenizer.model.v3")
     return model
-
-
-@pytest.fixture(scope="session")
-def tiny_mistral(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-mistral")
-    return folder, make_hf_model(folder, "mistral", sliding_window=8)
 
 
 def hf_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:

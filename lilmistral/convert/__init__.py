@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LilmistralError, ModelFormatError
-from ..quant import DEFAULT_GROUP_SIZE, FLOAT_SCHEMES, SCHEMES, QuantSpec, quantize, spec_for
+from ..quant import DEFAULT_GROUP_SIZE, SCHEMES, QuantSpec, quantize, spec_for
 from ..quant.pack import GROUP_SIZES, packed_shapes
 from .gguf import GGUFSource, gguf_tokenizer
 from .hf import HFSource, TensorEntry
@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 FLOAT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-MISTRAL_TOKENIZER_GLOBS = ("tekken*.json", "*.model.v*", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+TOKENIZER_GLOBS = ("tekken*.json", "*.model.v*", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                            "chat_template.jinja")
 
 Source = HFSource | GGUFSource
@@ -114,7 +114,7 @@ def _save_tokenizer(src: Source, folder: Path) -> str:
         tok = gguf_tokenizer(src)
         tok.save(folder)
         return tok.kind
-    copied = [p for g in MISTRAL_TOKENIZER_GLOBS for p in src.folder.glob(g) if p.is_file()]
+    copied = [p for g in TOKENIZER_GLOBS for p in src.folder.glob(g) if p.is_file()]
     if not copied:
         raise ModelFormatError(f"{src.folder}: no tokenizer files")
     for p in copied:
@@ -179,4 +179,4 @@ def is_converted(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
 
-__all__ = ["convert", "open_source", "plan", "produce", "default_scheme", "is_converted", "FLOAT_SCHEMES"]
+__all__ = ["convert", "open_source", "plan", "produce", "default_scheme", "is_converted"]
