@@ -93,6 +93,14 @@ def test_multiline_input(spawn):
     assert "Tokyo" in child.before
 
 
+def test_bracketed_paste_of_several_lines_is_one_message(spawn):
+    child = spawn()
+    ask(child, "/set temperature 0")
+    child.send("\x1b[200~What is the capital\nof Japan?\x1b[201~")  # what a terminal sends for a paste
+    out = ask(child, "")
+    assert "Tokyo" in out and out.count("The capital") <= 1
+
+
 def test_ctrl_c_stops_the_answer_and_the_session_goes_on(spawn):
     child = spawn()
     ask(child, "/set max_tokens 2000")
