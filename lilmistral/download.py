@@ -25,7 +25,7 @@ RETRIES = 5
 
 
 class OfflineError(LilmistralError):
-    pass
+    """The hub cannot be reached (pulled models still run)."""
 
 
 @dataclass(frozen=True)

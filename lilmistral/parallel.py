@@ -16,6 +16,7 @@ watchdog kills the rest and reports it; workers exit when rank 0's connection cl
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -236,10 +237,8 @@ class PipelineModel:
     def close(self) -> None:
         if self.closed:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # a stage already gone: the others are stopped below
             self._broadcast_header(SHUTDOWN, 0, 0, 0)
-        except RuntimeError:
-            pass
         self.closed = True
         deadline = time.time() + 10
         for proc in self.workers:

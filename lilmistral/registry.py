@@ -41,7 +41,7 @@ class ModelRef:
 
 
 class UnknownModelError(LilmistralError):
-    pass
+    """A name or tag the registry does not know (the message suggests the closest ones)."""
 
 
 def _shipped() -> dict[str, Any]:
