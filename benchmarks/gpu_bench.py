@@ -20,23 +20,10 @@ from lilmistral.generate import SamplingParams, generate_tokens
 from lilmistral.model import Transformer
 from lilmistral.quant import QuantLinear, spec_for, swap_in_quant_linears
 from lilmistral.quant.pack import packed_shapes
-from lilmistral.bench import weight_bytes_per_token
+from lilmistral.bench import measure_bandwidth, weight_bytes_per_token
 
 MISTRAL_7B = dict(dim=4096, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000, max_seq_len=32768,
                   rope_theta=1e6)
-
-
-def bandwidth(gb: float = 4.0) -> float:
-    """Read bandwidth in GB/s: the best of several sums over a large buffer."""
-    x = torch.empty(int(gb * 1e9) // 2, dtype=torch.bfloat16, device="cuda").fill_(1)
-    best = 0.0
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        x.sum()
-        torch.cuda.synchronize()
-        best = max(best, x.nbytes / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def timed(fn, repeat: int = 50) -> float:
@@ -149,7 +136,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
     ns = p.parse_args()
-    bw = bandwidth()
+    bw = measure_bandwidth(torch.device("cuda"), gib=4.0)
     print(json.dumps({"device": torch.cuda.get_device_name(), "read_bandwidth_gbps": round(bw, 1)}))
     for row in kernel_table(bw):
         print(json.dumps(row))

@@ -37,6 +37,14 @@ class RollingKVCache:
         self._n_new = 0
         self._write_first = True
 
+    @classmethod
+    def for_context(cls, args, n_layers: int, num_ctx: int, dtype: torch.dtype,
+                    device: torch.device | str) -> RollingKVCache:
+        """The cache a model (or a pipeline stage's `n_layers`) needs for num_ctx tokens: a rolling buffer
+        of `window` slots, or num_ctx slots when the window never takes effect within num_ctx tokens."""
+        window = args.sliding_window if args.sliding_window is not None and args.sliding_window < num_ctx else None
+        return cls(n_layers, args.n_kv_heads, args.head_dim, window or num_ctx, window, dtype, device)
+
     def reset(self) -> None:
         self.length = 0
 

@@ -97,7 +97,12 @@ def cmd_list(ns: argparse.Namespace) -> int:
 def cmd_show(ns: argparse.Namespace) -> int:
     from .config import ModelArgs
 
-    path = Path(_installed_or_path(ns.model))
+    from .loader import resolve_source
+    from .tokenizer import find_mistral_tokenizer_file
+
+    path = resolve_source(ns.model)
+    if not (path / "manifest.json").is_file():
+        raise LilmistralError(f"{path} is not a converted model (lilmistral convert or pull makes one)")
     manifest = json.loads((path / "manifest.json").read_text())
     args = ModelArgs.from_dict(manifest["args"])
     window = f"sliding window {args.sliding_window}" if args.sliding_window else "no sliding window"
@@ -115,7 +120,7 @@ def cmd_show(ns: argparse.Namespace) -> int:
                                                  if args.rope_scaling else "")),
         ("quantization", q["scheme"] + (f", group size {q['group_size']}" if q.get("group_size") else "")),
         ("tokenizer", manifest.get("tokenizer", "")),
-        ("chat format", "Mistral instruct, encoded by mistral_common" if _has_mistral_tokenizer(path)
+        ("chat format", "Mistral instruct, encoded by mistral_common" if find_mistral_tokenizer_file(path)
          else "the model's Jinja chat template (sandboxed)"),
         ("licence", manifest.get("license") or "see the source repo"),
         ("source", f"{manifest['repo']} @ {manifest.get('revision', '?')}" if manifest.get("repo")
@@ -140,23 +145,10 @@ def _stage_split(path: Path, pp: int) -> str:
                      enumerate(zip(ranges, per_stage)))
 
 
-def _has_mistral_tokenizer(path: Path) -> bool:
-    return any(path.glob("tekken*.json")) or any(path.glob("*.model*"))
-
-
 def _size(path: Path) -> str:
     from .store import folder_size, human_size
 
     return human_size(folder_size(path))
-
-
-def _installed_or_path(model: str) -> str:
-    from .loader import installed_path
-
-    path = Path(model).expanduser()
-    if (path / "manifest.json").is_file():
-        return str(path)
-    return str(installed_path(model))
 
 
 def cmd_rm(ns: argparse.Namespace) -> int:

@@ -46,18 +46,14 @@ class LLM:
         if num_ctx < 16:
             raise LilmistralError("num_ctx must be at least 16")
         self.num_ctx = min(num_ctx, self.args.max_seq_len)
-        window = self.args.sliding_window
-        if window is not None and window >= self.num_ctx:
-            window = None  # the window never takes effect within num_ctx tokens
         param = self.model.tok_embeddings.weight
         if hasattr(self.model, "resize_context"):  # a pipeline: the other stages resize their caches too
-            self.model.resize_context(num_ctx)
+            self.model.resize_context(self.num_ctx)
         self.cache = None  # free the old one first
         layers = getattr(self.model, "cache_layers", self.args.n_layers)  # a pipeline's first stage: its own
-        self.cache = RollingKVCache(layers, self.args.n_kv_heads, self.args.head_dim,
-                                    size=window or self.num_ctx, window=window,
-                                    dtype=param.dtype if param.is_floating_point() else torch.bfloat16,
-                                    device=param.device)
+        self.cache = RollingKVCache.for_context(self.args, layers, self.num_ctx,
+                                                param.dtype if param.is_floating_point() else torch.bfloat16,
+                                                param.device)
         self._cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
 
     def close(self) -> None:

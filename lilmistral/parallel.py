@@ -344,9 +344,7 @@ def serve(rank: int, world: int, spec: dict, init_method: str) -> None:
     dtype = next(p.dtype for n, p in model.named_parameters() if p.device.type != "meta" and p.is_floating_point())
 
     def make_cache(num_ctx: int) -> RollingKVCache:
-        num_ctx = min(num_ctx, args.max_seq_len)
-        window = args.sliding_window if args.sliding_window is not None and args.sliding_window < num_ctx else None
-        return RollingKVCache(end - start, args.n_kv_heads, args.head_dim, window or num_ctx, window, dtype, device)
+        return RollingKVCache.for_context(args, end - start, min(num_ctx, args.max_seq_len), dtype, device)
 
     cache = make_cache(spec["num_ctx"] or DEFAULT_NUM_CTX)
     header = torch.empty(4, dtype=torch.long)

@@ -45,7 +45,7 @@ def _spm_version(path: Path) -> str:
     return "v1"
 
 
-def _find_mistral_tokenizer_file(folder: Path) -> Path | None:
+def find_mistral_tokenizer_file(folder: Path) -> Path | None:
     tekken = sorted(folder.glob("tekken*.json"))
     if tekken:
         return tekken[-1]
@@ -173,7 +173,7 @@ class HFTokenizer(Tokenizer):
 
 def load_tokenizer(folder: Path) -> Tokenizer:
     """A Mistral tokenizer file (tekken.json, tokenizer.model[.vN]) when there is one, else tokenizer.json."""
-    path = _find_mistral_tokenizer_file(folder)
+    path = find_mistral_tokenizer_file(folder)
     if path is not None:
         return MistralTokenizer(path)
     if (folder / "tokenizer.json").is_file():
