@@ -69,15 +69,13 @@ def peak_rss_mb() -> float:
 
 
 def bench(llm: LLM, prompt_tokens: int = 128, gen_tokens: int = 64, bandwidth: float | None = None) -> BenchResult:
-    device = llm.cache.k.device
+    device = llm.cache.device
     vocab = llm.args.vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(1000, vocab // 2), vocab, (prompt_tokens,), generator=g).tolist()
     params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=gen_tokens)
     with torch.inference_mode():
-        llm.cache.reset()
-        prefill(llm.model, llm.cache, ids[:16])  # warm-up
-        llm.cache.reset()
+        llm.warm_up()
         _sync(device)
         start = time.perf_counter()
         prefill(llm.model, llm.cache, ids)
@@ -85,7 +83,7 @@ def bench(llm: LLM, prompt_tokens: int = 128, gen_tokens: int = 64, bandwidth: f
         prefill_s = time.perf_counter() - start
         llm.cache.reset()
         start = time.perf_counter()
-        stream = generate_tokens(llm.model, llm.cache, ids, params, eos_ids=())
+        stream = generate_tokens(llm.model, llm.cache, ids, params, (), llm.decode_step)
         next(stream)
         _sync(device)
         first = time.perf_counter()

@@ -22,15 +22,18 @@ class RollingKVCache:
     itself (concatenated) before it is written, because writing first would overwrite
     positions its own earlier tokens still need.
 
-    Each forward calls `begin(n)`, then `update(layer, k, v)` per layer, then `end(n)`.
+    Each forward calls `begin(n)`, then `update(layer, k, v)` per layer, then `end()`. A one-token
+    decode step (`Transformer.decode_step`) calls `begin_step()`, writes the layers' tensors itself, then `end()`.
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, size: int, window: int | None,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-        assert window is None or size >= window
-        shape = (n_layers, n_kv_heads, size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        assert window is None or size == window
+        # one tensor per layer, so that a compiled decode step updates each in place without copying the rest
+        self.k = [torch.zeros(n_kv_heads, size, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(n_kv_heads, size, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.slots = torch.arange(size, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # a decode step's, updated in place
         self.size = size
         self.window = window
         self.length = 0  # positions written so far; the next token's position
@@ -59,21 +62,28 @@ class RollingKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.k + self.v)
+
+    @property
+    def device(self) -> torch.device:
+        return self.slots.device
 
     def _slot_positions(self, length: int) -> torch.Tensor:
         """Positions held by slots 0 .. min(length, size)-1 once `length` positions are written."""
-        slots = torch.arange(min(length, self.size), device=self.k.device)
+        slots = self.slots[:min(length, self.size)]
         return length - 1 - (length - 1 - slots) % self.size
 
-    def begin(self, n_new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions of the n_new tokens and the boolean attention mask [n_new, keys] (None: attend to all)."""
+    def _check_fits(self, n_new: int) -> None:
         if self.window is None and self.length + n_new > self.size:
             raise ContextLengthError(
                 f"context is full: {self.length} + {n_new} tokens do not fit num_ctx={self.size}")
+
+    def begin(self, n_new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions of the n_new tokens and the boolean attention mask [n_new, keys] (None: attend to all)."""
+        self._check_fits(n_new)
         self._n_new = n_new
         self._write_first = n_new == 1 or self.window is None
-        q_pos = torch.arange(self.length, self.length + n_new, device=self.k.device)
+        q_pos = torch.arange(self.length, self.length + n_new, device=self.device)
         end = self.length + n_new
         if self._write_first:
             if n_new == 1 and (self.window is None or min(end, self.size) <= self.window):
@@ -86,15 +96,26 @@ class RollingKVCache:
             mask &= q_pos[:, None] - k_pos[None, :] < self.window
         return q_pos, mask
 
+    def begin_step(self, bucket: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a one-token decode step: its position [1] and the mask [n] of the slots it attends to, n
+        rounded up to a multiple of `bucket` so that a captured CUDA graph serves many positions.
+        Slot s holds a position it may see exactly when s <= position: before the buffer wraps, slots
+        above the position are empty; after, every slot holds one of the last `size` == window positions."""
+        self._check_fits(1)
+        self._n_new = 1
+        n = min(self.size, -(-(self.length + 1) // bucket) * bucket)
+        self.position.fill_(self.length)
+        return self.position, self.slots[:n] <= self.length
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [n_kv_heads, n_new, head_dim]; return the keys and values to attend to."""
         if self._write_first:
             self._write(layer, k, v)
             n = min(self.length + self._n_new, self.size)
-            return self.k[layer, :, :n], self.v[layer, :, :n]
+            return self.k[layer][:, :n], self.v[layer][:, :n]
         n = min(self.length, self.size)
-        keys = torch.cat([self.k[layer, :, :n], k], dim=1)
-        values = torch.cat([self.v[layer, :, :n], v], dim=1)
+        keys = torch.cat([self.k[layer][:, :n], k], dim=1)
+        values = torch.cat([self.v[layer][:, :n], v], dim=1)
         self._write(layer, k, v)
         return keys, values
 
@@ -103,10 +124,10 @@ class RollingKVCache:
         keep = min(n, self.size)  # of a chunk longer than the buffer only the tail survives
         start = (self.length + n - keep) % self.size
         first = min(keep, self.size - start)  # up to the end of the buffer, then wrap to slot 0
-        for dst, src in ((self.k, k), (self.v, v)):
-            dst[layer, :, start:start + first] = src[:, n - keep:n - keep + first]
+        for dst, src in ((self.k[layer], k), (self.v[layer], v)):
+            dst[:, start:start + first] = src[:, n - keep:n - keep + first]
             if first < keep:
-                dst[layer, :, :keep - first] = src[:, n - keep + first:]
+                dst[:, :keep - first] = src[:, n - keep + first:]
 
     def end(self) -> None:
         self.length += self._n_new

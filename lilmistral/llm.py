@@ -11,7 +11,7 @@ import torch
 from .cache import RollingKVCache
 from .config import ModelArgs
 from .errors import ContextLengthError, LilmistralError
-from .generate import SamplingParams, generate_tokens, prefill
+from .generate import DecodeStep, SamplingParams, generate_tokens, prefill
 from .model import Transformer
 from .tokenizer import Message, StreamDecoder, Tokenizer
 
@@ -32,8 +32,9 @@ class LLM:
     """Use `lilmistral.load()` to make one."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, num_ctx: int | None = None,
-                 source: str = "", info: dict[str, Any] | None = None) -> None:
+                 source: str = "", info: dict[str, Any] | None = None, compile: bool = False) -> None:
         self.model = model
+        self.decode_step = DecodeStep(model, compile)
         self.tokenizer = tokenizer
         self.args: ModelArgs = model.args
         self.source = source
@@ -55,6 +56,13 @@ class LLM:
                                                 param.dtype if param.is_floating_point() else torch.bfloat16,
                                                 param.device)
         self._cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
+
+    def warm_up(self) -> None:
+        """Run a short generation so that one-off costs (torch.compile, kernel autotuning) are paid now."""
+        for _ in self.generate([1, 2, 3], temperature=0, max_tokens=3):
+            pass
+        self.cache.reset()
+        self._cached_ids = []
 
     def close(self) -> None:
         """Stop a pipeline's worker processes (nothing to do for a single process)."""
@@ -98,7 +106,8 @@ class LLM:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                for token in generate_tokens(self.model, self.cache, ids, params, self.tokenizer.eos_ids):
+                for token in generate_tokens(self.model, self.cache, ids, params, self.tokenizer.eos_ids,
+                                             self.decode_step):
                     now = time.perf_counter()
                     if not generated:
                         self.stats.prefill_s = now - start

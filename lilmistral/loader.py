@@ -126,7 +126,8 @@ def installed_path(name: str) -> Path:
 
 
 def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", num_ctx: int | None = None,
-         dtype: str | torch.dtype | None = None, group_size: int = DEFAULT_GROUP_SIZE, pp: int = 1) -> LLM:
+         dtype: str | torch.dtype | None = None, group_size: int = DEFAULT_GROUP_SIZE, pp: int = 1,
+         compile: bool = False) -> LLM:
     """Load a model for generation.
 
     source: a pulled model name (`mistral`), a converted folder (`lilmistral convert`), a Hugging Face
@@ -138,15 +139,19 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
         kernels need it), else the weights' own. float32 with int4/int8 runs the exact dequantized reference.
     num_ctx: context length for models without a sliding window (default 8192, at most the model's maximum).
     pp: pipeline stages, each in its own process holding only its layers (see parallel.py).
+    compile: run each decoded token through a torch.compile'd step (with CUDA graphs on a GPU): faster
+        decoding after a one-off compilation (about a minute on a small CPU; cached on disk after that).
     """
     path = resolve_source(source)
+    if pp > 1 and compile:
+        raise LilmistralError("compile does not apply to pipeline stages (pp > 1) yet")
     if pp > 1:
         from .parallel import load_pipeline
 
         return load_pipeline(path, pp, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype,
                              group_size=group_size)
     model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
-    return LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info)
+    return LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info, compile=compile)
 
 
 def resolve_source(source: str | Path) -> Path:

@@ -6,6 +6,8 @@ D = dim, H = n_heads, K = n_kv_heads, hd = head_dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,9 @@ from torch import nn
 
 from .cache import RollingKVCache
 from .config import ModelArgs
+
+# stores a layer's new keys and values [K, T, hd] and returns the keys and values [K, S, hd] to attend to
+KVUpdate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class RMSNorm(nn.Module):
@@ -77,15 +82,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: RollingKVCache, layer: int) -> torch.Tensor:
-        """mask: [H/K * T, S] boolean, True where a query may attend (None: everywhere)."""
+                kv: KVUpdate) -> torch.Tensor:
+        """mask: [H/K * T, S] (or broadcastable) boolean, True where a query may attend (None: everywhere)."""
         T = x.shape[0]
         q = self.wq(x).view(T, self.n_heads, self.head_dim).transpose(0, 1)  # [H, T, hd]
         k = self.wk(x).view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
         v = self.wv(x).view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        keys, values = cache.update(layer, k, v)  # [K, S, hd]
+        keys, values = kv(k, v)  # [K, S, hd]
         # grouped-query attention without repeating keys: the H/K query heads sharing a kv head become rows
         q = q.reshape(1, self.n_kv_heads, -1, self.head_dim)  # [1, K, H/K * T, hd]
         # 4-D inputs take PyTorch's flash-attention CPU kernel (3-D ones fall back to the slower math path)
@@ -134,8 +139,8 @@ class Block(nn.Module):
         self.feed_forward: nn.Module = MoE(args) if args.is_moe else FeedForward(args.dim, args.hidden_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: RollingKVCache, layer: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer)
+                kv: KVUpdate) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -166,9 +171,29 @@ class Transformer(nn.Module):
             mask = mask.repeat(self.args.n_heads // self.args.n_kv_heads, 1)  # [H/K * T, S]: see Attention
         cos, sin = self.rope(positions, h.dtype)
         for i, layer in enumerate(self.layers[start:end]):
-            h = layer(h, cos, sin, mask, cache, i)
+            h = layer(h, cos, sin, mask, partial(cache.update, i))
         cache.end()
         return h
+
+    def decode_step(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor,
+                    keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+        """float32 logits [1, vocab] of one token [1] at `position` [1], with static shapes and no Python
+        state (what torch.compile and CUDA graphs need): layer i writes its key and value into slot
+        position % size of keys[i] / values[i] [K, size, hd] and attends to slots 0..n-1 where mask [n] is True.
+        `RollingKVCache.begin_step` makes position and mask."""
+        h = self.tok_embeddings(token)
+        cos, sin = self.rope(position, h.dtype)
+        slot = position % keys[0].shape[1]
+        n = mask.shape[0]
+
+        def write(layer_keys: torch.Tensor, layer_values: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+            layer_keys.index_copy_(1, slot, k)
+            layer_values.index_copy_(1, slot, v)
+            return layer_keys[:, :n], layer_values[:, :n]
+
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values):
+            h = layer(h, cos, sin, mask[None], partial(write, layer_keys, layer_values))
+        return self.head(h)
 
     def head(self, h: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         if last_only:

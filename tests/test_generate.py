@@ -11,7 +11,7 @@ import torch
 import lilmistral
 from conftest import make_hf_model
 from lilmistral.cache import RollingKVCache
-from lilmistral.generate import SamplingParams, sample
+from lilmistral.generate import SamplingParams, prefill, sample
 from lilmistral.llm import stream_text
 
 
@@ -31,13 +31,15 @@ def full(tmp_path_factory):
 
 def test_rolling_cache_memory_is_fixed(windowed):
     llm = lilmistral.load(windowed)
-    k, v = llm.cache.k, llm.cache.v
-    assert llm.cache.size == 8 and k.shape == (2, 2, 8, 16)
-    before = (k.data_ptr(), v.data_ptr(), llm.cache.nbytes)
+    def addresses():
+        return [t.data_ptr() for t in llm.cache.k + llm.cache.v]
+
+    assert llm.cache.size == 8 and [t.shape for t in llm.cache.k] == [(2, 8, 16)] * 2
+    before = (addresses(), llm.cache.nbytes)
     llm.forward(list(range(10, 110)))  # 100 tokens through an 8-slot buffer
     tokens = list(llm.generate(list(range(10, 50)), temperature=0, max_tokens=60))
     assert len(tokens) > 8
-    assert (llm.cache.k.data_ptr(), llm.cache.v.data_ptr(), llm.cache.nbytes) == before
+    assert (addresses(), llm.cache.nbytes) == before
     assert llm.cache.length > 8 * 5
 
 
@@ -47,7 +49,7 @@ def test_rolling_cache_slots_follow_positions():
         cache.begin(1)
         cache.update(0, torch.full((1, 1, 1), float(p)), torch.zeros(1, 1, 1))
         cache.end()
-    assert cache.k[0, 0, :, 0].tolist() == [4.0, 5.0, 2.0, 3.0]  # the docstring's worked example
+    assert cache.k[0][0, :, 0].tolist() == [4.0, 5.0, 2.0, 3.0]  # the docstring's worked example
 
 
 def test_prompt_longer_than_window_is_chunked(windowed):
@@ -159,3 +161,33 @@ def test_bench_reports_every_key(full):
     llm = lilmistral.load(full)
     params = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     assert result["weight_bytes_per_token"] < params  # one embedding row, not the table
+
+
+def test_decode_step_matches_the_prefill_path(windowed):
+    """The one-token decode step (static shapes, mask over slots) gives the logits of the chunked
+    prefill path, through the rolling buffer's wrap-around."""
+    llm = lilmistral.load(windowed, dtype="float32")
+    ids = torch.randint(10, 200, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    reference = llm.forward(ids)  # prefill in window-sized chunks
+    llm.cache.reset()
+    with torch.inference_mode():
+        prefill(llm.model, llm.cache, ids[:3])
+        stepped = [llm.decode_step(token, llm.cache) for token in ids[3:]]
+    torch.testing.assert_close(torch.stack(stepped), reference[3:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["windowed", "full"])
+def test_compiled_decode_gives_the_eager_tokens(source, request):
+    folder = request.getfixturevalue(source)
+    eager = lilmistral.load(folder, dtype="float32", num_ctx=64)
+    compiled = lilmistral.load(folder, dtype="float32", num_ctx=64, compile=True)
+    ids = list(range(10, 22))
+    expected = list(eager.generate(ids, temperature=0, max_tokens=24))
+    assert list(compiled.generate(ids, temperature=0, max_tokens=24)) == expected
+    with torch.inference_mode():  # and the logits, step by step
+        for llm in (eager, compiled):
+            llm.cache.reset()
+            prefill(llm.model, llm.cache, ids)
+        for token in expected[:12]:
+            torch.testing.assert_close(compiled.decode_step(token, compiled.cache),
+                                       eager.decode_step(token, eager.cache), atol=1e-4, rtol=1e-4)
