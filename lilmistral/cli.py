@@ -186,6 +186,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
 def _load(ns: argparse.Namespace, path: str):
     from . import load
 
+    from .quant import vnni
+
+    if ns.device == "cpu" and vnni.cpu_has_vnni():
+        with _stderr_console().status("preparing the CPU kernels (built once, about a minute)"):
+            vnni.available()
     llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
                compile=ns.compile)
     if ns.compile:

@@ -1,6 +1,7 @@
 """Prefill, incremental decode and sampling. Generation is an iterator and never prints."""
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
@@ -94,7 +95,7 @@ class DecodeStep:
         self.model = model
         self.compile = compile and hasattr(model, "decode_step")
         self._fn = None
-        self._static: set[int] = set()  # ids of cache tensors marked as static inputs
+        self._marked: weakref.ref | None = None  # the cache whose tensors are marked as static inputs
 
     def _step_fn(self, cache: RollingKVCache):
         cuda = cache.device.type == "cuda"
@@ -104,11 +105,10 @@ class DecodeStep:
             # the model's modules never change after loading: skipping their guards saves ~1 ms a token
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "triton.cudagraphs": cuda}
             self._fn = torch.compile(self.model.decode_step, options=options)
-        if cuda:  # CUDA graphs replay in-place writes only into tensors that keep one address
-            for t in cache.k + cache.v:
-                if id(t) not in self._static:
-                    torch._dynamo.mark_static_address(t)
-                    self._static.add(id(t))
+        if cuda and (self._marked is None or self._marked() is not cache):
+            for t in cache.k + cache.v:  # CUDA graphs replay in-place writes only into tensors at fixed addresses
+                torch._dynamo.mark_static_address(t)
+            self._marked = weakref.ref(cache)
         return self._fn
 
     def __call__(self, token: int, cache: RollingKVCache) -> torch.Tensor:

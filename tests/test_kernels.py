@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lilmistral.quant import vnni
 from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, make_kernel
 from lilmistral.quant.pack import QuantSpec, dequantize, quantize
 
@@ -30,3 +31,25 @@ def test_kernel_matches_dequantized_reference(spec, n, k, rows):
     assert fast.shape == (2, rows, n) and fast.dtype == torch.bfloat16
     error = ((fast.float() - reference).norm() / reference.norm()).item()
     assert error < (0.02 if spec.scheme == "int8" and rows > 16 else 0.01), error
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.parametrize("rows", [1, 3, 7])
+@pytest.mark.parametrize("n,k", [(1, 64), (37, 576), (1000, 1024), (300, 4096)])
+def test_vnni_int8_decode_kernel(n, k, rows):
+    """vnni.cpp's int8 kernel (int8 activations in blocks of 32) against the dequantized reference, including
+    weights of -128 and -127 and rows of zeros; decode-sized batches take it, larger ones do not."""
+    g = torch.Generator().manual_seed(n * k + rows)
+    parts = quantize(torch.randn(n, k, generator=g) * 0.05, QuantSpec("int8"))
+    parts["qweight"][0, :7] = torch.tensor([-128, -127, 127, 0, -1, 1, -128], dtype=torch.int8)
+    x = torch.randn(rows + 1, k, generator=g)
+    x[-1] = 0
+    reference = x @ dequantize(parts, QuantSpec("int8")).t()
+    got = vnni.int8_gemv(x, parts["qweight"], parts["scales"].float())
+    assert got.shape == (rows + 1, n) and torch.all(got[-1] == 0)
+    assert ((got - reference).norm() / reference.norm()).item() < 0.01
+    kernel = Int8Kernel(parts, QuantSpec("int8"))
+    assert kernel.vnni
+    xb = x.bfloat16()
+    assert torch.equal(kernel(xb), vnni.int8_gemv(xb.float(), parts["qweight"], parts["scales"].float()).bfloat16())
+    assert not Int8Kernel(quantize(torch.randn(8, 96), QuantSpec("int8")), QuantSpec("int8")).vnni  # K % 64 != 0

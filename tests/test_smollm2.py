@@ -25,6 +25,25 @@ def float_llm(gguf_path):
     return lilmistral.load(gguf_path, quant="f32")
 
 
+def test_gguf_header_reader_matches_the_gguf_package(gguf_path, tmp_path):
+    import gguf
+
+    from lilmistral.convert.gguf import GGUFSource, read_gguf_header
+
+    metadata, tensors = read_gguf_header(gguf_path)
+    reader = gguf.GGUFReader(str(gguf_path))
+    assert metadata == {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert [(t.name, t.shape, t.type_name, t.data_offset, t.n_bytes) for t in tensors] == \
+        [(t.name, tuple(int(d) for d in t.shape), t.tensor_type.name, t.data_offset, int(t.n_bytes))
+         for t in reader.tensors]
+    header_end = tensors[0].data_offset
+    for cut in (7, 100, 5000, header_end - 64):  # cut anywhere in the header: one clear error
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(gguf_path.read_bytes()[:cut])
+        with pytest.raises(lilmistral.ModelFormatError, match="not a readable GGUF file"):
+            GGUFSource(bad)
+
+
 def test_logits_match_transformers(gguf_path, float_llm):
     from transformers import AutoModelForCausalLM
 
