@@ -94,33 +94,34 @@ class DecodeStep:
     def __init__(self, model: Transformer, compile: bool = False) -> None:
         self.model = model
         self.compile = compile and hasattr(model, "decode_step")
-        self._fn = None
+        self._compiled = None
         self._marked: weakref.ref | None = None  # the cache whose tensors are marked as static inputs
 
-    def _step_fn(self, cache: RollingKVCache):
+    def _compiled_step(self, cache: RollingKVCache):
         cuda = cache.device.type == "cuda"
-        if not self.compile:
-            return self.model.decode_step
-        if self._fn is None:
+        if self._compiled is None:
             # the model's modules never change after loading: skipping their guards saves ~1 ms a token
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "triton.cudagraphs": cuda}
-            self._fn = torch.compile(self.model.decode_step, options=options)
+            self._compiled = torch.compile(self.model.decode_step, options=options)
         if cuda and (self._marked is None or self._marked() is not cache):
             for t in cache.k + cache.v:  # CUDA graphs replay in-place writes only into tensors at fixed addresses
                 torch._dynamo.mark_static_address(t)
             self._marked = weakref.ref(cache)
-        return self._fn
+        return self._compiled
 
     def __call__(self, token: int, cache: RollingKVCache) -> torch.Tensor:
         """float32 logits [vocab] of `token` at the cache's next position."""
         tokens = torch.tensor([token], device=cache.device)
-        if not hasattr(self.model, "decode_step"):
+        if not hasattr(self.model, "decode_step"):  # a pipeline
             return self.model(tokens, cache)[-1]
-        fn = self._step_fn(cache)
-        position, mask = cache.begin_step(self.CUDA_GRAPH_BUCKET if self.compile and cache.device.type == "cuda" else 1)
+        step, bucket = self.model.decode_step, 1
+        if self.compile:
+            step = self._compiled_step(cache)
+            bucket = self.CUDA_GRAPH_BUCKET if cache.device.type == "cuda" else 1
+        position, mask = cache.begin_step(bucket)
         if self.compile and mask.shape[0] > 1:
             torch._dynamo.maybe_mark_dynamic(mask, 0)  # one graph for every number of keys
-        logits = fn(tokens, position, mask, cache.k, cache.v)
+        logits = step(tokens, position, mask, cache.k, cache.v)
         cache.end()
         return logits[-1]
 

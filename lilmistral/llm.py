@@ -59,8 +59,7 @@ class LLM:
 
     def warm_up(self) -> None:
         """Run a short generation so that one-off costs (torch.compile, kernel autotuning) are paid now."""
-        for _ in self.generate([1, 2, 3], temperature=0, max_tokens=3):
-            pass
+        list(self.generate([1, 2, 3], temperature=0, max_tokens=3))
         self.cache.reset()
         self._cached_ids = []
 

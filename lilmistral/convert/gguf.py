@@ -62,10 +62,8 @@ class GGUFTensorInfo:
     n_bytes: int
 
 
-# GGUF metadata value types: id -> struct format of a scalar (8: string, 9: array)
+# GGUF metadata value types: id -> format of a scalar, the same in struct and numpy (8: string, 9: array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_ARRAY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-                 12: "<f8"}
 
 
 class _HeaderParser:
@@ -96,8 +94,8 @@ class _HeaderParser:
         if kind != 9:
             raise ValueError(f"unknown metadata value type {kind}")
         item_kind, count = self.scalar("<I"), self.scalar("<Q")
-        if item_kind in _ARRAY_DTYPES:
-            dtype = np.dtype(_ARRAY_DTYPES[item_kind])
+        if item_kind in _SCALARS:
+            dtype = np.dtype(_SCALARS[item_kind])
             return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
         if count > len(self.buf):
             raise ValueError("an array longer than the file")
