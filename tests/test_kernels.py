@@ -5,32 +5,62 @@ import pytest
 import torch
 
 from lilmistral.quant import vnni
-from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, make_kernel
-from lilmistral.quant.pack import QuantSpec, dequantize, quantize
+from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, make_kernel
+from lilmistral.quant.pack import QuantSpec, dequantize, quantize, unpack_int4
 
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 64, True), QuantSpec("int4", 128, False)]
 SHAPES = [(48, 256), (40, 128), (192, 576), (100, 384), (1024, 512)]  # 40 and 100: not multiples of 16
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.scheme}-g{s.group_size}-{'sym' if s.symmetric else 'min'}")
-@pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("rows", [1, 5, 40])  # decode, small batch, prefill (int8 switches to W8A8 above 16)
-def test_kernel_matches_dequantized_reference(spec, n, k, rows):
-    if spec.scheme == "int4" and k % spec.group_size:
-        spec = QuantSpec("int4", 64, spec.symmetric)  # the converter's own fallback for such K
-    g = torch.Generator().manual_seed(n + k + rows)
-    parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
-    kernel = make_kernel(parts, spec)
-    expected_kind = {"int8": Int8Kernel, "int4": Int4Kernel if n % 16 == 0 else DequantKernel}[spec.scheme]
-    assert isinstance(kernel, expected_kind)
+def spec_id(s: QuantSpec) -> str:
+    return f"{s.scheme}-g{s.group_size}-{'sym' if s.symmetric else 'min'}"
+
+
+def check_against_reference(kernel, parts: dict, spec: QuantSpec, rows: int, g: torch.Generator) -> None:
+    n, k = parts["qweight"].shape[0], parts["qweight"].shape[1] * (2 if spec.scheme == "int4" else 1)
     x = torch.randn(2, rows, k, generator=g)
     reference = x @ dequantize(parts, spec).t()
     exact = kernel(x)  # float32 activations: the exact dequantized path
     assert torch.allclose(exact, reference, atol=1e-4, rtol=1e-4)
-    fast = kernel(x.bfloat16())  # bfloat16 activations: PyTorch's packed kernels
+    fast = kernel(x.bfloat16())  # bfloat16 activations: the fast kernels
     assert fast.shape == (2, rows, n) and fast.dtype == torch.bfloat16
     error = ((fast.float() - reference).norm() / reference.norm()).item()
     assert error < (0.02 if spec.scheme == "int8" and rows > 16 else 0.01), error
+
+
+def random_parts(n: int, k: int, spec: QuantSpec, seed: int) -> tuple[dict, QuantSpec, torch.Generator]:
+    if spec.scheme == "int4" and k % spec.group_size:
+        spec = QuantSpec("int4", 64, spec.symmetric)  # the converter's own fallback for such K
+    g = torch.Generator().manual_seed(seed)
+    return quantize(torch.randn(n, k, generator=g) * 0.05, spec), spec, g
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("rows", [1, 5, 40])  # decode, small batch, prefill (int8 switches to W8A8 above 16)
+def test_kernel_matches_dequantized_reference(spec, n, k, rows):
+    parts, spec, g = random_parts(n, k, spec, n + k + rows)
+    kernel = make_kernel(parts, spec)
+    int4_kind = VnniInt4Kernel if vnni.available() else Int4Kernel if n % 16 == 0 else DequantKernel
+    assert isinstance(kernel, {"int8": Int8Kernel, "int4": int4_kind}[spec.scheme])
+    check_against_reference(kernel, parts, spec, rows, g)
+
+
+@pytest.mark.parametrize("spec", SPECS[1:], ids=spec_id)
+@pytest.mark.parametrize("n,k", [shape for shape in SHAPES if shape[0] % 16 == 0])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_pytorch_int4_kernel(spec, n, k, rows):
+    """PyTorch's weight-only int4 kernel, which CPUs without AVX-512 VNNI use."""
+    parts, spec, g = random_parts(n, k, spec, n + k + rows)
+    check_against_reference(Int4Kernel(parts, spec), parts, spec, rows, g)
+
+
+def blockwise_int8(x: torch.Tensor) -> torch.Tensor:
+    """x with each block of 32 rounded to int8 steps of its largest magnitude / 127, as the VNNI kernels do."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    step = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inverse = torch.where(step > 0, 1 / step, torch.zeros(()))
+    return (torch.round(blocks * inverse) * step).reshape(x.shape)
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
@@ -45,11 +75,40 @@ def test_vnni_int8_decode_kernel(n, k, rows):
     x = torch.randn(rows + 1, k, generator=g)
     x[-1] = 0
     reference = x @ dequantize(parts, QuantSpec("int8")).t()
-    got = vnni.int8_gemv(x, parts["qweight"], parts["scales"].float())
+    got = torch.ops.lilmistral.int8_gemv(x, parts["qweight"], parts["scales"].float())
     assert got.shape == (rows + 1, n) and torch.all(got[-1] == 0)
     assert ((got - reference).norm() / reference.norm()).item() < 0.01
+    exact = blockwise_int8(x) @ dequantize(parts, QuantSpec("int8")).t()
+    assert ((got - exact).norm() / exact.norm()).item() < 1e-5
     kernel = Int8Kernel(parts, QuantSpec("int8"))
     assert kernel.vnni
     xb = x.bfloat16()
-    assert torch.equal(kernel(xb), vnni.int8_gemv(xb.float(), parts["qweight"], parts["scales"].float()).bfloat16())
+    assert torch.equal(kernel(xb), torch.ops.lilmistral.int8_gemv(xb, parts["qweight"], parts["scales"].float()))
     assert not Int8Kernel(quantize(torch.randn(8, 96), QuantSpec("int8")), QuantSpec("int8")).vnni  # K % 64 != 0
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.parametrize("spec", SPECS[1:], ids=spec_id)
+@pytest.mark.parametrize("rows", [1, 3, 7])
+@pytest.mark.parametrize("n,k", [(1, 128), (37, 576), (300, 4096), (24, 1408)])  # 576, 1408: an odd run of 64
+def test_vnni_int4_kernels(spec, n, k, rows):
+    """vnni.cpp's int4 GEMV against the dequantized reference, with blocks of all-0 and all-15 codes and a
+    row of zero activations; its bfloat16 dequantization (the prefill tiles) bit for bit."""
+    if k % spec.group_size:
+        spec = QuantSpec("int4", 64, spec.symmetric)
+    g = torch.Generator().manual_seed(n * k + rows)
+    parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
+    parts["qweight"][0, :16] = 0x00
+    parts["qweight"][-1, -16:] = 0xFF
+    packed = vnni.pack_int4_vnni(unpack_int4(parts["qweight"]), parts["scales"], parts.get("mins"))
+    x = torch.randn(rows + 1, k, generator=g)
+    x[-1] = 0
+    reference = x @ dequantize(parts, spec).t()
+    got = torch.ops.lilmistral.int4_gemv(x, **packed)
+    assert got.shape == (rows + 1, n) and got.dtype == torch.float32 and torch.all(got[-1] == 0)
+    if n > 1:  # one dot product can cancel to near zero, where a relative error means little
+        assert ((got - reference).norm() / reference.norm()).item() < 0.02
+    exact = blockwise_int8(x) @ dequantize(parts, spec).t()  # what the kernel computes, up to float sums
+    assert ((got - exact).norm() / exact.norm()).item() < 1e-5
+    weight = torch.ops.lilmistral.int4_dequantize(packed["q"], packed["scales"], packed["mins"])
+    assert torch.equal(weight, dequantize(parts, spec).bfloat16())

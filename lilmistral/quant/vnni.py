@@ -1,6 +1,7 @@
-"""The AVX-512 VNNI CPU kernel of vnni.cpp (int8 decode), compiled on first use: a C++ compiler is needed
-once, and torch.utils.cpp_extension caches the build. `available()` is False where the CPU or the build
-cannot have it, and callers use PyTorch's own kernel. LILMISTRAL_CPU_KERNELS=torch turns it off."""
+"""The AVX-512 VNNI CPU kernels of vnni.cpp (int8 and int4 decode), compiled on first use into the operators
+torch.ops.lilmistral.int8_gemv and int4_gemv: a C++ compiler is needed once, and torch.utils.cpp_extension
+caches the build. `available()` is False where the CPU or the build cannot have them, and callers use
+PyTorch's own kernels. LILMISTRAL_CPU_KERNELS=torch turns them off."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma"]
+MAX_ROWS = 8  # the most activation rows the GEMV kernels take
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
 
 
 def cpu_has_vnni() -> bool:
@@ -22,31 +24,56 @@ def cpu_has_vnni() -> bool:
 
 
 @functools.cache
-def _extension():
+def available() -> bool:
+    """Whether torch.ops.lilmistral.int8_gemv(x [M <= 8, K], q, scales) and
+    torch.ops.lilmistral.int4_gemv(x, **pack_int4_vnni(...)) exist (building them on the first call)."""
     if os.environ.get("LILMISTRAL_CPU_KERNELS") == "torch" or not cpu_has_vnni():
-        return None
+        return False
     from torch.utils.cpp_extension import load_inline
 
     try:
-        return load_inline("lilmistral_vnni", cpp_sources=Path(__file__).with_name("vnni.cpp").read_text(),
-                           functions=["int8_gemv"], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+        load_inline("lilmistral_vnni", cpp_sources=Path(__file__).with_name("vnni.cpp").read_text(),
+                    extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
-        warnings.warn(f"lilmistral: the AVX-512 VNNI kernel did not build ({type(e).__name__}: {e}); "
-                      "using PyTorch's slower int8 kernel", stacklevel=2)
-        return None
+        warnings.warn(f"lilmistral: the AVX-512 VNNI kernels did not build ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                      "using PyTorch's slower kernels", stacklevel=2)
+        return False
+    torch.library.register_fake("lilmistral::int8_gemv")(_gemv_shape)
+    torch.library.register_fake("lilmistral::int4_gemv")(_gemv_shape)
+    torch.library.register_fake("lilmistral::int4_dequantize")(
+        lambda q, scales, mins: q.new_empty(q.shape[0], q.shape[1] * 2, dtype=torch.bfloat16))
+    return True
 
 
-def available() -> bool:
-    return _extension() is not None
-
-
-# a registered op (not a bare extension call), so that torch.compile keeps the decode step in one graph
-@torch.library.custom_op("lilmistral::int8_gemv", mutates_args=())
-def int8_gemv(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x float32 [M <= 8, K], q int8 [N, K], scales float32 [N] -> float32 [M, N]; K a multiple of 64."""
-    return _extension().int8_gemv(x.contiguous(), q, scales)
-
-
-@int8_gemv.register_fake
-def _(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _gemv_shape(x: torch.Tensor, q: torch.Tensor, *args) -> torch.Tensor:
     return x.new_empty(x.shape[0], q.shape[0])
+
+
+def slot_order(k: int) -> torch.Tensor:
+    """int32 [K/32]: where int4_gemv keeps each block of 32 inputs. Two runs of 64 inputs (blocks a, b, c, d)
+    load as one register, low nibbles (a, c) and high nibbles (b, d): slots a, c, b, d. An odd last run of 64
+    keeps its order."""
+    blocks = torch.arange(k // 32, dtype=torch.int32)
+    paired = (k // 128) * 4
+    slot = blocks.clone()
+    slot[:paired] = blocks[:paired] - blocks[:paired] % 4 + torch.tensor([0, 2, 1, 3], dtype=torch.int32).repeat(k // 128)
+    return slot
+
+
+def pack_int4_vnni(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+                   ) -> dict[str, torch.Tensor | None]:
+    """Values 0..15 [N, K] and per-group float16 scales (and mins) [N, K/G] -> int4_gemv's parts: per 64
+    inputs 32 bytes, byte j holding input j (low nibble) and input 32 + j (high nibble); scales and mins one
+    per block of 32, by slot."""
+    n, k = q.shape
+    runs = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
+    packed = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(n, k // 2)
+    slot_of = slot_order(k)
+    block_of_slot = torch.argsort(slot_of)
+
+    def per_slot(t: torch.Tensor) -> torch.Tensor:
+        per_block = t.repeat_interleave(k // 32 // t.shape[1], dim=1)
+        return per_block[:, block_of_slot].to(torch.float16).contiguous()
+
+    return {"q": packed.contiguous(), "scales": per_slot(scales), "mins": None if mins is None else per_slot(mins),
+            "slot_of": slot_of}
