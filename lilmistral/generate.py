@@ -1,8 +1,9 @@
 """Prefill, incremental decode and sampling. Generation is an iterator and never prints."""
 from __future__ import annotations
 
+import types
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -85,6 +86,15 @@ def prefill(model: Transformer, cache: RollingKVCache, ids: list[int], all_logit
     return torch.cat(outputs)
 
 
+def _own_code(method: Callable) -> Callable:
+    """The bound method with a code object of its own. torch.compile keeps its graphs per code object and
+    the decode step skips the guards on the model's modules, so each model needs its own (or a second model
+    in the process could run the first one's graph)."""
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
 class DecodeStep:
     """Runs one token after the prompt: `Transformer.decode_step`, compiled with torch.compile when asked
     (with CUDA graphs on a GPU), or a pipeline's own forward."""
@@ -102,7 +112,7 @@ class DecodeStep:
         if self._compiled is None:
             # the model's modules never change after loading: skipping their guards saves ~1 ms a token
             options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "triton.cudagraphs": cuda}
-            self._compiled = torch.compile(self.model.decode_step, options=options)
+            self._compiled = torch.compile(_own_code(self.model.decode_step), options=options)
         if cuda and (self._marked is None or self._marked() is not cache):
             for t in cache.k + cache.v:  # CUDA graphs replay in-place writes only into tensors at fixed addresses
                 torch._dynamo.mark_static_address(t)

@@ -15,7 +15,7 @@ from .convert.gguf import GGUFSource, gguf_tokenizer
 from .errors import LilmistralError, ModelFormatError
 from .llm import LLM
 from .model import Transformer
-from .quant import DEFAULT_GROUP_SIZE, QuantLinear, QuantSpec, quantize, swap_in_quant_linears
+from .quant import DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, quantize, swap_in_quant_linears
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,9 +56,10 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     if args.tie_embeddings and (keep is None or keep("output.weight")):
         model.output = _tied_head(model.tok_embeddings.weight, quantized=bool(specs))
     model.inv_freq = model.inv_freq.to(device)
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.qweight.device.type != "meta":
-            module.prepare()
+    loaded = [m for m in model.modules() if isinstance(m, QuantLinear) and m.qweight.device.type != "meta"]
+    loaded += [m for m in model.modules() if isinstance(m, QuantExperts) and m[0].w1.qweight.device.type != "meta"]
+    for module in loaded:  # QuantExperts after the QuantLinears they are made of
+        module.prepare()
     return model.eval()
 
 

@@ -109,6 +109,17 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class Experts(nn.ModuleList):
+    """The experts of a MoE layer: each token through the experts it was routed to, weighted."""
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x, dtype=torch.float32)  # the weighted sum rounds once
+        for e in chosen.unique().tolist():
+            tokens, slot = (chosen == e).nonzero(as_tuple=True)
+            out.index_add_(0, tokens, self[e](x[tokens]) * weights[tokens, slot, None])
+        return out.to(x.dtype)
+
+
 class MoE(nn.Module):
     """Sparse mixture of experts: softmax over the router, top-k, renormalise (as Mixtral)."""
 
@@ -116,18 +127,12 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k = args.n_experts_per_tok
         self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.n_experts))
+        self.experts = Experts(FeedForward(args.dim, args.hidden_dim) for _ in range(args.n_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        weights /= weights.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in chosen.unique().tolist():
-            tokens, slot = (chosen == e).nonzero(as_tuple=True)
-            y = self.experts[e](x[tokens]) * weights[tokens, slot, None]
-            out.index_add_(0, tokens, y.to(x.dtype))
-        return out
+        return self.experts(x, chosen, weights / weights.sum(dim=-1, keepdim=True))
 
 
 class Block(nn.Module):

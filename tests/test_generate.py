@@ -13,6 +13,7 @@ from conftest import make_hf_model
 from lilmistral.cache import RollingKVCache
 from lilmistral.generate import SamplingParams, prefill, sample
 from lilmistral.llm import stream_text
+from lilmistral.quant import QuantExperts, vnni
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +192,53 @@ def test_compiled_decode_gives_the_eager_tokens(source, request):
         for token in expected[:12]:
             torch.testing.assert_close(compiled.decode_step(token, compiled.cache),
                                        eager.decode_step(token, eager.cache), atol=1e-4, rtol=1e-4)
+
+
+def test_two_compiled_models_in_one_process(full):
+    """Each model compiles its own decode step (the graphs skip guards on modules, so a shared one would
+    run a float model's graph on a quantized model)."""
+    ids = list(range(10, 22))
+    for quant in ("f32", "int8"):
+        eager = lilmistral.load(full, quant=quant, dtype="float32", num_ctx=64)
+        compiled = lilmistral.load(full, quant=quant, dtype="float32", num_ctx=64, compile=True)
+        assert list(compiled.generate(ids, temperature=0, max_tokens=8)) == list(eager.generate(ids, temperature=0,
+                                                                                              max_tokens=8))
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_moe_decode_batches_the_routed_experts(tmp_path, quant):
+    """A quantized MoE model decodes through one expert-batched kernel call per projection, with the
+    tokens and logits of the expert-by-expert loop. The batched
+    layer compiles into one graph (no host sync), and the compiled model runs it."""
+    reference = make_hf_model(tmp_path, "mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    with torch.no_grad():  # a decisive router: bfloat16 rounding (eager vs compiled) must not flip experts
+        for layer in reference.model.layers:
+            layer.mlp.gate.weight.mul_(25)
+    reference.save_pretrained(tmp_path)
+    ids = list(range(10, 22))
+
+    def decode_logits(llm, tokens: list[int]) -> torch.Tensor:
+        llm.cache.reset()
+        with torch.inference_mode():
+            prefill(llm.model, llm.cache, ids)  # 12 tokens x 2 experts: more rows than the batched kernel takes
+            return torch.stack([llm.decode_step(token, llm.cache) for token in tokens])
+
+    llm = lilmistral.load(tmp_path, quant=quant, num_ctx=64)
+    experts = [m for m in llm.model.modules() if isinstance(m, QuantExperts)]
+    assert len(experts) == 2 and all(m.batched for m in experts)
+    tokens = list(llm.generate(ids, temperature=0, max_tokens=16))
+    batched = decode_logits(llm, tokens)
+
+    moe = llm.model.layers[0].feed_forward
+    x = torch.randn(1, moe.gate.in_features, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(moe, fullgraph=True)(x), moe(x), atol=0.02, rtol=0.02)
+    compiled = lilmistral.load(tmp_path, quant=quant, num_ctx=64, compile=True)
+    torch.testing.assert_close(decode_logits(compiled, tokens), batched, atol=0.5, rtol=0.05)
+
+    for m in experts:
+        m.batched = None
+    llm.cache.reset()  # (a cached prompt would be re-entered by its last token alone: other kernels, other rounding)
+    assert list(llm.generate(ids, temperature=0, max_tokens=16)) == tokens
+    torch.testing.assert_close(decode_logits(llm, tokens), batched, atol=1e-3, rtol=1e-3)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .linear import QuantLinear
+from ..model import Experts
+from .linear import QuantExperts, QuantLinear
 from .pack import QuantSpec, dequantize, group_size_for, quantize
 
 FLOAT_SCHEMES = ("f32", "bf16", "f16")
@@ -33,7 +34,8 @@ def spec_for(name: str, shape: tuple[int, ...], scheme: str, group_size: int = D
 
 
 def swap_in_quant_linears(model: nn.Module, specs: dict[str, QuantSpec]) -> None:
-    """Replace each nn.Linear whose weight name is in `specs` with an (empty) QuantLinear."""
+    """Replace each nn.Linear whose weight name is in `specs` with an (empty) QuantLinear, and the experts of
+    each MoE layer so made with QuantExperts."""
     for weight_name, spec in specs.items():
         module_name = weight_name.removesuffix(".weight")
         parent_name, _, child = module_name.rpartition(".")
@@ -41,7 +43,13 @@ def swap_in_quant_linears(model: nn.Module, specs: dict[str, QuantSpec]) -> None
         linear = getattr(parent, child)
         assert isinstance(linear, nn.Linear), weight_name
         setattr(parent, child, QuantLinear(linear.in_features, linear.out_features, spec))
+    for name, module in list(model.named_modules()):
+        quantized = isinstance(module, Experts) and isinstance(module[0].w1, QuantLinear)
+        if quantized and not isinstance(module, QuantExperts):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, QuantExperts(module))
 
 
-__all__ = ["QuantLinear", "QuantSpec", "quantize", "dequantize", "spec_for", "swap_in_quant_linears", "SCHEMES",
+__all__ = ["QuantLinear", "QuantExperts", "QuantSpec", "quantize", "dequantize", "spec_for", "swap_in_quant_linears",
+           "SCHEMES",
            "FLOAT_SCHEMES", "DEFAULT_GROUP_SIZE", "QUANTIZED_SUFFIXES"]

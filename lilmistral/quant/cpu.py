@@ -62,12 +62,10 @@ class Int8Kernel:
 
 
 class VnniInt4Kernel:
-    """Decode (a few rows): vnni.cpp's int4 kernel, int8 activations in blocks of 32 (as llama.cpp's Q4_0 and
-    Q4_1 times Q8_0), 1.2-1.3x PyTorch's int4 kernel at Mistral-7B's shapes. Prefill: tiles of TILE_ROWS
-    output rows dequantized to bfloat16 and multiplied by PyTorch's bfloat16 matmul, ~2.4x PyTorch's int4
-    kernel at 128 rows; the tile (4 MiB at K = 4096) stays in cache between the two."""
-
-    TILE_ROWS = 512
+    """vnni.cpp's int4 kernel, int8 activations in blocks of 32 (as llama.cpp's Q4_0 and Q4_1 times Q8_0):
+    1.2-1.3x PyTorch's int4 kernel at decode on Mistral-7B's shapes, ~2x at 128 rows of prefill (as fast as
+    dequantizing tiles to bfloat16 for PyTorch's matmul, which was tried). It computes each row alike however
+    many there are, so a prompt's last token re-entered alone (a reused cache) gives the prefill's numbers."""
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
         self.parts = vnni.pack_int4_vnni(unpack_int4(parts["qweight"]), parts["scales"], parts.get("mins"))
@@ -76,14 +74,7 @@ class VnniInt4Kernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             return self.fallback(x)
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] <= vnni.MAX_ROWS:
-            out = torch.ops.lilmistral.int4_gemv(rows, **self.parts)
-        else:
-            q, scales, mins = self.parts["q"], self.parts["scales"], self.parts["mins"]
-            out = torch.cat([F.linear(rows, torch.ops.lilmistral.int4_dequantize(
-                q[i:i + self.TILE_ROWS], scales[i:i + self.TILE_ROWS], None if mins is None else mins[i:i + self.TILE_ROWS]))
-                for i in range(0, q.shape[0], self.TILE_ROWS)], dim=1)
+        out = torch.ops.lilmistral.int4_gemv(x.reshape(-1, x.shape[-1]), **self.parts)
         return out.reshape(*x.shape[:-1], -1)
 
 
@@ -117,3 +108,16 @@ def make_kernel(parts: dict[str, torch.Tensor], spec: QuantSpec):
     if n % 16 == 0:
         return Int4Kernel(parts, spec)
     return DequantKernel(parts, spec)
+
+
+def expert_gemv(kernels: list):
+    """(x [R, K], expert [R]) -> [R, N], row r times expert[r]'s weight, in one VNNI call over the experts'
+    own kernels' parts; None where they are not all VNNI kernels."""
+    if all(isinstance(k, VnniInt4Kernel) for k in kernels):
+        q, scales, mins = ([k.parts[name] for k in kernels] for name in ("q", "scales", "mins"))
+        slot_of = kernels[0].parts["slot_of"]
+        return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, slot_of, expert)
+    if all(isinstance(k, Int8Kernel) and k.vnni for k in kernels):
+        q, scales = [k.q for k in kernels], [k.scales_f32 for k in kernels]
+        return lambda x, expert: torch.ops.lilmistral.int8_gemv_experts(x, q, scales, expert)
+    return None

@@ -1,9 +1,12 @@
-"""QuantLinear: a drop-in for nn.Linear whose weight stays packed; the math is the backend's."""
+"""QuantLinear: a drop-in for nn.Linear whose weight stays packed; the math is the backend's. QuantExperts:
+the experts of a MoE layer, made of QuantLinears, with expert-batched decode where the backend has it."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..model import Experts
 from .pack import QuantSpec, packed_shapes
 
 
@@ -34,3 +37,36 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"{self.in_features}, {self.out_features}, {s.scheme}" + (f", g{s.group_size}" if s.group_size else "")
+
+
+class QuantExperts(Experts):
+    """Experts whose projections are QuantLinears (the same children, so the same tensor names). Where the
+    backend has expert-batched kernels (the CPU's VNNI kernels), a decode step runs every token's routed
+    experts in one call per projection, on the experts' own packed weights: no host sync, no loop."""
+
+    def __init__(self, experts: Experts) -> None:
+        super().__init__(experts)
+        self.batched: dict | None = None  # projection name -> (x [R, K], expert [R]) -> [R, N]
+
+    def prepare(self) -> None:
+        projections = {name: [getattr(expert, name) for expert in self] for name in ("w1", "w2", "w3")}
+        for linear in (linear for group in projections.values() for linear in group):
+            if linear.kernel is None:
+                linear.prepare()
+        if self[0].w1.qweight.device.type != "cpu":
+            return
+        from .cpu import expert_gemv
+
+        batched = {name: expert_gemv([linear.kernel for linear in group]) for name, group in projections.items()}
+        self.batched = batched if all(batched.values()) else None
+
+    def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from .vnni import MAX_ROWS
+
+        if self.batched is None or x.dtype != torch.bfloat16 or chosen.numel() > MAX_ROWS:
+            return super().forward(x, chosen, weights)
+        experts = chosen.reshape(-1)  # [T * k]
+        rows = x.repeat_interleave(chosen.shape[1], dim=0)
+        w1, w2, w3 = self.batched["w1"], self.batched["w2"], self.batched["w3"]
+        y = w2(F.silu(w1(rows, experts)) * w3(rows, experts), experts)  # as FeedForward, per (token, expert)
+        return (y.view(*chosen.shape, -1) * weights[..., None]).sum(dim=1).to(x.dtype)

@@ -26,20 +26,22 @@ QuantizedRows quantize_rows(const at::Tensor& x, const int32_t* slot_of) {
   float* scale = r.scale.data_ptr<float>();
   float* sum = r.sum.data_ptr<float>();
   const __m512 sign_bit = _mm512_set1_ps(-0.f);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t slot = m * blocks + (slot_of ? slot_of[b] : b);
-      const __m512 lo = _mm512_loadu_ps(xp + m * K + b * BLOCK), hi = _mm512_loadu_ps(xp + m * K + b * BLOCK + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign_bit, lo), _mm512_andnot_ps(sign_bit, hi)));
-      const float d = amax / 127.f;
-      const __m512 inv = _mm512_set1_ps(d > 0 ? 1.f / d : 0.f);
-      const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + slot * BLOCK), _mm512_cvtsepi32_epi8(q_lo));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + slot * BLOCK + 16), _mm512_cvtsepi32_epi8(q_hi));
-      scale[slot] = d;
-      sum[slot] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
+  at::parallel_for(0, M, 8, [&](int64_t m_begin, int64_t m_end) {
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t slot = m * blocks + (slot_of ? slot_of[b] : b);
+        const __m512 lo = _mm512_loadu_ps(xp + m * K + b * BLOCK), hi = _mm512_loadu_ps(xp + m * K + b * BLOCK + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign_bit, lo), _mm512_andnot_ps(sign_bit, hi)));
+        const float d = amax / 127.f;
+        const __m512 inv = _mm512_set1_ps(d > 0 ? 1.f / d : 0.f);
+        const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + slot * BLOCK), _mm512_cvtsepi32_epi8(q_lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + slot * BLOCK + 16), _mm512_cvtsepi32_epi8(q_hi));
+        scale[slot] = d;
+        sum[slot] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
+      }
     }
-  }
+  });
   return r;
 }
 
@@ -57,25 +59,33 @@ struct StepLanes {
 inline __mmask16 first(int64_t count) { return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1); }
 
 at::Tensor float_rows(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.size(0) >= 1 && x.size(0) <= 8 && K % STEP == 0,
-              "vnni: x must be [1 <= M <= 8, K], K a multiple of 64");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % STEP == 0, "vnni: x must be [M, K], K a multiple of 64");
   return x.to(at::kFloat).contiguous();
 }
 
-// Calls kernel.template rows<M>(begin, end) with the row count M as a constant, so that the per-row
-// accumulators live in registers, over slices of the N output columns.
+// Calls kernel.template rows<M>(begin, end) for blocks of up to 8 activation rows, M a constant so that the
+// per-row accumulators live in registers, over tiles of TILE output columns (whose weights stay in cache
+// while every block of rows passes). Each output is computed by the same operations whatever the number of
+// rows: a prompt's last token gives the same numbers alone as within its prompt.
 template <typename Kernel>
 void run(const Kernel& kernel, int64_t M, int64_t N) {
+  constexpr int64_t TILE = 64;
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    switch (M) {
-      case 1: return kernel.template rows<1>(begin, end);
-      case 2: return kernel.template rows<2>(begin, end);
-      case 3: return kernel.template rows<3>(begin, end);
-      case 4: return kernel.template rows<4>(begin, end);
-      case 5: return kernel.template rows<5>(begin, end);
-      case 6: return kernel.template rows<6>(begin, end);
-      case 7: return kernel.template rows<7>(begin, end);
-      default: return kernel.template rows<8>(begin, end);
+    for (int64_t n = begin; n < end; n += TILE) {
+      const int64_t n_end = std::min(n + TILE, end);
+      for (int64_t row = 0; row < M; row += 8) {
+        const Kernel k = kernel.at_row(row);
+        switch (std::min<int64_t>(M - row, 8)) {
+          case 1: k.template rows<1>(n, n_end); break;
+          case 2: k.template rows<2>(n, n_end); break;
+          case 3: k.template rows<3>(n, n_end); break;
+          case 4: k.template rows<4>(n, n_end); break;
+          case 5: k.template rows<5>(n, n_end); break;
+          case 6: k.template rows<6>(n, n_end); break;
+          case 7: k.template rows<7>(n, n_end); break;
+          default: k.template rows<8>(n, n_end); break;
+        }
+      }
     }
   });
 }
@@ -85,6 +95,12 @@ void run(const Kernel& kernel, int64_t M, int64_t N) {
 struct Int8Gemv {
   const int8_t* w; const float* scale; const int8_t* xq; const float* x_scale; float* out; int64_t N, K;
   StepLanes lanes;
+
+  Int8Gemv at_row(int64_t row) const {
+    Int8Gemv k = *this;
+    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.out += row * N;
+    return k;
+  }
 
   template <int M>
   void rows(int64_t begin, int64_t end) const {
@@ -119,6 +135,12 @@ struct Int4Gemv {
   const uint8_t* w; const uint16_t* scale; const uint16_t* min; const int8_t* xq; const float* x_scale;
   const float* x_sum; float* out; int64_t N, K;
   StepLanes lanes;
+
+  Int4Gemv at_row(int64_t row) const {
+    Int4Gemv k = *this;
+    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.x_sum += row * (K / BLOCK), k.out += row * N;
+    return k;
+  }
 
   template <int M>
   void rows(int64_t begin, int64_t end) const {
@@ -169,47 +191,6 @@ struct Int4Gemv {
   }
 };
 
-// Sixteen floats to bfloat16, rounding to nearest even (as PyTorch does), without needing AVX-512 BF16.
-inline __m256i to_bfloat16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
-// The bfloat16 weight [N, K] of Int4Gemv's parts (for prefill, where a bfloat16 matmul beats any int4 kernel).
-struct Int4Dequantize {
-  const uint8_t* w; const uint16_t* scale; const uint16_t* min; uint16_t* out; int64_t K;
-
-  // 32 nibbles (one block) at `nibbles` (16 bytes per __m128i half) -> 32 bfloat16 weights at `dst`.
-  void block(__m128i lo16, __m128i hi16, float s, float m, uint16_t* dst) const {
-    const __m512 scale_v = _mm512_set1_ps(s), offset = _mm512_set1_ps(m);
-    const __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo16)), scale_v, offset);
-    const __m512 b = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi16)), scale_v, offset);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), to_bfloat16(a));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), to_bfloat16(b));
-  }
-
-  void rows(int64_t begin, int64_t end) const {
-    const int64_t blocks = K / BLOCK;
-    const __m256i nibble = _mm256_set1_epi8(0x0F);
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t run = 0; run < K / STEP; ++run) {  // 64 inputs: 32 bytes, block 2 * run low, 2 * run + 1 high
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K / 2 + run * STEP / 2));
-        const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        for (int half = 0; half < 2; ++half) {
-          const int64_t b = 2 * run + half;
-          const int64_t slot = run / 2 < K / 128 ? (b / 4) * 4 + (run % 2) + 2 * half : b;  // vnni.py: slot_order
-          const float s = _cvtsh_ss(scale[n * blocks + slot]);
-          const float m = min ? _cvtsh_ss(min[n * blocks + slot]) : -8.f * s;
-          const __m256i q = half ? high : low;
-          block(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1), s, m, out + n * K + b * BLOCK);
-        }
-      }
-    }
-  }
-};
-
 }  // namespace
 
 // x [M, K]; q int8 [N, K]; scales float [N]. Returns [M, N] in x's dtype.
@@ -245,18 +226,60 @@ at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   return out.to(x_in.scalar_type());
 }
 
-// q, scales, mins as int4_gemv's. Returns the bfloat16 weight [N, K].
-at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins) {
-  const int64_t N = q.size(0), K = q.size(1) * 2;
-  TORCH_CHECK(q.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && q.is_contiguous() &&
-              scales.is_contiguous() && K % STEP == 0 && scales.numel() == N * K / BLOCK,
-              "int4_dequantize: unsupported layout");
-  at::Tensor out = at::empty({N, K}, at::kBFloat16);
+// Mixture-of-experts decode: row r of x [R, K] times the weight of expert[r], the weights one tensor per
+// expert (each expert's own kernel parts, not a stacked copy). Returns [R, N] in x's dtype.
+template <typename Kernel, typename MakeKernel>
+at::Tensor expert_rows(const at::Tensor& x_in, const at::Tensor& expert, int64_t experts, int64_t N, int64_t K,
+                       const int32_t* slot_of, MakeKernel make_kernel) {
+  const int64_t R = x_in.size(0);
+  const at::Tensor x = float_rows(x_in, K);
+  const at::Tensor chosen = expert.to(at::kLong).contiguous();
+  TORCH_CHECK(chosen.numel() == R, "vnni experts: one expert per row");
+  const int64_t* e = chosen.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(e[r] >= 0 && e[r] < experts, "vnni experts: expert index out of range");
+  const QuantizedRows q = quantize_rows(x, slot_of);
+  at::Tensor out = at::empty({R, N}, at::kFloat);
+  std::vector<Kernel> kernels;
+  for (int64_t r = 0; r < R; ++r) kernels.push_back(make_kernel(e[r], q, r, out.data_ptr<float>() + r * N));
+  at::parallel_for(0, R * N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin / N; r < R && r * N < end; ++r)
+      kernels[r].template rows<1>(std::max(begin - r * N, int64_t{0}), std::min(end - r * N, N));
+  });
+  return out.to(x_in.scalar_type());
+}
+
+at::Tensor int8_gemv_experts(const at::Tensor& x, at::TensorList q, at::TensorList scales, const at::Tensor& expert) {
+  const int64_t N = q[0].size(0), K = q[0].size(1), blocks = K / BLOCK;
+  for (size_t i = 0; i < q.size(); ++i)
+    TORCH_CHECK(q[i].scalar_type() == at::kChar && q[i].is_contiguous() && q[i].sizes() == q[0].sizes() &&
+                scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() && scales[i].numel() == N,
+                "int8_gemv_experts: unsupported layout");
+  return expert_rows<Int8Gemv>(x, expert, q.size(), N, K, nullptr,
+      [&](int64_t e, const QuantizedRows& r, int64_t row, float* out) {
+        return Int8Gemv{q[e].data_ptr<int8_t>(), scales[e].data_ptr<float>(), r.q.data_ptr<int8_t>() + row * K,
+                        r.scale.data_ptr<float>() + row * blocks, out, N, K};
+      });
+}
+
+at::Tensor int4_gemv_experts(const at::Tensor& x, at::TensorList q, at::TensorList scales,
+                             const c10::List<c10::optional<at::Tensor>>& mins, const at::Tensor& slot_of,
+                             const at::Tensor& expert) {
+  const int64_t N = q[0].size(0), K = q[0].size(1) * 2, blocks = K / BLOCK;
+  const bool symmetric = !mins.get(0).has_value();
+  for (size_t i = 0; i < q.size(); ++i)
+    TORCH_CHECK(q[i].scalar_type() == at::kByte && q[i].is_contiguous() && q[i].sizes() == q[0].sizes() &&
+                scales[i].scalar_type() == at::kHalf && scales[i].is_contiguous() && scales[i].numel() == N * blocks &&
+                mins.get(i).has_value() != symmetric &&
+                (symmetric || (mins.get(i)->scalar_type() == at::kHalf && mins.get(i)->is_contiguous() &&
+                               mins.get(i)->numel() == N * blocks)), "int4_gemv_experts: unsupported layout");
+  TORCH_CHECK(slot_of.scalar_type() == at::kInt && slot_of.numel() == blocks, "int4_gemv_experts: bad slot_of");
   const auto half_bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
-  const Int4Dequantize kernel{q.data_ptr<uint8_t>(), half_bits(scales), mins ? half_bits(*mins) : nullptr,
-                              reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), K};
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { kernel.rows(begin, end); });
-  return out;
+  return expert_rows<Int4Gemv>(x, expert, q.size(), N, K, slot_of.data_ptr<int32_t>(),
+      [&](int64_t e, const QuantizedRows& r, int64_t row, float* out) {
+        return Int4Gemv{q[e].data_ptr<uint8_t>(), half_bits(scales[e]), symmetric ? nullptr : half_bits(*mins.get(e)),
+                        r.q.data_ptr<int8_t>() + row * K, r.scale.data_ptr<float>() + row * blocks,
+                        r.sum.data_ptr<float>() + row * blocks, out, N, K};
+      });
 }
 
 // Operators in C++ (not torch.library.custom_op, whose Python dispatch costs ~10 us a call): vnni.py adds
@@ -264,11 +287,13 @@ at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& scales, const 
 TORCH_LIBRARY(lilmistral, m) {
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scales) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, Tensor slot_of) -> Tensor");
-  m.def("int4_dequantize(Tensor q, Tensor scales, Tensor? mins) -> Tensor");
+  m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor expert) -> Tensor");
+  m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor?[] mins, Tensor slot_of, Tensor expert) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int4_gemv", &int4_gemv);
-  m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("int8_gemv_experts", &int8_gemv_experts);
+  m.impl("int4_gemv_experts", &int4_gemv_experts);
 }

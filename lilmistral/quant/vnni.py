@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-MAX_ROWS = 8  # the most activation rows the GEMV kernels take
+# Decode-sized batches: up to this many rows the int8 GEMV beats torch._int_mm, and expert-batched calls
+# beat grouping the rows by expert (which reads each expert's weights once)
+MAX_ROWS = 8
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
 
 
@@ -25,8 +27,9 @@ def cpu_has_vnni() -> bool:
 
 @functools.cache
 def available() -> bool:
-    """Whether torch.ops.lilmistral.int8_gemv(x [M <= 8, K], q, scales) and
-    torch.ops.lilmistral.int4_gemv(x, **pack_int4_vnni(...)) exist (building them on the first call)."""
+    """Whether the operators exist (building them on the first call): torch.ops.lilmistral.int8_gemv(x
+    [M, K], q, scales), int4_gemv(x, **pack_int4_vnni(...)), and for mixtures of experts int8_gemv_experts(x, [q], [scales], expert [M]) and int4_gemv_experts(x, [q],
+    [scales], [mins], slot_of, expert): row m of x times the weight of expert[m]."""
     if os.environ.get("LILMISTRAL_CPU_KERNELS") == "torch" or not cpu_has_vnni():
         return False
     from torch.utils.cpp_extension import load_inline
@@ -35,18 +38,23 @@ def available() -> bool:
         load_inline("lilmistral_vnni", cpp_sources=Path(__file__).with_name("vnni.cpp").read_text(),
                     extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
-        warnings.warn(f"lilmistral: the AVX-512 VNNI kernels did not build ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                      "using PyTorch's slower kernels", stacklevel=2)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        warnings.warn(f"lilmistral: the AVX-512 VNNI kernels did not build ({reason}); using PyTorch's slower kernels",
+                      stacklevel=2)
         return False
     torch.library.register_fake("lilmistral::int8_gemv")(_gemv_shape)
     torch.library.register_fake("lilmistral::int4_gemv")(_gemv_shape)
-    torch.library.register_fake("lilmistral::int4_dequantize")(
-        lambda q, scales, mins: q.new_empty(q.shape[0], q.shape[1] * 2, dtype=torch.bfloat16))
+    torch.library.register_fake("lilmistral::int8_gemv_experts")(_experts_shape)
+    torch.library.register_fake("lilmistral::int4_gemv_experts")(_experts_shape)
     return True
 
 
 def _gemv_shape(x: torch.Tensor, q: torch.Tensor, *args) -> torch.Tensor:
     return x.new_empty(x.shape[0], q.shape[0])
+
+
+def _experts_shape(x: torch.Tensor, q: list[torch.Tensor], *args) -> torch.Tensor:
+    return x.new_empty(x.shape[0], q[0].shape[0])
 
 
 def slot_order(k: int) -> torch.Tensor:
@@ -56,7 +64,8 @@ def slot_order(k: int) -> torch.Tensor:
     blocks = torch.arange(k // 32, dtype=torch.int32)
     paired = (k // 128) * 4
     slot = blocks.clone()
-    slot[:paired] = blocks[:paired] - blocks[:paired] % 4 + torch.tensor([0, 2, 1, 3], dtype=torch.int32).repeat(k // 128)
+    within = torch.tensor([0, 2, 1, 3], dtype=torch.int32).repeat(k // 128)
+    slot[:paired] = blocks[:paired] - blocks[:paired] % 4 + within
     return slot
 
 
