@@ -28,8 +28,9 @@ def cpu_has_vnni() -> bool:
 @functools.cache
 def available() -> bool:
     """Whether the operators exist (building them on the first call): torch.ops.lilmistral.int8_gemv(x
-    [M, K], q, scales), int4_gemv(x, **pack_int4_vnni(...)), and for mixtures of experts int8_gemv_experts(x, [q], [scales], expert [M]) and int4_gemv_experts(x, [q],
-    [scales], [mins], slot_of, expert): row m of x times the weight of expert[m]."""
+    [M, K], q, scales), int4_gemv(x, **pack_int4_vnni(...)), and for mixtures of experts
+    int8_gemv_experts(x, [q], [scales], expert [M]) and int4_gemv_experts(x, [q], [scales], [mins], slot_of,
+    expert): row m of x times the weight of expert[m]."""
     if os.environ.get("LILMISTRAL_CPU_KERNELS") == "torch" or not cpu_has_vnni():
         return False
     from torch.utils.cpp_extension import load_inline
