@@ -113,3 +113,5 @@ def test_vnni_int4_kernels(spec, n, k, rows):
     many = torch.cat([x, torch.randn(20, k, generator=g)])  # 21+ rows: blocks of 8 and a remainder
     assert torch.equal(torch.ops.lilmistral.int4_gemv(many, **packed)[:rows + 1], got)
     assert torch.equal(torch.ops.lilmistral.int4_gemv(x[1:2], **packed)[0], got[1])
+    xb = x.bfloat16()  # bfloat16 in and out: as float32 in, rounded out
+    assert torch.equal(torch.ops.lilmistral.int4_gemv(xb, **packed), torch.ops.lilmistral.int4_gemv(xb.float(), **packed).bfloat16())

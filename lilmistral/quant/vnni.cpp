@@ -19,10 +19,46 @@ struct QuantizedRows {
   at::Tensor sum;    // float [M, K/32], by slot: the block's sum as quantized (scale times the sum of its int8s)
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x, const int32_t* slot_of) {
-  const int64_t M = x.size(0), K = x.size(1), blocks = K / BLOCK;
+// Sixteen activations from float32 or bfloat16 (a bfloat16 is the top half of a float32).
+inline __m512 load16(const void* x, bool bf16, int64_t i) {
+  if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// x [M, K] float32 or bfloat16 (others are converted to float32); the result's dtype is x's.
+struct Rows {
+  at::Tensor x;
+  bool bf16;
+  Rows(const at::Tensor& x_in, int64_t K) {
+    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && K % STEP == 0, "vnni: x must be [M, K], K a multiple of 64");
+    bf16 = x_in.scalar_type() == at::kBFloat16;
+    x = (bf16 ? x_in : x_in.to(at::kFloat)).contiguous();
+  }
+  at::Tensor empty_out(int64_t N) const { return at::empty({x.size(0), N}, x.options()); }
+};
+
+// Where a kernel writes its results: float32 or bfloat16 (rounded to nearest even, as PyTorch does).
+struct Output {
+  void* data;
+  bool bf16;
+  explicit Output(at::Tensor& out) : data(out.data_ptr()), bf16(out.scalar_type() == at::kBFloat16) {}
+  void store(int64_t i, float v) const {
+    if (bf16) static_cast<at::BFloat16*>(data)[i] = at::BFloat16(v);
+    else static_cast<float*>(data)[i] = v;
+  }
+  Output operator+(int64_t offset) const {
+    Output o = *this;
+    o.data = static_cast<char*>(data) + offset * (bf16 ? 2 : 4);
+    return o;
+  }
+};
+
+QuantizedRows quantize_rows(const Rows& rows, const int32_t* slot_of) {
+  const int64_t M = rows.x.size(0), K = rows.x.size(1), blocks = K / BLOCK;
   QuantizedRows r{at::empty({M, K}, at::kChar), at::empty({M, blocks}, at::kFloat), at::empty({M, blocks}, at::kFloat)};
-  const float* xp = x.data_ptr<float>();
+  const void* xp = rows.x.data_ptr();
+  const bool bf16 = rows.bf16;
   int8_t* qp = r.q.data_ptr<int8_t>();
   float* scale = r.scale.data_ptr<float>();
   float* sum = r.sum.data_ptr<float>();
@@ -31,7 +67,7 @@ QuantizedRows quantize_rows(const at::Tensor& x, const int32_t* slot_of) {
     for (int64_t m = m_begin; m < m_end; ++m) {
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t slot = m * blocks + (slot_of ? slot_of[b] : b);
-        const __m512 lo = _mm512_loadu_ps(xp + m * K + b * BLOCK), hi = _mm512_loadu_ps(xp + m * K + b * BLOCK + 16);
+        const __m512 lo = load16(xp, bf16, m * K + b * BLOCK), hi = load16(xp, bf16, m * K + b * BLOCK + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign_bit, lo), _mm512_andnot_ps(sign_bit, hi)));
         const float d = amax / 127.f;
         const __m512 inv = _mm512_set1_ps(d > 0 ? 1.f / d : 0.f);
@@ -59,10 +95,6 @@ struct StepLanes {
 
 inline __mmask16 first(int64_t count) { return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1); }
 
-at::Tensor float_rows(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % STEP == 0, "vnni: x must be [M, K], K a multiple of 64");
-  return x.to(at::kFloat).contiguous();
-}
 
 // Calls kernel.template rows<M>(begin, end) for blocks of up to 8 activation rows, M a constant so that the
 // per-row accumulators live in registers, over tiles of TILE output columns (whose weights stay in cache
@@ -94,12 +126,12 @@ void run(const Kernel& kernel, int64_t M, int64_t N) {
 // int8 weights [N, K], w = q * scale[n]. vpdpbusd wants one unsigned operand: |w| times x with w's sign
 // moved onto x.
 struct Int8Gemv {
-  const int8_t* w; const float* scale; const int8_t* xq; const float* x_scale; float* out; int64_t N, K;
+  const int8_t* w; const float* scale; const int8_t* xq; const float* x_scale; Output out; int64_t N, K;
   StepLanes lanes;
 
   Int8Gemv at_row(int64_t row) const {
     Int8Gemv k = *this;
-    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.out += row * N;
+    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.out = out + row * N;
     return k;
   }
 
@@ -121,7 +153,7 @@ struct Int8Gemv {
           acc[m][s % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xs, acc[m][s % 2]);
         }
       }
-      for (int m = 0; m < M; ++m) out[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) * scale[n];
+      for (int m = 0; m < M; ++m) out.store(m * N + n, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) * scale[n]);
     }
   }
 };
@@ -134,12 +166,12 @@ struct Int8Gemv {
 // block from the block's activation sum.
 struct Int4Gemv {
   const uint8_t* w; const uint16_t* scale; const uint16_t* min; const int8_t* xq; const float* x_scale;
-  const float* x_sum; float* out; int64_t N, K;
+  const float* x_sum; Output out; int64_t N, K;
   StepLanes lanes;
 
   Int4Gemv at_row(int64_t row) const {
     Int4Gemv k = *this;
-    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.x_sum += row * (K / BLOCK), k.out += row * N;
+    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.x_sum += row * (K / BLOCK), k.out = out + row * N;
     return k;
   }
 
@@ -187,8 +219,8 @@ struct Int4Gemv {
       }
       const float offset_factor = min ? 1.f : -8.f;
       for (int m = 0; m < M; ++m)
-        out[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) +
-                         offset_factor * _mm512_reduce_add_ps(offset[m]);
+        out.store(m * N + n, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) +
+                                 offset_factor * _mm512_reduce_add_ps(offset[m]));
     }
   }
 };
@@ -198,13 +230,13 @@ struct Int4Gemv {
 // x [M, K]; q int8 [N, K]; scales float [N]. Returns [M, N] in x's dtype.
 at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales) {
   const int64_t M = x_in.size(0), N = q.size(0), K = q.size(1);
-  const at::Tensor x = float_rows(x_in, K);
+  const Rows x(x_in, K);
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.numel() == N &&
               q.is_contiguous() && scales.is_contiguous(), "int8_gemv: unsupported layout");
   const QuantizedRows r = quantize_rows(x, nullptr);
-  at::Tensor out = at::empty({M, N}, at::kFloat);
+  at::Tensor out = x.empty_out(N);
   run(Int8Gemv{q.data_ptr<int8_t>(), scales.data_ptr<float>(), r.q.data_ptr<int8_t>(), r.scale.data_ptr<float>(),
-               out.data_ptr<float>(), N, K}, M, N);
+               Output(out), N, K}, M, N);
   return out.to(x_in.scalar_type());
 }
 
@@ -213,7 +245,7 @@ at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
 at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& mins, const at::Tensor& slot_of) {
   const int64_t M = x_in.size(0), N = q.size(0), K = q.size(1) * 2, blocks = K / BLOCK;
-  const at::Tensor x = float_rows(x_in, K);
+  const Rows x(x_in, K);
   const bool symmetric = !mins.has_value();
   TORCH_CHECK(q.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && q.is_contiguous() &&
               scales.is_contiguous() && scales.size(0) == N && scales.size(1) == blocks &&
@@ -221,10 +253,10 @@ at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
               (symmetric || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())),
               "int4_gemv: unsupported layout");
   const QuantizedRows r = quantize_rows(x, slot_of.data_ptr<int32_t>());
-  at::Tensor out = at::empty({M, N}, at::kFloat);
+  at::Tensor out = x.empty_out(N);
   const auto half_bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
   run(Int4Gemv{q.data_ptr<uint8_t>(), half_bits(scales), symmetric ? nullptr : half_bits(*mins), r.q.data_ptr<int8_t>(),
-               r.scale.data_ptr<float>(), r.sum.data_ptr<float>(), out.data_ptr<float>(), N, K}, M, N);
+               r.scale.data_ptr<float>(), r.sum.data_ptr<float>(), Output(out), N, K}, M, N);
   return out.to(x_in.scalar_type());
 }
 
@@ -234,15 +266,15 @@ template <typename Kernel, typename MakeKernel>
 at::Tensor expert_rows(const at::Tensor& x_in, const at::Tensor& expert, int64_t experts, int64_t N, int64_t K,
                        const int32_t* slot_of, MakeKernel make_kernel) {
   const int64_t R = x_in.size(0);
-  const at::Tensor x = float_rows(x_in, K);
+  const Rows x(x_in, K);
   const at::Tensor chosen = expert.to(at::kLong).contiguous();
   TORCH_CHECK(chosen.numel() == R, "vnni experts: one expert per row");
   const int64_t* e = chosen.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) TORCH_CHECK(e[r] >= 0 && e[r] < experts, "vnni experts: expert index out of range");
   const QuantizedRows q = quantize_rows(x, slot_of);
-  at::Tensor out = at::empty({R, N}, at::kFloat);
+  at::Tensor out = x.empty_out(N);
   std::vector<Kernel> kernels;
-  for (int64_t r = 0; r < R; ++r) kernels.push_back(make_kernel(e[r], q, r, out.data_ptr<float>() + r * N));
+  for (int64_t r = 0; r < R; ++r) kernels.push_back(make_kernel(e[r], q, r, Output(out) + r * N));
   at::parallel_for(0, R * N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin / N; r < R && r * N < end; ++r)
       kernels[r].template rows<1>(std::max(begin - r * N, int64_t{0}), std::min(end - r * N, N));
@@ -257,7 +289,7 @@ at::Tensor int8_gemv_experts(const at::Tensor& x, at::TensorList q, at::TensorLi
                 scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() && scales[i].numel() == N,
                 "int8_gemv_experts: unsupported layout");
   return expert_rows<Int8Gemv>(x, expert, q.size(), N, K, nullptr,
-      [&](int64_t e, const QuantizedRows& r, int64_t row, float* out) {
+      [&](int64_t e, const QuantizedRows& r, int64_t row, Output out) {
         return Int8Gemv{q[e].data_ptr<int8_t>(), scales[e].data_ptr<float>(), r.q.data_ptr<int8_t>() + row * K,
                         r.scale.data_ptr<float>() + row * blocks, out, N, K};
       });
@@ -277,7 +309,7 @@ at::Tensor int4_gemv_experts(const at::Tensor& x, at::TensorList q, at::TensorLi
   TORCH_CHECK(slot_of.scalar_type() == at::kInt && slot_of.numel() == blocks, "int4_gemv_experts: bad slot_of");
   const auto half_bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
   return expert_rows<Int4Gemv>(x, expert, q.size(), N, K, slot_of.data_ptr<int32_t>(),
-      [&](int64_t e, const QuantizedRows& r, int64_t row, float* out) {
+      [&](int64_t e, const QuantizedRows& r, int64_t row, Output out) {
         return Int4Gemv{q[e].data_ptr<uint8_t>(), half_bits(scales[e]), symmetric ? nullptr : half_bits(*mins.get(e)),
                         r.q.data_ptr<int8_t>() + row * K, r.scale.data_ptr<float>() + row * blocks,
                         r.sum.data_ptr<float>() + row * blocks, out, N, K};
