@@ -1,0 +1,66 @@
+"""lilmistral's AVX-512 VNNI CPU kernels against PyTorch's weight-only ones at batch-1 decode, on Mistral-7B's
+layer shapes (and SmolLM2's), with cold weights: each call reads a different copy, ~200 MB in all.
+
+    python benchmarks/cpu_kernels.py [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from lilmistral.quant import vnni
+
+SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1536, 576), (576, 1536))
+
+
+def median_seconds(fn, weights: list, repeat: int = 15) -> float:
+    for w in weights:
+        fn(w)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for w in weights:
+            fn(w)
+        times.append((time.perf_counter() - start) / len(weights))
+    return sorted(times)[len(times) // 2]
+
+
+def int4_row(n: int, k: int, copies: int) -> dict:
+    torch_parts, vnni_parts = [], []
+    for _ in range(copies):
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        scales, mins = torch.rand(n, k // 32).half() / 100, torch.rand(n, k // 32).half() / 100
+        torch_parts.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), torch.randn(k // 32, n, 2).bfloat16()))
+        vnni_parts.append(vnni.pack_int4_vnni(q, scales, mins))
+    x = torch.randn(1, k).bfloat16()
+    ours = median_seconds(lambda p: torch.ops.lilmistral.int4_gemv(x, **p), vnni_parts)
+    theirs = median_seconds(lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1]), torch_parts)
+    return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k * 0.625 / ours / 1e9}
+
+
+def int8_row(n: int, k: int, copies: int) -> dict:
+    weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100) for _ in range(copies)]
+    x = torch.randn(1, k).bfloat16()
+    ours = median_seconds(lambda w: torch.ops.lilmistral.int8_gemv(x, w[0], w[1]), weights)
+    theirs = median_seconds(lambda w: torch.ops.aten._weight_int8pack_mm(x, w[0], w[1].bfloat16()), weights)
+    return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k / ours / 1e9}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    ns = parser.parse_args()
+    torch.set_num_threads(ns.threads)
+    assert vnni.available(), "no AVX-512 VNNI kernels on this CPU (or no C++ compiler)"
+    for scheme, row, shapes in (("int4 g32", int4_row, SHAPES), ("int8", int8_row, ((32000, 4096), *SHAPES[:4]))):
+        for n, k in shapes:
+            result = row(n, k, copies=max(3, int(200e6 / (n * k * 0.6))))
+            print(json.dumps({"scheme": scheme, "shape": f"{n}x{k}", **{key: round(v, 1) for key, v in result.items()},
+                              "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
