@@ -33,7 +33,8 @@ def int4_row(n: int, k: int, copies: int) -> dict:
     for _ in range(copies):
         q = torch.randint(0, 16, (n, k), dtype=torch.int32)
         scales, mins = torch.rand(n, k // 32).half() / 100, torch.rand(n, k // 32).half() / 100
-        torch_parts.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), torch.randn(k // 32, n, 2).bfloat16()))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        torch_parts.append((packed, torch.randn(k // 32, n, 2).bfloat16()))
         vnni_parts.append(vnni.pack_int4_vnni(q, scales, mins))
     x = torch.randn(1, k).bfloat16()
     ours = median_seconds(lambda p: torch.ops.lilmistral.int4_gemv(x, **p), vnni_parts)
