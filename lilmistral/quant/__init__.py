@@ -51,5 +51,4 @@ def swap_in_quant_linears(model: nn.Module, specs: dict[str, QuantSpec]) -> None
 
 
 __all__ = ["QuantLinear", "QuantExperts", "QuantSpec", "quantize", "dequantize", "spec_for", "swap_in_quant_linears",
-           "SCHEMES",
-           "FLOAT_SCHEMES", "DEFAULT_GROUP_SIZE", "QUANTIZED_SUFFIXES"]
+           "SCHEMES", "FLOAT_SCHEMES", "DEFAULT_GROUP_SIZE", "QUANTIZED_SUFFIXES"]

@@ -1,7 +1,7 @@
-"""CPU kernels. With AVX-512 VNNI (vnni.cpp): integer dot products at decode, bfloat16 or int8 matmuls at
-prefill. Without: PyTorch's own weight-only int4/int8 matmuls. The fast paths take bfloat16 activations;
-others (float32 for exact reference runs) and shapes the kernels cannot take dequantize the packed weight
-on the fly instead.
+"""CPU kernels. With AVX-512 VNNI (vnni.cpp): int4 at every row count and int8 at decode by integer dot
+products with int8 activations; int8 prefill by torch._int_mm. Without: PyTorch's own weight-only int4/int8
+matmuls. The fast paths take bfloat16 activations; others (float32 for exact reference runs) and shapes the
+kernels cannot take dequantize the packed weight on the fly instead.
 """
 from __future__ import annotations
 
@@ -63,9 +63,10 @@ class Int8Kernel:
 
 class VnniInt4Kernel:
     """vnni.cpp's int4 kernel, int8 activations in blocks of 32 (as llama.cpp's Q4_0 and Q4_1 times Q8_0):
-    1.2-1.3x PyTorch's int4 kernel at decode on Mistral-7B's shapes, ~2x at 128 rows of prefill (as fast as
-    dequantizing tiles to bfloat16 for PyTorch's matmul, which was tried). It computes each row alike however
-    many there are, so a prompt's last token re-entered alone (a reused cache) gives the prefill's numbers."""
+    1.2-1.4x PyTorch's int4 kernel at decode on Mistral-7B's shapes, ~1.5x at 128 rows of prefill.
+    Dequantizing tiles to bfloat16 for PyTorch's matmul was up to 1.4x faster at prefill, but this kernel
+    computes each row alike however many there are, so a prompt's last token re-entered alone (a reused
+    cache) gives the prefill's numbers."""
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
         self.parts = vnni.pack_int4_vnni(unpack_int4(parts["qweight"]), parts["scales"], parts.get("mins"))

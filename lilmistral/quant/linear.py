@@ -8,6 +8,7 @@ from torch import nn
 
 from ..model import Experts
 from .pack import QuantSpec, packed_shapes
+from .vnni import MAX_ROWS
 
 
 class QuantLinear(nn.Module):
@@ -49,20 +50,15 @@ class QuantExperts(Experts):
         self.batched: dict | None = None  # projection name -> (x [R, K], expert [R]) -> [R, N]
 
     def prepare(self) -> None:
-        projections = {name: [getattr(expert, name) for expert in self] for name in ("w1", "w2", "w3")}
-        for linear in (linear for group in projections.values() for linear in group):
-            if linear.kernel is None:
-                linear.prepare()
+        """After the experts' QuantLinears are prepared (the loader's order): the batched kernels over theirs."""
         if self[0].w1.qweight.device.type != "cpu":
             return
         from .cpu import expert_gemv
 
-        batched = {name: expert_gemv([linear.kernel for linear in group]) for name, group in projections.items()}
+        batched = {name: expert_gemv([getattr(expert, name).kernel for expert in self]) for name in ("w1", "w2", "w3")}
         self.batched = batched if all(batched.values()) else None
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from .vnni import MAX_ROWS
-
         if self.batched is None or x.dtype != torch.bfloat16 or chosen.numel() > MAX_ROWS:
             return super().forward(x, chosen, weights)
         experts = chosen.reshape(-1)  # [T * k]

@@ -1,4 +1,4 @@
-// Decode (a few rows) int8 and int4 matrix-vector products with AVX-512 VNNI, as llama.cpp does them:
+// int8 and int4 matrix products with AVX-512 VNNI, as llama.cpp does them (cpu.py says where each is used):
 // activations are quantized to int8 in blocks of 32 and multiplied with the integer weights by integer dot
 // products (vpdpbusd: unsigned 8-bit x signed 8-bit, four products per 32-bit lane). One step multiplies
 // 64 inputs: lanes 0-7 of the 16-lane result belong to one block of 32, lanes 8-15 to the next.
@@ -94,7 +94,6 @@ struct StepLanes {
 };
 
 inline __mmask16 first(int64_t count) { return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1); }
-
 
 // Calls kernel.template rows<M>(begin, end) for blocks of up to 8 activation rows, M a constant so that the
 // per-row accumulators live in registers, over tiles of TILE output columns (whose weights stay in cache
@@ -225,95 +224,105 @@ struct Int4Gemv {
   }
 };
 
-}  // namespace
-
-// x [M, K]; q int8 [N, K]; scales float [N]. Returns [M, N] in x's dtype.
-at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales) {
-  const int64_t M = x_in.size(0), N = q.size(0), K = q.size(1);
-  const Rows x(x_in, K);
+// The kernel over one int8 weight q [N, K] with scales float [N], for the activations r, writing to out.
+Int8Gemv int8_kernel(const at::Tensor& q, const at::Tensor& scales, const QuantizedRows& r, Output out) {
+  const int64_t N = q.size(0), K = q.size(1);
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.numel() == N &&
               q.is_contiguous() && scales.is_contiguous(), "int8_gemv: unsupported layout");
-  const QuantizedRows r = quantize_rows(x, nullptr);
-  at::Tensor out = x.empty_out(N);
-  run(Int8Gemv{q.data_ptr<int8_t>(), scales.data_ptr<float>(), r.q.data_ptr<int8_t>(), r.scale.data_ptr<float>(),
-               Output(out), N, K}, M, N);
-  return out.to(x_in.scalar_type());
+  return Int8Gemv{q.data_ptr<int8_t>(), scales.data_ptr<float>(), r.q.data_ptr<int8_t>(), r.scale.data_ptr<float>(),
+                  out, N, K};
 }
 
-// x [M, K]; q uint8 [N, K/2], scales and mins (none: symmetric) float16 [N, K/32] in Int4Gemv's layout;
-// slot_of int32 [K/32], the slot of each block. Returns [M, N] in x's dtype.
-at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& mins, const at::Tensor& slot_of) {
-  const int64_t M = x_in.size(0), N = q.size(0), K = q.size(1) * 2, blocks = K / BLOCK;
-  const Rows x(x_in, K);
-  const bool symmetric = !mins.has_value();
+// The kernel over one int4 weight in Int4Gemv's layout: q uint8 [N, K/2], scales and mins (none: symmetric)
+// float16 [N, K/32].
+Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                     const QuantizedRows& r, Output out) {
+  const int64_t N = q.size(0), K = q.size(1) * 2;
   TORCH_CHECK(q.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && q.is_contiguous() &&
-              scales.is_contiguous() && scales.size(0) == N && scales.size(1) == blocks &&
-              slot_of.scalar_type() == at::kInt && slot_of.numel() == blocks &&
-              (symmetric || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())),
+              scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / BLOCK &&
+              (!mins || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())),
               "int4_gemv: unsupported layout");
-  const QuantizedRows r = quantize_rows(x, slot_of.data_ptr<int32_t>());
-  at::Tensor out = x.empty_out(N);
   const auto half_bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
-  run(Int4Gemv{q.data_ptr<uint8_t>(), half_bits(scales), symmetric ? nullptr : half_bits(*mins), r.q.data_ptr<int8_t>(),
-               r.scale.data_ptr<float>(), r.sum.data_ptr<float>(), Output(out), N, K}, M, N);
-  return out.to(x_in.scalar_type());
+  return Int4Gemv{q.data_ptr<uint8_t>(), half_bits(scales), mins ? half_bits(*mins) : nullptr, r.q.data_ptr<int8_t>(),
+                  r.scale.data_ptr<float>(), r.sum.data_ptr<float>(), out, N, K};
 }
 
-// Mixture-of-experts decode: row r of x [R, K] times the weight of expert[r], the weights one tensor per
-// expert (each expert's own kernel parts, not a stacked copy). Returns [R, N] in x's dtype.
-template <typename Kernel, typename MakeKernel>
-at::Tensor expert_rows(const at::Tensor& x_in, const at::Tensor& expert, int64_t experts, int64_t N, int64_t K,
-                       const int32_t* slot_of, MakeKernel make_kernel) {
-  const int64_t R = x_in.size(0);
-  const Rows x(x_in, K);
+const int32_t* checked_slots(const at::Tensor& slot_of, int64_t K) {
+  TORCH_CHECK(slot_of.scalar_type() == at::kInt && slot_of.is_contiguous() && slot_of.numel() == K / BLOCK,
+              "int4_gemv: slot_of must be int32 [K/32]");
+  return slot_of.data_ptr<int32_t>();
+}
+
+// Mixture-of-experts decode: row r of the activations times the weight of expert[r], from one kernel per
+// expert over that expert's own parts (not a stacked copy). Fills out [R, N].
+template <typename Kernel>
+void expert_rows(const std::vector<Kernel>& experts, const at::Tensor& expert, int64_t R, int64_t N) {
   const at::Tensor chosen = expert.to(at::kLong).contiguous();
   TORCH_CHECK(chosen.numel() == R, "vnni experts: one expert per row");
   const int64_t* e = chosen.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(e[r] >= 0 && e[r] < experts, "vnni experts: expert index out of range");
-  const QuantizedRows q = quantize_rows(x, slot_of);
-  at::Tensor out = x.empty_out(N);
   std::vector<Kernel> kernels;
-  for (int64_t r = 0; r < R; ++r) kernels.push_back(make_kernel(e[r], q, r, Output(out) + r * N));
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(e[r] >= 0 && e[r] < static_cast<int64_t>(experts.size()), "vnni experts: expert index out of range");
+    kernels.push_back(experts[e[r]].at_row(r));
+  }
   at::parallel_for(0, R * N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin / N; r < R && r * N < end; ++r)
       kernels[r].template rows<1>(std::max(begin - r * N, int64_t{0}), std::min(end - r * N, N));
   });
+}
+
+void check_same_shapes(at::TensorList q) {
+  for (const at::Tensor& t : q) TORCH_CHECK(t.sizes() == q[0].sizes(), "vnni experts: the experts' shapes differ");
+}
+
+}  // namespace
+
+// x [M, K]; q int8 [N, K]; scales float [N]. Returns [M, N] in x's dtype.
+at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales) {
+  const Rows x(x_in, q.size(1));
+  const QuantizedRows r = quantize_rows(x, nullptr);
+  at::Tensor out = x.empty_out(q.size(0));
+  run(int8_kernel(q, scales, r, Output(out)), out.size(0), out.size(1));
   return out.to(x_in.scalar_type());
 }
 
-at::Tensor int8_gemv_experts(const at::Tensor& x, at::TensorList q, at::TensorList scales, const at::Tensor& expert) {
-  const int64_t N = q[0].size(0), K = q[0].size(1), blocks = K / BLOCK;
-  for (size_t i = 0; i < q.size(); ++i)
-    TORCH_CHECK(q[i].scalar_type() == at::kChar && q[i].is_contiguous() && q[i].sizes() == q[0].sizes() &&
-                scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() && scales[i].numel() == N,
-                "int8_gemv_experts: unsupported layout");
-  return expert_rows<Int8Gemv>(x, expert, q.size(), N, K, nullptr,
-      [&](int64_t e, const QuantizedRows& r, int64_t row, Output out) {
-        return Int8Gemv{q[e].data_ptr<int8_t>(), scales[e].data_ptr<float>(), r.q.data_ptr<int8_t>() + row * K,
-                        r.scale.data_ptr<float>() + row * blocks, out, N, K};
-      });
+// x [M, K]; q, scales, mins as int4_kernel's; slot_of int32 [K/32], the slot of each block. Returns [M, N] in
+// x's dtype.
+at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& mins, const at::Tensor& slot_of) {
+  const Rows x(x_in, q.size(1) * 2);
+  const QuantizedRows r = quantize_rows(x, checked_slots(slot_of, q.size(1) * 2));
+  at::Tensor out = x.empty_out(q.size(0));
+  run(int4_kernel(q, scales, mins, r, Output(out)), out.size(0), out.size(1));
+  return out.to(x_in.scalar_type());
 }
 
-at::Tensor int4_gemv_experts(const at::Tensor& x, at::TensorList q, at::TensorList scales,
+at::Tensor int8_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList scales,
+                             const at::Tensor& expert) {
+  check_same_shapes(q);
+  const Rows x(x_in, q[0].size(1));
+  const QuantizedRows r = quantize_rows(x, nullptr);
+  at::Tensor out = x.empty_out(q[0].size(0));
+  std::vector<Int8Gemv> experts;
+  for (size_t i = 0; i < q.size(); ++i) experts.push_back(int8_kernel(q[i], scales[i], r, Output(out)));
+  expert_rows(experts, expert, out.size(0), out.size(1));
+  return out.to(x_in.scalar_type());
+}
+
+at::Tensor int4_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList scales,
                              const c10::List<c10::optional<at::Tensor>>& mins, const at::Tensor& slot_of,
                              const at::Tensor& expert) {
-  const int64_t N = q[0].size(0), K = q[0].size(1) * 2, blocks = K / BLOCK;
-  const bool symmetric = !mins.get(0).has_value();
-  for (size_t i = 0; i < q.size(); ++i)
-    TORCH_CHECK(q[i].scalar_type() == at::kByte && q[i].is_contiguous() && q[i].sizes() == q[0].sizes() &&
-                scales[i].scalar_type() == at::kHalf && scales[i].is_contiguous() && scales[i].numel() == N * blocks &&
-                mins.get(i).has_value() != symmetric &&
-                (symmetric || (mins.get(i)->scalar_type() == at::kHalf && mins.get(i)->is_contiguous() &&
-                               mins.get(i)->numel() == N * blocks)), "int4_gemv_experts: unsupported layout");
-  TORCH_CHECK(slot_of.scalar_type() == at::kInt && slot_of.numel() == blocks, "int4_gemv_experts: bad slot_of");
-  const auto half_bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
-  return expert_rows<Int4Gemv>(x, expert, q.size(), N, K, slot_of.data_ptr<int32_t>(),
-      [&](int64_t e, const QuantizedRows& r, int64_t row, Output out) {
-        return Int4Gemv{q[e].data_ptr<uint8_t>(), half_bits(scales[e]), symmetric ? nullptr : half_bits(*mins.get(e)),
-                        r.q.data_ptr<int8_t>() + row * K, r.scale.data_ptr<float>() + row * blocks,
-                        r.sum.data_ptr<float>() + row * blocks, out, N, K};
-      });
+  check_same_shapes(q);
+  const Rows x(x_in, q[0].size(1) * 2);
+  const QuantizedRows r = quantize_rows(x, checked_slots(slot_of, q[0].size(1) * 2));
+  at::Tensor out = x.empty_out(q[0].size(0));
+  std::vector<Int4Gemv> experts;
+  for (size_t i = 0; i < q.size(); ++i) {
+    TORCH_CHECK(mins.get(i).has_value() == mins.get(0).has_value(), "int4_gemv_experts: mins for some experts only");
+    experts.push_back(int4_kernel(q[i], scales[i], mins.get(i), r, Output(out)));
+  }
+  expert_rows(experts, expert, out.size(0), out.size(1));
+  return out.to(x_in.scalar_type());
 }
 
 // Operators in C++ (not torch.library.custom_op, whose Python dispatch costs ~10 us a call): vnni.py adds

@@ -1,7 +1,7 @@
-"""The AVX-512 VNNI CPU kernels of vnni.cpp (int8 and int4 decode), compiled on first use into the operators
-torch.ops.lilmistral.int8_gemv and int4_gemv: a C++ compiler is needed once, and torch.utils.cpp_extension
-caches the build. `available()` is False where the CPU or the build cannot have them, and callers use
-PyTorch's own kernels. LILMISTRAL_CPU_KERNELS=torch turns them off."""
+"""The AVX-512 VNNI CPU kernels of vnni.cpp, compiled on first use into operators under torch.ops.lilmistral
+(see available()): a C++ compiler is needed once, and torch.utils.cpp_extension caches the build.
+`available()` is False where the CPU or the build cannot have them, and callers use PyTorch's own kernels.
+LILMISTRAL_CPU_KERNELS=torch turns them off."""
 from __future__ import annotations
 
 import functools
