@@ -116,8 +116,8 @@ def expert_gemv(kernels: list):
     own kernels' parts; None where they are not all VNNI kernels."""
     if all(isinstance(k, VnniInt4Kernel) for k in kernels):
         q, scales, mins = ([k.parts[name] for k in kernels] for name in ("q", "scales", "mins"))
-        slot_of = kernels[0].parts["slot_of"]
-        return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, slot_of, expert)
+        n = kernels[0].parts["n"]
+        return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, n, expert)
     if all(isinstance(k, Int8Kernel) and k.vnni for k in kernels):
         q, scales = [k.q for k in kernels], [k.scales_f32 for k in kernels]
         return lambda x, expert: torch.ops.lilmistral.int8_gemv_experts(x, q, scales, expert)

@@ -12,11 +12,11 @@ constexpr int64_t BLOCK = 32;  // activations per int8 scale
 constexpr int64_t STEP = 64;   // inputs per vpdpbusd
 constexpr int64_t PREFETCH = 1024;  // bytes of int4 weights ahead: 5-15% more GEMV bandwidth in noisy A/B runs
 
-// Activations [M, K] as int8 blocks. Block b of row m is stored at slot slot_of[b] (the kernel's order).
+// Activations [M, K] as int8 blocks of 32.
 struct QuantizedRows {
-  at::Tensor q;      // int8 [M, K], by slot
-  at::Tensor scale;  // float [M, K/32], by slot
-  at::Tensor sum;    // float [M, K/32], by slot: the block's sum as quantized (scale times the sum of its int8s)
+  at::Tensor q;      // int8 [M, K]
+  at::Tensor scale;  // float [M, K/32]
+  at::Tensor sum;    // float [M, K/32]: the block's sum as quantized (scale times the sum of its int8s)
 };
 
 // Sixteen activations from float32 or bfloat16 (a bfloat16 is the top half of a float32).
@@ -54,7 +54,7 @@ struct Output {
   }
 };
 
-QuantizedRows quantize_rows(const Rows& rows, const int32_t* slot_of) {
+QuantizedRows quantize_rows(const Rows& rows) {
   const int64_t M = rows.x.size(0), K = rows.x.size(1), blocks = K / BLOCK;
   QuantizedRows r{at::empty({M, K}, at::kChar), at::empty({M, blocks}, at::kFloat), at::empty({M, blocks}, at::kFloat)};
   const void* xp = rows.x.data_ptr();
@@ -66,16 +66,16 @@ QuantizedRows quantize_rows(const Rows& rows, const int32_t* slot_of) {
   at::parallel_for(0, M, 8, [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m) {
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t slot = m * blocks + (slot_of ? slot_of[b] : b);
-        const __m512 lo = load16(xp, bf16, m * K + b * BLOCK), hi = load16(xp, bf16, m * K + b * BLOCK + 16);
+        const int64_t block = m * blocks + b;
+        const __m512 lo = load16(xp, bf16, block * BLOCK), hi = load16(xp, bf16, block * BLOCK + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign_bit, lo), _mm512_andnot_ps(sign_bit, hi)));
         const float d = amax / 127.f;
         const __m512 inv = _mm512_set1_ps(d > 0 ? 1.f / d : 0.f);
         const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + slot * BLOCK), _mm512_cvtsepi32_epi8(q_lo));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + slot * BLOCK + 16), _mm512_cvtsepi32_epi8(q_hi));
-        scale[slot] = d;
-        sum[slot] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + block * BLOCK), _mm512_cvtsepi32_epi8(q_lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + block * BLOCK + 16), _mm512_cvtsepi32_epi8(q_hi));
+        scale[block] = d;
+        sum[block] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
       }
     }
   });
@@ -93,29 +93,27 @@ struct StepLanes {
   __m512 operator()(__m512 v, int64_t j) const { return _mm512_permutexvar_ps(index[j], v); }
 };
 
-inline __mmask16 first(int64_t count) { return count >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << count) - 1); }
-
-// Calls kernel.template rows<M>(begin, end) for blocks of up to 8 activation rows, M a constant so that the
-// per-row accumulators live in registers, over tiles of TILE output columns (whose weights stay in cache
-// while every block of rows passes). Each output is computed by the same operations whatever the number of
-// rows: a prompt's last token gives the same numbers alone as within its prompt.
+// Calls kernel.template rows<M>(begin, end) over the kernel's units of output columns (one column, or a group
+// of 16) for blocks of up to 8 activation rows, M a constant so that the per-row accumulators live in
+// registers, over tiles of Kernel::TILE units (whose weights stay in cache while every block of rows passes).
+// Each output is computed by the same operations whatever the number of rows: a prompt's last token gives
+// the same numbers alone as within its prompt.
 template <typename Kernel>
-void run(const Kernel& kernel, int64_t M, int64_t N) {
-  constexpr int64_t TILE = 64;
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; n += TILE) {
-      const int64_t n_end = std::min(n + TILE, end);
+void run(const Kernel& kernel, int64_t M) {
+  at::parallel_for(0, kernel.units(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; unit += Kernel::TILE) {
+      const int64_t tile_end = std::min(unit + Kernel::TILE, end);
       for (int64_t row = 0; row < M; row += 8) {
         const Kernel k = kernel.at_row(row);
         switch (std::min<int64_t>(M - row, 8)) {
-          case 1: k.template rows<1>(n, n_end); break;
-          case 2: k.template rows<2>(n, n_end); break;
-          case 3: k.template rows<3>(n, n_end); break;
-          case 4: k.template rows<4>(n, n_end); break;
-          case 5: k.template rows<5>(n, n_end); break;
-          case 6: k.template rows<6>(n, n_end); break;
-          case 7: k.template rows<7>(n, n_end); break;
-          default: k.template rows<8>(n, n_end); break;
+          case 1: k.template rows<1>(unit, tile_end); break;
+          case 2: k.template rows<2>(unit, tile_end); break;
+          case 3: k.template rows<3>(unit, tile_end); break;
+          case 4: k.template rows<4>(unit, tile_end); break;
+          case 5: k.template rows<5>(unit, tile_end); break;
+          case 6: k.template rows<6>(unit, tile_end); break;
+          case 7: k.template rows<7>(unit, tile_end); break;
+          default: k.template rows<8>(unit, tile_end); break;
         }
       }
     }
@@ -127,6 +125,9 @@ void run(const Kernel& kernel, int64_t M, int64_t N) {
 struct Int8Gemv {
   const int8_t* w; const float* scale; const int8_t* xq; const float* x_scale; Output out; int64_t N, K;
   StepLanes lanes;
+  static constexpr int64_t TILE = 64;
+
+  int64_t units() const { return N; }
 
   Int8Gemv at_row(int64_t row) const {
     Int8Gemv k = *this;
@@ -157,16 +158,19 @@ struct Int8Gemv {
   }
 };
 
-// int4 weights in the kernel's layout (vnni.py: pack_int4_vnni): per 64 inputs 32 bytes, byte j holding
-// input j (low nibble) and input 32 + j (high nibble), so that two 64-input runs load as one 64-byte
-// register whose low nibbles are the blocks at slots 4i, 4i+1 and high nibbles those at 4i+2, 4i+3 (an odd
-// last run loads alone). Scales and mins float16 [N, K/32] by slot. w = q * scale + min, or with no mins
-// (symmetric) w = (q - 8) * scale: the sum over a block of min (or -8 * scale) times x is added once per
-// block from the block's activation sum.
+// int4 weights in the kernel's layout (vnni.py: pack_int4_vnni): columns in groups of 16, column c of a group
+// in 32-bit lane c. A group's weights run in chunks of 8 inputs, 64 bytes each: lane c's four bytes hold
+// column c's inputs 8j..8j+3 in their low nibbles and 8j+4..8j+7 in their high nibbles, so one vpdpbusd
+// multiplies 16 columns by four broadcast activations and each lane sums one column's products. Eight make
+// a block of 32, whose integer sum is scaled once. Scales and mins float16 [groups, K/32, 16]. w = q * scale
+// + min, or with no mins (symmetric) w = (q - 8) * scale: a block's min (or -8 * scale) times its activation
+// sum is added once.
 struct Int4Gemv {
   const uint8_t* w; const uint16_t* scale; const uint16_t* min; const int8_t* xq; const float* x_scale;
   const float* x_sum; Output out; int64_t N, K;
-  StepLanes lanes;
+  static constexpr int64_t TILE = 4;  // groups whose weights stay in cache while every block of rows passes
+
+  int64_t units() const { return (N + 15) / 16; }
 
   Int4Gemv at_row(int64_t row) const {
     Int4Gemv k = *this;
@@ -176,50 +180,41 @@ struct Int4Gemv {
 
   template <int M>
   void rows(int64_t begin, int64_t end) const {
-    const int64_t blocks = K / BLOCK, steps = K / STEP;
+    const int64_t blocks = K / BLOCK;
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* wn = w + n * K / 2;
-      __m512 acc[M][2], offset[M];
-      for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = offset[m] = _mm512_setzero_ps();
-      for (int64_t first_step = 0; first_step < steps; first_step += 8) {  // 16 blocks at a time
-        const int64_t slot = 2 * first_step, last_step = std::min(first_step + 8, steps);
-        const __mmask16 valid = first(blocks - slot);
-        const __m512 ws = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, scale + n * blocks + slot));
-        const __m512 wo = min ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, min + n * blocks + slot)) : ws;
-        __m512 step_scale[M];  // weight scale times activation scale, per block
-        for (int m = 0; m < M; ++m) {
-          step_scale[m] = _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(valid, x_scale + m * blocks + slot));
-          offset[m] = _mm512_fmadd_ps(wo, _mm512_maskz_loadu_ps(valid, x_sum + m * blocks + slot), offset[m]);
-        }
-        int64_t s = first_step;
-        for (; s + 1 < last_step; s += 2) {
-          _mm_prefetch(reinterpret_cast<const char*>(wn + s * STEP / 2 + PREFETCH), _MM_HINT_T0);
-          const __m512i v = _mm512_loadu_si512(wn + s * STEP / 2);
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* wg = w + g * K * 8;
+      __m512 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m512i low_sum[M], high_sum[M];  // two chains of vpdpbusd per row, for their latency
+        for (int m = 0; m < M; ++m) low_sum[m] = high_sum[m] = _mm512_setzero_si512();
+        for (int j = 0; j < 4; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(wg + (b * 4 + j) * 64 + PREFETCH), _MM_HINT_T0);
+          const __m512i v = _mm512_loadu_si512(wg + (b * 4 + j) * 64);
           const __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
           for (int m = 0; m < M; ++m) {
-            const int8_t* x = xq + m * K + s * STEP;
-            const __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, _mm512_loadu_si512(x));
-            const __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), high, _mm512_loadu_si512(x + STEP));
-            acc[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), lanes(step_scale[m], s - first_step), acc[m][0]);
-            acc[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), lanes(step_scale[m], s + 1 - first_step), acc[m][1]);
+            const int8_t* x = xq + m * K + b * BLOCK + 8 * j;
+            low_sum[m] = _mm512_dpbusd_epi32(low_sum[m], low, _mm512_broadcastd_epi32(_mm_loadu_si32(x)));
+            high_sum[m] = _mm512_dpbusd_epi32(high_sum[m], high, _mm512_broadcastd_epi32(_mm_loadu_si32(x + 4)));
           }
         }
-        if (s < last_step) {  // the odd last run of 64 inputs
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wn + s * STEP / 2));
-          const __m256i nib = _mm512_castsi512_si256(nibble);
-          const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, nib)),
-                                                  _mm256_and_si256(_mm256_srli_epi16(v, 4), nib), 1);
-          for (int m = 0; m < M; ++m) {
-            const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), both, _mm512_loadu_si512(xq + m * K + s * STEP));
-            acc[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), lanes(step_scale[m], s - first_step), acc[m][0]);
-          }
+        const int64_t at = (g * blocks + b) * 16;
+        const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + at)));
+        const __m512 wo = min ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(min + at)))
+                              : _mm512_mul_ps(ws, _mm512_set1_ps(-8.f));
+        for (int m = 0; m < M; ++m) {
+          const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(low_sum[m], high_sum[m]));
+          acc[m] = _mm512_fmadd_ps(sum, _mm512_mul_ps(ws, _mm512_set1_ps(x_scale[m * blocks + b])), acc[m]);
+          acc[m] = _mm512_fmadd_ps(wo, _mm512_set1_ps(x_sum[m * blocks + b]), acc[m]);
         }
       }
-      const float offset_factor = min ? 1.f : -8.f;
-      for (int m = 0; m < M; ++m)
-        out.store(m * N + n, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) +
-                                 offset_factor * _mm512_reduce_add_ps(offset[m]));
+      const int64_t columns = std::min<int64_t>(16, N - g * 16);
+      for (int m = 0; m < M; ++m) {
+        float lanes[16];
+        _mm512_storeu_ps(lanes, acc[m]);
+        for (int64_t c = 0; c < columns; ++c) out.store(m * N + g * 16 + c, lanes[c]);
+      }
     }
   }
 };
@@ -233,13 +228,14 @@ Int8Gemv int8_kernel(const at::Tensor& q, const at::Tensor& scales, const Quanti
                   out, N, K};
 }
 
-// The kernel over one int4 weight in Int4Gemv's layout: q uint8 [N, K/2], scales and mins (none: symmetric)
-// float16 [N, K/32].
-Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+// The kernel over one int4 weight of N columns in Int4Gemv's layout: q uint8 [groups, K * 8], scales and mins
+// (none: symmetric) float16 [groups, K/32, 16].
+Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins, int64_t N,
                      const QuantizedRows& r, Output out) {
-  const int64_t N = q.size(0), K = q.size(1) * 2;
+  const int64_t groups = q.size(0), K = q.size(1) / 8;
   TORCH_CHECK(q.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && q.is_contiguous() &&
-              scales.is_contiguous() && scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / BLOCK &&
+              scales.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (8 * STEP) == 0 &&
+              scales.sizes() == at::IntArrayRef({groups, K / BLOCK, 16}) &&
               (!mins || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())),
               "int4_gemv: unsupported layout");
   const auto half_bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
@@ -247,16 +243,10 @@ Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::o
                   r.scale.data_ptr<float>(), r.sum.data_ptr<float>(), out, N, K};
 }
 
-const int32_t* checked_slots(const at::Tensor& slot_of, int64_t K) {
-  TORCH_CHECK(slot_of.scalar_type() == at::kInt && slot_of.is_contiguous() && slot_of.numel() == K / BLOCK,
-              "int4_gemv: slot_of must be int32 [K/32]");
-  return slot_of.data_ptr<int32_t>();
-}
-
 // Mixture-of-experts decode: row r of the activations times the weight of expert[r], from one kernel per
-// expert over that expert's own parts (not a stacked copy). Fills out [R, N].
+// expert over that expert's own parts (not a stacked copy). Fills the kernels' output, R rows.
 template <typename Kernel>
-void expert_rows(const std::vector<Kernel>& experts, const at::Tensor& expert, int64_t R, int64_t N) {
+void expert_rows(const std::vector<Kernel>& experts, const at::Tensor& expert, int64_t R) {
   const at::Tensor chosen = expert.to(at::kLong).contiguous();
   TORCH_CHECK(chosen.numel() == R, "vnni experts: one expert per row");
   const int64_t* e = chosen.data_ptr<int64_t>();
@@ -265,9 +255,10 @@ void expert_rows(const std::vector<Kernel>& experts, const at::Tensor& expert, i
     TORCH_CHECK(e[r] >= 0 && e[r] < static_cast<int64_t>(experts.size()), "vnni experts: expert index out of range");
     kernels.push_back(experts[e[r]].at_row(r));
   }
-  at::parallel_for(0, R * N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin / N; r < R && r * N < end; ++r)
-      kernels[r].template rows<1>(std::max(begin - r * N, int64_t{0}), std::min(end - r * N, N));
+  const int64_t units = experts[0].units();
+  at::parallel_for(0, R * units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin / units; r < R && r * units < end; ++r)
+      kernels[r].template rows<1>(std::max(begin - r * units, int64_t{0}), std::min(end - r * units, units));
   });
 }
 
@@ -280,20 +271,19 @@ void check_same_shapes(at::TensorList q) {
 // x [M, K]; q int8 [N, K]; scales float [N]. Returns [M, N] in x's dtype.
 at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales) {
   const Rows x(x_in, q.size(1));
-  const QuantizedRows r = quantize_rows(x, nullptr);
+  const QuantizedRows r = quantize_rows(x);
   at::Tensor out = x.empty_out(q.size(0));
-  run(int8_kernel(q, scales, r, Output(out)), out.size(0), out.size(1));
+  run(int8_kernel(q, scales, r, Output(out)), out.size(0));
   return out.to(x_in.scalar_type());
 }
 
-// x [M, K]; q, scales, mins as int4_kernel's; slot_of int32 [K/32], the slot of each block. Returns [M, N] in
-// x's dtype.
+// x [M, K]; q, scales, mins as int4_kernel's for N columns. Returns [M, N] in x's dtype.
 at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& mins, const at::Tensor& slot_of) {
-  const Rows x(x_in, q.size(1) * 2);
-  const QuantizedRows r = quantize_rows(x, checked_slots(slot_of, q.size(1) * 2));
-  at::Tensor out = x.empty_out(q.size(0));
-  run(int4_kernel(q, scales, mins, r, Output(out)), out.size(0), out.size(1));
+                     const c10::optional<at::Tensor>& mins, int64_t N) {
+  const Rows x(x_in, q.size(1) / 8);
+  const QuantizedRows r = quantize_rows(x);
+  at::Tensor out = x.empty_out(N);
+  run(int4_kernel(q, scales, mins, N, r, Output(out)), out.size(0));
   return out.to(x_in.scalar_type());
 }
 
@@ -301,27 +291,26 @@ at::Tensor int8_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
                              const at::Tensor& expert) {
   check_same_shapes(q);
   const Rows x(x_in, q[0].size(1));
-  const QuantizedRows r = quantize_rows(x, nullptr);
+  const QuantizedRows r = quantize_rows(x);
   at::Tensor out = x.empty_out(q[0].size(0));
   std::vector<Int8Gemv> experts;
   for (size_t i = 0; i < q.size(); ++i) experts.push_back(int8_kernel(q[i], scales[i], r, Output(out)));
-  expert_rows(experts, expert, out.size(0), out.size(1));
+  expert_rows(experts, expert, out.size(0));
   return out.to(x_in.scalar_type());
 }
 
 at::Tensor int4_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList scales,
-                             const c10::List<c10::optional<at::Tensor>>& mins, const at::Tensor& slot_of,
-                             const at::Tensor& expert) {
+                             const c10::List<c10::optional<at::Tensor>>& mins, int64_t N, const at::Tensor& expert) {
   check_same_shapes(q);
-  const Rows x(x_in, q[0].size(1) * 2);
-  const QuantizedRows r = quantize_rows(x, checked_slots(slot_of, q[0].size(1) * 2));
-  at::Tensor out = x.empty_out(q[0].size(0));
+  const Rows x(x_in, q[0].size(1) / 8);
+  const QuantizedRows r = quantize_rows(x);
+  at::Tensor out = x.empty_out(N);
   std::vector<Int4Gemv> experts;
   for (size_t i = 0; i < q.size(); ++i) {
     TORCH_CHECK(mins.get(i).has_value() == mins.get(0).has_value(), "int4_gemv_experts: mins for some experts only");
-    experts.push_back(int4_kernel(q[i], scales[i], mins.get(i), r, Output(out)));
+    experts.push_back(int4_kernel(q[i], scales[i], mins.get(i), N, r, Output(out)));
   }
-  expert_rows(experts, expert, out.size(0), out.size(1));
+  expert_rows(experts, expert, out.size(0));
   return out.to(x_in.scalar_type());
 }
 
@@ -329,9 +318,9 @@ at::Tensor int4_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
 // their shapes for torch.compile.
 TORCH_LIBRARY(lilmistral, m) {
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scales) -> Tensor");
-  m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, Tensor slot_of) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, int n) -> Tensor");
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor expert) -> Tensor");
-  m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor?[] mins, Tensor slot_of, Tensor expert) -> Tensor");
+  m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor?[] mins, int n, Tensor expert) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {

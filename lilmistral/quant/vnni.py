@@ -29,7 +29,7 @@ def cpu_has_vnni() -> bool:
 def available() -> bool:
     """Whether the operators exist (building them on the first call): torch.ops.lilmistral.int8_gemv(x
     [M, K], q, scales), int4_gemv(x, **pack_int4_vnni(...)), and for mixtures of experts
-    int8_gemv_experts(x, [q], [scales], expert [M]) and int4_gemv_experts(x, [q], [scales], [mins], slot_of,
+    int8_gemv_experts(x, [q], [scales], expert [M]) and int4_gemv_experts(x, [q], [scales], [mins], n,
     expert): row m of x times the weight of expert[m]."""
     if os.environ.get("LILMISTRAL_CPU_KERNELS") == "torch" or not cpu_has_vnni():
         return False
@@ -43,47 +43,41 @@ def available() -> bool:
         warnings.warn(f"lilmistral: the AVX-512 VNNI kernels did not build ({reason}); using PyTorch's slower kernels",
                       stacklevel=2)
         return False
-    torch.library.register_fake("lilmistral::int8_gemv")(_gemv_shape)
-    torch.library.register_fake("lilmistral::int4_gemv")(_gemv_shape)
-    torch.library.register_fake("lilmistral::int8_gemv_experts")(_experts_shape)
-    torch.library.register_fake("lilmistral::int4_gemv_experts")(_experts_shape)
+    torch.library.register_fake("lilmistral::int8_gemv")(_int8_shape)
+    torch.library.register_fake("lilmistral::int4_gemv")(_int4_shape)
+    torch.library.register_fake("lilmistral::int8_gemv_experts")(_int8_shape)
+    torch.library.register_fake("lilmistral::int4_gemv_experts")(_int4_shape)
     return True
 
 
-def _gemv_shape(x: torch.Tensor, q: torch.Tensor, *args) -> torch.Tensor:
-    return x.new_empty(x.shape[0], q.shape[0])
+def _int8_shape(x: torch.Tensor, q, *args) -> torch.Tensor:
+    return x.new_empty(x.shape[0], (q[0] if isinstance(q, list) else q).shape[0])
 
 
-def _experts_shape(x: torch.Tensor, q: list[torch.Tensor], *args) -> torch.Tensor:
-    return x.new_empty(x.shape[0], q[0].shape[0])
-
-
-def slot_order(k: int) -> torch.Tensor:
-    """int32 [K/32]: where int4_gemv keeps each block of 32 inputs. Two runs of 64 inputs (blocks a, b, c, d)
-    load as one register, low nibbles (a, c) and high nibbles (b, d): slots a, c, b, d. An odd last run of 64
-    keeps its order."""
-    blocks = torch.arange(k // 32, dtype=torch.int32)
-    paired = (k // 128) * 4
-    slot = blocks.clone()
-    within = torch.tensor([0, 2, 1, 3], dtype=torch.int32).repeat(k // 128)
-    slot[:paired] = blocks[:paired] - blocks[:paired] % 4 + within
-    return slot
+def _int4_shape(x: torch.Tensor, q, scales, mins, n: int, *args) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
 
 
 def pack_int4_vnni(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
-                   ) -> dict[str, torch.Tensor | None]:
-    """Values 0..15 [N, K] and per-group float16 scales (and mins) [N, K/G] -> int4_gemv's parts: per 64
-    inputs 32 bytes, byte j holding input j (low nibble) and input 32 + j (high nibble); scales and mins one
-    per block of 32, by slot."""
+                   ) -> dict[str, torch.Tensor | int | None]:
+    """Values 0..15 [N, K] and per-group float16 scales (and mins) [N, K/G] -> int4_gemv's arguments: columns
+    in groups of 16 (the last padded with zeros), each group's weights in chunks of 8 inputs, 64 bytes: bytes
+    4c..4c+3 hold column c's inputs 0..3 in their low nibbles and 4..7 in their high ones; scales and mins
+    one per block of 32 inputs, [groups, K/32, 16]."""
     n, k = q.shape
-    runs = q.to(torch.uint8).reshape(n, k // 64, 2, 32)
-    packed = (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(n, k // 2)
-    slot_of = slot_order(k)
-    block_of_slot = torch.argsort(slot_of)
+    groups = -(-n // 16)
 
-    def per_slot(t: torch.Tensor) -> torch.Tensor:
-        per_block = t.repeat_interleave(k // 32 // t.shape[1], dim=1)
-        return per_block[:, block_of_slot].to(torch.float16).contiguous()
+    def by_group(t: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [groups, 16, ...], zero padded
+        padded = t.new_zeros(groups * 16, *t.shape[1:])
+        padded[:n] = t
+        return padded.reshape(groups, 16, *t.shape[1:])
 
-    return {"q": packed.contiguous(), "scales": per_slot(scales), "mins": None if mins is None else per_slot(mins),
-            "slot_of": slot_of}
+    chunks = by_group(q.to(torch.uint8)).reshape(groups, 16, k // 8, 2, 4)
+    packed = (chunks[:, :, :, 0] | (chunks[:, :, :, 1] << 4)).permute(0, 2, 1, 3)  # [groups, K/8, 16, 4]
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:
+        blocks = t.repeat_interleave(k // 32 // t.shape[1], dim=1).to(torch.float16)
+        return by_group(blocks).transpose(1, 2).contiguous()
+
+    return {"q": packed.reshape(groups, k * 8).contiguous(), "scales": per_block(scales),
+            "mins": None if mins is None else per_block(mins), "n": n}
