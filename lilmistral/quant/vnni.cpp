@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <atomic>
+
 namespace {
 
 constexpr int64_t BLOCK = 32;  // activations per int8 scale
@@ -100,9 +102,11 @@ struct StepLanes {
 // the same numbers alone as within its prompt.
 template <typename Kernel>
 void run(const Kernel& kernel, int64_t M) {
-  at::parallel_for(0, kernel.units(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; unit += Kernel::TILE) {
-      const int64_t tile_end = std::min(unit + Kernel::TILE, end);
+  const int64_t units = kernel.units();
+  std::atomic<int64_t> next_tile{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t unit; (unit = next_tile++ * Kernel::TILE) < units;) {
+      const int64_t tile_end = std::min(unit + Kernel::TILE, units);
       for (int64_t row = 0; row < M; row += 8) {
         const Kernel k = kernel.at_row(row);
         switch (std::min<int64_t>(M - row, 8)) {
