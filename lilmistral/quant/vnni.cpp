@@ -1,7 +1,6 @@
 // int8 and int4 matrix products with AVX-512 VNNI, as llama.cpp does them (cpu.py says where each is used):
 // activations are quantized to int8 in blocks of 32 and multiplied with the integer weights by integer dot
-// products (vpdpbusd: unsigned 8-bit x signed 8-bit, four products per 32-bit lane). One step multiplies
-// 64 inputs: lanes 0-7 of the 16-lane result belong to one block of 32, lanes 8-15 to the next.
+// products (vpdpbusd: unsigned 8-bit x signed 8-bit, four products summed per 32-bit lane).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -97,16 +96,19 @@ struct StepLanes {
 
 // Calls kernel.template rows<M>(begin, end) over the kernel's units of output columns (one column, or a group
 // of 16) for blocks of up to 8 activation rows, M a constant so that the per-row accumulators live in
-// registers, over tiles of Kernel::TILE units (whose weights stay in cache while every block of rows passes).
+// registers. Threads take tiles in turn: of Kernel::TILE units when there are several blocks of rows (the
+// tile's weights stay in cache while every block passes), else an eighth of each thread's share, at least
+// Kernel::GRAIN units (measured: finer tiles read memory slower, coarser ones balance worse on a busy machine).
 // Each output is computed by the same operations whatever the number of rows: a prompt's last token gives
 // the same numbers alone as within its prompt.
 template <typename Kernel>
 void run(const Kernel& kernel, int64_t M) {
   const int64_t units = kernel.units();
+  const int64_t tile = M > 8 ? Kernel::TILE : std::max(Kernel::GRAIN, units / (8 * at::get_num_threads()));
   std::atomic<int64_t> next_tile{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t unit; (unit = next_tile++ * Kernel::TILE) < units;) {
-      const int64_t tile_end = std::min(unit + Kernel::TILE, units);
+    for (int64_t unit; (unit = next_tile++ * tile) < units;) {
+      const int64_t tile_end = std::min(unit + tile, units);
       for (int64_t row = 0; row < M; row += 8) {
         const Kernel k = kernel.at_row(row);
         switch (std::min<int64_t>(M - row, 8)) {
@@ -124,12 +126,13 @@ void run(const Kernel& kernel, int64_t M) {
   });
 }
 
-// int8 weights [N, K], w = q * scale[n]. vpdpbusd wants one unsigned operand: |w| times x with w's sign
-// moved onto x.
+// int8 weights [N, K], w = q * scale[n], one column at a time. One step multiplies 64 inputs: lanes 0-7 of
+// the 16-lane result belong to one block of 32, lanes 8-15 to the next. vpdpbusd wants one unsigned operand:
+// |w| times x with w's sign moved onto x.
 struct Int8Gemv {
   const int8_t* w; const float* scale; const int8_t* xq; const float* x_scale; Output out; int64_t N, K;
   StepLanes lanes;
-  static constexpr int64_t TILE = 64;
+  static constexpr int64_t TILE = 64, GRAIN = 256;
 
   int64_t units() const { return N; }
 
@@ -172,7 +175,7 @@ struct Int8Gemv {
 struct Int4Gemv {
   const uint8_t* w; const uint16_t* scale; const uint16_t* min; const int8_t* xq; const float* x_scale;
   const float* x_sum; Output out; int64_t N, K;
-  static constexpr int64_t TILE = 4;  // groups whose weights stay in cache while every block of rows passes
+  static constexpr int64_t TILE = 4, GRAIN = 8;
 
   int64_t units() const { return (N + 15) / 16; }
 
