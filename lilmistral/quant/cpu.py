@@ -30,7 +30,7 @@ def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 class Int8Kernel:
     """Decode (a few rows): vnni.cpp's kernel, with int8 activations in blocks of 32 (as llama.cpp's Q8_0),
-    1.4x (2 threads) to 2.2x (1 thread) PyTorch's weight-only int8 kernel, which serves CPUs without AVX-512
+    1.05-1.55x (2 threads) PyTorch's weight-only int8 kernel, which serves CPUs without AVX-512
     VNNI. Prefill (more than W8A8_MIN_ROWS rows): the activations are quantized per row to int8 too and
     multiplied with torch._int_mm, about 4x faster at 128 rows (4096x4096: 6.6 ms vs 28 ms here) for ~0.9%
     relative error."""
@@ -63,10 +63,9 @@ class Int8Kernel:
 
 class VnniInt4Kernel:
     """vnni.cpp's int4 kernel, int8 activations in blocks of 32 (as llama.cpp's Q4_0 and Q4_1 times Q8_0):
-    1.2-1.4x PyTorch's int4 kernel at decode on Mistral-7B's shapes, ~1.5x at 128 rows of prefill.
-    Dequantizing tiles to bfloat16 for PyTorch's matmul was up to 1.4x faster at prefill, but this kernel
-    computes each row alike however many there are, so a prompt's last token re-entered alone (a reused
-    cache) gives the prefill's numbers."""
+    ~1.6x PyTorch's int4 kernel at decode on Mistral-7B's shapes, and at prefill faster than dequantizing
+    tiles to bfloat16 for PyTorch's matmul. It computes each row alike however many there are, so a
+    prompt's last token re-entered alone (a reused cache) gives the prefill's numbers."""
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
         self.parts = vnni.pack_int4_vnni(unpack_int4(parts["qweight"]), parts["scales"], parts.get("mins"))
