@@ -13,7 +13,8 @@ from conftest import make_hf_model
 from lilmistral.cache import RollingKVCache
 from lilmistral.generate import SamplingParams, prefill, sample
 from lilmistral.llm import stream_text
-from lilmistral.quant import QuantExperts, vnni
+from lilmistral.quant import QuantExperts, QuantLinear, vnni
+from lilmistral.quant.cpu import VnniInt4Kernel
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +176,27 @@ def test_decode_step_matches_the_prefill_path(windowed):
         prefill(llm.model, llm.cache, ids[:3])
         stepped = [llm.decode_step(token, llm.cache) for token in ids[3:]]
     torch.testing.assert_close(torch.stack(stepped), reference[3:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_int4_prompt_token_alone_gives_the_prefill_logits(full):
+    """The int4 CPU kernel computes each row alike however many come together: a prompt's last token
+    re-entered alone into a reused cache, or run by the decode step, gives the bits of the whole prompt's
+    prefill, so asking again at temperature 0 gives the same answer."""
+    llm = lilmistral.load(full, quant="int4")
+    assert llm.model.norm.weight.dtype == torch.bfloat16  # the kernel's own path, not the float32 reference
+    assert all(isinstance(m.kernel, VnniInt4Kernel) for m in llm.model.modules() if isinstance(m, QuantLinear)
+               and m.spec.scheme == "int4")
+    ids = torch.randint(10, 200, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.inference_mode():
+        whole = prefill(llm.model, llm.cache, ids)
+        llm.cache.reset()
+        prefill(llm.model, llm.cache, ids[:-1])
+        alone = prefill(llm.model, llm.cache, ids[-1:])
+        llm.cache.rewind(len(ids) - 1)
+        stepped = llm.decode_step(ids[-1], llm.cache)
+    assert torch.equal(alone, whole)
+    assert torch.equal(stepped, whole[-1])
 
 
 @pytest.mark.parametrize("source", ["windowed", "full"])
