@@ -15,7 +15,9 @@ from .convert.gguf import GGUFSource, gguf_tokenizer
 from .errors import LilmistralError, ModelFormatError
 from .llm import LLM
 from .model import Transformer
-from .quant import DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, quantize, swap_in_quant_linears
+from .quant import (DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, fuse_projections, quantize,
+                    swap_in_quant_linears)
+from .quant.cpu import attention_kernel
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,6 +62,11 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     loaded += [m for m in model.modules() if isinstance(m, QuantExperts) and m[0].w1.qweight.device.type != "meta"]
     for module in loaded:  # QuantExperts after the QuantLinears they are made of
         module.prepare()
+    if device == "cpu":
+        fuse_projections(model)
+    attend = attention_kernel(args.head_dim, dtype) if device == "cpu" else None
+    for layer in model.layers if attend else ():
+        layer.attention.attend = attend
     return model.eval()
 
 

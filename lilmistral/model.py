@@ -72,6 +72,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q [K, R, hd] (the R query rows of each kv head) to keys and values [K, S, hd]; mask
+    [R or 1, S] boolean, True where a row may attend (None: everywhere). Returns [K, R, hd]."""
+    # 4-D inputs take PyTorch's flash-attention CPU kernel (3-D ones fall back to the slower math path)
+    return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask)[0]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -80,21 +87,25 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.attend = sdpa  # a backend's kernel with sdpa's signature may take its place
+        self.wqkv: nn.Module | None = None  # wq, wk and wv as one, where a backend fuses them: outputs side by side
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 kv: KVUpdate) -> torch.Tensor:
         """mask: [H/K * T, S] (or broadcastable) boolean, True where a query may attend (None: everywhere)."""
         T = x.shape[0]
-        q = self.wq(x).view(T, self.n_heads, self.head_dim).transpose(0, 1)  # [H, T, hd]
-        k = self.wk(x).view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
-        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = self.wqkv(x).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
+        q = q.reshape(T, self.n_heads, self.head_dim).transpose(0, 1)  # [H, T, hd]
+        k = k.reshape(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
+        v = v.reshape(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         keys, values = kv(k, v)  # [K, S, hd]
         # grouped-query attention without repeating keys: the H/K query heads sharing a kv head become rows
-        q = q.reshape(1, self.n_kv_heads, -1, self.head_dim)  # [1, K, H/K * T, hd]
-        # 4-D inputs take PyTorch's flash-attention CPU kernel (3-D ones fall back to the slower math path)
-        out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask)  # [1, K, H/K * T, hd]
+        out = self.attend(q.reshape(self.n_kv_heads, -1, self.head_dim), keys, values, mask)  # [K, H/K * T, hd]
         return self.wo(out.view(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1))
 
 
@@ -104,9 +115,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w13: nn.Module | None = None  # w1 and w3 as one, where a backend fuses them: outputs side by side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Experts(nn.ModuleList):

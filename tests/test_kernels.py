@@ -115,3 +115,65 @@ def test_vnni_int4_kernels(spec, n, k, rows):
     assert torch.equal(torch.ops.lilmistral.int4_gemv(x[1:2], **packed)[0], got[1])
     xb = x.bfloat16()  # bfloat16 in and out: as float32 in, rounded out
     assert torch.equal(torch.ops.lilmistral.int4_gemv(xb, **packed), torch.ops.lilmistral.int4_gemv(xb.float(), **packed).bfloat16())
+
+
+def attention_reference(q, keys, values, mask):
+    """Attention in float64 by its definition."""
+    scores = q.double() @ keys.double().transpose(1, 2) / q.shape[-1] ** 0.5  # [K, R, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ values.double()
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads,rows,slots,head_dim", [(1, 1, 1, 16), (2, 5, 33, 32), (3, 3, 100, 64),
+                                                          (8, 4, 200, 128), (2, 24, 130, 64)])
+def test_attention_kernel(dtype, kv_heads, rows, slots, head_dim):
+    """attention.cpp against the definition, for no mask, one mask row for all (decode) and one per row (a
+    prompt's causal and sliding-window mask), keys and values read out of a larger cache; each row the same
+    bits alone as among others, and at any number of slots past the last it may attend to."""
+    g = torch.Generator().manual_seed(kv_heads * rows * slots)
+    q = torch.randn(kv_heads, rows, head_dim, generator=g).to(dtype)
+    cache = torch.randn(2, kv_heads, slots + 70, head_dim, generator=g).to(dtype)
+    keys, values = cache[0, :, :slots], cache[1, :, :slots]
+    position = (slots - 1 - torch.arange(rows) % 7).clamp(min=0)  # a prompt's rows: near the last slot, window 40
+    causal = (torch.arange(slots)[None] <= position[:, None]) & (position[:, None] - torch.arange(slots)[None] < 40)
+    decode = torch.rand(1, slots, generator=g) < 0.8
+    decode[0, 0] = True
+    attend = lambda *a: torch.ops.lilmistral.attention(*a, head_dim ** -0.5)  # noqa: E731
+    for mask in (None, decode, causal):
+        got = attend(q, keys, values, mask)
+        assert got.dtype == dtype and got.shape == q.shape
+        expected = attention_reference(q, keys, values, mask)
+        assert (got.double() - expected).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+        r = rows // 2
+        alone = attend(q[:, r:r + 1], keys, values, None if mask is None else mask[r:r + 1] if len(mask) > 1 else mask)
+        assert torch.equal(alone, got[:, r:r + 1])
+    longer = torch.cat([causal, torch.zeros(rows, 70, dtype=torch.bool)], dim=1)  # slots no row attends to
+    assert torch.equal(attend(q, cache[0], cache[1], longer), attend(q, keys, values, causal))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True)],
+                         ids=spec_id)
+def test_fused_projections_give_each_projections_output(spec):
+    """wq, wk, wv fused into one kernel: the same bits as each alone (bfloat16, the kernels' path; float32,
+    the dequantizing fallback), and the originals still work."""
+    from lilmistral.quant import QuantLinear
+    from lilmistral.quant.linear import FusedQuantLinear
+
+    g = torch.Generator().manual_seed(0)
+    linears = []
+    for n in (96, 40, 40):  # 40: a fused boundary inside a group of 16 columns
+        linear = QuantLinear(128, n, spec)
+        for name, part in quantize(torch.randn(n, 128, generator=g) * 0.05, spec).items():
+            setattr(linear, name, part)
+        linear.prepare()
+        linears.append(linear)
+    x = torch.randn(5, 128, generator=g)
+    inputs = [rows.to(dtype) for rows in (x[:1], x) for dtype in (torch.bfloat16, torch.float32)]
+    expected = [torch.cat([linear(rows) for linear in linears], dim=-1) for rows in inputs]
+    fused = FusedQuantLinear(linears)
+    for rows, out in zip(inputs, expected):
+        assert torch.equal(fused(rows), out)
+    assert torch.allclose(linears[1](x), expected[-1][:, 96:136], atol=1e-5)

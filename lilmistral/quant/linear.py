@@ -1,12 +1,13 @@
-"""QuantLinear: a drop-in for nn.Linear whose weight stays packed; the math is the backend's. QuantExperts:
-the experts of a MoE layer, made of QuantLinears, with expert-batched decode where the backend has it."""
+"""QuantLinear: a drop-in for nn.Linear whose weight stays packed; the math is the backend's. FusedQuantLinear:
+QuantLinears that read the same input as one. QuantExperts: the experts of a MoE layer, made of QuantLinears,
+with expert-batched decode where the backend has it."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import Experts
+from ..model import Experts, FeedForward, Transformer
 from .pack import QuantSpec, packed_shapes
 from .vnni import MAX_ROWS
 
@@ -38,6 +39,46 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"{self.in_features}, {self.out_features}, {s.scheme}" + (f", g{s.group_size}" if s.group_size else "")
+
+
+class FusedQuantLinear(nn.Module):
+    """QuantLinears that read the same input (wq, wk, wv; w1, w3) as one kernel call, their outputs side by
+    side, each column computed as in its own: fewer calls a token, activations quantized once. The kernel is
+    made from the concatenated canonical parts; theirs fall back to dequantizing (rarely used, packed memory
+    freed). Holds no tensors in the state dict."""
+
+    def __init__(self, linears: list[QuantLinear]) -> None:
+        super().__init__()
+        self.out_features = sum(linear.out_features for linear in linears)
+        parts = {name: torch.cat([linear.parts()[name] for linear in linears]) for name in linears[0].parts()}
+        self.kernel = type(linears[0].kernel)(parts, linears[0].spec)
+        self.kernel.fallback = SideBySide([linear.kernel.fallback for linear in linears])
+        for linear in linears:
+            linear.kernel = linear.kernel.fallback
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x)
+
+
+class SideBySide:
+    def __init__(self, kernels: list) -> None:
+        self.kernels = kernels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([kernel(x) for kernel in self.kernels], dim=-1)
+
+
+def fuse_projections(model: Transformer) -> None:
+    """Fuse each loaded layer's wq, wk, wv and (dense layers) w1, w3 where they are QuantLinears whose kernels
+    have a dequantizing fallback (which a kernel that only dequantizes has not: nothing to gain)."""
+    for layer in model.layers:
+        groups = [(layer.attention, "wqkv", ("wq", "wk", "wv"))]
+        if isinstance(layer.feed_forward, FeedForward):
+            groups.append((layer.feed_forward, "w13", ("w1", "w3")))
+        for module, name, children in groups:
+            linears = [getattr(module, child) for child in children]
+            if all(isinstance(linear, QuantLinear) and hasattr(linear.kernel, "fallback") for linear in linears):
+                setattr(module, name, FusedQuantLinear(linears))
 
 
 class QuantExperts(Experts):

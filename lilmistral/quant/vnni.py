@@ -30,13 +30,14 @@ def available() -> bool:
     """Whether the operators exist (building them on the first call): torch.ops.lilmistral.int8_gemv(x
     [M, K], q, scales), int4_gemv(x, **pack_int4_vnni(...)), and for mixtures of experts
     int8_gemv_experts(x, [q], [scales], expert [M]) and int4_gemv_experts(x, [q], [scales], [mins], n,
-    expert): row m of x times the weight of expert[m]."""
+    expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale) (attention.cpp)."""
     if os.environ.get("LILMISTRAL_CPU_KERNELS") == "torch" or not cpu_has_vnni():
         return False
     from torch.utils.cpp_extension import load_inline
 
     try:
-        load_inline("lilmistral_vnni", cpp_sources=Path(__file__).with_name("vnni.cpp").read_text(),
+        sources = [Path(__file__).with_name(name).read_text() for name in ("vnni.cpp", "attention.cpp")]
+        load_inline("lilmistral_vnni", cpp_sources=sources,
                     extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
         reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
@@ -47,6 +48,7 @@ def available() -> bool:
     torch.library.register_fake("lilmistral::int4_gemv")(_int4_shape)
     torch.library.register_fake("lilmistral::int8_gemv_experts")(_int8_shape)
     torch.library.register_fake("lilmistral::int4_gemv_experts")(_int4_shape)
+    torch.library.register_fake("lilmistral::attention")(lambda q, *args: torch.empty_like(q))
     return True
 
 

@@ -1,0 +1,157 @@
+// Attention on the CPU with AVX-512: softmax(q k^T * scale) v for each query row on its own, over the keys in
+// chunks of 64 slots merged in slot order (an online softmax), so that a token's row gets the same numbers
+// decoded alone as within its prompt. Decode-sized calls cost a few microseconds, where PyTorch's flash kernel
+// costs tens. vnni.py compiles this file after vnni.cpp, in one unit: load16 and Output are vnni.cpp's.
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace {
+
+constexpr int64_t KEYS = 32;
+constexpr int64_t ROW_BLOCK = 8;   // query rows of one kv head per task: they share each chunk of keys converted once
+
+// exp(x) for x <= 0 (below -87 it returns ~1e-38, not 0): 2^n * 2^f, n = round(x / ln 2), 2^f by Cephes'
+// exp2f polynomial on [-0.5, 0.5], within 2 ulp.
+inline __m512 exp512(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  for (const float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f, 2.402264791363012e-1f,
+                        6.931472028550421e-1f, 1.f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <int HD>
+struct Attention {
+  const void* q; const void* k; const void* v; const bool* mask; Output out;
+  bool bf16;  // q, k and v: bfloat16, else float32
+  int64_t R, S, k_head, k_slot, v_head, v_slot, mask_rows;
+  float scale;
+
+  // The valid slots of chunk [j0, j0 + n) for row r.
+  __mmask64 valid(int64_t r, int64_t j0, int64_t n) const {
+    const __mmask64 in_range = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+    if (!mask) return in_range;
+    const bool* row = mask + (mask_rows == 1 ? 0 : r) * S + j0;
+    return _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in_range, row), _mm512_set1_epi8(1));
+  }
+
+  // Rows [r0, r1) of kv head h (at most ROW_BLOCK). Each chunk's valid keys and values are converted to float32
+  // once for the block; per row, scores, then an online-softmax update of its float32 output.
+  void rows(int64_t h, int64_t r0, int64_t r1) const {
+    constexpr int V = HD / 16;
+    const int64_t B = r1 - r0;
+    alignas(64) float qf[ROW_BLOCK][HD], o[ROW_BLOCK][HD], kf[KEYS][HD], vf[KEYS][HD], s[KEYS], p[KEYS];
+    float m[ROW_BLOCK], l[ROW_BLOCK];
+    for (int64_t b = 0; b < B; ++b) {
+      for (int i = 0; i < V; ++i)
+        _mm512_store_ps(qf[b] + 16 * i, load16(q, bf16, (h * R + r0 + b) * HD + 16 * i)), _mm512_store_ps(o[b] + 16 * i, _mm512_setzero_ps());
+      m[b] = -std::numeric_limits<float>::infinity(), l[b] = 0.f;
+    }
+    for (int64_t j0 = 0; j0 < S; j0 += KEYS) {
+      const int64_t n = std::min(KEYS, S - j0);
+      __mmask64 ok[ROW_BLOCK], any = 0;
+      for (int64_t b = 0; b < B; ++b) any |= ok[b] = valid(r0 + b, j0, n);
+      for (__mmask64 bits = any; bits; bits &= bits - 1) {
+        const int64_t j = __builtin_ctzll(bits), kat = h * k_head + (j0 + j) * k_slot, vat = h * v_head + (j0 + j) * v_slot;
+        for (int i = 0; i < V; ++i)
+          _mm512_store_ps(kf[j] + 16 * i, load16(k, bf16, kat + 16 * i)), _mm512_store_ps(vf[j] + 16 * i, load16(v, bf16, vat + 16 * i));
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        if (!ok[b]) continue;
+        __m512 qr[V], acc[V];
+        for (int i = 0; i < V; ++i) qr[i] = _mm512_load_ps(qf[b] + 16 * i);
+        for (int64_t c = 0; c < KEYS; c += 16) _mm512_store_ps(s + c, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+        for (__mmask64 bits = ok[b]; bits; bits &= bits - 1) {
+          const int64_t j = __builtin_ctzll(bits);
+          __m512 dot[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+          for (int i = 0; i < V; ++i) dot[i % 2] = _mm512_fmadd_ps(qr[i], _mm512_load_ps(kf[j] + 16 * i), dot[i % 2]);
+          s[j] = _mm512_reduce_add_ps(_mm512_add_ps(dot[0], dot[1])) * scale;
+        }
+        __m512 top = _mm512_load_ps(s);
+        for (int64_t c = 16; c < KEYS; c += 16) top = _mm512_max_ps(top, _mm512_load_ps(s + c));
+        const float m_new = std::max(m[b], _mm512_reduce_max_ps(top));
+        const float rescale = std::exp(m[b] - m_new);  // 0 before the first valid chunk
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t c = 0; c < KEYS; c += 16) {
+          const __m512 e = _mm512_maskz_mov_ps(static_cast<__mmask16>(ok[b] >> c),
+                                               exp512(_mm512_sub_ps(_mm512_load_ps(s + c), _mm512_set1_ps(m_new))));
+          _mm512_store_ps(p + c, e);
+          sum = _mm512_add_ps(sum, e);
+        }
+        m[b] = m_new, l[b] = l[b] * rescale + _mm512_reduce_add_ps(sum);
+        for (int i = 0; i < V; ++i) acc[i] = _mm512_mul_ps(_mm512_load_ps(o[b] + 16 * i), _mm512_set1_ps(rescale));
+        for (__mmask64 bits = ok[b]; bits; bits &= bits - 1) {
+          const int64_t j = __builtin_ctzll(bits);
+          const __m512 pj = _mm512_set1_ps(p[j]);
+          for (int i = 0; i < V; ++i) acc[i] = _mm512_fmadd_ps(pj, _mm512_load_ps(vf[j] + 16 * i), acc[i]);
+        }
+        for (int i = 0; i < V; ++i) _mm512_store_ps(o[b] + 16 * i, acc[i]);
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const float inv = l[b] > 0 ? 1.f / l[b] : 0.f;  // a row with no key to attend to gives zeros
+      for (int64_t d = 0; d < HD; ++d) out.store((h * R + r0 + b) * HD + d, o[b][d] * inv);
+    }
+  }
+
+  void run(int64_t K) const {
+    const int64_t blocks = (R + ROW_BLOCK - 1) / ROW_BLOCK;
+    at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t h = t / blocks, r0 = (t % blocks) * ROW_BLOCK;
+        rows(h, r0, std::min(r0 + ROW_BLOCK, R));
+      }
+    });
+  }
+};
+
+}  // namespace
+
+// q [K, R, hd] (the R query rows of each of K kv heads); keys, values [K, S, hd] (any stride but the last);
+// mask bool [1 or R, S], true where a row may attend (none: everywhere). hd 16, 32, 64 or 128; float32 or bfloat16,
+// all alike. Returns [K, R, hd] in q's dtype.
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values,
+                     const c10::optional<at::Tensor>& mask_in, double scale) {
+  const at::Tensor q = q_in.contiguous();
+  const int64_t K = q.size(0), R = q.size(1), hd = q.size(2), S = keys.size(1);
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(q.dim() == 3 && (bf16 || q.scalar_type() == at::kFloat) && (hd == 16 || hd == 32 || hd == 64 || hd == 128),
+              "attention: q must be float32 or bfloat16 [K, R, hd], hd 16, 32, 64 or 128");
+  for (const at::Tensor* t : {&keys, &values})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == K && t->size(1) == S && t->size(2) == hd && t->stride(2) == 1 &&
+                t->scalar_type() == q.scalar_type(), "attention: keys and values must be [K, S, hd] like q");
+  at::Tensor mask;
+  if (mask_in) {
+    mask = mask_in->contiguous();
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) == S &&
+                (mask.size(0) == 1 || mask.size(0) == R), "attention: mask must be bool [1 or R, S]");
+  }
+  at::Tensor out = at::empty_like(q);
+  Output o(out);
+  const bool* m = mask_in ? mask.data_ptr<bool>() : nullptr;
+  const int64_t mask_rows = mask_in ? mask.size(0) : 1;
+  const auto run = [&](auto head_dim) {
+    Attention<decltype(head_dim)::value>{q.data_ptr(), keys.data_ptr(), values.data_ptr(), m, o, bf16, R, S,
+                                         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), mask_rows,
+                                         static_cast<float>(scale)}.run(K);
+  };
+  switch (hd) {
+    case 16: run(std::integral_constant<int, 16>{}); break;
+    case 32: run(std::integral_constant<int, 32>{}); break;
+    case 64: run(std::integral_constant<int, 64>{}); break;
+    default: run(std::integral_constant<int, 128>{});
+  }
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(lilmistral, m) {
+  m.def("attention(Tensor q, Tensor keys, Tensor values, Tensor? mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
+  m.impl("attention", &attention);
+}
