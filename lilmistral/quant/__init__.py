@@ -50,5 +50,5 @@ def swap_in_quant_linears(model: nn.Module, specs: dict[str, QuantSpec]) -> None
             setattr(model.get_submodule(parent_name), child, QuantExperts(module))
 
 
-__all__ = ["QuantLinear", "QuantExperts", "fuse_projections", "QuantSpec", "quantize", "dequantize", "spec_for", "swap_in_quant_linears",
-           "SCHEMES", "FLOAT_SCHEMES", "DEFAULT_GROUP_SIZE", "QUANTIZED_SUFFIXES"]
+__all__ = ["QuantLinear", "QuantExperts", "fuse_projections", "QuantSpec", "quantize", "dequantize", "spec_for",
+           "swap_in_quant_linears", "SCHEMES", "FLOAT_SCHEMES", "DEFAULT_GROUP_SIZE", "QUANTIZED_SUFFIXES"]
