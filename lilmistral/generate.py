@@ -53,25 +53,23 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, history: list[int],
            generator: torch.Generator | None) -> int:
-    """One token from float32 logits [vocab]: repetition penalty, temperature, top-k, top-p, then draw."""
+    """One token from float32 logits [vocab]: repetition penalty, temperature, top-k, top-p, then draw. The
+    filters work on the top-k candidates only (sorted by topk), not on a sort of the whole vocabulary."""
     if params.repeat_penalty != 1.0 and history:
-        recent = torch.tensor(history[-params.repeat_last_n:], device=logits.device).unique()
+        recent = torch.tensor(sorted(set(history[-params.repeat_last_n:])), device=logits.device)
         picked = logits[recent]
-        logits = logits.clone()
-        logits[recent] = torch.where(picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty)
+        penalized = torch.where(picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty)
+        logits = logits.index_put((recent,), penalized)
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
     if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the token crossing top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        values, ids = torch.topk(logits, min(params.top_k, logits.shape[-1]))  # largest first
+    else:
+        values, ids = torch.sort(logits, descending=True)
+    probs = torch.softmax(values / params.temperature, dim=-1)
+    if params.top_p < 1.0:  # the smallest prefix reaching top_p: keep the token crossing it
+        probs = probs[:int((probs.cumsum(dim=-1) - probs < params.top_p).sum())]
+    return int(ids[torch.multinomial(probs, 1, generator=generator)])
 
 
 def prefill(model: Transformer, cache: RollingKVCache, ids: list[int], all_logits: bool = False) -> torch.Tensor:
