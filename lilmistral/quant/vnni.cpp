@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <vector>
 
 namespace {
 
@@ -16,11 +17,11 @@ constexpr int64_t ROWS = 8;    // activation rows per block, their accumulators 
 // 4 KB measured alike within the machine's noise (1 KB ahead in 2 of 3 shapes)
 constexpr int64_t PREFETCH = 1024;
 
-// Activations [M, K] as int8 blocks of 32.
+// Activations [M, K] as int8 blocks of 32, in the calling thread's buffers (reused: no allocation per call).
 struct QuantizedRows {
-  at::Tensor q;      // int8 [M, K]
-  at::Tensor scale;  // float [M, K/32]
-  at::Tensor sum;    // float [M, K/32]: the block's sum as quantized (scale times the sum of its int8s)
+  const int8_t* q;      // [M, K]
+  const float* scale;   // [M, K/32]
+  const float* sum;     // [M, K/32]: the block's sum as quantized (scale times the sum of its int8s)
 };
 
 // Sixteen activations from float32 or bfloat16 (a bfloat16 is the top half of a float32).
@@ -60,12 +61,14 @@ struct Output {
 
 QuantizedRows quantize_rows(const Rows& rows) {
   const int64_t M = rows.x.size(0), K = rows.x.size(1), blocks = K / BLOCK;
-  QuantizedRows r{at::empty({M, K}, at::kChar), at::empty({M, blocks}, at::kFloat), at::empty({M, blocks}, at::kFloat)};
+  thread_local std::vector<int8_t> q_buffer;
+  thread_local std::vector<float> scale_buffer, sum_buffer;
+  q_buffer.resize(M * K), scale_buffer.resize(M * blocks), sum_buffer.resize(M * blocks);
   const void* xp = rows.x.data_ptr();
   const bool bf16 = rows.bf16;
-  int8_t* qp = r.q.data_ptr<int8_t>();
-  float* scale = r.scale.data_ptr<float>();
-  float* sum = r.sum.data_ptr<float>();
+  int8_t* qp = q_buffer.data();
+  float* scale = scale_buffer.data();
+  float* sum = sum_buffer.data();
   const __m512 sign_bit = _mm512_set1_ps(-0.f);
   at::parallel_for(0, M, 8, [&](int64_t m_begin, int64_t m_end) {
     for (int64_t m = m_begin; m < m_end; ++m) {
@@ -83,7 +86,7 @@ QuantizedRows quantize_rows(const Rows& rows) {
       }
     }
   });
-  return r;
+  return {qp, scale, sum};
 }
 
 // Lanes 0-7 take v[2j], lanes 8-15 take v[2j + 1]: the scales of step j of a run of eight steps (16 blocks).
@@ -234,8 +237,7 @@ Int8Gemv int8_kernel(const at::Tensor& q, const at::Tensor& scales, const Quanti
   const int64_t N = q.size(0), K = q.size(1);
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.numel() == N &&
               q.is_contiguous() && scales.is_contiguous(), "int8_gemv: unsupported layout");
-  return Int8Gemv{q.data_ptr<int8_t>(), scales.data_ptr<float>(), r.q.data_ptr<int8_t>(), r.scale.data_ptr<float>(),
-                  out, N, K};
+  return Int8Gemv{q.data_ptr<int8_t>(), scales.data_ptr<float>(), r.q, r.scale, out, N, K};
 }
 
 // The kernel over one int4 weight of N columns in Int4Gemv's layout: q uint8 [groups, K * 8], scales and mins
@@ -249,8 +251,8 @@ Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::o
               (!mins || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())),
               "int4_gemv: unsupported layout");
   const auto half_bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
-  return Int4Gemv{q.data_ptr<uint8_t>(), half_bits(scales), mins ? half_bits(*mins) : nullptr, r.q.data_ptr<int8_t>(),
-                  r.scale.data_ptr<float>(), r.sum.data_ptr<float>(), out, N, K};
+  return Int4Gemv{q.data_ptr<uint8_t>(), half_bits(scales), mins ? half_bits(*mins) : nullptr, r.q, r.scale, r.sum,
+                  out, N, K};
 }
 
 // Mixture-of-experts decode: row r of the activations times the weight of expert[r], from one kernel per
