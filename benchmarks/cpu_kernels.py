@@ -1,5 +1,6 @@
 """lilmistral's AVX-512 VNNI CPU kernels against PyTorch's weight-only ones at batch-1 decode, on Mistral-7B's
-layer shapes (and SmolLM2's), with cold weights: each call reads a different copy, ~200 MB in all.
+layer shapes (and SmolLM2's), with cold weights: each call reads a different copy, ~200 MB in all; and its
+attention kernel against PyTorch's flash attention (bfloat16, decode and prompt shapes).
 
     python benchmarks/cpu_kernels.py [--threads 2]
 """
@@ -50,6 +51,22 @@ def int8_row(n: int, k: int, copies: int) -> dict:
     return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k / ours / 1e9}
 
 
+# (kv heads, query heads per kv head, query tokens, keys, head dim): SmolLM2's and Mistral-7B's heads
+ATTENTION_SHAPES = ((3, 3, 1, 100, 64), (3, 3, 1, 1000, 64), (8, 4, 1, 100, 128), (8, 4, 1, 1000, 128),
+                    (8, 4, 1, 4000, 128), (8, 4, 128, 128, 128), (8, 4, 512, 1024, 128))
+
+
+def attention_row(kv_heads: int, group: int, tokens: int, keys: int, head_dim: int) -> dict:
+    q = torch.randn(kv_heads, group * tokens, head_dim).bfloat16()
+    k, v = torch.randn(2, kv_heads, keys, head_dim).bfloat16()
+    position = torch.arange(keys - tokens, keys)  # the prompt's last tokens, causal
+    mask = (torch.arange(keys)[None] <= position[:, None]).repeat(group, 1)
+    ours = median_seconds(lambda m: torch.ops.lilmistral.attention(q, k, v, m, head_dim ** -0.5), [mask], repeat=21)
+    theirs = median_seconds(lambda m: torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None],
+                                                                                       attn_mask=m), [mask], repeat=21)
+    return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -61,6 +78,11 @@ def main() -> None:
             result = row(n, k, copies=max(3, int(200e6 / (n * k * 0.6))))
             print(json.dumps({"scheme": scheme, "shape": f"{n}x{k}", **{key: round(v, 1) for key, v in result.items()},
                               "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
+    for shape in ATTENTION_SHAPES:
+        result = attention_row(*shape)
+        print(json.dumps({"kernel": "attention", "kv_heads,group,tokens,keys,head_dim": shape,
+                          **{key: round(v, 1) for key, v in result.items()},
+                          "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
 
 
 if __name__ == "__main__":
