@@ -16,7 +16,6 @@ watchdog kills the rest and reports it; workers exit when rank 0's connection cl
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -211,10 +210,14 @@ class PipelineModel:
         for proc in self.workers:
             proc.wait()
 
-    def _broadcast_header(self, *values: int) -> None:
+    def _broadcast_header(self, *values: int, past_dead: bool = False) -> None:
         header = torch.tensor(values, dtype=torch.long)
         for rank in range(1, self.world):
-            dist.send(header, rank)
+            try:
+                dist.send(header, rank)
+            except RuntimeError:  # gloo/nccl: that stage went away
+                if not past_dead:
+                    raise
 
     def __call__(self, tokens: torch.Tensor, cache, last_only: bool = False) -> torch.Tensor:
         with deferred_interrupt():
@@ -237,8 +240,8 @@ class PipelineModel:
     def close(self) -> None:
         if self.closed:
             return
-        with contextlib.suppress(RuntimeError):  # a stage already gone: the others are stopped below
-            self._broadcast_header(SHUTDOWN, 0, 0, 0)
+        # past a stage already gone: the stages after it would wait for this header until killed
+        self._broadcast_header(SHUTDOWN, 0, 0, 0, past_dead=True)
         self.closed = True
         deadline = time.time() + 10
         for proc in self.workers:
