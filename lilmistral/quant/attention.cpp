@@ -1,5 +1,5 @@
 // Attention on the CPU with AVX-512: softmax(q k^T * scale) v for each query row on its own, over the keys in
-// chunks of 64 slots merged in slot order (an online softmax), so that a token's row gets the same numbers
+// chunks of 32 slots merged in slot order (an online softmax), so that a token's row gets the same numbers
 // decoded alone as within its prompt. Decode-sized calls cost a few microseconds, where PyTorch's flash kernel
 // costs tens. vnni.py compiles this file after vnni.cpp, in one unit: load16 and Output are vnni.cpp's.
 #include <cmath>
@@ -8,7 +8,7 @@
 
 namespace {
 
-constexpr int64_t KEYS = 32;
+constexpr int64_t KEYS = 32;  // slots per chunk (a mask bit each, at most 64): its float32 keys and values fit L1
 constexpr int64_t ROW_BLOCK = 8;   // query rows of one kv head per task: they share each chunk of keys converted once
 
 // exp(x) for x <= 0 (below -87 it returns ~1e-38, not 0): 2^n * 2^f, n = round(x / ln 2), 2^f by Cephes'
@@ -33,7 +33,7 @@ struct Attention {
 
   // The valid slots of chunk [j0, j0 + n) for row r.
   __mmask64 valid(int64_t r, int64_t j0, int64_t n) const {
-    const __mmask64 in_range = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+    const __mmask64 in_range = n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
     if (!mask) return in_range;
     const bool* row = mask + (mask_rows == 1 ? 0 : r) * S + j0;
     return _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in_range, row), _mm512_set1_epi8(1));
