@@ -56,7 +56,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, history: list[int],
     """One token from float32 logits [vocab]: repetition penalty, temperature, top-k, top-p, then draw. The
     filters work on the top-k candidates only (sorted by topk), not on a sort of the whole vocabulary."""
     if params.repeat_penalty != 1.0 and history:
-        recent = torch.tensor(sorted(set(history[-params.repeat_last_n:])), device=logits.device)
+        recent = torch.tensor(list(set(history[-params.repeat_last_n:])), device=logits.device)
         picked = logits[recent]
         penalized = torch.where(picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty)
         logits = logits.index_put((recent,), penalized)

@@ -64,9 +64,9 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
         module.prepare()
     if device == "cpu":
         fuse_projections(model)
-    attend = attention_kernel(args.head_dim, dtype) if device == "cpu" else None
-    for layer in model.layers if attend else ():
-        layer.attention.attend = attend
+        attend = attention_kernel(args.head_dim, dtype)
+        for layer in model.layers if attend else ():
+            layer.attention.attend = attend
     return model.eval()
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lilmistral.quant import vnni
+from lilmistral.quant import QuantLinear, vnni
 from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, make_kernel
+from lilmistral.quant.linear import FusedQuantLinear
 from lilmistral.quant.pack import QuantSpec, dequantize, quantize, unpack_int4
 
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 64, True), QuantSpec("int4", 128, False)]
@@ -159,9 +160,6 @@ def test_attention_kernel(dtype, kv_heads, rows, slots, head_dim):
 def test_fused_projections_give_each_projections_output(spec):
     """wq, wk, wv fused into one kernel: the same bits as each alone (bfloat16, the kernels' path; float32,
     the dequantizing fallback), and the originals still work."""
-    from lilmistral.quant import QuantLinear
-    from lilmistral.quant.linear import FusedQuantLinear
-
     g = torch.Generator().manual_seed(0)
     linears = []
     for n in (96, 40, 40):  # 40: a fused boundary inside a group of 16 columns

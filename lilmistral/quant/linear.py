@@ -61,6 +61,8 @@ class FusedQuantLinear(nn.Module):
 
 
 class SideBySide:
+    """Kernels on the same input, their outputs concatenated: a fused kernel's dequantizing fallback."""
+
     def __init__(self, kernels: list) -> None:
         self.kernels = kernels
 
