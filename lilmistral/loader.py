@@ -17,7 +17,7 @@ from .llm import LLM
 from .model import Transformer
 from .quant import (DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, fuse_projections, quantize,
                     swap_in_quant_linears)
-from .quant.cpu import attention_kernel
+from .quant.cpu import layer_kernels
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,9 +64,10 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
         module.prepare()
     if device == "cpu":
         fuse_projections(model)
-        attend = attention_kernel(args.head_dim, dtype)
-        for layer in model.layers if attend else ():
-            layer.attention.attend = attend
+        kernels = layer_kernels(args.head_dim, dtype)
+        for module in model.modules():
+            for slot in kernels.keys() & vars(module).keys():  # model.py's slots: instance attributes
+                setattr(module, slot, kernels[slot])
     return model.eval()
 
 

@@ -20,15 +20,20 @@ from .config import ModelArgs
 KVUpdate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # in float32, as the reference does
+    return weight * normed.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.normalize = rms_norm  # a backend's kernel with rms_norm's signature may take its place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # in float32, as the reference does
-        return self.weight * normed.to(x.dtype)
+        return self.normalize(x, self.weight, self.eps)
 
 
 def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
@@ -72,6 +77,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, T, hd] rotated by cos, sin [T, hd], dimensions i and i + hd/2 paired (HF's layout)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
 def sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of q [K, R, hd] (the R query rows of each kv head) to keys and values [K, S, hd]; mask
     [R or 1, S] boolean, True where a row may attend (None: everywhere). Returns [K, R, hd]."""
@@ -88,6 +102,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.attend = sdpa  # a backend's kernel with sdpa's signature may take its place
+        self.rotate = rope  # and rope's
         self.wqkv: nn.Module | None = None  # wq, wk and wv as one, where a backend fuses them: outputs side by side
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
@@ -101,8 +116,7 @@ class Attention(nn.Module):
         q = q.reshape(T, self.n_heads, self.head_dim).transpose(0, 1)  # [H, T, hd]
         k = k.reshape(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
         v = v.reshape(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         keys, values = kv(k, v)  # [K, S, hd]
         # grouped-query attention without repeating keys: the H/K query heads sharing a kv head become rows
         out = self.attend(q.reshape(self.n_kv_heads, -1, self.head_dim), keys, values, mask)  # [K, H/K * T, hd]
@@ -116,10 +130,11 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
         self.w13: nn.Module | None = None  # w1 and w3 as one, where a backend fuses them: outputs side by side
+        self.activate = silu_mul  # a backend's kernel with silu_mul's signature may take its place
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.activate(gate, up))
 
 
 class Experts(nn.ModuleList):

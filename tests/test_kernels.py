@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import QuantLinear, vnni
 from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, make_kernel
 from lilmistral.quant.linear import FusedQuantLinear
@@ -153,6 +154,35 @@ def test_attention_kernel(dtype, kv_heads, rows, slots, head_dim):
         assert torch.equal(alone, got[:, r:r + 1])
     longer = torch.cat([causal, torch.zeros(rows, 70, dtype=torch.bool)], dim=1)  # slots no row attends to
     assert torch.equal(attend(q, cache[0], cache[1], longer), attend(q, keys, values, causal))
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim,head_dim", [(576, 64), (4096, 128), (100, 20), (7, 2)])  # 100, 20, 7: masked tails
+def test_pointwise_kernels(dtype, dim, head_dim):
+    """pointwise.cpp against model.py's PyTorch versions: RoPE the same bits; RMSNorm (a differently ordered
+    sum) and silu (another exp) within float32's rounding, so in bfloat16 the same bits but for rare ties;
+    each row alike alone; strided inputs as the model passes them."""
+    g = torch.Generator().manual_seed(dim)
+    ops = torch.ops.lilmistral
+
+    def assert_matches(got: torch.Tensor, expected: torch.Tensor) -> None:
+        assert got.dtype == expected.dtype and torch.allclose(got.float(), expected.float(), atol=1e-5, rtol=1e-5)
+        assert dtype == torch.float32 or (got != expected).float().mean() < 0.01
+
+    x, weight = (torch.randn(5, dim, generator=g) * 3).to(dtype), torch.randn(dim, generator=g).to(dtype)
+    normed = ops.rms_norm(x, weight, 1e-5)
+    assert_matches(normed, rms_norm(x, weight, 1e-5))
+    assert torch.equal(ops.rms_norm(x[2:3], weight, 1e-5), normed[2:3])
+    qkv = torch.randn(3, 6 * head_dim, generator=g).to(dtype)  # [T, (H + K) * hd] as a projection's output
+    q = qkv.reshape(3, 6, head_dim).transpose(0, 1)  # [H, T, hd]: not contiguous
+    cos, sin = torch.randn(2, 3, head_dim, generator=g).to(dtype)
+    assert torch.equal(ops.rope(q, cos, sin), rope(q, cos, sin))
+    assert torch.equal(ops.rope(q[:, 1:2], cos[1:2], sin[1:2]), rope(q, cos, sin)[:, 1:2])
+    gate, up = (torch.randn(4, 2 * dim, generator=g) * 4).to(dtype).chunk(2, dim=-1)  # halves of one w13 output
+    assert_matches(ops.silu_mul(gate, up), silu_mul(gate, up))
+    extremes = torch.tensor([[-1e30, -200.0, -88.0, -1.0, 0.0, 1.0, 88.0, 200.0, 1e30]], dtype=dtype)
+    assert_matches(ops.silu_mul(extremes, torch.ones_like(extremes)), silu_mul(extremes, torch.ones_like(extremes)))
 
 
 @pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True)],

@@ -11,7 +11,7 @@ namespace {
 constexpr int64_t KEYS = 32;  // slots per chunk (a mask bit each, at most 64): its float32 keys and values fit L1
 constexpr int64_t ROW_BLOCK = 8;   // query rows of one kv head per task: they share each chunk of keys converted once
 
-// exp(x) for x <= 0 (below -87 it returns ~1e-38, not 0): 2^n * 2^f, n = round(x / ln 2), 2^f by Cephes'
+// exp(x) (below -87 it returns ~1e-38, not 0; above 88.7, inf): 2^n * 2^f, n = round(x / ln 2), 2^f by Cephes'
 // exp2f polynomial on [-0.5, 0.5], within 2 ulp.
 inline __m512 exp512(__m512 x) {
   const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));

@@ -1,13 +1,17 @@
 """CPU kernels. With AVX-512 VNNI (vnni.cpp): int4 at every row count and int8 at decode by integer dot
-products with int8 activations; int8 prefill by torch._int_mm; attention (attention.cpp). Without: PyTorch's
-own weight-only int4/int8 matmuls and attention. The fast matmuls take bfloat16 activations; others (float32
-for exact reference runs) and shapes the kernels cannot take dequantize the packed weight on the fly instead.
+products with int8 activations; int8 prefill by torch._int_mm; attention (attention.cpp); RMSNorm, RoPE and
+silu(gate) * up (pointwise.cpp). Without: PyTorch's own weight-only int4/int8 matmuls and operators. The
+fast matmuls take bfloat16 activations; others (float32 for exact reference runs) and shapes the kernels
+cannot take dequantize the packed weight on the fly instead.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
+from ..model import rms_norm, rope, silu_mul
 from . import vnni
 from .pack import QuantSpec, dequantize, unpack_int4
 
@@ -127,9 +131,25 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     return torch.ops.lilmistral.attention(q, keys, values, mask, q.shape[-1] ** -0.5)
 
 
-def attention_kernel(head_dim: int, dtype: torch.dtype):
-    """attention.cpp's kernel, for model.sdpa's place, where it applies (else None): 2-3x faster than PyTorch's
-    flash attention at decode, and each query row computed alike however many there are."""
-    if head_dim in (16, 32, 64, 128) and dtype in (torch.float32, torch.bfloat16) and vnni.available():
-        return _attention
-    return None
+def _eager_only(kernel, composite):
+    """kernel, but PyTorch's operators (composite) when torch.compile traces it: inductor fuses those with
+    their neighbours, where the kernel's call would cost ~10% of a small model's compiled token."""
+    def run(*args):
+        return composite(*args) if torch.compiler.is_compiling() else kernel(*args)
+    return run
+
+
+@functools.cache
+def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
+    """Kernels for model.py's slots, by slot name, where they apply: attention.cpp's for `attend` (2-3x faster
+    than PyTorch's flash attention at decode), pointwise.cpp's for `normalize`, `rotate` and `activate` (a
+    few microseconds where PyTorch's operators cost 10-40 each at decode: SmolLM2's eager token ~25% faster;
+    compiled, PyTorch's). Each computes a row alike however many there are."""
+    if dtype not in (torch.float32, torch.bfloat16) or not vnni.available():
+        return {}
+    ops = torch.ops.lilmistral
+    kernels = {"normalize": _eager_only(ops.rms_norm, rms_norm), "rotate": _eager_only(ops.rope, rope),
+               "activate": _eager_only(ops.silu_mul, silu_mul)}
+    if head_dim in (16, 32, 64, 128):
+        kernels["attend"] = _attention
+    return kernels

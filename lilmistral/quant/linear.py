@@ -4,7 +4,6 @@ with expert-batched decode where the backend has it."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model import Experts, FeedForward, Transformer
@@ -107,5 +106,5 @@ class QuantExperts(Experts):
         experts = chosen.reshape(-1)  # [T * k]
         rows = x.repeat_interleave(chosen.shape[1], dim=0)
         w1, w2, w3 = self.batched["w1"], self.batched["w2"], self.batched["w3"]
-        y = w2(F.silu(w1(rows, experts)) * w3(rows, experts), experts)  # as FeedForward, per (token, expert)
+        y = w2(self[0].activate(w1(rows, experts), w3(rows, experts)), experts)  # as FeedForward, per (token, expert)
         return (y.view(*chosen.shape, -1) * weights[..., None]).sum(dim=1).to(x.dtype)

@@ -14,7 +14,7 @@ import torch
 # Decode-sized batches: up to this many rows the int8 GEMV beats torch._int_mm, and expert-batched calls
 # beat grouping the rows by expert (which reads each expert's weights once)
 MAX_ROWS = 8
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-ffp-contract=off"]
 
 
 def cpu_has_vnni() -> bool:
@@ -30,13 +30,14 @@ def available() -> bool:
     """Whether the operators exist (building them on the first call): torch.ops.lilmistral.int8_gemv(x
     [M, K], q, scales), int4_gemv(x, **pack_int4_vnni(...)), and for mixtures of experts
     int8_gemv_experts(x, [q], [scales], expert [M]) and int4_gemv_experts(x, [q], [scales], [mins], n,
-    expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale) (attention.cpp)."""
+    expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale) (attention.cpp);
+    rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp)."""
     if os.environ.get("LILMISTRAL_CPU_KERNELS") == "torch" or not cpu_has_vnni():
         return False
     from torch.utils.cpp_extension import load_inline
 
     try:
-        sources = [Path(__file__).with_name(name).read_text() for name in ("vnni.cpp", "attention.cpp")]
+        sources = [Path(__file__).with_name(name).read_text() for name in ("vnni.cpp", "attention.cpp", "pointwise.cpp")]
         load_inline("lilmistral_vnni", cpp_sources=sources,
                     extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
@@ -49,6 +50,9 @@ def available() -> bool:
     torch.library.register_fake("lilmistral::int8_gemv_experts")(_int8_shape)
     torch.library.register_fake("lilmistral::int4_gemv_experts")(_int4_shape)
     torch.library.register_fake("lilmistral::attention")(lambda q, *args: torch.empty_like(q))
+    torch.library.register_fake("lilmistral::rms_norm")(lambda x, *args: torch.empty_like(x))
+    torch.library.register_fake("lilmistral::rope")(lambda x, *args: x.new_empty(x.shape))
+    torch.library.register_fake("lilmistral::silu_mul")(lambda gate, up: gate.new_empty(gate.shape))
     return True
 
 
