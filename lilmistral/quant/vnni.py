@@ -14,7 +14,9 @@ import torch
 # Decode-sized batches: up to this many rows the int8 GEMV beats torch._int_mm, and expert-batched calls
 # beat grouping the rows by expert (which reads each expert's weights once)
 MAX_ROWS = 8
-FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c", "-ffp-contract=off"]
+# -ffp-contract=off: a product and a sum written apart round apart, as PyTorch's operators round them
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c",
+         "-ffp-contract=off"]
 
 
 def cpu_has_vnni() -> bool:
@@ -37,7 +39,8 @@ def available() -> bool:
     from torch.utils.cpp_extension import load_inline
 
     try:
-        sources = [Path(__file__).with_name(name).read_text() for name in ("vnni.cpp", "attention.cpp", "pointwise.cpp")]
+        files = ("vnni.cpp", "attention.cpp", "pointwise.cpp")  # one unit: later ones use earlier ones' helpers
+        sources = [Path(__file__).with_name(name).read_text() for name in files]
         load_inline("lilmistral_vnni", cpp_sources=sources,
                     extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
