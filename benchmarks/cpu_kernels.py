@@ -1,6 +1,7 @@
 """lilmistral's AVX-512 VNNI CPU kernels against PyTorch's weight-only ones at batch-1 decode, on Mistral-7B's
 layer shapes (and SmolLM2's), with cold weights: each call reads a different copy, ~200 MB in all; and its
-attention kernel against PyTorch's flash attention (bfloat16, decode and prompt shapes).
+attention kernel against PyTorch's flash attention (bfloat16, decode and prompt shapes); and its RMSNorm, RoPE
+and silu * up kernels against model.py's PyTorch versions (one decode token, bfloat16).
 
     python benchmarks/cpu_kernels.py [--threads 2]
 """
@@ -12,6 +13,7 @@ import time
 
 import torch
 
+from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import vnni
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1536, 576), (576, 1536))
@@ -38,7 +40,7 @@ def int4_row(n: int, k: int, copies: int) -> dict:
         torch_parts.append((packed, torch.randn(k // 32, n, 2).bfloat16()))
         vnni_parts.append(vnni.pack_int4_vnni(q, scales, mins))
     x = torch.randn(1, k).bfloat16()
-    ours = median_seconds(lambda p: torch.ops.lilmistral.int4_gemv(x, **p), vnni_parts)
+    ours = median_seconds(lambda p: torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"]), vnni_parts)
     theirs = median_seconds(lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1]), torch_parts)
     return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k * 0.625 / ours / 1e9}
 
@@ -67,6 +69,22 @@ def attention_row(kv_heads: int, group: int, tokens: int, keys: int, head_dim: i
     return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6}
 
 
+def pointwise_rows() -> dict:
+    """Per call at decode, SmolLM2's and Mistral-7B's sizes: (lilmistral's kernel, PyTorch's operators)."""
+    ops, rows = torch.ops.lilmistral, {}
+    for dim, heads, head_dim, hidden in ((576, 9, 64, 1536), (4096, 32, 128, 14336)):
+        x, weight = torch.randn(1, dim).bfloat16(), torch.randn(dim).bfloat16()
+        q = torch.randn(1, heads, head_dim).bfloat16().transpose(0, 1)  # [H, 1, hd], as the model passes it
+        cos, sin = torch.randn(2, 1, head_dim).bfloat16()
+        gate, up = torch.randn(1, 2 * hidden).bfloat16().chunk(2, dim=-1)
+        for name, ours, theirs in ((f"rms_norm {dim}", lambda _: ops.rms_norm(x, weight, 1e-5),
+                                    lambda _: rms_norm(x, weight, 1e-5)),
+                                   (f"rope {heads}x{head_dim}", lambda _: ops.rope(q, cos, sin), lambda _: rope(q, cos, sin)),
+                                   (f"silu_mul {hidden}", lambda _: ops.silu_mul(gate, up), lambda _: silu_mul(gate, up))):
+            rows[name] = (median_seconds(ours, [None] * 200), median_seconds(theirs, [None] * 200))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -83,6 +101,9 @@ def main() -> None:
         print(json.dumps({"kernel": "attention", "kv_heads,group,tokens,keys,head_dim": shape,
                           **{key: round(v, 1) for key, v in result.items()},
                           "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
+    for name, (ours, theirs) in pointwise_rows().items():
+        print(json.dumps({"kernel": name, "lilmistral_us": round(ours * 1e6, 1), "pytorch_us": round(theirs * 1e6, 1),
+                          "speedup": round(theirs / ours, 2)}), flush=True)
 
 
 if __name__ == "__main__":
