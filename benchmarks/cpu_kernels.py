@@ -47,8 +47,9 @@ def int4_row(n: int, k: int, copies: int) -> dict:
 
 def int8_row(n: int, k: int, copies: int) -> dict:
     weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100) for _ in range(copies)]
+    packed = [vnni.pack_int8_vnni(q, scales) for q, scales in weights]
     x = torch.randn(1, k).bfloat16()
-    ours = median_seconds(lambda w: torch.ops.lilmistral.int8_gemv(x, w[0], w[1]), weights)
+    ours = median_seconds(lambda p: torch.ops.lilmistral.int8_gemv(x, p["q"], p["scales"], p["n"]), packed)
     theirs = median_seconds(lambda w: torch.ops.aten._weight_int8pack_mm(x, w[0], w[1].bfloat16()), weights)
     return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k / ours / 1e9}
 

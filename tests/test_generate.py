@@ -14,7 +14,7 @@ from lilmistral.cache import RollingKVCache
 from lilmistral.generate import SamplingParams, prefill, sample
 from lilmistral.llm import stream_text
 from lilmistral.quant import QuantExperts, vnni
-from lilmistral.quant.cpu import VnniInt4Kernel, layer_kernels
+from lilmistral.quant.cpu import VnniInt4Kernel, VnniInt8Kernel, layer_kernels
 
 
 @pytest.fixture(scope="module")
@@ -179,19 +179,20 @@ def test_decode_step_matches_the_prefill_path(windowed):
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
-def test_int4_prompt_token_alone_gives_the_prefill_logits(full):
-    """The int4 CPU kernels (fused projections among them) and the layer kernels compute each row alike
-    however many come together: a prompt's last token re-entered alone into a reused cache, or run by the
-    decode step, gives the bits of the whole prompt's prefill, so asking again at temperature 0 gives the
+@pytest.mark.parametrize("quant,kernel_type", [("int4", VnniInt4Kernel), ("int8", VnniInt8Kernel)])
+def test_prompt_token_alone_gives_the_prefill_logits(full, quant, kernel_type):
+    """The int4 and int8 CPU kernels (fused projections among them) and the layer kernels compute each row
+    alike however many come together: a prompt's last token re-entered alone into a reused cache, or run by
+    the decode step, gives the bits of the whole prompt's prefill, so asking again at temperature 0 gives the
     same answer."""
-    llm = lilmistral.load(full, quant="int4")
+    llm = lilmistral.load(full, quant=quant)
     assert llm.model.norm.weight.dtype == torch.bfloat16  # the kernel's own path, not the float32 reference
     kernels = layer_kernels(llm.args.head_dim, torch.bfloat16)
     for layer in llm.model.layers:
         attention, ffn = layer.attention, layer.feed_forward
         assert (attention.attend, attention.rotate) == (kernels["attend"], kernels["rotate"])
         assert (layer.attention_norm.normalize, ffn.activate) == (kernels["normalize"], kernels["activate"])
-        assert all(isinstance(m.kernel, VnniInt4Kernel) for m in (attention.wqkv, attention.wo, ffn.w13, ffn.w2))
+        assert all(isinstance(m.kernel, kernel_type) for m in (attention.wqkv, attention.wo, ffn.w13, ffn.w2))
     ids = torch.randint(10, 200, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.inference_mode():
         whole = prefill(llm.model, llm.cache, ids)

@@ -6,7 +6,7 @@ import torch
 
 from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import QuantLinear, vnni
-from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, make_kernel
+from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, VnniInt8Kernel, make_kernel
 from lilmistral.quant.linear import FusedQuantLinear
 from lilmistral.quant.pack import QuantSpec, dequantize, quantize, unpack_int4
 
@@ -39,12 +39,12 @@ def random_parts(n: int, k: int, spec: QuantSpec, seed: int) -> tuple[dict, Quan
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("rows", [1, 5, 40])  # decode, small batch, prefill (int8 switches to W8A8 above 16)
+@pytest.mark.parametrize("rows", [1, 5, 40])  # decode, small batch, prefill (PyTorch's int8: W8A8 above 16)
 def test_kernel_matches_dequantized_reference(spec, n, k, rows):
     parts, spec, g = random_parts(n, k, spec, n + k + rows)
     kernel = make_kernel(parts, spec)
     int4_kind = VnniInt4Kernel if vnni.available() else Int4Kernel if n % 16 == 0 else DequantKernel
-    assert isinstance(kernel, {"int8": Int8Kernel, "int4": int4_kind}[spec.scheme])
+    assert isinstance(kernel, {"int8": VnniInt8Kernel if vnni.available() else Int8Kernel, "int4": int4_kind}[spec.scheme])
     check_against_reference(kernel, parts, spec, rows, g)
 
 
@@ -65,28 +65,43 @@ def blockwise_int8(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks * inverse) * step).reshape(x.shape)
 
 
+@pytest.mark.parametrize("n,k", [shape for shape in SHAPES if shape[0] % 8 == 0])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_pytorch_int8_kernel(n, k, rows):
+    """PyTorch's weight-only int8 kernel (decode) and torch._int_mm (prefill), which CPUs without AVX-512
+    VNNI use."""
+    parts, spec, g = random_parts(n, k, QuantSpec("int8"), n + k + rows)
+    check_against_reference(Int8Kernel(parts, spec), parts, spec, rows, g)
+
+
 @pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
 @pytest.mark.parametrize("rows", [1, 3, 7])
-@pytest.mark.parametrize("n,k", [(1, 64), (37, 576), (1000, 1024), (300, 4096)])
-def test_vnni_int8_decode_kernel(n, k, rows):
-    """vnni.cpp's int8 kernel (int8 activations in blocks of 32) against the dequantized reference, including
-    weights of -128 and -127 and rows of zeros; decode-sized batches take it, larger ones do not."""
+@pytest.mark.parametrize("n,k", [(1, 64), (37, 576), (1000, 1024), (300, 4096)])  # N % 16: a padded last group
+def test_vnni_int8_kernel(n, k, rows):
+    """vnni.cpp's int8 kernel (int8 activations in blocks of 32) against the dequantized reference, with
+    weights of -128, -127 and 127 and a row of zero activations; each row's result the same bits alone as
+    among many."""
     g = torch.Generator().manual_seed(n * k + rows)
     parts = quantize(torch.randn(n, k, generator=g) * 0.05, QuantSpec("int8"))
     parts["qweight"][0, :7] = torch.tensor([-128, -127, 127, 0, -1, 1, -128], dtype=torch.int8)
+    packed = vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
+    gemv = lambda x: torch.ops.lilmistral.int8_gemv(x, packed["q"], packed["scales"], packed["n"])  # noqa: E731
     x = torch.randn(rows + 1, k, generator=g)
     x[-1] = 0
     reference = x @ dequantize(parts, QuantSpec("int8")).t()
-    got = torch.ops.lilmistral.int8_gemv(x, parts["qweight"], parts["scales"].float())
-    assert got.shape == (rows + 1, n) and torch.all(got[-1] == 0)
+    got = gemv(x)
+    assert got.shape == (rows + 1, n) and got.dtype == torch.float32 and torch.all(got[-1] == 0)
     assert ((got - reference).norm() / reference.norm()).item() < 0.01
-    exact = blockwise_int8(x) @ dequantize(parts, QuantSpec("int8")).t()
+    exact = blockwise_int8(x) @ dequantize(parts, QuantSpec("int8")).t()  # what the kernel computes
     assert ((got - exact).norm() / exact.norm()).item() < 1e-5
-    kernel = Int8Kernel(parts, QuantSpec("int8"))
-    assert kernel.vnni
-    xb = x.bfloat16()
-    assert torch.equal(kernel(xb), torch.ops.lilmistral.int8_gemv(xb, parts["qweight"], parts["scales"].float()))
-    assert not Int8Kernel(quantize(torch.randn(8, 96), QuantSpec("int8")), QuantSpec("int8")).vnni  # K % 64 != 0
+    many = torch.cat([x, torch.randn(20, k, generator=g)])  # 21+ rows: blocks of 8 and a remainder
+    assert torch.equal(gemv(many)[:rows + 1], got)
+    assert torch.equal(gemv(x[1:2])[0], got[1])
+    xb = x.bfloat16()  # bfloat16 in and out: as float32 in, rounded out
+    assert torch.equal(gemv(xb), gemv(xb.float()).bfloat16())
+    assert torch.equal(VnniInt8Kernel(parts, QuantSpec("int8"))(xb), gemv(xb))
+    odd = quantize(torch.randn(8, 96), QuantSpec("int8"))  # K % 64 != 0: PyTorch's kernels
+    assert isinstance(make_kernel(odd, QuantSpec("int8")), Int8Kernel)
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")

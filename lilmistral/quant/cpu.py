@@ -40,11 +40,9 @@ def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 
 class Int8Kernel:
-    """Decode (a few rows): vnni.cpp's kernel, with int8 activations in blocks of 32 (as llama.cpp's Q8_0),
-    1.05-1.55x (2 threads) PyTorch's weight-only int8 kernel, which serves CPUs without AVX-512
-    VNNI. Prefill (more than W8A8_MIN_ROWS rows): the activations are quantized per row to int8 too and
-    multiplied with torch._int_mm, about 4x faster at 128 rows (4096x4096: 6.6 ms vs 28 ms here) for ~0.9%
-    relative error."""
+    """PyTorch's int8 kernels (CPUs without AVX-512 VNNI). Decode: the weight-only kernel. Prefill (more than
+    W8A8_MIN_ROWS rows): the activations quantized per row to int8 too and multiplied with torch._int_mm,
+    about 4x faster at 128 rows (4096x4096: 6.6 ms vs 28 ms here) for ~0.9% relative error."""
 
     W8A8_MIN_ROWS = 17  # torch._int_mm wants more than 16 rows
 
@@ -55,19 +53,32 @@ class Int8Kernel:
         self.q_t = self.q.t() if n % 8 == 0 and k % 8 == 0 else None  # [K, N] view for torch._int_mm
         self.scales_f32 = parts["scales"].float()
         self.fallback = DequantKernel(parts, spec)
-        self.vnni = k % 64 == 0 and vnni.available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fallback(x) if x.dtype != torch.bfloat16 else on_rows(self.rows, x)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= vnni.MAX_ROWS and self.vnni:
-            return torch.ops.lilmistral.int8_gemv(x, self.q, self.scales_f32)
         if x.shape[0] >= self.W8A8_MIN_ROWS and self.q_t is not None:
             scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-8) / 127  # [M, 1]
             xq = torch.round(x.float() / scale).to(torch.int8)
             return (torch._int_mm(xq, self.q_t).float() * scale * self.scales_f32).to(x.dtype)
         return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scales)
+
+
+class VnniInt8Kernel:
+    """vnni.cpp's int8 kernel, int8 activations in blocks of 32 (as llama.cpp's Q8_0 times Q8_0), at every
+    row count: each row computed alike however many there are (as VnniInt4Kernel)."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+        self.parts = vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
+        self.fallback = DequantKernel(parts, spec)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fallback(x) if x.dtype != torch.bfloat16 else on_rows(self.rows, x)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.parts  # by position: keywords cost ~2 us a call
+        return torch.ops.lilmistral.int8_gemv(x, p["q"], p["scales"], p["n"])
 
 
 class VnniInt4Kernel:
@@ -109,11 +120,11 @@ class Int4Kernel:
 
 
 def make_kernel(parts: dict[str, torch.Tensor], spec: QuantSpec):
-    n = parts["qweight"].shape[0]
+    n, k = parts["qweight"].shape[0], parts["qweight"].shape[1] * (2 if spec.scheme == "int4" else 1)
+    if k % 64 == 0 and vnni.available():
+        return (VnniInt8Kernel if spec.scheme == "int8" else VnniInt4Kernel)(parts, spec)
     if spec.scheme == "int8":
         return Int8Kernel(parts, spec)
-    if parts["qweight"].shape[1] % 32 == 0 and vnni.available():  # K a multiple of 64
-        return VnniInt4Kernel(parts, spec)
     if n % 16 == 0:
         return Int4Kernel(parts, spec)
     return DequantKernel(parts, spec)
@@ -126,9 +137,10 @@ def expert_gemv(kernels: list):
         q, scales, mins = ([k.parts[name] for k in kernels] for name in ("q", "scales", "mins"))
         n = kernels[0].parts["n"]
         return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, n, expert)
-    if all(isinstance(k, Int8Kernel) and k.vnni for k in kernels):
-        q, scales = [k.q for k in kernels], [k.scales_f32 for k in kernels]
-        return lambda x, expert: torch.ops.lilmistral.int8_gemv_experts(x, q, scales, expert)
+    if all(isinstance(k, VnniInt8Kernel) for k in kernels):
+        q, scales = [k.parts["q"] for k in kernels], [k.parts["scales"] for k in kernels]
+        n = kernels[0].parts["n"]
+        return lambda x, expert: torch.ops.lilmistral.int8_gemv_experts(x, q, scales, n, expert)
     return None
 
 

@@ -11,9 +11,9 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;  // activations per int8 scale
-constexpr int64_t STEP = 64;   // inputs per vpdpbusd
+constexpr int64_t K_ALIGN = 64;  // K is a multiple of this: whole blocks, and offset_rows' 64-byte steps
 constexpr int64_t ROWS = 8;    // activation rows per block, their accumulators in registers
-// bytes of int4 weights ahead: 5-15% more bandwidth with the previous layout; with the 16-column one, 0 to
+// bytes of weights ahead (measured on int4): 5-15% more bandwidth with the previous layout; with the 16-column one, 0 to
 // 4 KB measured alike within the machine's noise (1 KB ahead in 2 of 3 shapes)
 constexpr int64_t PREFETCH = 1024;
 
@@ -36,7 +36,7 @@ struct Rows {
   at::Tensor x;
   bool bf16;
   Rows(const at::Tensor& x_in, int64_t K) {
-    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && K % STEP == 0, "vnni: x must be [M, K], K a multiple of 64");
+    TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == K && K % K_ALIGN == 0, "vnni: x must be [M, K], K a multiple of 64");
     bf16 = x_in.scalar_type() == at::kBFloat16;
     x = (bf16 ? x_in : x_in.to(at::kFloat)).contiguous();
   }
@@ -89,16 +89,16 @@ QuantizedRows quantize_rows(const Rows& rows) {
   return {qp, scale, sum};
 }
 
-// Lanes 0-7 take v[2j], lanes 8-15 take v[2j + 1]: the scales of step j of a run of eight steps (16 blocks).
-struct StepLanes {
-  __m512i index[8];
-  StepLanes() {
-    for (int j = 0; j < 8; ++j)
-      index[j] = _mm512_set_epi32(2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1, 2 * j + 1,
-                                  2 * j + 1, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j, 2 * j);
-  }
-  __m512 operator()(__m512 v, int64_t j) const { return _mm512_permutexvar_ps(index[j], v); }
-};
+// The quantized activations plus 128, as unsigned bytes (x ^ 0x80), for the int8 kernel: [M, K] in the
+// calling thread's buffer.
+const uint8_t* offset_rows(const QuantizedRows& r, int64_t count) {
+  thread_local std::vector<uint8_t> buffer;
+  buffer.resize(count);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < count; i += 64)  // count: a multiple of 64
+    _mm512_storeu_si512(buffer.data() + i, _mm512_xor_si512(_mm512_loadu_si512(r.q + i), flip));
+  return buffer.data();
+}
 
 // Calls kernel.template rows<M>(begin, end) over the kernel's units of output columns (one column, or a group
 // of 16) for blocks of up to ROWS activation rows, M a constant so that the per-row accumulators live in
@@ -132,41 +132,55 @@ void run(const Kernel& kernel, int64_t M) {
   });
 }
 
-// int8 weights [N, K], w = q * scale[n], one column at a time. One step multiplies 64 inputs: lanes 0-7 of
-// the 16-lane result belong to one block of 32, lanes 8-15 to the next. vpdpbusd wants one unsigned operand:
-// |w| times x with w's sign moved onto x.
+// int8 weights in the kernel's layout (vnni.py: pack_int8_vnni): columns in groups of 16, column c of a group
+// in 32-bit lane c; a group's weights in chunks of 4 inputs, 64 bytes each, lane c's four bytes column c's
+// inputs 4j..4j+3, so one vpdpbusd multiplies 16 columns by four broadcast activations, and eight make a
+// block of 32, whose integer sum is scaled once by the block's activation scale. vpdpbusd wants one unsigned
+// operand: the activations offset by 128 (offset_rows), whose extra 128 * (the block's weight sum) is taken
+// off, the weight sum from one more vpdpbusd against ones. w = q * scale[n]; scales float32 [groups * 16].
 struct Int8Gemv {
-  const int8_t* w; const float* scale; const int8_t* xq; const float* x_scale; Output out; int64_t N, K;
-  StepLanes lanes;
-  static constexpr int64_t TILE = 64, GRAIN = 256;
+  const int8_t* w; const float* scale; const uint8_t* xu; const float* x_scale; Output out; int64_t N, K;
+  static constexpr int64_t TILE = 2, GRAIN = 8;
 
-  int64_t units() const { return N; }
+  int64_t units() const { return (N + 15) / 16; }
 
   Int8Gemv at_row(int64_t row) const {
     Int8Gemv k = *this;
-    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.out = out + row * N;
+    k.xu += row * K, k.x_scale += row * (K / BLOCK), k.out = out + row * N;
     return k;
   }
 
   template <int M>
   void rows(int64_t begin, int64_t end) const {
     const int64_t blocks = K / BLOCK;
-    for (int64_t n = begin; n < end; ++n) {
-      __m512 acc[M][2];
-      for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-      for (int64_t s = 0; s < K / STEP; ++s) {
-        const __m512i v = _mm512_loadu_si512(w + n * K + s * STEP);
-        const __mmask64 negative = _mm512_movepi8_mask(v);
-        const __m512i magnitude = _mm512_abs_epi8(v);
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t g = begin; g < end; ++g) {
+      const int8_t* wg = w + g * K * 16;
+      __m512 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m512i weight_sum = _mm512_setzero_si512(), dot[M];
+        for (int m = 0; m < M; ++m) dot[m] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(wg + (b * 8 + j) * 64 + PREFETCH), _MM_HINT_T0);
+          const __m512i v = _mm512_loadu_si512(wg + (b * 8 + j) * 64);
+          weight_sum = _mm512_dpbusd_epi32(weight_sum, ones, v);
+          for (int m = 0; m < M; ++m)
+            dot[m] = _mm512_dpbusd_epi32(dot[m], _mm512_broadcastd_epi32(_mm_loadu_si32(xu + m * K + b * BLOCK + 4 * j)), v);
+        }
+        const __m512i offset = _mm512_slli_epi32(weight_sum, 7);
         for (int m = 0; m < M; ++m) {
-          const __m512i x = _mm512_loadu_si512(xq + m * K + s * STEP);
-          const __m512i signed_x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
-          const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), magnitude, signed_x);
-          const __m512 xs = lanes(_mm512_loadu_ps(x_scale + m * blocks + (s / 8) * 16), s % 8);
-          acc[m][s % 2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), xs, acc[m][s % 2]);
+          const __m512i sum = _mm512_sub_epi32(dot[m], offset);
+          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(x_scale[m * blocks + b]), acc[m]);
         }
       }
-      for (int m = 0; m < M; ++m) out.store(m * N + n, _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) * scale[n]);
+      const __m512 ws = _mm512_loadu_ps(scale + g * 16);
+      const int64_t columns = std::min<int64_t>(16, N - g * 16);
+      for (int m = 0; m < M; ++m) {
+        float lanes[16];
+        _mm512_storeu_ps(lanes, _mm512_mul_ps(acc[m], ws));
+        for (int64_t c = 0; c < columns; ++c) out.store(m * N + g * 16 + c, lanes[c]);
+      }
     }
   }
 };
@@ -232,12 +246,15 @@ struct Int4Gemv {
   }
 };
 
-// The kernel over one int8 weight q [N, K] with scales float [N], for the activations r, writing to out.
-Int8Gemv int8_kernel(const at::Tensor& q, const at::Tensor& scales, const QuantizedRows& r, Output out) {
-  const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && scales.numel() == N &&
-              q.is_contiguous() && scales.is_contiguous(), "int8_gemv: unsupported layout");
-  return Int8Gemv{q.data_ptr<int8_t>(), scales.data_ptr<float>(), r.q, r.scale, out, N, K};
+// The kernel over one int8 weight of N columns in Int8Gemv's layout: q int8 [groups, K * 16], scales float
+// [groups * 16]; xu the activations offset by 128.
+Int8Gemv int8_kernel(const at::Tensor& q, const at::Tensor& scales, int64_t N, const QuantizedRows& r,
+                     const uint8_t* xu, Output out) {
+  const int64_t groups = q.size(0), K = q.size(1) / 16;
+  TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && q.is_contiguous() &&
+              scales.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (16 * K_ALIGN) == 0 &&
+              scales.numel() == groups * 16, "int8_gemv: unsupported layout");
+  return Int8Gemv{q.data_ptr<int8_t>(), scales.data_ptr<float>(), xu, r.scale, out, N, K};
 }
 
 // The kernel over one int4 weight of N columns in Int4Gemv's layout: q uint8 [groups, K * 8], scales and mins
@@ -246,7 +263,7 @@ Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::o
                      const QuantizedRows& r, Output out) {
   const int64_t groups = q.size(0), K = q.size(1) / 8;
   TORCH_CHECK(q.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && q.is_contiguous() &&
-              scales.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (8 * STEP) == 0 &&
+              scales.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (8 * K_ALIGN) == 0 &&
               scales.sizes() == at::IntArrayRef({groups, K / BLOCK, 16}) &&
               (!mins || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())),
               "int4_gemv: unsupported layout");
@@ -280,12 +297,12 @@ void check_same_shapes(at::TensorList q) {
 
 }  // namespace
 
-// x [M, K]; q int8 [N, K]; scales float [N]. Returns [M, N] in x's dtype.
-at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales) {
-  const Rows x(x_in, q.size(1));
+// x [M, K]; q, scales as int8_kernel's for N columns. Returns [M, N] in x's dtype.
+at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales, int64_t N) {
+  const Rows x(x_in, q.size(1) / 16);
   const QuantizedRows r = quantize_rows(x);
-  at::Tensor out = x.empty_out(q.size(0));
-  run(int8_kernel(q, scales, r, Output(out)), out.size(0));
+  at::Tensor out = x.empty_out(N);
+  run(int8_kernel(q, scales, N, r, offset_rows(r, x.x.numel()), Output(out)), out.size(0));
   return out.to(x_in.scalar_type());
 }
 
@@ -299,14 +316,15 @@ at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   return out.to(x_in.scalar_type());
 }
 
-at::Tensor int8_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList scales,
+at::Tensor int8_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList scales, int64_t N,
                              const at::Tensor& expert) {
   check_same_shapes(q);
-  const Rows x(x_in, q[0].size(1));
+  const Rows x(x_in, q[0].size(1) / 16);
   const QuantizedRows r = quantize_rows(x);
-  at::Tensor out = x.empty_out(q[0].size(0));
+  const uint8_t* xu = offset_rows(r, x.x.numel());
+  at::Tensor out = x.empty_out(N);
   std::vector<Int8Gemv> experts;
-  for (size_t i = 0; i < q.size(); ++i) experts.push_back(int8_kernel(q[i], scales[i], r, Output(out)));
+  for (size_t i = 0; i < q.size(); ++i) experts.push_back(int8_kernel(q[i], scales[i], N, r, xu, Output(out)));
   expert_rows(experts, expert, out.size(0));
   return out.to(x_in.scalar_type());
 }
@@ -329,9 +347,9 @@ at::Tensor int4_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
 // Operators in C++ (not torch.library.custom_op, whose Python dispatch costs ~10 us a call): vnni.py adds
 // their shapes for torch.compile.
 TORCH_LIBRARY(lilmistral, m) {
-  m.def("int8_gemv(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor q, Tensor scales, int n) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, int n) -> Tensor");
-  m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor expert) -> Tensor");
+  m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
   m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor?[] mins, int n, Tensor expert) -> Tensor");
 }
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-# Decode-sized batches: up to this many rows the int8 GEMV beats torch._int_mm, and expert-batched calls
-# beat grouping the rows by expert (which reads each expert's weights once)
+# Decode-sized batches: up to this many (token, expert) rows, expert-batched calls beat grouping the rows by
+# expert (which reads each expert's weights once)
 MAX_ROWS = 8
 # -ffp-contract=off: a product and a sum written apart round apart, as PyTorch's operators round them
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c",
@@ -30,9 +30,9 @@ def cpu_has_vnni() -> bool:
 @functools.cache
 def available() -> bool:
     """Whether the operators exist (building them on the first call): torch.ops.lilmistral.int8_gemv(x
-    [M, K], q, scales), int4_gemv(x, **pack_int4_vnni(...)), and for mixtures of experts
-    int8_gemv_experts(x, [q], [scales], expert [M]) and int4_gemv_experts(x, [q], [scales], [mins], n,
-    expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale) (attention.cpp);
+    [M, K], q, scales, n) with pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n) with pack_int4_vnni's,
+    and for mixtures of experts int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x,
+    [q], [scales], [mins], n, expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale) (attention.cpp);
     rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp)."""
     if os.environ.get("LILMISTRAL_CPU_KERNELS") == "torch" or not cpu_has_vnni():
         return False
@@ -59,12 +59,29 @@ def available() -> bool:
     return True
 
 
-def _int8_shape(x: torch.Tensor, q, *args) -> torch.Tensor:
-    return x.new_empty(x.shape[0], (q[0] if isinstance(q, list) else q).shape[0])
+def _int8_shape(x: torch.Tensor, q, scales, n: int, *args) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
 
 
 def _int4_shape(x: torch.Tensor, q, scales, mins, n: int, *args) -> torch.Tensor:
     return x.new_empty(x.shape[0], n)
+
+
+def _by_group(t: torch.Tensor) -> torch.Tensor:
+    """[N, ...] -> [groups, 16, ...]: columns in groups of 16, the last padded with zeros."""
+    groups = -(-t.shape[0] // 16)
+    padded = t.new_zeros(groups * 16, *t.shape[1:])
+    padded[:t.shape[0]] = t
+    return padded.reshape(groups, 16, *t.shape[1:])
+
+
+def pack_int8_vnni(q: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor | int]:
+    """int8 [N, K] and per-column scales [N] -> int8_gemv's arguments: columns in groups of 16 (the last
+    padded with zeros), each group's weights in chunks of 4 inputs, 64 bytes: bytes 4c..4c+3 hold column c's
+    4 inputs; scales float32 [groups * 16]."""
+    n, k = q.shape
+    chunks = _by_group(q).reshape(-1, 16, k // 4, 4).transpose(1, 2)  # [groups, K/4, 16, 4]
+    return {"q": chunks.reshape(-1, k * 16).contiguous(), "scales": _by_group(scales.float()).reshape(-1), "n": n}
 
 
 def pack_int4_vnni(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
@@ -75,18 +92,12 @@ def pack_int4_vnni(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | N
     one per block of 32 inputs, [groups, K/32, 16]."""
     n, k = q.shape
     groups = -(-n // 16)
-
-    def by_group(t: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [groups, 16, ...], zero padded
-        padded = t.new_zeros(groups * 16, *t.shape[1:])
-        padded[:n] = t
-        return padded.reshape(groups, 16, *t.shape[1:])
-
-    chunks = by_group(q.to(torch.uint8)).reshape(groups, 16, k // 8, 2, 4)
+    chunks = _by_group(q.to(torch.uint8)).reshape(groups, 16, k // 8, 2, 4)
     packed = (chunks[:, :, :, 0] | (chunks[:, :, :, 1] << 4)).permute(0, 2, 1, 3)  # [groups, K/8, 16, 4]
 
     def per_block(t: torch.Tensor) -> torch.Tensor:
         blocks = t.repeat_interleave(k // 32 // t.shape[1], dim=1).to(torch.float16)
-        return by_group(blocks).transpose(1, 2).contiguous()
+        return _by_group(blocks).transpose(1, 2).contiguous()
 
     return {"q": packed.reshape(groups, k * 8).contiguous(), "scales": per_block(scales),
             "mins": None if mins is None else per_block(mins), "n": n}
