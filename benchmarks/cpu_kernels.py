@@ -40,7 +40,8 @@ def int4_row(n: int, k: int, copies: int) -> dict:
         torch_parts.append((packed, torch.randn(k // 32, n, 2).bfloat16()))
         vnni_parts.append(vnni.pack_int4_vnni(q, scales, mins))
     x = torch.randn(1, k).bfloat16()
-    ours = median_seconds(lambda p: torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"]), vnni_parts)
+    gemv = torch.ops.lilmistral.int4_gemv
+    ours = median_seconds(lambda p: gemv(x, p["q"], p["scales"], p["mins"], p["n"]), vnni_parts)
     theirs = median_seconds(lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1]), torch_parts)
     return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k * 0.625 / ours / 1e9}
 
@@ -78,11 +79,11 @@ def pointwise_rows() -> dict:
         q = torch.randn(1, heads, head_dim).bfloat16().transpose(0, 1)  # [H, 1, hd], as the model passes it
         cos, sin = torch.randn(2, 1, head_dim).bfloat16()
         gate, up = torch.randn(1, 2 * hidden).bfloat16().chunk(2, dim=-1)
-        for name, ours, theirs in ((f"rms_norm {dim}", lambda _: ops.rms_norm(x, weight, 1e-5),
-                                    lambda _: rms_norm(x, weight, 1e-5)),
-                                   (f"rope {heads}x{head_dim}", lambda _: ops.rope(q, cos, sin), lambda _: rope(q, cos, sin)),
-                                   (f"silu_mul {hidden}", lambda _: ops.silu_mul(gate, up), lambda _: silu_mul(gate, up))):
-            rows[name] = (median_seconds(ours, [None] * 200), median_seconds(theirs, [None] * 200))
+        calls = {f"rms_norm {dim}": (ops.rms_norm, rms_norm, (x, weight, 1e-5)),
+                 f"rope {heads}x{head_dim}": (ops.rope, rope, (q, cos, sin)),
+                 f"silu_mul {hidden}": (ops.silu_mul, silu_mul, (gate, up))}
+        for name, (ours, theirs, args) in calls.items():
+            rows[name] = tuple(median_seconds(lambda _: f(*args), [None] * 200) for f in (ours, theirs))
     return rows
 
 

@@ -44,7 +44,8 @@ def test_kernel_matches_dequantized_reference(spec, n, k, rows):
     parts, spec, g = random_parts(n, k, spec, n + k + rows)
     kernel = make_kernel(parts, spec)
     int4_kind = VnniInt4Kernel if vnni.available() else Int4Kernel if n % 16 == 0 else DequantKernel
-    assert isinstance(kernel, {"int8": VnniInt8Kernel if vnni.available() else Int8Kernel, "int4": int4_kind}[spec.scheme])
+    int8_kind = VnniInt8Kernel if vnni.available() else Int8Kernel
+    assert isinstance(kernel, {"int8": int8_kind, "int4": int4_kind}[spec.scheme])
     check_against_reference(kernel, parts, spec, rows, g)
 
 

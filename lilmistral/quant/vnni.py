@@ -32,8 +32,9 @@ def available() -> bool:
     """Whether the operators exist (building them on the first call): torch.ops.lilmistral.int8_gemv(x
     [M, K], q, scales, n) with pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n) with pack_int4_vnni's,
     and for mixtures of experts int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x,
-    [q], [scales], [mins], n, expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale) (attention.cpp);
-    rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp)."""
+    [q], [scales], [mins], n, expert): row m of x times the weight of expert[m]; attention(q, keys, values,
+    mask, scale) (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up)
+    (pointwise.cpp)."""
     if os.environ.get("LILMISTRAL_CPU_KERNELS") == "torch" or not cpu_has_vnni():
         return False
     from torch.utils.cpp_extension import load_inline
