@@ -84,8 +84,8 @@ def fuse_projections(model: Transformer) -> None:
 
 class QuantExperts(Experts):
     """Experts whose projections are QuantLinears (the same children, so the same tensor names). Where the
-    backend has expert-batched kernels (the CPU's VNNI kernels), a decode step runs every token's routed
-    experts in one call per projection, on the experts' own packed weights: no host sync, no loop."""
+    backend has expert-batched kernels (the CPU's VNNI kernels; Triton's on a GPU), a decode step runs every
+    token's routed experts in one call per projection: no host sync, no loop."""
 
     def __init__(self, experts: Experts) -> None:
         super().__init__(experts)
@@ -93,15 +93,20 @@ class QuantExperts(Experts):
 
     def prepare(self) -> None:
         """After the experts' QuantLinears are prepared (the loader's order): the batched kernels over theirs."""
-        if self[0].w1.qweight.device.type != "cpu":
-            return
-        from .cpu import expert_gemv
+        names = ("w1", "w2", "w3")
+        if self[0].w1.qweight.device.type == "cuda":
+            from .cuda import expert_gemv as cuda_expert_gemv
 
-        batched = {name: expert_gemv([getattr(expert, name).kernel for expert in self]) for name in ("w1", "w2", "w3")}
+            batched = {name: cuda_expert_gemv([getattr(expert, name) for expert in self]) for name in names}
+        else:
+            from .cpu import expert_gemv
+
+            batched = {name: expert_gemv([getattr(expert, name).kernel for expert in self]) for name in names}
         self.batched = batched if all(batched.values()) else None
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.batched is None or x.dtype != torch.bfloat16 or chosen.numel() > MAX_ROWS:
+        cpu_reference = x.device.type == "cpu" and x.dtype != torch.bfloat16  # float32: the exact dequantized path
+        if self.batched is None or cpu_reference or chosen.numel() > MAX_ROWS:
             return super().forward(x, chosen, weights)
         experts = chosen.reshape(-1)  # [T * k]
         rows = x.repeat_interleave(chosen.shape[1], dim=0)

@@ -22,12 +22,17 @@ TILES = {"int4": (8, 256, 2), "int8": (32, 512, 4)}
 
 
 @triton.jit
-def _int4_gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, K, K_PER_SPLIT,
+def _int4_gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, e_ptr, N, K, K_PER_SPLIT,
                G: tl.constexpr, HAS_MIN: tl.constexpr, SPLIT_K: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_EXPERTS: tl.constexpr):
     # a [BLOCK_N, BLOCK_K] tile is seen as [BLOCK_N, NG groups, G/2 bytes]: one scale (and min) per group
     NG: tl.constexpr = BLOCK_K // G
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if HAS_EXPERTS:  # the row's expert's weight, the experts' parts stacked [E, N, ...]
+        expert = tl.load(e_ptr + row).to(tl.int64)
+        q_ptr += expert * N * (K // 2)
+        s_ptr += expert * N * (K // G)
+        m_ptr += expert * N * (K // G)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_j = tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble) and 2j+1 (high nibble)
@@ -60,9 +65,13 @@ def _int4_gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, N, K, K_PER_SPLIT,
 
 
 @triton.jit
-def _int8_gemv(x_ptr, q_ptr, s_ptr, out_ptr, N, K, K_PER_SPLIT,
-               SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int8_gemv(x_ptr, q_ptr, s_ptr, out_ptr, e_ptr, N, K, K_PER_SPLIT,
+               SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_EXPERTS: tl.constexpr):
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if HAS_EXPERTS:  # as in _int4_gemv
+        expert = tl.load(e_ptr + row).to(tl.int64)
+        q_ptr += expert * N * K
+        s_ptr += expert * N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -109,22 +118,22 @@ class TritonKernel:
         self.split_k = triton.cdiv(self.k, per_split)
         self.k_per_split = per_split
 
-    def gemv(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] with M <= GEMV_MAX_ROWS -> float32 [M, N]."""
+    def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] with M <= GEMV_MAX_ROWS -> float32 [M, N]. With expert [M] (the parts stacked [E, N, ...]:
+        ExpertsKernel), row m times the weight of expert[m]."""
         m = x.shape[0]
         out = torch.zeros((m, self.n), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(self.n, self.block_n), self.split_k, m)
         p = self.parts
+        e = expert if expert is not None else out  # unread without experts
+        common = dict(SPLIT_K=self.split_k, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                      HAS_EXPERTS=expert is not None, num_warps=self.num_warps)
         if self.spec.scheme == "int4":
             has_min = "mins" in p
-            _int4_gemv[grid](x, p["qweight"], p["scales"], p["mins"] if has_min else p["scales"], out,
-                             self.n, self.k, self.k_per_split, G=self.spec.group_size, HAS_MIN=has_min,
-                             SPLIT_K=self.split_k, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                             num_warps=self.num_warps)
+            _int4_gemv[grid](x, p["qweight"], p["scales"], p["mins"] if has_min else p["scales"], out, e,
+                             self.n, self.k, self.k_per_split, G=self.spec.group_size, HAS_MIN=has_min, **common)
         else:
-            _int8_gemv[grid](x, p["qweight"], p["scales"], out, self.n, self.k, self.k_per_split,
-                             SPLIT_K=self.split_k, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                             num_warps=self.num_warps)
+            _int8_gemv[grid](x, p["qweight"], p["scales"], out, e, self.n, self.k, self.k_per_split, **common)
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,3 +143,15 @@ class TritonKernel:
         else:
             out = rows @ dequantize(self.parts, self.spec, x.dtype).t()
         return out.reshape(*x.shape[:-1], self.n)
+
+
+class ExpertsKernel(TritonKernel):
+    """One projection of a mixture of experts, every expert's parts stacked [E, N, ...]: a decode step's
+    (token, expert) rows in one launch, each program reading its row's expert (the fused MoE GEMV)."""
+
+    def __init__(self, stacked: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+        super().__init__({name: t[0] for name, t in stacked.items()}, spec)  # tiles and splits from one expert
+        self.parts = {name: t.contiguous() for name, t in stacked.items()}
+
+    def __call__(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        return self.gemv(x.contiguous(), expert.contiguous()).to(x.dtype)
