@@ -201,6 +201,14 @@ def test_pointwise_kernels(dtype, dim, head_dim):
     assert_matches(ops.silu_mul(extremes, torch.ones_like(extremes)), silu_mul(extremes, torch.ones_like(extremes)))
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_quantizing_a_parameter_keeps_no_autograd_graph(spec):
+    """A tied head is quantized from the embedding parameter at load: its parts must not hold the float
+    temporaries alive through an autograd graph (~230 MB for SmolLM2's vocabulary)."""
+    parts = quantize(torch.nn.Parameter(torch.randn(64, 256)), spec)
+    assert not any(part.requires_grad or part.grad_fn for part in parts.values())
+
+
 @pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True)],
                          ids=spec_id)
 def test_fused_projections_give_each_projections_output(spec):

@@ -45,10 +45,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).half()
-    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    return {"qweight": q, "scales": scale}
+    # rows a few MB at a time: float32 temporaries of a whole vocabulary-sized matrix would cost ~1 GB
+    rows = max(1, 2**20 // w.shape[1])
+    q, scales = torch.empty(w.shape, dtype=torch.int8, device=w.device), []
+    for start in range(0, w.shape[0], rows):
+        chunk = w[start:start + rows].float()
+        scale = (chunk.abs().amax(dim=1) / 127).clamp(min=1e-10).half()
+        q[start:start + rows] = torch.round(chunk / scale.float()[:, None]).clamp(-127, 127)
+        scales.append(scale)
+    return {"qweight": q, "scales": torch.cat(scales)}
 
 
 def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool) -> dict[str, torch.Tensor]:
@@ -68,6 +73,7 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool) -> dict[str
     return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale, "mins": low}
 
 
+@torch.no_grad()  # w may be a parameter: no autograd graph to hang on the parts
 def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     if spec.scheme == "int8":
         return quantize_int8(w)
