@@ -1,9 +1,22 @@
 """The KV cache: a rolling buffer for sliding-window models, a fixed context for the others."""
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from .errors import ContextLengthError
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Zeros. On the CPU, in an anonymous memory mapping, whose pages the OS supplies (zeroed) when first
+    written: a long context costs memory only as it fills, as llama.cpp's cache does."""
+    if torch.device(device).type != "cpu" or not hasattr(mmap, "MAP_PRIVATE"):  # a GPU; Windows
+        return torch.zeros(shape, dtype=dtype, device=device)
+    count = math.prod(shape)
+    pages = mmap.mmap(-1, max(count * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE)
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
 
 
 class RollingKVCache:
@@ -30,8 +43,9 @@ class RollingKVCache:
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         assert window is None or size == window
         # one tensor per layer, so that a compiled decode step updates each in place without copying the rest
-        self.k = [torch.zeros(n_kv_heads, size, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(n_kv_heads, size, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        shape = (n_kv_heads, size, head_dim)
+        self.k = [lazy_zeros(shape, dtype, device) for _ in range(n_layers)]
+        self.v = [lazy_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.slots = torch.arange(size, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # a decode step's, updated in place
         self.size = size

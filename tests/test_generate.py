@@ -45,6 +45,22 @@ def test_rolling_cache_memory_is_fixed(windowed):
     assert llm.cache.length > 8 * 5
 
 
+def resident_anonymous_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("RssAnon:")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_cpu_cache_takes_memory_as_it_fills():
+    """A 512 MB cache (4 layers, 32k slots) holds zeros but takes memory only for the slots written."""
+    before = resident_anonymous_mb()
+    cache = RollingKVCache(4, 8, 128, size=32768, window=None, dtype=torch.bfloat16)
+    assert cache.nbytes == 512 * 2**20 and resident_anonymous_mb() - before < 32
+    assert not cache.k[3][:, -100:].any() and not cache.v[0][:, :100].any()
+    cache.k[0].fill_(1.0)  # one layer's keys: 64 MB
+    assert 56 < resident_anonymous_mb() - before < 96
+
+
 def test_rolling_cache_slots_follow_positions():
     cache = RollingKVCache(1, 1, 1, size=4, window=4, dtype=torch.float32)
     for p in range(6):
