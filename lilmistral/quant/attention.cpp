@@ -39,12 +39,65 @@ struct Attention {
     return _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in_range, row), _mm512_set1_epi8(1));
   }
 
-  // Rows [r0, r1) of kv head h (at most ROW_BLOCK). Each chunk's valid keys and values are converted to float32
-  // once for the block; per row, scores, then an online-softmax update of its float32 output.
-  void rows(int64_t h, int64_t r0, int64_t r1) const {
+  // One chunk for NR rows of a block that attend to the same slots (`ok`): each key and value vector loaded
+  // once for all NR, and each row's arithmetic exactly as it would be alone. Scores, then an online-softmax
+  // update of the rows' float32 outputs o, maxima m and sums l.
+  template <int NR>
+  void chunk(__mmask64 ok, const float (*qf)[HD], float (*o)[HD], float* m, float* l, const float (*kf)[HD],
+             const float (*vf)[HD]) const {
     constexpr int V = HD / 16;
+    alignas(64) float s[NR][KEYS], p[NR][KEYS];
+    float rescale[NR];
+    __m512 qr[NR][V];
+    for (int r = 0; r < NR; ++r) {
+      for (int i = 0; i < V; ++i) qr[r][i] = _mm512_load_ps(qf[r] + 16 * i);
+      for (int64_t c = 0; c < KEYS; c += 16) _mm512_store_ps(s[r] + c, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+    }
+    for (__mmask64 bits = ok; bits; bits &= bits - 1) {
+      const int64_t j = __builtin_ctzll(bits);
+      __m512 dot[NR][2];
+      for (int r = 0; r < NR; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_ps();
+      for (int i = 0; i < V; ++i) {
+        const __m512 key = _mm512_load_ps(kf[j] + 16 * i);
+        for (int r = 0; r < NR; ++r) dot[r][i % 2] = _mm512_fmadd_ps(qr[r][i], key, dot[r][i % 2]);
+      }
+      for (int r = 0; r < NR; ++r) s[r][j] = _mm512_reduce_add_ps(_mm512_add_ps(dot[r][0], dot[r][1])) * scale;
+    }
+    for (int r = 0; r < NR; ++r) {
+      __m512 top = _mm512_load_ps(s[r]);
+      for (int64_t c = 16; c < KEYS; c += 16) top = _mm512_max_ps(top, _mm512_load_ps(s[r] + c));
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(top));
+      rescale[r] = std::exp(m[r] - m_new);  // 0 before the first valid chunk
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t c = 0; c < KEYS; c += 16) {
+        const __m512 e = _mm512_maskz_mov_ps(static_cast<__mmask16>(ok >> c),
+                                             exp512(_mm512_sub_ps(_mm512_load_ps(s[r] + c), _mm512_set1_ps(m_new))));
+        _mm512_store_ps(p[r] + c, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      m[r] = m_new, l[r] = l[r] * rescale[r] + _mm512_reduce_add_ps(sum);
+    }
+    __m512 acc[NR][V];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_mul_ps(_mm512_load_ps(o[r] + 16 * i), _mm512_set1_ps(rescale[r]));
+    for (__mmask64 bits = ok; bits; bits &= bits - 1) {
+      const int64_t j = __builtin_ctzll(bits);
+      for (int i = 0; i < V; ++i) {
+        const __m512 value = _mm512_load_ps(vf[j] + 16 * i);
+        for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][j]), value, acc[r][i]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < V; ++i) _mm512_store_ps(o[r] + 16 * i, acc[r][i]);
+  }
+
+  // Rows [r0, r1) of kv head h (at most ROW_BLOCK). Each chunk's valid keys and values are converted to float32
+  // once for the block, then rows that attend to the same slots (all of them at decode) go through chunk()
+  // together, up to GROUP at a time (their query vectors and accumulators in registers).
+  void rows(int64_t h, int64_t r0, int64_t r1) const {
+    constexpr int V = HD / 16, GROUP = V >= 8 ? 2 : 4;
     const int64_t B = r1 - r0;
-    alignas(64) float qf[ROW_BLOCK][HD], o[ROW_BLOCK][HD], kf[KEYS][HD], vf[KEYS][HD], s[KEYS], p[KEYS];
+    alignas(64) float qf[ROW_BLOCK][HD], o[ROW_BLOCK][HD], kf[KEYS][HD], vf[KEYS][HD];
     float m[ROW_BLOCK], l[ROW_BLOCK];
     for (int64_t b = 0; b < B; ++b) {
       for (int i = 0; i < V; ++i)
@@ -60,36 +113,15 @@ struct Attention {
         for (int i = 0; i < V; ++i)
           _mm512_store_ps(kf[j] + 16 * i, load16(k, bf16, kat + 16 * i)), _mm512_store_ps(vf[j] + 16 * i, load16(v, bf16, vat + 16 * i));
       }
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = 0, same; b < B; b += same) {
+        for (same = 1; same < GROUP && b + same < B && ok[b + same] == ok[b];) ++same;
         if (!ok[b]) continue;
-        __m512 qr[V], acc[V];
-        for (int i = 0; i < V; ++i) qr[i] = _mm512_load_ps(qf[b] + 16 * i);
-        for (int64_t c = 0; c < KEYS; c += 16) _mm512_store_ps(s + c, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
-        for (__mmask64 bits = ok[b]; bits; bits &= bits - 1) {
-          const int64_t j = __builtin_ctzll(bits);
-          __m512 dot[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-          for (int i = 0; i < V; ++i) dot[i % 2] = _mm512_fmadd_ps(qr[i], _mm512_load_ps(kf[j] + 16 * i), dot[i % 2]);
-          s[j] = _mm512_reduce_add_ps(_mm512_add_ps(dot[0], dot[1])) * scale;
+        switch (same) {
+          case 4: chunk<4>(ok[b], qf + b, o + b, m + b, l + b, kf, vf); break;
+          case 3: chunk<3>(ok[b], qf + b, o + b, m + b, l + b, kf, vf); break;
+          case 2: chunk<2>(ok[b], qf + b, o + b, m + b, l + b, kf, vf); break;
+          default: chunk<1>(ok[b], qf + b, o + b, m + b, l + b, kf, vf);
         }
-        __m512 top = _mm512_load_ps(s);
-        for (int64_t c = 16; c < KEYS; c += 16) top = _mm512_max_ps(top, _mm512_load_ps(s + c));
-        const float m_new = std::max(m[b], _mm512_reduce_max_ps(top));
-        const float rescale = std::exp(m[b] - m_new);  // 0 before the first valid chunk
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t c = 0; c < KEYS; c += 16) {
-          const __m512 e = _mm512_maskz_mov_ps(static_cast<__mmask16>(ok[b] >> c),
-                                               exp512(_mm512_sub_ps(_mm512_load_ps(s + c), _mm512_set1_ps(m_new))));
-          _mm512_store_ps(p + c, e);
-          sum = _mm512_add_ps(sum, e);
-        }
-        m[b] = m_new, l[b] = l[b] * rescale + _mm512_reduce_add_ps(sum);
-        for (int i = 0; i < V; ++i) acc[i] = _mm512_mul_ps(_mm512_load_ps(o[b] + 16 * i), _mm512_set1_ps(rescale));
-        for (__mmask64 bits = ok[b]; bits; bits &= bits - 1) {
-          const int64_t j = __builtin_ctzll(bits);
-          const __m512 pj = _mm512_set1_ps(p[j]);
-          for (int i = 0; i < V; ++i) acc[i] = _mm512_fmadd_ps(pj, _mm512_load_ps(vf[j] + 16 * i), acc[i]);
-        }
-        for (int i = 0; i < V; ++i) _mm512_store_ps(o[b] + 16 * i, acc[i]);
       }
     }
     for (int64_t b = 0; b < B; ++b) {
