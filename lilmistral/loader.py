@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import mmap
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .errors import LilmistralError, ModelFormatError
 from .llm import LLM
 from .model import Transformer
 from .quant import (DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, fuse_projections, quantize,
-                    swap_in_quant_linears)
+                    swap_in_quant_linears, unread_parts)
 from .quant.cpu import layer_kernels
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -69,8 +70,30 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
         for module in model.modules():
             for slot in kernels.keys() & vars(module).keys():  # model.py's slots: instance attributes
                 setattr(module, slot, kernels[slot])
+        if dtype == torch.bfloat16:
+            page_out(unread_parts(model))
     release_freed_memory()
     return model.eval()
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def page_out(tensors: list[torch.Tensor]) -> None:
+    """Let the OS reclaim the pages of tensors decoding no longer reads: the memory-mapped canonical weights
+    that the kernels repacked (touched once, while repacking) drop out of the process's resident memory, to
+    be read from the file again if ever used (anonymous ones go to swap, if there is any). An int4 model's
+    resident memory halves. A no-op where madvise or MADV_PAGEOUT is missing."""
+    try:
+        madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    for t in tensors:
+        start, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page  # whole pages
+        if end > start:
+            madvise(start, end - start, MADV_PAGEOUT)
 
 
 def release_freed_memory() -> None:

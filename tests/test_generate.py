@@ -7,13 +7,16 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import lilmistral
 from conftest import make_hf_model
 from lilmistral.cache import RollingKVCache
 from lilmistral.generate import SamplingParams, prefill, sample
 from lilmistral.llm import stream_text
-from lilmistral.quant import QuantExperts, vnni
+from lilmistral.loader import page_out
+from lilmistral.quant import QuantExperts, unread_parts, vnni
 from lilmistral.quant.cpu import VnniInt4Kernel, VnniInt8Kernel, layer_kernels
 
 
@@ -45,20 +48,48 @@ def test_rolling_cache_memory_is_fixed(windowed):
     assert llm.cache.length > 8 * 5
 
 
-def resident_anonymous_mb() -> float:
+def resident_mb(kind: str = "RssAnon") -> float:
     with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("RssAnon:")).split()[1]) / 1024
+        return int(next(line for line in f if line.startswith(kind + ":")).split()[1]) / 1024
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_cpu_cache_takes_memory_as_it_fills():
     """A 512 MB cache (4 layers, 32k slots) holds zeros but takes memory only for the slots written."""
-    before = resident_anonymous_mb()
+    before = resident_mb()
     cache = RollingKVCache(4, 8, 128, size=32768, window=None, dtype=torch.bfloat16)
-    assert cache.nbytes == 512 * 2**20 and resident_anonymous_mb() - before < 32
+    assert cache.nbytes == 512 * 2**20 and resident_mb() - before < 32
     assert not cache.k[3][:, -100:].any() and not cache.v[0][:, :100].any()
     cache.k[0].fill_(1.0)  # one layer's keys: 64 MB
-    assert 56 < resident_anonymous_mb() - before < 96
+    assert 56 < resident_mb() - before < 96
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_paged_out_weights_leave_resident_memory_and_keep_their_values(tmp_path):
+    """What the loader does to canonical weights the kernels repacked: the file's pages leave the process's
+    resident memory, and read again they hold the same values."""
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.randint(-127, 128, (64, 2**20), dtype=torch.int8)}, path)  # 64 MB
+    with safe_open(path, "pt") as f:
+        w = f.get_tensor("w")
+    total = int(w.sum(dtype=torch.int64))  # touches every page
+    before = resident_mb("RssFile")
+    page_out([w])
+    assert before - resident_mb("RssFile") > 48
+    assert int(w.sum(dtype=torch.int64)) == total
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_unread_parts_are_the_repacked_and_the_fused(full):
+    """The loader pages out what decoding never reads: the parts of fused projections (wq) and of repacked
+    ones (wo, w2), not those a kernel reads directly (here wo's, given its dequantizing kernel)."""
+    llm = lilmistral.load(full, quant="int4")
+    attention = llm.model.layers[0].attention
+    unread = {t.data_ptr() for t in unread_parts(llm.model)}
+    for linear in (attention.wq, attention.wo, llm.model.layers[1].feed_forward.w2):
+        assert linear.qweight.data_ptr() in unread and linear.scales.data_ptr() in unread
+    attention.wo.kernel = attention.wo.kernel.fallback
+    assert attention.wo.qweight.data_ptr() not in {t.data_ptr() for t in unread_parts(llm.model)}
 
 
 def test_rolling_cache_slots_follow_positions():

@@ -69,6 +69,8 @@ class VnniInt8Kernel:
     """vnni.cpp's int8 kernel, int8 activations in blocks of 32 (as llama.cpp's Q8_0 times Q8_0), at every
     row count: each row computed alike however many there are (as VnniInt4Kernel)."""
 
+    repacked = True  # bfloat16 activations read only the kernel's own copy; the canonical parts, the fallback
+
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
         self.parts = vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
         self.fallback = DequantKernel(parts, spec)
@@ -86,6 +88,8 @@ class VnniInt4Kernel:
     ~1.6x PyTorch's int4 kernel at decode on Mistral-7B's shapes, and at prefill faster than dequantizing
     tiles to bfloat16 for PyTorch's matmul. It computes each row alike however many there are, so a
     prompt's last token re-entered alone (a reused cache) gives the prefill's numbers."""
+
+    repacked = True  # as VnniInt8Kernel's
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
         self.parts = vnni.pack_int4_vnni(unpack_int4(parts["qweight"]), parts["scales"], parts.get("mins"))

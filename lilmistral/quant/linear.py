@@ -82,6 +82,19 @@ def fuse_projections(model: Transformer) -> None:
                 setattr(module, name, FusedQuantLinear(linears))
 
 
+def unread_parts(model: Transformer) -> list[torch.Tensor]:
+    """The canonical parts that bfloat16 inference never reads: those of QuantLinears whose kernels repacked
+    them, and of projections fused into one (only their dequantizing fallbacks, for float32, read them)."""
+    fused = []
+    for layer in model.layers:
+        if layer.attention.wqkv is not None:
+            fused += [layer.attention.wq, layer.attention.wk, layer.attention.wv]
+        if isinstance(layer.feed_forward, FeedForward) and layer.feed_forward.w13 is not None:
+            fused += [layer.feed_forward.w1, layer.feed_forward.w3]
+    unread = [m for m in model.modules() if isinstance(m, QuantLinear) and getattr(m.kernel, "repacked", False)]
+    return [part for m in {id(m): m for m in unread + fused}.values() for part in m.parts().values()]
+
+
 class QuantExperts(Experts):
     """Experts whose projections are QuantLinears (the same children, so the same tensor names). Where the
     backend has expert-batched kernels (the CPU's VNNI kernels; Triton's on a GPU), a decode step runs every
