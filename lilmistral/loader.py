@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import mmap
@@ -84,9 +85,8 @@ def page_out(tensors: list[torch.Tensor]) -> None:
     that the kernels repacked (touched once, while repacking) drop out of the process's resident memory, to
     be read from the file again if ever used (anonymous ones go to swap, if there is any). An int4 model's
     resident memory halves. A no-op where madvise or MADV_PAGEOUT is missing."""
-    try:
-        madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
-    except (OSError, AttributeError):
+    madvise = getattr(_libc(), "madvise", None)
+    if madvise is None:
         return
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = mmap.PAGESIZE
@@ -99,10 +99,18 @@ def page_out(tensors: list[torch.Tensor]) -> None:
 def release_freed_memory() -> None:
     """Give the pages of freed memory (repacking's temporaries: ~400 MB for 4 layers of Mistral-7B's width)
     back to the OS, which glibc's allocator otherwise keeps in the process. A no-op without glibc."""
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, for the memory calls above (None elsewhere)."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def _tied_head(embedding: torch.Tensor, quantized: bool) -> torch.nn.Module:

@@ -1,8 +1,8 @@
-"""CPU kernels. With AVX-512 VNNI (vnni.cpp): int4 at every row count and int8 at decode by integer dot
-products with int8 activations; int8 prefill by torch._int_mm; attention (attention.cpp); RMSNorm, RoPE and
-silu(gate) * up (pointwise.cpp). Without: PyTorch's own weight-only int4/int8 matmuls and operators. The
-fast matmuls take bfloat16 activations; others (float32 for exact reference runs) and shapes the kernels
-cannot take dequantize the packed weight on the fly instead.
+"""CPU kernels. With AVX-512 VNNI (vnni.cpp): int4 and int8 at every row count by integer dot products with
+int8 activations; attention (attention.cpp); RMSNorm, RoPE and silu(gate) * up (pointwise.cpp). Without:
+PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm) and operators. The fast matmuls
+take bfloat16 activations; others (float32 for exact reference runs) and shapes the kernels cannot take
+dequantize the packed weight on the fly instead.
 """
 from __future__ import annotations
 
@@ -33,13 +33,20 @@ def on_rows(matmul, x: torch.Tensor) -> torch.Tensor:
     return matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
+class RowsKernel:
+    """A matmul kernel on bfloat16 rows (`rows`: [M, K] -> [M, N]); other dtypes take its `fallback`."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fallback(x) if x.dtype != torch.bfloat16 else on_rows(self.rows, x)
+
+
 def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
     """PyTorch's int8 kernel crashes (SIGSEGV, torch 2.13, M > 1) on a weight that is not 64-byte aligned,
     as a memory-mapped safetensors tensor may be: copy those."""
     return t if t.data_ptr() % alignment == 0 else t.clone()
 
 
-class Int8Kernel:
+class Int8Kernel(RowsKernel):
     """PyTorch's int8 kernels (CPUs without AVX-512 VNNI). Decode: the weight-only kernel. Prefill (more than
     W8A8_MIN_ROWS rows): the activations quantized per row to int8 too and multiplied with torch._int_mm,
     about 4x faster at 128 rows (4096x4096: 6.6 ms vs 28 ms here) for ~0.9% relative error."""
@@ -54,9 +61,6 @@ class Int8Kernel:
         self.scales_f32 = parts["scales"].float()
         self.fallback = DequantKernel(parts, spec)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fallback(x) if x.dtype != torch.bfloat16 else on_rows(self.rows, x)
-
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= self.W8A8_MIN_ROWS and self.q_t is not None:
             scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-8) / 127  # [M, 1]
@@ -65,7 +69,7 @@ class Int8Kernel:
         return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scales)
 
 
-class VnniInt8Kernel:
+class VnniInt8Kernel(RowsKernel):
     """vnni.cpp's int8 kernel, int8 activations in blocks of 32 (as llama.cpp's Q8_0 times Q8_0), at every
     row count: each row computed alike however many there are (as VnniInt4Kernel)."""
 
@@ -75,15 +79,12 @@ class VnniInt8Kernel:
         self.parts = vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
         self.fallback = DequantKernel(parts, spec)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fallback(x) if x.dtype != torch.bfloat16 else on_rows(self.rows, x)
-
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts  # by position: keywords cost ~2 us a call
         return torch.ops.lilmistral.int8_gemv(x, p["q"], p["scales"], p["n"])
 
 
-class VnniInt4Kernel:
+class VnniInt4Kernel(RowsKernel):
     """vnni.cpp's int4 kernel, int8 activations in blocks of 32 (as llama.cpp's Q4_0 and Q4_1 times Q8_0):
     ~1.6x PyTorch's int4 kernel at decode on Mistral-7B's shapes, and at prefill faster than dequantizing
     tiles to bfloat16 for PyTorch's matmul. It computes each row alike however many there are, so a
@@ -95,15 +96,12 @@ class VnniInt4Kernel:
         self.parts = vnni.pack_int4_vnni(unpack_int4(parts["qweight"]), parts["scales"], parts.get("mins"))
         self.fallback = DequantKernel(parts, spec)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fallback(x) if x.dtype != torch.bfloat16 else on_rows(self.rows, x)
-
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.parts  # passed by position: keywords cost ~2 us a call, ~3% of a small model's token
+        p = self.parts  # by position: keywords cost ~2 us a call, ~3% of a small model's token
         return torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"])
 
 
-class Int4Kernel:
+class Int4Kernel(RowsKernel):
     """PyTorch's weight-only int4 kernel (CPUs without AVX-512 VNNI)."""
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
@@ -115,9 +113,6 @@ class Int4Kernel:
         self.scale_zero = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()  # [K/G, N, 2]
         self.group_size = spec.group_size
         self.fallback = DequantKernel(parts, spec)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fallback(x) if x.dtype != torch.bfloat16 else on_rows(self.rows, x)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w, self.group_size, self.scale_zero)

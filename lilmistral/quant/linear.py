@@ -69,30 +69,33 @@ class SideBySide:
         return torch.cat([kernel(x) for kernel in self.kernels], dim=-1)
 
 
-def fuse_projections(model: Transformer) -> None:
-    """Fuse each loaded layer's wq, wk, wv and (dense layers) w1, w3 where they are QuantLinears whose kernels
-    have a dequantizing fallback (which a kernel that only dequantizes has not: nothing to gain)."""
+def projection_groups(model: Transformer) -> list[tuple[nn.Module, str, list[nn.Module]]]:
+    """(module, name of the fused projection, the projections it fuses): each layer's wq, wk, wv and, in dense
+    layers, w1, w3."""
+    groups = []
     for layer in model.layers:
-        groups = [(layer.attention, "wqkv", ("wq", "wk", "wv"))]
+        groups.append((layer.attention, "wqkv", [layer.attention.wq, layer.attention.wk, layer.attention.wv]))
         if isinstance(layer.feed_forward, FeedForward):
-            groups.append((layer.feed_forward, "w13", ("w1", "w3")))
-        for module, name, children in groups:
-            linears = [getattr(module, child) for child in children]
-            if all(isinstance(linear, QuantLinear) and hasattr(linear.kernel, "fallback") for linear in linears):
-                setattr(module, name, FusedQuantLinear(linears))
+            groups.append((layer.feed_forward, "w13", [layer.feed_forward.w1, layer.feed_forward.w3]))
+    return groups
+
+
+def fuse_projections(model: Transformer) -> None:
+    """Fuse each loaded layer's projection groups where they are QuantLinears whose kernels have a
+    dequantizing fallback (which a kernel that only dequantizes has not: nothing to gain)."""
+    for module, name, linears in projection_groups(model):
+        if all(isinstance(linear, QuantLinear) and hasattr(linear.kernel, "fallback") for linear in linears):
+            setattr(module, name, FusedQuantLinear(linears))
 
 
 def unread_parts(model: Transformer) -> list[torch.Tensor]:
     """The canonical parts that bfloat16 inference never reads: those of QuantLinears whose kernels repacked
     them, and of projections fused into one (only their dequantizing fallbacks, for float32, read them)."""
-    fused = []
-    for layer in model.layers:
-        if layer.attention.wqkv is not None:
-            fused += [layer.attention.wq, layer.attention.wk, layer.attention.wv]
-        if isinstance(layer.feed_forward, FeedForward) and layer.feed_forward.w13 is not None:
-            fused += [layer.feed_forward.w1, layer.feed_forward.w3]
-    unread = [m for m in model.modules() if isinstance(m, QuantLinear) and getattr(m.kernel, "repacked", False)]
-    return [part for m in {id(m): m for m in unread + fused}.values() for part in m.parts().values()]
+    unread = {id(m): m for m in model.modules() if isinstance(m, QuantLinear) and getattr(m.kernel, "repacked", False)}
+    for module, name, linears in projection_groups(model):
+        if getattr(module, name) is not None:
+            unread.update((id(linear), linear) for linear in linears)
+    return [part for linear in unread.values() for part in linear.parts().values()]
 
 
 class QuantExperts(Experts):
