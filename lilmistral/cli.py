@@ -193,9 +193,10 @@ def _load(ns: argparse.Namespace, path: str):
             vnni.available()
     llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
                compile=ns.compile)
-    if ns.compile:
-        with _stderr_console().status("compiling the decode step (about a minute the first time, cached after)"):
-            llm.warm_up()
+    # the first tokens pay one-off costs (the decode step's compile or trace, GPU kernels' builds): now, not mid-answer
+    status = "compiling the decode step (about a minute the first time, cached after)" if ns.compile else "warming up"
+    with _stderr_console().status(status):
+        llm.warm_up()
     return llm
 
 

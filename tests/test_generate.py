@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import lilmistral
 from conftest import make_hf_model
 from lilmistral.cache import RollingKVCache
-from lilmistral.generate import SamplingParams, prefill, sample
+from lilmistral.generate import DecodeStep, SamplingParams, prefill, sample, trace_step
 from lilmistral.llm import stream_text
 from lilmistral.loader import page_out
 from lilmistral.quant import QuantExperts, unread_parts, vnni
@@ -250,6 +250,52 @@ def test_prompt_token_alone_gives_the_prefill_logits(full, quant, kernel_type):
         stepped = llm.decode_step(ids[-1], llm.cache)
     assert torch.equal(alone, whole)
     assert torch.equal(stepped, whole[-1])
+
+
+@pytest.mark.parametrize("source,quant", [("windowed", "int4"), ("full", "int8"), ("windowed", "f32")])
+def test_traced_decode_gives_the_eager_logits(source, quant, request):
+    """The CPU decode step traced into a TorchScript graph gives the eager step's logits bit for bit at every
+    position: the slots it writes and the keys it attends to follow its inputs, not the trace's, through the
+    rolling buffer's wrap-around."""
+    folder = request.getfixturevalue(source)
+    traced, eager = (lilmistral.load(folder, quant=quant, num_ctx=64) for _ in range(2))
+    eager.decode_step = DecodeStep(eager.model, trace=False)
+    ids = torch.randint(10, 200, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.inference_mode():
+        for llm in (traced, eager):
+            prefill(llm.model, llm.cache, ids[:3])
+        for token in ids[3:]:
+            assert torch.equal(traced.decode_step(token, traced.cache), eager.decode_step(token, eager.cache))
+    assert traced.decode_step._traced is not traced.model.decode_step  # it was traced, not the eager fallback
+    assert eager.decode_step._traced is None
+
+
+def test_moe_decode_step_is_not_traced(tmp_path):
+    """Experts run by a loop over the routed experts' ids, which a trace would freeze (silently: the tracer
+    does not warn of tolist()): trace_step refuses a MoE model and its decode step stays eager."""
+    make_hf_model(tmp_path, "mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    llm = lilmistral.load(tmp_path, dtype="float32", num_ctx=64)
+    ids = list(range(10, 22))
+    with torch.inference_mode():
+        prefill(llm.model, llm.cache, ids)
+        position, mask = llm.cache.begin_step()
+        assert trace_step(llm.model, (torch.tensor([5]), position, mask, llm.cache.k, llm.cache.v)) is None
+        llm.cache.end()
+    list(llm.generate(ids, temperature=0, max_tokens=2))
+    assert llm.decode_step._traced == llm.model.decode_step
+
+
+def test_a_trace_the_tracer_warns_of_is_refused(full, monkeypatch):
+    """A step whose Python branches on a tensor (here a kernel's row count, as PyTorch's int8 kernel
+    chooses by it) makes the tracer warn: trace_step refuses it."""
+    llm = lilmistral.load(full, dtype="float32", num_ctx=64)
+    wo = llm.model.layers[0].attention.wo
+    monkeypatch.setattr(wo, "forward", lambda x: torch.nn.functional.linear(x, wo.weight) * (2 if x.shape[0] > 16 else 1))
+    with torch.inference_mode():
+        prefill(llm.model, llm.cache, list(range(10, 22)))
+        position, mask = llm.cache.begin_step()
+        assert trace_step(llm.model, (torch.tensor([5]), position, mask, llm.cache.k, llm.cache.v)) is None
+        llm.cache.end()
 
 
 @pytest.mark.parametrize("source", ["windowed", "full"])

@@ -143,10 +143,6 @@ def expert_gemv(kernels: list):
     return None
 
 
-def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.lilmistral.attention(q, keys, values, mask, q.shape[-1] ** -0.5)
-
-
 def _eager_only(kernel, composite):
     """kernel, but PyTorch's operators (composite) when torch.compile traces it: inductor fuses those with
     their neighbours, where the kernel's call would cost ~10% of a small model's compiled token."""
@@ -167,5 +163,6 @@ def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
     kernels = {"normalize": _eager_only(ops.rms_norm, rms_norm), "rotate": _eager_only(ops.rope, rope),
                "activate": _eager_only(ops.silu_mul, silu_mul)}
     if head_dim in (16, 32, 64, 128):
-        kernels["attend"] = _attention
+        scale = head_dim ** -0.5  # a constant, not q.shape[-1] ** -0.5: a traced step would warn
+        kernels["attend"] = lambda q, keys, values, mask: ops.attention(q, keys, values, mask, scale)
     return kernels
