@@ -256,17 +256,19 @@ def test_prompt_token_alone_gives_the_prefill_logits(full, quant, kernel_type):
 def test_traced_decode_gives_the_eager_logits(source, quant, request):
     """The CPU decode step traced into a TorchScript graph gives the eager step's logits bit for bit at every
     position: the slots it writes and the keys it attends to follow its inputs, not the trace's, through the
-    rolling buffer's wrap-around."""
+    rolling buffer's wrap-around and in a resized cache."""
     folder = request.getfixturevalue(source)
     traced, eager = (lilmistral.load(folder, quant=quant, num_ctx=64) for _ in range(2))
     eager.decode_step = DecodeStep(eager.model, trace=False)
     ids = torch.randint(10, 200, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     with torch.inference_mode():
-        for llm in (traced, eager):
-            prefill(llm.model, llm.cache, ids[:3])
-        for token in ids[3:]:
-            assert torch.equal(traced.decode_step(token, traced.cache), eager.decode_step(token, eager.cache))
-    assert traced.decode_step._traced is not traced.model.decode_step  # it was traced, not the eager fallback
+        for num_ctx in (64, 48):  # and in a cache of another size
+            for llm in (traced, eager):
+                llm.resize_context(num_ctx)
+                prefill(llm.model, llm.cache, ids[:3])
+            for token in ids[3:]:
+                assert torch.equal(traced.decode_step(token, traced.cache), eager.decode_step(token, eager.cache))
+    assert traced.decode_step._traced != traced.model.decode_step  # it was traced, not left eager
     assert eager.decode_step._traced is None
 
 

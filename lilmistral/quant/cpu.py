@@ -62,7 +62,9 @@ class Int8Kernel(RowsKernel):
         self.fallback = DequantKernel(parts, spec)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= self.W8A8_MIN_ROWS and self.q_t is not None:
+        # a traced step (generate.trace_step) is a one-row decode step: not reading the row count there keeps
+        # the tracer from warning of a branch on it (and refusing the trace)
+        if self.q_t is not None and not torch.jit.is_tracing() and x.shape[0] >= self.W8A8_MIN_ROWS:
             scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-8) / 127  # [M, 1]
             xq = torch.round(x.float() / scale).to(torch.int8)
             return (torch._int_mm(xq, self.q_t).float() * scale * self.scales_f32).to(x.dtype)
