@@ -35,7 +35,7 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (with --pp, stage i on GPU i)")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages, one process each")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CUDA graphs on a GPU): faster tokens after a one-off compile")
+                   help="torch.compile the decode step (CUDA graphs on a GPU); on a CPU the default step is as fast")
 
 
 def _store():
