@@ -97,7 +97,7 @@ def _own_code(method: Callable) -> Callable:
 
 def trace_step(model: Transformer, args: tuple) -> Callable | None:
     """model.decode_step traced into a TorchScript graph, whose operators run without Python between them (a
-    small model's CPU token ~1.4x faster; the trace takes well under a second). None where it may not
+    small model's CPU token ~1.6x faster; the trace takes well under a second). None where it may not
     generalise: a mixture of experts (Experts.forward loops over the routed experts' ids, which a trace would
     freeze without a warning; and its token is dominated by the experts' weights, not by Python), the
     tracer warned of a value it had to take as a constant (a branch on a tensor's data or shape), the trace
@@ -170,8 +170,8 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
                     eos_ids: Iterable[int], step: DecodeStep | None = None) -> Iterator[int]:
     """Stream sampled token ids after the prompt. The cache may already hold a prefix of the prompt
     (cache.length < len(prompt) tokens of it); only the rest is prefilled. `step` runs each new token
-    (default: DecodeStep(model))."""
-    step = step or DecodeStep(model)
+    (default: untraced, as tracing pays off over many calls: an LLM keeps its own DecodeStep)."""
+    step = step or DecodeStep(model, trace=False)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=cache.device).manual_seed(params.seed)
