@@ -15,6 +15,7 @@ import torch
 
 from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import vnni
+from lilmistral.quant.pack import pack_int4
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1536, 576), (576, 1536))
 
@@ -38,7 +39,7 @@ def int4_row(n: int, k: int, copies: int) -> dict:
         scales, mins = torch.rand(n, k // 32).half() / 100, torch.rand(n, k // 32).half() / 100
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         torch_parts.append((packed, torch.randn(k // 32, n, 2).bfloat16()))
-        vnni_parts.append(vnni.pack_int4_vnni(q, scales, mins))
+        vnni_parts.append(vnni.pack_int4_vnni(pack_int4(q), scales, mins))
     x = torch.randn(1, k).bfloat16()
     gemv = torch.ops.lilmistral.int4_gemv
     ours = median_seconds(lambda p: gemv(x, p["q"], p["scales"], p["mins"], p["n"]), vnni_parts)

@@ -61,12 +61,14 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     if args.tie_embeddings and (keep is None or keep("output.weight")):
         model.output = _tied_head(model.tok_embeddings.weight, quantized=bool(specs))
     model.inv_freq = model.inv_freq.to(device)
-    loaded = [m for m in model.modules() if isinstance(m, QuantLinear) and m.qweight.device.type != "meta"]
+    if device == "cpu":
+        fuse_projections(model)  # first: each fused weight is repacked once, as part of the fused kernel
+    loaded = [m for m in model.modules()
+              if isinstance(m, QuantLinear) and m.kernel is None and m.qweight.device.type != "meta"]
     loaded += [m for m in model.modules() if isinstance(m, QuantExperts) and m[0].w1.qweight.device.type != "meta"]
     for module in loaded:  # QuantExperts after the QuantLinears they are made of
         module.prepare()
     if device == "cpu":
-        fuse_projections(model)
         kernels = layer_kernels(args.head_dim, dtype)
         for module in model.modules():
             for slot in kernels.keys() & vars(module).keys():  # model.py's slots: instance attributes

@@ -8,7 +8,7 @@ from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import QuantLinear, vnni
 from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, VnniInt8Kernel, make_kernel
 from lilmistral.quant.linear import FusedQuantLinear
-from lilmistral.quant.pack import QuantSpec, dequantize, quantize, unpack_int4
+from lilmistral.quant.pack import QuantSpec, dequantize, pack_int4, quantize
 
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 64, True), QuantSpec("int4", 128, False)]
 SHAPES = [(48, 256), (40, 128), (192, 576), (100, 384), (1024, 512)]  # 40 and 100: not multiples of 16
@@ -106,6 +106,32 @@ def test_vnni_int8_kernel(n, k, rows):
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+def test_vnni_packing_follows_the_documented_layouts():
+    """pack_int4_vnni and pack_int8_vnni (one pass in C++ each) put every weight, scale and min where their
+    docstrings say, the padded columns of the last group zero."""
+    g = torch.Generator().manual_seed(0)
+    n, k, group_size, groups = 37, 256, 64, 3
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # [N, ...] -> [groups * 16, ...]
+        return torch.cat([t, t.new_zeros(groups * 16 - n, *t.shape[1:])])
+
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scales, mins = (torch.rand(n, k // group_size, generator=g).half() for _ in range(2))
+    packed = vnni.pack_int4_vnni(pack_int4(q), scales, mins)
+    chunks = padded(q).reshape(groups, 16, k // 8, 2, 4)  # group, column c, chunk j, inputs 8j..8j+3 / 8j+4..8j+7
+    expected = (chunks[:, :, :, 0] | chunks[:, :, :, 1] << 4).permute(0, 2, 1, 3)  # byte 4c + i: 8j + i, 8j + 4 + i
+    assert torch.equal(packed["q"], expected.reshape(groups, k * 8)) and packed["n"] == n
+    for name, t in (("scales", scales), ("mins", mins)):
+        per_block = padded(t.repeat_interleave(group_size // 32, dim=1))  # [groups * 16, K/32]
+        assert torch.equal(packed[name], per_block.reshape(groups, 16, k // 32).transpose(1, 2))
+    q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    packed = vnni.pack_int8_vnni(q8, scales[:, 0])
+    expected = padded(q8).reshape(groups, 16, k // 4, 4).transpose(1, 2)  # chunk j, column c: inputs 4j..4j+3
+    assert torch.equal(packed["q"], expected.reshape(groups, k * 16))
+    assert torch.equal(packed["scales"], padded(scales[:, 0].float()))
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
 @pytest.mark.parametrize("spec", SPECS[1:], ids=spec_id)
 @pytest.mark.parametrize("rows", [1, 3, 7])
 @pytest.mark.parametrize("n,k", [(1, 128), (37, 576), (300, 4096), (24, 1408)])  # N % 16: a padded last group
@@ -118,7 +144,7 @@ def test_vnni_int4_kernels(spec, n, k, rows):
     parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
     parts["qweight"][0, :16] = 0x00
     parts["qweight"][-1, -16:] = 0xFF
-    packed = vnni.pack_int4_vnni(unpack_int4(parts["qweight"]), parts["scales"], parts.get("mins"))
+    packed = vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
     x = torch.randn(rows + 1, k, generator=g)
     x[-1] = 0
     reference = x @ dequantize(parts, spec).t()

@@ -95,7 +95,7 @@ class VnniInt4Kernel(RowsKernel):
     repacked = True  # as VnniInt8Kernel's
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
-        self.parts = vnni.pack_int4_vnni(unpack_int4(parts["qweight"]), parts["scales"], parts.get("mins"))
+        self.parts = vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
         self.fallback = DequantKernel(parts, spec)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:

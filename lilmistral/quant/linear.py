@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..model import Experts, FeedForward, Transformer
+from .cpu import DequantKernel, make_kernel
 from .pack import QuantSpec, packed_shapes
 from .vnni import MAX_ROWS
 
@@ -42,18 +43,20 @@ class QuantLinear(nn.Module):
 
 class FusedQuantLinear(nn.Module):
     """QuantLinears that read the same input (wq, wk, wv; w1, w3) as one kernel call, their outputs side by
-    side, each column computed as in its own: fewer calls a token, activations quantized once. The kernel is
-    made from the concatenated canonical parts; theirs fall back to dequantizing (rarely used, packed memory
-    freed). Holds no tensors in the state dict."""
+    side, each column computed as in its own: fewer calls a token, activations quantized once. The CPU
+    kernel is made from the concatenated canonical parts, the only repacking of those weights (fused before
+    the model's other QuantLinears are prepared); each member keeps a dequantizing kernel over its own parts,
+    together the fused kernel's fallback (float32: rarely used, their memory paged out). Holds no tensors in
+    the state dict."""
 
     def __init__(self, linears: list[QuantLinear]) -> None:
         super().__init__()
         self.out_features = sum(linear.out_features for linear in linears)
         parts = {name: torch.cat([linear.parts()[name] for linear in linears]) for name in linears[0].parts()}
-        self.kernel = type(linears[0].kernel)(parts, linears[0].spec)
-        self.kernel.fallback = SideBySide([linear.kernel.fallback for linear in linears])
+        self.kernel = make_kernel(parts, linears[0].spec)
         for linear in linears:
-            linear.kernel = linear.kernel.fallback
+            linear.kernel = DequantKernel(linear.parts(), linear.spec)
+        self.kernel.fallback = SideBySide([linear.kernel for linear in linears])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)
@@ -81,10 +84,9 @@ def projection_groups(model: Transformer) -> list[tuple[nn.Module, str, list[nn.
 
 
 def fuse_projections(model: Transformer) -> None:
-    """Fuse each loaded layer's projection groups where they are QuantLinears whose kernels have a
-    dequantizing fallback (which a kernel that only dequantizes has not: nothing to gain)."""
+    """Fuse each layer's projection groups where they are QuantLinears loaded on the CPU."""
     for module, name, linears in projection_groups(model):
-        if all(isinstance(linear, QuantLinear) and hasattr(linear.kernel, "fallback") for linear in linears):
+        if all(isinstance(linear, QuantLinear) and linear.qweight.device.type == "cpu" for linear in linears):
             setattr(module, name, FusedQuantLinear(linears))
 
 

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -344,6 +345,52 @@ at::Tensor int4_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
   return out.to(x_in.scalar_type());
 }
 
+namespace {
+
+// Eight int4 inputs in a 32-bit word, from the canonical layout (byte b: inputs 2b and 2b+1 in its low and
+// high nibble) to Int4Gemv's (byte b: inputs b and b+4).
+inline uint32_t int4_lanes(uint32_t w) {
+  const uint32_t c0 = w & 0xFF, c1 = (w >> 8) & 0xFF, c2 = (w >> 16) & 0xFF, c3 = w >> 24;
+  return ((c0 & 0xF) | (c2 & 0xF) << 4) | ((c0 >> 4) | (c2 & 0xF0)) << 8 | ((c1 & 0xF) | (c3 & 0xF) << 4) << 16 |
+         ((c1 >> 4) | (c3 & 0xF0)) << 24;
+}
+
+template <typename Word>
+void rows_to_columns(const uint8_t* x, Word* out, int64_t N, int64_t J, int64_t repeat, bool nibbles) {
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      Word* o = out + g * J * repeat * 16;
+      for (int64_t j = 0; j < J; ++j) {
+        Word words[16];
+        for (int64_t c = 0; c < 16; ++c) {
+          words[c] = 0;
+          if (g * 16 + c < N) std::memcpy(&words[c], x + ((g * 16 + c) * J + j) * sizeof(Word), sizeof(Word));
+          if constexpr (sizeof(Word) == 4) if (nibbles) words[c] = int4_lanes(words[c]);
+        }
+        for (int64_t r = 0; r < repeat; ++r, o += 16) std::memcpy(o, words, sizeof(words));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Load-time repacking into the kernels' layouts (vnni.py: pack_int8_vnni, pack_int4_vnni), one pass over the
+// weight: the rows of x [N, J words of word_bytes] become columns in groups of 16, uint8 [groups, J * repeat *
+// 16 words]: word (g, j, c) = x's word (16g + c, j / repeat), zero past N; with nibbles each 32-bit word's
+// eight int4 inputs as Int4Gemv reads them (int4_lanes).
+at::Tensor pack_columns(const at::Tensor& x_in, int64_t word_bytes, int64_t repeat, bool nibbles) {
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.dim() == 2 && (word_bytes == 2 || word_bytes == 4) && repeat >= 1 && (!nibbles || word_bytes == 4) &&
+              x.size(1) * x.element_size() % word_bytes == 0, "pack_columns: unsupported arguments");
+  const int64_t N = x.size(0), J = x.size(1) * x.element_size() / word_bytes;
+  at::Tensor out = at::empty({(N + 15) / 16, J * repeat * 16 * word_bytes}, x.options().dtype(at::kByte));
+  const auto* bytes = static_cast<const uint8_t*>(x.data_ptr());
+  if (word_bytes == 4) rows_to_columns(bytes, reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()), N, J, repeat, nibbles);
+  else rows_to_columns(bytes, reinterpret_cast<uint16_t*>(out.data_ptr<uint8_t>()), N, J, repeat, nibbles);
+  return out;
+}
+
 // Operators in C++ (not torch.library.custom_op, whose Python dispatch costs ~10 us a call): vnni.py adds
 // their shapes for torch.compile.
 TORCH_LIBRARY(lilmistral, m) {
@@ -351,6 +398,7 @@ TORCH_LIBRARY(lilmistral, m) {
   m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, int n) -> Tensor");
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
   m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor?[] mins, int n, Tensor expert) -> Tensor");
+  m.def("pack_columns(Tensor x, int word_bytes, int repeat, bool nibbles) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
@@ -358,4 +406,5 @@ TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int8_gemv_experts", &int8_gemv_experts);
   m.impl("int4_gemv_experts", &int4_gemv_experts);
+  m.impl("pack_columns", &pack_columns);
 }

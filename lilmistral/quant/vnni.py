@@ -69,11 +69,10 @@ def _int4_shape(x: torch.Tensor, q, scales, mins, n: int, *args) -> torch.Tensor
 
 
 def _by_group(t: torch.Tensor) -> torch.Tensor:
-    """[N, ...] -> [groups, 16, ...]: columns in groups of 16, the last padded with zeros."""
-    groups = -(-t.shape[0] // 16)
-    padded = t.new_zeros(groups * 16, *t.shape[1:])
+    """[N] -> [groups * 16]: padded with zeros to whole groups of 16 columns."""
+    padded = t.new_zeros(-(-t.shape[0] // 16) * 16)
     padded[:t.shape[0]] = t
-    return padded.reshape(groups, 16, *t.shape[1:])
+    return padded
 
 
 def pack_int8_vnni(q: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor | int]:
@@ -81,24 +80,22 @@ def pack_int8_vnni(q: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Ten
     padded with zeros), each group's weights in chunks of 4 inputs, 64 bytes: bytes 4c..4c+3 hold column c's
     4 inputs; scales float32 [groups * 16]."""
     n, k = q.shape
-    chunks = _by_group(q).reshape(-1, 16, k // 4, 4).transpose(1, 2)  # [groups, K/4, 16, 4]
-    return {"q": chunks.reshape(-1, k * 16).contiguous(), "scales": _by_group(scales.float()).reshape(-1), "n": n}
+    packed = torch.ops.lilmistral.pack_columns(q, 4, 1, False).view(torch.int8)  # [groups, K/4 * 16 * 4]
+    return {"q": packed, "scales": _by_group(scales.float()), "n": n}
 
 
-def pack_int4_vnni(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
+def pack_int4_vnni(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
                    ) -> dict[str, torch.Tensor | int | None]:
-    """Values 0..15 [N, K] and per-group float16 scales (and mins) [N, K/G] -> int4_gemv's arguments: columns
-    in groups of 16 (the last padded with zeros), each group's weights in chunks of 8 inputs, 64 bytes: bytes
-    4c..4c+3 hold column c's inputs 0..3 in their low nibbles and 4..7 in their high ones; scales and mins
-    one per block of 32 inputs, [groups, K/32, 16]."""
-    n, k = q.shape
-    groups = -(-n // 16)
-    chunks = _by_group(q.to(torch.uint8)).reshape(groups, 16, k // 8, 2, 4)
-    packed = (chunks[:, :, :, 0] | (chunks[:, :, :, 1] << 4)).permute(0, 2, 1, 3)  # [groups, K/8, 16, 4]
+    """The canonical int4 bytes [N, K/2] (pack.py) and per-group float16 scales (and mins) [N, K/G] ->
+    int4_gemv's arguments: columns in groups of 16 (the last padded with zeros), each group's weights in
+    chunks of 8 inputs, 64 bytes: bytes 4c..4c+3 hold column c's inputs 0..3 in their low nibbles and 4..7
+    in their high ones; scales and mins one per block of 32 inputs, [groups, K/32, 16]. One pass in C++
+    (pack_columns): loading a model repacks all of its weights."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    pack = torch.ops.lilmistral.pack_columns
 
     def per_block(t: torch.Tensor) -> torch.Tensor:
-        blocks = t.repeat_interleave(k // 32 // t.shape[1], dim=1).to(torch.float16)
-        return _by_group(blocks).transpose(1, 2).contiguous()
+        return pack(t.half(), 2, k // 32 // t.shape[1], False).view(torch.float16).reshape(-1, k // 32, 16)
 
-    return {"q": packed.reshape(groups, k * 8).contiguous(), "scales": per_block(scales),
+    return {"q": pack(qweight, 4, 1, True), "scales": per_block(scales),
             "mins": None if mins is None else per_block(mins), "n": n}
