@@ -61,20 +61,23 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     if args.tie_embeddings and (keep is None or keep("output.weight")):
         model.output = _tied_head(model.tok_embeddings.weight, quantized=bool(specs))
     model.inv_freq = model.inv_freq.to(device)
+    # the canonical parts each repacking leaves unread go as soon as it is done: the load's peak memory stays
+    # near one copy of the weights
+    release = page_out if device == "cpu" and dtype == torch.bfloat16 else lambda tensors: None
     if device == "cpu":
-        fuse_projections(model)  # first: each fused weight is repacked once, as part of the fused kernel
+        for fused in fuse_projections(model):  # first: each fused weight is repacked once, in the fused kernel
+            release(unread_parts(fused))
     loaded = [m for m in model.modules()
               if isinstance(m, QuantLinear) and m.kernel is None and m.qweight.device.type != "meta"]
     loaded += [m for m in model.modules() if isinstance(m, QuantExperts) and m[0].w1.qweight.device.type != "meta"]
     for module in loaded:  # QuantExperts after the QuantLinears they are made of
         module.prepare()
+        release(unread_parts(module))
     if device == "cpu":
         kernels = layer_kernels(args.head_dim, dtype)
         for module in model.modules():
             for slot in kernels.keys() & vars(module).keys():  # model.py's slots: instance attributes
                 setattr(module, slot, kernels[slot])
-        if dtype == torch.bfloat16:
-            page_out(unread_parts(model))
     release_freed_memory()
     return model.eval()
 

@@ -86,11 +86,12 @@ def test_unread_parts_are_the_repacked_and_the_fused(full):
     ones (wo, w2), not those a kernel reads directly (here wo's, given its dequantizing kernel)."""
     llm = lilmistral.load(full, quant="int4")
     attention = llm.model.layers[0].attention
-    unread = {t.data_ptr() for t in unread_parts(llm.model)}
-    for linear in (attention.wq, attention.wo, llm.model.layers[1].feed_forward.w2):
+    for module, linear in ((attention.wqkv, attention.wq), (attention.wo, attention.wo),
+                           (llm.model.layers[1].feed_forward.w2, llm.model.layers[1].feed_forward.w2)):
+        unread = {t.data_ptr() for t in unread_parts(module)}
         assert linear.qweight.data_ptr() in unread and linear.scales.data_ptr() in unread
     attention.wo.kernel = attention.wo.kernel.fallback
-    assert attention.wo.qweight.data_ptr() not in {t.data_ptr() for t in unread_parts(llm.model)}
+    assert unread_parts(attention.wo) == []
 
 
 def test_rolling_cache_slots_follow_positions():

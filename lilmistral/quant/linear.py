@@ -3,6 +3,8 @@ QuantLinears that read the same input as one. QuantExperts: the experts of a MoE
 with expert-batched decode where the backend has it."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -83,21 +85,24 @@ def projection_groups(model: Transformer) -> list[tuple[nn.Module, str, list[nn.
     return groups
 
 
-def fuse_projections(model: Transformer) -> None:
-    """Fuse each layer's projection groups where they are QuantLinears loaded on the CPU."""
+def fuse_projections(model: Transformer) -> Iterator[FusedQuantLinear]:
+    """Fuse each layer's projection groups where they are QuantLinears loaded on the CPU; yields each
+    FusedQuantLinear as it is made (and put in place)."""
     for module, name, linears in projection_groups(model):
         if all(isinstance(linear, QuantLinear) and linear.qweight.device.type == "cpu" for linear in linears):
-            setattr(module, name, FusedQuantLinear(linears))
+            fused = FusedQuantLinear(linears)
+            setattr(module, name, fused)
+            yield fused
 
 
-def unread_parts(model: Transformer) -> list[torch.Tensor]:
-    """The canonical parts that bfloat16 inference never reads: those of QuantLinears whose kernels repacked
-    them, and of projections fused into one (only their dequantizing fallbacks, for float32, read them)."""
-    unread = {id(m): m for m in model.modules() if isinstance(m, QuantLinear) and getattr(m.kernel, "repacked", False)}
-    for module, name, linears in projection_groups(model):
-        if getattr(module, name) is not None:
-            unread.update((id(linear), linear) for linear in linears)
-    return [part for linear in unread.values() for part in linear.parts().values()]
+def unread_parts(module: nn.Module) -> list[torch.Tensor]:
+    """The canonical parts that bfloat16 inference never reads: a QuantLinear's whose kernel repacked them, a
+    FusedQuantLinear's projections' (only the dequantizing fallbacks, for float32, read them)."""
+    if isinstance(module, FusedQuantLinear):
+        return [part for kernel in module.kernel.fallback.kernels for part in kernel.parts.values()]
+    if isinstance(module, QuantLinear) and getattr(module.kernel, "repacked", False):
+        return list(module.parts().values())
+    return []
 
 
 class QuantExperts(Experts):
