@@ -1,7 +1,9 @@
 // Attention on the CPU with AVX-512: softmax(q k^T * scale) v for each query row on its own, over the keys in
 // chunks of 32 slots merged in slot order (an online softmax), so that a token's row gets the same numbers
 // decoded alone as within its prompt. Decode-sized calls cost a few microseconds, where PyTorch's flash kernel
-// costs tens. vnni.py compiles this file after vnni.cpp, in one unit: load16 and Output are vnni.cpp's.
+// costs tens. bfloat16 scores take AVX512-BF16 dot products where the CPU has them (checked at run time; the
+// rest of the unit needs no more than AVX-512 VNNI). vnni.py compiles this file after vnni.cpp, in one unit:
+// load16 and Output are vnni.cpp's.
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -30,6 +32,7 @@ struct Attention {
   bool bf16;  // q, k and v: bfloat16, else float32
   int64_t R, S, k_head, k_slot, v_head, v_slot, mask_rows;
   float scale;
+  bool dot_bf16;  // scores by bfloat16 dot products (scores_bf16)
 
   // The valid slots of chunk [j0, j0 + n) for row r.
   __mmask64 valid(int64_t r, int64_t j0, int64_t n) const {
@@ -39,20 +42,14 @@ struct Attention {
     return _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in_range, row), _mm512_set1_epi8(1));
   }
 
-  // One chunk for NR rows of a block that attend to the same slots (`ok`): each key and value vector loaded
-  // once for all NR, and each row's arithmetic exactly as it would be alone. Scores, then an online-softmax
-  // update of the rows' float32 outputs o, maxima m and sums l.
+  // The scores q.k * scale of NR rows against a chunk's valid keys (-inf elsewhere), from float32 copies of
+  // both.
   template <int NR>
-  void chunk(__mmask64 ok, const float (*qf)[HD], float (*o)[HD], float* m, float* l, const float (*kf)[HD],
-             const float (*vf)[HD]) const {
+  void scores(__mmask64 ok, const float (*qf)[HD], const float (*kf)[HD], float (*s)[KEYS]) const {
     constexpr int V = HD / 16;
-    alignas(64) float s[NR][KEYS], p[NR][KEYS];
-    float rescale[NR];
     __m512 qr[NR][V];
-    for (int r = 0; r < NR; ++r) {
+    for (int r = 0; r < NR; ++r)
       for (int i = 0; i < V; ++i) qr[r][i] = _mm512_load_ps(qf[r] + 16 * i);
-      for (int64_t c = 0; c < KEYS; c += 16) _mm512_store_ps(s[r] + c, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
-    }
     for (__mmask64 bits = ok; bits; bits &= bits - 1) {
       const int64_t j = __builtin_ctzll(bits);
       __m512 dot[NR][2];
@@ -63,6 +60,43 @@ struct Attention {
       }
       for (int r = 0; r < NR; ++r) s[r][j] = _mm512_reduce_add_ps(_mm512_add_ps(dot[r][0], dot[r][1])) * scale;
     }
+  }
+
+  // The same from bfloat16 q rows (qb, HD apart) and keys (the chunk's first slot at `keys`) as they are,
+  // by AVX512-BF16 dot products (pairs of exact products summed into float32): half the multiplies, no
+  // conversion of the keys.
+  template <int NR>
+  __attribute__((target("avx512bf16"))) void scores_bf16(__mmask64 ok, const uint16_t* qb, const uint16_t* keys,
+                                                       float (*s)[KEYS]) const {
+    constexpr int W = HD / 32;
+    __m512bh qr[NR][W];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < W; ++i) qr[r][i] = (__m512bh)_mm512_loadu_si512(qb + r * HD + 32 * i);
+    for (__mmask64 bits = ok; bits; bits &= bits - 1) {
+      const int64_t j = __builtin_ctzll(bits);
+      __m512 dot[NR];
+      for (int r = 0; r < NR; ++r) dot[r] = _mm512_setzero_ps();
+      for (int i = 0; i < W; ++i) {
+        const __m512bh key = (__m512bh)_mm512_loadu_si512(keys + j * k_slot + 32 * i);
+        for (int r = 0; r < NR; ++r) dot[r] = _mm512_dpbf16_ps(dot[r], qr[r][i], key);
+      }
+      for (int r = 0; r < NR; ++r) s[r][j] = _mm512_reduce_add_ps(dot[r]) * scale;
+    }
+  }
+
+  // One chunk for NR rows of a block that attend to the same slots (`ok`): each key and value vector loaded
+  // once for all NR, and each row's arithmetic exactly as it would be alone. Scores, then an online-softmax
+  // update of the rows' float32 outputs o, maxima m and sums l.
+  template <int NR>
+  void chunk(__mmask64 ok, const float (*qf)[HD], const uint16_t* qb, float (*o)[HD], float* m, float* l,
+             const float (*kf)[HD], const uint16_t* keys, const float (*vf)[HD]) const {
+    constexpr int V = HD / 16;
+    alignas(64) float s[NR][KEYS], p[NR][KEYS];
+    float rescale[NR];
+    for (int r = 0; r < NR; ++r)
+      for (int64_t c = 0; c < KEYS; c += 16) _mm512_store_ps(s[r] + c, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+    if (dot_bf16) scores_bf16<NR>(ok, qb, keys, s);
+    else scores<NR>(ok, qf, kf, s);
     for (int r = 0; r < NR; ++r) {
       __m512 top = _mm512_load_ps(s[r]);
       for (int64_t c = 16; c < KEYS; c += 16) top = _mm512_max_ps(top, _mm512_load_ps(s[r] + c));
@@ -110,17 +144,22 @@ struct Attention {
       for (int64_t b = 0; b < B; ++b) any |= ok[b] = valid(r0 + b, j0, n);
       for (__mmask64 bits = any; bits; bits &= bits - 1) {
         const int64_t j = __builtin_ctzll(bits), kat = h * k_head + (j0 + j) * k_slot, vat = h * v_head + (j0 + j) * v_slot;
-        for (int i = 0; i < V; ++i)
-          _mm512_store_ps(kf[j] + 16 * i, load16(k, bf16, kat + 16 * i)), _mm512_store_ps(vf[j] + 16 * i, load16(v, bf16, vat + 16 * i));
+        for (int i = 0; i < V; ++i) {
+          if (!dot_bf16) _mm512_store_ps(kf[j] + 16 * i, load16(k, bf16, kat + 16 * i));
+          _mm512_store_ps(vf[j] + 16 * i, load16(v, bf16, vat + 16 * i));
+        }
       }
+      const uint16_t* keys = static_cast<const uint16_t*>(k) + h * k_head + j0 * k_slot;  // read if dot_bf16
+      const uint16_t* qb = static_cast<const uint16_t*>(q) + (h * R + r0) * HD;
       for (int64_t b = 0, same; b < B; b += same) {
         for (same = 1; same < GROUP && b + same < B && ok[b + same] == ok[b];) ++same;
         if (!ok[b]) continue;
+        const uint16_t* qr = qb + b * HD;
         switch (same) {
-          case 4: chunk<4>(ok[b], qf + b, o + b, m + b, l + b, kf, vf); break;
-          case 3: chunk<3>(ok[b], qf + b, o + b, m + b, l + b, kf, vf); break;
-          case 2: chunk<2>(ok[b], qf + b, o + b, m + b, l + b, kf, vf); break;
-          default: chunk<1>(ok[b], qf + b, o + b, m + b, l + b, kf, vf);
+          case 4: chunk<4>(ok[b], qf + b, qr, o + b, m + b, l + b, kf, keys, vf); break;
+          case 3: chunk<3>(ok[b], qf + b, qr, o + b, m + b, l + b, kf, keys, vf); break;
+          case 2: chunk<2>(ok[b], qf + b, qr, o + b, m + b, l + b, kf, keys, vf); break;
+          default: chunk<1>(ok[b], qf + b, qr, o + b, m + b, l + b, kf, keys, vf);
         }
       }
     }
@@ -162,14 +201,16 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& keys, const at::T
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) == S &&
                 (mask.size(0) == 1 || mask.size(0) == R), "attention: mask must be bool [1 or R, S]");
   }
+  static const bool cpu_has_bf16_dot = __builtin_cpu_supports("avx512bf16");
   at::Tensor out = at::empty_like(q);
   Output o(out);
   const bool* m = mask_in ? mask.data_ptr<bool>() : nullptr;
   const int64_t mask_rows = mask_in ? mask.size(0) : 1;
   const auto run = [&](auto head_dim) {
-    Attention<decltype(head_dim)::value>{q.data_ptr(), keys.data_ptr(), values.data_ptr(), m, o, bf16, R, S,
-                                         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), mask_rows,
-                                         static_cast<float>(scale)}.run(K);
+    constexpr int HD = decltype(head_dim)::value;
+    Attention<HD>{q.data_ptr(), keys.data_ptr(), values.data_ptr(), m, o, bf16, R, S, keys.stride(0), keys.stride(1),
+                  values.stride(0), values.stride(1), mask_rows, static_cast<float>(scale),
+                  bf16 && HD >= 32 && cpu_has_bf16_dot}.run(K);
   };
   switch (hd) {
     case 16: run(std::integral_constant<int, 16>{}); break;
