@@ -52,9 +52,10 @@ MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'u
 
 
 def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F32", magic_ok: bool = True,
-               raw_types: dict[str, str] | None = None) -> None:
+               raw_types: dict[str, str] | None = None, types: dict[str, str] | None = None) -> None:
     """A llama-architecture GGUF as llama.cpp writes it (interleaved q/k rows, experts stacked as
-    ffn_*_exps), from lilmistral-named HF-layout tensors, with Mistral's v1 SentencePiece vocabulary."""
+    ffn_*_exps), from lilmistral-named HF-layout tensors, with Mistral's v1 SentencePiece vocabulary; matrices
+    in qtype, or in types[gguf name]."""
     import gguf
     import numpy as np
     import sentencepiece
@@ -84,7 +85,7 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F
 
     def add(name: str, t: torch.Tensor) -> None:
         a = t.float().numpy()
-        kind = qtype if a.ndim >= 2 and "token_embd" not in name else "F32"
+        kind = (types or {}).get(name, qtype) if a.ndim >= 2 and "token_embd" not in name else "F32"
         if name in (raw_types or {}):  # bytes of the right size for a type lilmistral may not read
             q = gguf.GGMLQuantizationType[raw_types[name]]
             block, size = gguf.GGML_QUANT_SIZES[q]

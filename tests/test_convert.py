@@ -123,6 +123,23 @@ def test_gguf_block_types(hf_models, tmp_path, qtype):
     assert len(list(llm.generate([1, 2, 3, 4], temperature=0, max_tokens=4))) <= 4
 
 
+def test_gguf_with_mixed_block_types(hf_models, tmp_path):
+    """llama.cpp's files mix block types (here one attn_v in Q4_0 among Q4_1): each tensor keeps its own exact
+    int4 layout, projections packed differently are not fused, and the model computes what the float32
+    dequantized one does."""
+    folder, _ = hf_models["mistral"]
+    base = lilmistral.load(folder)
+    path = tmp_path / "mixed.gguf"
+    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_1", types={"blk.0.attn_v.weight": "Q4_0"})
+    llm = lilmistral.load(path)
+    first, second = (layer.attention for layer in llm.model.layers[:2])
+    assert first.wv.spec.symmetric and not first.wq.spec.symmetric and first.wqkv is None
+    assert second.wqkv is not None and llm.model.layers[0].feed_forward.w13 is not None
+    ids = list(range(10, 40))
+    got, reference = llm.forward(ids), lilmistral.load(path, dtype="float32").forward(ids)
+    assert ((got - reference).norm() / reference.norm()).item() < 0.02
+
+
 def test_gguf_llama_vocab_matches_sentencepiece(hf_models, tmp_path):
     import sentencepiece
 

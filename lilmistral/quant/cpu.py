@@ -120,15 +120,18 @@ class Int4Kernel(RowsKernel):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w, self.group_size, self.scale_zero)
 
 
+def kernel_type(n: int, k: int, spec: QuantSpec) -> type:
+    """The kernel class for an [N, K] weight packed as spec."""
+    if k % 64 == 0 and vnni.available():
+        return VnniInt8Kernel if spec.scheme == "int8" else VnniInt4Kernel
+    if spec.scheme == "int8":
+        return Int8Kernel
+    return Int4Kernel if n % 16 == 0 else DequantKernel
+
+
 def make_kernel(parts: dict[str, torch.Tensor], spec: QuantSpec):
     n, k = parts["qweight"].shape[0], parts["qweight"].shape[1] * (2 if spec.scheme == "int4" else 1)
-    if k % 64 == 0 and vnni.available():
-        return (VnniInt8Kernel if spec.scheme == "int8" else VnniInt4Kernel)(parts, spec)
-    if spec.scheme == "int8":
-        return Int8Kernel(parts, spec)
-    if n % 16 == 0:
-        return Int4Kernel(parts, spec)
-    return DequantKernel(parts, spec)
+    return kernel_type(n, k, spec)(parts, spec)
 
 
 def expert_gemv(kernels: list):

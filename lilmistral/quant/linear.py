@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..model import Experts, FeedForward, Transformer
-from .cpu import DequantKernel, make_kernel
+from .cpu import DequantKernel, kernel_type, make_kernel
 from .pack import QuantSpec, packed_shapes
 from .vnni import MAX_ROWS
 
@@ -86,10 +86,15 @@ def projection_groups(model: Transformer) -> list[tuple[nn.Module, str, list[nn.
 
 
 def fuse_projections(model: Transformer) -> Iterator[FusedQuantLinear]:
-    """Fuse each layer's projection groups where they are QuantLinears loaded on the CPU; yields each
-    FusedQuantLinear as it is made (and put in place)."""
+    """Fuse each layer's projection groups where they are QuantLinears loaded on the CPU, packed alike (a GGUF
+    may store them in different types), for a kernel that does more than dequantize (nothing to gain there);
+    yields each FusedQuantLinear as it is made (and put in place)."""
     for module, name, linears in projection_groups(model):
-        if all(isinstance(linear, QuantLinear) and linear.qweight.device.type == "cpu" for linear in linears):
+        loaded = all(isinstance(linear, QuantLinear) and linear.qweight.device.type == "cpu" for linear in linears)
+        if not loaded or len({linear.spec for linear in linears}) > 1:
+            continue
+        n = sum(linear.out_features for linear in linears)
+        if kernel_type(n, linears[0].in_features, linears[0].spec) is not DequantKernel:
             fused = FusedQuantLinear(linears)
             setattr(module, name, fused)
             yield fused
