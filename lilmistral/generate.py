@@ -103,15 +103,28 @@ def trace_step(model: Transformer, args: tuple) -> Callable | None:
     tracer warned of a value it had to take as a constant (a branch on a tensor's data or shape), the trace
     failed, or its logits for `args` are not the eager step's, bit for bit. Tracing runs the step: its cache
     writes are the step's own, so running it again is harmless."""
-    if model.args.is_moe or sys.version_info >= (3, 14):  # PyTorch: trace "not supported in Python 3.14+"
+    if model.args.is_moe or sys.version_info >= (3, 14):  # PyTorch: tracing "not supported in Python 3.14+"
         return None
+    tokens, position, mask, keys, values = args
+    layers = len(keys)
+
+    def flat_step(*flat: torch.Tensor) -> torch.Tensor:  # the tracer takes tensors, not lists of them
+        return model.decode_step(*flat[:3], list(flat[3:3 + layers]), list(flat[3 + layers:]))
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", "`torch.jit", DeprecationWarning)  # TorchScript is deprecated
         try:
-            traced = torch.jit.trace_module(model, {"decode_step": args}, check_trace=False).decode_step
+            graph, _ = torch._C._create_graph_by_tracing(flat_step, (tokens, position, mask, *keys, *values),
+                                                         lambda value: "", True, False)
+            # a compilation unit of its own, freed with the step: torch.jit.trace puts the graph, which holds
+            # the weights as constants, in PyTorch's global one for good (each traced model would stay in memory)
+            graph_step = torch._C.CompilationUnit().create_function("decode_step", graph)
         except Exception:  # the eager step computes the same; a bug in it surfaces there
             return None
+
+    def traced(tokens, position, mask, keys, values):
+        return graph_step(tokens, position, mask, *keys, *values)
+
     return traced if torch.equal(traced(*args), model.decode_step(*args)) else None
 
 

@@ -58,7 +58,8 @@ class LLM:
         self._cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
 
     def warm_up(self) -> None:
-        """Run a short generation so that one-off costs (torch.compile, kernel autotuning) are paid now."""
+        """Run a short generation so that one-off costs (the decode step's trace or compile, GPU kernels' builds)
+        are paid now."""
         list(self.generate([1, 2, 3], temperature=0, max_tokens=3))
         self.cache.reset()
         self._cached_ids = []

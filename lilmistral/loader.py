@@ -79,7 +79,7 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
             for slot in kernels.keys() & vars(module).keys():  # model.py's slots: instance attributes
                 setattr(module, slot, kernels[slot])
     release_freed_memory()
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference only (and a traced step takes its weights as constants)
 
 
 MADV_PAGEOUT = 21  # Linux 5.4+

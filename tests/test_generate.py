@@ -1,9 +1,11 @@
 """The cache, sampling, streaming text, context limits and `lilmistral run` on a tiny model."""
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -272,6 +274,20 @@ def test_traced_decode_gives_the_eager_logits(source, quant, request):
                 assert torch.equal(traced.decode_step(token, traced.cache), eager.decode_step(token, eager.cache))
     assert traced.decode_step._traced != traced.model.decode_step  # it was traced, not left eager
     assert eager.decode_step._traced is None
+
+
+def test_a_traced_model_is_freed_with_its_llm(full):
+    """The traced graph holds the weights as constants: it must go with the LLM (a graph in PyTorch's global
+    compilation unit, as torch.jit.trace makes, kept every traced model in memory for good)."""
+    llm = lilmistral.load(full, quant="int8", num_ctx=64)
+    llm.warm_up()
+    assert llm.decode_step._traced != llm.model.decode_step
+    weights = [weakref.ref(t) for m in llm.model.modules() if hasattr(m, "kernel") and hasattr(m.kernel, "parts")
+               for t in m.kernel.parts.values() if isinstance(t, torch.Tensor)]
+    assert weights
+    del llm
+    gc.collect()
+    assert all(ref() is None for ref in weights)
 
 
 def test_moe_decode_step_is_not_traced(tmp_path):
