@@ -143,6 +143,16 @@ class DecodeStep:
         self._traced: Callable | None = None
         self._marked: weakref.ref | None = None  # the cache whose tensors are marked as static inputs
 
+    @property
+    def mode(self) -> str:
+        """How tokens are decoded: "compiled", "traced", "eager" (not traced, or not yet) or "pipeline"."""
+        if not hasattr(self.model, "decode_step"):
+            return "pipeline"
+        if self.compile:
+            return "compiled"
+        traced = self._traced is not None and self._traced != self.model.decode_step
+        return "traced" if traced else "eager"
+
     def _compiled_step(self, cache: RollingKVCache):
         cuda = cache.device.type == "cuda"
         if self._compiled is None:

@@ -199,7 +199,7 @@ def stats_text(llm: LLM, total_s: float) -> str:
             f"prompt eval rate:     {prefill_rate:.2f} tokens/s\n"
             f"eval count:           {s.eval_tokens} token(s)\n"
             f"eval duration:        {s.eval_s:.3f}s\n"
-            f"eval rate:            {eval_rate:.2f} tokens/s")
+            f"eval rate:            {eval_rate:.2f} tokens/s ({llm.decode_step.mode} decode step)")
 
 
 def say(console: Any, text: str, style: str | None = None) -> None:

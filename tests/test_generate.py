@@ -193,6 +193,8 @@ def test_cli_run_prints_the_answer(full):
     assert r.stdout == expected + "\n"
     r = run_cli("run", str(full), "--temperature", "0", "--max-tokens", "6", stdin="Hi\n")
     assert r.returncode == 0 and r.stdout == expected + "\n"
+    r = run_cli("run", str(full), "Hi", "--temperature", "0", "--max-tokens", "6", "--verbose")
+    assert r.stdout == expected + "\n" and "tokens/s (traced decode step)" in r.stderr
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
@@ -272,8 +274,7 @@ def test_traced_decode_gives_the_eager_logits(source, quant, request):
                 prefill(llm.model, llm.cache, ids[:3])
             for token in ids[3:]:
                 assert torch.equal(traced.decode_step(token, traced.cache), eager.decode_step(token, eager.cache))
-    assert traced.decode_step._traced != traced.model.decode_step  # it was traced, not left eager
-    assert eager.decode_step._traced is None
+    assert (traced.decode_step.mode, eager.decode_step.mode) == ("traced", "eager")  # not left eager
 
 
 def test_a_traced_model_is_freed_with_its_llm(full):
@@ -281,7 +282,7 @@ def test_a_traced_model_is_freed_with_its_llm(full):
     compilation unit, as torch.jit.trace makes, kept every traced model in memory for good)."""
     llm = lilmistral.load(full, quant="int8", num_ctx=64)
     llm.warm_up()
-    assert llm.decode_step._traced != llm.model.decode_step
+    assert llm.decode_step.mode == "traced"
     weights = [weakref.ref(t) for m in llm.model.modules() if hasattr(m, "kernel") and hasattr(m.kernel, "parts")
                for t in m.kernel.parts.values() if isinstance(t, torch.Tensor)]
     assert weights
@@ -302,7 +303,7 @@ def test_moe_decode_step_is_not_traced(tmp_path):
         assert trace_step(llm.model, (torch.tensor([5]), position, mask, llm.cache.k, llm.cache.v)) is None
         llm.cache.end()
     list(llm.generate(ids, temperature=0, max_tokens=2))
-    assert llm.decode_step._traced == llm.model.decode_step
+    assert llm.decode_step.mode == "eager"
 
 
 def test_a_trace_the_tracer_warns_of_is_refused(full, monkeypatch):
@@ -326,6 +327,7 @@ def test_compiled_decode_gives_the_eager_tokens(source, request):
     ids = list(range(10, 22))
     expected = list(eager.generate(ids, temperature=0, max_tokens=24))
     assert list(compiled.generate(ids, temperature=0, max_tokens=24)) == expected
+    assert compiled.decode_step.mode == "compiled"
     with torch.inference_mode():  # and the logits, step by step
         for llm in (eager, compiled):
             llm.cache.reset()
