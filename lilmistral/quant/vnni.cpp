@@ -358,17 +358,23 @@ inline uint32_t int4_lanes(uint32_t w) {
 template <typename Word>
 void rows_to_columns(const uint8_t* x, Word* out, int64_t N, int64_t J, int64_t repeat, bool nibbles) {
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Word> rows(16 * J);  // a group's 16 rows, rearranged in a contiguous pass (which vectorizes)
     for (int64_t g = begin; g < end; ++g) {
-      Word* o = out + g * J * repeat * 16;
-      for (int64_t j = 0; j < J; ++j) {
-        Word words[16];
-        for (int64_t c = 0; c < 16; ++c) {
-          words[c] = 0;
-          if (g * 16 + c < N) std::memcpy(&words[c], x + ((g * 16 + c) * J + j) * sizeof(Word), sizeof(Word));
-          if constexpr (sizeof(Word) == 4) if (nibbles) words[c] = int4_lanes(words[c]);
+      for (int64_t c = 0; c < 16; ++c) {
+        Word* row = rows.data() + c * J;
+        if (g * 16 + c >= N) {
+          std::fill(row, row + J, Word{0});
+          continue;
         }
-        for (int64_t r = 0; r < repeat; ++r, o += 16) std::memcpy(o, words, sizeof(words));
+        std::memcpy(row, x + (g * 16 + c) * J * sizeof(Word), J * sizeof(Word));
+        if constexpr (sizeof(Word) == 4)
+          if (nibbles)
+            for (int64_t j = 0; j < J; ++j) row[j] = int4_lanes(row[j]);
       }
+      Word* o = out + g * J * repeat * 16;
+      for (int64_t c = 0; c < 16; ++c)  // reading each row in order, writing every 16th word
+        for (int64_t j = 0; j < J; ++j)
+          for (int64_t r = 0; r < repeat; ++r) o[(j * repeat + r) * 16 + c] = rows[c * J + j];
     }
   });
 }
