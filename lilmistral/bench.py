@@ -25,6 +25,7 @@ class BenchResult:
     bandwidth_gbps: float
     bandwidth_fraction: float
     device: str
+    decode_step: str  # DecodeStep.mode: traced, compiled, eager or pipeline
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -97,4 +98,4 @@ def bench(llm: LLM, prompt_tokens: int = 128, gen_tokens: int = 64, bandwidth: f
     bw = bandwidth or measure_bandwidth(device)
     achieved = nbytes / decode_s / 1e9
     return BenchResult(prompt_tokens, produced, prompt_tokens / prefill_s, 1 / decode_s, first - start, rss, nbytes,
-                       achieved, bw, achieved / bw, str(device))
+                       achieved, bw, achieved / bw, str(device), llm.decode_step.mode)

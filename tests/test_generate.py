@@ -212,7 +212,7 @@ def test_bench_reports_every_key(full):
     for key in ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "weight_bytes_per_token", "achieved_gbps",
                 "bandwidth_fraction"):
         assert result[key] > 0, key
-    assert result["gen_tokens"] == 8
+    assert result["gen_tokens"] == 8 and result["decode_step"] == "traced"
     llm = lilmistral.load(full)
     params = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     assert result["weight_bytes_per_token"] < params  # one embedding row, not the table
