@@ -1,6 +1,12 @@
 """The CPU kernels against the dequantized float reference, on random and odd shapes, decode and prefill rows."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,6 +109,20 @@ def test_vnni_int8_kernel(n, k, rows):
     assert torch.equal(VnniInt8Kernel(parts, QuantSpec("int8"))(xb), gemv(xb))
     odd = quantize(torch.randn(8, 96), QuantSpec("int8"))  # K % 64 != 0: PyTorch's kernels
     assert isinstance(make_kernel(odd, QuantSpec("int8")), Int8Kernel)
+
+
+def test_the_wheel_ships_every_kernel_source(tmp_path):
+    """`pip install .` (not editable) ships every C++ file vnni.py compiles: a missing one silently meant
+    PyTorch's slower kernels."""
+    root, source = Path(__file__).parents[1], tmp_path / "source"  # a copy: no stale build/ folder
+    shutil.copytree(root / "lilmistral", source / "lilmistral", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(source)], check=True, capture_output=True, cwd=tmp_path)
+    [wheel] = tmp_path.glob("lilmistral-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"lilmistral/quant/{name}" for name in vnni.SOURCES} <= names
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")

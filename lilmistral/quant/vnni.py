@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+SOURCES = ("vnni.cpp", "attention.cpp", "pointwise.cpp")  # one unit: later ones use earlier ones' helpers
 # Decode-sized batches: up to this many (token, expert) rows, expert-batched calls beat grouping the rows by
 # expert (which reads each expert's weights once)
 MAX_ROWS = 8
@@ -40,8 +41,7 @@ def available() -> bool:
     from torch.utils.cpp_extension import load_inline
 
     try:
-        files = ("vnni.cpp", "attention.cpp", "pointwise.cpp")  # one unit: later ones use earlier ones' helpers
-        sources = [Path(__file__).with_name(name).read_text() for name in files]
+        sources = [Path(__file__).with_name(name).read_text() for name in SOURCES]
         load_inline("lilmistral_vnni", cpp_sources=sources,
                     extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
