@@ -102,8 +102,8 @@ def page_out(tensors: list[torch.Tensor]) -> None:
 
 
 def release_freed_memory() -> None:
-    """Give the pages of freed memory (repacking's temporaries: ~400 MB for 4 layers of Mistral-7B's width)
-    back to the OS, which glibc's allocator otherwise keeps in the process. A no-op without glibc."""
+    """Give the pages of freed memory (repacking's temporaries, such as the fused projections' concatenated
+    parts) back to the OS, which glibc's allocator otherwise keeps in the process. A no-op without glibc."""
     malloc_trim = getattr(_libc(), "malloc_trim", None)
     if malloc_trim is not None:
         malloc_trim(0)

@@ -68,20 +68,13 @@ def _int4_shape(x: torch.Tensor, q, scales, mins, n: int, *args) -> torch.Tensor
     return x.new_empty(x.shape[0], n)
 
 
-def _by_group(t: torch.Tensor) -> torch.Tensor:
-    """[N] -> [groups * 16]: padded with zeros to whole groups of 16 columns."""
-    padded = t.new_zeros(-(-t.shape[0] // 16) * 16)
-    padded[:t.shape[0]] = t
-    return padded
-
-
 def pack_int8_vnni(q: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor | int]:
     """int8 [N, K] and per-column scales [N] -> int8_gemv's arguments: columns in groups of 16 (the last
     padded with zeros), each group's weights in chunks of 4 inputs, 64 bytes: bytes 4c..4c+3 hold column c's
     4 inputs; scales float32 [groups * 16]."""
-    n, k = q.shape
-    packed = torch.ops.lilmistral.pack_columns(q, 4, 1, False).view(torch.int8)  # [groups, K/4 * 16 * 4]
-    return {"q": packed, "scales": _by_group(scales.float()), "n": n}
+    pack = torch.ops.lilmistral.pack_columns
+    return {"q": pack(q, 4, 1, False).view(torch.int8),  # [groups, K/4 * 16 * 4]
+            "scales": pack(scales.float()[:, None], 4, 1, False).view(torch.float32).reshape(-1), "n": q.shape[0]}
 
 
 def pack_int4_vnni(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
