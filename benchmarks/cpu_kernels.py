@@ -1,9 +1,10 @@
-"""lilmistral's AVX-512 VNNI CPU kernels against PyTorch's weight-only ones at batch-1 decode, on Mistral-7B's
-layer shapes (and SmolLM2's), with cold weights: each call reads a different copy, ~200 MB in all; and its
-attention kernel against PyTorch's flash attention (bfloat16, decode and prompt shapes); and its RMSNorm, RoPE
-and silu * up kernels against model.py's PyTorch versions (one decode token, bfloat16).
+"""lilmistral's CPU kernels against PyTorch's weight-only ones at batch-1 decode (or --rows M), on Mistral-7B's
+layer shapes (and SmolLM2's), with cold weights: each call reads a different copy, ~200 MB in all; with AVX-512
+VNNI also its attention kernel against PyTorch's flash attention (bfloat16, decode and prompt shapes) and its
+RMSNorm, RoPE and silu * up kernels against model.py's PyTorch versions (one decode token, bfloat16).
 
-    python benchmarks/cpu_kernels.py [--threads 2]
+    python benchmarks/cpu_kernels.py [--threads 2] [--rows 1]
+    LILMISTRAL_CPU_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/cpu_kernels.py   # as on an AVX2 CPU
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def median_seconds(fn, weights: list, repeat: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def int4_row(n: int, k: int, copies: int) -> dict:
+def int4_row(n: int, k: int, copies: int, rows: int) -> dict:
     torch_parts, vnni_parts = [], []
     for _ in range(copies):
         q = torch.randint(0, 16, (n, k), dtype=torch.int32)
@@ -40,17 +41,17 @@ def int4_row(n: int, k: int, copies: int) -> dict:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         torch_parts.append((packed, torch.randn(k // 32, n, 2).bfloat16()))
         vnni_parts.append(vnni.pack_int4_vnni(pack_int4(q), scales, mins))
-    x = torch.randn(1, k).bfloat16()
+    x = torch.randn(rows, k).bfloat16()
     gemv = torch.ops.lilmistral.int4_gemv
     ours = median_seconds(lambda p: gemv(x, p["q"], p["scales"], p["mins"], p["n"]), vnni_parts)
     theirs = median_seconds(lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1]), torch_parts)
     return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k * 0.625 / ours / 1e9}
 
 
-def int8_row(n: int, k: int, copies: int) -> dict:
+def int8_row(n: int, k: int, copies: int, rows: int) -> dict:
     weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100) for _ in range(copies)]
     packed = [vnni.pack_int8_vnni(q, scales) for q, scales in weights]
-    x = torch.randn(1, k).bfloat16()
+    x = torch.randn(rows, k).bfloat16()
     ours = median_seconds(lambda p: torch.ops.lilmistral.int8_gemv(x, p["q"], p["scales"], p["n"]), packed)
     theirs = median_seconds(lambda w: torch.ops.aten._weight_int8pack_mm(x, w[0], w[1].bfloat16()), weights)
     return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k / ours / 1e9}
@@ -91,14 +92,19 @@ def pointwise_rows() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=1, help="activation rows per matmul (1: decode)")
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
-    assert vnni.available(), "no AVX-512 VNNI kernels on this CPU (or no C++ compiler)"
+    isa = vnni.isa()
+    assert isa, "no lilmistral CPU kernels on this CPU (or no C++ compiler)"
     for scheme, row, shapes in (("int4 g32", int4_row, SHAPES), ("int8", int8_row, ((32000, 4096), *SHAPES[:4]))):
         for n, k in shapes:
-            result = row(n, k, copies=max(3, int(200e6 / (n * k * 0.6))))
-            print(json.dumps({"scheme": scheme, "shape": f"{n}x{k}", **{key: round(v, 1) for key, v in result.items()},
+            result = row(n, k, copies=max(3, int(200e6 / (n * k * 0.6))), rows=ns.rows)
+            print(json.dumps({"isa": isa, "scheme": scheme, "shape": f"{n}x{k}", "rows": ns.rows,
+                              **{key: round(v, 1) for key, v in result.items()},
                               "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
+    if isa != "avx512":
+        return
     for shape in ATTENTION_SHAPES:
         result = attention_row(*shape)
         print(json.dumps({"kernel": "attention", "kv_heads,group,tokens,keys,head_dim": shape,

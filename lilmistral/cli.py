@@ -188,7 +188,7 @@ def _load(ns: argparse.Namespace, path: str):
 
     from .quant import vnni
 
-    if ns.device == "cpu" and vnni.cpu_has_vnni():
+    if ns.device == "cpu" and vnni.cpu_isas():
         with _stderr_console().status("preparing the CPU kernels (built once, about a minute)"):
             vnni.available()
     llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,

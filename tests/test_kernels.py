@@ -81,7 +81,7 @@ def test_pytorch_int8_kernel(n, k, rows):
     check_against_reference(Int8Kernel(parts, spec), parts, spec, rows, g)
 
 
-@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 @pytest.mark.parametrize("rows", [1, 3, 7])
 @pytest.mark.parametrize("n,k", [(1, 64), (37, 576), (1000, 1024), (300, 4096)])  # N % 16: a padded last group
 def test_vnni_int8_kernel(n, k, rows):
@@ -125,7 +125,7 @@ def test_the_wheel_ships_every_kernel_source(tmp_path):
     assert {f"lilmistral/quant/{name}" for name in vnni.SOURCES} <= names
 
 
-@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 def test_vnni_packing_follows_the_documented_layouts():
     """pack_int4_vnni and pack_int8_vnni (one pass in C++ each) put every weight, scale and min where their
     docstrings say, the padded columns of the last group zero."""
@@ -151,7 +151,7 @@ def test_vnni_packing_follows_the_documented_layouts():
     assert torch.equal(packed["scales"], padded(scales[:, 0].float()))
 
 
-@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 @pytest.mark.parametrize("spec", SPECS[1:], ids=spec_id)
 @pytest.mark.parametrize("rows", [1, 3, 7])
 @pytest.mark.parametrize("n,k", [(1, 128), (37, 576), (300, 4096), (24, 1408)])  # N % 16: a padded last group
@@ -189,7 +189,7 @@ def attention_reference(q, keys, values, mask):
     return scores.softmax(-1) @ values.double()
 
 
-@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.skipif(vnni.isa() != "avx512", reason="no AVX-512 VNNI or no C++ compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads,rows,slots,head_dim", [(1, 1, 1, 16), (2, 5, 33, 32), (3, 3, 100, 64),
                                                           (8, 4, 200, 128), (2, 24, 130, 64)])
@@ -218,7 +218,7 @@ def test_attention_kernel(dtype, kv_heads, rows, slots, head_dim):
     assert torch.equal(attend(q, cache[0], cache[1], longer), attend(q, keys, values, causal))
 
 
-@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.skipif(vnni.isa() != "avx512", reason="no AVX-512 VNNI or no C++ compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim,head_dim", [(576, 64), (4096, 128), (100, 20), (7, 2)])  # 100, 20, 7: masked tails
 def test_pointwise_kernels(dtype, dim, head_dim):

@@ -1,6 +1,7 @@
-"""CPU kernels. With AVX-512 VNNI (vnni.cpp): int4 and int8 at every row count by integer dot products with
-int8 activations; attention (attention.cpp); RMSNorm, RoPE and silu(gate) * up (pointwise.cpp). Without:
-PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm) and operators. The fast matmuls
+"""CPU kernels. With AVX-512 VNNI or AVX2 (vnni.cpp): int4 and int8 at every row count by integer dot products
+with int8 activations; with AVX-512 VNNI also attention (attention.cpp) and RMSNorm, RoPE and silu(gate) * up
+(pointwise.cpp). Otherwise PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm) and
+operators. The fast matmuls
 take bfloat16 activations; others (float32 for exact reference runs) and shapes the kernels cannot take
 dequantize the packed weight on the fly instead.
 """
@@ -47,7 +48,7 @@ def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 
 
 class Int8Kernel(RowsKernel):
-    """PyTorch's int8 kernels (CPUs without AVX-512 VNNI). Decode: the weight-only kernel. Prefill (more than
+    """PyTorch's int8 kernels (CPUs without vnni.cpp's). Decode: the weight-only kernel. Prefill (more than
     W8A8_MIN_ROWS rows): the activations quantized per row to int8 too and multiplied with torch._int_mm,
     about 4x faster at 128 rows (4096x4096: 6.6 ms vs 28 ms here) for ~0.9% relative error."""
 
@@ -104,7 +105,7 @@ class VnniInt4Kernel(RowsKernel):
 
 
 class Int4Kernel(RowsKernel):
-    """PyTorch's weight-only int4 kernel (CPUs without AVX-512 VNNI)."""
+    """PyTorch's weight-only int4 kernel (CPUs without vnni.cpp's)."""
 
     def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
         q = unpack_int4(parts["qweight"]).to(torch.int32)  # [N, K], 0..15
@@ -162,7 +163,7 @@ def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
     than PyTorch's flash attention at decode), pointwise.cpp's for `normalize`, `rotate` and `activate` (a
     few microseconds where PyTorch's operators cost 10-40 each at decode: SmolLM2's eager token ~25% faster;
     compiled, PyTorch's). Each computes a row alike however many there are."""
-    if dtype not in (torch.float32, torch.bfloat16) or not vnni.available():
+    if dtype not in (torch.float32, torch.bfloat16) or vnni.isa() != "avx512":
         return {}
     ops = torch.ops.lilmistral
     kernels = {"normalize": _eager_only(ops.rms_norm, rms_norm), "rotate": _eager_only(ops.rope, rope),

@@ -1,6 +1,7 @@
-// int8 and int4 matrix products with AVX-512 VNNI, as llama.cpp does them (cpu.py says where each is used):
-// activations are quantized to int8 in blocks of 32 and multiplied with the integer weights by integer dot
-// products (vpdpbusd: unsigned 8-bit x signed 8-bit, four products summed per 32-bit lane).
+// int8 and int4 matrix products as llama.cpp does them (cpu.py says where each is used): activations are
+// quantized to int8 in blocks of 32 and multiplied with the integer weights by integer dot products. The unit
+// builds for AVX-512 VNNI (vpdpbusd: unsigned 8-bit x signed 8-bit, four products summed per 32-bit lane) or
+// for AVX2 (vnni.py picks by CPU): the vector operations below come in both, and give the same bits.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -12,7 +13,7 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;  // activations per int8 scale
-constexpr int64_t K_ALIGN = 64;  // K is a multiple of this: whole blocks, and offset_rows' 64-byte steps
+constexpr int64_t K_ALIGN = 64;  // K is a multiple of this: whole blocks, and int8_activations' 64-byte steps
 constexpr int64_t ROWS = 8;    // activation rows per block, their accumulators in registers
 // bytes of weights ahead (measured on int4): 5-15% more bandwidth with the previous layout; with the 16-column one, 0 to
 // 4 KB measured alike within the machine's noise (1 KB ahead in 2 of 3 shapes)
@@ -25,12 +26,187 @@ struct QuantizedRows {
   const float* sum;     // [M, K/32]: the block's sum as quantized (scale times the sum of its int8s)
 };
 
+struct BlockScale { float scale, sum; };
+
+// The kernels' vector operations on a group of 16 columns: one AVX-512 register per 16 lanes, or two AVX2 ones
+// (columns 0-7 and 8-15). Both compute the same integer sums, and round every float32 operation alike.
+#ifdef __AVX512F__
+struct Floats { __m512 v; };  // float32, a lane per column
+struct Ints { __m512i v; };   // int32, a lane per column
+
+inline Floats set1(float x) { return {_mm512_set1_ps(x)}; }
+inline Floats fmadd(Floats a, Floats b, Floats c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Floats mul(Floats a, Floats b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline Floats to_floats(Ints a) { return {_mm512_cvtepi32_ps(a.v)}; }
+inline Floats load_floats(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline Floats load_halves(const uint16_t* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+inline void store(float* p, Floats a) { _mm512_storeu_ps(p, a.v); }
+
 // Sixteen activations from float32 or bfloat16 (a bfloat16 is the top half of a float32).
 inline __m512 load16(const void* x, bool bf16, int64_t i) {
   if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
+
+// x[i, i + 32) to int8 q[0, 32): round(x / d), d = max |x| / 127.
+inline BlockScale quantize_block(const void* x, bool bf16, int64_t i, int8_t* q) {
+  const __m512 sign_bit = _mm512_set1_ps(-0.f), lo = load16(x, bf16, i), hi = load16(x, bf16, i + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign_bit, lo), _mm512_andnot_ps(sign_bit, hi)));
+  const float d = amax / 127.f;
+  const __m512 inv = _mm512_set1_ps(d > 0 ? 1.f / d : 0.f);
+  const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(q_lo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(q_hi));
+  return {d, d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)))};
+}
+
+// The int8 kernel's activations: the quantized ones plus 128, as unsigned bytes (x ^ 0x80), [M, K] in the
+// calling thread's buffer (see int8_block).
+const uint8_t* int8_activations(const QuantizedRows& r, int64_t count) {
+  thread_local std::vector<uint8_t> buffer;
+  buffer.resize(count);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < count; i += 64)  // count: a multiple of 64
+    _mm512_storeu_si512(buffer.data() + i, _mm512_xor_si512(_mm512_loadu_si512(r.q + i), flip));
+  return buffer.data();
+}
+
+// The integer sums of one block of 32 inputs for a group's 16 columns and M rows of activations (x, K apart):
+// w the block's 256 bytes in Int4Gemv's layout. One vpdpbusd per 64 bytes, nibbles times activations.
+template <int M>
+inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)[M]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512i low_sum[M], high_sum[M];  // two chains of vpdpbusd per row, for their latency
+  for (int m = 0; m < M; ++m) low_sum[m] = high_sum[m] = _mm512_setzero_si512();
+  for (int j = 0; j < 4; ++j) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(w + j * 64);
+    const __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    for (int m = 0; m < M; ++m) {
+      const int8_t* xm = x + m * K + 8 * j;
+      low_sum[m] = _mm512_dpbusd_epi32(low_sum[m], low, _mm512_broadcastd_epi32(_mm_loadu_si32(xm)));
+      high_sum[m] = _mm512_dpbusd_epi32(high_sum[m], high, _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4)));
+    }
+  }
+  for (int m = 0; m < M; ++m) sum[m] = {_mm512_add_epi32(low_sum[m], high_sum[m])};
+}
+
+// The same for int8 weights (w: 512 bytes in Int8Gemv's layout). vpdpbusd wants one unsigned operand: the
+// activations offset by 128 (int8_activations), whose extra 128 * (the weights' sum) is taken off, the sum
+// from one more vpdpbusd against ones.
+template <int M>
+inline void int8_block(const int8_t* w, const uint8_t* x, int64_t K, Ints (&sum)[M]) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i weight_sum = _mm512_setzero_si512(), dot[M];
+  for (int m = 0; m < M; ++m) dot[m] = _mm512_setzero_si512();
+  for (int j = 0; j < 8; ++j) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(w + j * 64);
+    weight_sum = _mm512_dpbusd_epi32(weight_sum, ones, v);
+    for (int m = 0; m < M; ++m)
+      dot[m] = _mm512_dpbusd_epi32(dot[m], _mm512_broadcastd_epi32(_mm_loadu_si32(x + m * K + 4 * j)), v);
+  }
+  const __m512i offset = _mm512_slli_epi32(weight_sum, 7);
+  for (int m = 0; m < M; ++m) sum[m] = {_mm512_sub_epi32(dot[m], offset)};
+}
+#else
+struct Floats { __m256 lo, hi; };
+struct Ints { __m256i lo, hi; };
+
+inline Floats set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+inline Floats fmadd(Floats a, Floats b, Floats c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline Floats mul(Floats a, Floats b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline Floats to_floats(Ints a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+inline Floats load_floats(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline Floats load_halves(const uint16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline void store(float* p, Floats a) { _mm256_storeu_ps(p, a.lo), _mm256_storeu_ps(p + 8, a.hi); }
+
+inline __m256 load8(const void* x, bool bf16, int64_t i) {
+  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+inline __m256i broadcast4(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+inline BlockScale quantize_block(const void* x, bool bf16, int64_t i, int8_t* q) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f);
+  __m256 v[4], amax8 = _mm256_setzero_ps();
+  for (int k = 0; k < 4; ++k) v[k] = load8(x, bf16, i + 8 * k), amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign_bit, v[k]));
+  __m128 amax4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+  amax4 = _mm_max_ps(amax4, _mm_movehl_ps(amax4, amax4));
+  const float d = _mm_cvtss_f32(_mm_max_ss(amax4, _mm_movehdup_ps(amax4))) / 127.f;
+  const __m256 inv = _mm256_set1_ps(d > 0 ? 1.f / d : 0.f);
+  __m256i qi[4];
+  for (int k = 0; k < 4; ++k) qi[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv));
+  // packs work within 128-bit halves: dwords come out as q 0-3, 8-11, 16-19, 24-27, 4-7, ...
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  return {d, d * static_cast<float>(_mm_cvtsi128_si32(s4))};
+}
+
+// The int8 kernel's activations: the quantized ones as they are (int8_block carries their signs).
+const uint8_t* int8_activations(const QuantizedRows& r, int64_t) { return reinterpret_cast<const uint8_t*>(r.q); }
+
+// AVX2 has no vpdpbusd: vpmaddubsw multiplies unsigned by signed bytes, summing pairs into 16 bits (with
+// saturation), and vpmaddwd sums pairs of those into 32. Nibbles (0..15) times activations (-127..127) sum over
+// a whole block within 16 bits: at most 8 * 2 * 15 * 127 = 30480 a lane.
+template <int M>
+inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)[M]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256i lo[M], hi[M];  // 16-bit sums: columns 0-7, 8-15
+  for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm256_setzero_si256();
+  for (int j = 0; j < 4; ++j) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+    const __m256i a_low = _mm256_and_si256(a, nibble), a_high = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
+    const __m256i b_low = _mm256_and_si256(b, nibble), b_high = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+    for (int m = 0; m < M; ++m) {
+      const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
+      lo[m] = _mm256_add_epi16(lo[m], _mm256_add_epi16(_mm256_maddubs_epi16(a_low, x_low), _mm256_maddubs_epi16(a_high, x_high)));
+      hi[m] = _mm256_add_epi16(hi[m], _mm256_add_epi16(_mm256_maddubs_epi16(b_low, x_low), _mm256_maddubs_epi16(b_high, x_high)));
+    }
+  }
+  for (int m = 0; m < M; ++m) sum[m] = {_mm256_madd_epi16(lo[m], ones), _mm256_madd_epi16(hi[m], ones)};
+}
+
+// int8 weights: vpmaddubsw's unsigned operand the weights' magnitudes, the activations given their signs
+// (vpsignb); a pair sums to at most 2 * 128 * 127 = 32512, within 16 bits.
+template <int M>
+inline void int8_block(const int8_t* w, const uint8_t* x, int64_t K, Ints (&sum)[M]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int m = 0; m < M; ++m) sum[m] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int j = 0; j < 8; ++j) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+    const __m256i a_abs = _mm256_abs_epi8(a), b_abs = _mm256_abs_epi8(b);
+    for (int m = 0; m < M; ++m) {
+      const __m256i xm = broadcast4(x + m * K + 4 * j);
+      sum[m].lo = _mm256_add_epi32(sum[m].lo, _mm256_madd_epi16(_mm256_maddubs_epi16(a_abs, _mm256_sign_epi8(xm, a)), ones));
+      sum[m].hi = _mm256_add_epi32(sum[m].hi, _mm256_madd_epi16(_mm256_maddubs_epi16(b_abs, _mm256_sign_epi8(xm, b)), ones));
+    }
+  }
+}
+#endif
 
 // x [M, K] float32 or bfloat16 (others are converted to float32); the result's dtype is x's.
 struct Rows {
@@ -58,6 +234,12 @@ struct Output {
     o.data = static_cast<char*>(data) + offset * (bf16 ? 2 : 4);
     return o;
   }
+  // The first `columns` lanes of v at [at, at + columns).
+  void store_lanes(int64_t at, Floats v, int64_t columns) const {
+    float lanes[16];
+    ::store(lanes, v);
+    for (int64_t c = 0; c < columns; ++c) store(at + c, lanes[c]);
+  }
 };
 
 QuantizedRows quantize_rows(const Rows& rows) {
@@ -70,35 +252,13 @@ QuantizedRows quantize_rows(const Rows& rows) {
   int8_t* qp = q_buffer.data();
   float* scale = scale_buffer.data();
   float* sum = sum_buffer.data();
-  const __m512 sign_bit = _mm512_set1_ps(-0.f);
-  at::parallel_for(0, M, 8, [&](int64_t m_begin, int64_t m_end) {
-    for (int64_t m = m_begin; m < m_end; ++m) {
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t block = m * blocks + b;
-        const __m512 lo = load16(xp, bf16, block * BLOCK), hi = load16(xp, bf16, block * BLOCK + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign_bit, lo), _mm512_andnot_ps(sign_bit, hi)));
-        const float d = amax / 127.f;
-        const __m512 inv = _mm512_set1_ps(d > 0 ? 1.f / d : 0.f);
-        const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + block * BLOCK), _mm512_cvtsepi32_epi8(q_lo));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + block * BLOCK + 16), _mm512_cvtsepi32_epi8(q_hi));
-        scale[block] = d;
-        sum[block] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)));
-      }
+  at::parallel_for(0, M * blocks, 8 * blocks, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const BlockScale s = quantize_block(xp, bf16, block * BLOCK, qp + block * BLOCK);
+      scale[block] = s.scale, sum[block] = s.sum;
     }
   });
   return {qp, scale, sum};
-}
-
-// The quantized activations plus 128, as unsigned bytes (x ^ 0x80), for the int8 kernel: [M, K] in the
-// calling thread's buffer.
-const uint8_t* offset_rows(const QuantizedRows& r, int64_t count) {
-  thread_local std::vector<uint8_t> buffer;
-  buffer.resize(count);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t i = 0; i < count; i += 64)  // count: a multiple of 64
-    _mm512_storeu_si512(buffer.data() + i, _mm512_xor_si512(_mm512_loadu_si512(r.q + i), flip));
-  return buffer.data();
 }
 
 // Calls kernel.template rows<M>(begin, end) over the kernel's units of output columns (one column, or a group
@@ -135,64 +295,45 @@ void run(const Kernel& kernel, int64_t M) {
 
 // int8 weights in the kernel's layout (vnni.py: pack_int8_vnni): columns in groups of 16, column c of a group
 // in 32-bit lane c; a group's weights in chunks of 4 inputs, 64 bytes each, lane c's four bytes column c's
-// inputs 4j..4j+3, so one vpdpbusd multiplies 16 columns by four broadcast activations, and eight make a
-// block of 32, whose integer sum is scaled once by the block's activation scale. vpdpbusd wants one unsigned
-// operand: the activations offset by 128 (offset_rows), whose extra 128 * (the block's weight sum) is taken
-// off, the weight sum from one more vpdpbusd against ones. w = q * scale[n]; scales float32 [groups * 16].
+// inputs 4j..4j+3, so one dot product instruction multiplies 16 columns by four broadcast activations, and
+// eight make a block of 32 (int8_block), whose integer sum is scaled once by the block's activation scale.
+// w = q * scale[n]; scales float32 [groups * 16]. x: the activations as int8_block reads them.
 struct Int8Gemv {
-  const int8_t* w; const float* scale; const uint8_t* xu; const float* x_scale; Output out; int64_t N, K;
+  const int8_t* w; const float* scale; const uint8_t* x; const float* x_scale; Output out; int64_t N, K;
   static constexpr int64_t TILE = 2, GRAIN = 8;
 
   int64_t units() const { return (N + 15) / 16; }
 
   Int8Gemv at_row(int64_t row) const {
     Int8Gemv k = *this;
-    k.xu += row * K, k.x_scale += row * (K / BLOCK), k.out = out + row * N;
+    k.x += row * K, k.x_scale += row * (K / BLOCK), k.out = out + row * N;
     return k;
   }
 
   template <int M>
   void rows(int64_t begin, int64_t end) const {
     const int64_t blocks = K / BLOCK;
-    const __m512i ones = _mm512_set1_epi8(1);
     for (int64_t g = begin; g < end; ++g) {
-      const int8_t* wg = w + g * K * 16;
-      __m512 acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      Floats acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = set1(0.f);
       for (int64_t b = 0; b < blocks; ++b) {
-        __m512i weight_sum = _mm512_setzero_si512(), dot[M];
-        for (int m = 0; m < M; ++m) dot[m] = _mm512_setzero_si512();
-        for (int j = 0; j < 8; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(wg + (b * 8 + j) * 64 + PREFETCH), _MM_HINT_T0);
-          const __m512i v = _mm512_loadu_si512(wg + (b * 8 + j) * 64);
-          weight_sum = _mm512_dpbusd_epi32(weight_sum, ones, v);
-          for (int m = 0; m < M; ++m)
-            dot[m] = _mm512_dpbusd_epi32(dot[m], _mm512_broadcastd_epi32(_mm_loadu_si32(xu + m * K + b * BLOCK + 4 * j)), v);
-        }
-        const __m512i offset = _mm512_slli_epi32(weight_sum, 7);
-        for (int m = 0; m < M; ++m) {
-          const __m512i sum = _mm512_sub_epi32(dot[m], offset);
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(x_scale[m * blocks + b]), acc[m]);
-        }
+        Ints sum[M];
+        int8_block<M>(w + (g * blocks + b) * BLOCK * 16, x + b * BLOCK, K, sum);
+        for (int m = 0; m < M; ++m) acc[m] = fmadd(to_floats(sum[m]), set1(x_scale[m * blocks + b]), acc[m]);
       }
-      const __m512 ws = _mm512_loadu_ps(scale + g * 16);
-      const int64_t columns = std::min<int64_t>(16, N - g * 16);
-      for (int m = 0; m < M; ++m) {
-        float lanes[16];
-        _mm512_storeu_ps(lanes, _mm512_mul_ps(acc[m], ws));
-        for (int64_t c = 0; c < columns; ++c) out.store(m * N + g * 16 + c, lanes[c]);
-      }
+      const Floats ws = load_floats(scale + g * 16);
+      for (int m = 0; m < M; ++m) out.store_lanes(m * N + g * 16, mul(acc[m], ws), std::min<int64_t>(16, N - g * 16));
     }
   }
 };
 
 // int4 weights in the kernel's layout (vnni.py: pack_int4_vnni): columns in groups of 16, column c of a group
 // in 32-bit lane c. A group's weights run in chunks of 8 inputs, 64 bytes each: lane c's four bytes hold
-// column c's inputs 8j..8j+3 in their low nibbles and 8j+4..8j+7 in their high nibbles, so one vpdpbusd
-// multiplies 16 columns by four broadcast activations and each lane sums one column's products. Eight make
-// a block of 32, whose integer sum is scaled once. Scales and mins float16 [groups, K/32, 16]. w = q * scale
-// + min, or with no mins (symmetric) w = (q - 8) * scale: a block's min (or -8 * scale) times its activation
-// sum is added once.
+// column c's inputs 8j..8j+3 in their low nibbles and 8j+4..8j+7 in their high nibbles, so one dot product
+// instruction multiplies 16 columns by four broadcast activations and each lane sums one column's products.
+// Four chunks make a block of 32 (int4_block), whose integer sum is scaled once. Scales and mins float16
+// [groups, K/32, 16]. w = q * scale + min, or with no mins (symmetric) w = (q - 8) * scale: a block's min (or
+// -8 * scale) times its activation sum is added once.
 struct Int4Gemv {
   const uint8_t* w; const uint16_t* scale; const uint16_t* min; const int8_t* xq; const float* x_scale;
   const float* x_sum; Output out; int64_t N, K;
@@ -209,53 +350,34 @@ struct Int4Gemv {
   template <int M>
   void rows(int64_t begin, int64_t end) const {
     const int64_t blocks = K / BLOCK;
-    const __m512i nibble = _mm512_set1_epi8(0x0F);
     for (int64_t g = begin; g < end; ++g) {
-      const uint8_t* wg = w + g * K * 8;
-      __m512 acc[M];
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      Floats acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = set1(0.f);
       for (int64_t b = 0; b < blocks; ++b) {
-        __m512i low_sum[M], high_sum[M];  // two chains of vpdpbusd per row, for their latency
-        for (int m = 0; m < M; ++m) low_sum[m] = high_sum[m] = _mm512_setzero_si512();
-        for (int j = 0; j < 4; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(wg + (b * 4 + j) * 64 + PREFETCH), _MM_HINT_T0);
-          const __m512i v = _mm512_loadu_si512(wg + (b * 4 + j) * 64);
-          const __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-          for (int m = 0; m < M; ++m) {
-            const int8_t* x = xq + m * K + b * BLOCK + 8 * j;
-            low_sum[m] = _mm512_dpbusd_epi32(low_sum[m], low, _mm512_broadcastd_epi32(_mm_loadu_si32(x)));
-            high_sum[m] = _mm512_dpbusd_epi32(high_sum[m], high, _mm512_broadcastd_epi32(_mm_loadu_si32(x + 4)));
-          }
-        }
+        Ints sum[M];
+        int4_block<M>(w + (g * blocks + b) * BLOCK * 8, xq + b * BLOCK, K, sum);
         const int64_t at = (g * blocks + b) * 16;
-        const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + at)));
-        const __m512 wo = min ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(min + at)))
-                              : _mm512_mul_ps(ws, _mm512_set1_ps(-8.f));
+        const Floats ws = load_halves(scale + at);
+        const Floats wo = min ? load_halves(min + at) : mul(ws, set1(-8.f));
         for (int m = 0; m < M; ++m) {
-          const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(low_sum[m], high_sum[m]));
-          acc[m] = _mm512_fmadd_ps(sum, _mm512_mul_ps(ws, _mm512_set1_ps(x_scale[m * blocks + b])), acc[m]);
-          acc[m] = _mm512_fmadd_ps(wo, _mm512_set1_ps(x_sum[m * blocks + b]), acc[m]);
+          acc[m] = fmadd(to_floats(sum[m]), mul(ws, set1(x_scale[m * blocks + b])), acc[m]);
+          acc[m] = fmadd(wo, set1(x_sum[m * blocks + b]), acc[m]);
         }
       }
-      const int64_t columns = std::min<int64_t>(16, N - g * 16);
-      for (int m = 0; m < M; ++m) {
-        float lanes[16];
-        _mm512_storeu_ps(lanes, acc[m]);
-        for (int64_t c = 0; c < columns; ++c) out.store(m * N + g * 16 + c, lanes[c]);
-      }
+      for (int m = 0; m < M; ++m) out.store_lanes(m * N + g * 16, acc[m], std::min<int64_t>(16, N - g * 16));
     }
   }
 };
 
 // The kernel over one int8 weight of N columns in Int8Gemv's layout: q int8 [groups, K * 16], scales float
-// [groups * 16]; xu the activations offset by 128.
+// [groups * 16]; x the activations as int8_activations gives them.
 Int8Gemv int8_kernel(const at::Tensor& q, const at::Tensor& scales, int64_t N, const QuantizedRows& r,
-                     const uint8_t* xu, Output out) {
+                     const uint8_t* x, Output out) {
   const int64_t groups = q.size(0), K = q.size(1) / 16;
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kFloat && q.is_contiguous() &&
               scales.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (16 * K_ALIGN) == 0 &&
               scales.numel() == groups * 16, "int8_gemv: unsupported layout");
-  return Int8Gemv{q.data_ptr<int8_t>(), scales.data_ptr<float>(), xu, r.scale, out, N, K};
+  return Int8Gemv{q.data_ptr<int8_t>(), scales.data_ptr<float>(), x, r.scale, out, N, K};
 }
 
 // The kernel over one int4 weight of N columns in Int4Gemv's layout: q uint8 [groups, K * 8], scales and mins
@@ -303,7 +425,7 @@ at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   const Rows x(x_in, q.size(1) / 16);
   const QuantizedRows r = quantize_rows(x);
   at::Tensor out = x.empty_out(N);
-  run(int8_kernel(q, scales, N, r, offset_rows(r, x.x.numel()), Output(out)), out.size(0));
+  run(int8_kernel(q, scales, N, r, int8_activations(r, x.x.numel()), Output(out)), out.size(0));
   return out.to(x_in.scalar_type());
 }
 
@@ -322,10 +444,10 @@ at::Tensor int8_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
   check_same_shapes(q);
   const Rows x(x_in, q[0].size(1) / 16);
   const QuantizedRows r = quantize_rows(x);
-  const uint8_t* xu = offset_rows(r, x.x.numel());
+  const uint8_t* xi = int8_activations(r, x.x.numel());
   at::Tensor out = x.empty_out(N);
   std::vector<Int8Gemv> experts;
-  for (size_t i = 0; i < q.size(); ++i) experts.push_back(int8_kernel(q[i], scales[i], N, r, xu, Output(out)));
+  for (size_t i = 0; i < q.size(); ++i) experts.push_back(int8_kernel(q[i], scales[i], N, r, xi, Output(out)));
   expert_rows(experts, expert, out.size(0));
   return out.to(x_in.scalar_type());
 }
