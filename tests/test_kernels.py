@@ -189,7 +189,7 @@ def attention_reference(q, keys, values, mask):
     return scores.softmax(-1) @ values.double()
 
 
-@pytest.mark.skipif(vnni.isa() != "avx512", reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_heads,rows,slots,head_dim", [(1, 1, 1, 16), (2, 5, 33, 32), (3, 3, 100, 64),
                                                           (8, 4, 200, 128), (2, 24, 130, 64)])
@@ -218,7 +218,7 @@ def test_attention_kernel(dtype, kv_heads, rows, slots, head_dim):
     assert torch.equal(attend(q, cache[0], cache[1], longer), attend(q, keys, values, causal))
 
 
-@pytest.mark.skipif(vnni.isa() != "avx512", reason="no AVX-512 VNNI or no C++ compiler")
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim,head_dim", [(576, 64), (4096, 128), (100, 20), (7, 2)])  # 100, 20, 7: masked tails
 def test_pointwise_kernels(dtype, dim, head_dim):

@@ -1,9 +1,9 @@
-// Attention on the CPU with AVX-512: softmax(q k^T * scale) v for each query row on its own, over the keys in
-// chunks of 32 slots merged in slot order (an online softmax), so that a token's row gets the same numbers
-// decoded alone as within its prompt. Decode-sized calls cost a few microseconds, where PyTorch's flash kernel
-// costs tens. bfloat16 scores take AVX512-BF16 dot products where the CPU has them (checked at run time; the
-// rest of the unit needs no more than AVX-512 VNNI). vnni.py compiles this file after vnni.cpp, in one unit:
-// load16 and Output are vnni.cpp's.
+// Attention on the CPU: softmax(q k^T * scale) v for each query row on its own, over the keys in chunks of 32
+// slots merged in slot order (an online softmax), so that a token's row gets the same numbers decoded alone as
+// within its prompt. Decode-sized calls cost a few microseconds, where PyTorch's flash kernel costs tens.
+// bfloat16 scores take AVX512-BF16 dot products where the CPU has them (checked at run time; the rest of the
+// unit needs no more than AVX-512 VNNI, or AVX2). vnni.py compiles this file after lanes.cpp and vnni.cpp, in
+// one unit: Output is vnni.cpp's.
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -12,19 +12,6 @@ namespace {
 
 constexpr int64_t KEYS = 32;  // slots per chunk (a mask bit each, at most 64): its float32 keys and values fit L1
 constexpr int64_t ROW_BLOCK = 8;   // query rows of one kv head per task: they share each chunk of keys converted once
-
-// exp(x) (below -87 it returns ~1e-38, not 0; above 88.7, inf): 2^n * 2^f, n = round(x / ln 2), 2^f by Cephes'
-// exp2f polynomial on [-0.5, 0.5], within 2 ulp.
-inline __m512 exp512(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  for (const float c : {1.339887440266574e-3f, 9.618437357674640e-3f, 5.550332471162809e-2f, 2.402264791363012e-1f,
-                        6.931472028550421e-1f, 1.f})
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
 
 template <int HD>
 struct Attention {
@@ -35,44 +22,43 @@ struct Attention {
   bool dot_bf16;  // scores by bfloat16 dot products (scores_bf16)
 
   // The valid slots of chunk [j0, j0 + n) for row r.
-  __mmask64 valid(int64_t r, int64_t j0, int64_t n) const {
-    const __mmask64 in_range = n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
-    if (!mask) return in_range;
-    const bool* row = mask + (mask_rows == 1 ? 0 : r) * S + j0;
-    return _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(in_range, row), _mm512_set1_epi8(1));
+  uint64_t valid(int64_t r, int64_t j0, int64_t n) const {
+    if (!mask) return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1;
+    return true_bits(mask + (mask_rows == 1 ? 0 : r) * S + j0, n);
   }
 
   // The scores q.k * scale of NR rows against a chunk's valid keys (-inf elsewhere), from float32 copies of
   // both.
   template <int NR>
-  void scores(__mmask64 ok, const float (*qf)[HD], const float (*kf)[HD], float (*s)[KEYS]) const {
+  void scores(uint64_t ok, const float (*qf)[HD], const float (*kf)[HD], float (*s)[KEYS]) const {
     constexpr int V = HD / 16;
-    __m512 qr[NR][V];
+    Floats qr[NR][V];
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < V; ++i) qr[r][i] = _mm512_load_ps(qf[r] + 16 * i);
-    for (__mmask64 bits = ok; bits; bits &= bits - 1) {
+      for (int i = 0; i < V; ++i) qr[r][i] = load_floats(qf[r] + 16 * i);
+    for (uint64_t bits = ok; bits; bits &= bits - 1) {
       const int64_t j = __builtin_ctzll(bits);
-      __m512 dot[NR][2];
-      for (int r = 0; r < NR; ++r) dot[r][0] = dot[r][1] = _mm512_setzero_ps();
+      Floats dot[NR][2];
+      for (int r = 0; r < NR; ++r) dot[r][0] = dot[r][1] = set1(0.f);
       for (int i = 0; i < V; ++i) {
-        const __m512 key = _mm512_load_ps(kf[j] + 16 * i);
-        for (int r = 0; r < NR; ++r) dot[r][i % 2] = _mm512_fmadd_ps(qr[r][i], key, dot[r][i % 2]);
+        const Floats key = load_floats(kf[j] + 16 * i);
+        for (int r = 0; r < NR; ++r) dot[r][i % 2] = fmadd(qr[r][i], key, dot[r][i % 2]);
       }
-      for (int r = 0; r < NR; ++r) s[r][j] = _mm512_reduce_add_ps(_mm512_add_ps(dot[r][0], dot[r][1])) * scale;
+      for (int r = 0; r < NR; ++r) s[r][j] = reduce_add(add(dot[r][0], dot[r][1])) * scale;
     }
   }
 
+#ifdef __AVX512F__
   // The same from bfloat16 q rows (qb, HD apart) and keys (the chunk's first slot at `keys`) as they are,
   // by AVX512-BF16 dot products (pairs of exact products summed into float32): half the multiplies, no
   // conversion of the keys.
   template <int NR>
-  __attribute__((target("avx512bf16"))) void scores_bf16(__mmask64 ok, const uint16_t* qb, const uint16_t* keys,
+  __attribute__((target("avx512bf16"))) void scores_bf16(uint64_t ok, const uint16_t* qb, const uint16_t* keys,
                                                        float (*s)[KEYS]) const {
     constexpr int W = HD / 32;
     __m512bh qr[NR][W];
     for (int r = 0; r < NR; ++r)
       for (int i = 0; i < W; ++i) qr[r][i] = (__m512bh)_mm512_loadu_si512(qb + r * HD + 32 * i);
-    for (__mmask64 bits = ok; bits; bits &= bits - 1) {
+    for (uint64_t bits = ok; bits; bits &= bits - 1) {
       const int64_t j = __builtin_ctzll(bits);
       __m512 dot[NR];
       for (int r = 0; r < NR; ++r) dot[r] = _mm512_setzero_ps();
@@ -83,46 +69,49 @@ struct Attention {
       for (int r = 0; r < NR; ++r) s[r][j] = _mm512_reduce_add_ps(dot[r]) * scale;
     }
   }
+#endif
 
   // One chunk for NR rows of a block that attend to the same slots (`ok`): each key and value vector loaded
   // once for all NR, and each row's arithmetic exactly as it would be alone. Scores, then an online-softmax
   // update of the rows' float32 outputs o, maxima m and sums l.
   template <int NR>
-  void chunk(__mmask64 ok, const float (*qf)[HD], const uint16_t* qb, float (*o)[HD], float* m, float* l,
+  void chunk(uint64_t ok, const float (*qf)[HD], const uint16_t* qb, float (*o)[HD], float* m, float* l,
              const float (*kf)[HD], const uint16_t* keys, const float (*vf)[HD]) const {
     constexpr int V = HD / 16;
     alignas(64) float s[NR][KEYS], p[NR][KEYS];
     float rescale[NR];
     for (int r = 0; r < NR; ++r)
-      for (int64_t c = 0; c < KEYS; c += 16) _mm512_store_ps(s[r] + c, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+      for (int64_t c = 0; c < KEYS; c += 16) store(s[r] + c, set1(-std::numeric_limits<float>::infinity()));
+#ifdef __AVX512F__
     if (dot_bf16) scores_bf16<NR>(ok, qb, keys, s);
-    else scores<NR>(ok, qf, kf, s);
+    else
+#endif
+      scores<NR>(ok, qf, kf, s);
     for (int r = 0; r < NR; ++r) {
-      __m512 top = _mm512_load_ps(s[r]);
-      for (int64_t c = 16; c < KEYS; c += 16) top = _mm512_max_ps(top, _mm512_load_ps(s[r] + c));
-      const float m_new = std::max(m[r], _mm512_reduce_max_ps(top));
+      Floats top = load_floats(s[r]);
+      for (int64_t c = 16; c < KEYS; c += 16) top = max(top, load_floats(s[r] + c));
+      const float m_new = std::max(m[r], reduce_max(top));
       rescale[r] = std::exp(m[r] - m_new);  // 0 before the first valid chunk
-      __m512 sum = _mm512_setzero_ps();
+      Floats sum = set1(0.f);
       for (int64_t c = 0; c < KEYS; c += 16) {
-        const __m512 e = _mm512_maskz_mov_ps(static_cast<__mmask16>(ok >> c),
-                                             exp512(_mm512_sub_ps(_mm512_load_ps(s[r] + c), _mm512_set1_ps(m_new))));
-        _mm512_store_ps(p[r] + c, e);
-        sum = _mm512_add_ps(sum, e);
+        const Floats e = zero_unless(exp16(sub(load_floats(s[r] + c), set1(m_new))), static_cast<uint32_t>(ok >> c) & 0xffff);
+        store(p[r] + c, e);
+        sum = add(sum, e);
       }
-      m[r] = m_new, l[r] = l[r] * rescale[r] + _mm512_reduce_add_ps(sum);
+      m[r] = m_new, l[r] = l[r] * rescale[r] + reduce_add(sum);
     }
-    __m512 acc[NR][V];
+    Floats acc[NR][V];
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < V; ++i) acc[r][i] = _mm512_mul_ps(_mm512_load_ps(o[r] + 16 * i), _mm512_set1_ps(rescale[r]));
-    for (__mmask64 bits = ok; bits; bits &= bits - 1) {
+      for (int i = 0; i < V; ++i) acc[r][i] = mul(load_floats(o[r] + 16 * i), set1(rescale[r]));
+    for (uint64_t bits = ok; bits; bits &= bits - 1) {
       const int64_t j = __builtin_ctzll(bits);
       for (int i = 0; i < V; ++i) {
-        const __m512 value = _mm512_load_ps(vf[j] + 16 * i);
-        for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][j]), value, acc[r][i]);
+        const Floats value = load_floats(vf[j] + 16 * i);
+        for (int r = 0; r < NR; ++r) acc[r][i] = fmadd(set1(p[r][j]), value, acc[r][i]);
       }
     }
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < V; ++i) _mm512_store_ps(o[r] + 16 * i, acc[r][i]);
+      for (int i = 0; i < V; ++i) store(o[r] + 16 * i, acc[r][i]);
   }
 
   // Rows [r0, r1) of kv head h (at most ROW_BLOCK). Each chunk's valid keys and values are converted to float32
@@ -135,18 +124,18 @@ struct Attention {
     float m[ROW_BLOCK], l[ROW_BLOCK];
     for (int64_t b = 0; b < B; ++b) {
       for (int i = 0; i < V; ++i)
-        _mm512_store_ps(qf[b] + 16 * i, load16(q, bf16, (h * R + r0 + b) * HD + 16 * i)), _mm512_store_ps(o[b] + 16 * i, _mm512_setzero_ps());
+        store(qf[b] + 16 * i, load16(q, bf16, (h * R + r0 + b) * HD + 16 * i)), store(o[b] + 16 * i, set1(0.f));
       m[b] = -std::numeric_limits<float>::infinity(), l[b] = 0.f;
     }
     for (int64_t j0 = 0; j0 < S; j0 += KEYS) {
       const int64_t n = std::min(KEYS, S - j0);
-      __mmask64 ok[ROW_BLOCK], any = 0;
+      uint64_t ok[ROW_BLOCK], any = 0;
       for (int64_t b = 0; b < B; ++b) any |= ok[b] = valid(r0 + b, j0, n);
-      for (__mmask64 bits = any; bits; bits &= bits - 1) {
+      for (uint64_t bits = any; bits; bits &= bits - 1) {
         const int64_t j = __builtin_ctzll(bits), kat = h * k_head + (j0 + j) * k_slot, vat = h * v_head + (j0 + j) * v_slot;
         for (int i = 0; i < V; ++i) {
-          if (!dot_bf16) _mm512_store_ps(kf[j] + 16 * i, load16(k, bf16, kat + 16 * i));
-          _mm512_store_ps(vf[j] + 16 * i, load16(v, bf16, vat + 16 * i));
+          if (!dot_bf16) store(kf[j] + 16 * i, load16(k, bf16, kat + 16 * i));
+          store(vf[j] + 16 * i, load16(v, bf16, vat + 16 * i));
         }
       }
       const uint16_t* keys = static_cast<const uint16_t*>(k) + h * k_head + j0 * k_slot;  // read if dot_bf16
@@ -201,7 +190,11 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& keys, const at::T
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) == S &&
                 (mask.size(0) == 1 || mask.size(0) == R), "attention: mask must be bool [1 or R, S]");
   }
+#ifdef __AVX512F__
   static const bool cpu_has_bf16_dot = __builtin_cpu_supports("avx512bf16");
+#else
+  constexpr bool cpu_has_bf16_dot = false;  // scores_bf16 is in AVX-512 builds only
+#endif
   at::Tensor out = at::empty_like(q);
   Output o(out);
   const bool* m = mask_in ? mask.data_ptr<bool>() : nullptr;

@@ -1,7 +1,6 @@
 """CPU kernels. With AVX-512 VNNI or AVX2 (vnni.cpp): int4 and int8 at every row count by integer dot products
-with int8 activations; with AVX-512 VNNI also attention (attention.cpp) and RMSNorm, RoPE and silu(gate) * up
-(pointwise.cpp). Otherwise PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm) and
-operators. The fast matmuls
+with int8 activations; attention (attention.cpp); RMSNorm, RoPE and silu(gate) * up (pointwise.cpp). Without:
+PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm) and operators. The fast matmuls
 take bfloat16 activations; others (float32 for exact reference runs) and shapes the kernels cannot take
 dequantize the packed weight on the fly instead.
 """
@@ -163,7 +162,7 @@ def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
     than PyTorch's flash attention at decode), pointwise.cpp's for `normalize`, `rotate` and `activate` (a
     few microseconds where PyTorch's operators cost 10-40 each at decode: SmolLM2's eager token ~25% faster;
     compiled, PyTorch's). Each computes a row alike however many there are."""
-    if dtype not in (torch.float32, torch.bfloat16) or vnni.isa() != "avx512":
+    if dtype not in (torch.float32, torch.bfloat16) or not vnni.available():
         return {}
     ops = torch.ops.lilmistral
     kernels = {"normalize": _eager_only(ops.rms_norm, rms_norm), "rotate": _eager_only(ops.rope, rope),

@@ -1,37 +1,12 @@
-// RMSNorm, RoPE and SwiGLU's silu(gate) * up on the CPU with AVX-512, one call each: PyTorch spends 10-40 us
-// of per-operator overhead on each at decode (composite operators, dtype conversions), more than the layer's
+// RMSNorm, RoPE and SwiGLU's silu(gate) * up on the CPU, one call each: PyTorch spends 10-40 us of
+// per-operator overhead on each at decode (composite operators, dtype conversions), more than the layer's
 // matrix products take in a small model. Each rounds where PyTorch's bfloat16 operators round, so they give
-// the reference's numbers up to the order of a sum. vnni.py compiles this file after attention.cpp, in one
-// unit: exp512 is attention.cpp's.
+// the reference's numbers up to the order of a sum. vnni.py compiles this file after lanes.cpp, in one unit.
 
 namespace {
 
-// n (at most 16) values from float32 or bfloat16 at x[i], zeros past n.
-inline __m512 load_n(const void* x, bool bf16, int64_t i, int64_t n) {
-  const __mmask16 k = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
-  if (!bf16) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(x) + i);
-  const __m256i half = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(x) + i);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-// v rounded to the nearest bfloat16 (ties to even, as PyTorch rounds; NaNs aside), still as float32.
-inline __m512 round_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-
 // What a PyTorch operator with this dtype keeps of a float32 result.
-inline __m512 as_dtype(__m512 v, bool bf16) { return bf16 ? round_bf16(v) : v; }
-
-// The first n (at most 16) lanes of v to out[i], float32 or bfloat16 (v already rounded to it).
-inline void store_n(void* out, bool bf16, int64_t i, int64_t n, __m512 v) {
-  const __mmask16 k = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
-  if (!bf16) return _mm512_mask_storeu_ps(static_cast<float*>(out) + i, k, v);
-  const __m256i high = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
-  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + i, k, high);
-}
+inline Floats as_dtype(Floats v, bool bf16) { return bf16 ? round_bits_bf16(v) : v; }
 
 bool check_dtype(const at::Tensor& t, const char* op) {
   const bool bf16 = t.scalar_type() == at::kBFloat16;
@@ -59,15 +34,15 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps
   void* op = out.data_ptr();
   for_rows(x.numel() / std::max<int64_t>(D, 1), D, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      __m512 squares = _mm512_setzero_ps();
+      Floats squares = set1(0.f);
       for (int64_t i = 0; i < D; i += 16) {
-        const __m512 v = load_n(xp, bf16, r * D + i, D - i);
-        squares = _mm512_fmadd_ps(v, v, squares);
+        const Floats v = load_n(xp, bf16, r * D + i, D - i);
+        squares = fmadd(v, v, squares);
       }
-      const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / D + static_cast<float>(eps)));
+      const Floats inv = set1(1.f / std::sqrt(reduce_add(squares) / D + static_cast<float>(eps)));
       for (int64_t i = 0; i < D; i += 16) {
-        const __m512 normed = as_dtype(_mm512_mul_ps(load_n(xp, bf16, r * D + i, D - i), inv), bf16);
-        store_n(op, bf16, r * D + i, D - i, as_dtype(_mm512_mul_ps(load_n(wp, bf16, i, D - i), normed), bf16));
+        const Floats normed = as_dtype(mul(load_n(xp, bf16, r * D + i, D - i), inv), bf16);
+        store_n(op, bf16, r * D + i, D - i, as_dtype(mul(load_n(wp, bf16, i, D - i), normed), bf16));
       }
     }
   });
@@ -87,18 +62,17 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos_in, const at::Tensor&
   at::Tensor out = at::empty({N, T, hd}, x.options());
   const void *xp = x.data_ptr(), *cp = cos.data_ptr(), *sp = sin.data_ptr();
   void* op = out.data_ptr();
-  const __m512 minus = _mm512_set1_ps(-1.f);
+  const Floats minus = set1(-1.f);
   for_rows(N * T, hd, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / T, t = row % T, base = n * x.stride(0) + t * x.stride(1);
       for (int64_t i = 0; i < half; i += 16) {
         const int64_t m = half - i;
-        const __m512 x1 = load_n(xp, bf16, base + i, m), x2 = load_n(xp, bf16, base + half + i, m);
-        const __m512 c1 = load_n(cp, bf16, t * hd + i, m), c2 = load_n(cp, bf16, t * hd + half + i, m);
-        const __m512 s1 = load_n(sp, bf16, t * hd + i, m), s2 = load_n(sp, bf16, t * hd + half + i, m);
-        const __m512 lo = _mm512_add_ps(as_dtype(_mm512_mul_ps(x1, c1), bf16),
-                                        as_dtype(_mm512_mul_ps(_mm512_mul_ps(x2, minus), s1), bf16));
-        const __m512 hi = _mm512_add_ps(as_dtype(_mm512_mul_ps(x2, c2), bf16), as_dtype(_mm512_mul_ps(x1, s2), bf16));
+        const Floats x1 = load_n(xp, bf16, base + i, m), x2 = load_n(xp, bf16, base + half + i, m);
+        const Floats c1 = load_n(cp, bf16, t * hd + i, m), c2 = load_n(cp, bf16, t * hd + half + i, m);
+        const Floats s1 = load_n(sp, bf16, t * hd + i, m), s2 = load_n(sp, bf16, t * hd + half + i, m);
+        const Floats lo = add(as_dtype(mul(x1, c1), bf16), as_dtype(mul(mul(x2, minus), s1), bf16));
+        const Floats hi = add(as_dtype(mul(x2, c2), bf16), as_dtype(mul(x1, s2), bf16));
         store_n(op, bf16, row * hd + i, m, as_dtype(lo, bf16));
         store_n(op, bf16, row * hd + half + i, m, as_dtype(hi, bf16));
       }
@@ -117,13 +91,13 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   at::Tensor out = at::empty({R, F}, gate.options());
   const void *gp = gate.data_ptr(), *upp = up.data_ptr();
   void* op = out.data_ptr();
-  const __m512 one = _mm512_set1_ps(1.f), minus = _mm512_set1_ps(-1.f);
+  const Floats one = set1(1.f), minus = set1(-1.f);
   for_rows(R, F, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t i = 0; i < F; i += 16) {
-        const __m512 g = load_n(gp, bf16, r * gate.stride(0) + i, F - i);
-        const __m512 silu = as_dtype(_mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_mul_ps(g, minus)))), bf16);
-        store_n(op, bf16, r * F + i, F - i, as_dtype(_mm512_mul_ps(silu, load_n(upp, bf16, r * up.stride(0) + i, F - i)), bf16));
+        const Floats g = load_n(gp, bf16, r * gate.stride(0) + i, F - i);
+        const Floats silu = as_dtype(div(g, add(one, exp16(mul(g, minus)))), bf16);
+        store_n(op, bf16, r * F + i, F - i, as_dtype(mul(silu, load_n(upp, bf16, r * up.stride(0) + i, F - i)), bf16));
       }
     }
   });

@@ -1,10 +1,8 @@
 // int8 and int4 matrix products as llama.cpp does them (cpu.py says where each is used): activations are
-// quantized to int8 in blocks of 32 and multiplied with the integer weights by integer dot products. The unit
-// builds for AVX-512 VNNI (vpdpbusd: unsigned 8-bit x signed 8-bit, four products summed per 32-bit lane) or
-// for AVX2 (vnni.py picks by CPU): the vector operations below come in both, and give the same bits.
-#include <torch/extension.h>
+// quantized to int8 in blocks of 32 and multiplied with the integer weights by integer dot products: AVX-512
+// VNNI's (vpdpbusd: unsigned 8-bit x signed 8-bit, four products summed per 32-bit lane), or AVX2's where the
+// unit is built for it, with the same results. vnni.py compiles this file after lanes.cpp, in one unit.
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <atomic>
 #include <cstring>
@@ -28,32 +26,11 @@ struct QuantizedRows {
 
 struct BlockScale { float scale, sum; };
 
-// The kernels' vector operations on a group of 16 columns: one AVX-512 register per 16 lanes, or two AVX2 ones
-// (columns 0-7 and 8-15). Both compute the same integer sums, and round every float32 operation alike.
+// The integer parts of the kernels per instruction set (lanes.cpp has the rest).
 #ifdef __AVX512F__
-struct Floats { __m512 v; };  // float32, a lane per column
-struct Ints { __m512i v; };   // int32, a lane per column
-
-inline Floats set1(float x) { return {_mm512_set1_ps(x)}; }
-inline Floats fmadd(Floats a, Floats b, Floats c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline Floats mul(Floats a, Floats b) { return {_mm512_mul_ps(a.v, b.v)}; }
-inline Floats to_floats(Ints a) { return {_mm512_cvtepi32_ps(a.v)}; }
-inline Floats load_floats(const float* p) { return {_mm512_loadu_ps(p)}; }
-inline Floats load_halves(const uint16_t* p) {
-  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
-}
-inline void store(float* p, Floats a) { _mm512_storeu_ps(p, a.v); }
-
-// Sixteen activations from float32 or bfloat16 (a bfloat16 is the top half of a float32).
-inline __m512 load16(const void* x, bool bf16, int64_t i) {
-  if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(x) + i);
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + i));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 // x[i, i + 32) to int8 q[0, 32): round(x / d), d = max |x| / 127.
 inline BlockScale quantize_block(const void* x, bool bf16, int64_t i, int8_t* q) {
-  const __m512 sign_bit = _mm512_set1_ps(-0.f), lo = load16(x, bf16, i), hi = load16(x, bf16, i + 16);
+  const __m512 sign_bit = _mm512_set1_ps(-0.f), lo = load16(x, bf16, i).v, hi = load16(x, bf16, i + 16).v;
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign_bit, lo), _mm512_andnot_ps(sign_bit, hi)));
   const float d = amax / 127.f;
   const __m512 inv = _mm512_set1_ps(d > 0 ? 1.f / d : 0.f);
@@ -113,28 +90,6 @@ inline void int8_block(const int8_t* w, const uint8_t* x, int64_t K, Ints (&sum)
   for (int m = 0; m < M; ++m) sum[m] = {_mm512_sub_epi32(dot[m], offset)};
 }
 #else
-struct Floats { __m256 lo, hi; };
-struct Ints { __m256i lo, hi; };
-
-inline Floats set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
-inline Floats fmadd(Floats a, Floats b, Floats c) {
-  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
-}
-inline Floats mul(Floats a, Floats b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
-inline Floats to_floats(Ints a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
-inline Floats load_floats(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-inline Floats load_halves(const uint16_t* p) {
-  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-}
-inline void store(float* p, Floats a) { _mm256_storeu_ps(p, a.lo), _mm256_storeu_ps(p + 8, a.hi); }
-
-inline __m256 load8(const void* x, bool bf16, int64_t i) {
-  if (!bf16) return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
-
 inline __m256i broadcast4(const void* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -143,8 +98,10 @@ inline __m256i broadcast4(const void* p) {
 
 inline BlockScale quantize_block(const void* x, bool bf16, int64_t i, int8_t* q) {
   const __m256 sign_bit = _mm256_set1_ps(-0.f);
-  __m256 v[4], amax8 = _mm256_setzero_ps();
-  for (int k = 0; k < 4; ++k) v[k] = load8(x, bf16, i + 8 * k), amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign_bit, v[k]));
+  const Floats lo = load16(x, bf16, i), hi = load16(x, bf16, i + 16);
+  const __m256 v[4] = {lo.lo, lo.hi, hi.lo, hi.hi};
+  __m256 amax8 = _mm256_setzero_ps();
+  for (int k = 0; k < 4; ++k) amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign_bit, v[k]));
   __m128 amax4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
   amax4 = _mm_max_ps(amax4, _mm_movehl_ps(amax4, amax4));
   const float d = _mm_cvtss_f32(_mm_max_ss(amax4, _mm_movehdup_ps(amax4))) / 127.f;

@@ -1,8 +1,8 @@
 """The CPU kernels of vnni.cpp (int4/int8 matmuls), attention.cpp and pointwise.cpp, compiled on first use into
 operators under torch.ops.lilmistral (see isa()): a C++ compiler is needed once, and torch.utils.cpp_extension
-caches the build. On CPUs with AVX-512 VNNI all of them; on AVX2 CPUs the matmuls (the same results, bit for
-bit). Where there are none, callers use PyTorch's own kernels. LILMISTRAL_CPU_KERNELS=torch turns them off;
-=avx2 builds the AVX2 ones on an AVX-512 CPU (tests and benchmarks)."""
+caches the build. Built for AVX-512 VNNI or, on CPUs without it, for AVX2 (lanes.cpp: the same results, bit
+for bit, bfloat16 attention scores aside); on other CPUs callers use PyTorch's own kernels.
+LILMISTRAL_CPU_KERNELS=torch turns them off; =avx2 builds the AVX2 ones on an AVX-512 CPU (tests, benchmarks)."""
 from __future__ import annotations
 
 import functools
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("vnni.cpp", "attention.cpp", "pointwise.cpp")  # one unit: later ones use earlier ones' helpers
+SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp")  # one unit: later ones use earlier ones' helpers
 # Decode-sized batches: up to this many (token, expert) rows, expert-batched calls beat grouping the rows by
 # expert (which reads each expert's weights once)
 MAX_ROWS = 8
-# Per instruction set: the CPU flags (/proc/cpuinfo) it needs, the compiler's flags, the sources it builds
+# Per instruction set, the best first: the CPU flags (/proc/cpuinfo) it needs, and the compiler's
 ISAS = {
     "avx512": (("avx512f", "avx512bw", "avx512dq", "avx512_vnni"),
-               ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"], SOURCES),
-    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"], SOURCES[:1]),
+               ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
 # -ffp-contract=off: a product and a sum written apart round apart, as PyTorch's operators round them
 COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
@@ -32,17 +32,17 @@ def cpu_isas() -> list[str]:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return []
-    return [isa for isa, (needs, _, _) in ISAS.items() if flags.issuperset(needs)]
+    return [isa for isa, (needs, _) in ISAS.items() if flags.issuperset(needs)]
 
 
 @functools.cache
 def isa() -> str | None:
-    """The instruction set the operators were built for (building them on the first call), None where there are
-    none. Both: torch.ops.lilmistral.int8_gemv(x [M, K], q, scales, n) with pack_int8_vnni's parts,
-    int4_gemv(x, q, scales, mins, n) with pack_int4_vnni's, and for mixtures of experts int8_gemv_experts(x,
-    [q], [scales], n, expert [M]) and int4_gemv_experts(x, [q], [scales], [mins], n, expert): row m of x times
-    the weight of expert[m]. "avx512" only: attention(q, keys, values, mask, scale) (attention.cpp);
-    rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp)."""
+    """The instruction set the operators were built for, "avx512" or "avx2" (building them on the first call);
+    None where there are none. torch.ops.lilmistral.int8_gemv(x [M, K], q, scales, n) with pack_int8_vnni's
+    parts, int4_gemv(x, q, scales, mins, n) with pack_int4_vnni's, and for mixtures of experts
+    int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x, [q], [scales], [mins], n,
+    expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale)
+    (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp)."""
     wanted, have = os.environ.get("LILMISTRAL_CPU_KERNELS"), cpu_isas()
     if wanted == "torch" or not have:
         return None
@@ -50,12 +50,11 @@ def isa() -> str | None:
         warnings.warn(f"lilmistral: LILMISTRAL_CPU_KERNELS={wanted} is not one of this CPU's ({', '.join(have)}, "
                       f"torch); using {have[0]}", stacklevel=2)
     target = wanted if wanted in have else have[0]
-    _, flags, sources = ISAS[target]
     from torch.utils.cpp_extension import load_inline
 
     try:
-        load_inline(f"lilmistral_{target}", cpp_sources=[Path(__file__).with_name(name).read_text() for name in sources],
-                    extra_cflags=COMMON_FLAGS + flags, extra_ldflags=["-fopenmp"], is_python_module=False)
+        load_inline(f"lilmistral_{target}", cpp_sources=[Path(__file__).with_name(name).read_text() for name in SOURCES],
+                    extra_cflags=COMMON_FLAGS + ISAS[target][1], extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
         reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
         warnings.warn(f"lilmistral: the {target} CPU kernels did not build ({reason}); using PyTorch's slower kernels",
@@ -64,16 +63,15 @@ def isa() -> str | None:
     for name, shape in (("int8_gemv", _int8_shape), ("int4_gemv", _int4_shape), ("int8_gemv_experts", _int8_shape),
                         ("int4_gemv_experts", _int4_shape)):
         torch.library.register_fake(f"lilmistral::{name}")(shape)
-    if target == "avx512":
-        torch.library.register_fake("lilmistral::attention")(lambda q, *args: torch.empty_like(q))
-        torch.library.register_fake("lilmistral::rms_norm")(lambda x, *args: torch.empty_like(x))
-        torch.library.register_fake("lilmistral::rope")(lambda x, *args: x.new_empty(x.shape))
-        torch.library.register_fake("lilmistral::silu_mul")(lambda gate, up: gate.new_empty(gate.shape))
+    torch.library.register_fake("lilmistral::attention")(lambda q, *args: torch.empty_like(q))
+    torch.library.register_fake("lilmistral::rms_norm")(lambda x, *args: torch.empty_like(x))
+    torch.library.register_fake("lilmistral::rope")(lambda x, *args: x.new_empty(x.shape))
+    torch.library.register_fake("lilmistral::silu_mul")(lambda gate, up: gate.new_empty(gate.shape))
     return target
 
 
 def available() -> bool:
-    """Whether the int4/int8 operators exist (see isa())."""
+    """Whether the operators exist (see isa())."""
     return isa() is not None
 
 
