@@ -1,6 +1,7 @@
 """The CPU kernels against the dequantized float reference, on random and odd shapes, decode and prefill rows."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -275,3 +276,49 @@ def test_fused_projections_give_each_projections_output(spec):
     for rows, out in zip(inputs, expected):
         assert torch.equal(fused(rows), out)
     assert torch.allclose(linears[1](x), expected[-1][:, 96:136], atol=1e-5)
+
+
+def kernel_outputs() -> list[torch.Tensor]:
+    """Every CPU operator's results on fixed inputs: int4 and int8 matmuls at 1, 5 and 19 rows; attention in
+    float32, masked and not; RMSNorm, silu * up (inputs far out in exp's range among them) and RoPE in float32 and
+    bfloat16, with tails shorter than a vector."""
+    g, ops, out = torch.Generator().manual_seed(0), torch.ops.lilmistral, []
+    for (n, k), spec, rows in zip([(37, 576), (300, 4096), (1024, 1024)] * 2, SPECS[:3] * 2, (1, 5, 19, 19, 5, 1)):
+        parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
+        if spec.scheme == "int8":
+            gemv, packed = ops.int8_gemv, vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
+        else:
+            gemv, packed = ops.int4_gemv, vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
+        x = torch.randn(rows, k, generator=g) * 3
+        out += [gemv(x, **packed), gemv(x.bfloat16(), **packed)]
+    for kv_heads, rows, slots, head_dim in [(2, 5, 33, 32), (3, 3, 100, 64), (8, 4, 200, 128)]:
+        q = torch.randn(kv_heads, rows, head_dim, generator=g)
+        keys, values = torch.randn(2, kv_heads, slots, head_dim, generator=g)
+        for mask in (None, torch.rand(rows, slots, generator=g) < 0.7):
+            out.append(ops.attention(q, keys, values, mask, head_dim ** -0.5))
+    for dtype in (torch.float32, torch.bfloat16):
+        for dim in (576, 100, 7):
+            x, weight = (torch.randn(5, dim, generator=g) * 3).to(dtype), torch.randn(dim, generator=g).to(dtype)
+            gate, up = (torch.randn(2, 5, dim, generator=g) * 4).to(dtype)
+            gate[0, :2] = torch.tensor([-100.0, 100.0])
+            x_rope, cos, sin = torch.randn(6, 3, dim - dim % 2, generator=g).to(dtype).split([4, 1, 1])
+            out += [ops.rms_norm(x, weight, 1e-5), ops.silu_mul(gate, up), ops.rope(x_rope, cos[0], sin[0])]
+    return out
+
+
+@pytest.mark.skipif(vnni.isa() != "avx512", reason="needs an AVX-512 VNNI CPU to compare the AVX2 build with")
+def test_the_avx2_build_passes_these_tests_with_the_avx512_bits(tmp_path):
+    """The kernels built for AVX2 (as a CPU without AVX-512 gets them: lanes.cpp's two registers, vpmaddubsw for
+    vpdpbusd) pass this file's kernel tests, and every operator gives the AVX-512 build's bits."""
+    env = {**os.environ, "LILMISTRAL_CPU_KERNELS": "avx2"}
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                            "vnni_int or attention or pointwise or matches_dequantized or fused"],
+                           env=env, capture_output=True, text=True)
+    assert tests.returncode == 0 and " passed" in tests.stdout, tests.stdout[-3000:] + tests.stderr[-3000:]
+    script = (f"import importlib.util, torch; spec = importlib.util.spec_from_file_location('t', {__file__!r}); "
+              "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t); "
+              f"assert t.vnni.isa() == 'avx2'; torch.save(t.kernel_outputs(), {str(tmp_path / 'avx2.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=tmp_path)
+    avx2 = torch.load(tmp_path / "avx2.pt", weights_only=True)
+    avx512 = kernel_outputs()
+    assert len(avx2) == len(avx512) and all(torch.equal(a, b) for a, b in zip(avx2, avx512))
