@@ -10,6 +10,7 @@ import torch
 
 from .generate import SamplingParams, generate_tokens, prefill
 from .llm import LLM
+from .quant import vnni
 
 
 @dataclass
@@ -26,6 +27,7 @@ class BenchResult:
     bandwidth_fraction: float
     device: str
     decode_step: str  # DecodeStep.mode: traced, compiled, eager or pipeline
+    cpu_kernels: str | None  # on the CPU: lilmistral's (vnni.isa(): avx512, avx2) or "pytorch"
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -98,4 +100,5 @@ def bench(llm: LLM, prompt_tokens: int = 128, gen_tokens: int = 64, bandwidth: f
     bw = bandwidth or measure_bandwidth(device)
     achieved = nbytes / decode_s / 1e9
     return BenchResult(prompt_tokens, produced, prompt_tokens / prefill_s, 1 / decode_s, first - start, rss, nbytes,
-                       achieved, bw, achieved / bw, str(device), llm.decode_step.mode)
+                       achieved, bw, achieved / bw, str(device), llm.decode_step.mode,
+                       (vnni.isa() or "pytorch") if device.type == "cpu" else None)

@@ -213,6 +213,7 @@ def test_bench_reports_every_key(full):
                 "bandwidth_fraction"):
         assert result[key] > 0, key
     assert result["gen_tokens"] == 8 and result["decode_step"] == "traced"
+    assert result["cpu_kernels"] == (vnni.isa() or "pytorch")
     llm = lilmistral.load(full)
     params = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     assert result["weight_bytes_per_token"] < params  # one embedding row, not the table
