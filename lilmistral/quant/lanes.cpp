@@ -22,6 +22,7 @@ inline Floats mul(Floats a, Floats b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline Floats div(Floats a, Floats b) { return {_mm512_div_ps(a.v, b.v)}; }
 inline Floats max(Floats a, Floats b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline Floats fmadd(Floats a, Floats b, Floats c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Floats abs(Floats a) { return {_mm512_andnot_ps(_mm512_set1_ps(-0.f), a.v)}; }
 inline Floats to_floats(Ints a) { return {_mm512_cvtepi32_ps(a.v)}; }
 inline Floats load_floats(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline Floats load_halves(const uint16_t* p) {
@@ -80,6 +81,10 @@ inline Floats div(Floats a, Floats b) { return each(a, b, [](__m256 x, __m256 y)
 inline Floats max(Floats a, Floats b) { return each(a, b, [](__m256 x, __m256 y) { return _mm256_max_ps(x, y); }); }
 inline Floats fmadd(Floats a, Floats b, Floats c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline Floats abs(Floats a) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  return {_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi)};
 }
 inline Floats to_floats(Ints a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
 inline Floats load_floats(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }

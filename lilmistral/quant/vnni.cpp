@@ -24,20 +24,13 @@ struct QuantizedRows {
   const float* sum;     // [M, K/32]: the block's sum as quantized (scale times the sum of its int8s)
 };
 
-struct BlockScale { float scale, sum; };
-
 // The integer parts of the kernels per instruction set (lanes.cpp has the rest).
 #ifdef __AVX512F__
-// x[i, i + 32) to int8 q[0, 32): round(x / d), d = max |x| / 127.
-inline BlockScale quantize_block(const void* x, bool bf16, int64_t i, int8_t* q) {
-  const __m512 sign_bit = _mm512_set1_ps(-0.f), lo = load16(x, bf16, i).v, hi = load16(x, bf16, i + 16).v;
-  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign_bit, lo), _mm512_andnot_ps(sign_bit, hi)));
-  const float d = amax / 127.f;
-  const __m512 inv = _mm512_set1_ps(d > 0 ? 1.f / d : 0.f);
-  const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(q_lo));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(q_hi));
-  return {d, d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi)))};
+// v rounded to int8s at q[0, 16) (v within +-127.5), returning their sum.
+inline int32_t store_int8(Floats v, int8_t* q) {
+  const __m512i i = _mm512_cvtps_epi32(v.v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(i));
+  return _mm512_reduce_add_epi32(i);
 }
 
 // The int8 kernel's activations: the quantized ones plus 128, as unsigned bytes (x ^ 0x80), [M, K] in the
@@ -96,27 +89,16 @@ inline __m256i broadcast4(const void* p) {
   return _mm256_set1_epi32(v);
 }
 
-inline BlockScale quantize_block(const void* x, bool bf16, int64_t i, int8_t* q) {
-  const __m256 sign_bit = _mm256_set1_ps(-0.f);
-  const Floats lo = load16(x, bf16, i), hi = load16(x, bf16, i + 16);
-  const __m256 v[4] = {lo.lo, lo.hi, hi.lo, hi.hi};
-  __m256 amax8 = _mm256_setzero_ps();
-  for (int k = 0; k < 4; ++k) amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign_bit, v[k]));
-  __m128 amax4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
-  amax4 = _mm_max_ps(amax4, _mm_movehl_ps(amax4, amax4));
-  const float d = _mm_cvtss_f32(_mm_max_ss(amax4, _mm_movehdup_ps(amax4))) / 127.f;
-  const __m256 inv = _mm256_set1_ps(d > 0 ? 1.f / d : 0.f);
-  __m256i qi[4];
-  for (int k = 0; k < 4; ++k) qi[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv));
-  // packs work within 128-bit halves: dwords come out as q 0-3, 8-11, 16-19, 24-27, 4-7, ...
-  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
-                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
-  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-  return {d, d * static_cast<float>(_mm_cvtsi128_si32(s4))};
+inline int32_t store_int8(Floats v, int8_t* q) {
+  const __m256i lo = _mm256_cvtps_epi32(v.lo), hi = _mm256_cvtps_epi32(v.hi);
+  // vpackssdw packs within 128-bit halves (lo 0-3, hi 0-3 | lo 4-7, hi 4-7): the permute puts lo before hi
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                   _mm_packs_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1)));
+  const __m256i eight = _mm256_add_epi32(lo, hi);
+  __m128i four = _mm_add_epi32(_mm256_castsi256_si128(eight), _mm256_extracti128_si256(eight, 1));
+  four = _mm_add_epi32(four, _mm_shuffle_epi32(four, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(four, _mm_shuffle_epi32(four, 0xB1)));
 }
 
 // The int8 kernel's activations: the quantized ones as they are (int8_block carries their signs).
@@ -198,6 +180,16 @@ struct Output {
     for (int64_t c = 0; c < columns; ++c) store(at + c, lanes[c]);
   }
 };
+
+struct BlockScale { float scale, sum; };
+
+// x[i, i + 32) to int8 q[0, 32): round(x / d), d = max |x| / 127.
+inline BlockScale quantize_block(const void* x, bool bf16, int64_t i, int8_t* q) {
+  const Floats lo = load16(x, bf16, i), hi = load16(x, bf16, i + 16);
+  const float d = reduce_max(max(abs(lo), abs(hi))) / 127.f;
+  const Floats inv = set1(d > 0 ? 1.f / d : 0.f);
+  return {d, d * static_cast<float>(store_int8(mul(lo, inv), q) + store_int8(mul(hi, inv), q + 16))};
+}
 
 QuantizedRows quantize_rows(const Rows& rows) {
   const int64_t M = rows.x.size(0), K = rows.x.size(1), blocks = K / BLOCK;
