@@ -1,7 +1,7 @@
 """lilmistral's CPU kernels against PyTorch's weight-only ones at batch-1 decode (or --rows M), on Mistral-7B's
-layer shapes (and SmolLM2's), with cold weights: each call reads a different copy, ~200 MB in all; with AVX-512
-VNNI also its attention kernel against PyTorch's flash attention (bfloat16, decode and prompt shapes) and its
-RMSNorm, RoPE and silu * up kernels against model.py's PyTorch versions (one decode token, bfloat16).
+layer shapes (and SmolLM2's), with cold weights: each call reads a different copy, ~200 MB in all; its attention
+kernel against PyTorch's flash attention (bfloat16, decode and prompt shapes); and its RMSNorm, RoPE and
+silu * up kernels against model.py's PyTorch versions (one decode token, bfloat16).
 
     python benchmarks/cpu_kernels.py [--threads 2] [--rows 1]
     LILMISTRAL_CPU_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/cpu_kernels.py   # as on an AVX2 CPU
@@ -103,15 +103,13 @@ def main() -> None:
             print(json.dumps({"isa": isa, "scheme": scheme, "shape": f"{n}x{k}", "rows": ns.rows,
                               **{key: round(v, 1) for key, v in result.items()},
                               "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
-    if isa != "avx512":
-        return
     for shape in ATTENTION_SHAPES:
         result = attention_row(*shape)
-        print(json.dumps({"kernel": "attention", "kv_heads,group,tokens,keys,head_dim": shape,
+        print(json.dumps({"isa": isa, "kernel": "attention", "kv_heads,group,tokens,keys,head_dim": shape,
                           **{key: round(v, 1) for key, v in result.items()},
                           "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
     for name, (ours, theirs) in pointwise_rows().items():
-        print(json.dumps({"kernel": name, "lilmistral_us": round(ours * 1e6, 1), "pytorch_us": round(theirs * 1e6, 1),
+        print(json.dumps({"isa": isa, "kernel": name, "lilmistral_us": round(ours * 1e6, 1), "pytorch_us": round(theirs * 1e6, 1),
                           "speedup": round(theirs / ours, 2)}), flush=True)
 
 
