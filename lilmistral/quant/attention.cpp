@@ -12,6 +12,9 @@ namespace {
 
 constexpr int64_t KEYS = 32;  // slots per chunk (a mask bit each, at most 64): its float32 keys and values fit L1
 constexpr int64_t ROW_BLOCK = 8;   // query rows of one kv head per task: they share each chunk of keys converted once
+// output vectors accumulated per pass over a chunk's values: half of AVX-512's registers (AVX2 spills some;
+// fewer measured no faster there)
+constexpr int ACCUMULATORS = 16;
 
 template <int HD>
 struct Attention {
@@ -100,25 +103,37 @@ struct Attention {
       }
       m[r] = m_new, l[r] = l[r] * rescale[r] + reduce_add(sum);
     }
-    Floats acc[NR][V];
-    for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < V; ++i) acc[r][i] = mul(load_floats(o[r] + 16 * i), set1(rescale[r]));
-    for (uint64_t bits = ok; bits; bits &= bits - 1) {
-      const int64_t j = __builtin_ctzll(bits);
-      for (int i = 0; i < V; ++i) {
-        const Floats value = load_floats(vf[j] + 16 * i);
-        for (int r = 0; r < NR; ++r) acc[r][i] = fmadd(set1(p[r][j]), value, acc[r][i]);
+    constexpr int VB = accumulator_block(V, NR);
+    for (int d = 0; d < V; d += VB) {  // VB vectors of each row's output at a time, their accumulators in registers
+      Floats acc[NR][VB];
+      for (int r = 0; r < NR; ++r)
+        for (int i = 0; i < VB; ++i) acc[r][i] = mul(load_floats(o[r] + 16 * (d + i)), set1(rescale[r]));
+      for (uint64_t bits = ok; bits; bits &= bits - 1) {
+        const int64_t j = __builtin_ctzll(bits);
+        for (int i = 0; i < VB; ++i) {
+          const Floats value = load_floats(vf[j] + 16 * (d + i));
+          for (int r = 0; r < NR; ++r) acc[r][i] = fmadd(set1(p[r][j]), value, acc[r][i]);
+        }
       }
+      for (int r = 0; r < NR; ++r)
+        for (int i = 0; i < VB; ++i) store(o[r] + 16 * (d + i), acc[r][i]);
     }
-    for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < V; ++i) store(o[r] + 16 * i, acc[r][i]);
+  }
+
+  // Vectors of output per row per pass: the largest power of two, up to V, whose NR rows' accumulators fit
+  // the registers.
+  static constexpr int accumulator_block(int V, int NR) {
+    int block = V;
+    while (block > 1 && block * NR > ACCUMULATORS) block /= 2;
+    return block;
   }
 
   // Rows [r0, r1) of kv head h (at most ROW_BLOCK). Each chunk's valid keys and values are converted to float32
   // once for the block, then rows that attend to the same slots (all of them at decode) go through chunk()
-  // together, up to GROUP at a time (their query vectors and accumulators in registers).
+  // together, up to 4 at a time (2 for float32 scores at head dim 128: their queries live in registers).
   void rows(int64_t h, int64_t r0, int64_t r1) const {
-    constexpr int V = HD / 16, GROUP = V >= 8 ? 2 : 4;
+    constexpr int V = HD / 16;
+    const int group = dot_bf16 || V < 8 ? 4 : 2;
     const int64_t B = r1 - r0;
     alignas(64) float qf[ROW_BLOCK][HD], o[ROW_BLOCK][HD], kf[KEYS][HD], vf[KEYS][HD];
     float m[ROW_BLOCK], l[ROW_BLOCK];
@@ -141,7 +156,7 @@ struct Attention {
       const uint16_t* keys = static_cast<const uint16_t*>(k) + h * k_head + j0 * k_slot;  // read if dot_bf16
       const uint16_t* qb = static_cast<const uint16_t*>(q) + (h * R + r0) * HD;
       for (int64_t b = 0, same; b < B; b += same) {
-        for (same = 1; same < GROUP && b + same < B && ok[b + same] == ok[b];) ++same;
+        for (same = 1; same < group && b + same < B && ok[b + same] == ok[b];) ++same;
         if (!ok[b]) continue;
         const uint16_t* qr = qb + b * HD;
         switch (same) {
