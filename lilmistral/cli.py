@@ -258,9 +258,11 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if llm.info.get("stages"):
         result["stages"] = llm.info["stages"]
     if not ns.json:
+        how = [f"{result['gen_tokens']} tokens", f"{result['decode_step']} step"]
+        if result["cpu_kernels"]:
+            how.append(f"{result['cpu_kernels']} kernels")
         rows = [("prefill", f"{result['prefill_tps']:.1f} tokens/s ({ns.prompt_tokens} tokens)"),
-                ("decode", f"{result['decode_tps']:.1f} tokens/s ({result['gen_tokens']} tokens, "
-                           f"{result['decode_step']} step{', ' + result['cpu_kernels'] + ' kernels' if result['cpu_kernels'] else ''})"),
+                ("decode", f"{result['decode_tps']:.1f} tokens/s ({', '.join(how)})"),
                 ("time to first token", f"{result['ttft_s'] * 1e3:.1f} ms"),
                 ("peak memory", f"{result['peak_rss_mb']:.0f} MB"),
                 ("weights read per token", f"{result['weight_bytes_per_token'] / 1e6:.1f} MB"),

@@ -53,8 +53,9 @@ def isa() -> str | None:
     from torch.utils.cpp_extension import load_inline
 
     try:
-        load_inline(f"lilmistral_{target}", cpp_sources=[Path(__file__).with_name(name).read_text() for name in SOURCES],
-                    extra_cflags=COMMON_FLAGS + ISAS[target][1], extra_ldflags=["-fopenmp"], is_python_module=False)
+        sources = [Path(__file__).with_name(name).read_text() for name in SOURCES]
+        load_inline(f"lilmistral_{target}", cpp_sources=sources, extra_cflags=COMMON_FLAGS + ISAS[target][1],
+                    extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
         reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
         warnings.warn(f"lilmistral: the {target} CPU kernels did not build ({reason}); using PyTorch's slower kernels",
