@@ -45,7 +45,8 @@ class QuantLinear(nn.Module):
 
 class FusedQuantLinear(nn.Module):
     """QuantLinears that read the same input (wq, wk, wv; w1, w3) as one kernel call, their outputs side by
-    side, each column computed as in its own: fewer calls a token, activations quantized once. The CPU
+    side, each column computed as in its own (with lilmistral's kernels; PyTorch's int4 kernel may round one
+    differently): fewer calls a token, activations quantized once. The CPU
     kernel is made from the concatenated canonical parts, the only repacking of those weights (fused before
     the model's other QuantLinears are prepared); each member keeps a dequantizing kernel over its own parts,
     together the fused kernel's fallback (float32: rarely used, their memory paged out). Holds no tensors in
