@@ -46,7 +46,7 @@ inline Floats round_bits_bf16(Floats a) {
 }
 
 // n (at most 16) values from float32 or bfloat16 at x[i], zeros past n.
-inline Floats load_n(const void* x, bool bf16, int64_t i, int64_t n = 16) {
+inline Floats load_n(const void* x, bool bf16, int64_t i, int64_t n) {
   const __mmask16 k = n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1);
   if (!bf16) return {_mm512_maskz_loadu_ps(k, static_cast<const float*>(x) + i)};
   const __m256i half = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(x) + i);
@@ -131,21 +131,21 @@ inline Floats times_pow2(Floats a, Floats n) {
   return {_mm256_mul_ps(a.lo, pow2(n.lo)), _mm256_mul_ps(a.hi, pow2(n.hi))};
 }
 
-inline __m256 bits_map(__m256 a, __m256i (*f)(__m256i)) { return _mm256_castsi256_ps(f(_mm256_castps_si256(a))); }
 inline Floats round_bits_bf16(Floats a) {
-  const auto round = [](__m256i bits) {
+  const auto round = [](__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
     const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-    return _mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+    return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
   };
-  return {bits_map(a.lo, round), bits_map(a.hi, round)};
+  return {round(a.lo), round(a.hi)};
 }
 
-inline Floats load_n(const void* x, bool bf16, int64_t i, int64_t n = 16) {
+inline Floats load_n(const void* x, bool bf16, int64_t i, int64_t n) {
   if (n < 16) {  // a tail: through a zeroed copy
     alignas(32) uint32_t copy[16] = {};
     std::memcpy(copy, static_cast<const char*>(x) + i * (bf16 ? 2 : 4), n * (bf16 ? 2 : 4));
-    return load_n(copy, bf16, 0);
+    return load_n(copy, bf16, 0, 16);
   }
   if (!bf16) return load_floats(static_cast<const float*>(x) + i);
   const __m128i* h = reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i);
@@ -175,7 +175,7 @@ inline uint64_t true_bits(const bool* row, int64_t n) {
 #endif
 
 // The sixteen values at x[i], float32 or bfloat16 (a bfloat16 is the top half of a float32).
-inline Floats load16(const void* x, bool bf16, int64_t i) { return load_n(x, bf16, i); }
+inline Floats load16(const void* x, bool bf16, int64_t i) { return load_n(x, bf16, i, 16); }
 
 // exp(x) (below -87 it returns ~1e-38, not 0; above 88.7, inf): 2^n * 2^f, n = round(x / ln 2), 2^f by Cephes'
 // exp2f polynomial on [-0.5, 0.5], within 2 ulp.

@@ -61,13 +61,8 @@ def isa() -> str | None:
         warnings.warn(f"lilmistral: the {target} CPU kernels did not build ({reason}); using PyTorch's slower kernels",
                       stacklevel=2)
         return None
-    for name, shape in (("int8_gemv", _int8_shape), ("int4_gemv", _int4_shape), ("int8_gemv_experts", _int8_shape),
-                        ("int4_gemv_experts", _int4_shape)):
+    for name, shape in FAKES.items():  # the output shapes, for torch.compile
         torch.library.register_fake(f"lilmistral::{name}")(shape)
-    torch.library.register_fake("lilmistral::attention")(lambda q, *args: torch.empty_like(q))
-    torch.library.register_fake("lilmistral::rms_norm")(lambda x, *args: torch.empty_like(x))
-    torch.library.register_fake("lilmistral::rope")(lambda x, *args: x.new_empty(x.shape))
-    torch.library.register_fake("lilmistral::silu_mul")(lambda gate, up: gate.new_empty(gate.shape))
     return target
 
 
@@ -82,6 +77,15 @@ def _int8_shape(x: torch.Tensor, q, scales, n: int, *args) -> torch.Tensor:
 
 def _int4_shape(x: torch.Tensor, q, scales, mins, n: int, *args) -> torch.Tensor:
     return x.new_empty(x.shape[0], n)
+
+
+def _like_first(x: torch.Tensor, *args) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+FAKES = {"int8_gemv": _int8_shape, "int4_gemv": _int4_shape, "int8_gemv_experts": _int8_shape,
+         "int4_gemv_experts": _int4_shape, "attention": _like_first, "rms_norm": _like_first, "rope": _like_first,
+         "silu_mul": _like_first}
 
 
 def pack_int8_vnni(q: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor | int]:
