@@ -109,8 +109,8 @@ def main() -> None:
                           **{key: round(v, 1) for key, v in result.items()},
                           "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
     for name, (ours, theirs) in pointwise_rows().items():
-        print(json.dumps({"isa": isa, "kernel": name, "lilmistral_us": round(ours * 1e6, 1), "pytorch_us": round(theirs * 1e6, 1),
-                          "speedup": round(theirs / ours, 2)}), flush=True)
+        print(json.dumps({"isa": isa, "kernel": name, "lilmistral_us": round(ours * 1e6, 1),
+                          "pytorch_us": round(theirs * 1e6, 1), "speedup": round(theirs / ours, 2)}), flush=True)
 
 
 if __name__ == "__main__":
