@@ -153,6 +153,25 @@ def test_vnni_packing_follows_the_documented_layouts():
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
+def test_vnni_packing_of_blocks_of_rows_is_the_packing_of_their_concatenation():
+    """A fused projection's parts are packed as blocks of rows (not concatenated first): blocks whose sizes
+    straddle the groups of 16 columns, a strided (non-contiguous) one among them, pack as their concatenation."""
+    g = torch.Generator().manual_seed(1)
+    sizes, k = (5, 16, 11, 3), 128
+    q = [torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g) for n in sizes]
+    q[1] = torch.randint(0, 256, (k // 2, 16), dtype=torch.uint8, generator=g).t()
+    scales, mins = ([torch.rand(n, k // 64, generator=g).half() for n in sizes] for _ in range(2))
+    assert not q[1].is_contiguous()
+    for name, value in vnni.pack_int4_vnni(q, scales, mins).items():
+        whole = vnni.pack_int4_vnni(torch.cat(q), torch.cat(scales), torch.cat(mins))[name]
+        assert value == whole if name == "n" else torch.equal(value, whole)
+    q8 = [torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g) for n in sizes]
+    for name, value in vnni.pack_int8_vnni(q8, [s[:, 0] for s in scales]).items():
+        whole = vnni.pack_int8_vnni(torch.cat(q8), torch.cat(scales)[:, 0])[name]
+        assert value == whole if name == "n" else torch.equal(value, whole)
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 @pytest.mark.parametrize("spec", SPECS[1:], ids=spec_id)
 @pytest.mark.parametrize("rows", [1, 3, 7])
 @pytest.mark.parametrize("n,k", [(1, 128), (37, 576), (300, 4096), (24, 1408)])  # N % 16: a padded last group
@@ -315,7 +334,7 @@ def test_the_avx2_build_passes_these_tests_with_the_avx512_bits(tmp_path):
     vpdpbusd) pass this file's kernel tests, and every operator gives the AVX-512 build's bits."""
     env = {**os.environ, "LILMISTRAL_CPU_KERNELS": "avx2"}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                            "vnni_int or attention or pointwise or matches_dequantized or fused"],
+                            "vnni_int or packing or attention or pointwise or matches_dequantized or fused"],
                            env=env, capture_output=True, text=True)
     assert tests.returncode == 0 and " passed" in tests.stdout, tests.stdout[-3000:] + tests.stderr[-3000:]
     script = (f"import importlib.util, torch; spec = importlib.util.spec_from_file_location('t', {__file__!r}); "

@@ -33,8 +33,19 @@ def on_rows(matmul, x: torch.Tensor) -> torch.Tensor:
     return matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
+Parts = dict[str, vnni.Rows]  # the canonical parts (pack.py), each a tensor or blocks of its rows (a fused projection's)
+
+
+def stacked(parts: Parts) -> dict[str, torch.Tensor]:
+    return {name: torch.cat(part) if not isinstance(part, torch.Tensor) else part for name, part in parts.items()}
+
+
 class RowsKernel:
-    """A matmul kernel on bfloat16 rows (`rows`: [M, K] -> [M, N]); other dtypes take its `fallback`."""
+    """A matmul kernel on bfloat16 rows (`rows`: [M, K] -> [M, N]); other dtypes take its `fallback` (by
+    default a DequantKernel over the parts)."""
+
+    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
+        self.fallback = fallback or DequantKernel(stacked(parts), spec)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fallback(x) if x.dtype != torch.bfloat16 else on_rows(self.rows, x)
@@ -53,13 +64,14 @@ class Int8Kernel(RowsKernel):
 
     W8A8_MIN_ROWS = 17  # torch._int_mm wants more than 16 rows
 
-    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
+        parts = stacked(parts)
+        super().__init__(parts, spec, fallback)
         self.q = aligned(parts["qweight"].contiguous())  # int8 [N, K]
         self.scales = parts["scales"].to(torch.bfloat16)
         n, k = self.q.shape
         self.q_t = self.q.t() if n % 8 == 0 and k % 8 == 0 else None  # [K, N] view for torch._int_mm
         self.scales_f32 = parts["scales"].float()
-        self.fallback = DequantKernel(parts, spec)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         # a traced step (generate.trace_step) is a one-row decode step: not reading the row count there keeps
@@ -77,9 +89,9 @@ class VnniInt8Kernel(RowsKernel):
 
     repacked = True  # bfloat16 activations read only the kernel's own copy; the canonical parts, the fallback
 
-    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
+        super().__init__(parts, spec, fallback)
         self.parts = vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
-        self.fallback = DequantKernel(parts, spec)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts  # by position: keywords cost ~2 us a call
@@ -94,9 +106,9 @@ class VnniInt4Kernel(RowsKernel):
 
     repacked = True  # as VnniInt8Kernel's
 
-    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
+        super().__init__(parts, spec, fallback)
         self.parts = vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
-        self.fallback = DequantKernel(parts, spec)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts  # by position: keywords cost ~2 us a call, ~3% of a small model's token
@@ -106,7 +118,9 @@ class VnniInt4Kernel(RowsKernel):
 class Int4Kernel(RowsKernel):
     """PyTorch's weight-only int4 kernel (CPUs without vnni.cpp's)."""
 
-    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec) -> None:
+    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
+        parts = stacked(parts)
+        super().__init__(parts, spec, fallback)
         q = unpack_int4(parts["qweight"]).to(torch.int32)  # [N, K], 0..15
         self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # ISA-specific layout
         scales = parts["scales"].float()  # [N, K/G]
@@ -114,7 +128,6 @@ class Int4Kernel(RowsKernel):
         zeros = torch.zeros_like(scales) if spec.symmetric else parts["mins"].float() + 8 * scales
         self.scale_zero = torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()  # [K/G, N, 2]
         self.group_size = spec.group_size
-        self.fallback = DequantKernel(parts, spec)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.w, self.group_size, self.scale_zero)
@@ -129,9 +142,13 @@ def kernel_type(n: int, k: int, spec: QuantSpec) -> type:
     return Int4Kernel if n % 16 == 0 else DequantKernel
 
 
-def make_kernel(parts: dict[str, torch.Tensor], spec: QuantSpec):
-    n, k = parts["qweight"].shape[0], parts["qweight"].shape[1] * (2 if spec.scheme == "int4" else 1)
-    return kernel_type(n, k, spec)(parts, spec)
+def make_kernel(parts: Parts, spec: QuantSpec, fallback=None):
+    """The kernel for a weight's parts; fallback: the RowsKernel's for other dtypes than bfloat16. A fused
+    projection's parts come as blocks of rows, which VNNI kernels repack without concatenating them first."""
+    blocks = vnni.row_blocks(parts["qweight"])
+    n, k = sum(block.shape[0] for block in blocks), blocks[0].shape[1] * (2 if spec.scheme == "int4" else 1)
+    kernel = kernel_type(n, k, spec)
+    return DequantKernel(stacked(parts), spec) if kernel is DequantKernel else kernel(parts, spec, fallback)
 
 
 def expert_gemv(kernels: list):

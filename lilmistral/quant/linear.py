@@ -46,20 +46,19 @@ class QuantLinear(nn.Module):
 class FusedQuantLinear(nn.Module):
     """QuantLinears that read the same input (wq, wk, wv; w1, w3) as one kernel call, their outputs side by
     side, each column computed as in its own (with lilmistral's kernels; PyTorch's int4 kernel may round one
-    differently): fewer calls a token, activations quantized once. The CPU
-    kernel is made from the concatenated canonical parts, the only repacking of those weights (fused before
-    the model's other QuantLinears are prepared); each member keeps a dequantizing kernel over its own parts,
-    together the fused kernel's fallback (float32: rarely used, their memory paged out). Holds no tensors in
-    the state dict."""
+    differently): fewer calls a token, activations quantized once. The CPU kernel is made from the canonical
+    parts as blocks of rows (the VNNI kernels repack them without concatenating them first), the only
+    repacking of those weights (fused before the model's other QuantLinears are prepared); each member keeps a
+    dequantizing kernel over its own parts, together the fused kernel's fallback (float32: rarely used, their
+    memory paged out). Holds no tensors in the state dict."""
 
     def __init__(self, linears: list[QuantLinear]) -> None:
         super().__init__()
         self.out_features = sum(linear.out_features for linear in linears)
-        parts = {name: torch.cat([linear.parts()[name] for linear in linears]) for name in linears[0].parts()}
-        self.kernel = make_kernel(parts, linears[0].spec)
         for linear in linears:
             linear.kernel = DequantKernel(linear.parts(), linear.spec)
-        self.kernel.fallback = SideBySide([linear.kernel for linear in linears])
+        parts = {name: [linear.parts()[name] for linear in linears] for name in linears[0].parts()}
+        self.kernel = make_kernel(parts, linears[0].spec, fallback=SideBySide([linear.kernel for linear in linears]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)

@@ -427,7 +427,8 @@ inline uint32_t int4_lanes(uint32_t w) {
 }
 
 template <typename Word>
-void rows_to_columns(const uint8_t* x, Word* out, int64_t N, int64_t J, int64_t repeat, bool nibbles) {
+void rows_to_columns(const std::vector<const uint8_t*>& x, Word* out, int64_t J, int64_t repeat, bool nibbles) {
+  const int64_t N = x.size();
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
     std::vector<Word> rows(16 * J);  // a group's 16 rows, rearranged in a contiguous pass (which vectorizes)
     for (int64_t g = begin; g < end; ++g) {
@@ -437,15 +438,16 @@ void rows_to_columns(const uint8_t* x, Word* out, int64_t N, int64_t J, int64_t 
           std::fill(row, row + J, Word{0});
           continue;
         }
-        std::memcpy(row, x + (g * 16 + c) * J * sizeof(Word), J * sizeof(Word));
+        std::memcpy(row, x[g * 16 + c], J * sizeof(Word));
         if constexpr (sizeof(Word) == 4)
           if (nibbles)
             for (int64_t j = 0; j < J; ++j) row[j] = int4_lanes(row[j]);
       }
-      Word* o = out + g * J * repeat * 16;
-      for (int64_t c = 0; c < 16; ++c)  // reading each row in order, writing every 16th word
-        for (int64_t j = 0; j < J; ++j)
-          for (int64_t r = 0; r < repeat; ++r) o[(j * repeat + r) * 16 + c] = rows[c * J + j];
+      for (int64_t j = 0; j < J; ++j) {  // writing in order (1.7x faster than reading in order)
+        Word* o = out + (g * J + j) * repeat * 16;
+        for (int64_t c = 0; c < 16; ++c) o[c] = rows[c * J + j];
+        for (int64_t r = 1; r < repeat; ++r) std::memcpy(o + r * 16, o, 16 * sizeof(Word));
+      }
     }
   });
 }
@@ -453,18 +455,27 @@ void rows_to_columns(const uint8_t* x, Word* out, int64_t N, int64_t J, int64_t 
 }  // namespace
 
 // Load-time repacking into the kernels' layouts (vnni.py: pack_int8_vnni, pack_int4_vnni), one pass over the
-// weight: the rows of x [N, J words of word_bytes] become columns in groups of 16, uint8 [groups, J * repeat *
-// 16 words]: word (g, j, c) = x's word (16g + c, j / repeat), zero past N; with nibbles each 32-bit word's
-// eight int4 inputs as Int4Gemv reads them (int4_lanes).
-at::Tensor pack_columns(const at::Tensor& x_in, int64_t word_bytes, int64_t repeat, bool nibbles) {
-  const at::Tensor x = x_in.contiguous();
-  TORCH_CHECK(x.dim() == 2 && (word_bytes == 2 || word_bytes == 4) && repeat >= 1 && (!nibbles || word_bytes == 4) &&
-              x.size(1) * x.element_size() % word_bytes == 0, "pack_columns: unsupported arguments");
-  const int64_t N = x.size(0), J = x.size(1) * x.element_size() / word_bytes;
-  at::Tensor out = at::empty({(N + 15) / 16, J * repeat * 16 * word_bytes}, x.options().dtype(at::kByte));
-  const auto* bytes = static_cast<const uint8_t*>(x.data_ptr());
-  if (word_bytes == 4) rows_to_columns(bytes, reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()), N, J, repeat, nibbles);
-  else rows_to_columns(bytes, reinterpret_cast<uint16_t*>(out.data_ptr<uint8_t>()), N, J, repeat, nibbles);
+// weight: the rows of x [N, J words of word_bytes], given as blocks of rows (a fused projection's parts, not
+// concatenated first), become columns in groups of 16, uint8 [groups, J * repeat * 16 words]: word (g, j, c) =
+// x's word (16g + c, j / repeat), zero past N; with nibbles each 32-bit word's eight int4 inputs as Int4Gemv
+// reads them (int4_lanes).
+at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repeat, bool nibbles) {
+  TORCH_CHECK(!blocks.empty() && (word_bytes == 2 || word_bytes == 4) && repeat >= 1 && (!nibbles || word_bytes == 4),
+              "pack_columns: unsupported arguments");
+  const int64_t row_bytes = blocks[0].size(1) * blocks[0].element_size();
+  std::vector<at::Tensor> contiguous;
+  std::vector<const uint8_t*> rows;
+  for (const at::Tensor& block : blocks) {
+    TORCH_CHECK(block.dim() == 2 && block.size(1) * block.element_size() == row_bytes && row_bytes % word_bytes == 0,
+                "pack_columns: blocks of rows of different sizes");
+    contiguous.push_back(block.contiguous());
+    const auto* first = static_cast<const uint8_t*>(contiguous.back().data_ptr());
+    for (int64_t i = 0; i < block.size(0); ++i) rows.push_back(first + i * row_bytes);
+  }
+  const int64_t N = rows.size(), J = row_bytes / word_bytes;
+  at::Tensor out = at::empty({(N + 15) / 16, J * repeat * 16 * word_bytes}, blocks[0].options().dtype(at::kByte));
+  if (word_bytes == 4) rows_to_columns(rows, reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()), J, repeat, nibbles);
+  else rows_to_columns(rows, reinterpret_cast<uint16_t*>(out.data_ptr<uint8_t>()), J, repeat, nibbles);
   return out;
 }
 
@@ -475,7 +486,7 @@ TORCH_LIBRARY(lilmistral, m) {
   m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, int n) -> Tensor");
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
   m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor?[] mins, int n, Tensor expert) -> Tensor");
-  m.def("pack_columns(Tensor x, int word_bytes, int repeat, bool nibbles) -> Tensor");
+  m.def("pack_columns(Tensor[] blocks, int word_bytes, int repeat, bool nibbles) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -88,27 +89,37 @@ FAKES = {"int8_gemv": _int8_shape, "int4_gemv": _int4_shape, "int8_gemv_experts"
          "silu_mul": _like_first}
 
 
-def pack_int8_vnni(q: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor | int]:
-    """int8 [N, K] and per-column scales [N] -> int8_gemv's arguments: columns in groups of 16 (the last
-    padded with zeros), each group's weights in chunks of 4 inputs, 64 bytes: bytes 4c..4c+3 hold column c's
-    4 inputs; scales float32 [groups * 16]."""
+Rows = torch.Tensor | Sequence[torch.Tensor]  # a matrix, or blocks of its rows (stacked in order)
+
+
+def row_blocks(t: Rows) -> list[torch.Tensor]:
+    return [t] if isinstance(t, torch.Tensor) else list(t)
+
+
+def pack_int8_vnni(q: Rows, scales: Rows) -> dict[str, torch.Tensor | int]:
+    """int8 [N, K] and per-column scales [N] (each a tensor or blocks of its rows: a fused projection's parts)
+    -> int8_gemv's arguments: columns in groups of 16 (the last padded with zeros), each group's weights in
+    chunks of 4 inputs, 64 bytes: bytes 4c..4c+3 hold column c's 4 inputs; scales float32 [groups * 16]."""
     pack = torch.ops.lilmistral.pack_columns
+    q, scales = row_blocks(q), row_blocks(scales)
     return {"q": pack(q, 4, 1, False).view(torch.int8),  # [groups, K/4 * 16 * 4]
-            "scales": pack(scales.float()[:, None], 4, 1, False).view(torch.float32).reshape(-1), "n": q.shape[0]}
+            "scales": pack([s.float()[:, None] for s in scales], 4, 1, False).view(torch.float32).reshape(-1),
+            "n": sum(block.shape[0] for block in q)}
 
 
-def pack_int4_vnni(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None
-                   ) -> dict[str, torch.Tensor | int | None]:
-    """The canonical int4 bytes [N, K/2] (pack.py) and per-group float16 scales (and mins) [N, K/G] ->
-    int4_gemv's arguments: columns in groups of 16 (the last padded with zeros), each group's weights in
-    chunks of 8 inputs, 64 bytes: bytes 4c..4c+3 hold column c's inputs 0..3 in their low nibbles and 4..7
-    in their high ones; scales and mins one per block of 32 inputs, [groups, K/32, 16]. One pass in C++
-    (pack_columns): loading a model repacks all of its weights."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
+def pack_int4_vnni(qweight: Rows, scales: Rows, mins: Rows | None) -> dict[str, torch.Tensor | int | None]:
+    """The canonical int4 bytes [N, K/2] (pack.py) and per-group float16 scales (and mins) [N, K/G] (each a
+    tensor or blocks of its rows) -> int4_gemv's arguments: columns in groups of 16 (the last padded with
+    zeros), each group's weights in chunks of 8 inputs, 64 bytes: bytes 4c..4c+3 hold column c's inputs 0..3
+    in their low nibbles and 4..7 in their high ones; scales and mins one per block of 32 inputs, [groups,
+    K/32, 16]. One pass in C++ (pack_columns): loading a model repacks all of its weights."""
+    qweight = row_blocks(qweight)
+    k = qweight[0].shape[1] * 2
     pack = torch.ops.lilmistral.pack_columns
 
-    def per_block(t: torch.Tensor) -> torch.Tensor:
-        return pack(t.half(), 2, k // 32 // t.shape[1], False).view(torch.float16).reshape(-1, k // 32, 16)
+    def per_block(t: Rows) -> torch.Tensor:
+        blocks = [block.half() for block in row_blocks(t)]
+        return pack(blocks, 2, k // 32 // blocks[0].shape[1], False).view(torch.float16).reshape(-1, k // 32, 16)
 
     return {"q": pack(qweight, 4, 1, True), "scales": per_block(scales),
-            "mins": None if mins is None else per_block(mins), "n": n}
+            "mins": None if mins is None else per_block(mins), "n": sum(block.shape[0] for block in qweight)}
