@@ -1,6 +1,7 @@
 """`lilmistral.load()`: from a source (converted folder, Hugging Face folder, .gguf file) to a ready `LLM`."""
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import json
@@ -82,23 +83,45 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     return model.eval().requires_grad_(False)  # inference only (and a traced step takes its weights as constants)
 
 
-MADV_PAGEOUT = 21  # Linux 5.4+
+MADV_DONTNEED, MADV_PAGEOUT = 4, 21  # MADV_PAGEOUT: Linux 5.4+
 
 
 def page_out(tensors: list[torch.Tensor]) -> None:
     """Let the OS reclaim the pages of tensors decoding no longer reads: the memory-mapped canonical weights
     that the kernels repacked (touched once, while repacking) drop out of the process's resident memory, to
-    be read from the file again if ever used (anonymous ones go to swap, if there is any). An int4 model's
-    resident memory halves. A no-op where madvise or MADV_PAGEOUT is missing."""
+    be read from the file again if ever used. An int4 model's resident memory halves. Pages of a file are
+    unmapped (MADV_DONTNEED), not evicted (MADV_PAGEOUT evicted them from the page cache too: every load of a
+    model read its whole file from the disk again); anonymous ones, which MADV_DONTNEED would zero, go to swap
+    if there is any (MADV_PAGEOUT). A no-op where madvise is missing (or MADV_PAGEOUT, for anonymous ones)."""
     madvise = getattr(_libc(), "madvise", None)
     if madvise is None:
         return
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = mmap.PAGESIZE
+    page, files = mmap.PAGESIZE, _file_mappings()
     for t in tensors:
         start, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page  # whole pages
         if end > start:
-            madvise(start, end - start, MADV_PAGEOUT)
+            i = bisect.bisect_right(files, (start, float("inf"))) - 1
+            in_file = i >= 0 and files[i][1] >= end
+            madvise(start, end - start, MADV_DONTNEED if in_file else MADV_PAGEOUT)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """The address ranges [start, end) of this process's mappings of files, sorted, adjacent ones merged (none
+    where /proc/self/maps is missing)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            if ranges and ranges[-1][1] == start:  # the lines are in address order
+                start = ranges.pop()[0]
+            ranges.append((start, end))
+    return ranges
 
 
 def release_freed_memory() -> None:

@@ -1,11 +1,15 @@
 """The cache, sampling, streaming text, context limits and `lilmistral run` on a tiny model."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
+import mmap
+import os
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,16 +74,39 @@ def test_cpu_cache_takes_memory_as_it_fills():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_paged_out_weights_leave_resident_memory_and_keep_their_values(tmp_path):
     """What the loader does to canonical weights the kernels repacked: the file's pages leave the process's
-    resident memory, and read again they hold the same values."""
+    resident memory but stay in the page cache (the next load reads no disk), and read again they hold the
+    same values; an anonymous tensor keeps its values."""
     path = tmp_path / "w.safetensors"
     save_file({"w": torch.randint(-127, 128, (64, 2**20), dtype=torch.int8)}, path)  # 64 MB
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # clean pages, as a model's are: MADV_PAGEOUT evicts those from the page cache
     with safe_open(path, "pt") as f:
         w = f.get_tensor("w")
     total = int(w.sum(dtype=torch.int64))  # touches every page
     before = resident_mb("RssFile")
     page_out([w])
     assert before - resident_mb("RssFile") > 48
+    assert cached_fraction(path) > 0.9
     assert int(w.sum(dtype=torch.int64)) == total
+    anonymous = w.clone()
+    page_out([anonymous])
+    assert torch.equal(anonymous, w)
+
+
+def cached_fraction(path: Path) -> float:
+    """The fraction of a file's pages in the page cache: mincore over a fresh mapping of it."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
+    with open(path, "rb") as f:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        assert libc.mincore(address, size, pages) == 0
+        libc.munmap(address, size)
+    return sum(byte & 1 for byte in pages.raw) / len(pages.raw)
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
