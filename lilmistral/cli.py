@@ -176,14 +176,14 @@ def cmd_run(ns: argparse.Namespace) -> int:
     path = _model_path(ns.model)
     err = _stderr_console()
     with err.status("loading model...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
-        llm = _load(ns, path)
+        llm = _load(ns, path, chat=True)
     try:
         return _run(ns, llm, prompt, interactive, err)
     finally:
         llm.close()
 
 
-def _load(ns: argparse.Namespace, path: str):
+def _load(ns: argparse.Namespace, path: str, chat: bool = False):
     from . import load
 
     from .quant import vnni
@@ -193,6 +193,12 @@ def _load(ns: argparse.Namespace, path: str):
             vnni.available()
     llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
                compile=ns.compile)
+    if chat:  # a model without a chat format fails now, not after the warm-up
+        try:
+            llm.tokenize_chat([{"role": "user", "content": "hi"}])
+        except BaseException:
+            llm.close()
+            raise
     # the first tokens pay one-off costs (the decode step's compile or trace, GPU kernels' builds): now, not mid-answer
     status = "compiling the decode step (about a minute the first time, cached after)" if ns.compile else "warming up"
     with _stderr_console().status(status):

@@ -64,7 +64,13 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     model.inv_freq = model.inv_freq.to(device)
     # the canonical parts each repacking leaves unread go as soon as it is done: the load's peak memory stays
     # near one copy of the weights
-    release = page_out if device == "cpu" and dtype == torch.bfloat16 else lambda tensors: None
+    paging = device == "cpu" and dtype == torch.bfloat16
+    files = _file_mappings() if paging else []  # the weights' files are mapped by now
+
+    def release(tensors: list[torch.Tensor]) -> None:
+        if paging:
+            page_out(tensors, files)
+
     if device == "cpu":
         for fused in fuse_projections(model):  # first: each fused weight is repacked once, in the fused kernel
             release(unread_parts(fused))
@@ -86,18 +92,19 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
 MADV_DONTNEED, MADV_PAGEOUT = 4, 21  # MADV_PAGEOUT: Linux 5.4+
 
 
-def page_out(tensors: list[torch.Tensor]) -> None:
+def page_out(tensors: list[torch.Tensor], files: list[tuple[int, int]] | None = None) -> None:
     """Let the OS reclaim the pages of tensors decoding no longer reads: the memory-mapped canonical weights
     that the kernels repacked (touched once, while repacking) drop out of the process's resident memory, to
     be read from the file again if ever used. An int4 model's resident memory halves. Pages of a file are
     unmapped (MADV_DONTNEED), not evicted (MADV_PAGEOUT evicted them from the page cache too: every load of a
     model read its whole file from the disk again); anonymous ones, which MADV_DONTNEED would zero, go to swap
-    if there is any (MADV_PAGEOUT). A no-op where madvise is missing (or MADV_PAGEOUT, for anonymous ones)."""
+    if there is any (MADV_PAGEOUT). A no-op where madvise is missing (or MADV_PAGEOUT, for anonymous ones).
+    files: _file_mappings(), where the caller has it."""
     madvise = getattr(_libc(), "madvise", None)
     if madvise is None:
         return
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page, files = mmap.PAGESIZE, _file_mappings()
+    page, files = mmap.PAGESIZE, _file_mappings() if files is None else files
     for t in tensors:
         start, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page  # whole pages
         if end > start:

@@ -232,6 +232,24 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+def test_cli_run_of_a_model_without_a_chat_format_fails_before_the_warm_up(full, monkeypatch, capsys):
+    """A model the chat cannot use fails right after loading, not after the warm-up (a 7B's trace and first
+    tokens: seconds)."""
+    from lilmistral.cli import main
+    from lilmistral.llm import LLM
+
+    def no_template(self, messages):
+        raise lilmistral.LilmistralError("this model has no chat template")
+
+    def warm_up(self):
+        raise AssertionError("warmed up a model that cannot chat")
+
+    monkeypatch.setattr(LLM, "tokenize_chat", no_template)
+    monkeypatch.setattr(LLM, "warm_up", warm_up)
+    assert main(["run", str(full), "Hi"]) == 1
+    assert capsys.readouterr().err == "Error: this model has no chat template\n"
+
+
 def test_bench_reports_every_key(full):
     r = run_cli("bench", str(full), "--prompt-tokens", "32", "--gen-tokens", "8", "--json")
     assert r.returncode == 0, r.stderr
