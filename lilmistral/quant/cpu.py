@@ -33,7 +33,7 @@ def on_rows(matmul, x: torch.Tensor) -> torch.Tensor:
     return matmul(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
-Parts = dict[str, vnni.Rows]  # the canonical parts (pack.py), each a tensor or blocks of its rows (a fused projection's)
+Parts = dict[str, vnni.Rows]  # the canonical parts (pack.py): each a tensor, or a fused projection's blocks of rows
 
 
 def stacked(parts: Parts) -> dict[str, torch.Tensor]:
