@@ -1,7 +1,6 @@
 """Prefill, incremental decode and sampling. Generation is an iterator and never prints."""
 from __future__ import annotations
 
-import sys
 import types
 import warnings
 import weakref
@@ -102,8 +101,10 @@ def trace_step(model: Transformer, args: tuple) -> Callable | None:
     freeze without a warning; and its token is dominated by the experts' weights, not by Python), the
     tracer warned of a value it had to take as a constant (a branch on a tensor's data or shape), the trace
     failed, or its logits for `args` are not the eager step's, bit for bit. Tracing runs the step: its cache
-    writes are the step's own, so running it again is harmless."""
-    if model.args.is_moe or sys.version_info >= (3, 14):  # PyTorch: tracing "not supported in Python 3.14+"
+    writes are the step's own, so running it again is harmless. On Python 3.14+, where PyTorch calls TorchScript
+    unsupported (its breakages there are torch.jit.script's reading of annotations, which tracing does not
+    do), the same checks decide."""
+    if model.args.is_moe:
         return None
     tokens, position, mask, keys, values = args
     layers = len(keys)
