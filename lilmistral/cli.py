@@ -241,13 +241,15 @@ def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err
         answer = "".join(chat.ask(prompt.strip()))
         s = llm.stats
         print(json.dumps({"model": ns.model, "response": answer, "prompt_tokens": s.prompt_tokens,
-                          "eval_tokens": s.eval_tokens, "prompt_eval_s": round(s.prefill_s, 4),
-                          "eval_s": round(s.eval_s, 4), "total_s": round(time.perf_counter() - start, 4)},
+                          "eval_tokens": s.eval_tokens, "load_s": round(llm.load_s, 4),
+                          "prompt_eval_s": round(s.prefill_s, 4), "eval_s": round(s.eval_s, 4),
+                          "total_s": round(time.perf_counter() - start, 4)},
                          ensure_ascii=False))
         return 0
     stream_answer(chat, prompt.strip(), console, ns.markdown, verbose=False)
     if ns.verbose:
-        err.print(stats_text(llm, llm.stats.prefill_s + llm.stats.eval_s), markup=False, highlight=False)
+        err.print(stats_text(llm, llm.stats.prefill_s + llm.stats.eval_s, load_s=llm.load_s), markup=False,
+                  highlight=False)
     return 0
 
 
@@ -270,6 +272,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         rows = [("prefill", f"{result['prefill_tps']:.1f} tokens/s ({ns.prompt_tokens} tokens)"),
                 ("decode", f"{result['decode_tps']:.1f} tokens/s ({', '.join(how)})"),
                 ("time to first token", f"{result['ttft_s'] * 1e3:.1f} ms"),
+                ("load", f"{result['load_s']:.2f} s"),
                 ("peak memory", f"{result['peak_rss_mb']:.0f} MB"),
                 ("weights read per token", f"{result['weight_bytes_per_token'] / 1e6:.1f} MB"),
                 ("achieved", f"{result['achieved_gbps']:.1f} GB/s of {result['bandwidth_gbps']:.1f} GB/s measured "

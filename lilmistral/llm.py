@@ -40,6 +40,7 @@ class LLM:
         self.source = source
         self.info = info or {}
         self.stats = GenerationStats()
+        self.load_s = 0.0  # seconds lilmistral.load() took (set by it)
         self.resize_context(num_ctx or DEFAULT_NUM_CTX)
 
     def resize_context(self, num_ctx: int) -> None:

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import mmap
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -228,16 +229,20 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
     compile: run each decoded token through a torch.compile'd step (with CUDA graphs on a GPU): faster
         decoding after a one-off compilation (about a minute on a small CPU; cached on disk after that).
     """
+    start = time.perf_counter()
     path = resolve_source(source)
     if pp > 1 and compile:
         raise LilmistralError("compile does not apply to pipeline stages (pp > 1) yet")
     if pp > 1:
         from .parallel import load_pipeline
 
-        return load_pipeline(path, pp, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype,
-                             group_size=group_size)
-    model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
-    return LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info, compile=compile)
+        llm = load_pipeline(path, pp, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype,
+                            group_size=group_size)
+    else:
+        model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
+        llm = LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info, compile=compile)
+    llm.load_s = time.perf_counter() - start
+    return llm
 
 
 def resolve_source(source: str | Path) -> Path:

@@ -222,6 +222,7 @@ def test_cli_run_prints_the_answer(full):
     assert r.returncode == 0 and r.stdout == expected + "\n"
     r = run_cli("run", str(full), "Hi", "--temperature", "0", "--max-tokens", "6", "--verbose")
     assert r.stdout == expected + "\n" and "tokens/s (traced decode step)" in r.stderr
+    assert 0 < float(r.stderr.split("load duration:")[1].split("s\n")[0]) < 60  # lilmistral.load()'s seconds
 
 
 def test_cli_user_errors_are_one_line(tmp_path):
@@ -254,8 +255,8 @@ def test_bench_reports_every_key(full):
     r = run_cli("bench", str(full), "--prompt-tokens", "32", "--gen-tokens", "8", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("prefill_tps", "decode_tps", "ttft_s", "peak_rss_mb", "weight_bytes_per_token", "achieved_gbps",
-                "bandwidth_fraction"):
+    for key in ("prefill_tps", "decode_tps", "ttft_s", "load_s", "peak_rss_mb", "weight_bytes_per_token",
+                "achieved_gbps", "bandwidth_fraction"):
         assert result[key] > 0, key
     assert result["gen_tokens"] == 8 and result["decode_step"] == "traced"
     assert result["cpu_kernels"] == (vnni.isa() or "pytorch")
