@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelArgs, RopeScaling
 from ..errors import ModelFormatError
-from ..quant.pack import QuantSpec, pack_int4
+from ..quant.pack import QuantSpec
 from .hf import TensorEntry, name_mapper, unpermute_rope
 
 GGUF_TO_LILMISTRAL = {
@@ -217,12 +217,14 @@ class GGUFSource:
         return entries
 
     def _raw(self, entry: GGUFEntry) -> np.ndarray:
+        """The entry's bytes, a row per output row, in writable memory of their own (no copy needed to use them)."""
+        data = bytearray(entry.nbytes)
         with open(self.path, "rb") as f:
             f.seek(entry.offset)
-            data = f.read(entry.nbytes)
-        if len(data) != entry.nbytes:
+            read = f.readinto(data)
+        if read != entry.nbytes:
             raise ModelFormatError(f"{self.path}: truncated while reading {entry.key}")
-        return np.frombuffer(data, dtype=np.uint8).reshape(entry.shape[0], -1)  # a row of bytes per output row
+        return np.frombuffer(data, dtype=np.uint8).reshape(entry.shape[0], -1)
 
     def _rope_rows(self, entry: GGUFEntry) -> torch.Tensor | None:
         """llama.cpp stores q/k rows in interleaved-pair RoPE order: the row order that undoes it."""
@@ -240,7 +242,7 @@ class GGUFSource:
 
         raw = self._raw(entry)
         if entry.source_type in FLOAT_TYPES:
-            tensor = torch.frombuffer(bytearray(raw.tobytes()), dtype=FLOAT_TYPES[entry.source_type])
+            tensor = torch.from_numpy(raw).view(FLOAT_TYPES[entry.source_type])
         else:
             qtype = gguf.GGMLQuantizationType[entry.source_type]
             tensor = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False))
@@ -256,14 +258,16 @@ class GGUFSource:
 
     def read_packed(self, entry: GGUFEntry) -> dict[str, torch.Tensor]:
         """Q4_0 / Q4_1 blocks re-laid into lilmistral's int4 parts, bit for bit (see lossless_spec)."""
-        raw = torch.from_numpy(self._raw(entry).copy())
+        raw = torch.from_numpy(self._raw(entry))
         n = entry.shape[0]
         head = 2 if entry.source_type == "Q4_0" else 4
         blocks = raw.reshape(n, -1, head + 16)  # [N, K/32, bytes]
         scales = blocks[..., :2].contiguous().view(torch.float16)[..., 0]
         qs = blocks[..., head:]  # element j in the low nibble of byte j, element j+16 in its high nibble
-        q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(n, -1)
-        parts = {"qweight": pack_int4(q), "scales": scales}
+        even, odd = qs[..., 0::2], qs[..., 1::2]
+        # pack.py's bytes: elements 2b, 2b+1 in byte b's low, high nibble; elements 0..15 from the low nibbles
+        low, high = (even & 0x0F) | (odd << 4), (even >> 4) | (odd & 0xF0)
+        parts = {"qweight": torch.cat((low, high), dim=-1).reshape(n, -1), "scales": scales}
         if entry.source_type == "Q4_1":
             parts["mins"] = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]
         rows = self._rope_rows(entry)
