@@ -51,7 +51,7 @@ def ask(child: pexpect.spawn, text: str) -> str:
 
 
 def test_question_streams_an_answer_and_bye_exits(spawn, tmp_path):
-    child = spawn()
+    child = spawn("--temperature", "0")  # greedy: the default temperature once answered "Kyoto"
     assert "Tokyo" in ask(child, "What is the capital of Japan?")
     child.sendline("/bye")
     child.expect(pexpect.EOF)
