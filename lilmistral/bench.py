@@ -100,6 +100,6 @@ def bench(llm: LLM, prompt_tokens: int = 128, gen_tokens: int = 64, bandwidth: f
     nbytes = weight_bytes_per_token(llm.model)
     bw = bandwidth or measure_bandwidth(device)
     achieved = nbytes / decode_s / 1e9
-    return BenchResult(prompt_tokens, produced, prompt_tokens / prefill_s, 1 / decode_s, first - start, llm.load_s, rss, nbytes,
-                       achieved, bw, achieved / bw, str(device), llm.decode_step.mode,
+    return BenchResult(prompt_tokens, produced, prompt_tokens / prefill_s, 1 / decode_s, first - start, llm.load_s,
+                       rss, nbytes, achieved, bw, achieved / bw, str(device), llm.decode_step.mode,
                        (vnni.isa() or "pytorch") if device.type == "cpu" else None)

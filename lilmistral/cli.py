@@ -188,12 +188,12 @@ def _load(ns: argparse.Namespace, path: str, chat: bool = False):
 
     from .quant import vnni
 
+    err = _stderr_console()
     if ns.device == "cpu" and vnni.cpu_isas():
-        with _stderr_console().status("preparing the CPU kernels (built once, about a minute)"):
+        with err.status("preparing the CPU kernels (built once, about a minute)"):
             vnni.available()
     llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
                compile=ns.compile)
-    err = _stderr_console()
     if err.is_terminal and path.endswith(".gguf") and llm.load_s > 5:  # converted in memory, every run
         err.print(f"converting {Path(path).name} took {llm.load_s:.0f} s and keeps both layouts in memory: "
                   f"`lilmistral convert {path} --name NAME` once, then run NAME, loads in about a tenth of the "

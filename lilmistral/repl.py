@@ -194,17 +194,17 @@ def stats_text(llm: LLM, total_s: float, load_s: float | None = None) -> str:
     s = llm.stats
     prefill_rate = s.prefill_tokens / s.prefill_s if s.prefill_s else 0.0
     eval_rate = (s.eval_tokens - 1) / s.eval_s if s.eval_s else 0.0  # the first token's time is prompt eval
-    lines = [f"total duration:       {total_s:.3f}s"]
+    cached = s.prompt_tokens - s.prefill_tokens
+    lines = [f"total duration:       {total_s:.3f}s",
+             f"prompt eval count:    {s.prefill_tokens} token(s) ({cached} from the cache)",
+             f"prompt eval duration: {s.prefill_s:.3f}s",
+             f"prompt eval rate:     {prefill_rate:.2f} tokens/s",
+             f"eval count:           {s.eval_tokens} token(s)",
+             f"eval duration:        {s.eval_s:.3f}s",
+             f"eval rate:            {eval_rate:.2f} tokens/s ({llm.decode_step.mode} decode step)"]
     if load_s is not None:
-        lines.append(f"load duration:        {load_s:.3f}s")
-    return "\n".join([*lines,
-                      f"prompt eval count:    {s.prefill_tokens} token(s) ({s.prompt_tokens - s.prefill_tokens} from "
-                      "the cache)",
-                      f"prompt eval duration: {s.prefill_s:.3f}s",
-                      f"prompt eval rate:     {prefill_rate:.2f} tokens/s",
-                      f"eval count:           {s.eval_tokens} token(s)",
-                      f"eval duration:        {s.eval_s:.3f}s",
-                      f"eval rate:            {eval_rate:.2f} tokens/s ({llm.decode_step.mode} decode step)"])
+        lines.insert(1, f"load duration:        {load_s:.3f}s")
+    return "\n".join(lines)
 
 
 def say(console: Any, text: str, style: str | None = None) -> None:

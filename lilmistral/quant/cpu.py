@@ -145,8 +145,8 @@ def kernel_type(n: int, k: int, spec: QuantSpec) -> type:
 def make_kernel(parts: Parts, spec: QuantSpec, fallback=None):
     """The kernel for a weight's parts; fallback: the RowsKernel's for other dtypes than bfloat16. A fused
     projection's parts come as blocks of rows, which VNNI kernels repack without concatenating them first."""
-    blocks = vnni.row_blocks(parts["qweight"])
-    n, k = sum(block.shape[0] for block in blocks), blocks[0].shape[1] * (2 if spec.scheme == "int4" else 1)
+    q = parts["qweight"]
+    n, k = vnni.row_count(q), vnni.row_blocks(q)[0].shape[1] * (2 if spec.scheme == "int4" else 1)
     kernel = kernel_type(n, k, spec)
     return DequantKernel(stacked(parts), spec) if kernel is DequantKernel else kernel(parts, spec, fallback)
 

@@ -96,6 +96,10 @@ def row_blocks(t: Rows) -> list[torch.Tensor]:
     return [t] if isinstance(t, torch.Tensor) else list(t)
 
 
+def row_count(t: Rows) -> int:
+    return sum(block.shape[0] for block in row_blocks(t))
+
+
 def pack_int8_vnni(q: Rows, scales: Rows) -> dict[str, torch.Tensor | int]:
     """int8 [N, K] and per-column scales [N] (each a tensor or blocks of its rows: a fused projection's parts)
     -> int8_gemv's arguments: columns in groups of 16 (the last padded with zeros), each group's weights in
@@ -104,7 +108,7 @@ def pack_int8_vnni(q: Rows, scales: Rows) -> dict[str, torch.Tensor | int]:
     q, scales = row_blocks(q), row_blocks(scales)
     return {"q": pack(q, 4, 1, False).view(torch.int8),  # [groups, K/4 * 16 * 4]
             "scales": pack([s.float()[:, None] for s in scales], 4, 1, False).view(torch.float32).reshape(-1),
-            "n": sum(block.shape[0] for block in q)}
+            "n": row_count(q)}
 
 
 def pack_int4_vnni(qweight: Rows, scales: Rows, mins: Rows | None) -> dict[str, torch.Tensor | int | None]:
@@ -122,4 +126,4 @@ def pack_int4_vnni(qweight: Rows, scales: Rows, mins: Rows | None) -> dict[str, 
         return pack(blocks, 2, k // 32 // blocks[0].shape[1], False).view(torch.float16).reshape(-1, k // 32, 16)
 
     return {"q": pack(qweight, 4, 1, True), "scales": per_block(scales),
-            "mins": None if mins is None else per_block(mins), "n": sum(block.shape[0] for block in qweight)}
+            "mins": None if mins is None else per_block(mins), "n": row_count(qweight)}
