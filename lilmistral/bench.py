@@ -56,9 +56,12 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decoded token reads: all of them, but one row of the embedding table
     (unless the head shares the table and reads all of it)."""
     shared = getattr(model.output, "weight", None) is model.tok_embeddings.weight
+    # the kernels' own copies of the weights whose canonical parts the loader let go of
+    kernels = [m.kernel for m in model.modules() if getattr(getattr(m, "kernel", None), "repacked", False)]
+    repacked = [("kernel", t) for k in kernels for t in getattr(k, "parts", {}).values() if isinstance(t, torch.Tensor)]
     total = 0
     seen: set[int] = set()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    for name, t in [*model.named_parameters(), *model.named_buffers(), *repacked]:
         if name == "inv_freq" or t.data_ptr() in seen or t.device.type == "meta":
             continue
         seen.add(t.data_ptr())

@@ -21,7 +21,7 @@ from .errors import LilmistralError, ModelFormatError
 from .llm import LLM
 from .model import Transformer
 from .quant import (DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, fuse_projections, quantize,
-                    swap_in_quant_linears, unread_parts)
+                    swap_in_quant_linears)
 from .quant.cpu import layer_kernels
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -64,23 +64,23 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
         model.output = _tied_head(model.tok_embeddings.weight, quantized=bool(specs))
     model.inv_freq = model.inv_freq.to(device)
     # the canonical parts each repacking leaves unread go as soon as it is done: the load's peak memory stays
-    # near one copy of the weights
-    paging = device == "cpu" and dtype == torch.bfloat16
-    files = _file_mappings() if paging else []  # the weights' files are mapped by now
+    # near one copy of the weights (parts made in memory are freed; a memory-mapped file's pages unmapped)
+    fast_cpu = device == "cpu" and dtype == torch.bfloat16
+    files = _file_mappings() if fast_cpu else []  # the weights' files are mapped by now
 
-    def release(tensors: list[torch.Tensor]) -> None:
-        if paging:
-            page_out(tensors, files)
+    def release(linears: Iterable[QuantLinear]) -> None:
+        for linear in linears:
+            page_out(linear.release_parts(), files)
 
-    if device == "cpu":
+    if fast_cpu:
         for fused in fuse_projections(model):  # first: each fused weight is repacked once, in the fused kernel
-            release(unread_parts(fused))
+            release(fused.linears)
     loaded = [m for m in model.modules()
               if isinstance(m, QuantLinear) and m.kernel is None and m.qweight.device.type != "meta"]
     loaded += [m for m in model.modules() if isinstance(m, QuantExperts) and m[0].w1.qweight.device.type != "meta"]
     for module in loaded:  # QuantExperts after the QuantLinears they are made of
-        module.prepare()
-        release(unread_parts(module))
+        module.prepare(dtype)
+        release([module] if isinstance(module, QuantLinear) else [])
     if device == "cpu":
         kernels = layer_kernels(args.head_dim, dtype)
         for module in model.modules():
@@ -90,28 +90,25 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     return model.eval().requires_grad_(False)  # inference only (and a traced step takes its weights as constants)
 
 
-MADV_DONTNEED, MADV_PAGEOUT = 4, 21  # MADV_PAGEOUT: Linux 5.4+
+MADV_DONTNEED = 4
 
 
 def page_out(tensors: list[torch.Tensor], files: list[tuple[int, int]] | None = None) -> None:
-    """Let the OS reclaim the pages of tensors decoding no longer reads: the memory-mapped canonical weights
-    that the kernels repacked (touched once, while repacking) drop out of the process's resident memory, to
-    be read from the file again if ever used. An int4 model's resident memory halves. Pages of a file are
-    unmapped (MADV_DONTNEED), not evicted (MADV_PAGEOUT evicted them from the page cache too: every load of a
-    model read its whole file from the disk again); anonymous ones, which MADV_DONTNEED would zero, go to swap
-    if there is any (MADV_PAGEOUT). A no-op where madvise is missing (or MADV_PAGEOUT, for anonymous ones).
-    files: _file_mappings(), where the caller has it."""
+    """Unmap the pages of tensors in memory-mapped files (the canonical weights the kernels repacked, touched
+    once while repacking) from the process: its resident memory drops by their size; they stay in the page
+    cache (the next load reads no disk) and, read again, come back from it. Anonymous memory is left as it
+    is (MADV_DONTNEED would zero it). A no-op where madvise is missing. files: _file_mappings(), where the
+    caller has it."""
     madvise = getattr(_libc(), "madvise", None)
-    if madvise is None:
+    if madvise is None or not tensors:
         return
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page, files = mmap.PAGESIZE, _file_mappings() if files is None else files
     for t in tensors:
         start, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page  # whole pages
-        if end > start:
-            i = bisect.bisect_right(files, (start, float("inf"))) - 1
-            in_file = i >= 0 and files[i][1] >= end
-            madvise(start, end - start, MADV_DONTNEED if in_file else MADV_PAGEOUT)
+        i = bisect.bisect_right(files, (start, float("inf"))) - 1
+        if end > start and i >= 0 and files[i][1] >= end:
+            madvise(start, end - start, MADV_DONTNEED)
 
 
 def _file_mappings() -> list[tuple[int, int]]:

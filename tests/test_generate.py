@@ -23,7 +23,7 @@ from lilmistral.cache import RollingKVCache
 from lilmistral.generate import DecodeStep, SamplingParams, prefill, sample, trace_step
 from lilmistral.llm import stream_text
 from lilmistral.loader import page_out
-from lilmistral.quant import QuantExperts, unread_parts, vnni
+from lilmistral.quant import QuantExperts, vnni
 from lilmistral.quant.cpu import VnniInt4Kernel, VnniInt8Kernel, layer_kernels
 
 
@@ -110,17 +110,16 @@ def cached_fraction(path: Path) -> float:
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-def test_unread_parts_are_the_repacked_and_the_fused(full):
-    """The loader pages out what decoding never reads: the parts of fused projections (wq) and of repacked
-    ones (wo, w2), not those a kernel reads directly (here wo's, given its dequantizing kernel)."""
-    llm = lilmistral.load(full, quant="int4")
-    attention = llm.model.layers[0].attention
-    for module, linear in ((attention.wqkv, attention.wq), (attention.wo, attention.wo),
-                           (llm.model.layers[1].feed_forward.w2, llm.model.layers[1].feed_forward.w2)):
-        unread = {t.data_ptr() for t in unread_parts(module)}
-        assert linear.qweight.data_ptr() in unread and linear.scales.data_ptr() in unread
-    attention.wo.kernel = attention.wo.kernel.fallback
-    assert unread_parts(attention.wo) == []
+def test_the_loader_lets_go_of_the_parts_the_kernels_repacked(full):
+    """A bfloat16 model's QuantLinears hold no canonical parts once their kernels (or the fused projections')
+    repacked them, and float32 activations through them get what the float32 model (which keeps its
+    parts, for dequantizing kernels) computes, bit for bit."""
+    bf16, f32 = (lilmistral.load(full, quant="int4", dtype=dtype).model for dtype in ("bfloat16", "float32"))
+    assert not [name for name in bf16.state_dict() if name.endswith((".qweight", ".scales", ".mins"))]
+    assert f32.layers[0].attention.wqkv is None and f32.layers[0].attention.wq.qweight is not None
+    for name in ("layers.0.attention.wq", "layers.0.attention.wo", "layers.1.feed_forward.w2", "output"):
+        x = torch.randn(3, f32.get_submodule(name).in_features)
+        assert torch.equal(bf16.get_submodule(name)(x), f32.get_submodule(name)(x)), name
 
 
 def test_rolling_cache_slots_follow_positions():

@@ -1,10 +1,12 @@
 """The CPU kernels against the dequantized float reference, on random and odd shapes, decode and prefill rows."""
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
 import sys
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -172,6 +174,43 @@ def test_vnni_packing_of_blocks_of_rows_is_the_packing_of_their_concatenation():
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+@pytest.mark.parametrize("n,k", [(37, 576), (48, 256)])  # 37: a padded last group of 16 columns
+def test_vnni_unpacking_gives_back_the_canonical_parts(spec, n, k):
+    """What a repacked kernel's float32 fallback dequantizes once the canonical parts are gone: unpacking
+    the kernel's layout gives them back, bit for bit."""
+    parts, spec, _ = random_parts(n, k, spec, n + k)
+    if spec.scheme == "int8":
+        packed = vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
+    else:
+        packed = vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
+    unpacked = vnni.unpack_vnni(packed, spec)
+    assert unpacked.keys() == parts.keys()
+    for name, part in parts.items():
+        assert unpacked[name].dtype == part.dtype and torch.equal(unpacked[name], part), name
+
+
+@pytest.mark.parametrize("spec", SPECS[:2], ids=spec_id)
+def test_released_parts_are_freed_and_float32_still_gets_the_exact_product(spec):
+    """release_parts: where the kernel repacked the weight, the module lets go of its canonical parts and
+    nothing else holds them (their memory is freed); float32 activations still get the dequantized product,
+    bit for bit. Kernels that read the parts (PyTorch's) keep them."""
+    parts, spec, g = random_parts(100, 384, spec, 0)
+    linear = QuantLinear(384, 100, spec)
+    for name, part in parts.items():
+        setattr(linear, name, part.clone())
+    linear.prepare()
+    held = [weakref.ref(part) for part in linear.parts().values()]
+    repacked = isinstance(linear.kernel, (VnniInt4Kernel, VnniInt8Kernel))
+    assert len(linear.release_parts()) == (len(parts) if repacked else 0)
+    gc.collect()
+    assert all((ref() is None) == repacked for ref in held)
+    assert (linear.qweight is None and not linear.state_dict()) == repacked
+    x = torch.randn(3, 384, generator=g)
+    assert torch.equal(linear(x), torch.nn.functional.linear(x, dequantize(parts, spec)))
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 @pytest.mark.parametrize("spec", SPECS[1:], ids=spec_id)
 @pytest.mark.parametrize("rows", [1, 3, 7])
 @pytest.mark.parametrize("n,k", [(1, 128), (37, 576), (300, 4096), (24, 1408)])  # N % 16: a padded last group
@@ -279,7 +318,8 @@ def test_quantizing_a_parameter_keeps_no_autograd_graph(spec):
                          ids=spec_id)
 def test_fused_projections_give_each_projections_output(spec):
     """wq, wk, wv fused into one kernel: the same bits as each alone (bfloat16, lilmistral's kernels; float32,
-    the dequantizing fallback), and the originals still work."""
+    the dequantizing fallback), with the originals' parts released, and the originals still work (as columns
+    of the fused kernel)."""
     g = torch.Generator().manual_seed(0)
     linears = []
     for n in (96, 40, 40):  # 40: a fused boundary inside a group of 16 columns
@@ -292,6 +332,9 @@ def test_fused_projections_give_each_projections_output(spec):
     inputs = [rows.to(dtype) for rows in (x[:1], x) for dtype in (torch.bfloat16, torch.float32)]
     expected = [torch.cat([linear(rows) for linear in linears], dim=-1) for rows in inputs]
     fused = FusedQuantLinear(linears)
+    for linear in linears:  # as the loader does: the fused kernel holds the weights
+        linear.release_parts()
+    assert not any(linear.parts() for linear in linears)
     for rows, out in zip(inputs, expected):
         if vnni.available() or rows.dtype == torch.float32:
             assert torch.equal(fused(rows), out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..model import Experts
-from .linear import QuantExperts, QuantLinear, fuse_projections, unread_parts
+from .linear import QuantExperts, QuantLinear, fuse_projections
 from .pack import QuantSpec, dequantize, group_size_for, quantize
 
 FLOAT_SCHEMES = ("f32", "bf16", "f16")
@@ -50,5 +50,5 @@ def swap_in_quant_linears(model: nn.Module, specs: dict[str, QuantSpec]) -> None
             setattr(model.get_submodule(parent_name), child, QuantExperts(module))
 
 
-__all__ = ["QuantLinear", "QuantExperts", "fuse_projections", "unread_parts", "QuantSpec", "quantize", "dequantize",
+__all__ = ["QuantLinear", "QuantExperts", "fuse_projections", "QuantSpec", "quantize", "dequantize",
            "spec_for", "swap_in_quant_linears", "SCHEMES", "FLOAT_SCHEMES", "DEFAULT_GROUP_SIZE", "QUANTIZED_SUFFIXES"]

@@ -41,14 +41,22 @@ def stacked(parts: Parts) -> dict[str, torch.Tensor]:
 
 
 class RowsKernel:
-    """A matmul kernel on bfloat16 rows (`rows`: [M, K] -> [M, N]); other dtypes take its `fallback` (by
-    default a DequantKernel over the parts)."""
+    """A matmul kernel on bfloat16 rows (`rows`: [M, K] -> [M, N]); other dtypes take its `fallback`, a
+    dequantizing kernel."""
 
-    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
-        self.fallback = fallback or DequantKernel(stacked(parts), spec)
+    repacked = False  # True: the kernel holds the weight in a layout of its own, and reads no canonical part
+
+    def __init__(self, parts: Parts, spec: QuantSpec) -> None:
+        self.spec = spec
+        self.fallback = self.dequantized if self.repacked else DequantKernel(stacked(parts), spec)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fallback(x) if x.dtype != torch.bfloat16 else on_rows(self.rows, x)
+
+    def dequantized(self, x: torch.Tensor) -> torch.Tensor:
+        """A repacked kernel's fallback: the canonical parts unpacked from its own copy at each call (the loader
+        lets go of the originals: float32 activations on a bfloat16 model are rare)."""
+        return DequantKernel(vnni.unpack_vnni(self.parts, self.spec), self.spec)(x)
 
 
 def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
@@ -64,9 +72,9 @@ class Int8Kernel(RowsKernel):
 
     W8A8_MIN_ROWS = 17  # torch._int_mm wants more than 16 rows
 
-    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
+    def __init__(self, parts: Parts, spec: QuantSpec) -> None:
         parts = stacked(parts)
-        super().__init__(parts, spec, fallback)
+        super().__init__(parts, spec)
         self.q = aligned(parts["qweight"].contiguous())  # int8 [N, K]
         self.scales = parts["scales"].to(torch.bfloat16)
         n, k = self.q.shape
@@ -87,11 +95,11 @@ class VnniInt8Kernel(RowsKernel):
     """vnni.cpp's int8 kernel, int8 activations in blocks of 32 (as llama.cpp's Q8_0 times Q8_0), at every
     row count: each row computed alike however many there are (as VnniInt4Kernel)."""
 
-    repacked = True  # bfloat16 activations read only the kernel's own copy; the canonical parts, the fallback
+    repacked = True
 
-    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
-        super().__init__(parts, spec, fallback)
+    def __init__(self, parts: Parts, spec: QuantSpec) -> None:
         self.parts = vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
+        super().__init__(parts, spec)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts  # by position: keywords cost ~2 us a call
@@ -104,11 +112,11 @@ class VnniInt4Kernel(RowsKernel):
     tiles to bfloat16 for PyTorch's matmul. It computes each row alike however many there are, so a
     prompt's last token re-entered alone (a reused cache) gives the prefill's numbers."""
 
-    repacked = True  # as VnniInt8Kernel's
+    repacked = True
 
-    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
-        super().__init__(parts, spec, fallback)
+    def __init__(self, parts: Parts, spec: QuantSpec) -> None:
         self.parts = vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
+        super().__init__(parts, spec)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts  # by position: keywords cost ~2 us a call, ~3% of a small model's token
@@ -118,9 +126,9 @@ class VnniInt4Kernel(RowsKernel):
 class Int4Kernel(RowsKernel):
     """PyTorch's weight-only int4 kernel (CPUs without vnni.cpp's)."""
 
-    def __init__(self, parts: Parts, spec: QuantSpec, fallback=None) -> None:
+    def __init__(self, parts: Parts, spec: QuantSpec) -> None:
         parts = stacked(parts)
-        super().__init__(parts, spec, fallback)
+        super().__init__(parts, spec)
         q = unpack_int4(parts["qweight"]).to(torch.int32)  # [N, K], 0..15
         self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # ISA-specific layout
         scales = parts["scales"].float()  # [N, K/G]
@@ -142,13 +150,14 @@ def kernel_type(n: int, k: int, spec: QuantSpec) -> type:
     return Int4Kernel if n % 16 == 0 else DequantKernel
 
 
-def make_kernel(parts: Parts, spec: QuantSpec, fallback=None):
-    """The kernel for a weight's parts; fallback: the RowsKernel's for other dtypes than bfloat16. A fused
-    projection's parts come as blocks of rows, which VNNI kernels repack without concatenating them first."""
+def make_kernel(parts: Parts, spec: QuantSpec, dtype: torch.dtype = torch.bfloat16):
+    """The kernel for a weight's parts and activations of `dtype` (the fast kernels take bfloat16; others
+    only dequantize). A fused projection's parts come as blocks of rows, which VNNI kernels repack without
+    concatenating them first."""
     q = parts["qweight"]
     n, k = vnni.row_count(q), vnni.row_blocks(q)[0].shape[1] * (2 if spec.scheme == "int4" else 1)
-    kernel = kernel_type(n, k, spec)
-    return DequantKernel(stacked(parts), spec) if kernel is DequantKernel else kernel(parts, spec, fallback)
+    kernel = kernel_type(n, k, spec) if dtype == torch.bfloat16 else DequantKernel
+    return DequantKernel(stacked(parts), spec) if kernel is DequantKernel else kernel(parts, spec)
 
 
 def expert_gemv(kernels: list):

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..model import Experts, FeedForward, Transformer
-from .cpu import DequantKernel, kernel_type, make_kernel
+from . import cpu
+from .cpu import DequantKernel, kernel_type
 from .pack import QuantSpec, packed_shapes
 from .vnni import MAX_ROWS
 
@@ -25,17 +26,29 @@ class QuantLinear(nn.Module):
     def parts(self) -> dict[str, torch.Tensor]:
         return {name: buf for name, buf in self.named_buffers()}
 
-    def prepare(self) -> None:
-        """Repack the canonical parts into the device's kernel layout (once, after loading)."""
+    def prepare(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Make the device's kernel for activations of `dtype`, repacking the canonical parts into its layout
+        where it has one (once, after loading)."""
         if self.qweight.device.type == "cuda":
-            from . import cuda as backend
+            from .cuda import make_kernel
+
+            self.kernel = make_kernel(self.parts(), self.spec)
         else:
-            from . import cpu as backend  # type: ignore[no-redef]
-        self.kernel = backend.make_kernel(self.parts(), self.spec)
+            self.kernel = cpu.make_kernel(self.parts(), self.spec, dtype)
+
+    def release_parts(self) -> list[torch.Tensor]:
+        """Let go of the canonical parts where the kernel reads none (it repacked them, or the projection is
+        fused into another's): returns them, which the module no longer holds (the loader unmaps a file's)."""
+        if not getattr(self.kernel, "repacked", False):
+            return []
+        parts = list(self.parts().values())
+        for name in self._buffers:
+            self._buffers[name] = None
+        return parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
-            self.prepare()
+            self.prepare(x.dtype)
         return self.kernel(x)
 
     def extra_repr(self) -> str:
@@ -46,32 +59,36 @@ class QuantLinear(nn.Module):
 class FusedQuantLinear(nn.Module):
     """QuantLinears that read the same input (wq, wk, wv; w1, w3) as one kernel call, their outputs side by
     side, each column computed as in its own (with lilmistral's kernels; PyTorch's int4 kernel may round one
-    differently): fewer calls a token, activations quantized once. The CPU kernel is made from the canonical
+    differently): fewer calls a token, activations quantized once. The kernel is made from the canonical
     parts as blocks of rows (the VNNI kernels repack them without concatenating them first), the only
-    repacking of those weights (fused before the model's other QuantLinears are prepared); each member keeps a
-    dequantizing kernel over its own parts, together the fused kernel's fallback (float32: rarely used, their
-    memory paged out). Holds no tensors in the state dict."""
+    repacking of those weights; each member's kernel becomes its columns of the fused one, so the members'
+    parts may go (QuantLinear.release_parts). Holds no tensors in the state dict."""
 
     def __init__(self, linears: list[QuantLinear]) -> None:
         super().__init__()
         self.out_features = sum(linear.out_features for linear in linears)
-        for linear in linears:
-            linear.kernel = DequantKernel(linear.parts(), linear.spec)
         parts = {name: [linear.parts()[name] for linear in linears] for name in linears[0].parts()}
-        self.kernel = make_kernel(parts, linears[0].spec, fallback=SideBySide([linear.kernel for linear in linears]))
+        self.kernel = cpu.make_kernel(parts, linears[0].spec)
+        self.linears = tuple(linears)  # not submodules: the model holds them already
+        start = 0
+        for linear in linears:
+            linear.kernel = Columns(self.kernel, start, start + linear.out_features)
+            start += linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x)
 
 
-class SideBySide:
-    """Kernels on the same input, their outputs concatenated: a fused kernel's dequantizing fallback."""
+class Columns:
+    """Columns [start, stop) of a fused kernel's output: a fused projection's member called alone."""
 
-    def __init__(self, kernels: list) -> None:
-        self.kernels = kernels
+    repacked = True  # into the fused kernel
+
+    def __init__(self, kernel, start: int, stop: int) -> None:
+        self.kernel, self.start, self.stop = kernel, start, stop
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([kernel(x) for kernel in self.kernels], dim=-1)
+        return self.kernel(x)[..., self.start:self.stop]
 
 
 def projection_groups(model: Transformer) -> list[tuple[nn.Module, str, list[nn.Module]]]:
@@ -100,16 +117,6 @@ def fuse_projections(model: Transformer) -> Iterator[FusedQuantLinear]:
             yield fused
 
 
-def unread_parts(module: nn.Module) -> list[torch.Tensor]:
-    """The canonical parts that bfloat16 inference never reads: a QuantLinear's whose kernel repacked them, a
-    FusedQuantLinear's projections' (only the dequantizing fallbacks, for float32, read them)."""
-    if isinstance(module, FusedQuantLinear):
-        return [part for kernel in module.kernel.fallback.kernels for part in kernel.parts.values()]
-    if isinstance(module, QuantLinear) and getattr(module.kernel, "repacked", False):
-        return list(module.parts().values())
-    return []
-
-
 class QuantExperts(Experts):
     """Experts whose projections are QuantLinears (the same children, so the same tensor names). Where the
     backend has expert-batched kernels (the CPU's VNNI kernels; Triton's on a GPU), a decode step runs every
@@ -119,10 +126,11 @@ class QuantExperts(Experts):
         super().__init__(experts)
         self.batched: dict | None = None  # projection name -> (x [R, K], expert [R]) -> [R, N]
 
-    def prepare(self) -> None:
-        """After the experts' QuantLinears are prepared (the loader's order): the batched kernels over theirs."""
+    def prepare(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """After the experts' QuantLinears are prepared (the loader's order): the batched kernels over theirs
+        (dtype: the one theirs were made for)."""
         names = ("w1", "w2", "w3")
-        if self[0].w1.qweight.device.type == "cuda":
+        if any(part.is_cuda for part in self[0].w1.parts().values()):  # on the CPU they may be released
             from .cuda import expert_gemv as cuda_expert_gemv
 
             batched = {name: cuda_expert_gemv([getattr(expert, name) for expert in self]) for name in names}

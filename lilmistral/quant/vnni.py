@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .pack import QuantSpec
+
 SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp")  # one unit: later ones use earlier ones' helpers
 # Decode-sized batches: up to this many (token, expert) rows, expert-batched calls beat grouping the rows by
 # expert (which reads each expert's weights once)
@@ -127,3 +129,20 @@ def pack_int4_vnni(qweight: Rows, scales: Rows, mins: Rows | None) -> dict[str, 
 
     return {"q": pack(qweight, 4, 1, True), "scales": per_block(scales),
             "mins": None if mins is None else per_block(mins), "n": row_count(qweight)}
+
+
+def unpack_vnni(parts: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The canonical parts (pack.py) that pack_int8_vnni's or pack_int4_vnni's parts were made from: a
+    repacked weight dequantized (float32 activations, rarely) without the canonical copy kept in memory."""
+    n, groups = parts["n"], parts["q"].shape[0]
+    if spec.scheme == "int8":
+        q = parts["q"].view(groups, -1, 16, 4).transpose(1, 2).reshape(groups * 16, -1)
+        return {"qweight": q[:n], "scales": parts["scales"][:n].half()}
+    words = parts["q"].view(groups, -1, 16, 4).transpose(1, 2).reshape(groups * 16, -1, 4)  # byte b: inputs b, b + 4
+    values = torch.cat((words & 0x0F, words >> 4), dim=-1).reshape(groups * 16, -1)  # [N', K] in order
+    canonical = {"qweight": (values[:, 0::2] | (values[:, 1::2] << 4))[:n]}
+    for name in ("scales", "mins"):
+        if parts[name] is not None:  # [groups, K/32, 16]: each group of G inputs repeated G/32 times
+            per_block = parts[name].transpose(1, 2).reshape(groups * 16, -1)
+            canonical[name] = per_block[:n, ::spec.group_size // 32].contiguous()
+    return canonical
