@@ -60,6 +60,7 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
         raise ModelFormatError(f"missing tensors: {', '.join(sorted(missing)[:3])}"
                                + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     model.load_state_dict(state, strict=False, assign=True)
+    del state  # the model holds the tensors now: what it lets go of below is freed
     if args.tie_embeddings and (keep is None or keep("output.weight")):
         model.output = _tied_head(model.tok_embeddings.weight, quantized=bool(specs))
     model.inv_freq = model.inv_freq.to(device)

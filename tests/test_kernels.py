@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lilmistral.convert.gguf import q4_canonical
 from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import QuantLinear, vnni
 from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, VnniInt8Kernel, make_kernel
@@ -188,6 +189,19 @@ def test_vnni_unpacking_gives_back_the_canonical_parts(spec, n, k):
     assert unpacked.keys() == parts.keys()
     for name, part in parts.items():
         assert unpacked[name].dtype == part.dtype and torch.equal(unpacked[name], part), name
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
+@pytest.mark.parametrize("head", [2, 4], ids=["Q4_0", "Q4_1"])
+def test_gguf_q4_packing_in_cpp_is_pytorchs(head, monkeypatch):
+    """A .gguf's Q4_0 / Q4_1 quants re-laid as pack.py's bytes (convert/gguf.py) by vnni.cpp's operator: the
+    PyTorch operators' bytes, on every byte value, rows of blocks read with a stride (as from the file)."""
+    g = torch.Generator().manual_seed(head)
+    raw = torch.randint(0, 256, (37, 5 * (head + 16) + 7), dtype=torch.uint8, generator=g)
+    blocks = raw[:, 7:].view(37, 5, head + 16)  # rows of a wider matrix: a row stride of their own
+    fast = q4_canonical(blocks, head)
+    monkeypatch.setattr(vnni, "available", lambda: False)
+    assert torch.equal(fast, q4_canonical(blocks, head))
 
 
 @pytest.mark.parametrize("spec", SPECS[:2], ids=spec_id)

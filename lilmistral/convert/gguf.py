@@ -16,6 +16,7 @@ import torch
 
 from ..config import ModelArgs, RopeScaling
 from ..errors import ModelFormatError
+from ..quant import vnni
 from ..quant.pack import QuantSpec
 from .hf import TensorEntry, name_mapper, unpermute_rope
 
@@ -132,6 +133,22 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
     return metadata, tensors
 
 
+def dequantize_blocks(raw: torch.Tensor, kind: str) -> torch.Tensor:
+    """Rows of GGML blocks of type `kind` -> float32 values. Q8_0 (the embeddings and output head of many
+    Q4_0 files) in PyTorch, ~4x faster than the gguf package's numpy, with the same bits; other types by it."""
+    import gguf
+
+    if kind != "Q8_0":
+        return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[kind]))
+    blocks = raw.view(raw.shape[0], -1, 34)  # a float16 scale, 32 int8 values
+    out = torch.empty(*blocks.shape[:2], 32)
+    step = max(1, 2**20 // blocks[0].nbytes)  # rows a MB at a time: small temporaries (see read_packed)
+    for start in range(0, raw.shape[0], step):
+        b = blocks[start:start + step]
+        torch.mul(b[..., 2:].view(torch.int8), b[..., :2].view(torch.float16).float(), out=out[start:start + step])
+    return out.view(raw.shape[0], -1)
+
+
 @dataclass(frozen=True)
 class GGUFEntry(TensorEntry):
     offset: int = 0  # absolute byte offset of this (expert's) data in the file
@@ -141,6 +158,7 @@ class GGUFEntry(TensorEntry):
 class GGUFSource:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._map: mmap.mmap | None = None  # the file, mapped when tensors are first read
         try:
             self.metadata, self.tensors = read_gguf_header(path)
         except (ValueError, KeyError, OverflowError, struct.error) as e:  # bad lengths, unknown types, truncation
@@ -216,15 +234,22 @@ class GGUFSource:
             entries.append(GGUFEntry(name, shape, kind, self.path, t.name, t.data_offset, int(t.n_bytes)))
         return entries
 
-    def _raw(self, entry: GGUFEntry) -> np.ndarray:
-        """The entry's bytes, a row per output row, in writable memory of their own (no copy needed to use them)."""
-        data = bytearray(entry.nbytes)
-        with open(self.path, "rb") as f:
-            f.seek(entry.offset)
-            read = f.readinto(data)
-        if read != entry.nbytes:
-            raise ModelFormatError(f"{self.path}: truncated while reading {entry.key}")
-        return np.frombuffer(data, dtype=np.uint8).reshape(entry.shape[0], -1)
+    def _raw(self, entry: GGUFEntry) -> torch.Tensor:
+        """The entry's bytes, a row per output row, where the file is mapped (copy-on-write: a tensor made of
+        them may be written without writing the file). No copy."""
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        raw = np.frombuffer(self._map, dtype=np.uint8, count=entry.nbytes, offset=entry.offset)
+        return torch.from_numpy(raw).view(entry.shape[0], -1)
+
+    def _done_with(self, entry: GGUFEntry) -> None:
+        """Unmap the pages of an entry that was read into memory of its own (its mapped bytes were touched
+        once): they leave the process's resident memory, and stay in the page cache. Whole pages of its own
+        only: a neighbour's may be in use."""
+        start, end = -(-entry.offset // mmap.PAGESIZE) * mmap.PAGESIZE, entry.offset + entry.nbytes
+        if end - start >= mmap.PAGESIZE:
+            self._map.madvise(mmap.MADV_DONTNEED, start, (end - start) // mmap.PAGESIZE * mmap.PAGESIZE)
 
     def _rope_rows(self, entry: GGUFEntry) -> torch.Tensor | None:
         """llama.cpp stores q/k rows in interleaved-pair RoPE order: the row order that undoes it."""
@@ -237,15 +262,14 @@ class GGUFSource:
         return unpermute_rope(torch.arange(entry.shape[0])[:, None], heads)[:, 0]
 
     def read(self, entry: GGUFEntry) -> torch.Tensor:
-        """The tensor dequantized to float32 (float types keep their dtype), in lilmistral's layout."""
-        import gguf
-
+        """The tensor dequantized to float32 (float types keep their dtype, memory-mapped), in lilmistral's
+        layout."""
         raw = self._raw(entry)
         if entry.source_type in FLOAT_TYPES:
-            tensor = torch.from_numpy(raw).view(FLOAT_TYPES[entry.source_type])
+            tensor = raw.view(FLOAT_TYPES[entry.source_type])
         else:
-            qtype = gguf.GGMLQuantizationType[entry.source_type]
-            tensor = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32, copy=False))
+            tensor = dequantize_blocks(raw, entry.source_type)
+            self._done_with(entry)
         tensor = tensor.reshape(entry.shape)
         rows = self._rope_rows(entry)
         return tensor if rows is None else tensor[rows]
@@ -258,20 +282,30 @@ class GGUFSource:
 
     def read_packed(self, entry: GGUFEntry) -> dict[str, torch.Tensor]:
         """Q4_0 / Q4_1 blocks re-laid into lilmistral's int4 parts, bit for bit (see lossless_spec)."""
-        raw = torch.from_numpy(self._raw(entry))
-        n = entry.shape[0]
-        head = 2 if entry.source_type == "Q4_0" else 4
-        blocks = raw.reshape(n, -1, head + 16)  # [N, K/32, bytes]
-        scales = blocks[..., :2].contiguous().view(torch.float16)[..., 0]
-        qs = blocks[..., head:]  # element j in the low nibble of byte j, element j+16 in its high nibble
-        even, odd = qs[..., 0::2], qs[..., 1::2]
-        # pack.py's bytes: elements 2b, 2b+1 in byte b's low, high nibble; elements 0..15 from the low nibbles
-        low, high = (even & 0x0F) | (odd << 4), (even >> 4) | (odd & 0xF0)
-        parts = {"qweight": torch.cat((low, high), dim=-1).reshape(n, -1), "scales": scales}
-        if entry.source_type == "Q4_1":
-            parts["mins"] = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]
+        n, head = entry.shape[0], 2 if entry.source_type == "Q4_0" else 4
+        blocks = self._raw(entry).view(n, -1, head + 16)  # [N, K/32, bytes]: a float16 scale (and min), 16 quants
         rows = self._rope_rows(entry)
-        return parts if rows is None else {k: v[rows] for k, v in parts.items()}
+        if rows is not None:
+            blocks = blocks[rows]
+        parts = {"qweight": q4_canonical(blocks, head), "scales": blocks[..., :2].view(torch.float16)[..., 0].clone()}
+        if head == 4:
+            parts["mins"] = blocks[..., 2:4].view(torch.float16)[..., 0].clone()
+        self._done_with(entry)
+        return parts
+
+
+def q4_canonical(blocks: torch.Tensor, head: int) -> torch.Tensor:
+    """The quants of Q4_0 / Q4_1 blocks [N, B, head + 16] (byte j: element j in its low nibble, j + 16 in its
+    high one) as pack.py's bytes [N, B * 16] (byte b: elements 2b, 2b + 1). In one pass of vnni.cpp's where
+    lilmistral's CPU kernels are built (~5x faster than PyTorch's operators on strided bytes)."""
+    if vnni.available():
+        return torch.ops.lilmistral.q4_canonical(blocks, head)
+    qs = blocks[..., head:]
+    even, odd = qs[..., 0::2], qs[..., 1::2]
+    out = torch.empty(*blocks.shape[:2], 16, dtype=torch.uint8)
+    torch.bitwise_or(even & 0x0F, odd << 4, out=out[..., :8])  # elements 0..15: the low nibbles
+    torch.bitwise_or(even >> 4, odd & 0xF0, out=out[..., 8:])
+    return out.view(blocks.shape[0], -1)
 
 
 # How byte-level BPE vocabularies split text before merging, by `tokenizer.ggml.pre` (llama.cpp's names).

@@ -479,6 +479,31 @@ at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repea
   return out;
 }
 
+// GGUF's Q4_0 / Q4_1 quants (convert/gguf.py) to pack.py's canonical bytes, one pass: blocks uint8 [N, B, head +
+// 16], 16 quant bytes after a head of scale (and min), byte j holding element j in its low nibble and j + 16 in
+// its high one -> uint8 [N, B * 16], byte b of a block holding elements 2b, 2b + 1 (low, high nibble).
+at::Tensor q4_canonical(const at::Tensor& blocks, int64_t head) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == head + 16 &&
+              blocks.stride(2) == 1 && blocks.stride(1) == head + 16, "q4_canonical: unsupported arguments");
+  const int64_t N = blocks.size(0), B = blocks.size(1), row_stride = blocks.stride(0);
+  at::Tensor out = at::empty({N, B * 16}, blocks.options());
+  const uint8_t* in = blocks.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t b = 0; b < B; ++b) {
+        // as 16-bit lanes (bytes 2j, 2j + 1): the low byte of x | x >> 4, x the lane's low (or high) nibbles
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + n * row_stride + b * (head + 16) + head));
+        const __m128i nibble = _mm_set1_epi8(0x0F), low_byte = _mm_set1_epi16(0x00FF);
+        const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+        const __m128i w_lo = _mm_and_si128(_mm_or_si128(lo, _mm_srli_epi16(lo, 4)), low_byte);
+        const __m128i w_hi = _mm_and_si128(_mm_or_si128(hi, _mm_srli_epi16(hi, 4)), low_byte);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + (n * B + b) * 16), _mm_packus_epi16(w_lo, w_hi));
+      }
+  });
+  return out;
+}
+
 // Operators in C++ (not torch.library.custom_op, whose Python dispatch costs ~10 us a call): vnni.py adds
 // their shapes for torch.compile.
 TORCH_LIBRARY(lilmistral, m) {
@@ -487,6 +512,7 @@ TORCH_LIBRARY(lilmistral, m) {
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
   m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor?[] mins, int n, Tensor expert) -> Tensor");
   m.def("pack_columns(Tensor[] blocks, int word_bytes, int repeat, bool nibbles) -> Tensor");
+  m.def("q4_canonical(Tensor blocks, int head) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
@@ -495,4 +521,5 @@ TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
   m.impl("int8_gemv_experts", &int8_gemv_experts);
   m.impl("int4_gemv_experts", &int4_gemv_experts);
   m.impl("pack_columns", &pack_columns);
+  m.impl("q4_canonical", &q4_canonical);
 }
