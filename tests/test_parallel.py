@@ -86,7 +86,7 @@ def test_killed_worker_ends_every_stage(folders):
     deadline = time.time() + 60
     workers = []
     while time.time() < deadline and len(workers) < 2:
-        workers = [c for c in parent.children() if "lilmistral.parallel" in " ".join(c.cmdline())]
+        workers = [c for c in parent.children() if "lilmistral.parallel" in command_line(c)]
         time.sleep(0.1)
     assert len(workers) == 2
     os.set_blocking(proc.stdout.fileno(), False)
@@ -100,6 +100,14 @@ def test_killed_worker_ends_every_stage(folders):
     assert proc.returncode != 0 and "stage 1 exited" in err and "Traceback" not in err
     time.sleep(1)
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def command_line(process: psutil.Process) -> str:
+    """A child's command line; empty for one that exited meanwhile (a short-lived helper process)."""
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def rss_mb(pid: int) -> float:
