@@ -11,7 +11,7 @@ import torch
 
 import lilmistral
 from conftest import SPM_V1, make_hf_model, write_gguf
-from lilmistral.convert.gguf import GGUFSource
+from lilmistral.convert.gguf import GGUFSource, q4k_parts
 from lilmistral.quant import QuantLinear, QuantSpec, dequantize, quantize
 from lilmistral.quant.pack import pack_int4, unpack_int4
 
@@ -103,6 +103,26 @@ def test_gguf_mixtral_experts_float_parity(hf_models, tmp_path):
     assert lilmistral.load(out).forward(ids).shape == (40, 32768)
 
 
+def test_gguf_q4_k_blocks_are_re_laid_as_int4_groups_of_32():
+    """Q4_K super-blocks (Q4_K_M files' usual type) become int4 groups of 32 with a min, their values the gguf
+    package's dequantized ones but for the float16 rounding of each sub-block's scale and min, where
+    requantizing those values (what other block types get) is ~70x further off."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n, k = 40, 512
+    blocks = rng.integers(0, 256, (n, k // 256, 144), dtype=np.uint8)
+    for at in (0, 2):  # d and dmin: positive float16s of a weight's magnitude (random bytes may be NaN)
+        blocks[..., at:at + 2] = rng.uniform(1e-4, 1e-2, (n, k // 256, 1)).astype(np.float16).view(np.uint8)
+    raw = blocks.reshape(n, -1)
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K)).reshape(n, k)
+    spec = QuantSpec("int4", 32, False)
+    error = (dequantize(q4k_parts(torch.from_numpy(raw)), spec) - reference).norm() / reference.norm()
+    requantized = (dequantize(quantize(reference, spec), spec) - reference).norm() / reference.norm()
+    assert error < 5e-4 and requantized > 50 * error, (error, requantized)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16"])
 def test_gguf_block_types(hf_models, tmp_path, qtype):
     folder, _ = hf_models["mistral"]
@@ -113,7 +133,7 @@ def test_gguf_block_types(hf_models, tmp_path, qtype):
     entry = next(e for e in src.entries if e.name == "layers.0.attention.wq.weight")
     assert entry.source_type == qtype
     float_weight = src.read(entry)
-    spec = src.lossless_spec(entry, QuantSpec("int4", 32, False))
+    spec = src.direct_spec(entry, QuantSpec("int4", 32, False))
     if qtype in ("Q4_0", "Q4_1"):  # Q4_0 and Q4_1 map onto int4 g32 bit for bit
         assert spec == QuantSpec("int4", 32, qtype == "Q4_0")
         assert torch.equal(dequantize(src.read_packed(entry), spec), float_weight)

@@ -56,7 +56,7 @@ def default_scheme(src: Source) -> str:
 class Planned:
     entry: TensorEntry
     spec: QuantSpec | None
-    lossless: bool
+    direct: bool  # GGUF blocks re-laid, not requantized (gguf.DIRECT_INT4)
     outputs: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]  # (name, dtype, shape) written
 
 
@@ -70,22 +70,22 @@ def plan(src: Source, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
     planned = []
     for e in src.entries:
         spec = spec_for(e.name, e.shape, scheme, group_size, tied=src.args.tie_embeddings)
-        exact = src.lossless_spec(e, spec) if isinstance(src, GGUFSource) else None
-        spec = exact or spec
+        direct = src.direct_spec(e, spec) if isinstance(src, GGUFSource) else None
+        spec = direct or spec
         if spec is None:  # norms (1-D, tiny) keep float32 so the file loses nothing there
             outputs = ((e.name, torch.float32 if len(e.shape) == 1 else float_dtype, e.shape),)
         else:
             base = e.name.removesuffix(".weight")
             outputs = tuple((f"{base}.{part}", dtype, shape)
                             for part, (shape, dtype) in packed_shapes(e.shape[0], e.shape[1], spec).items())
-        planned.append(Planned(e, spec, exact is not None, outputs))
+        planned.append(Planned(e, spec, direct is not None, outputs))
     return planned
 
 
 def produce(src: Source, planned: list[Planned]) -> Iterator[tuple[str, torch.Tensor]]:
     """The output tensors, one source tensor at a time."""
     for p in planned:
-        if p.lossless:
+        if p.direct:
             parts = src.read_packed(p.entry)  # type: ignore[union-attr]
         elif p.spec is not None:
             parts = quantize(src.read(p.entry), p.spec)
@@ -149,7 +149,7 @@ def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROU
             "quant": {"scheme": scheme, "group_size": group_size if scheme.startswith("int4") else None},
             "float_dtype": str(float_dtype).removeprefix("torch."),
             "tensors": {p.entry.name: p.spec.to_dict() for p in planned if p.spec is not None},
-            "lossless_tensors": sum(p.lossless for p in planned),
+            "direct_tensors": sum(p.direct for p in planned),
             "tokenizer": _save_tokenizer(src, tmp),
             "source": {"path": str(source.resolve()), "kind": "gguf" if isinstance(src, GGUFSource) else "huggingface",
                        "sha256": sha256_files(_source_files(src))},

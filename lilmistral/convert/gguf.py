@@ -50,8 +50,10 @@ map_stacked_name = name_mapper({k: v.replace("{e}", "{{e}}") for k, v in GGUF_ST
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED = (*FLOAT_TYPES, *BLOCK_TYPES)
-# Block formats that are exactly one of lilmistral's int4 layouts (group 32): type -> symmetric
-LOSSLESS_INT4 = {"Q4_0": True, "Q4_1": False}
+# Block formats that are one of lilmistral's int4 layouts (group 32), re-laid without requantizing: type ->
+# symmetric. Q4_0, Q4_1 bit for bit; Q4_K's sub-blocks of 32 as they are, their scales and mins (a 6-bit
+# integer times a float16) rounded to float16 (~2e-4 relative; requantizing its values: ~1.5e-2)
+DIRECT_INT4 = {"Q4_0": True, "Q4_1": False, "Q4_K": False}
 
 
 @dataclass(frozen=True)
@@ -274,24 +276,48 @@ class GGUFSource:
         rows = self._rope_rows(entry)
         return tensor if rows is None else tensor[rows]
 
-    def lossless_spec(self, entry: GGUFEntry, spec: QuantSpec | None) -> QuantSpec | None:
-        """The int4 layout that holds this tensor's blocks exactly, when `spec` asks for int4 groups of 32."""
-        if spec and spec.scheme == "int4" and spec.group_size == 32 and entry.source_type in LOSSLESS_INT4:
-            return QuantSpec("int4", 32, LOSSLESS_INT4[entry.source_type])
+    def direct_spec(self, entry: GGUFEntry, spec: QuantSpec | None) -> QuantSpec | None:
+        """The int4 layout that holds this tensor's blocks as they are, when `spec` asks for int4 groups of 32."""
+        if spec and spec.scheme == "int4" and spec.group_size == 32 and entry.source_type in DIRECT_INT4:
+            return QuantSpec("int4", 32, DIRECT_INT4[entry.source_type])
         return None
 
     def read_packed(self, entry: GGUFEntry) -> dict[str, torch.Tensor]:
-        """Q4_0 / Q4_1 blocks re-laid into lilmistral's int4 parts, bit for bit (see lossless_spec)."""
-        n, head = entry.shape[0], 2 if entry.source_type == "Q4_0" else 4
-        blocks = self._raw(entry).view(n, -1, head + 16)  # [N, K/32, bytes]: a float16 scale (and min), 16 quants
+        """Q4_0 / Q4_1 / Q4_K blocks re-laid into lilmistral's int4 parts (see DIRECT_INT4)."""
+        raw = self._raw(entry)
         rows = self._rope_rows(entry)
         if rows is not None:
-            blocks = blocks[rows]
-        parts = {"qweight": q4_canonical(blocks, head), "scales": blocks[..., :2].view(torch.float16)[..., 0].clone()}
-        if head == 4:
-            parts["mins"] = blocks[..., 2:4].view(torch.float16)[..., 0].clone()
+            raw = raw[rows]
+        parts = q4k_parts(raw) if entry.source_type == "Q4_K" else q4_parts(raw, entry.source_type == "Q4_1")
         self._done_with(entry)
         return parts
+
+
+def q4_parts(raw: torch.Tensor, with_mins: bool) -> dict[str, torch.Tensor]:
+    """Rows of Q4_0 (or Q4_1) blocks [N, bytes]: a float16 scale (and min), 16 bytes of quants."""
+    head = 4 if with_mins else 2
+    blocks = raw.view(raw.shape[0], -1, head + 16)
+    parts = {"qweight": q4_canonical(blocks, head), "scales": blocks[..., :2].view(torch.float16)[..., 0].clone()}
+    if with_mins:
+        parts["mins"] = blocks[..., 2:4].view(torch.float16)[..., 0].clone()
+    return parts
+
+
+def q4k_parts(raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows of Q4_K super-blocks [N, bytes], each 256 values in 8 sub-blocks of 32: float16 d and dmin, 12 bytes
+    of 6-bit scales and mins (sub-block j: d * scale[j] * q - dmin * min[j]), then 4 chunks of 32 bytes, chunk
+    c's low nibbles sub-block 2c, its high ones 2c + 1 (the gguf package's Q4_K.dequantize_blocks, re-laid)."""
+    n = raw.shape[0]
+    blocks = raw.view(n, -1, 144)
+    d, dmin = (blocks[..., at:at + 2].view(torch.float16).float() for at in (0, 2))  # [N, B, 1]
+    packed = blocks[..., 4:16].view(n, -1, 3, 4)
+    low_scales, low_mins, high = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]  # sub-blocks 0..3: 6 bits
+    scales = torch.cat((low_scales & 0x3F, (high & 0x0F) | ((low_scales >> 2) & 0x30)), dim=-1)  # [N, B, 8]
+    mins = torch.cat((low_mins & 0x3F, (high >> 4) | ((low_mins >> 2) & 0x30)), dim=-1)
+    qs = blocks[..., 16:].view(n, -1, 4, 1, 32)
+    values = torch.cat((qs & 0x0F, qs >> 4), dim=3).view(n, -1)  # [N, K] in order
+    return {"qweight": values[:, 0::2] | (values[:, 1::2] << 4), "scales": (d * scales).half().view(n, -1),
+            "mins": (-(dmin * mins)).half().view(n, -1)}
 
 
 def q4_canonical(blocks: torch.Tensor, head: int) -> torch.Tensor:
