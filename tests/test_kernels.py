@@ -192,16 +192,17 @@ def test_vnni_unpacking_gives_back_the_canonical_parts(spec, n, k):
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-@pytest.mark.parametrize("head", [2, 4], ids=["Q4_0", "Q4_1"])
-def test_gguf_q4_packing_in_cpp_is_pytorchs(head, monkeypatch):
-    """A .gguf's Q4_0 / Q4_1 quants re-laid as pack.py's bytes (convert/gguf.py) by vnni.cpp's operator: the
-    PyTorch operators' bytes, on every byte value, rows of blocks read with a stride (as from the file)."""
+@pytest.mark.parametrize("head,k_quants", [(2, False), (4, False), (16, True)], ids=["Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_q4_packing_in_cpp_is_pytorchs(head, k_quants, monkeypatch):
+    """A .gguf's Q4_0 / Q4_1 / Q4_K quants re-laid as pack.py's bytes (convert/gguf.py) by vnni.cpp's operator:
+    the PyTorch operators' bytes, on every byte value, rows of blocks read with a stride (as from the file)."""
     g = torch.Generator().manual_seed(head)
-    raw = torch.randint(0, 256, (37, 5 * (head + 16) + 7), dtype=torch.uint8, generator=g)
-    blocks = raw[:, 7:].view(37, 5, head + 16)  # rows of a wider matrix: a row stride of their own
-    fast = q4_canonical(blocks, head)
+    size = head + (128 if k_quants else 16)
+    raw = torch.randint(0, 256, (37, 5 * size + 7), dtype=torch.uint8, generator=g)
+    blocks = raw[:, 7:].view(37, 5, size)  # rows of a wider matrix: a row stride of their own
+    fast = q4_canonical(blocks, head, k_quants)
     monkeypatch.setattr(vnni, "available", lambda: False)
-    assert torch.equal(fast, q4_canonical(blocks, head))
+    assert torch.equal(fast, q4_canonical(blocks, head, k_quants))
 
 
 @pytest.mark.parametrize("spec", SPECS[:2], ids=spec_id)

@@ -318,24 +318,27 @@ def q4k_parts(raw: torch.Tensor) -> dict[str, torch.Tensor]:
     low_scales, low_mins, high = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]  # sub-blocks 0..3: 6 bits
     scales = torch.cat((low_scales & 0x3F, (high & 0x0F) | ((low_scales >> 2) & 0x30)), dim=-1)  # [N, B, 8]
     mins = torch.cat((low_mins & 0x3F, (high >> 4) | ((low_mins >> 2) & 0x30)), dim=-1)
-    qs = blocks[..., 16:].view(n, -1, 4, 1, 32)
-    values = torch.cat((qs & 0x0F, qs >> 4), dim=3).view(n, -1)  # [N, K] in order
-    return {"qweight": values[:, 0::2] | (values[:, 1::2] << 4), "scales": (d * scales).half().view(n, -1),
+    return {"qweight": q4_canonical(blocks, 16, k_quants=True), "scales": (d * scales).half().view(n, -1),
             "mins": (-(dmin * mins)).half().view(n, -1)}
 
 
-def q4_canonical(blocks: torch.Tensor, head: int) -> torch.Tensor:
-    """The quants of Q4_0 / Q4_1 blocks [N, B, head + 16] (byte j: element j in its low nibble, j + 16 in its
-    high one) as pack.py's bytes [N, B * 16] (byte b: elements 2b, 2b + 1). In one pass of vnni.cpp's where
-    lilmistral's CPU kernels are built (~5x faster than PyTorch's operators on strided bytes)."""
+def q4_canonical(blocks: torch.Tensor, head: int, k_quants: bool = False) -> torch.Tensor:
+    """The quants of Q4_0 / Q4_1 blocks [N, B, head + 16] (byte j: value j in its low nibble, j + 16 in its high
+    one), or of Q4_K super-blocks [N, B, 144] (k_quants; see q4k_parts), as pack.py's bytes [N, K/2] (byte b:
+    values 2b, 2b + 1). In one pass of vnni.cpp's where lilmistral's CPU kernels are built (~5x faster than
+    PyTorch's operators on strided bytes)."""
     if vnni.available():
-        return torch.ops.lilmistral.q4_canonical(blocks, head)
-    qs = blocks[..., head:]
+        return torch.ops.lilmistral.q4_canonical(blocks, head, k_quants)
+    n, qs = blocks.shape[0], blocks[..., head:]
+    if k_quants:
+        qs = qs.view(n, -1, 4, 1, 32)
+        values = torch.cat((qs & 0x0F, qs >> 4), dim=3).view(n, -1)  # [N, K] in order
+        return values[:, 0::2] | (values[:, 1::2] << 4)
     even, odd = qs[..., 0::2], qs[..., 1::2]
     out = torch.empty(*blocks.shape[:2], 16, dtype=torch.uint8)
-    torch.bitwise_or(even & 0x0F, odd << 4, out=out[..., :8])  # elements 0..15: the low nibbles
+    torch.bitwise_or(even & 0x0F, odd << 4, out=out[..., :8])  # values 0..15: the low nibbles
     torch.bitwise_or(even >> 4, odd & 0xF0, out=out[..., 8:])
-    return out.view(blocks.shape[0], -1)
+    return out.view(n, -1)
 
 
 # How byte-level BPE vocabularies split text before merging, by `tokenizer.ggml.pre` (llama.cpp's names).
