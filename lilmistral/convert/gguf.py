@@ -241,8 +241,8 @@ class GGUFSource:
         return entries
 
     def _raw(self, entry: GGUFEntry) -> torch.Tensor:
-        """The entry's bytes, a row per output row, where the file is mapped (copy-on-write: a tensor made of
-        them may be written without writing the file). No copy."""
+        """The entry's bytes, a row per output row, where the file is mapped (copy-on-write, never written: the
+        readers copy what they keep). No copy."""
         if self._map is None:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
@@ -252,9 +252,9 @@ class GGUFSource:
     def _done_with(self, entry: GGUFEntry) -> None:
         """Unmap the pages of an entry that was read into memory of its own (its mapped bytes were touched
         once): they leave the process's resident memory, and stay in the page cache. Whole pages of its own
-        only: a neighbour's may be in use."""
+        only: a neighbour's may be being read."""
         start, end = -(-entry.offset // mmap.PAGESIZE) * mmap.PAGESIZE, entry.offset + entry.nbytes
-        if end - start >= mmap.PAGESIZE:
+        if end - start >= mmap.PAGESIZE and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED, start, (end - start) // mmap.PAGESIZE * mmap.PAGESIZE)
 
     def _rope_rows(self, entry: GGUFEntry) -> torch.Tensor | None:
@@ -268,14 +268,14 @@ class GGUFSource:
         return unpermute_rope(torch.arange(entry.shape[0])[:, None], heads)[:, 0]
 
     def read(self, entry: GGUFEntry) -> torch.Tensor:
-        """The tensor dequantized to float32 (float types keep their dtype, memory-mapped), in lilmistral's
-        layout."""
+        """The tensor dequantized to float32 (float types keep their dtype), in lilmistral's layout, in memory
+        of its own."""
         raw = self._raw(entry)
         if entry.source_type in FLOAT_TYPES:
-            tensor = raw.view(FLOAT_TYPES[entry.source_type])
+            tensor = raw.view(FLOAT_TYPES[entry.source_type]).clone()
         else:
             tensor = dequantize_blocks(raw, entry.source_type)
-            self._done_with(entry)
+        self._done_with(entry)
         tensor = tensor.reshape(entry.shape)
         rows = self._rope_rows(entry)
         return tensor if rows is None else tensor[rows]
