@@ -1,36 +1,34 @@
-"""Sweep the Triton GEMV tile sizes on a GPU (Mistral-7B layer shapes, batch 1): GB/s per configuration.
+"""Sweep the Triton GEMV tile sizes on a GPU (Mistral-7B layer shapes, batch 1): GB/s per configuration, the
+best few by their sum over the shapes, to set triton_kernels.TILES.
 
-    python benchmarks/gemv_sweep.py
+    python benchmarks/gemv_sweep.py [--scheme int4|int8]
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 
-import torch
-
-from benchmarks.gpu_bench import random_parts, timed
+from benchmarks.gpu_bench import SHAPES, gemv_inputs, timed
 from lilmistral.quant import spec_for
 from lilmistral.quant.triton_kernels import TritonKernel
 
-SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
-
 
 def main() -> None:
-    for scheme in ("int4", "int8"):
-        inputs = []
-        for n, k in SHAPES:
-            spec = spec_for("layers.0.attention.wq.weight", (n, k), scheme)
-            inputs.append((spec, random_parts(n, k, spec), torch.randn(1, k, device="cuda", dtype=torch.bfloat16)))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scheme", choices=["int4", "int8"], nargs="*", default=["int4", "int8"])
+    for scheme in p.parse_args().scheme:
+        inputs = [(spec_for("layers.0.attention.wq.weight", (n, k), scheme), *gemv_inputs(scheme, n, k))
+                  for n, k in SHAPES]
         results = []
-        for bn, bk, warps, split in itertools.product((8, 16, 32), (256, 512, 1024), (2, 4, 8), (4, 16)):
+        for bn, bk, warps in itertools.product((64, 128, 256, 512), (32, 64, 128, 256), (1, 2, 4)):
             rates = []
             for spec, parts, x in inputs:
-                kernel = TritonKernel(parts, spec, block_n=bn, block_k=bk, num_warps=warps, max_split=split)
+                kernel = TritonKernel(parts, spec, block_n=bn, block_k=bk, num_warps=warps)
                 seconds = timed(lambda: kernel.gemv(x), repeat=30)
-                rates.append(sum(t.nbytes for t in parts.values()) / seconds / 1e9)
-            results.append((sum(rates), f"{scheme} bn={bn} bk={bk} warps={warps} split<={split}: "
+                rates.append(sum(t.nbytes for t in kernel.parts.values()) / seconds / 1e9)
+            results.append((sum(rates), f"{scheme} TILES ({bn}, {bk}, {warps}): "
                             + " ".join(f"{r:6.0f}" for r in rates) + " GB/s"))
-        for _, line in sorted(results, reverse=True)[:6]:  # the best, by the sum over the shapes
+        for _, line in sorted(results, reverse=True)[:6]:
             print(line, flush=True)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from .cache import RollingKVCache
 from .errors import LilmistralError
-from .model import Transformer
+from .model import Experts, Transformer
 
 PREFILL_CHUNK = 512  # tokens per prefill step for models without a sliding window
 
@@ -129,28 +129,81 @@ def trace_step(model: Transformer, args: tuple) -> Callable | None:
     return traced if torch.equal(traced(*args), model.decode_step(*args)) else None
 
 
+def capturable(model: Transformer) -> bool:
+    """Whether the decode step can be captured as a CUDA graph: nothing in it waits for the GPU. Only a mixture
+    of experts' loop over its routed experts does (Experts.forward); QuantExperts' batched kernels do not."""
+    return all(getattr(m, "batched", None) is not None for m in model.modules() if isinstance(m, Experts))
+
+
+class GraphedStep:
+    """Transformer.decode_step over one cache, captured as CUDA graphs (one per number of slots attended, a
+    multiple of DecodeStep.CUDA_GRAPH_BUCKET) and replayed: each token one launch instead of hundreds, which
+    at batch 1 cost more than the GPU's work. The token and the mask go into buffers at fixed addresses; the
+    position is the cache's own tensor, set in place by begin_step."""
+
+    def __init__(self, model: Transformer, cache: RollingKVCache) -> None:
+        self.model, self.cache = model, weakref.ref(cache)
+        self.token = torch.zeros(1, dtype=torch.long, device=cache.device)
+        self.mask = torch.zeros(cache.size, dtype=torch.bool, device=cache.device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # slots attended -> graph, logits
+        self.pool = None  # the graphs share one memory pool: only one runs at a time
+
+    def __call__(self, token: int, position: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
+                 values: list[torch.Tensor]) -> torch.Tensor:
+        """The step's logits [1, vocab], in the graph's output buffer (overwritten by the next call)."""
+        n = mask.shape[0]
+        self.token.fill_(token)
+        self.mask[:n].copy_(mask)
+        if n not in self.graphs:
+            self.graphs[n] = self._capture(n, position, keys, values)
+        graph, logits = self.graphs[n]
+        graph.replay()
+        return logits
+
+    def _capture(self, n: int, position: torch.Tensor, keys: list[torch.Tensor],
+                 values: list[torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        def step() -> torch.Tensor:
+            return self.model.decode_step(self.token, position, self.mask[:n], keys, values)
+
+        side = torch.cuda.Stream(self.token.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # kernels built and workspaces allocated before capturing
+            step()  # writes this token's key and value, which the replay writes again
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = step()
+        self.pool = graph.pool()
+        return graph, logits
+
+
 class DecodeStep:
     """Runs one token after the prompt: `Transformer.decode_step`, compiled with torch.compile when asked
-    (with CUDA graphs on a GPU), else on the CPU traced (`trace_step`) unless trace=False, or a pipeline's
-    own forward."""
+    (with CUDA graphs on a GPU); else on a GPU captured as CUDA graphs (`GraphedStep`) unless graphs=False, on
+    the CPU traced (`trace_step`) unless trace=False; or a pipeline's own forward."""
 
     CUDA_GRAPH_BUCKET = 256  # keys are attended to in multiples of this, so that one graph serves 256 positions
 
-    def __init__(self, model: Transformer, compile: bool = False, trace: bool = True) -> None:
+    def __init__(self, model: Transformer, compile: bool = False, trace: bool = True, graphs: bool = True) -> None:
         self.model = model
         self.compile = compile and hasattr(model, "decode_step")
         self.trace = trace and not self.compile and hasattr(model, "decode_step")
+        self.graphs = graphs and not self.compile and hasattr(model, "decode_step") and capturable(model)
         self._compiled = None
         self._traced: Callable | None = None
+        self._graphed: GraphedStep | None = None
         self._marked: weakref.ref | None = None  # the cache whose tensors are marked as static inputs
 
     @property
     def mode(self) -> str:
-        """How tokens are decoded: "compiled", "traced", "eager" (not traced, or not yet) or "pipeline"."""
+        """How tokens are decoded: "compiled", "graphed" (CUDA graphs), "traced", "eager" (neither, or not
+        yet) or "pipeline"."""
         if not hasattr(self.model, "decode_step"):
             return "pipeline"
         if self.compile:
             return "compiled"
+        if self._graphed is not None:
+            return "graphed"
         traced = self._traced is not None and self._traced != self.model.decode_step
         return "traced" if traced else "eager"
 
@@ -168,8 +221,18 @@ class DecodeStep:
             self._marked = weakref.ref(cache)
         return self._compiled
 
+    def _graphed_step(self, token: int, cache: RollingKVCache) -> torch.Tensor:
+        if self._graphed is None or self._graphed.cache() is not cache:
+            self._graphed = GraphedStep(self.model, cache)
+        position, mask = cache.begin_step(self.CUDA_GRAPH_BUCKET)
+        logits = self._graphed(token, position, mask, cache.k, cache.v)
+        cache.end()
+        return logits[-1]
+
     def __call__(self, token: int, cache: RollingKVCache) -> torch.Tensor:
         """float32 logits [vocab] of `token` at the cache's next position."""
+        if self.graphs and cache.device.type == "cuda":
+            return self._graphed_step(token, cache)
         tokens = torch.tensor([token], device=cache.device)
         if not hasattr(self.model, "decode_step"):  # a pipeline
             return self.model(tokens, cache)[-1]

@@ -73,7 +73,7 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
         for linear in linears:
             page_out(linear.release_parts(), files)
 
-    if fast_cpu:
+    if fast_cpu or torch.device(device).type == "cuda":
         for fused in fuse_projections(model):  # first: each fused weight is repacked once, in the fused kernel
             release(fused.linears)
     loaded = [m for m in model.modules()

@@ -12,9 +12,9 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 triton = pytest.importorskip("triton", reason="Triton is an optional extra: pip install lilmistral[gpu]")
 
-from lilmistral.quant import QuantLinear, cuda  # noqa: E402
-from lilmistral.quant.pack import QuantSpec, dequantize, quantize  # noqa: E402
-from lilmistral.quant.triton_kernels import ExpertsKernel, TritonKernel  # noqa: E402
+from lilmistral.quant import cuda  # noqa: E402
+from lilmistral.quant.pack import QuantSpec, dequantize, quantize, unpack_int4  # noqa: E402
+from lilmistral.quant.triton_kernels import ExpertsKernel, TritonKernel, repack  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 SHAPES = [(40, 128), (100, 256), (64, 96), (33, 64)]  # odd N, K not a multiple of the block
@@ -40,37 +40,90 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
     assert (got.double() - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
 
 
-def test_split_k_and_prefill_path():
-    spec = QuantSpec("int4", 32, False)
-    w = torch.randn(48, 512)
+@pytest.mark.parametrize("spec,n,k", [(SPECS[0], 48, 512), (SPECS[1], 48, 512), (SPECS[3], 48, 512),
+                                      (SPECS[0], 40, 130)],  # 130: int8 words zero-padded
+                         ids=["int8", "int4-g32", "int4-g64", "int8-k130"])
+def test_split_k_and_prefill_path(spec, n, k):
+    """Decode splits K over programs (atomic adds); more than GEMV_MAX_ROWS rows take the tl.dot GEMM, in the
+    activations' dtype (float32 under the interpreter, which multiplies bfloat16 tiles wrongly)."""
+    w = torch.randn(n, k)
     parts = {name: t.to(DEVICE) for name, t in quantize(w, spec).items()}
     kernel = TritonKernel(parts, spec, block_n=16, block_k=64)
-    assert kernel.split_k > 1  # several programs along K, summed with atomic adds
+    assert kernel.gemv_constants["SPLIT"]  # several programs along K
     reference = dequantize(parts, spec)
-    for rows in (1, 12):  # GEMV, then the dequantize + matmul path
-        x = torch.randn(rows, 512).to(DEVICE)
-        assert torch.allclose(kernel(x), x @ reference.t(), atol=1e-3, rtol=1e-3)
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    for rows in (1, 12, 40):  # GEMV, then the GEMM with one and several blocks of rows
+        x = torch.randn(rows, k).to(DEVICE, dtype)
+        got = kernel(x)
+        assert got.dtype == dtype
+        expected = x.float() @ reference.t()
+        assert ((got.float() - expected).norm() / expected.norm()).item() < (1e-2 if HAS_CUDA else 1e-5)
+
+
+def test_repack_layout_and_fused_projections():
+    """The kernels' layout: the canonical bytes as little-endian int32 words, transposed; a fused projection's
+    blocks of rows repacked into one kernel whose columns are each member's product."""
+    spec = QuantSpec("int4", 32, False)
+    ws = [torch.randn(n, 64) for n in (32, 16, 16)]
+    parts = [quantize(w, spec) for w in ws]
+    packed = repack(parts[0], spec)
+    q = parts[0]["qweight"]
+    assert packed["q"].shape == (8, 32) and packed["scales"].shape == (2, 32)
+    word = int(packed["q"][1, 5]) & 0xFFFFFFFF  # inputs 8..15 of column 5
+    assert [(word >> (4 * j)) & 0xF for j in range(8)] == [int(v) for v in unpack_int4(q)[5, 8:16]]
+    blocks = {name: [p[name].to(DEVICE) for p in parts] for name in parts[0]}
+    fused = cuda.make_kernel(blocks, spec)
+    assert isinstance(fused, TritonKernel) and fused.n == 64
+    x = torch.randn(1, 64).to(DEVICE)
+    expected = torch.cat([x @ dequantize({k: v.to(DEVICE) for k, v in p.items()}, spec).t() for p in parts], dim=1)
+    assert torch.allclose(fused(x), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("spec", SPECS[:3], ids=lambda v: f"{v.scheme}-{'sym' if v.symmetric else 'min'}")
 @pytest.mark.parametrize("k", [128, 1024])  # 1024: split along K
 def test_experts_kernel_reads_each_rows_expert(spec, k):
     """The fused MoE GEMV: rows routed to different experts (one twice, one not at all) in one launch, each
-    against its expert's dequantized weight; the experts' QuantLinears keep working on views of the stack."""
+    against its expert's dequantized weight; the experts' own kernels keep working on views of the stack."""
     g = torch.Generator().manual_seed(k)
-    linears = []
-    for _ in range(4):
-        linear = QuantLinear(k, 40, spec)
-        for name, part in quantize(torch.randn(40, k, generator=g), spec).items():
-            setattr(linear, name, part.to(DEVICE))
-        linear.prepare()
-        linears.append(linear)
-    batched = cuda.expert_gemv(linears)
-    assert isinstance(batched, ExpertsKernel) and (k == 128 or batched.split_k > 1)
-    stack = batched.parts["qweight"]
-    assert all(linear.qweight.data_ptr() == stack[i].data_ptr() for i, linear in enumerate(linears))
+    parts = [{name: t.to(DEVICE) for name, t in quantize(torch.randn(40, k, generator=g), spec).items()}
+             for _ in range(4)]
+    kernels = [cuda.make_kernel(p, spec) for p in parts]
+    batched = cuda.expert_gemv(kernels)
+    assert isinstance(batched, ExpertsKernel) and batched.gemv_constants["SPLIT"] == (k > 64)
+    stack = batched.parts["q"]
+    assert all(kernel.parts["q"].data_ptr() == stack[i].data_ptr() for i, kernel in enumerate(kernels))
     x, expert = torch.randn(5, k, generator=g).to(DEVICE), torch.tensor([3, 0, 2, 3, 0], device=DEVICE)
     got = batched(x, expert)
-    expected = torch.stack([x[r] @ dequantize(linears[e].parts(), spec).t() for r, e in enumerate(expert.tolist())])
+    expected = torch.stack([x[r] @ dequantize(parts[e], spec).t() for r, e in enumerate(expert.tolist())])
     assert got.shape == (5, 40) and (got - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
-    assert torch.allclose(linears[2](x[2:3]), expected[2:3], atol=1e-3, rtol=1e-3)
+    assert torch.allclose(kernels[2](x[2:3]), expected[2:3], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="tests/test_gpu.py runs the models on the GPU itself")
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, monkeypatch):
+    """The GPU path's modules under the interpreter: every weight on a Triton kernel (as on a GPU: wq/wk/wv and
+    w1/w3 fused from their blocks of rows, a MoE's experts on ExpertsKernels over views of their stacks)
+    gives the float32 dequantized reference's logits within bfloat16 rounding, prompt and decoded tokens."""
+    from benchmarks.random_model import random_weights
+    from lilmistral.cache import RollingKVCache
+    from lilmistral.config import ModelArgs
+    from lilmistral.loader import build_model
+    from lilmistral.quant import QuantExperts, linear
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=100, max_seq_len=256,
+                     n_experts=4 if moe else 0, n_experts_per_tok=2 if moe else 0)
+    tensors, specs = random_weights(args, "int4")
+    reference = build_model(args, tensors, specs, "cpu", torch.float32)
+    monkeypatch.setattr(linear, "make_kernel", lambda parts, spec, dtype=None: cuda.make_kernel(parts, spec))
+    monkeypatch.setattr(linear, "fusable", lambda *args: True)
+    model = build_model(args, tensors, specs, "cpu", torch.bfloat16)
+    assert isinstance(model.layers[0].attention.wqkv.kernel, TritonKernel)
+    if moe:
+        assert all(isinstance(m.batched["w2"], ExpertsKernel) for m in model.modules() if isinstance(m, QuantExperts))
+    else:
+        assert isinstance(model.layers[0].feed_forward.w13.kernel, TritonKernel)
+    caches = [RollingKVCache(2, 2, 16, 64, None, dtype) for dtype in (torch.bfloat16, torch.float32)]
+    for tokens in ([3, 14, 15, 92, 65], [35], [89]):  # a prompt (GEMV rows), then decoded tokens one by one
+        got, expected = model(torch.tensor(tokens), caches[0]), reference(torch.tensor(tokens), caches[1])
+        assert ((got - expected).norm() / expected.norm()).item() < 0.03

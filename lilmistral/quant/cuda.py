@@ -1,34 +1,38 @@
-"""CUDA kernels: Triton's fused dequantize + GEMV (`pip install lilmistral[gpu]`); without Triton, dequantize
-on the fly and use cuBLAS (correct on any GPU, slower at decode)."""
+"""CUDA kernels: Triton's int4/int8 matmuls (`pip install lilmistral[gpu]`); without Triton, dequantize on the fly
+and use cuBLAS (correct on any GPU, slower at decode)."""
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
 
-import torch
-
-from .cpu import DequantKernel
+from .cpu import DequantKernel, Parts, stacked
 from .pack import QuantSpec
 
 
-def make_kernel(parts: dict[str, torch.Tensor], spec: QuantSpec):
+@functools.cache
+def has_triton() -> bool:
     try:
-        from .triton_kernels import TritonKernel
+        from . import triton_kernels  # noqa: F401
     except ImportError:
-        return DequantKernel(parts, spec)
+        return False
+    return True
+
+
+def make_kernel(parts: Parts, spec: QuantSpec):
+    """The kernel for a weight's parts (a fused projection's as blocks of rows), repacked for Triton's kernels."""
+    if not has_triton():
+        return DequantKernel(stacked(parts), spec)
+    from .triton_kernels import TritonKernel
+
     return TritonKernel(parts, spec)
 
 
-def expert_gemv(linears: list) -> Callable | None:
-    """One projection of every expert (their QuantLinears) as one launch: (x [R, K], expert [R]) -> [R, N] by
-    an ExpertsKernel over their parts stacked [E, N, ...]. The QuantLinears' buffers become views of the
-    stack (no second copy) and their own kernels are remade over them. None without Triton."""
-    try:
-        from .triton_kernels import ExpertsKernel
-    except ImportError:
+def expert_gemv(kernels: list) -> Callable | None:
+    """One projection of every expert (their kernels) as one launch: (x [R, K], expert [R]) -> [R, N] by an
+    ExpertsKernel over their repacked parts stacked [E, ...] (the experts' kernels become views of the stack).
+    None unless they are all Triton kernels."""
+    triton_kernels = sys.modules.get(f"{__package__}.triton_kernels")  # not imported: no Triton kernel was made
+    if triton_kernels is None or not all(isinstance(k, triton_kernels.TritonKernel) for k in kernels):
         return None
-    stacked = {part: torch.stack([linear.parts()[part] for linear in linears]) for part in linears[0].parts()}
-    for i, linear in enumerate(linears):
-        for part, tensor in stacked.items():
-            setattr(linear, part, tensor[i])
-        linear.prepare()
-    return ExpertsKernel(stacked, linears[0].spec)
+    return triton_kernels.ExpertsKernel(kernels)

@@ -9,10 +9,26 @@ import torch
 from torch import nn
 
 from ..model import Experts, FeedForward, Transformer
-from . import cpu
+from . import cpu, cuda
 from .cpu import DequantKernel, kernel_type
 from .pack import QuantSpec, packed_shapes
 from .vnni import MAX_ROWS
+
+
+def make_kernel(parts: cpu.Parts, spec: QuantSpec, dtype: torch.dtype = torch.bfloat16):
+    """The kernel of the parts' device for activations of `dtype` (parts: tensors, or blocks of rows)."""
+    q = parts["qweight"]
+    if (q[0] if isinstance(q, list) else q).device.type == "cuda":
+        return cuda.make_kernel(parts, spec)
+    return cpu.make_kernel(parts, spec, dtype)
+
+
+def fusable(n: int, k: int, spec: QuantSpec, device: torch.device) -> bool:
+    """Whether projections of [n, k] together, packed as spec, gain from one kernel: where it does more than
+    dequantize (lilmistral's or PyTorch's CPU kernels; Triton's)."""
+    if device.type == "cuda":
+        return cuda.has_triton()
+    return device.type == "cpu" and kernel_type(n, k, spec) is not DequantKernel
 
 
 class QuantLinear(nn.Module):
@@ -29,12 +45,7 @@ class QuantLinear(nn.Module):
     def prepare(self, dtype: torch.dtype = torch.bfloat16) -> None:
         """Make the device's kernel for activations of `dtype`, repacking the canonical parts into its layout
         where it has one (once, after loading)."""
-        if self.qweight.device.type == "cuda":
-            from .cuda import make_kernel
-
-            self.kernel = make_kernel(self.parts(), self.spec)
-        else:
-            self.kernel = cpu.make_kernel(self.parts(), self.spec, dtype)
+        self.kernel = make_kernel(self.parts(), self.spec, dtype)
 
     def release_parts(self) -> list[torch.Tensor]:
         """Let go of the canonical parts where the kernel reads none (it repacked them, or the projection is
@@ -68,7 +79,7 @@ class FusedQuantLinear(nn.Module):
         super().__init__()
         self.out_features = sum(linear.out_features for linear in linears)
         parts = {name: [linear.parts()[name] for linear in linears] for name in linears[0].parts()}
-        self.kernel = cpu.make_kernel(parts, linears[0].spec)
+        self.kernel = make_kernel(parts, linears[0].spec)
         self.linears = tuple(linears)  # not submodules: the model holds them already
         start = 0
         for linear in linears:
@@ -103,15 +114,13 @@ def projection_groups(model: Transformer) -> list[tuple[nn.Module, str, list[nn.
 
 
 def fuse_projections(model: Transformer) -> Iterator[FusedQuantLinear]:
-    """Fuse each layer's projection groups where they are QuantLinears loaded on the CPU, packed alike (a GGUF
-    may store them in different types), for a kernel that does more than dequantize (nothing to gain there);
-    yields each FusedQuantLinear as it is made (and put in place)."""
+    """Fuse each layer's projection groups where they are loaded QuantLinears packed alike (a GGUF may store
+    them in different types) and `fusable`; yields each FusedQuantLinear as it is made (and put in place)."""
     for module, name, linears in projection_groups(model):
-        loaded = all(isinstance(linear, QuantLinear) and linear.qweight.device.type == "cpu" for linear in linears)
-        if not loaded or len({linear.spec for linear in linears}) > 1:
+        if not all(isinstance(linear, QuantLinear) for linear in linears) or len({l.spec for l in linears}) > 1:
             continue
         n = sum(linear.out_features for linear in linears)
-        if kernel_type(n, linears[0].in_features, linears[0].spec) is not DequantKernel:
+        if fusable(n, linears[0].in_features, linears[0].spec, linears[0].qweight.device):
             fused = FusedQuantLinear(linears)
             setattr(module, name, fused)
             yield fused
@@ -128,16 +137,9 @@ class QuantExperts(Experts):
 
     def prepare(self, dtype: torch.dtype = torch.bfloat16) -> None:
         """After the experts' QuantLinears are prepared (the loader's order): the batched kernels over theirs
-        (dtype: the one theirs were made for)."""
-        names = ("w1", "w2", "w3")
-        if any(part.is_cuda for part in self[0].w1.parts().values()):  # on the CPU they may be released
-            from .cuda import expert_gemv as cuda_expert_gemv
-
-            batched = {name: cuda_expert_gemv([getattr(expert, name) for expert in self]) for name in names}
-        else:
-            from .cpu import expert_gemv
-
-            batched = {name: expert_gemv([getattr(expert, name).kernel for expert in self]) for name in names}
+        (dtype: the one theirs were made for; the backend: theirs)."""
+        kernels = {name: [getattr(expert, name).kernel for expert in self] for name in ("w1", "w2", "w3")}
+        batched = {name: cpu.expert_gemv(ks) or cuda.expert_gemv(ks) for name, ks in kernels.items()}
         self.batched = batched if all(batched.values()) else None
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -1,157 +1,220 @@
-"""Triton kernels for the GPU: fused dequantize + GEMV for decode, straight from the canonical layout.
+"""Triton kernels for the GPU: int4/int8 matmuls that read the packed weights once, dequantizing in registers.
 
-Decode (a few rows of activations) is bound by reading the weights: each program reads a
-[BLOCK_N, BLOCK_K] tile of packed weights once, dequantizes it in registers and reduces it against the
-activations; the K dimension is split over SPLIT_K programs (atomic adds into a float32 output) so that
-even a 4096-wide layer fills the GPU. Prefill (many rows) is compute-bound: the weight is dequantized to
-the activation dtype and multiplied with cuBLAS.
+The canonical parts are repacked once at load into a layout of the kernels' own (`repack`): the weight
+transposed to [K, N] and packed along K into int32 words (int4: 8 inputs a word, input 8i+j in bits 4j..4j+3
+of word row i: the canonical bytes read as little-endian words; int8: 4 inputs a word), the group scales
+(and mins) transposed to [K/G, N]. A warp then reads consecutive columns of one word row: whole 128-byte
+lines, 16 bytes a thread.
 
-Tested on the CPU under TRITON_INTERPRET=1 (tests/test_triton.py) and on an H100 (benchmarks/gpu_gemv.py).
+Decode (`_gemv`, a few rows): every program takes BLOCK_N columns and only BLOCK_K inputs (one or a few
+groups), so a 4096-wide layer is split into thousands of programs, which keep enough loads in flight to
+read at the memory's speed; each adds its partial sums to a float32 output atomically. A value is made
+float by OR-ing its bits into the mantissa of 2**23 (no integer-to-float conversion, which runs at a
+quarter of the FMA rate); the group scale multiplies a whole group's sum, the min multiplies the group's sum
+of activations. Prefill (`_gemm`, more rows): tiles of dequantized weights fed to `tl.dot`.
+
+Tested on the CPU under TRITON_INTERPRET=1 (tests/test_triton.py); speed on a GPU: benchmarks/gpu_bench.py.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .pack import QuantSpec, dequantize
+from .pack import QuantSpec
 
 GEMV_MAX_ROWS = 8
-# (BLOCK_N, BLOCK_K, num_warps) per scheme: the best of benchmarks/gemv_sweep.py on an H100, Mistral-7B shapes
-TILES = {"int4": (8, 256, 2), "int8": (32, 512, 4)}
+# (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU
+TILES = {"int4": (256, 32, 2), "int8": (256, 64, 2)}
+MAGIC = 0x4B000000  # float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it
 
 
 @triton.jit
-def _int4_gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, e_ptr, N, K, K_PER_SPLIT,
-               G: tl.constexpr, HAS_MIN: tl.constexpr, SPLIT_K: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_EXPERTS: tl.constexpr):
-    # a [BLOCK_N, BLOCK_K] tile is seen as [BLOCK_N, NG groups, G/2 bytes]: one scale (and min) per group
-    NG: tl.constexpr = BLOCK_K // G
+def _unpack(words, shift, BITS: tl.constexpr, OFFSET: tl.constexpr):
+    """The value at bit `shift` of each int32 word as float32, exactly: int4 q - 8 (OFFSET 2**23 + 8) or q
+    (2**23, with a min); int8 its signed value (2**23 + 128, offset binary)."""
+    bits = (words >> shift) & ((1 << BITS) - 1)
+    if BITS == 8:
+        bits = bits ^ 0x80
+    return (bits | MAGIC).to(tl.float32, bitcast=True) - OFFSET
+
+
+@triton.jit
+def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, e_ptr, N, K,
+          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, OFFSET: tl.constexpr,
+          STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+          HAS_EXPERTS: tl.constexpr):
+    """out[row, n] (+)= x[row, k] * w[k, n] over this program's BLOCK_K inputs, in steps of STEP inputs (a
+    group, or a part of one: G == 0 is int8's one scale a column)."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = STEP // PER_WORD  # word rows a step
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if HAS_EXPERTS:  # the row's expert's weight, the experts' parts stacked [E, N, ...]
+    word_rows_k = tl.cdiv(K, PER_WORD)
+    if HAS_EXPERTS:  # the row's expert's weight, the experts' parts stacked [E, ...]
         expert = tl.load(e_ptr + row).to(tl.int64)
-        q_ptr += expert * N * (K // 2)
-        s_ptr += expert * N * (K // G)
-        m_ptr += expert * N * (K // G)
+        q_ptr += expert * word_rows_k * N
+        meta = expert * N  # int8: one scale a column
+        if G > 0:
+            meta *= K // G
+        s_ptr += meta
+        m_ptr += meta
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j holds inputs 2j (low nibble) and 2j+1 (high nibble)
-    offs_g = tl.arange(0, NG)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    k_begin = pid_k * K_PER_SPLIT
-    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
-        k_even = k0 + 2 * offs_j
-        k_ok = k_even < K
-        packed = tl.load(q_ptr + offs_n[:, None] * (K // 2) + (k_even // 2)[None, :],
-                         mask=n_ok[:, None] & k_ok[None, :], other=0)
-        groups = k0 // G + offs_g
-        g_mask = n_ok[:, None] & (groups < K // G)[None, :]
-        group_ptr = offs_n[:, None] * (K // G) + groups[None, :]
-        scale = tl.load(s_ptr + group_ptr, mask=g_mask, other=0.0).to(tl.float32)[:, :, None]  # [BN, NG, 1]
-        low = tl.reshape((packed & 0xF).to(tl.float32), (BLOCK_N, NG, G // 2))
-        high = tl.reshape((packed >> 4).to(tl.float32), (BLOCK_N, NG, G // 2))
-        if HAS_MIN:
-            base = tl.load(m_ptr + group_ptr, mask=g_mask, other=0.0).to(tl.float32)[:, :, None]
-            w_even, w_odd = low * scale + base, high * scale + base
+    r = tl.arange(0, ROWS)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc_min = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for step in tl.static_range(0, BLOCK_K, STEP):
+        k = pid_k * BLOCK_K + step  # the step's first input
+        word_rows = k // PER_WORD + r
+        words = tl.load(q_ptr + word_rows[:, None] * N + offs_n[None, :],
+                        mask=(word_rows < word_rows_k)[:, None] & n_ok[None, :], other=0)  # [ROWS, BLOCK_N]
+        dot = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(PER_WORD):
+            kj = k + r * PER_WORD + j  # input j of each word row
+            xj = tl.load(x_ptr + row * K + kj, mask=kj < K, other=0.0).to(tl.float32)
+            dot += _unpack(words, BITS * j, BITS, OFFSET) * xj[:, None]
+        if G == 0:
+            acc += dot
         else:
-            w_even, w_odd = (low - 8.0) * scale, (high - 8.0) * scale
-        x_even = tl.reshape(tl.load(x_ptr + row * K + k_even, mask=k_ok, other=0.0).to(tl.float32), (NG, G // 2))
-        x_odd = tl.reshape(tl.load(x_ptr + row * K + k_even + 1, mask=k_ok, other=0.0).to(tl.float32), (NG, G // 2))
-        acc += tl.sum(tl.sum(w_even * x_even[None, :, :] + w_odd * x_odd[None, :, :], axis=2), axis=1)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + row * N + offs_n, acc, mask=n_ok)
+            g_ok = n_ok & (k + 0 * offs_n < K)  # a tensor: the interpreter takes no scalar mask
+            scale = tl.load(s_ptr + (k // G) * N + offs_n, mask=g_ok, other=0.0).to(tl.float32)
+            acc += dot * scale[None, :]
+            if HAS_MIN:
+                ks = k + tl.arange(0, STEP)
+                x_sum = tl.sum(tl.load(x_ptr + row * K + ks, mask=ks < K, other=0.0).to(tl.float32), axis=0)
+                acc_min += tl.load(m_ptr + (k // G) * N + offs_n, mask=g_ok, other=0.0).to(tl.float32) * x_sum
+    out = tl.sum(acc, axis=0) + acc_min
+    if G == 0:
+        out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    if SPLIT:
+        tl.atomic_add(out_ptr + row * N + offs_n, out, mask=n_ok)
     else:
-        tl.atomic_add(out_ptr + row * N + offs_n, acc, mask=n_ok)
+        tl.store(out_ptr + row * N + offs_n, out, mask=n_ok)
 
 
 @triton.jit
-def _int8_gemv(x_ptr, q_ptr, s_ptr, out_ptr, e_ptr, N, K, K_PER_SPLIT,
-               SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_EXPERTS: tl.constexpr):
-    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if HAS_EXPERTS:  # as in _int4_gemv
-        expert = tl.load(e_ptr + row).to(tl.int64)
-        q_ptr += expert * N * K
-        s_ptr += expert * N
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    k_begin = pid_k * K_PER_SPLIT
-    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
-        k = k0 + offs_k
+def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, M, N, K,
+          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, OFFSET: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out = x @ w for many rows: [BLOCK_K, BLOCK_N] tiles of w dequantized to x's dtype for tl.dot."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
-        q = tl.load(q_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        x = tl.load(x_ptr + row * K + k, mask=k_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(q.to(tl.float32) * x[None, :], axis=1)
-    scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + row * N + offs_n, acc * scale, mask=n_ok)
-    else:
-        tl.atomic_add(out_ptr + row * N + offs_n, acc * scale, mask=n_ok)
+        x = tl.load(x_ptr + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        words = tl.load(q_ptr + (k // PER_WORD)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)
+        w = _unpack(words, ((k % PER_WORD) * BITS)[:, None], BITS, OFFSET)  # [BLOCK_K, BLOCK_N]
+        if G > 0:
+            group = (k // G)[:, None] * N + offs_n[None, :]
+            w = w * tl.load(s_ptr + group, mask=w_ok, other=0.0).to(tl.float32)
+            if HAS_MIN:
+                w += tl.load(m_ptr + group, mask=w_ok, other=0.0).to(tl.float32)
+        acc = tl.dot(x, w.to(x.dtype), acc)
+    if G == 0:
+        acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _split_k(n: int, k: int, block_n: int, block_k: int, sms: int) -> int:
-    """Enough K splits that the grid covers the GPU about twice, without splits shorter than a block."""
-    tiles = triton.cdiv(n, block_n)
-    return max(1, min(k // block_k, triton.cdiv(2 * sms, tiles), 16))
+def _words(q: torch.Tensor, per_word: int) -> torch.Tensor:
+    """Canonical bytes [N, bytes] -> int32 [words, N]: each row's bytes as little-endian words (zero-padded to
+    whole words), transposed."""
+    pad = -q.shape[1] % 4
+    q = F.pad(q, (0, pad)) if pad else q.contiguous()
+    if q.storage_offset() % 4:  # a view of int32 words must start on one
+        q = q.clone()
+    return q.view(torch.int32).t().contiguous()
+
+
+def repack(parts: dict[str, torch.Tensor | list[torch.Tensor]], spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The kernels' layout (module docstring) of an [N, K] weight's canonical parts, each part a tensor or a
+    fused projection's blocks of rows (their columns side by side): q int32 [words, N], scales [K/G, N]
+    (int8: [N]) and, with a min, mins [K/G, N]."""
+    blocks = {name: part if isinstance(part, list) else [part] for name, part in parts.items()}
+    out = {"q": torch.cat([_words(b, 32 // (4 if spec.scheme == "int4" else 8)) for b in blocks["qweight"]], dim=1)}
+    transpose = spec.scheme == "int4"  # int8's scales are one a column already
+    for name in ("scales", "mins"):
+        if name in blocks:
+            out[name] = torch.cat([b.t() if transpose else b for b in blocks[name]], dim=-1).contiguous()
+    return out
 
 
 class TritonKernel:
-    """QuantLinear's math on a CUDA device (or on CPU tensors under TRITON_INTERPRET=1)."""
+    """QuantLinear's math on a CUDA device (or on CPU tensors under TRITON_INTERPRET=1), on its own copy of the
+    weight in the kernels' layout (`repack`): the loader lets go of the canonical parts."""
 
-    def __init__(self, parts: dict[str, torch.Tensor], spec: QuantSpec, block_n: int | None = None,
-                 block_k: int | None = None, num_warps: int | None = None, max_split: int = 16) -> None:
+    repacked = True
+
+    def __init__(self, parts: dict, spec: QuantSpec, block_n: int | None = None, block_k: int | None = None,
+                 num_warps: int | None = None) -> None:
+        self.parts, self.spec = repack(parts, spec), spec
+        q = parts["qweight"]
+        self.n = self.parts["q"].shape[1]
+        self.k = (q[0] if isinstance(q, list) else q).shape[1] * (2 if spec.scheme == "int4" else 1)
         default_n, default_k, default_warps = TILES[spec.scheme]
-        block_n, block_k, num_warps = block_n or default_n, block_k or default_k, num_warps or default_warps
-        self.parts = {k: v.contiguous() for k, v in parts.items()}
-        self.spec = spec
-        self.n = parts["qweight"].shape[0]
-        self.k = parts["qweight"].shape[1] * (2 if spec.scheme == "int4" else 1)
-        if spec.scheme == "int4":
-            block_k = max(block_k, spec.group_size)  # whole groups per tile
-        self.block_n, self.block_k = block_n, block_k
-        device = parts["qweight"].device
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        self.num_warps = num_warps
-        self.split_k = min(_split_k(self.n, self.k, block_n, block_k, sms), max_split)
-        per_split = triton.cdiv(triton.cdiv(self.k, self.split_k), block_k) * block_k
-        self.split_k = triton.cdiv(self.k, per_split)
-        self.k_per_split = per_split
+        self.block_n, self.block_k = block_n or default_n, block_k or default_k
+        self.num_warps = num_warps or default_warps
+        g = spec.group_size if spec.scheme == "int4" else 0
+        bits = 4 if spec.scheme == "int4" else 8
+        offset = 2**23 + (128 if bits == 8 else 0 if "mins" in self.parts else 8)
+        # a GEMV step is a group (or a part of one); int8's, at most 64 inputs: more would cost registers
+        step = min(self.block_k, g or 64)
+        self.constants = dict(BITS=bits, G=g, HAS_MIN="mins" in self.parts, OFFSET=offset)
+        self.gemv_constants = dict(self.constants, STEP=step, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                                   SPLIT=triton.cdiv(self.k, self.block_k) > 1, num_warps=self.num_warps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts["q"].device
+
+    def _pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = self.parts
+        return p["q"], p["scales"], p.get("mins", p["scales"])  # mins unread without them
 
     def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] with M <= GEMV_MAX_ROWS -> float32 [M, N]. With expert [M] (the parts stacked [E, N, ...]:
+        """x [M, K] with M <= GEMV_MAX_ROWS -> float32 [M, N]. With expert [M] (the parts stacked [E, ...]:
         ExpertsKernel), row m times the weight of expert[m]."""
         m = x.shape[0]
         out = torch.zeros((m, self.n), dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(self.n, self.block_n), self.split_k, m)
-        p = self.parts
+        grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
-        common = dict(SPLIT_K=self.split_k, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                      HAS_EXPERTS=expert is not None, num_warps=self.num_warps)
-        if self.spec.scheme == "int4":
-            has_min = "mins" in p
-            _int4_gemv[grid](x, p["qweight"], p["scales"], p["mins"] if has_min else p["scales"], out, e,
-                             self.n, self.k, self.k_per_split, G=self.spec.group_size, HAS_MIN=has_min, **common)
-        else:
-            _int8_gemv[grid](x, p["qweight"], p["scales"], out, e, self.n, self.k, self.k_per_split, **common)
+        _gemv[grid](x, *self._pointers(), out, e, self.n, self.k, HAS_EXPERTS=expert is not None,
+                    **self.gemv_constants)
+        return out
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> [M, N] in x's dtype, for any M (prefill)."""
+        m = x.shape[0]
+        out = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        grid = (triton.cdiv(m, block_m), triton.cdiv(self.n, 64))
+        _gemm[grid](x, *self._pointers(), out, m, self.n, self.k, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32,
+                    num_warps=4, **self.constants)
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        if rows.shape[0] <= GEMV_MAX_ROWS:
-            out = self.gemv(rows).to(x.dtype)
-        else:
-            out = rows @ dequantize(self.parts, self.spec, x.dtype).t()
+        out = self.gemv(rows).to(x.dtype) if rows.shape[0] <= GEMV_MAX_ROWS else self.gemm(rows)
         return out.reshape(*x.shape[:-1], self.n)
 
 
 class ExpertsKernel(TritonKernel):
-    """One projection of a mixture of experts, every expert's parts stacked [E, N, ...]: a decode step's
-    (token, expert) rows in one launch, each program reading its row's expert (the fused MoE GEMV)."""
+    """One projection of a mixture of experts over every expert's repacked parts stacked [E, ...]: a decode
+    step's (token, expert) rows in one launch, each program reading its row's expert (the fused MoE GEMV).
+    The experts' own kernels become views of the stack (no second copy)."""
 
-    def __init__(self, stacked: dict[str, torch.Tensor], spec: QuantSpec) -> None:
-        super().__init__({name: t[0] for name, t in stacked.items()}, spec)  # tiles and splits from one expert
-        self.parts = {name: t.contiguous() for name, t in stacked.items()}
+    def __init__(self, kernels: list[TritonKernel]) -> None:
+        first = kernels[0]
+        vars(self).update(vars(first))  # tiles, constants, n, k: the experts' shapes are alike
+        self.parts = {name: torch.stack([kernel.parts[name] for kernel in kernels]) for name in first.parts}
+        for i, kernel in enumerate(kernels):
+            kernel.parts = {name: stack[i] for name, stack in self.parts.items()}
 
     def __call__(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         return self.gemv(x.contiguous(), expert.contiguous()).to(x.dtype)
