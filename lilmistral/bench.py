@@ -27,7 +27,7 @@ class BenchResult:
     bandwidth_gbps: float
     bandwidth_fraction: float
     device: str
-    decode_step: str  # DecodeStep.mode: traced, compiled, eager or pipeline
+    decode_step: str  # DecodeStep.mode: traced, graphed, compiled, eager or pipeline
     cpu_kernels: str | None  # on the CPU: lilmistral's (vnni.isa(): avx512, avx2) or "pytorch"
 
     def to_dict(self) -> dict:

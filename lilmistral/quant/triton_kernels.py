@@ -27,22 +27,24 @@ from .pack import QuantSpec
 GEMV_MAX_ROWS = 8
 # (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU
 TILES = {"int4": (256, 32, 2), "int8": (256, 64, 2)}
-MAGIC = 0x4B000000  # float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it
+# float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it. The kernels take it as an
+# argument: in a register, the field's mask and this OR are one LOP3 instruction (two with both immediates)
+MAGIC = 0x4B000000
 
 
 @triton.jit
-def _unpack(words, shift, BITS: tl.constexpr, OFFSET: tl.constexpr):
-    """The value at bit `shift` of each int32 word as float32, exactly: int4 q - 8 (OFFSET 2**23 + 8) or q
-    (2**23, with a min); int8 its signed value (2**23 + 128, offset binary)."""
+def _unpack(words, shift, magic, BITS: tl.constexpr, ZERO: tl.constexpr):
+    """The field at bit `shift` of each int32 word as float32, exactly, less ZERO (the code that stands for 0:
+    int4 8, or 0 with a min; int8 128, its bytes read as offset binary)."""
     bits = (words >> shift) & ((1 << BITS) - 1)
     if BITS == 8:
         bits = bits ^ 0x80
-    return (bits | MAGIC).to(tl.float32, bitcast=True) - OFFSET
+    return (bits | magic).to(tl.float32, bitcast=True) - (8388608.0 + ZERO)
 
 
 @triton.jit
-def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, e_ptr, N, K,
-          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, OFFSET: tl.constexpr,
+def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, e_ptr, N, K, magic,
+          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
           HAS_EXPERTS: tl.constexpr):
     """out[row, n] (+)= x[row, k] * w[k, n] over this program's BLOCK_K inputs, in steps of STEP inputs (a
@@ -69,11 +71,21 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, e_ptr, N, K,
         word_rows = k // PER_WORD + r
         words = tl.load(q_ptr + word_rows[:, None] * N + offs_n[None, :],
                         mask=(word_rows < word_rows_k)[:, None] & n_ok[None, :], other=0)  # [ROWS, BLOCK_N]
+        if BITS == 8:
+            words = words ^ -2139062144  # 0x80808080: each byte in offset binary
+        high = words >> 16  # the upper fields, moved clear of the exponent's bits
         dot = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         for j in tl.static_range(PER_WORD):
+            # field j masked in place, under 2**23's exponent: 2**23 + q * 2**(BITS * pos); x scaled to match
+            if (j + 1) * BITS <= 20:
+                src, pos = words, j
+            else:
+                src, pos = high, j - 16 // BITS
+            field = src & (((1 << BITS) - 1) << (BITS * pos))
+            value = (field | magic).to(tl.float32, bitcast=True) - (8388608.0 + ZERO * (1 << (BITS * pos)))
             kj = k + r * PER_WORD + j  # input j of each word row
-            xj = tl.load(x_ptr + row * K + kj, mask=kj < K, other=0.0).to(tl.float32)
-            dot += _unpack(words, BITS * j, BITS, OFFSET) * xj[:, None]
+            xj = tl.load(x_ptr + row * K + kj, mask=kj < K, other=0.0).to(tl.float32) / (1 << (BITS * pos))
+            dot += value * xj[:, None]
         if G == 0:
             acc += dot
         else:
@@ -94,8 +106,8 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, e_ptr, N, K,
 
 
 @triton.jit
-def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, M, N, K,
-          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, OFFSET: tl.constexpr,
+def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, M, N, K, magic,
+          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = x @ w for many rows: [BLOCK_K, BLOCK_N] tiles of w dequantized to x's dtype for tl.dot."""
     PER_WORD: tl.constexpr = 32 // BITS
@@ -109,7 +121,7 @@ def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, M, N, K,
         x = tl.load(x_ptr + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w_ok = k_ok[:, None] & n_ok[None, :]
         words = tl.load(q_ptr + (k // PER_WORD)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)
-        w = _unpack(words, ((k % PER_WORD) * BITS)[:, None], BITS, OFFSET)  # [BLOCK_K, BLOCK_N]
+        w = _unpack(words, ((k % PER_WORD) * BITS)[:, None], magic, BITS, ZERO)  # [BLOCK_K, BLOCK_N]
         if G > 0:
             group = (k // G)[:, None] * N + offs_n[None, :]
             w = w * tl.load(s_ptr + group, mask=w_ok, other=0.0).to(tl.float32)
@@ -162,10 +174,10 @@ class TritonKernel:
         self.num_warps = num_warps or default_warps
         g = spec.group_size if spec.scheme == "int4" else 0
         bits = 4 if spec.scheme == "int4" else 8
-        offset = 2**23 + (128 if bits == 8 else 0 if "mins" in self.parts else 8)
+        zero = 128 if bits == 8 else 0 if "mins" in self.parts else 8
         # a GEMV step is a group (or a part of one); int8's, at most 64 inputs: more would cost registers
         step = min(self.block_k, g or 64)
-        self.constants = dict(BITS=bits, G=g, HAS_MIN="mins" in self.parts, OFFSET=offset)
+        self.constants = dict(BITS=bits, G=g, HAS_MIN="mins" in self.parts, ZERO=zero)
         self.gemv_constants = dict(self.constants, STEP=step, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                                    SPLIT=triton.cdiv(self.k, self.block_k) > 1, num_warps=self.num_warps)
 
@@ -184,7 +196,7 @@ class TritonKernel:
         out = torch.zeros((m, self.n), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
-        _gemv[grid](x, *self._pointers(), out, e, self.n, self.k, HAS_EXPERTS=expert is not None,
+        _gemv[grid](x, *self._pointers(), out, e, self.n, self.k, MAGIC, HAS_EXPERTS=expert is not None,
                     **self.gemv_constants)
         return out
 
@@ -194,7 +206,7 @@ class TritonKernel:
         out = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         grid = (triton.cdiv(m, block_m), triton.cdiv(self.n, 64))
-        _gemm[grid](x, *self._pointers(), out, m, self.n, self.k, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32,
+        _gemm[grid](x, *self._pointers(), out, m, self.n, self.k, MAGIC, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32,
                     num_warps=4, **self.constants)
         return out
 
