@@ -1,0 +1,75 @@
+"""The Triton GEMV compiled offline for a GPU (no GPU needed: Triton's own ptxas and nvdisasm), and what the
+code does per weight: machine instructions a weight and the weight loads' width, a JSON line per scheme. For
+tuning the kernel on a machine without a GPU, where its speed cannot be measured.
+
+    python benchmarks/triton_codegen.py [--arch 90]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lilmistral.quant import triton_kernels
+from lilmistral.quant.pack import QuantSpec
+
+POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "out_ptr": "*fp32", "e_ptr": "*i64"}
+
+
+def compile_gemv(spec: QuantSpec, arch: int = 90, experts: bool = False):
+    """The GEMV at TILES' sizes, specialised as Triton specialises a launch on 16-byte-aligned tensors with N
+    and K multiples of 16."""
+    block_n, block_k, warps = triton_kernels.TILES[spec.scheme]
+    g = spec.group_size if spec.scheme == "int4" else 0
+    constants = dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
+                     ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
+                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=True, HAS_EXPERTS=experts)
+    signature = dict(POINTERS, N="i32", K="i32", magic="i32", **{name: "constexpr" for name in constants})
+    names = list(signature)
+    aligned = [*POINTERS, "N", "K"]
+    source = ASTSource(fn=triton_kernels._gemv, signature=signature,
+                       constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}), constants
+
+
+def sass_ops(kernel) -> list[str]:
+    """The opcodes of the kernel's machine code (nvdisasm)."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
+
+
+def report(spec: QuantSpec, arch: int) -> dict:
+    kernel, constants = compile_gemv(spec, arch)
+    ops = sass_ops(kernel)
+    weights_per_thread = constants["BLOCK_N"] * constants["BLOCK_K"] // (32 * kernel.metadata.num_warps)
+    ptx = kernel.asm["ptx"]
+    return {"scheme": spec.scheme, "group_size": spec.group_size, "symmetric": spec.symmetric,
+            "instructions_per_weight": round(len(ops) / weights_per_thread, 2),
+            "vector_loads_16B": ptx.count("ld.global.v4.b32"), "scalar_word_loads": ptx.count("ld.global.b32"),
+            "top": collections.Counter(op.split(".")[0] for op in ops).most_common(6)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability, 90 for Hopper")
+    arch = p.parse_args().arch
+    for spec in (QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), QuantSpec("int4", 128, False),
+                 QuantSpec("int8")):
+        print(json.dumps(report(spec, arch)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
