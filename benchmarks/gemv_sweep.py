@@ -1,7 +1,7 @@
 """Sweep the Triton GEMV tile sizes on a GPU (Mistral-7B layer shapes, batch 1): GB/s per configuration, the
 best few by their sum over the shapes, to set triton_kernels.TILES.
 
-    python benchmarks/gemv_sweep.py [--scheme int4|int8]
+    python -m benchmarks.gemv_sweep [--scheme int4|int8]
 """
 from __future__ import annotations
 

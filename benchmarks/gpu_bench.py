@@ -1,6 +1,6 @@
 """GPU decode benchmark: the Triton GEMV kernels and a Mistral-7B-shape model, against the memory bandwidth.
 
-    python benchmarks/gpu_bench.py [--layers 32] [--tokens 64] [--compile]
+    python -m benchmarks.gpu_bench [--layers 32] [--tokens 64] [--compile]
 
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, the GEMV kernels' GB/s on
 Mistral-7B's layer shapes; and decode tokens/s of a Mistral-7B-shape model (random weights, `--layers`

@@ -2,7 +2,7 @@
 code does per weight: machine instructions a weight and the weight loads' width, a JSON line per scheme. For
 tuning the kernel on a machine without a GPU, where its speed cannot be measured.
 
-    python benchmarks/triton_codegen.py [--arch 90]
+    python -m benchmarks.triton_codegen [--arch 90]
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from triton.compiler import ASTSource
 from lilmistral.quant import triton_kernels
 from lilmistral.quant.pack import QuantSpec
 
-POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "out_ptr": "*fp32", "e_ptr": "*i64"}
+POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "out_ptr": "*bf16", "sums_ptr": "*fp32",
+            "count_ptr": "*i32", "e_ptr": "*i64"}  # _gemv's, in order
 
 
 def compile_gemv(spec: QuantSpec, arch: int = 90, experts: bool = False):
@@ -31,7 +32,7 @@ def compile_gemv(spec: QuantSpec, arch: int = 90, experts: bool = False):
     g = spec.group_size if spec.scheme == "int4" else 0
     constants = dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
                      ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
-                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=True, HAS_EXPERTS=experts)
+                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, HAS_EXPERTS=experts)
     signature = dict(POINTERS, N="i32", K="i32", magic="i32", **{name: "constexpr" for name in constants})
     names = list(signature)
     aligned = [*POINTERS, "N", "K"]

@@ -48,12 +48,13 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
                                       (SPECS[0], 40, 130)],  # 130: int8 words zero-padded
                          ids=["int8", "int4-g32", "int4-g64", "int8-k130"])
 def test_split_k_and_prefill_path(spec, n, k):
-    """Decode splits K over programs (atomic adds); more than GEMV_MAX_ROWS rows take the tl.dot GEMM, in the
-    activations' dtype (float32 under the interpreter, which multiplies bfloat16 tiles wrongly)."""
+    """Decode splits K over programs (atomic adds into a workspace the last one turns into the output); more than
+    GEMV_MAX_ROWS rows take the tl.dot GEMM, in the activations' dtype (float32 under the interpreter, which
+    multiplies bfloat16 tiles wrongly)."""
     w = torch.randn(n, k)
     parts = {name: t.to(DEVICE) for name, t in quantize(w, spec).items()}
     kernel = TritonKernel(parts, spec, block_n=16, block_k=64)
-    assert kernel.gemv_constants["SPLIT"]  # several programs along K
+    assert kernel.gemv_constants["SPLIT"] > 1  # several programs along K
     reference = dequantize(parts, spec)
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     for rows in (1, 12, 40):  # GEMV, then the GEMM with one and several blocks of rows
@@ -62,6 +63,9 @@ def test_split_k_and_prefill_path(spec, n, k):
         assert got.dtype == dtype
         expected = x.float() @ reference.t()
         assert ((got.float() - expected).norm() / expected.norm()).item() < (1e-2 if HAS_CUDA else 1e-5)
+        sums, counts = kernel.workspace  # the last program of each tile left them zero for the next call
+        assert not sums.any() and not counts.any()
+    assert torch.equal(kernel(x[:3]), kernel(x[:3]))
 
 
 def test_repack_layout_and_fused_projections():
@@ -93,7 +97,7 @@ def test_experts_kernel_reads_each_rows_expert(spec, k):
              for _ in range(4)]
     kernels = [cuda.make_kernel(p, spec) for p in parts]
     batched = cuda.expert_gemv(kernels)
-    assert isinstance(batched, ExpertsKernel) and batched.gemv_constants["SPLIT"] == (k > 64)
+    assert isinstance(batched, ExpertsKernel) and (batched.gemv_constants["SPLIT"] > 1) == (k > 64)
     stack = batched.parts["q"]
     assert all(kernel.parts["q"].data_ptr() == stack[i].data_ptr() for i, kernel in enumerate(kernels))
     x, expert = torch.randn(5, k, generator=g).to(DEVICE), torch.tensor([3, 0, 2, 3, 0], device=DEVICE)
@@ -138,7 +142,7 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     in 16-byte vector loads, none one word at a time (the previous kernel's byte-wise loads read at 6-17% of
     an H100's bandwidth)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
-    out = subprocess.run([sys.executable, "benchmarks/triton_codegen.py"], env=env, cwd=Path(__file__).parents[1],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.triton_codegen"], env=env, cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 4 and all(r["vector_loads_16B"] > 0 and r["scalar_word_loads"] == 0 for r in rows), rows

@@ -43,12 +43,14 @@ def _unpack(words, shift, magic, BITS: tl.constexpr, ZERO: tl.constexpr):
 
 
 @triton.jit
-def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, e_ptr, N, K, magic,
+def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, sums_ptr, count_ptr, e_ptr, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
           HAS_EXPERTS: tl.constexpr):
-    """out[row, n] (+)= x[row, k] * w[k, n] over this program's BLOCK_K inputs, in steps of STEP inputs (a
-    group, or a part of one: G == 0 is int8's one scale a column)."""
+    """out[row, n] = x[row, k] * w[k, n], this program's part over BLOCK_K inputs in steps of STEP inputs (a
+    group, or a part of one: G == 0 is int8's one scale a column). SPLIT programs along K add their parts to
+    float32 sums (`_workspace`); the last of a column tile to finish, told by a counter, writes the output in its
+    dtype and leaves sums and counter at zero for the next call: no zeroing or casting launch a call."""
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = STEP // PER_WORD  # word rows a step
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -99,10 +101,18 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, e_ptr, N, K, magic,
     out = tl.sum(acc, axis=0) + acc_min
     if G == 0:
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    if SPLIT:
-        tl.atomic_add(out_ptr + row * N + offs_n, out, mask=n_ok)
+    if SPLIT == 1:
+        tl.store(out_ptr + row * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
-        tl.store(out_ptr + row * N + offs_n, out, mask=n_ok)
+        tl.atomic_add(sums_ptr + row * N + offs_n, out, mask=n_ok, sem="relaxed")
+        tl.debug_barrier()  # every thread's sums added before the counter's release (CUDA's threadFenceReduction)
+        tile = count_ptr + row * tl.num_programs(0) + pid_n
+        if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:  # the tile's last program: its sums are complete
+            tl.debug_barrier()
+            total = tl.load(sums_ptr + row * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + row * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.store(sums_ptr + row * N + offs_n, tl.zeros_like(total), mask=n_ok)
+            tl.atomic_xchg(tile, 0)
 
 
 @triton.jit
@@ -132,6 +142,21 @@ def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, M, N, K, magic,
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
+
+
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 sums and int32 counters for the GEMVs, at least `size` of each, zeros between calls: the newest
+    pair on the device, shared by the kernels made while it is large enough (calls on one stream run one
+    after another). Each kernel keeps the pair it got, so a CUDA graph's addresses stay valid."""
+    sums, counts = _WORKSPACES.get(device, (None, None))
+    if sums is None or sums.numel() < size:
+        sums = torch.zeros(size, dtype=torch.float32, device=device)
+        counts = torch.zeros(size, dtype=torch.int32, device=device)
+        _WORKSPACES[device] = sums, counts
+    return sums, counts
 
 
 def _words(q: torch.Tensor, per_word: int) -> torch.Tensor:
@@ -178,8 +203,9 @@ class TritonKernel:
         # a GEMV step is a group (or a part of one); int8's, at most 64 inputs: more would cost registers
         step = min(self.block_k, g or 64)
         self.constants = dict(BITS=bits, G=g, HAS_MIN="mins" in self.parts, ZERO=zero)
+        self.workspace = _workspace(self.device, GEMV_MAX_ROWS * self.n)
         self.gemv_constants = dict(self.constants, STEP=step, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                                   SPLIT=triton.cdiv(self.k, self.block_k) > 1, num_warps=self.num_warps)
+                                   SPLIT=triton.cdiv(self.k, self.block_k), num_warps=self.num_warps)
 
     @property
     def device(self) -> torch.device:
@@ -190,13 +216,14 @@ class TritonKernel:
         return p["q"], p["scales"], p.get("mins", p["scales"])  # mins unread without them
 
     def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] with M <= GEMV_MAX_ROWS -> float32 [M, N]. With expert [M] (the parts stacked [E, ...]:
+        """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype. With expert [M] (the parts stacked [E, ...]:
         ExpertsKernel), row m times the weight of expert[m]."""
         m = x.shape[0]
-        out = torch.zeros((m, self.n), dtype=torch.float32, device=x.device)
+        out = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
+        sums, counts = self.workspace
         grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
-        _gemv[grid](x, *self._pointers(), out, e, self.n, self.k, MAGIC, HAS_EXPERTS=expert is not None,
+        _gemv[grid](x, *self._pointers(), out, sums, counts, e, self.n, self.k, MAGIC, HAS_EXPERTS=expert is not None,
                     **self.gemv_constants)
         return out
 
@@ -212,7 +239,7 @@ class TritonKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = self.gemv(rows).to(x.dtype) if rows.shape[0] <= GEMV_MAX_ROWS else self.gemm(rows)
+        out = self.gemv(rows) if rows.shape[0] <= GEMV_MAX_ROWS else self.gemm(rows)
         return out.reshape(*x.shape[:-1], self.n)
 
 
@@ -229,4 +256,4 @@ class ExpertsKernel(TritonKernel):
             kernel.parts = {name: stack[i] for name, stack in self.parts.items()}
 
     def __call__(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        return self.gemv(x.contiguous(), expert.contiguous()).to(x.dtype)
+        return self.gemv(x.contiguous(), expert.contiguous())
