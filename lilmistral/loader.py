@@ -22,7 +22,7 @@ from .llm import LLM
 from .model import Transformer
 from .quant import (DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, fuse_projections, quantize,
                     swap_in_quant_linears)
-from .quant.cpu import layer_kernels
+from .quant import cpu, cuda
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,11 +82,11 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     for module in loaded:  # QuantExperts after the QuantLinears they are made of
         module.prepare(dtype)
         release([module] if isinstance(module, QuantLinear) else [])
-    if device == "cpu":
-        kernels = layer_kernels(args.head_dim, dtype)
-        for module in model.modules():
-            for slot in kernels.keys() & vars(module).keys():  # model.py's slots: instance attributes
-                setattr(module, slot, kernels[slot])
+    backend = {"cpu": cpu, "cuda": cuda}.get(torch.device(device).type)
+    kernels = backend.layer_kernels(args.head_dim, dtype) if backend else {}
+    for module in model.modules():
+        for slot in kernels.keys() & vars(module).keys():  # model.py's slots: instance attributes
+            setattr(module, slot, kernels[slot])
     release_freed_memory()
     return model.eval().requires_grad_(False)  # inference only (and a traced step takes its weights as constants)
 

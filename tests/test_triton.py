@@ -147,3 +147,24 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 4 and all(r["vector_loads_16B"] > 0 and r["scalar_word_loads"] == 0 for r in rows), rows
     assert all(r["instructions_per_weight"] < 10 for r in rows), rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pointwise_kernels_round_as_pytorchs_operators(dtype):
+    """RMSNorm, RoPE (on a transposed view, as Attention passes q) and silu(gate) * up (on the two halves of
+    a fused output) against model.py's PyTorch operators: float32 to rounding; bfloat16 within two of its steps
+    (the interpreter truncates to bfloat16 where a GPU rounds; another order of sums, another exp)."""
+    from lilmistral import model
+    from lilmistral.quant import triton_kernels as tk
+
+    tolerance = dict(atol=1e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 96, generator=g) * 3).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(96, generator=g)).to(DEVICE, dtype)
+    torch.testing.assert_close(tk.rms_norm(x, weight, 1e-5), model.rms_norm(x, weight, 1e-5), **tolerance)
+    q = torch.randn(5, 4, 64, generator=g).to(DEVICE, dtype).transpose(0, 1)  # [H=4, T=5, hd] with strides
+    angles = torch.randn(5, 32, generator=g).repeat(1, 2)
+    cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+    torch.testing.assert_close(tk.rope(q, cos, sin), model.rope(q, cos, sin), **tolerance)
+    gate, up = (torch.randn(2, 2 * 1100, generator=g) * 4).to(DEVICE, dtype).chunk(2, dim=-1)  # 1100: two blocks
+    torch.testing.assert_close(tk.silu_mul(gate, up), model.silu_mul(gate, up), **tolerance)

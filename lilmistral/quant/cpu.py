@@ -174,7 +174,7 @@ def expert_gemv(kernels: list):
     return None
 
 
-def _eager_only(kernel, composite):
+def eager_only(kernel, composite):
     """kernel, but PyTorch's operators (composite) when torch.compile traces it: inductor fuses those with
     their neighbours, where the kernel's call would cost ~10% of a small model's compiled token."""
     def run(*args):
@@ -191,8 +191,8 @@ def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
     if dtype not in (torch.float32, torch.bfloat16) or not vnni.available():
         return {}
     ops = torch.ops.lilmistral
-    kernels = {"normalize": _eager_only(ops.rms_norm, rms_norm), "rotate": _eager_only(ops.rope, rope),
-               "activate": _eager_only(ops.silu_mul, silu_mul)}
+    kernels = {"normalize": eager_only(ops.rms_norm, rms_norm), "rotate": eager_only(ops.rope, rope),
+               "activate": eager_only(ops.silu_mul, silu_mul)}
     if head_dim in (16, 32, 64, 128):
         scale = head_dim ** -0.5  # a constant, not q.shape[-1] ** -0.5: a traced step would warn
         kernels["attend"] = lambda q, keys, values, mask: ops.attention(q, keys, values, mask, scale)

@@ -6,7 +6,10 @@ import functools
 import sys
 from collections.abc import Callable
 
-from .cpu import DequantKernel, Parts, stacked
+import torch
+
+from ..model import rms_norm, rope, silu_mul
+from .cpu import DequantKernel, Parts, eager_only, stacked
 from .pack import QuantSpec
 
 
@@ -36,3 +39,16 @@ def expert_gemv(kernels: list) -> Callable | None:
     if triton_kernels is None or not all(isinstance(k, triton_kernels.TritonKernel) for k in kernels):
         return None
     return triton_kernels.ExpertsKernel(kernels)
+
+
+@functools.cache
+def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
+    """Triton's kernels for model.py's slots (`normalize`, `rotate`, `activate`): one launch each where PyTorch's
+    operators take several, in eager decoding (compiled, inductor fuses PyTorch's). None without Triton, or
+    for head dimensions that are not a power of two."""
+    if not has_triton() or head_dim & (head_dim - 1):
+        return {}
+    from . import triton_kernels as tk
+
+    return {"normalize": eager_only(tk.rms_norm, rms_norm), "rotate": eager_only(tk.rope, rope),
+            "activate": eager_only(tk.silu_mul, silu_mul)}

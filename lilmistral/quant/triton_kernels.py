@@ -257,3 +257,72 @@ class ExpertsKernel(TritonKernel):
 
     def __call__(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         return self.gemv(x.contiguous(), expert.contiguous())
+
+
+# RMSNorm, RoPE and silu(gate) * up for eager decoding on a GPU: one launch each where PyTorch's operators take
+# three to six (a graphed step's nodes cost microseconds each). Each rounds to the activations' dtype where
+# PyTorch's operators do (model.rms_norm, rope, silu_mul).
+
+@triton.jit
+def _rms_norm(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < D
+    x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + offs, (w * normed.to(tl.float32)).to(x.dtype), mask=ok)
+
+
+@triton.jit
+def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, T, stride_n, stride_t, HALF: tl.constexpr):
+    """Row (n, t) of x [N, T, hd] rotated: dimensions i and i + hd/2 paired (model.rope)."""
+    n, t = tl.program_id(0) // T, tl.program_id(0) % T
+    i = tl.arange(0, HALF)
+    src = x_ptr + n * stride_n + t * stride_t
+    lo, hi = tl.load(src + i), tl.load(src + HALF + i)
+    c_lo, c_hi = tl.load(cos_ptr + t * 2 * HALF + i), tl.load(cos_ptr + t * 2 * HALF + HALF + i)
+    s_lo, s_hi = tl.load(sin_ptr + t * 2 * HALF + i), tl.load(sin_ptr + t * 2 * HALF + HALF + i)
+    dt = lo.dtype
+    lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
+    out_lo = (lo_f * c_lo.to(tl.float32)).to(dt).to(tl.float32) + (-hi_f * s_lo.to(tl.float32)).to(dt).to(tl.float32)
+    out_hi = (hi_f * c_hi.to(tl.float32)).to(dt).to(tl.float32) + (lo_f * s_hi.to(tl.float32)).to(dt).to(tl.float32)
+    dst = out_ptr + tl.program_id(0) * 2 * HALF
+    tl.store(dst + i, out_lo.to(dt))
+    tl.store(dst + HALF + i, out_hi.to(dt))
+
+
+@triton.jit
+def _silu_mul(gate_ptr, up_ptr, out_ptr, H, stride_gate, stride_up, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < H
+    gate = tl.load(gate_ptr + row * stride_gate + offs, mask=ok, other=0.0)
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
+    up = tl.load(up_ptr + row * stride_up + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * H + offs, (silu * up).to(gate.dtype), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(rows)
+    _rms_norm[(rows.shape[0],)](rows, weight, out, rows.shape[1], eps, BLOCK=triton.next_power_of_2(rows.shape[1]))
+    return out.view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, T, hd] (any strides but the last dimension's) rotated by cos, sin [T, hd]."""
+    n, t, hd = x.shape
+    out = torch.empty((n, t, hd), dtype=x.dtype, device=x.device)
+    _rope[(n * t,)](x, cos.contiguous(), sin.contiguous(), out, t, x.stride(0), x.stride(1), HALF=hd // 2)
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate, up [T, H] (rows of any stride: the halves of w1/w3's fused output)."""
+    t, h = gate.shape
+    out = torch.empty((t, h), dtype=gate.dtype, device=gate.device)
+    _silu_mul[(t, triton.cdiv(h, 1024))](gate, up, out, h, gate.stride(0), up.stride(0), BLOCK=1024)
+    return out
