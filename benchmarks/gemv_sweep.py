@@ -20,7 +20,7 @@ def main() -> None:
         inputs = [(spec_for("layers.0.attention.wq.weight", (n, k), scheme), *gemv_inputs(scheme, n, k))
                   for n, k in SHAPES]
         results = []
-        for bn, bk, warps in itertools.product((64, 128, 256, 512), (32, 64, 128, 256), (1, 2, 4)):
+        for bn, bk, warps in itertools.product((128, 256, 512), (32, 64, 128), (2, 4)):
             rates = []
             for spec, parts, x in inputs:
                 kernel = TritonKernel(parts, spec, block_n=bn, block_k=bk, num_warps=warps)

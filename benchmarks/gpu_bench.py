@@ -1,6 +1,6 @@
 """GPU decode benchmark: the Triton GEMV kernels and a Mistral-7B-shape model, against the memory bandwidth.
 
-    python -m benchmarks.gpu_bench [--layers 32] [--tokens 64] [--compile]
+    python -m benchmarks.gpu_bench [--layers 32] [--tokens 64] [--schemes int4 int8 bf16] [--compile]
 
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, the GEMV kernels' GB/s on
 Mistral-7B's layer shapes; and decode tokens/s of a Mistral-7B-shape model (random weights, `--layers`
@@ -45,11 +45,11 @@ def gemv_inputs(scheme: str, n: int, k: int) -> tuple[dict[str, torch.Tensor], t
     return parts, torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
 
 
-def kernel_table(bw: float) -> list[dict]:
+def kernel_table(bw: float, schemes: list[str]) -> list[dict]:
     from lilmistral.quant.triton_kernels import TritonKernel
 
     rows = []
-    for scheme in ("int4", "int8", "bf16"):
+    for scheme in schemes:
         for n, k in SHAPES:
             if scheme == "bf16":
                 w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -83,16 +83,16 @@ def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int) -> tup
     return first - start, (end - first) / (n - 1)
 
 
-def decode_table(layers: int, tokens: int, bw: float, compile: bool) -> list[dict]:
+def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compile: bool) -> list[dict]:
     args = ModelArgs(n_layers=layers, **MISTRAL_7B)
     rows = []
-    for scheme in ("int4", "int8", "bf16"):
+    for scheme in schemes:
         model = random_model(args, scheme, "cuda")
         nbytes = weight_bytes_per_token(model)
-        steps = {"eager": DecodeStep(model, graphs=False), "graphed": DecodeStep(model)}
+        steps = [DecodeStep(model, graphs=False), DecodeStep(model)]  # eager, graphed
         if compile:
-            steps["compiled"] = DecodeStep(model, compile=True)
-        for mode, step in steps.items():
+            steps.append(DecodeStep(model, compile=True))
+        for step in steps:
             ttft, per_token = decode_seconds(model, args, step, tokens)
             rows.append({"scheme": scheme, "layers": layers, "step": step.mode, "decode_tps": round(1 / per_token, 1),
                          "ms_per_token": round(per_token * 1e3, 3), "ttft_s": round(ttft, 4),
@@ -109,13 +109,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--schemes", nargs="+", choices=["int4", "int8", "bf16"], default=["int4", "int8", "bf16"])
     p.add_argument("--compile", action="store_true", help="also time the torch.compile decode step")
     ns = p.parse_args()
     bw = measure_bandwidth(torch.device("cuda"), gib=4.0)
     print(json.dumps({"device": torch.cuda.get_device_name(), "read_bandwidth_gbps": round(bw, 1)}), flush=True)
-    for row in kernel_table(bw):
+    for row in kernel_table(bw, ns.schemes):
         print(json.dumps(row), flush=True)
-    decode_table(ns.layers, ns.tokens, bw, ns.compile)
+    decode_table(ns.layers, ns.tokens, bw, ns.schemes, ns.compile)
 
 
 if __name__ == "__main__":
