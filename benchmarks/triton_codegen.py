@@ -26,13 +26,14 @@ POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16
 
 
 def compile_gemv(spec: QuantSpec, arch: int = 90, experts: bool = False):
-    """The GEMV at TILES' sizes, specialised as Triton specialises a launch on 16-byte-aligned tensors with N
-    and K multiples of 16."""
+    """The GEMV at TILES' sizes for a matrix its tiles divide (as Mistral's), specialised as Triton specialises a
+    launch on 16-byte-aligned tensors with N and K multiples of 16."""
     block_n, block_k, warps = triton_kernels.TILES[spec.scheme]
     g = spec.group_size if spec.scheme == "int4" else 0
     constants = dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
                      ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
-                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, HAS_EXPERTS=experts)
+                     BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, EVEN=True,
+                     HAS_EXPERTS=experts)
     signature = dict(POINTERS, N="i32", K="i32", magic="i32", **{name: "constexpr" for name in constants})
     names = list(signature)
     aligned = [*POINTERS, "N", "K"]

@@ -55,6 +55,7 @@ def test_split_k_and_prefill_path(spec, n, k):
     parts = {name: t.to(DEVICE) for name, t in quantize(w, spec).items()}
     kernel = TritonKernel(parts, spec, block_n=16, block_k=64)
     assert kernel.gemv_constants["SPLIT"] > 1  # several programs along K
+    assert kernel.gemv_constants["EVEN"] == (n == 48)  # the tiles divide the matrix: no masks
     reference = dequantize(parts, spec)
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     for rows in (1, 12, 40):  # GEMV, then the GEMM with one and several blocks of rows

@@ -43,10 +43,20 @@ def _unpack(words, shift, magic, BITS: tl.constexpr, ZERO: tl.constexpr):
 
 
 @triton.jit
+def _load(pointer, mask, EVEN: tl.constexpr):
+    """A masked load, unmasked where the tiles divide the matrix: no compare and predicate an element (20% of
+    the GEMV's instructions)."""
+    if EVEN:
+        return tl.load(pointer)
+    else:
+        return tl.load(pointer, mask=mask, other=0)
+
+
+@triton.jit
 def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, sums_ptr, count_ptr, e_ptr, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-          HAS_EXPERTS: tl.constexpr):
+          EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr):
     """out[row, n] = x[row, k] * w[k, n], this program's part over BLOCK_K inputs in steps of STEP inputs (a
     group, or a part of one: G == 0 is int8's one scale a column). SPLIT programs along K add their parts to
     float32 sums (`_workspace`); the last of a column tile to finish, told by a counter, writes the output in its
@@ -71,8 +81,8 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, sums_ptr, count_ptr, e_ptr, N, K,
     for step in tl.static_range(0, BLOCK_K, STEP):
         k = pid_k * BLOCK_K + step  # the step's first input
         word_rows = k // PER_WORD + r
-        words = tl.load(q_ptr + word_rows[:, None] * N + offs_n[None, :],
-                        mask=(word_rows < word_rows_k)[:, None] & n_ok[None, :], other=0)  # [ROWS, BLOCK_N]
+        words = _load(q_ptr + word_rows[:, None] * N + offs_n[None, :],
+                      (word_rows < word_rows_k)[:, None] & n_ok[None, :], EVEN)  # [ROWS, BLOCK_N]
         if BITS == 8:
             words = words ^ -2139062144  # 0x80808080: each byte in offset binary
         high = words >> 16  # the upper fields, moved clear of the exponent's bits
@@ -86,18 +96,18 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, sums_ptr, count_ptr, e_ptr, N, K,
             field = src & (((1 << BITS) - 1) << (BITS * pos))
             value = (field | magic).to(tl.float32, bitcast=True) - (8388608.0 + ZERO * (1 << (BITS * pos)))
             kj = k + r * PER_WORD + j  # input j of each word row
-            xj = tl.load(x_ptr + row * K + kj, mask=kj < K, other=0.0).to(tl.float32) / (1 << (BITS * pos))
+            xj = _load(x_ptr + row * K + kj, kj < K, EVEN).to(tl.float32) / (1 << (BITS * pos))
             dot += value * xj[:, None]
         if G == 0:
             acc += dot
         else:
             g_ok = n_ok & (k + 0 * offs_n < K)  # a tensor: the interpreter takes no scalar mask
-            scale = tl.load(s_ptr + (k // G) * N + offs_n, mask=g_ok, other=0.0).to(tl.float32)
+            scale = _load(s_ptr + (k // G) * N + offs_n, g_ok, EVEN).to(tl.float32)
             acc += dot * scale[None, :]
             if HAS_MIN:
                 ks = k + tl.arange(0, STEP)
-                x_sum = tl.sum(tl.load(x_ptr + row * K + ks, mask=ks < K, other=0.0).to(tl.float32), axis=0)
-                acc_min += tl.load(m_ptr + (k // G) * N + offs_n, mask=g_ok, other=0.0).to(tl.float32) * x_sum
+                x_sum = tl.sum(_load(x_ptr + row * K + ks, ks < K, EVEN).to(tl.float32), axis=0)
+                acc_min += _load(m_ptr + (k // G) * N + offs_n, g_ok, EVEN).to(tl.float32) * x_sum
     out = tl.sum(acc, axis=0) + acc_min
     if G == 0:
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -205,7 +215,8 @@ class TritonKernel:
         self.constants = dict(BITS=bits, G=g, HAS_MIN="mins" in self.parts, ZERO=zero)
         self.workspace = _workspace(self.device, GEMV_MAX_ROWS * self.n)
         self.gemv_constants = dict(self.constants, STEP=step, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                                   SPLIT=triton.cdiv(self.k, self.block_k), num_warps=self.num_warps)
+                                   SPLIT=triton.cdiv(self.k, self.block_k), num_warps=self.num_warps,
+                                   EVEN=self.k % self.block_k == 0 and self.n % self.block_n == 0)
 
     @property
     def device(self) -> torch.device:
