@@ -44,11 +44,13 @@ def expert_gemv(kernels: list) -> Callable | None:
 @functools.cache
 def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
     """Triton's kernels for model.py's slots (`normalize`, `rotate`, `activate`): one launch each where PyTorch's
-    operators take several, in eager decoding (compiled, inductor fuses PyTorch's). None without Triton, or
-    for head dimensions that are not a power of two."""
-    if not has_triton() or head_dim & (head_dim - 1):
+    operators take several, in eager decoding (compiled, inductor fuses PyTorch's). None without Triton; RoPE
+    for head dimensions that are powers of two."""
+    if not has_triton():
         return {}
     from . import triton_kernels as tk
 
-    return {"normalize": eager_only(tk.rms_norm, rms_norm), "rotate": eager_only(tk.rope, rope),
-            "activate": eager_only(tk.silu_mul, silu_mul)}
+    kernels = {"normalize": eager_only(tk.rms_norm, rms_norm), "activate": eager_only(tk.silu_mul, silu_mul)}
+    if head_dim & (head_dim - 1) == 0:
+        kernels["rotate"] = eager_only(tk.rope, rope)
+    return kernels
