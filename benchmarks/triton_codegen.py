@@ -21,8 +21,8 @@ from triton.compiler import ASTSource
 from lilmistral.quant import triton_kernels
 from lilmistral.quant.pack import QuantSpec
 
-POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "out_ptr": "*bf16", "sums_ptr": "*fp32",
-            "count_ptr": "*i32", "e_ptr": "*i64"}  # _gemv's, in order
+POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "out_ptr": "*bf16",
+            "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64"}  # _gemv's, in order
 
 
 def compile_gemv(spec: QuantSpec, arch: int = 90, experts: bool = False):

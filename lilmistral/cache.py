@@ -47,7 +47,9 @@ class RollingKVCache:
         self.k = [lazy_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.v = [lazy_zeros(shape, dtype, device) for _ in range(n_layers)]
         self.slots = torch.arange(size, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)  # a decode step's, updated in place
+        # a decode step's position and mask, written in place: a CUDA graph reads them at fixed addresses
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.step_mask = torch.zeros(size, dtype=torch.bool, device=device)
         self.size = size
         self.window = window
         self.length = 0  # positions written so far; the next token's position
@@ -119,7 +121,7 @@ class RollingKVCache:
         self._n_new = 1
         n = min(self.size, -(-(self.length + 1) // bucket) * bucket)
         self.position.fill_(self.length)
-        return self.position, self.slots[:n] <= self.length
+        return self.position, torch.le(self.slots[:n], self.length, out=self.step_mask[:n])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [n_kv_heads, n_new, head_dim]; return the keys and values to attend to."""

@@ -138,13 +138,12 @@ def capturable(model: Transformer) -> bool:
 class GraphedStep:
     """Transformer.decode_step over one cache, captured as CUDA graphs (one per number of slots attended, a
     multiple of DecodeStep.CUDA_GRAPH_BUCKET) and replayed: each token one launch instead of hundreds, which
-    at batch 1 cost more than the GPU's work. The token and the mask go into buffers at fixed addresses; the
-    position is the cache's own tensor, set in place by begin_step."""
+    at batch 1 cost more than the GPU's work. The token goes into a buffer at a fixed address; the position
+    and mask are the cache's own, written in place by begin_step."""
 
     def __init__(self, model: Transformer, cache: RollingKVCache) -> None:
         self.model, self.cache = model, weakref.ref(cache)
         self.token = torch.zeros(1, dtype=torch.long, device=cache.device)
-        self.mask = torch.zeros(cache.size, dtype=torch.bool, device=cache.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # slots attended -> graph, logits
         self.pool = None  # the graphs share one memory pool: only one runs at a time
 
@@ -153,17 +152,16 @@ class GraphedStep:
         """The step's logits [1, vocab], in the graph's output buffer (overwritten by the next call)."""
         n = mask.shape[0]
         self.token.fill_(token)
-        self.mask[:n].copy_(mask)
         if n not in self.graphs:
-            self.graphs[n] = self._capture(n, position, keys, values)
+            self.graphs[n] = self._capture(position, mask, keys, values)
         graph, logits = self.graphs[n]
         graph.replay()
         return logits
 
-    def _capture(self, n: int, position: torch.Tensor, keys: list[torch.Tensor],
+    def _capture(self, position: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
                  values: list[torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         def step() -> torch.Tensor:
-            return self.model.decode_step(self.token, position, self.mask[:n], keys, values)
+            return self.model.decode_step(self.token, position, mask, keys, values)
 
         side = torch.cuda.Stream(self.token.device)
         side.wait_stream(torch.cuda.current_stream())

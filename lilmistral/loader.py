@@ -66,14 +66,15 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     model.inv_freq = model.inv_freq.to(device)
     # the canonical parts each repacking leaves unread go as soon as it is done: the load's peak memory stays
     # near one copy of the weights (parts made in memory are freed; a memory-mapped file's pages unmapped)
-    fast_cpu = device == "cpu" and dtype == torch.bfloat16
+    kind = torch.device(device).type
+    fast_cpu = kind == "cpu" and dtype == torch.bfloat16
     files = _file_mappings() if fast_cpu else []  # the weights' files are mapped by now
 
     def release(linears: Iterable[QuantLinear]) -> None:
         for linear in linears:
             page_out(linear.release_parts(), files)
 
-    if fast_cpu or torch.device(device).type == "cuda":
+    if fast_cpu or kind == "cuda":
         for fused in fuse_projections(model):  # first: each fused weight is repacked once, in the fused kernel
             release(fused.linears)
     loaded = [m for m in model.modules()
@@ -82,7 +83,7 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     for module in loaded:  # QuantExperts after the QuantLinears they are made of
         module.prepare(dtype)
         release([module] if isinstance(module, QuantLinear) else [])
-    backend = {"cpu": cpu, "cuda": cuda}.get(torch.device(device).type)
+    backend = {"cpu": cpu, "cuda": cuda}.get(kind)
     kernels = backend.layer_kernels(args.head_dim, dtype) if backend else {}
     for module in model.modules():
         for slot in kernels.keys() & vars(module).keys():  # model.py's slots: instance attributes

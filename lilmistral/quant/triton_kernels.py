@@ -8,7 +8,8 @@ lines, 16 bytes a thread.
 
 Decode (`_gemv`, a few rows): every program takes BLOCK_N columns and only BLOCK_K inputs (one or a few
 groups), so a 4096-wide layer is split into thousands of programs, which keep enough loads in flight to
-read at the memory's speed; each adds its partial sums to a float32 output atomically. A value is made
+read at the memory's speed; each adds its partial sums to a float32 workspace atomically, and the last of a
+column tile writes the output. A value is made
 float by OR-ing its bits into the mantissa of 2**23 (no integer-to-float conversion, which runs at a
 quarter of the FMA rate); the group scale multiplies a whole group's sum, the min multiplies the group's sum
 of activations. Prefill (`_gemm`, more rows): tiles of dequantized weights fed to `tl.dot`.
@@ -169,7 +170,7 @@ def _workspace(device: torch.device, size: int) -> tuple[torch.Tensor, torch.Ten
     return sums, counts
 
 
-def _words(q: torch.Tensor, per_word: int) -> torch.Tensor:
+def _words(q: torch.Tensor) -> torch.Tensor:
     """Canonical bytes [N, bytes] -> int32 [words, N]: each row's bytes as little-endian words (zero-padded to
     whole words), transposed."""
     pad = -q.shape[1] % 4
@@ -184,7 +185,7 @@ def repack(parts: dict[str, torch.Tensor | list[torch.Tensor]], spec: QuantSpec)
     fused projection's blocks of rows (their columns side by side): q int32 [words, N], scales [K/G, N]
     (int8: [N]) and, with a min, mins [K/G, N]."""
     blocks = {name: part if isinstance(part, list) else [part] for name, part in parts.items()}
-    out = {"q": torch.cat([_words(b, 32 // (4 if spec.scheme == "int4" else 8)) for b in blocks["qweight"]], dim=1)}
+    out = {"q": torch.cat([_words(b) for b in blocks["qweight"]], dim=1)}
     transpose = spec.scheme == "int4"  # int8's scales are one a column already
     for name in ("scales", "mins"):
         if name in blocks:
