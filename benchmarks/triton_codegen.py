@@ -1,6 +1,7 @@
-"""The Triton GEMV compiled offline for a GPU (no GPU needed: Triton's own ptxas and nvdisasm), and what the
-code does per weight: machine instructions a weight and the weight loads' width, a JSON line per scheme. For
-tuning the kernel on a machine without a GPU, where its speed cannot be measured.
+"""The Triton GEMV and decode attention compiled offline for a GPU (no GPU needed: Triton's own ptxas and
+nvdisasm), and what the code does: the GEMV's machine instructions a weight and its weight loads' width, a
+JSON line per scheme; the attention's tensor-core instructions and loads. For tuning the kernels on a
+machine without a GPU, where their speed cannot be measured.
 
     python -m benchmarks.triton_codegen [--arch 90]
 """
@@ -25,22 +26,37 @@ POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16
             "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64"}  # _gemv's, in order
 
 
+def compile_kernel(fn, signature: dict, constants: dict, aligned: list[str], warps: int, arch: int):
+    """fn compiled for compute capability `arch`, specialised as Triton specialises a launch whose `aligned`
+    pointers are 16-byte aligned and integers multiples of 16."""
+    signature = dict(signature, **{name: "constexpr" for name in constants})
+    names = list(signature)
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()},
+                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
 def compile_gemv(spec: QuantSpec, arch: int = 90, experts: bool = False):
-    """The GEMV at TILES' sizes for a matrix its tiles divide (as Mistral's), specialised as Triton specialises a
-    launch on 16-byte-aligned tensors with N and K multiples of 16."""
+    """The GEMV at TILES' sizes for a matrix its tiles divide (as Mistral's)."""
     block_n, block_k, warps = triton_kernels.TILES[spec.scheme]
     g = spec.group_size if spec.scheme == "int4" else 0
     constants = dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
                      ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, EVEN=True,
                      HAS_EXPERTS=experts)
-    signature = dict(POINTERS, N="i32", K="i32", magic="i32", **{name: "constexpr" for name in constants})
-    names = list(signature)
-    aligned = [*POINTERS, "N", "K"]
-    source = ASTSource(fn=triton_kernels._gemv, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()},
-                       attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}), constants
+    signature = dict(POINTERS, N="i32", K="i32", magic="i32")
+    return compile_kernel(triton_kernels._gemv, signature, constants, [*POINTERS, "N", "K"], warps, arch), constants
+
+
+def compile_attention(arch: int = 90):
+    """The decode attention for Mistral's heads (hd 128, 4 query rows a kv head padded to 16) over a masked cache."""
+    pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", mask_ptr="*u8", out_ptr="*bf16", part_ptr="*fp32",
+                    stat_ptr="*fp32", count_ptr="*i32")
+    strides = ["stride_kh", "stride_ks", "stride_vh", "stride_vs"]
+    signature = dict(pointers, R="i32", S="i32", chunk="i32", **{name: "i32" for name in strides}, stride_mr="i32",
+                     scale="fp32")
+    constants = dict(HD=128, R_P=16, BLOCK_S=triton_kernels.ATTENTION_BLOCK, HAS_MASK=True)
+    return compile_kernel(triton_kernels._attention, signature, constants, [*pointers, "chunk", *strides], 4, arch)
 
 
 def sass_ops(kernel) -> list[str]:
@@ -53,12 +69,22 @@ def sass_ops(kernel) -> list[str]:
     return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
 
 
+def attention_report(arch: int) -> dict:
+    """The decode attention's tensor-core instructions (HGMMA, or HMMA as mma.sync) and its keys' and values'
+    loads (16-byte asynchronous copies into shared memory, pipelined by Triton)."""
+    kernel = compile_attention(arch)
+    ops = collections.Counter(op.split(".")[0] for op in sass_ops(kernel))
+    ptx = kernel.asm["ptx"]
+    return {"kernel": "attention", "tensor_core_ops": ops["HGMMA"] + ops["HMMA"],
+            "async_loads_16B": ptx.count("cp.async.cg.shared.global"), "top": ops.most_common(6)}
+
+
 def report(spec: QuantSpec, arch: int) -> dict:
     kernel, constants = compile_gemv(spec, arch)
     ops = sass_ops(kernel)
     weights_per_thread = constants["BLOCK_N"] * constants["BLOCK_K"] // (32 * kernel.metadata.num_warps)
     ptx = kernel.asm["ptx"]
-    return {"scheme": spec.scheme, "group_size": spec.group_size, "symmetric": spec.symmetric,
+    return {"kernel": "gemv", "scheme": spec.scheme, "group_size": spec.group_size, "symmetric": spec.symmetric,
             "instructions_per_weight": round(len(ops) / weights_per_thread, 2),
             "vector_loads_16B": ptx.count("ld.global.v4.b32"), "scalar_word_loads": ptx.count("ld.global.b32"),
             "top": collections.Counter(op.split(".")[0] for op in ops).most_common(6)}
@@ -71,6 +97,7 @@ def main() -> None:
     for spec in (QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), QuantSpec("int4", 128, False),
                  QuantSpec("int8")):
         print(json.dumps(report(spec, arch)), flush=True)
+    print(json.dumps(attention_report(arch)), flush=True)
 
 
 if __name__ == "__main__":

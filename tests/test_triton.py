@@ -109,16 +109,21 @@ def test_experts_kernel_reads_each_rows_expert(spec, k):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="tests/test_gpu.py runs the models on the GPU itself")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, monkeypatch):
+def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype, monkeypatch):
     """The GPU path's modules under the interpreter: every weight on a Triton kernel (as on a GPU: wq/wk/wv and
     w1/w3 fused from their blocks of rows, a MoE's experts on ExpertsKernels over views of their stacks)
-    gives the float32 dequantized reference's logits within bfloat16 rounding, prompt and decoded tokens."""
+    gives the float32 dequantized reference's logits, prompt and decoded tokens (forward and decode_step). In
+    float32 with the GPU's layer kernels too (normalize, rotate, activate, attend: the interpreter multiplies
+    bfloat16 tiles wrongly), to float32's rounding; in bfloat16, within its rounding."""
     from benchmarks.random_model import random_weights
     from lilmistral.cache import RollingKVCache
     from lilmistral.config import ModelArgs
+    from lilmistral.generate import DecodeStep
     from lilmistral.loader import build_model
-    from lilmistral.quant import QuantExperts, linear
+    from lilmistral.quant import QuantExperts, cpu, linear
+    from lilmistral.quant.triton_kernels import DecodeAttention
 
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=100, max_seq_len=256,
                      n_experts=4 if moe else 0, n_experts_per_tok=2 if moe else 0)
@@ -126,28 +131,45 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, monkey
     reference = build_model(args, tensors, specs, "cpu", torch.float32)
     monkeypatch.setattr(linear, "make_kernel", lambda parts, spec, dtype=None: cuda.make_kernel(parts, spec))
     monkeypatch.setattr(linear, "fusable", lambda *args: True)
-    model = build_model(args, tensors, specs, "cpu", torch.bfloat16)
-    assert isinstance(model.layers[0].attention.wqkv.kernel, TritonKernel)
+    if dtype == torch.float32:
+        monkeypatch.setattr(cpu, "layer_kernels", cuda.layer_kernels)
+    model = build_model(args, tensors, specs, "cpu", dtype)
+    fused = dtype == torch.bfloat16  # the loader fuses for a GPU or bfloat16 on the CPU
+    attention, feed_forward = model.layers[0].attention, model.layers[0].feed_forward
+    assert isinstance((attention.wqkv if fused else attention.wq).kernel, TritonKernel)
     if moe:
         assert all(isinstance(m.batched["w2"], ExpertsKernel) for m in model.modules() if isinstance(m, QuantExperts))
     else:
-        assert isinstance(model.layers[0].feed_forward.w13.kernel, TritonKernel)
-    caches = [RollingKVCache(2, 2, 16, 64, None, dtype) for dtype in (torch.bfloat16, torch.float32)]
+        assert isinstance((feed_forward.w13 if fused else feed_forward.w1).kernel, TritonKernel)
+    attended = []  # the decode attention kernel's calls
+    kernel_call = DecodeAttention.__call__
+    monkeypatch.setattr(DecodeAttention, "__call__", lambda self, *a: attended.append(1) or kernel_call(self, *a))
+    caches = [RollingKVCache(2, 2, 16, 64, None, t) for t in (dtype, torch.float32)]
+    tolerance = 0.03 if dtype == torch.bfloat16 else 1e-4
+    step = DecodeStep(model, trace=False)
     for tokens in ([3, 14, 15, 92, 65], [35], [89]):  # a prompt (GEMV rows), then decoded tokens one by one
         got, expected = model(torch.tensor(tokens), caches[0]), reference(torch.tensor(tokens), caches[1])
-        assert ((got - expected).norm() / expected.norm()).item() < 0.03
+        assert ((got - expected).norm() / expected.norm()).item() < tolerance
+    for token in (7, 41):
+        got, expected = step(token, caches[0]), reference(torch.tensor([token]), caches[1])[-1]
+        assert ((got - expected).norm() / expected.norm()).item() < tolerance
+    # every call: the prompt's 2 x 5 query rows a kv head are few enough too (a causal mask a row)
+    assert len(attended) == (5 * args.n_layers if dtype == torch.float32 else 0)
 
 
 def test_gemv_reads_the_weights_in_16_byte_loads():
     """The GEMV compiled offline for Hopper (Triton's own ptxas; no GPU needed): every scheme's weight words come
     in 16-byte vector loads, none one word at a time (the previous kernel's byte-wise loads read at 6-17% of
-    an H100's bandwidth)."""
+    an H100's bandwidth). The decode attention compiles too, its dot products on tensor cores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_codegen"], env=env, cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
-    assert len(rows) == 4 and all(r["vector_loads_16B"] > 0 and r["scalar_word_loads"] == 0 for r in rows), rows
-    assert all(r["instructions_per_weight"] < 10 for r in rows), rows
+    gemv = [r for r in rows if r["kernel"] == "gemv"]
+    assert len(gemv) == 4 and all(r["vector_loads_16B"] > 0 and r["scalar_word_loads"] == 0 for r in gemv), rows
+    assert all(r["instructions_per_weight"] < 10 for r in gemv), rows
+    attention, = (r for r in rows if r["kernel"] == "attention")  # on tensor cores, keys and values 16 bytes a copy
+    assert attention["tensor_core_ops"] > 0 and attention["async_loads_16B"] > 0, attention
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -169,3 +191,39 @@ def test_pointwise_kernels_round_as_pytorchs_operators(dtype):
     torch.testing.assert_close(tk.rope(q, cos, sin), model.rope(q, cos, sin), **tolerance)
     gate, up = (torch.randn(2, 2 * 1100, generator=g) * 4).to(DEVICE, dtype).chunk(2, dim=-1)  # 1100: two blocks
     torch.testing.assert_close(tk.silu_mul(gate, up), model.silu_mul(gate, up), **tolerance)
+
+
+@pytest.mark.parametrize("n_kv,rows,slots,mask_rows", [(2, 4, 40, 1), (2, 4, 300, 1), (16, 12, 1100, 12), (2, 1, 130, 0)],
+                         ids=["one-chunk", "split", "chunks-of-blocks-mask-per-row", "no-mask"])
+def test_decode_attention_matches_sdpa(n_kv, rows, slots, mask_rows):
+    """The decode attention kernel (a kv head's query rows over chunks of the cache's slots, combined by the
+    head's last program) against model.sdpa, on keys and values that are views of a larger cache (strided
+    slots): in one chunk, in chunks of one block and of several; with a mask of one row for every query, one
+    per row, or none. A row with nothing to attend to gives zeros. The counters are left at zero."""
+    from lilmistral import model
+    from lilmistral.quant.triton_kernels import DecodeAttention, attention_chunks
+
+    g = torch.Generator().manual_seed(slots)
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32  # the interpreter multiplies bfloat16 tiles wrongly
+    hd = 64
+    cache_k, cache_v = (torch.randn(n_kv, slots + 50, hd, generator=g).to(DEVICE, dtype) for _ in range(2))
+    keys, values = cache_k[:, :slots], cache_v[:, :slots]
+    q = (torch.randn(n_kv, rows, hd, generator=g) * 2).to(DEVICE, dtype)
+    mask = None
+    if mask_rows:
+        mask = (torch.rand(mask_rows, slots, generator=g) < 0.7).to(DEVICE)
+        mask[0, :] = False if mask_rows > 1 else mask[0, :]  # with a mask per row, row 0 attends to nothing
+    attention = DecodeAttention(model.sdpa)
+    for _ in range(2):
+        got = attention(q, keys, values, mask)
+        expected = model.sdpa(q.float(), keys.float(), values.float(), mask)
+        if mask_rows > 1:
+            assert not got[:, 0].any()
+            got, expected = got[:, 1:], expected[:, 1:]
+        torch.testing.assert_close(got.float(), expected, **(dict(atol=2e-2, rtol=2e-2) if HAS_CUDA else {}))
+        parts, stats, counts = attention.workspaces[q.device][-1]
+        assert not counts.any()
+    splits, chunk = attention_chunks(slots, n_kv)
+    assert (splits > 1) == (slots > 64) and (splits - 1) * chunk < slots <= splits * chunk
+    assert (chunk > 64) == (n_kv == 16)  # several blocks a chunk: the online softmax within a program
+

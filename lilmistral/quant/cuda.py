@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..model import rms_norm, rope, silu_mul
+from ..model import rms_norm, rope, sdpa, silu_mul
 from .cpu import DequantKernel, Parts, eager_only, stacked
 from .pack import QuantSpec
 
@@ -43,14 +43,15 @@ def expert_gemv(kernels: list) -> Callable | None:
 
 @functools.cache
 def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
-    """Triton's kernels for model.py's slots (`normalize`, `rotate`, `activate`): one launch each where PyTorch's
-    operators take several, in eager decoding (compiled, inductor fuses PyTorch's). None without Triton; RoPE
-    for head dimensions that are powers of two."""
+    """Triton's kernels for model.py's slots (`normalize`, `rotate`, `activate`, `attend`): one launch each
+    where PyTorch's operators take several, in eager decoding (compiled, inductor fuses PyTorch's). None
+    without Triton; RoPE and attention for head dimensions that are powers of two (16 and up)."""
     if not has_triton():
         return {}
     from . import triton_kernels as tk
 
     kernels = {"normalize": eager_only(tk.rms_norm, rms_norm), "activate": eager_only(tk.silu_mul, silu_mul)}
-    if head_dim & (head_dim - 1) == 0:
+    if head_dim & (head_dim - 1) == 0 and head_dim >= 16:
         kernels["rotate"] = eager_only(tk.rope, rope)
+        kernels["attend"] = eager_only(tk.DecodeAttention(sdpa), sdpa)
     return kernels

@@ -271,6 +271,125 @@ class ExpertsKernel(TritonKernel):
         return self.gemv(x.contiguous(), expert.contiguous())
 
 
+# Attention at decode: a few query rows a kv head against the cache (flash-decoding). Each program takes one kv
+# head's rows over a chunk of the slots, with an online softmax; the chunks' partial results (running max,
+# sum, unnormalised output) go to a float32 workspace, and the head's last program to finish (a counter, as
+# the GEMV's) combines them: one launch where PyTorch's SDPA with a mask takes several, and every SM busy
+# (SDPA parallelises over heads and query rows only: 8 programs for Mistral-7B's decode step).
+ATTENTION_MAX_ROWS = 16  # query rows a kv head (H/K at decode); more (prefill): PyTorch's SDPA
+ATTENTION_BLOCK = 64  # slots an iteration
+ATTENTION_MAX_SPLITS = 64  # chunks a kv head
+ATTENTION_PROGRAMS = 256  # the programs a call aims at (two per SM of an H100)
+
+
+@triton.jit
+def _attention(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr, count_ptr, R, S, chunk,
+               stride_kh, stride_ks, stride_vh, stride_vs, stride_mr, scale,
+               HD: tl.constexpr, R_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr):
+    """out[h, r] = softmax(q[h, r] . keys[h, s] * scale over the slots s where mask[r, s]) . values[h, s], for
+    q, out [K, R, hd] and keys, values [K, S, hd] (slots strided); scale in log2 units (exp2)."""
+    h, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    rows, d = tl.arange(0, R_P), tl.arange(0, HD)
+    r_ok = rows < R
+    q = tl.load(q_ptr + (h * R + rows[:, None]) * HD + d[None, :], mask=r_ok[:, None], other=0.0)
+    m = tl.full([R_P], float("-inf"), tl.float32)
+    l = tl.zeros([R_P], dtype=tl.float32)
+    acc = tl.zeros([R_P, HD], dtype=tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, S)
+    for s0 in range(start, end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < end
+        keys = tl.load(k_ptr + h * stride_kh + s[:, None] * stride_ks + d[None, :], mask=s_ok[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(keys)) * scale  # [R_P, BLOCK_S]
+        ok = r_ok[:, None] & s_ok[None, :]
+        if HAS_MASK:
+            ok &= tl.load(mask_ptr + rows[:, None] * stride_mr + s[None, :], mask=ok, other=0) != 0
+        scores = tl.where(ok, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet: no NaN
+        p = tl.exp2(scores - base[:, None])
+        alpha = tl.exp2(m - base)
+        values = tl.load(v_ptr + h * stride_vh + s[:, None] * stride_vs + d[None, :], mask=s_ok[:, None], other=0.0)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+        m = m_new
+    out = out_ptr + (h * R + rows[:, None]) * HD + d[None, :]
+    if splits == 1:
+        tl.store(out, (acc / tl.where(l > 0, l, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+    else:
+        slot = (h * splits + split) * R_P + rows
+        tl.store(part_ptr + slot[:, None] * HD + d[None, :], acc)
+        tl.store(stat_ptr + 2 * slot, m)
+        tl.store(stat_ptr + 2 * slot + 1, l)
+        tl.debug_barrier()  # every thread's partials stored before the counter's release
+        if tl.atomic_add(count_ptr + h, 1, sem="acq_rel") == splits - 1:  # the head's last program: combine
+            tl.debug_barrier()
+            m_all = tl.full([R_P], float("-inf"), tl.float32)
+            l_all = tl.zeros([R_P], dtype=tl.float32)
+            acc_all = tl.zeros([R_P, HD], dtype=tl.float32)
+            for i in range(0, splits):
+                slot = (h * splits + i) * R_P + rows
+                m_i = tl.load(stat_ptr + 2 * slot, cache_modifier=".cg")
+                l_i = tl.load(stat_ptr + 2 * slot + 1, cache_modifier=".cg")
+                acc_i = tl.load(part_ptr + slot[:, None] * HD + d[None, :], cache_modifier=".cg")
+                m_new = tl.maximum(m_all, m_i)
+                base = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha, beta = tl.exp2(m_all - base), tl.exp2(m_i - base)
+                l_all = l_all * alpha + l_i * beta
+                acc_all = acc_all * alpha[:, None] + acc_i * beta[:, None]
+                m_all = m_new
+            tl.store(out, (acc_all / tl.where(l_all > 0, l_all, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=r_ok[:, None])
+            tl.atomic_xchg(count_ptr + h, 0)
+
+
+def attention_chunks(slots: int, n_kv: int) -> tuple[int, int]:
+    """How many chunks the decode attention splits a kv head's slots into, and their size (whole blocks)."""
+    splits = max(1, min(ATTENTION_MAX_SPLITS, ATTENTION_PROGRAMS // n_kv, triton.cdiv(slots, ATTENTION_BLOCK)))
+    chunk = triton.cdiv(triton.cdiv(slots, splits), ATTENTION_BLOCK) * ATTENTION_BLOCK
+    return triton.cdiv(slots, chunk), chunk
+
+
+class DecodeAttention:
+    """model.sdpa's slot on a GPU: the Triton kernel above for up to ATTENTION_MAX_ROWS query rows a kv head
+    (decode), PyTorch's SDPA for more (prefill). A row with no slot to attend to gives zeros (as the CPU's
+    attention.cpp). Its workspace grows with the calls' shapes; the ones it outgrew stay allocated, since a
+    captured CUDA graph may still use them."""
+
+    def __init__(self, composite) -> None:
+        self.composite = composite
+        self.workspaces: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+
+    def _workspace(self, device: torch.device, rows: int, hd: int):
+        held = self.workspaces.setdefault(device, [])
+        if not held or held[-1][2].numel() < rows:  # rows: kv heads x padded query rows
+            size = rows * ATTENTION_MAX_SPLITS
+            held.append((torch.empty(size * hd, dtype=torch.float32, device=device),
+                         torch.empty(size * 2, dtype=torch.float32, device=device),
+                         torch.zeros(rows, dtype=torch.int32, device=device)))
+        return held[-1]
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        n_kv, rows, hd = q.shape
+        if rows > ATTENTION_MAX_ROWS:
+            return self.composite(q, keys, values, mask)
+        s = keys.shape[1]
+        r_p = max(16, triton.next_power_of_2(rows))  # tl.dot's least tile
+        splits, chunk = attention_chunks(s, n_kv)
+        parts, stats, counts = self._workspace(q.device, n_kv * r_p, hd)
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        m = mask.contiguous().view(torch.uint8) if mask is not None else q  # unread without a mask
+        stride_mr = m.stride(0) if mask is not None and mask.shape[0] > 1 else 0  # one row: every query's
+        _attention[(n_kv, splits)](q, keys, values, m, out, parts, stats, counts, rows, s, chunk,
+                                   keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), stride_mr,
+                                   hd ** -0.5 * 1.4426950408889634, HD=hd, R_P=r_p, BLOCK_S=ATTENTION_BLOCK,
+                                   HAS_MASK=mask is not None, num_warps=4)
+        return out
+
+
 # RMSNorm, RoPE and silu(gate) * up for eager decoding on a GPU: one launch each where PyTorch's operators take
 # three to six (a graphed step's nodes cost microseconds each). Each rounds to the activations' dtype where
 # PyTorch's operators do (model.rms_norm, rope, silu_mul).
