@@ -23,7 +23,7 @@ from lilmistral.quant import triton_kernels
 from lilmistral.quant.pack import QuantSpec
 
 POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "out_ptr": "*bf16",
-            "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64"}  # _gemv's, in order
+            "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64"}  # _gemv's, in order
 
 
 def compile_kernel(fn, signature: dict, constants: dict, aligned: list[str], warps: int, arch: int):
@@ -43,7 +43,7 @@ def compile_gemv(spec: QuantSpec, arch: int = 90, experts: bool = False):
     constants = dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
                      ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, EVEN=True,
-                     HAS_EXPERTS=experts)
+                     HAS_EXPERTS=experts, HAS_RESIDUAL=False)
     signature = dict(POINTERS, N="i32", K="i32", magic="i32")
     return compile_kernel(triton_kernels._gemv, signature, constants, [*POINTERS, "N", "K"], warps, arch), constants
 

@@ -20,6 +20,18 @@ from .config import ModelArgs
 KVUpdate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+class Linear(nn.Linear):
+    """A projection (no bias) whose call may add a residual: `residual + linear(x)`, which a backend's kernel
+    may do as it writes its output (QuantLinear on a GPU), in one pass instead of two."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(x)
+        return out if residual is None else residual + out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # in float32, as the reference does
     return weight * normed.to(x.dtype)
@@ -97,44 +109,47 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.attend = sdpa  # a backend's kernel with sdpa's signature may take its place
         self.rotate = rope  # and rope's
         self.wqkv: nn.Module | None = None  # wq, wk and wv as one, where a backend fuses them: outputs side by side
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                kv: KVUpdate) -> torch.Tensor:
-        """mask: [H/K * T, S] (or broadcastable) boolean, True where a query may attend (None: everywhere)."""
+                kv: KVUpdate, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention's output (plus residual, given one). mask: [H/K * T, S] (or broadcastable) boolean, True
+        where a query may attend (None: everywhere)."""
         T = x.shape[0]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [T, N * hd] -> [N, T, hd]
+            return t.reshape(T, -1, self.head_dim).transpose(0, 1)
+
         if self.wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        else:
-            q, k, v = self.wqkv(x).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
-        q = q.reshape(T, self.n_heads, self.head_dim).transpose(0, 1)  # [H, T, hd]
-        k = k.reshape(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
-        v = v.reshape(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # [K, T, hd]
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
-        keys, values = kv(k, v)  # [K, S, hd]
+            q, k = self.rotate(heads(q), cos, sin), self.rotate(heads(k), cos, sin)  # [H, T, hd], [K, T, hd]
+        else:  # q and k side by side in the fused output: rotated in one call
+            qk, v = self.wqkv(x).split([self.wq.out_features + self.wk.out_features, self.wv.out_features], dim=-1)
+            q, k = self.rotate(heads(qk), cos, sin).split([self.n_heads, self.n_kv_heads])
+        keys, values = kv(k, heads(v))  # [K, S, hd]
         # grouped-query attention without repeating keys: the H/K query heads sharing a kv head become rows
         out = self.attend(q.reshape(self.n_kv_heads, -1, self.head_dim), keys, values, mask)  # [K, H/K * T, hd]
-        return self.wo(out.view(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1))
+        return self.wo(out.view(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1), residual)
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w1 = Linear(dim, hidden_dim)  # gate
+        self.w2 = Linear(hidden_dim, dim)  # down
+        self.w3 = Linear(dim, hidden_dim)  # up
         self.w13: nn.Module | None = None  # w1 and w3 as one, where a backend fuses them: outputs side by side
         self.activate = silu_mul  # a backend's kernel with silu_mul's signature may take its place
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
-        return self.w2(self.activate(gate, up))
+        return self.w2(self.activate(gate, up), residual)
 
 
 class Experts(nn.ModuleList):
@@ -154,13 +169,14 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.top_k = args.n_experts_per_tok
-        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.gate = Linear(args.dim, args.n_experts)
         self.experts = Experts(FeedForward(args.dim, args.hidden_dim) for _ in range(args.n_experts))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        return self.experts(x, chosen, weights / weights.sum(dim=-1, keepdim=True))
+        out = self.experts(x, chosen, weights / weights.sum(dim=-1, keepdim=True))
+        return out if residual is None else residual + out
 
 
 class Block(nn.Module):
@@ -173,8 +189,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 kv: KVUpdate) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = self.attention(self.attention_norm(x), cos, sin, mask, kv, residual=x)
+        return self.feed_forward(self.ffn_norm(h), residual=h)
 
 
 class Transformer(nn.Module):
@@ -186,7 +202,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         inv_freq, self.rope_scale = rope_frequencies(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

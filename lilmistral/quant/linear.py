@@ -57,10 +57,16 @@ class QuantLinear(nn.Module):
             self._buffers[name] = None
         return parts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x's product with the weight, plus residual given one (model.Linear): in the kernel where it adds one
+        as it writes its output (Triton's)."""
         if self.kernel is None:
             self.prepare(x.dtype)
-        return self.kernel(x)
+        if residual is None:
+            return self.kernel(x)
+        if getattr(self.kernel, "adds_residual", False):
+            return self.kernel(x, residual)
+        return residual + self.kernel(x)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -54,14 +54,25 @@ def _load(pointer, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, sums_ptr, count_ptr, e_ptr, N, K, magic,
+def _store(out_ptr, res_ptr, offsets, mask, value, HAS_RESIDUAL: tl.constexpr):
+    """value rounded to out's dtype, plus the residual's value there given one (rounded again: as PyTorch adds
+    the product to it)."""
+    out = value.to(out_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:
+        out = (out.to(tl.float32) + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(out.dtype)
+    tl.store(out_ptr + offsets, out, mask=mask)
+
+
+@triton.jit
+def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-          EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr):
-    """out[row, n] = x[row, k] * w[k, n], this program's part over BLOCK_K inputs in steps of STEP inputs (a
-    group, or a part of one: G == 0 is int8's one scale a column). SPLIT programs along K add their parts to
-    float32 sums (`_workspace`); the last of a column tile to finish, told by a counter, writes the output in its
-    dtype and leaves sums and counter at zero for the next call: no zeroing or casting launch a call."""
+          EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]), this program's part over BLOCK_K inputs in steps of STEP
+    inputs (a group, or a part of one: G == 0 is int8's one scale a column). SPLIT programs along K add their
+    parts to float32 sums (`_workspace`); the last of a column tile to finish, told by a counter, writes the
+    output in its dtype and leaves sums and counter at zero for the next call: no zeroing, casting or adding
+    launch a call."""
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = STEP // PER_WORD  # word rows a step
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -113,7 +124,7 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, sums_ptr, count_ptr, e_ptr, N, K,
     if G == 0:
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if SPLIT == 1:
-        tl.store(out_ptr + row * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+        _store(out_ptr, res_ptr, row * N + offs_n, n_ok, out, HAS_RESIDUAL)
     else:
         tl.atomic_add(sums_ptr + row * N + offs_n, out, mask=n_ok, sem="relaxed")
         tl.debug_barrier()  # every thread's sums added before the counter's release (CUDA's threadFenceReduction)
@@ -121,16 +132,16 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, sums_ptr, count_ptr, e_ptr, N, K,
         if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:  # the tile's last program: its sums are complete
             tl.debug_barrier()
             total = tl.load(sums_ptr + row * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + row * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+            _store(out_ptr, res_ptr, row * N + offs_n, n_ok, total, HAS_RESIDUAL)
             tl.store(sums_ptr + row * N + offs_n, tl.zeros_like(total), mask=n_ok)
             tl.atomic_xchg(tile, 0)
 
 
 @triton.jit
-def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, M, N, K, magic,
+def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, M, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out = x @ w for many rows: [BLOCK_K, BLOCK_N] tiles of w dequantized to x's dtype for tl.dot."""
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """out = x @ w (+ res) for many rows: [BLOCK_K, BLOCK_N] tiles of w dequantized to x's dtype for tl.dot."""
     PER_WORD: tl.constexpr = 32 // BITS
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -151,8 +162,7 @@ def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, M, N, K, magic,
         acc = tl.dot(x, w.to(x.dtype), acc)
     if G == 0:
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    _store(out_ptr, res_ptr, offs_m[:, None] * N + offs_n[None, :], m_ok[:, None] & n_ok[None, :], acc, HAS_RESIDUAL)
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -227,32 +237,39 @@ class TritonKernel:
         p = self.parts
         return p["q"], p["scales"], p.get("mins", p["scales"])  # mins unread without them
 
-    def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype. With expert [M] (the parts stacked [E, ...]:
-        ExpertsKernel), row m times the weight of expert[m]."""
+    def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype (plus residual [M, N], given one). With expert
+        [M] (the parts stacked [E, ...]: ExpertsKernel), row m times the weight of expert[m]."""
         m = x.shape[0]
         out = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
         sums, counts = self.workspace
         grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
-        _gemv[grid](x, *self._pointers(), out, sums, counts, e, self.n, self.k, MAGIC, HAS_EXPERTS=expert is not None,
-                    **self.gemv_constants)
+        res = residual if residual is not None else out  # unread without a residual
+        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, self.n, self.k, MAGIC,
+                    HAS_EXPERTS=expert is not None, HAS_RESIDUAL=residual is not None, **self.gemv_constants)
         return out
 
-    def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> [M, N] in x's dtype, for any M (prefill)."""
+    def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one), for any M (prefill)."""
         m = x.shape[0]
         out = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         grid = (triton.cdiv(m, block_m), triton.cdiv(self.n, 64))
-        _gemm[grid](x, *self._pointers(), out, m, self.n, self.k, MAGIC, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32,
-                    num_warps=4, **self.constants)
+        res = residual if residual is not None else out  # unread without a residual
+        _gemm[grid](x, *self._pointers(), out, res, m, self.n, self.k, MAGIC, BLOCK_M=block_m, BLOCK_N=64,
+                    BLOCK_K=32, HAS_RESIDUAL=residual is not None, num_warps=4, **self.constants)
         return out
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    adds_residual = True  # QuantLinear passes its residual: added as the output is written
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = self.gemv(rows) if rows.shape[0] <= GEMV_MAX_ROWS else self.gemm(rows)
-        return out.reshape(*x.shape[:-1], self.n)
+        if residual is not None:
+            residual = residual.reshape(-1, self.n).contiguous()
+        gemm = self.gemv if rows.shape[0] <= GEMV_MAX_ROWS else self.gemm
+        return gemm(rows, residual=residual).reshape(*x.shape[:-1], self.n)
 
 
 class ExpertsKernel(TritonKernel):
