@@ -59,6 +59,33 @@ def compile_attention(arch: int = 90):
     return compile_kernel(triton_kernels._attention, signature, constants, [*pointers, "chunk", *strides], 4, arch)
 
 
+def compile_others(arch: int = 90) -> dict:
+    """The other kernels a GPU runs, each in the variant it runs (bfloat16, Mistral's sizes), by name."""
+    tk = triton_kernels
+    gemm = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", out_ptr="*bf16", res_ptr="*bf16",
+                M="i32", N="i32", K="i32", magic="i32")
+    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, HAS_RESIDUAL=True)
+    gemv_constants = dict(BITS=8, G=0, HAS_MIN=False, ZERO=128, STEP=64, BLOCK_N=256, BLOCK_K=64, SPLIT=4,
+                          EVEN=True, HAS_EXPERTS=True, HAS_RESIDUAL=True)
+    gemv = dict(POINTERS, N="i32", K="i32", magic="i32")
+    kernels = {  # name: (kernel, signature, constants, aligned arguments, warps)
+        "gemm": (tk._gemm, gemm, gemm_constants, [*gemm][:6] + ["N", "K"], 4),
+        "gemv int8 experts residual": (tk._gemv, gemv, gemv_constants, [*POINTERS, "N", "K"], 2),
+        "rms_norm": (tk._rms_norm, dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", D="i32", eps="fp32"),
+                     dict(BLOCK=4096), ["x_ptr", "w_ptr", "out_ptr", "D"], 4),
+        "rope": (tk._rope, dict(x_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", out_ptr="*bf16", T="i32",
+                                stride_n="i32", stride_t="i32"), dict(HALF=64), ["x_ptr", "cos_ptr", "sin_ptr"], 4),
+        "silu_mul": (tk._silu_mul, dict(gate_ptr="*bf16", up_ptr="*bf16", out_ptr="*bf16", H="i32",
+                                        stride_gate="i32", stride_up="i32"), dict(BLOCK=1024),
+                     ["gate_ptr", "up_ptr", "out_ptr", "H"], 4),
+        "store_kv": (tk._store_kv, dict(keys_ptr="*bf16", values_ptr="*bf16", slot_ptr="*i64", k_ptr="*bf16",
+                                        v_ptr="*bf16", stride_cache_h="i32", stride_cache_s="i32", stride_kh="i32",
+                                        stride_vh="i32"), dict(HD=128), ["keys_ptr", "values_ptr", "k_ptr"], 4),
+    }
+    return {name: compile_kernel(fn, sig, constants, aligned, warps, arch)
+            for name, (fn, sig, constants, aligned, warps) in kernels.items()}
+
+
 def sass_ops(kernel) -> list[str]:
     """The opcodes of the kernel's machine code (nvdisasm)."""
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
@@ -98,6 +125,8 @@ def main() -> None:
                  QuantSpec("int8")):
         print(json.dumps(report(spec, arch)), flush=True)
     print(json.dumps(attention_report(arch)), flush=True)
+    for name, kernel in compile_others(arch).items():
+        print(json.dumps({"kernel": name, "instructions": len(sass_ops(kernel))}), flush=True)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def store_kv(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """A decode step's key and value k, v [K, 1, hd] into slot `slot` [1] of a layer's keys, values [K, size, hd]."""
+    keys.index_copy_(1, slot, k)
+    values.index_copy_(1, slot, v)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -205,6 +211,7 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size)
         inv_freq, self.rope_scale = rope_frequencies(args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.store_kv = store_kv  # a backend's kernel with store_kv's signature may take its place
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
@@ -238,8 +245,7 @@ class Transformer(nn.Module):
         n = mask.shape[0]
 
         def write(layer_keys: torch.Tensor, layer_values: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-            layer_keys.index_copy_(1, slot, k)
-            layer_values.index_copy_(1, slot, v)
+            self.store_kv(layer_keys, layer_values, slot, k, v)
             return layer_keys[:, :n], layer_values[:, :n]
 
         for layer, layer_keys, layer_values in zip(self.layers, keys, values):

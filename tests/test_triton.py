@@ -171,7 +171,8 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
 def test_gemv_reads_the_weights_in_16_byte_loads():
     """The GEMV compiled offline for Hopper (Triton's own ptxas; no GPU needed): every scheme's weight words come
     in 16-byte vector loads, none one word at a time (the previous kernel's byte-wise loads read at 6-17% of
-    an H100's bandwidth). The decode attention compiles too, its dot products on tensor cores."""
+    an H100's bandwidth). The decode attention compiles too, its dot products on tensor cores, and so does
+    every other kernel (a compile error would otherwise first show on a GPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_codegen"], env=env, cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout
@@ -181,13 +182,16 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     assert all(r["instructions_per_weight"] < 10 for r in gemv), rows
     attention, = (r for r in rows if r["kernel"] == "attention")  # on tensor cores, keys and values 16 bytes a copy
     assert attention["tensor_core_ops"] > 0 and attention["async_loads_16B"] > 0, attention
+    others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles
+    assert others == {"gemm", "gemv int8 experts residual", "rms_norm", "rope", "silu_mul", "store_kv"}, rows
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_pointwise_kernels_round_as_pytorchs_operators(dtype):
-    """RMSNorm, RoPE (on a transposed view, as Attention passes q) and silu(gate) * up (on the two halves of
-    a fused output) against model.py's PyTorch operators: float32 to rounding; bfloat16 within two of its steps
-    (the interpreter truncates to bfloat16 where a GPU rounds; another order of sums, another exp)."""
+    """RMSNorm, RoPE (on a transposed view, as Attention passes q), silu(gate) * up (on the two halves of a
+    fused output) and the cache's write (heads strided) against model.py's PyTorch operators: float32 to
+    rounding; bfloat16 within two of its steps (the interpreter truncates to bfloat16 where a GPU rounds;
+    another order of sums, another exp)."""
     from lilmistral import model
     from lilmistral.quant import triton_kernels as tk
 
@@ -202,6 +206,13 @@ def test_pointwise_kernels_round_as_pytorchs_operators(dtype):
     torch.testing.assert_close(tk.rope(q, cos, sin), model.rope(q, cos, sin), **tolerance)
     gate, up = (torch.randn(2, 2 * 1100, generator=g) * 4).to(DEVICE, dtype).chunk(2, dim=-1)  # 1100: two blocks
     torch.testing.assert_close(tk.silu_mul(gate, up), model.silu_mul(gate, up), **tolerance)
+    cache = torch.randn(2, 2, 10, 64, generator=g).to(DEVICE, dtype)  # keys and values [K=2, size=10, hd]
+    caches = cache, cache.clone()
+    heads = torch.randn(1, 8 * 64, generator=g).to(DEVICE, dtype).view(1, 8, 64).transpose(0, 1)  # q, k, v fused
+    slot = torch.tensor([7], device=DEVICE)
+    for write, (keys, values) in zip((tk.store_kv, model.store_kv), caches):
+        write(keys, values, slot, heads[4:6], heads[6:])
+    assert torch.equal(*caches) and torch.equal(caches[0][1, :, 7], heads[6:, 0])
 
 
 @pytest.mark.parametrize("n_kv,rows,slots,mask_rows",

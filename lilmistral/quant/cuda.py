@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..model import rms_norm, rope, sdpa, silu_mul
+from ..model import rms_norm, rope, sdpa, silu_mul, store_kv
 from .cpu import DequantKernel, Parts, eager_only, stacked
 from .pack import QuantSpec
 
@@ -43,9 +43,10 @@ def expert_gemv(kernels: list) -> Callable | None:
 
 @functools.cache
 def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
-    """Triton's kernels for model.py's slots (`normalize`, `rotate`, `activate`, `attend`): one launch each
-    where PyTorch's operators take several, in eager decoding (compiled, inductor fuses PyTorch's). None
-    without Triton; RoPE and attention for head dimensions that are powers of two (16 and up)."""
+    """Triton's kernels for model.py's slots (`normalize`, `rotate`, `activate`, `attend`, `store_kv`): one
+    launch each where PyTorch's operators take several, in eager decoding (compiled, inductor fuses PyTorch's).
+    None without Triton; RoPE, attention and the cache's write for head dimensions that are powers of two (16
+    and up)."""
     if not has_triton():
         return {}
     from . import triton_kernels as tk
@@ -54,4 +55,5 @@ def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
     if head_dim & (head_dim - 1) == 0 and head_dim >= 16:
         kernels["rotate"] = eager_only(tk.rope, rope)
         kernels["attend"] = eager_only(tk.DecodeAttention(sdpa), sdpa)
+        kernels["store_kv"] = eager_only(tk.store_kv, store_kv)
     return kernels

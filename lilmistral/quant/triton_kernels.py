@@ -407,8 +407,8 @@ class DecodeAttention:
         return out
 
 
-# RMSNorm, RoPE and silu(gate) * up for eager decoding on a GPU: one launch each where PyTorch's operators take
-# three to six (a graphed step's nodes cost microseconds each). Each rounds to the activations' dtype where
+# RMSNorm, RoPE, silu(gate) * up and the cache's write for eager decoding on a GPU: one launch each where
+# PyTorch's operators take two to six (a graphed step's nodes cost microseconds each). Each rounds to the activations' dtype where
 # PyTorch's operators do (model.rms_norm, rope, silu_mul).
 
 @triton.jit
@@ -451,6 +451,22 @@ def _silu_mul(gate_ptr, up_ptr, out_ptr, H, stride_gate, stride_up, BLOCK: tl.co
     silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
     up = tl.load(up_ptr + row * stride_up + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * H + offs, (silu * up).to(gate.dtype), mask=ok)
+
+
+@triton.jit
+def _store_kv(keys_ptr, values_ptr, slot_ptr, k_ptr, v_ptr, stride_cache_h, stride_cache_s, stride_kh, stride_vh,
+              HD: tl.constexpr):
+    """Head h's key and value into the slot: both in one launch (two index_copy_ calls)."""
+    h, d = tl.program_id(0), tl.arange(0, HD)
+    at = h * stride_cache_h + tl.load(slot_ptr) * stride_cache_s + d
+    tl.store(keys_ptr + at, tl.load(k_ptr + h * stride_kh + d))
+    tl.store(values_ptr + at, tl.load(v_ptr + h * stride_vh + d))
+
+
+def store_kv(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """model.store_kv: k, v [K, 1, hd] (heads strided) into slot [1] of keys, values [K, size, hd] (alike)."""
+    n_kv, _, hd = k.shape
+    _store_kv[(n_kv,)](keys, values, slot, k, v, keys.stride(0), keys.stride(1), k.stride(0), v.stride(0), HD=hd)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
