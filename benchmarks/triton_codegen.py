@@ -43,7 +43,7 @@ def compile_gemv(spec: QuantSpec, arch: int = 90, experts: bool = False):
     constants = dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
                      ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, EVEN=True,
-                     HAS_EXPERTS=experts, HAS_RESIDUAL=False)
+                     HAS_EXPERTS=experts, HAS_RESIDUAL=False, GATED=False)
     signature = dict(POINTERS, N="i32", K="i32", magic="i32")
     return compile_kernel(triton_kernels._gemv, signature, constants, [*POINTERS, "N", "K"], warps, arch), constants
 
@@ -64,13 +64,18 @@ def compile_others(arch: int = 90) -> dict:
     tk = triton_kernels
     gemm = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", out_ptr="*bf16", res_ptr="*bf16",
                 M="i32", N="i32", K="i32", magic="i32")
-    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, HAS_RESIDUAL=True)
+    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, HAS_RESIDUAL=True,
+                          GATED=False)
     gemv_constants = dict(BITS=8, G=0, HAS_MIN=False, ZERO=128, STEP=64, BLOCK_N=256, BLOCK_K=64, SPLIT=4,
-                          EVEN=True, HAS_EXPERTS=True, HAS_RESIDUAL=True)
+                          EVEN=True, HAS_EXPERTS=True, HAS_RESIDUAL=True, GATED=False)
     gemv = dict(POINTERS, N="i32", K="i32", magic="i32")
+    gemm_aligned, gemv_aligned = [*gemm][:6] + ["N", "K"], [*POINTERS, "N", "K"]
     kernels = {  # name: (kernel, signature, constants, aligned arguments, warps)
-        "gemm": (tk._gemm, gemm, gemm_constants, [*gemm][:6] + ["N", "K"], 4),
-        "gemv int8 experts residual": (tk._gemv, gemv, gemv_constants, [*POINTERS, "N", "K"], 2),
+        "gemm residual": (tk._gemm, gemm, gemm_constants, gemm_aligned, 4),
+        "gemm gated": (tk._gemm, gemm, dict(gemm_constants, HAS_RESIDUAL=False, GATED=True), gemm_aligned, 4),
+        "gemv int8 experts residual": (tk._gemv, gemv, gemv_constants, gemv_aligned, 2),
+        "gemv int8 gated": (tk._gemv, gemv, dict(gemv_constants, HAS_EXPERTS=False, HAS_RESIDUAL=False, GATED=True),
+                            gemv_aligned, 2),
         "rms_norm": (tk._rms_norm, dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", D="i32", eps="fp32"),
                      dict(BLOCK=4096), ["x_ptr", "w_ptr", "out_ptr", "D"], 4),
         "rope": (tk._rope, dict(x_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", out_ptr="*bf16", T="i32",

@@ -151,9 +151,12 @@ class FeedForward(nn.Module):
         self.w2 = Linear(hidden_dim, dim)  # down
         self.w3 = Linear(dim, hidden_dim)  # up
         self.w13: nn.Module | None = None  # w1 and w3 as one, where a backend fuses them: outputs side by side
+        self.gated: nn.Module | None = None  # or silu(w1 x) * w3 x as one, where a backend computes that
         self.activate = silu_mul  # a backend's kernel with silu_mul's signature may take its place
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gated is not None:
+            return self.w2(self.gated(x), residual)
         gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
         return self.w2(self.activate(gate, up), residual)
 

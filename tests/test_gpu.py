@@ -43,8 +43,9 @@ def cache_for(model, args: ModelArgs, size: int = 512) -> RollingKVCache:
 @pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_gpu_model_matches_the_dequantized_reference(args, scheme):
-    """Prefill (the tl.dot GEMM) and decode (the GEMVs, fused projections, expert-batched MoE) within bfloat16's
-    rounding of the float32 reference; every packed weight runs a Triton kernel on its own repacked copy."""
+    """Prefill (the tl.dot GEMM) and decode (the GEMVs, fused projections, gated w1/w3, residuals added in the
+    output projections, expert-batched MoE, the decode attention) within bfloat16's rounding of the float32
+    reference; every packed weight runs a Triton kernel on its own repacked copy."""
     from lilmistral.quant.triton_kernels import TritonKernel
 
     gpu, reference = models(args, scheme)
@@ -53,6 +54,8 @@ def test_gpu_model_matches_the_dequantized_reference(args, scheme):
     assert gpu.layers[0].attention.wqkv is not None and isinstance(gpu.layers[0].attention.wqkv.kernel, TritonKernel)
     if args.is_moe:
         assert all(m.batched for m in gpu.modules() if isinstance(m, QuantExperts))
+    else:  # w1 and w3 in one kernel that writes silu(w1 x) * w3 x
+        assert gpu.layers[0].feed_forward.gated is not None and gpu.layers[0].feed_forward.w13 is None
     ids = torch.randint(1, args.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         caches = cache_for(gpu, args), cache_for(reference, args)

@@ -100,6 +100,31 @@ def test_repack_layout_and_fused_projections():
 
 
 @pytest.mark.parametrize("spec", SPECS[:3], ids=lambda v: f"{v.scheme}-{'sym' if v.symmetric else 'min'}")
+def test_gated_kernel_writes_silu_gate_times_up(spec):
+    """w1 and w3 fused gated: their columns interleaved, the GEMV (split along K) and the GEMM write
+    silu(w1 x) * w3 x as model.silu_mul computes it from the two products; each member alone is its columns."""
+    from lilmistral import model
+    from lilmistral.quant.linear import Columns
+
+    g = torch.Generator().manual_seed(3)
+    parts = [{name: t.to(DEVICE) for name, t in quantize(torch.randn(48, 256, generator=g), spec).items()}
+             for _ in range(2)]
+    kernel = TritonKernel({name: [p[name] for p in parts] for name in parts[0]}, spec, block_n=16, block_k=64,
+                          interleave=True)  # as cuda.gated_kernel makes it, with several column tiles, split along K
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    for rows in (1, 3, 12, 40):  # GEMV, GEMM
+        x = torch.randn(rows, 256, generator=g).to(DEVICE, dtype)
+        gate, up = (x.float() @ dequantize(p, spec).t() for p in parts)
+        expected = model.silu_mul(gate.to(dtype), up.to(dtype))
+        got = kernel.gated(x)
+        assert got.shape == (rows, 48)
+        # the products' sums in another order: within bfloat16's step, or float32's relative to the products' size
+        tolerance = dict(atol=2e-2, rtol=2e-2) if HAS_CUDA else dict(atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+        torch.testing.assert_close(got, expected, **tolerance)
+        torch.testing.assert_close(Columns(kernel, slice(1, None, 2))(x).float(), up, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("spec", SPECS[:3], ids=lambda v: f"{v.scheme}-{'sym' if v.symmetric else 'min'}")
 @pytest.mark.parametrize("k", [128, 1024])  # 1024: split along K
 def test_experts_kernel_reads_each_rows_expert(spec, k):
     """The fused MoE GEMV: rows routed to different experts (one twice, one not at all) in one launch, each
@@ -123,8 +148,8 @@ def test_experts_kernel_reads_each_rows_expert(spec, k):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype, monkeypatch):
-    """The GPU path's modules under the interpreter: every weight on a Triton kernel (as on a GPU: wq/wk/wv and
-    w1/w3 fused from their blocks of rows, a MoE's experts on ExpertsKernels over views of their stacks)
+    """The GPU path's modules under the interpreter: every weight on a Triton kernel (as on a GPU: wq/wk/wv
+    fused from their blocks of rows, w1/w3 fused gated, a MoE's experts on ExpertsKernels over views of their stacks)
     gives the float32 dequantized reference's logits, prompt and decoded tokens (forward and decode_step). In
     float32 with the GPU's layer kernels too (normalize, rotate, activate, attend: the interpreter multiplies
     bfloat16 tiles wrongly), to float32's rounding; in bfloat16, within its rounding."""
@@ -142,6 +167,7 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     reference = build_model(args, tensors, specs, "cpu", torch.float32)
     monkeypatch.setattr(linear, "make_kernel", lambda parts, spec, dtype=None: cuda.make_kernel(parts, spec))
     monkeypatch.setattr(linear, "fusable", lambda *args: True)
+    monkeypatch.setattr(linear, "gated_fusion", lambda device: True)
     if dtype == torch.float32:
         monkeypatch.setattr(cpu, "layer_kernels", cuda.layer_kernels)
     model = build_model(args, tensors, specs, "cpu", dtype)
@@ -151,7 +177,7 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     if moe:
         assert all(isinstance(m.batched["w2"], ExpertsKernel) for m in model.modules() if isinstance(m, QuantExperts))
     else:
-        assert isinstance((feed_forward.w13 if fused else feed_forward.w1).kernel, TritonKernel)
+        assert isinstance((feed_forward.gated if fused else feed_forward.w1).kernel, TritonKernel)
     attended = []  # the decode attention kernel's calls
     kernel_call = DecodeAttention.__call__
     monkeypatch.setattr(DecodeAttention, "__call__", lambda self, *a: attended.append(1) or kernel_call(self, *a))
@@ -183,7 +209,8 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     attention, = (r for r in rows if r["kernel"] == "attention")  # on tensor cores, keys and values 16 bytes a copy
     assert attention["tensor_core_ops"] > 0 and attention["async_loads_16B"] > 0, attention
     others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles
-    assert others == {"gemm", "gemv int8 experts residual", "rms_norm", "rope", "silu_mul", "store_kv"}, rows
+    assert others == {"gemm residual", "gemm gated", "gemv int8 experts residual", "gemv int8 gated", "rms_norm",
+                      "rope", "silu_mul", "store_kv"}, rows
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -31,6 +31,14 @@ def make_kernel(parts: Parts, spec: QuantSpec):
     return TritonKernel(parts, spec)
 
 
+def gated_kernel(parts: Parts, spec: QuantSpec):
+    """A Triton kernel over w1's and w3's parts (blocks of rows) with their columns interleaved, whose `gated`
+    call writes silu(w1 x) * w3 x. Needs Triton (`has_triton`)."""
+    from .triton_kernels import TritonKernel
+
+    return TritonKernel(parts, spec, interleave=True)
+
+
 def expert_gemv(kernels: list) -> Callable | None:
     """One projection of every expert (their kernels) as one launch: (x [R, K], expert [R]) -> [R, N] by an
     ExpertsKernel over their repacked parts stacked [E, ...] (the experts' kernels become views of the stack).

@@ -31,6 +31,11 @@ def fusable(n: int, k: int, spec: QuantSpec, device: torch.device) -> bool:
     return device.type == "cpu" and kernel_type(n, k, spec) is not DequantKernel
 
 
+def gated_fusion(device: torch.device) -> bool:
+    """Whether w1 and w3 fuse into one kernel that writes silu(w1 x) * w3 x (Triton's, on a GPU), where fusable."""
+    return device.type == "cuda"
+
+
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec) -> None:
         super().__init__()
@@ -79,33 +84,37 @@ class FusedQuantLinear(nn.Module):
     differently): fewer calls a token, activations quantized once. The kernel is made from the canonical
     parts as blocks of rows (the VNNI kernels repack them without concatenating them first), the only
     repacking of those weights; each member's kernel becomes its columns of the fused one, so the members'
-    parts may go (QuantLinear.release_parts). Holds no tensors in the state dict."""
+    parts may go (QuantLinear.release_parts). Holds no tensors in the state dict.
+    gated (w1 and w3 on a GPU): their columns interleaved in one Triton kernel, whose output is
+    silu(w1 x) * w3 x (FeedForward.gated), computed as it is written."""
 
-    def __init__(self, linears: list[QuantLinear]) -> None:
+    def __init__(self, linears: list[QuantLinear], gated: bool = False) -> None:
         super().__init__()
-        self.out_features = sum(linear.out_features for linear in linears)
+        self.gated = gated
         parts = {name: [linear.parts()[name] for linear in linears] for name in linears[0].parts()}
-        self.kernel = make_kernel(parts, linears[0].spec)
+        self.kernel = cuda.gated_kernel(parts, linears[0].spec) if gated else make_kernel(parts, linears[0].spec)
         self.linears = tuple(linears)  # not submodules: the model holds them already
         start = 0
-        for linear in linears:
-            linear.kernel = Columns(self.kernel, start, start + linear.out_features)
+        for i, linear in enumerate(linears):
+            columns = slice(i, None, 2) if gated else slice(start, start + linear.out_features)
+            linear.kernel = Columns(self.kernel, columns)
             start += linear.out_features
+        self.out_features = linears[0].out_features if gated else start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel(x)
+        return self.kernel.gated(x) if self.gated else self.kernel(x)
 
 
 class Columns:
-    """Columns [start, stop) of a fused kernel's output: a fused projection's member called alone."""
+    """Some columns of a fused kernel's output: a fused projection's member called alone."""
 
     repacked = True  # into the fused kernel
 
-    def __init__(self, kernel, start: int, stop: int) -> None:
-        self.kernel, self.start, self.stop = kernel, start, stop
+    def __init__(self, kernel, columns: slice) -> None:
+        self.kernel, self.columns = kernel, columns
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel(x)[..., self.start:self.stop]
+        return self.kernel(x)[..., self.columns]
 
 
 def projection_groups(model: Transformer) -> list[tuple[nn.Module, str, list[nn.Module]]]:
@@ -121,14 +130,16 @@ def projection_groups(model: Transformer) -> list[tuple[nn.Module, str, list[nn.
 
 def fuse_projections(model: Transformer) -> Iterator[FusedQuantLinear]:
     """Fuse each layer's projection groups where they are loaded QuantLinears packed alike (a GGUF may store
-    them in different types) and `fusable`; yields each FusedQuantLinear as it is made (and put in place)."""
+    them in different types) and `fusable`; yields each FusedQuantLinear as it is made (and put in place).
+    On a GPU, w1 and w3 are fused gated (FeedForward.gated)."""
     for module, name, linears in projection_groups(model):
         if not all(isinstance(linear, QuantLinear) for linear in linears) or len({l.spec for l in linears}) > 1:
             continue
-        n = sum(linear.out_features for linear in linears)
-        if fusable(n, linears[0].in_features, linears[0].spec, linears[0].qweight.device):
-            fused = FusedQuantLinear(linears)
-            setattr(module, name, fused)
+        n, device = sum(linear.out_features for linear in linears), linears[0].qweight.device
+        if fusable(n, linears[0].in_features, linears[0].spec, device):
+            gated = name == "w13" and gated_fusion(device)
+            fused = FusedQuantLinear(linears, gated)
+            setattr(module, "gated" if gated else name, fused)
             yield fused
 
 

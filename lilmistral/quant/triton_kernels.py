@@ -54,21 +54,35 @@ def _load(pointer, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _store(out_ptr, res_ptr, offsets, mask, value, HAS_RESIDUAL: tl.constexpr):
-    """value rounded to out's dtype, plus the residual's value there given one (rounded again: as PyTorch adds
-    the product to it)."""
-    out = value.to(out_ptr.dtype.element_ty)
-    if HAS_RESIDUAL:
-        out = (out.to(tl.float32) + tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)).to(out.dtype)
-    tl.store(out_ptr + offsets, out, mask=mask)
+def _write(out_ptr, res_ptr, rows, row_ok, col0, N, value, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+           GATED: tl.constexpr):
+    """value [R, BLOCK_N] (output rows `rows` [R, 1], columns col0...) rounded to out's dtype and written, plus the
+    residual there given one (rounded again: as PyTorch adds the product to it). GATED: value's columns are
+    (gate, up) pairs, and silu(gate) * up goes to columns col0 / 2... of out [M, N / 2], rounded as
+    model.silu_mul rounds."""
+    dt = out_ptr.dtype.element_ty
+    if GATED:
+        gate, up = tl.split(tl.reshape(value, (value.shape[0], BLOCK_N // 2, 2)))
+        g = gate.to(dt).to(tl.float32)
+        silu = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        cols = col0 // 2 + tl.arange(0, BLOCK_N // 2)[None, :]
+        tl.store(out_ptr + rows * (N // 2) + cols, (silu * up.to(dt).to(tl.float32)).to(dt),
+                 mask=row_ok & (cols < N // 2))
+    else:
+        cols = col0 + tl.arange(0, BLOCK_N)[None, :]
+        ok = row_ok & (cols < N)
+        out = value.to(dt)
+        if HAS_RESIDUAL:
+            out = (out.to(tl.float32) + tl.load(res_ptr + rows * N + cols, mask=ok, other=0.0).to(tl.float32)).to(dt)
+        tl.store(out_ptr + rows * N + cols, out, mask=ok)
 
 
 @triton.jit
 def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-          EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]), this program's part over BLOCK_K inputs in steps of STEP
+          EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+    """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K inputs in steps of STEP
     inputs (a group, or a part of one: G == 0 is int8's one scale a column). SPLIT programs along K add their
     parts to float32 sums (`_workspace`); the last of a column tile to finish, told by a counter, writes the
     output in its dtype and leaves sums and counter at zero for the next call: no zeroing, casting or adding
@@ -124,7 +138,8 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
     if G == 0:
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if SPLIT == 1:
-        _store(out_ptr, res_ptr, row * N + offs_n, n_ok, out, HAS_RESIDUAL)
+        _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, out[None, :], BLOCK_N,
+               HAS_RESIDUAL, GATED)
     else:
         tl.atomic_add(sums_ptr + row * N + offs_n, out, mask=n_ok, sem="relaxed")
         tl.debug_barrier()  # every thread's sums added before the counter's release (CUDA's threadFenceReduction)
@@ -132,7 +147,8 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
         if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:  # the tile's last program: its sums are complete
             tl.debug_barrier()
             total = tl.load(sums_ptr + row * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-            _store(out_ptr, res_ptr, row * N + offs_n, n_ok, total, HAS_RESIDUAL)
+            _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, total[None, :], BLOCK_N,
+                   HAS_RESIDUAL, GATED)
             tl.store(sums_ptr + row * N + offs_n, tl.zeros_like(total), mask=n_ok)
             tl.atomic_xchg(tile, 0)
 
@@ -140,8 +156,10 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
 @triton.jit
 def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, M, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """out = x @ w (+ res) for many rows: [BLOCK_K, BLOCK_N] tiles of w dequantized to x's dtype for tl.dot."""
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+          GATED: tl.constexpr):
+    """out = x @ w (+ res; or gated: `_write`) for many rows: [BLOCK_K, BLOCK_N] tiles of w dequantized to x's
+    dtype for tl.dot."""
     PER_WORD: tl.constexpr = 32 // BITS
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,7 +180,8 @@ def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, M, N, K, magic,
         acc = tl.dot(x, w.to(x.dtype), acc)
     if G == 0:
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    _store(out_ptr, res_ptr, offs_m[:, None] * N + offs_n[None, :], m_ok[:, None] & n_ok[None, :], acc, HAS_RESIDUAL)
+    _write(out_ptr, res_ptr, offs_m[:, None], m_ok[:, None], tl.program_id(1) * BLOCK_N, N, acc, BLOCK_N,
+           HAS_RESIDUAL, GATED)
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -190,16 +209,21 @@ def _words(q: torch.Tensor) -> torch.Tensor:
     return q.view(torch.int32).t().contiguous()
 
 
-def repack(parts: dict[str, torch.Tensor | list[torch.Tensor]], spec: QuantSpec) -> dict[str, torch.Tensor]:
+def repack(parts: dict[str, torch.Tensor | list[torch.Tensor]], spec: QuantSpec,
+           interleave: bool = False) -> dict[str, torch.Tensor]:
     """The kernels' layout (module docstring) of an [N, K] weight's canonical parts, each part a tensor or a
-    fused projection's blocks of rows (their columns side by side): q int32 [words, N], scales [K/G, N]
-    (int8: [N]) and, with a min, mins [K/G, N]."""
+    fused projection's blocks of rows (their columns side by side; `interleave`: two blocks' columns
+    alternating, for the gated kernel): q int32 [words, N], scales [K/G, N] (int8: [N]) and, with a min,
+    mins [K/G, N]."""
+    def join(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(tensors, dim=-1).flatten(-2) if interleave else torch.cat(tensors, dim=-1)
+
     blocks = {name: part if isinstance(part, list) else [part] for name, part in parts.items()}
-    out = {"q": torch.cat([_words(b) for b in blocks["qweight"]], dim=1)}
+    out = {"q": join([_words(b) for b in blocks["qweight"]])}
     transpose = spec.scheme == "int4"  # int8's scales are one a column already
     for name in ("scales", "mins"):
         if name in blocks:
-            out[name] = torch.cat([b.t() if transpose else b for b in blocks[name]], dim=-1).contiguous()
+            out[name] = join([b.t() if transpose else b for b in blocks[name]]).contiguous()
     return out
 
 
@@ -210,8 +234,8 @@ class TritonKernel:
     repacked = True
 
     def __init__(self, parts: dict, spec: QuantSpec, block_n: int | None = None, block_k: int | None = None,
-                 num_warps: int | None = None) -> None:
-        self.parts, self.spec = repack(parts, spec), spec
+                 num_warps: int | None = None, interleave: bool = False) -> None:
+        self.parts, self.spec = repack(parts, spec, interleave), spec
         q = parts["qweight"]
         self.n = self.parts["q"].shape[1]
         self.k = (q[0] if isinstance(q, list) else q).shape[1] * (2 if spec.scheme == "int4" else 1)
@@ -237,39 +261,47 @@ class TritonKernel:
         p = self.parts
         return p["q"], p["scales"], p.get("mins", p["scales"])  # mins unread without them
 
-    def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None,
-             residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype (plus residual [M, N], given one). With expert
-        [M] (the parts stacked [E, ...]: ExpertsKernel), row m times the weight of expert[m]."""
+    def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+             gated: bool = False) -> torch.Tensor:
+        """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`).
+        With expert [M] (the parts stacked [E, ...]: ExpertsKernel), row m times the weight of expert[m]."""
         m = x.shape[0]
-        out = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
         sums, counts = self.workspace
         grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
         res = residual if residual is not None else out  # unread without a residual
-        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, self.n, self.k, MAGIC,
-                    HAS_EXPERTS=expert is not None, HAS_RESIDUAL=residual is not None, **self.gemv_constants)
+        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, self.n, self.k, MAGIC, HAS_EXPERTS=expert is not None,
+                    HAS_RESIDUAL=residual is not None, GATED=gated, **self.gemv_constants)
         return out
 
-    def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one), for any M (prefill)."""
+    def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+        """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`), for any M (prefill)."""
         m = x.shape[0]
-        out = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
+        out = torch.empty((m, self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         grid = (triton.cdiv(m, block_m), triton.cdiv(self.n, 64))
         res = residual if residual is not None else out  # unread without a residual
         _gemm[grid](x, *self._pointers(), out, res, m, self.n, self.k, MAGIC, BLOCK_M=block_m, BLOCK_N=64,
-                    BLOCK_K=32, HAS_RESIDUAL=residual is not None, num_warps=4, **self.constants)
+                    BLOCK_K=32, HAS_RESIDUAL=residual is not None, GATED=gated, num_warps=4, **self.constants)
         return out
 
     adds_residual = True  # QuantLinear passes its residual: added as the output is written
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self._rows(x, residual=residual)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up [..., N/2] where the weight's columns are (gate, up) pairs (repacked interleaved: w1's
+        and w3's), computed as the output is written: FeedForward.gated."""
+        return self._rows(x, gated=True)
+
+    def _rows(self, x: torch.Tensor, **options) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        if residual is not None:
-            residual = residual.reshape(-1, self.n).contiguous()
-        gemm = self.gemv if rows.shape[0] <= GEMV_MAX_ROWS else self.gemm
-        return gemm(rows, residual=residual).reshape(*x.shape[:-1], self.n)
+        if options.get("residual") is not None:
+            options["residual"] = options["residual"].reshape(-1, self.n).contiguous()
+        out = (self.gemv if rows.shape[0] <= GEMV_MAX_ROWS else self.gemm)(rows, **options)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class ExpertsKernel(TritonKernel):
