@@ -3,9 +3,10 @@
     python -m benchmarks.gpu_bench [--layers 32] [--tokens 64] [--schemes int4 int8 bf16] [--compile]
 
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, the GEMV kernels' GB/s on
-Mistral-7B's layer shapes; and decode tokens/s of a Mistral-7B-shape model (random weights, `--layers`
-layers, int8 head) with the weight bytes read per token and that as a fraction of the read bandwidth, for
-each decode step: eager, CUDA graphs (the default on a GPU) and, with --compile, torch.compile.
+Mistral-7B's layer shapes; the decode attention against SDPA; decode tokens/s of a Mistral-7B-shape model
+(random weights, `--layers` layers, int8 head) with the weight bytes read per token and that as a fraction of
+the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU) and, with --compile,
+torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers.
 """
 from __future__ import annotations
 
@@ -64,6 +65,40 @@ def kernel_table(bw: float, schemes: list[str]) -> list[dict]:
     return rows
 
 
+def attention_table(bw: float) -> list[dict]:
+    """The decode attention (Triton) against PyTorch's SDPA, Mistral-7B's heads (8 kv heads of 4 query rows,
+    hd 128) over n cached slots with a one-row mask: µs a call and the keys' and values' GB/s."""
+    from lilmistral.model import sdpa
+    from lilmistral.quant.triton_kernels import DecodeAttention
+
+    attention, rows = DecodeAttention(sdpa), []
+    for n in (512, 4096, 32768):
+        q = torch.randn(8, 4, 128, device="cuda", dtype=torch.bfloat16)
+        keys, values = (torch.randn(8, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        mask = torch.rand(1, n, device="cuda") < 0.95
+        nbytes = keys.nbytes + values.nbytes
+        for name, fn in (("triton", attention), ("sdpa", sdpa)):
+            seconds = timed(lambda: fn(q, keys, values, mask))
+            rows.append({"attention": name, "slots": n, "us": round(seconds * 1e6, 1),
+                         "gbps": round(nbytes / seconds / 1e9, 1), "fraction": round(nbytes / seconds / 1e9 / bw, 3)})
+    return rows
+
+
+def kernels_per_token(layers: int) -> dict:
+    """CUDA kernels an eager decode step launches (what a CUDA graph replays), per layer and in all."""
+    args = ModelArgs(n_layers=layers, **MISTRAL_7B)
+    model = random_model(args, "int4", "cuda")
+    cache = RollingKVCache(args.n_layers, args.n_kv_heads, args.head_dim, 4096, None, torch.bfloat16, "cuda")
+    step = DecodeStep(model, graphs=False)
+    with torch.inference_mode():
+        step(1, cache)  # Triton builds
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step(2, cache)
+            torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"layers": layers, "kernels_per_token": len(kernels), "kernels": sorted(set(kernels))[:40]}
+
+
 def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int) -> tuple[float, float]:
     """(seconds to the first token after a 128-token prompt, seconds a decoded token)."""
     cache = RollingKVCache(args.n_layers, args.n_kv_heads, args.head_dim, 4096, None, torch.bfloat16, "cuda")
@@ -114,9 +149,11 @@ def main() -> None:
     ns = p.parse_args()
     bw = measure_bandwidth(torch.device("cuda"), gib=4.0)
     print(json.dumps({"device": torch.cuda.get_device_name(), "read_bandwidth_gbps": round(bw, 1)}), flush=True)
-    for row in kernel_table(bw, ns.schemes):
+    for row in kernel_table(bw, ns.schemes) + attention_table(bw):
         print(json.dumps(row), flush=True)
     decode_table(ns.layers, ns.tokens, bw, ns.schemes, ns.compile)
+    for layers in (1, 2):  # the difference: a layer's kernels
+        print(json.dumps(kernels_per_token(layers)), flush=True)
 
 
 if __name__ == "__main__":
