@@ -5,13 +5,14 @@
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, the GEMV kernels' GB/s on
 Mistral-7B's layer shapes; the decode attention against SDPA; decode tokens/s of a Mistral-7B-shape model
 (random weights, `--layers` layers, int8 head) with the weight bytes read per token and that as a fraction of
-the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU) and, with --compile,
-torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers.
+the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; with and without
+programmatic dependent launch) and, with --compile, torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -124,12 +125,16 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
     for scheme in schemes:
         model = random_model(args, scheme, "cuda")
         nbytes = weight_bytes_per_token(model)
-        steps = [DecodeStep(model, graphs=False), DecodeStep(model)]  # eager, graphed
+        # eager, graphed, graphed without programmatic dependent launch (read when the graphs are captured)
+        steps = [(DecodeStep(model, graphs=False), "1"), (DecodeStep(model), "1"), (DecodeStep(model), "0")]
         if compile:
-            steps.append(DecodeStep(model, compile=True))
-        for step in steps:
+            steps.append((DecodeStep(model, compile=True), "1"))
+        for step, pdl in steps:
+            os.environ["LILMISTRAL_PDL"] = pdl
             ttft, per_token = decode_seconds(model, args, step, tokens)
-            rows.append({"scheme": scheme, "layers": layers, "step": step.mode, "decode_tps": round(1 / per_token, 1),
+            os.environ.pop("LILMISTRAL_PDL")
+            rows.append({"scheme": scheme, "layers": layers, "step": step.mode + ("" if pdl == "1" else " no-pdl"),
+                         "decode_tps": round(1 / per_token, 1),
                          "ms_per_token": round(per_token * 1e3, 3), "ttft_s": round(ttft, 4),
                          "weight_mb_per_token": round(nbytes / 1e6, 1),
                          "achieved_gbps": round(nbytes / per_token / 1e9, 1),

@@ -1,6 +1,7 @@
 """The Triton GEMV and decode attention compiled offline for a GPU (no GPU needed: Triton's own ptxas and
-nvdisasm), and what the code does: the GEMV's machine instructions a weight and its weight loads' width, a
-JSON line per scheme; the attention's tensor-core instructions and loads. For tuning the kernels on a
+nvdisasm), and what the code does: the GEMV's machine instructions a weight, its weight loads' width and how
+many come before it waits for the kernel before (programmatic dependent launch), a JSON line per scheme; the
+attention's tensor-core instructions and loads; that every other kernel compiles, and waits. For tuning the kernels on a
 machine without a GPU, where their speed cannot be measured.
 
     python -m benchmarks.triton_codegen [--arch 90]
@@ -43,7 +44,7 @@ def compile_gemv(spec: QuantSpec, arch: int = 90, experts: bool = False):
     constants = dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
                      ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
                      BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, EVEN=True,
-                     HAS_EXPERTS=experts, HAS_RESIDUAL=False, GATED=False)
+                     HAS_EXPERTS=experts, HAS_RESIDUAL=False, GATED=False, PDL=arch >= 90)
     signature = dict(POINTERS, N="i32", K="i32", magic="i32")
     return compile_kernel(triton_kernels._gemv, signature, constants, [*POINTERS, "N", "K"], warps, arch), constants
 
@@ -55,7 +56,7 @@ def compile_attention(arch: int = 90):
     strides = ["stride_kh", "stride_ks", "stride_vh", "stride_vs"]
     signature = dict(pointers, R="i32", S="i32", chunk="i32", **{name: "i32" for name in strides}, stride_mr="i32",
                      scale="fp32")
-    constants = dict(HD=128, R_P=16, BLOCK_S=triton_kernels.ATTENTION_BLOCK, HAS_MASK=True)
+    constants = dict(HD=128, R_P=16, BLOCK_S=triton_kernels.ATTENTION_BLOCK, HAS_MASK=True, PDL=arch >= 90)
     return compile_kernel(triton_kernels._attention, signature, constants, [*pointers, "chunk", *strides], 4, arch)
 
 
@@ -87,7 +88,7 @@ def compile_others(arch: int = 90) -> dict:
                                         v_ptr="*bf16", stride_cache_h="i32", stride_cache_s="i32", stride_kh="i32",
                                         stride_vh="i32"), dict(HD=128), ["keys_ptr", "values_ptr", "k_ptr"], 4),
     }
-    return {name: compile_kernel(fn, sig, constants, aligned, warps, arch)
+    return {name: compile_kernel(fn, sig, dict(constants, PDL=arch >= 90), aligned, warps, arch)
             for name, (fn, sig, constants, aligned, warps) in kernels.items()}
 
 
@@ -116,7 +117,9 @@ def report(spec: QuantSpec, arch: int) -> dict:
     ops = sass_ops(kernel)
     weights_per_thread = constants["BLOCK_N"] * constants["BLOCK_K"] // (32 * kernel.metadata.num_warps)
     ptx = kernel.asm["ptx"]
-    return {"kernel": "gemv", "scheme": spec.scheme, "group_size": spec.group_size, "symmetric": spec.symmetric,
+    waits = ptx.find("griddepcontrol.wait")
+    return {"kernel": "gemv", "weight_loads_before_wait": ptx[:waits].count("ld.global.v4.b32") if waits >= 0 else 0,
+            "scheme": spec.scheme, "group_size": spec.group_size, "symmetric": spec.symmetric,
             "instructions_per_weight": round(len(ops) / weights_per_thread, 2),
             "vector_loads_16B": ptx.count("ld.global.v4.b32"), "scalar_word_loads": ptx.count("ld.global.b32"),
             "top": collections.Counter(op.split(".")[0] for op in ops).most_common(6)}
@@ -131,7 +134,8 @@ def main() -> None:
         print(json.dumps(report(spec, arch)), flush=True)
     print(json.dumps(attention_report(arch)), flush=True)
     for name, kernel in compile_others(arch).items():
-        print(json.dumps({"kernel": name, "instructions": len(sass_ops(kernel))}), flush=True)
+        print(json.dumps({"kernel": name, "instructions": len(sass_ops(kernel)),
+                          "waits_for_previous": "griddepcontrol.wait" in kernel.asm["ptx"]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -197,8 +197,9 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
 def test_gemv_reads_the_weights_in_16_byte_loads():
     """The GEMV compiled offline for Hopper (Triton's own ptxas; no GPU needed): every scheme's weight words come
     in 16-byte vector loads, none one word at a time (the previous kernel's byte-wise loads read at 6-17% of
-    an H100's bandwidth). The decode attention compiles too, its dot products on tensor cores, and so does
-    every other kernel (a compile error would otherwise first show on a GPU)."""
+    an H100's bandwidth), some before it waits for the kernel before it (programmatic dependent launch). The
+    decode attention compiles too, its dot products on tensor cores, and so does every other kernel, each
+    waiting for the one before (a compile error would otherwise first show on a GPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_codegen"], env=env, cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout
@@ -206,9 +207,11 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     gemv = [r for r in rows if r["kernel"] == "gemv"]
     assert len(gemv) == 4 and all(r["vector_loads_16B"] > 0 and r["scalar_word_loads"] == 0 for r in gemv), rows
     assert all(r["instructions_per_weight"] < 10 for r in gemv), rows
+    assert all(r["weight_loads_before_wait"] > 0 for r in gemv), rows  # read while the kernel before finishes
     attention, = (r for r in rows if r["kernel"] == "attention")  # on tensor cores, keys and values 16 bytes a copy
     assert attention["tensor_core_ops"] > 0 and attention["async_loads_16B"] > 0, attention
-    others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles
+    others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles, and waits
+    assert all(r["waits_for_previous"] for r in rows if "instructions" in r), rows
     assert others == {"gemm residual", "gemm gated", "gemv int8 experts residual", "gemv int8 gated", "rms_norm",
                       "rope", "silu_mul", "store_kv"}, rows
 

@@ -18,6 +18,9 @@ Tested on the CPU under TRITON_INTERPRET=1 (tests/test_triton.py); speed on a GP
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -31,6 +34,39 @@ TILES = {"int4": (256, 32, 2), "int8": (256, 64, 2)}
 # float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it. The kernels take it as an
 # argument: in a register, the field's mask and this OR are one LOP3 instruction (two with both immediates)
 MAGIC = 0x4B000000
+
+
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    """Whether the device and this Triton launch kernels with programmatic dependent launch (sm_90+)."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return torch.cuda.get_device_capability(device)[0] >= 9 and "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def launch_options(device: torch.device) -> dict:
+    """Each kernel's PDL constant and launch options. On Hopper, a decode step's kernels are launched with
+    programmatic dependent launch: a kernel's programs may start while the one before it runs (each lets the
+    next start as it begins), read what no kernel writes (a GEMV's weights) and then wait for the one before
+    to finish (`_wait_previous`): the small kernels between the GEMVs overlap the next GEMV's weight reads.
+    LILMISTRAL_PDL=0 turns it off (to compare); so does torch.compile's tracing (inductor launches them)."""
+    on = (device.type == "cuda" and os.environ.get("LILMISTRAL_PDL", "1") != "0" and _hopper(device)
+          and not torch.compiler.is_compiling())
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def _let_next_start(PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _wait_previous(PDL: tl.constexpr):
+    """Every kernel launched with PDL waits here, in every program, before it reads what an earlier kernel
+    wrote or writes what an earlier kernel reads: a kernel finishes only after the one before it."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -81,17 +117,20 @@ def _write(out_ptr, res_ptr, rows, row_ok, col0, N, value, BLOCK_N: tl.constexpr
 def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-          EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr):
+          EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+          PDL: tl.constexpr):
     """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K inputs in steps of STEP
     inputs (a group, or a part of one: G == 0 is int8's one scale a column). SPLIT programs along K add their
     parts to float32 sums (`_workspace`); the last of a column tile to finish, told by a counter, writes the
     output in its dtype and leaves sums and counter at zero for the next call: no zeroing, casting or adding
-    launch a call."""
+    launch a call. With PDL, the first step's weights are read before waiting for the kernel before."""
+    _let_next_start(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = STEP // PER_WORD  # word rows a step
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     word_rows_k = tl.cdiv(K, PER_WORD)
     if HAS_EXPERTS:  # the row's expert's weight, the experts' parts stacked [E, ...]
+        _wait_previous(PDL)  # the experts were chosen by an earlier kernel
         expert = tl.load(e_ptr + row).to(tl.int64)
         q_ptr += expert * word_rows_k * N
         meta = expert * N  # int8: one scale a column
@@ -109,6 +148,8 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
         word_rows = k // PER_WORD + r
         words = _load(q_ptr + word_rows[:, None] * N + offs_n[None, :],
                       (word_rows < word_rows_k)[:, None] & n_ok[None, :], EVEN)  # [ROWS, BLOCK_N]
+        if step == 0 and not HAS_EXPERTS:
+            _wait_previous(PDL)  # x, and the workspace an earlier GEMV may still be finishing with
         if BITS == 8:
             words = words ^ -2139062144  # 0x80808080: each byte in offset binary
         high = words >> 16  # the upper fields, moved clear of the exponent's bits
@@ -157,9 +198,11 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
 def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, M, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-          GATED: tl.constexpr):
+          GATED: tl.constexpr, PDL: tl.constexpr):
     """out = x @ w (+ res; or gated: `_write`) for many rows: [BLOCK_K, BLOCK_N] tiles of w dequantized to x's
     dtype for tl.dot."""
+    _let_next_start(PDL)
+    _wait_previous(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -272,7 +315,7 @@ class TritonKernel:
         e = expert if expert is not None else out  # unread without experts
         res = residual if residual is not None else out  # unread without a residual
         _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, self.n, self.k, MAGIC, HAS_EXPERTS=expert is not None,
-                    HAS_RESIDUAL=residual is not None, GATED=gated, **self.gemv_constants)
+                    HAS_RESIDUAL=residual is not None, GATED=gated, **self.gemv_constants, **launch_options(x.device))
         return out
 
     def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
@@ -283,7 +326,8 @@ class TritonKernel:
         grid = (triton.cdiv(m, block_m), triton.cdiv(self.n, 64))
         res = residual if residual is not None else out  # unread without a residual
         _gemm[grid](x, *self._pointers(), out, res, m, self.n, self.k, MAGIC, BLOCK_M=block_m, BLOCK_N=64,
-                    BLOCK_K=32, HAS_RESIDUAL=residual is not None, GATED=gated, num_warps=4, **self.constants)
+                    BLOCK_K=32, HAS_RESIDUAL=residual is not None, GATED=gated, num_warps=4, **self.constants,
+                    **launch_options(x.device))
         return out
 
     adds_residual = True  # QuantLinear passes its residual: added as the output is written
@@ -334,9 +378,12 @@ ATTENTION_PROGRAMS = 256  # the programs a call aims at (two per SM of an H100)
 @triton.jit
 def _attention(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, stat_ptr, count_ptr, R, S, chunk,
                stride_kh, stride_ks, stride_vh, stride_vs, stride_mr, scale,
-               HD: tl.constexpr, R_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr):
+               HD: tl.constexpr, R_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_MASK: tl.constexpr,
+               PDL: tl.constexpr):
     """out[h, r] = softmax(q[h, r] . keys[h, s] * scale over the slots s where mask[r, s]) . values[h, s], for
     q, out [K, R, hd] and keys, values [K, S, hd] (slots strided); scale in log2 units (exp2)."""
+    _let_next_start(PDL)
+    _wait_previous(PDL)
     h, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     rows, d = tl.arange(0, R_P), tl.arange(0, HD)
     r_ok = rows < R
@@ -435,7 +482,7 @@ class DecodeAttention:
         _attention[(n_kv, splits)](q, keys, values, m, out, parts, stats, counts, rows, s, chunk,
                                    keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), stride_mr,
                                    hd ** -0.5 * 1.4426950408889634, HD=hd, R_P=r_p, BLOCK_S=ATTENTION_BLOCK,
-                                   HAS_MASK=mask is not None, num_warps=4)
+                                   HAS_MASK=mask is not None, num_warps=4, **launch_options(q.device))
         return out
 
 
@@ -444,7 +491,9 @@ class DecodeAttention:
 # PyTorch's operators do (model.rms_norm, rope, silu_mul).
 
 @triton.jit
-def _rms_norm(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+def _rms_norm(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _let_next_start(PDL)
+    _wait_previous(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < D
@@ -456,8 +505,10 @@ def _rms_norm(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, T, stride_n, stride_t, HALF: tl.constexpr):
+def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, T, stride_n, stride_t, HALF: tl.constexpr, PDL: tl.constexpr):
     """Row (n, t) of x [N, T, hd] rotated: dimensions i and i + hd/2 paired (model.rope)."""
+    _let_next_start(PDL)
+    _wait_previous(PDL)
     n, t = tl.program_id(0) // T, tl.program_id(0) % T
     i = tl.arange(0, HALF)
     src = x_ptr + n * stride_n + t * stride_t
@@ -474,7 +525,9 @@ def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, T, stride_n, stride_t, HALF: tl.cons
 
 
 @triton.jit
-def _silu_mul(gate_ptr, up_ptr, out_ptr, H, stride_gate, stride_up, BLOCK: tl.constexpr):
+def _silu_mul(gate_ptr, up_ptr, out_ptr, H, stride_gate, stride_up, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _let_next_start(PDL)
+    _wait_previous(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < H
@@ -487,8 +540,10 @@ def _silu_mul(gate_ptr, up_ptr, out_ptr, H, stride_gate, stride_up, BLOCK: tl.co
 
 @triton.jit
 def _store_kv(keys_ptr, values_ptr, slot_ptr, k_ptr, v_ptr, stride_cache_h, stride_cache_s, stride_kh, stride_vh,
-              HD: tl.constexpr):
+              HD: tl.constexpr, PDL: tl.constexpr):
     """Head h's key and value into the slot: both in one launch (two index_copy_ calls)."""
+    _let_next_start(PDL)
+    _wait_previous(PDL)
     h, d = tl.program_id(0), tl.arange(0, HD)
     at = h * stride_cache_h + tl.load(slot_ptr) * stride_cache_s + d
     tl.store(keys_ptr + at, tl.load(k_ptr + h * stride_kh + d))
@@ -498,13 +553,15 @@ def _store_kv(keys_ptr, values_ptr, slot_ptr, k_ptr, v_ptr, stride_cache_h, stri
 def store_kv(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """model.store_kv: k, v [K, 1, hd] (heads strided) into slot [1] of keys, values [K, size, hd] (alike)."""
     n_kv, _, hd = k.shape
-    _store_kv[(n_kv,)](keys, values, slot, k, v, keys.stride(0), keys.stride(1), k.stride(0), v.stride(0), HD=hd)
+    _store_kv[(n_kv,)](keys, values, slot, k, v, keys.stride(0), keys.stride(1), k.stride(0), v.stride(0), HD=hd,
+                       **launch_options(k.device))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     out = torch.empty_like(rows)
-    _rms_norm[(rows.shape[0],)](rows, weight, out, rows.shape[1], eps, BLOCK=triton.next_power_of_2(rows.shape[1]))
+    _rms_norm[(rows.shape[0],)](rows, weight, out, rows.shape[1], eps, BLOCK=triton.next_power_of_2(rows.shape[1]),
+                                **launch_options(x.device))
     return out.view(x.shape)
 
 
@@ -512,7 +569,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [N, T, hd] (any strides but the last dimension's) rotated by cos, sin [T, hd]."""
     n, t, hd = x.shape
     out = torch.empty((n, t, hd), dtype=x.dtype, device=x.device)
-    _rope[(n * t,)](x, cos.contiguous(), sin.contiguous(), out, t, x.stride(0), x.stride(1), HALF=hd // 2)
+    _rope[(n * t,)](x, cos.contiguous(), sin.contiguous(), out, t, x.stride(0), x.stride(1), HALF=hd // 2,
+                    **launch_options(x.device))
     return out
 
 
@@ -520,5 +578,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate, up [T, H] (rows of any stride: the halves of w1/w3's fused output)."""
     t, h = gate.shape
     out = torch.empty((t, h), dtype=gate.dtype, device=gate.device)
-    _silu_mul[(t, triton.cdiv(h, 1024))](gate, up, out, h, gate.stride(0), up.stride(0), BLOCK=1024)
+    _silu_mul[(t, triton.cdiv(h, 1024))](gate, up, out, h, gate.stride(0), up.stride(0), BLOCK=1024,
+                                         **launch_options(gate.device))
     return out
