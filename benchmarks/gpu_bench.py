@@ -6,7 +6,7 @@ Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, th
 Mistral-7B's layer shapes; the decode attention against SDPA; decode tokens/s of a Mistral-7B-shape model
 (random weights, `--layers` layers, int8 head) with the weight bytes read per token and that as a fraction of
 the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; with and without
-programmatic dependent launch) and, with --compile, torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers.
+programmatic dependent launch) and, with --compile, torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and their GPU time.
 """
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def attention_table(bw: float) -> list[dict]:
 
 
 def kernels_per_token(layers: int) -> dict:
-    """CUDA kernels an eager decode step launches (what a CUDA graph replays), per layer and in all."""
+    """The CUDA kernels an eager int4 decode step launches (what a CUDA graph replays): how many, the GPU's time
+    in them against the step's, and the kernels taking the most time (by name, µs in all)."""
     args = ModelArgs(n_layers=layers, **MISTRAL_7B)
     model = random_model(args, "int4", "cuda")
     cache = RollingKVCache(args.n_layers, args.n_kv_heads, args.head_dim, 4096, None, torch.bfloat16, "cuda")
@@ -96,12 +97,19 @@ def kernels_per_token(layers: int) -> dict:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step(2, cache)
             torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return {"layers": layers, "kernels_per_token": len(kernels), "kernels": sorted(set(kernels))[:40]}
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name[:60]] = by_name.get(e.name[:60], 0.0) + e.time_range.elapsed_us()
+    span = max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)
+    return {"layers": layers, "kernels_per_token": len(kernels), "kernel_us": round(sum(by_name.values()), 1),
+            "first_to_last_us": round(span, 1),
+            "top": sorted(((round(us, 1), name) for name, us in by_name.items()), reverse=True)[:12]}
 
 
-def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int) -> tuple[float, float]:
-    """(seconds to the first token after a 128-token prompt, seconds a decoded token)."""
+def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int) -> tuple[float, float, float | None]:
+    """(seconds to the first token after a 128-token prompt, seconds a decoded token, and for a graphed step the
+    GPU's seconds a token: its graph replayed back to back, without the host's work between tokens)."""
     cache = RollingKVCache(args.n_layers, args.n_kv_heads, args.head_dim, 4096, None, torch.bfloat16, "cuda")
     params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=tokens)
     prompt = list(range(1, 129))
@@ -116,7 +124,11 @@ def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int) -> tup
         n = 1 + sum(1 for _ in stream)
         torch.cuda.synchronize()
         end = time.perf_counter()
-    return first - start, (end - first) / (n - 1)
+        replay = None
+        if step.mode == "graphed":  # while the cache its graphs write into is alive
+            graph, _ = next(iter(step._graphed.graphs.values()))
+            replay = timed(graph.replay)
+    return first - start, (end - first) / (n - 1), replay
 
 
 def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compile: bool) -> list[dict]:
@@ -131,10 +143,12 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
             steps.append((DecodeStep(model, compile=True), "1"))
         for step, pdl in steps:
             os.environ["LILMISTRAL_PDL"] = pdl
-            ttft, per_token = decode_seconds(model, args, step, tokens)
+            ttft, per_token, replay = decode_seconds(model, args, step, tokens)
             os.environ.pop("LILMISTRAL_PDL")
-            rows.append({"scheme": scheme, "layers": layers, "step": step.mode + ("" if pdl == "1" else " no-pdl"),
-                         "decode_tps": round(1 / per_token, 1),
+            row = {"scheme": scheme, "layers": layers, "step": step.mode + ("" if pdl == "1" else " no-pdl")}
+            if replay is not None:
+                row["replay_ms"] = round(replay * 1e3, 3)
+            rows.append({**row, "decode_tps": round(1 / per_token, 1),
                          "ms_per_token": round(per_token * 1e3, 3), "ttft_s": round(ttft, 4),
                          "weight_mb_per_token": round(nbytes / 1e6, 1),
                          "achieved_gbps": round(nbytes / per_token / 1e9, 1),
