@@ -458,9 +458,10 @@ class DecodeAttention:
         self.workspaces: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
 
     def _workspace(self, device: torch.device, rows: int, hd: int):
+        """Partial outputs, running maxima and sums, and counters for `rows` (kv heads x padded query rows)."""
         held = self.workspaces.setdefault(device, [])
-        if not held or held[-1][2].numel() < rows:  # rows: kv heads x padded query rows
-            size = rows * ATTENTION_MAX_SPLITS
+        size = rows * ATTENTION_MAX_SPLITS
+        if not held or held[-1][0].numel() < size * hd or held[-1][2].numel() < rows:
             held.append((torch.empty(size * hd, dtype=torch.float32, device=device),
                          torch.empty(size * 2, dtype=torch.float32, device=device),
                          torch.zeros(rows, dtype=torch.int32, device=device)))
