@@ -9,12 +9,18 @@ lines, 16 bytes a thread.
 Decode (`_gemv`, a few rows): every program takes BLOCK_N columns and only BLOCK_K inputs (one or a few
 groups), so a 4096-wide layer is split into thousands of programs, which keep enough loads in flight to
 read at the memory's speed; each adds its partial sums to a float32 workspace atomically, and the last of a
-column tile writes the output. A value is made
-float by OR-ing its bits into the mantissa of 2**23 (no integer-to-float conversion, which runs at a
-quarter of the FMA rate); the group scale multiplies a whole group's sum, the min multiplies the group's sum
-of activations. Prefill (`_gemm`, more rows): tiles of dequantized weights fed to `tl.dot`.
+column tile writes the output. A value is made float by OR-ing its bits into the mantissa of 2**23 (no
+integer-to-float conversion, which runs at a quarter of the FMA rate); the group scale multiplies a whole
+group's sum, the min multiplies the group's sum of activations. Prefill (`_gemm`, more rows): tiles of
+dequantized weights fed to `tl.dot`. Both write through `_write`, which may add a residual (wo, w2) or, for
+w1/w3 repacked with their columns interleaved, write silu(gate) * up.
 
-Tested on the CPU under TRITON_INTERPRET=1 (tests/test_triton.py); speed on a GPU: benchmarks/gpu_bench.py.
+Besides: attention at decode (`DecodeAttention`, flash-decoding), and RMSNorm, RoPE, silu(gate) * up and the
+cache's write as one launch each. On Hopper every kernel is launched with programmatic dependent launch
+(`launch_options`).
+
+Tested on the CPU under TRITON_INTERPRET=1 (tests/test_triton.py) and compiled offline for sm_90
+(benchmarks/triton_codegen.py); speed on a GPU: benchmarks/gpu_bench.py.
 """
 from __future__ import annotations
 
