@@ -149,17 +149,20 @@ def main() -> None:
                       llamacpp_quantize(q4_0, Path(tmp) / "m7b-q4km.gguf", ns.threads)}
         for name, gguf_path in models.items():
             folder = convert(gguf_path, Path(tmp) / (gguf_path.stem + "-int4"), "int4", overwrite=True)
-            runners = {"lilmistral": lilmistral.load(folder), "eager": lilmistral.load(folder)}
-            runners["eager"].decode_step = DecodeStep(runners["eager"].model, trace=False)  # the step untraced
+            llm = lilmistral.load(folder)
+            # one model, its decode step three ways: the default (traced), untraced, compiled
+            steps = {"lilmistral": llm.decode_step, "eager": DecodeStep(llm.model, trace=False)}
             if ns.compile:
-                runners["compiled"] = lilmistral.load(folder, compile=True)
+                steps["compiled"] = DecodeStep(llm.model, compile=True)
             llama = LlamaCpp(gguf_path, ns.threads, ns.prompt_tokens, ns.gen_tokens)
             bandwidth = measure_bandwidth(torch.device("cpu"))
-            runs: dict[str, list[dict]] = {key: [] for key in [*runners, "llamacpp"]}
+            runs: dict[str, list[dict]] = {key: [] for key in [*steps, "llamacpp"]}
             for _ in range(ns.rounds):  # alternating, so that the machine's load changes hit every runner alike
-                for key, llm in runners.items():
+                for key, step in steps.items():
+                    llm.decode_step = step
                     runs[key].append(bench(llm, ns.prompt_tokens, ns.gen_tokens, bandwidth).to_dict())
                 runs["llamacpp"].append(llama.bench())
+            del llm, steps, llama  # before the next model loads: at 32 layers two at once do not fit in 24 GiB
 
             def ratios(key: str, metric: str) -> list[float]:
                 return [ours[metric] / theirs[metric] for ours, theirs in zip(runs[key], runs["llamacpp"])]
@@ -169,7 +172,7 @@ def main() -> None:
                 row[f"{key}_prefill_tps"] = median([r["prefill_tps"] for r in results])
                 row[f"{key}_decode_tps"] = median([r["decode_tps"] for r in results])
             row["prefill_ratio"] = median(ratios("lilmistral", "prefill_tps"))
-            row["decode_ratios"] = {key: median(ratios(key, "decode_tps")) for key in runners}
+            row["decode_ratios"] = {key: median(ratios(key, "decode_tps")) for key in runs if key != "llamacpp"}
             row["lilmistral_bandwidth_fraction"] = median([r["bandwidth_fraction"] for r in runs["lilmistral"]])
             row["bandwidth_gbps"] = round(bandwidth, 1)
             print(json.dumps(row), flush=True)
