@@ -6,7 +6,8 @@ Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, th
 Mistral-7B's layer shapes; the decode attention against SDPA; decode tokens/s of a Mistral-7B-shape model
 (random weights, `--layers` layers, int8 head) with the weight bytes read per token and that as a fraction of
 the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; with and without
-programmatic dependent launch) and, with --compile, torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and their GPU time.
+programmatic dependent launch) and, with --compile, torch.compile; last, the kernels an eager int4 step
+launches with 1 and 2 layers, and their GPU time.
 """
 from __future__ import annotations
 

@@ -96,20 +96,24 @@ def _load(pointer, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _silu_times(gate, up, dt):
+    """silu(gate) * up from float32 values, rounded to dt where model.silu_mul's bfloat16 operators round."""
+    g = gate.to(dt).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return (silu * up.to(dt).to(tl.float32)).to(dt)
+
+
+@triton.jit
 def _write(out_ptr, res_ptr, rows, row_ok, col0, N, value, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
            GATED: tl.constexpr):
     """value [R, BLOCK_N] (output rows `rows` [R, 1], columns col0...) rounded to out's dtype and written, plus the
     residual there given one (rounded again: as PyTorch adds the product to it). GATED: value's columns are
-    (gate, up) pairs, and silu(gate) * up goes to columns col0 / 2... of out [M, N / 2], rounded as
-    model.silu_mul rounds."""
+    (gate, up) pairs, and silu(gate) * up goes to columns col0 / 2... of out [M, N / 2]."""
     dt = out_ptr.dtype.element_ty
     if GATED:
         gate, up = tl.split(tl.reshape(value, (value.shape[0], BLOCK_N // 2, 2)))
-        g = gate.to(dt).to(tl.float32)
-        silu = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         cols = col0 // 2 + tl.arange(0, BLOCK_N // 2)[None, :]
-        tl.store(out_ptr + rows * (N // 2) + cols, (silu * up.to(dt).to(tl.float32)).to(dt),
-                 mask=row_ok & (cols < N // 2))
+        tl.store(out_ptr + rows * (N // 2) + cols, _silu_times(gate, up, dt), mask=row_ok & (cols < N // 2))
     else:
         cols = col0 + tl.arange(0, BLOCK_N)[None, :]
         ok = row_ok & (cols < N)
@@ -125,11 +129,12 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
           EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
           PDL: tl.constexpr):
-    """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K inputs in steps of STEP
-    inputs (a group, or a part of one: G == 0 is int8's one scale a column). SPLIT programs along K add their
-    parts to float32 sums (`_workspace`); the last of a column tile to finish, told by a counter, writes the
-    output in its dtype and leaves sums and counter at zero for the next call: no zeroing, casting or adding
-    launch a call. With PDL, the first step's weights are read before waiting for the kernel before."""
+    """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K
+    inputs in steps of STEP inputs (a group, or a part of one: G == 0 is int8's one scale a column). SPLIT
+    programs along K add their parts to float32 sums (`_workspace`); the last of a column tile to finish, told
+    by a counter, writes the output in its dtype and leaves sums and counter at zero for the next call: no
+    zeroing, casting or adding launch a call. With PDL, the first step's weights are read before waiting for
+    the kernel before."""
     _let_next_start(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = STEP // PER_WORD  # word rows a step
@@ -312,16 +317,17 @@ class TritonKernel:
 
     def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              gated: bool = False) -> torch.Tensor:
-        """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`).
-        With expert [M] (the parts stacked [E, ...]: ExpertsKernel), row m times the weight of expert[m]."""
+        """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype (plus residual [M, N], given one; gated:
+        `gated`). With expert [M] (the parts stacked [E, ...]: ExpertsKernel), row m times expert[m]'s weight."""
         m = x.shape[0]
         out = torch.empty((m, self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
         sums, counts = self.workspace
         grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
         res = residual if residual is not None else out  # unread without a residual
-        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, self.n, self.k, MAGIC, HAS_EXPERTS=expert is not None,
-                    HAS_RESIDUAL=residual is not None, GATED=gated, **self.gemv_constants, **launch_options(x.device))
+        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, self.n, self.k, MAGIC,
+                    HAS_EXPERTS=expert is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
+                    **self.gemv_constants, **launch_options(x.device))
         return out
 
     def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
@@ -494,8 +500,8 @@ class DecodeAttention:
 
 
 # RMSNorm, RoPE, silu(gate) * up and the cache's write for eager decoding on a GPU: one launch each where
-# PyTorch's operators take two to six (a graphed step's nodes cost microseconds each). Each rounds to the activations' dtype where
-# PyTorch's operators do (model.rms_norm, rope, silu_mul).
+# PyTorch's operators take two to six (a graphed step's nodes cost microseconds each). Each rounds to the
+# activations' dtype where PyTorch's operators do (model.rms_norm, rope, silu_mul).
 
 @triton.jit
 def _rms_norm(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -539,10 +545,8 @@ def _silu_mul(gate_ptr, up_ptr, out_ptr, H, stride_gate, stride_up, BLOCK: tl.co
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < H
     gate = tl.load(gate_ptr + row * stride_gate + offs, mask=ok, other=0.0)
-    g = gate.to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-    up = tl.load(up_ptr + row * stride_up + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * H + offs, (silu * up).to(gate.dtype), mask=ok)
+    up = tl.load(up_ptr + row * stride_up + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + row * H + offs, _silu_times(gate.to(tl.float32), up.to(tl.float32), gate.dtype), mask=ok)
 
 
 @triton.jit
