@@ -5,9 +5,9 @@
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, the GEMV kernels' GB/s on
 Mistral-7B's layer shapes; the decode attention against SDPA; decode tokens/s of a Mistral-7B-shape model
 (random weights, `--layers` layers, int8 head) with the weight bytes read per token and that as a fraction of
-the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; with and without
-programmatic dependent launch) and, with --compile, torch.compile; last, the kernels an eager int4 step
-launches with 1 and 2 layers, and their GPU time.
+the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; also without programmatic
+dependent launch, and with each RMSNorm a launch of its own) and, with --compile, torch.compile; last, the
+kernels an eager int4 step launches with 1 and 2 layers, and their GPU time.
 """
 from __future__ import annotations
 
@@ -133,20 +133,26 @@ def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int) -> tup
 
 
 def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compile: bool) -> list[dict]:
+    from lilmistral.quant.triton_kernels import TritonKernel
+
     args = ModelArgs(n_layers=layers, **MISTRAL_7B)
     rows = []
     for scheme in schemes:
         model = random_model(args, scheme, "cuda")
         nbytes = weight_bytes_per_token(model)
-        # eager, graphed, graphed without programmatic dependent launch (read when the graphs are captured)
-        steps = [(DecodeStep(model, graphs=False), "1"), (DecodeStep(model), "1"), (DecodeStep(model), "0")]
+        # eager, graphed, graphed without programmatic dependent launch or with each RMSNorm a launch of its own
+        # (not in wo's and w2's GEMVs): both read as the graphs are captured
+        steps = [(DecodeStep(model, graphs=False), ""), (DecodeStep(model), ""), (DecodeStep(model), " no-pdl"),
+                 (DecodeStep(model), " unfused-norm")]
         if compile:
-            steps.append((DecodeStep(model, compile=True), "1"))
-        for step, pdl in steps:
-            os.environ["LILMISTRAL_PDL"] = pdl
+            steps.append((DecodeStep(model, compile=True), ""))
+        for step, variant in steps:
+            os.environ["LILMISTRAL_PDL"] = "0" if variant == " no-pdl" else "1"
+            TritonKernel.adds_norm = variant != " unfused-norm"
             ttft, per_token, replay = decode_seconds(model, args, step, tokens)
             os.environ.pop("LILMISTRAL_PDL")
-            row = {"scheme": scheme, "layers": layers, "step": step.mode + ("" if pdl == "1" else " no-pdl")}
+            TritonKernel.adds_norm = True
+            row = {"scheme": scheme, "layers": layers, "step": step.mode + variant}
             if replay is not None:
                 row["replay_ms"] = round(replay * 1e3, 3)
             rows.append({**row, "decode_tps": round(1 / per_token, 1),

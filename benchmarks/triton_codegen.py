@@ -24,8 +24,9 @@ from lilmistral.quant import triton_kernels
 from lilmistral.quant.pack import QuantSpec
 
 POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "out_ptr": "*bf16",
-            "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64"}  # _gemv's, in order
-GEMV_SIGNATURE, GEMV_ALIGNED = dict(POINTERS, N="i32", K="i32", magic="i32"), [*POINTERS, "N", "K"]
+            "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64", "nw_ptr": "*bf16",
+            "normed_ptr": "*bf16"}  # _gemv's, in order
+GEMV_SIGNATURE, GEMV_ALIGNED = dict(POINTERS, N="i32", K="i32", magic="i32", eps="fp32"), [*POINTERS, "N", "K"]
 
 
 def compile_kernel(fn, signature: dict, constants: dict, aligned: list[str], warps: int, arch: int):
@@ -40,13 +41,13 @@ def compile_kernel(fn, signature: dict, constants: dict, aligned: list[str], war
 
 def gemv_constants(spec: QuantSpec, arch: int = 90, **variant: bool) -> dict:
     """The GEMV's constants at TILES' sizes for a matrix its tiles divide (as Mistral's); `variant`: experts,
-    residual or gated."""
+    residual, gated or norm."""
     block_n, block_k, _ = triton_kernels.TILES[spec.scheme]
     g = spec.group_size if spec.scheme == "int4" else 0
     return {**dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
                    ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
                    BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, EVEN=True, HAS_EXPERTS=False, HAS_RESIDUAL=False,
-                   GATED=False, PDL=arch >= 90), **variant}
+                   GATED=False, NORM=False, NORM_BLOCK=4096, PDL=arch >= 90), **variant}
 
 
 def compile_gemv(spec: QuantSpec, arch: int = 90, **variant: bool):
@@ -74,14 +75,17 @@ def compile_others(arch: int = 90) -> dict:
     gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, HAS_RESIDUAL=True,
                           GATED=False)
     gemm_aligned = [*gemm][:6] + ["N", "K"]
-    int8, warps = QuantSpec("int8"), tk.TILES["int8"][2]
+    int4, int8 = QuantSpec("int4", 32, False), QuantSpec("int8")
     kernels = {  # name: (kernel, signature, constants, aligned arguments, warps)
         "gemm residual": (tk._gemm, gemm, gemm_constants, gemm_aligned, 4),
         "gemm gated": (tk._gemm, gemm, dict(gemm_constants, HAS_RESIDUAL=False, GATED=True), gemm_aligned, 4),
         "gemv int8 experts residual": (tk._gemv, GEMV_SIGNATURE,
                                        gemv_constants(int8, arch, HAS_EXPERTS=True, HAS_RESIDUAL=True), GEMV_ALIGNED,
-                                       warps),
-        "gemv int8 gated": (tk._gemv, GEMV_SIGNATURE, gemv_constants(int8, arch, GATED=True), GEMV_ALIGNED, warps),
+                                       tk.TILES["int8"][2]),
+        "gemv int8 gated": (tk._gemv, GEMV_SIGNATURE, gemv_constants(int8, arch, GATED=True), GEMV_ALIGNED,
+                            tk.TILES["int8"][2]),
+        "gemv int4 residual norm": (tk._gemv, GEMV_SIGNATURE, gemv_constants(int4, arch, HAS_RESIDUAL=True, NORM=True),
+                                    GEMV_ALIGNED, tk.TILES["int4"][2]),
         "rms_norm": (tk._rms_norm, dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", D="i32", eps="fp32"),
                      dict(BLOCK=4096), ["x_ptr", "w_ptr", "out_ptr", "D"], 4),
         "rope": (tk._rope, dict(x_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", out_ptr="*bf16", T="i32",

@@ -20,16 +20,21 @@ from .config import ModelArgs
 KVUpdate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def add_norm(out: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm | None):
+    """residual + out (out without a residual) and, given norm, the pair (that, norm(that))."""
+    h = out if residual is None else residual + out
+    return h if norm is None else (h, norm(h))
+
+
 class Linear(nn.Linear):
-    """A projection (no bias) whose call may add a residual: `residual + linear(x)`, which a backend's kernel
-    may do as it writes its output (QuantLinear on a GPU), in one pass instead of two."""
+    """A projection (no bias) whose call may add a residual and normalize the sum (`add_norm`), which a
+    backend's kernel may do as it writes its output (QuantLinear on a GPU), in one launch instead of three."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        out = super().forward(x)
-        return out if residual is None else residual + out
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: RMSNorm | None = None):
+        return add_norm(super().forward(x), residual, norm)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,8 +129,8 @@ class Attention(nn.Module):
         self.wqkv: nn.Module | None = None  # wq, wk and wv as one, where a backend fuses them: outputs side by side
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                kv: KVUpdate, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The attention's output (plus residual, given one). mask: [H/K * T, S] (or broadcastable) boolean, True
+                kv: KVUpdate, residual: torch.Tensor | None = None, norm: RMSNorm | None = None):
+        """The attention's output (plus residual, given one; and normalized by norm: `add_norm`). mask: [H/K * T, S] (or broadcastable) boolean, True
         where a query may attend (None: everywhere)."""
         T = x.shape[0]
 
@@ -141,7 +146,7 @@ class Attention(nn.Module):
         keys, values = kv(k, heads(v))  # [K, S, hd]
         # grouped-query attention without repeating keys: the H/K query heads sharing a kv head become rows
         out = self.attend(q.reshape(self.n_kv_heads, -1, self.head_dim), keys, values, mask)  # [K, H/K * T, hd]
-        return self.wo(out.view(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1), residual)
+        return self.wo(out.view(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1), residual, norm)
 
 
 class FeedForward(nn.Module):
@@ -154,11 +159,12 @@ class FeedForward(nn.Module):
         self.gated: nn.Module | None = None  # or silu(w1 x) * w3 x as one, where a backend computes that
         self.activate = silu_mul  # a backend's kernel with silu_mul's signature may take its place
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: RMSNorm | None = None):
+        """The output (plus residual, given one; and normalized by norm: `add_norm`)."""
         if self.gated is not None:
-            return self.w2(self.gated(x), residual)
+            return self.w2(self.gated(x), residual, norm)
         gate, up = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x).chunk(2, dim=-1)
-        return self.w2(self.activate(gate, up), residual)
+        return self.w2(self.activate(gate, up), residual, norm)
 
 
 class Experts(nn.ModuleList):
@@ -181,11 +187,10 @@ class MoE(nn.Module):
         self.gate = Linear(args.dim, args.n_experts)
         self.experts = Experts(FeedForward(args.dim, args.hidden_dim) for _ in range(args.n_experts))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: RMSNorm | None = None):
         probs = F.softmax(self.gate(x).float(), dim=-1)  # [T, E]
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)  # [T, k]
-        out = self.experts(x, chosen, weights / weights.sum(dim=-1, keepdim=True))
-        return out if residual is None else residual + out
+        return add_norm(self.experts(x, chosen, weights / weights.sum(dim=-1, keepdim=True)), residual, norm)
 
 
 class Block(nn.Module):
@@ -197,9 +202,12 @@ class Block(nn.Module):
         self.feed_forward: nn.Module = MoE(args) if args.is_moe else FeedForward(args.dim, args.hidden_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                kv: KVUpdate) -> torch.Tensor:
-        h = self.attention(self.attention_norm(x), cos, sin, mask, kv, residual=x)
-        return self.feed_forward(self.ffn_norm(h), residual=h)
+                kv: KVUpdate, normed: torch.Tensor | None = None, next_norm: RMSNorm | None = None):
+        """The residual stream x after the block. normed: attention_norm(x), where the layer before computed it;
+        given next_norm, the pair (stream, next_norm(stream)), which the last projection may compute at once."""
+        normed = self.attention_norm(x) if normed is None else normed
+        h, normed = self.attention(normed, cos, sin, mask, kv, residual=x, norm=self.ffn_norm)
+        return self.feed_forward(normed, residual=h, norm=next_norm)
 
 
 class Transformer(nn.Module):
@@ -251,9 +259,11 @@ class Transformer(nn.Module):
             self.store_kv(layer_keys, layer_values, slot, k, v)
             return layer_keys[:, :n], layer_values[:, :n]
 
-        for layer, layer_keys, layer_values in zip(self.layers, keys, values):
-            h = layer(h, cos, sin, mask[None], partial(write, layer_keys, layer_values))
-        return self.head(h)
+        normed = None  # each layer's output projection normalizes the stream for the next layer (or the head)
+        next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, next_norm, layer_keys, layer_values in zip(self.layers, next_norms, keys, values):
+            h, normed = layer(h, cos, sin, mask[None], partial(write, layer_keys, layer_values), normed, next_norm)
+        return self.output(normed).float()
 
     def head(self, h: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         if last_only:

@@ -23,6 +23,7 @@ from lilmistral.cache import RollingKVCache
 from lilmistral.generate import DecodeStep, SamplingParams, prefill, sample, trace_step
 from lilmistral.llm import stream_text
 from lilmistral.loader import page_out
+from lilmistral.model import add_norm
 from lilmistral.quant import QuantExperts, vnni
 from lilmistral.quant.cpu import VnniInt4Kernel, VnniInt8Kernel, layer_kernels
 
@@ -357,8 +358,8 @@ def test_a_trace_the_tracer_warns_of_is_refused(full, monkeypatch):
     chooses by it) makes the tracer warn: trace_step refuses it."""
     llm = lilmistral.load(full, dtype="float32", num_ctx=64)
     wo = llm.model.layers[0].attention.wo
-    monkeypatch.setattr(wo, "forward",
-                        lambda x, residual: residual + F.linear(x, wo.weight) * (2 if x.shape[0] > 16 else 1))
+    monkeypatch.setattr(wo, "forward", lambda x, residual, norm:
+                        add_norm(F.linear(x, wo.weight) * (2 if x.shape[0] > 16 else 1), residual, norm))
     with torch.inference_mode():
         prefill(llm.model, llm.cache, list(range(10, 22)))
         position, mask = llm.cache.begin_step()

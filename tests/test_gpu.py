@@ -84,16 +84,21 @@ def test_graphed_decode_gives_the_eager_logits(args):
     assert sorted(graphed._graphed.graphs) == [256, 384]  # the last cache's graphs: its two buckets
 
 
-def test_programmatic_dependent_launch_changes_no_logits(monkeypatch):
-    """Graphed decode with the kernels launched programmatically dependent (the default on Hopper: each starts
-    while the one before finishes, and waits for it before reading its output) and without (LILMISTRAL_PDL=0)
+@pytest.mark.parametrize("variant", ["no-pdl", "unfused-norm"])
+def test_launch_and_fusion_variants_change_no_logits(variant, monkeypatch):
+    """Graphed decode as by default (on Hopper the kernels launched programmatically dependent: each starts
+    while the one before finishes, and waits for it before reading its output; wo's and w2's GEMVs
+    normalizing the sum they write) and without either (LILMISTRAL_PDL=0; each RMSNorm a launch of its own)
     give the same logits, within the atomic sums' rounding."""
+    from lilmistral.quant.triton_kernels import TritonKernel
+
     gpu, _ = models(DENSE, "int4")
     ids = torch.randint(1, DENSE.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     logits = []
     with torch.inference_mode():
-        for pdl in ("1", "0"):
-            monkeypatch.setenv("LILMISTRAL_PDL", pdl)
+        for default in (True, False):
+            monkeypatch.setenv("LILMISTRAL_PDL", "1" if default or variant != "no-pdl" else "0")
+            monkeypatch.setattr(TritonKernel, "adds_norm", default or variant != "unfused-norm")
             cache, step = cache_for(gpu, DENSE), DecodeStep(gpu)
             prefill(gpu, cache, ids[:30])
             logits.append([step(token, cache).clone() for token in ids[30:]])

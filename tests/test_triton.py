@@ -50,14 +50,20 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
 def test_split_k_and_prefill_path(spec, n, k):
     """Decode splits K over programs (atomic adds into a workspace the last one turns into the output); more than
     GEMV_MAX_ROWS rows take the tl.dot GEMM, in the activations' dtype (float32 under the interpreter, which
-    multiplies bfloat16 tiles wrongly). Both add a residual as they write, given one."""
+    multiplies bfloat16 tiles wrongly). Both add a residual as they write, given one, and then, given an
+    RMSNorm's weight and eps, RMS-normalize the sum: the GEMV in the same launch (the row's last column tile to
+    be written normalizes the row), split along K or not."""
+    from lilmistral.quant.triton_kernels import rms_norm
+
     w = torch.randn(n, k)
     parts = {name: t.to(DEVICE) for name, t in quantize(w, spec).items()}
     kernel = TritonKernel(parts, spec, block_n=16, block_k=64)
-    assert kernel.gemv_constants["SPLIT"] > 1  # several programs along K
+    unsplit = TritonKernel(parts, spec, block_n=16, block_k=triton.next_power_of_2(k))
+    assert kernel.gemv_constants["SPLIT"] > 1 and unsplit.gemv_constants["SPLIT"] == 1  # programs along K or not
     assert kernel.gemv_constants["EVEN"] == (n == 48)  # the tiles divide the matrix: no masks
     reference = dequantize(parts, spec)
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    norm = ((1 + 0.1 * torch.randn(n)).to(DEVICE, dtype), 1e-5)
     for rows in (1, 12, 40):  # GEMV, then the GEMM with one and several blocks of rows
         x = torch.randn(rows, k).to(DEVICE, dtype)
         got = kernel(x)
@@ -66,7 +72,11 @@ def test_split_k_and_prefill_path(spec, n, k):
         assert ((got.float() - expected).norm() / expected.norm()).item() < (1e-2 if HAS_CUDA else 1e-5)
         residual = torch.randn(rows, n).to(DEVICE, dtype)
         same(kernel(x, residual), residual + got)  # the residual added as the output is written
-        sums, counts = kernel.workspace  # the last program of each tile left them zero for the next call
+        for k_split in (kernel, unsplit):
+            h, normed = k_split(x, residual, norm)
+            same(h, residual + k_split(x))
+            assert torch.equal(normed, rms_norm(h, *norm))  # the normalized row of the sum it wrote
+        sums, counts = kernel.workspace  # the last program of each tile (and row) left them zero for the next call
         assert not sums.any() and not counts.any()
     same(kernel(x[:3]), kernel(x[:3]))
 
@@ -181,6 +191,10 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     attended = []  # the decode attention kernel's calls
     kernel_call = DecodeAttention.__call__
     monkeypatch.setattr(DecodeAttention, "__call__", lambda self, *a: attended.append(1) or kernel_call(self, *a))
+    normalized = []  # the GEMVs that normalize the sum they write
+    gemv = TritonKernel.gemv
+    monkeypatch.setattr(TritonKernel, "gemv", lambda self, x, *a, norm=None, **kw:
+                        normalized.append(norm is not None) or gemv(self, x, *a, norm=norm, **kw))
     caches = [RollingKVCache(2, 2, 16, 64, None, t) for t in (dtype, torch.float32)]
     tolerance = 0.03 if dtype == torch.bfloat16 else 1e-4
     step = DecodeStep(model, trace=False)
@@ -192,6 +206,9 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
         assert ((got - expected).norm() / expected.norm()).item() < tolerance
     # every call: the prompt's 2 x 5 query rows a kv head are few enough too (a causal mask a row)
     assert len(attended) == (5 * args.n_layers if dtype == torch.float32 else 0)
+    # wo's GEMV normalizes for the feed-forward (3 forward calls, 2 decode steps); decoding, w2's for the next
+    # layer or the head too (a MoE's experts: no)
+    assert sum(normalized) == args.n_layers * (3 + 2 * (1 if moe else 2))
 
 
 def test_gemv_reads_the_weights_in_16_byte_loads():
@@ -212,8 +229,8 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     assert attention["tensor_core_ops"] > 0 and attention["async_loads_16B"] > 0, attention
     others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles, and waits
     assert all(r["waits_for_previous"] for r in rows if "instructions" in r), rows
-    assert others == {"gemm residual", "gemm gated", "gemv int8 experts residual", "gemv int8 gated", "rms_norm",
-                      "rope", "silu_mul", "store_kv"}, rows
+    assert others == {"gemm residual", "gemm gated", "gemv int8 experts residual", "gemv int8 gated",
+                      "gemv int4 residual norm", "rms_norm", "rope", "silu_mul", "store_kv"}, rows
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..model import Experts, FeedForward, Transformer
+from ..model import Experts, FeedForward, RMSNorm, Transformer, add_norm
 from . import cpu, cuda
 from .cpu import DequantKernel, kernel_type
 from .pack import QuantSpec, packed_shapes
@@ -62,16 +62,17 @@ class QuantLinear(nn.Module):
             self._buffers[name] = None
         return parts
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x's product with the weight, plus residual given one (model.Linear): in the kernel where it adds one
-        as it writes its output (Triton's)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: RMSNorm | None = None):
+        """x's product with the weight, plus residual given one, and normalized by norm given one (model.Linear):
+        in the kernel where it does so as it writes its output (Triton's adds a residual; at decode, normalizes
+        the sum too), else after it."""
         if self.kernel is None:
             self.prepare(x.dtype)
-        if residual is None:
-            return self.kernel(x)
-        if getattr(self.kernel, "adds_residual", False):
-            return self.kernel(x, residual)
-        return residual + self.kernel(x)
+        if residual is None or not getattr(self.kernel, "adds_residual", False):
+            return add_norm(self.kernel(x), residual, norm)
+        if norm is not None and getattr(self.kernel, "adds_norm", False) and not torch.compiler.is_compiling():
+            return self.kernel(x, residual, (norm.weight, norm.eps))  # compiled, inductor fuses the norm itself
+        return add_norm(self.kernel(x, residual), None, norm)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -35,6 +35,7 @@ import triton.language as tl
 from .pack import QuantSpec
 
 GEMV_MAX_ROWS = 8
+Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight and eps
 # (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU
 TILES = {"int4": (256, 32, 2), "int8": (256, 64, 2)}
 # float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it. The kernels take it as an
@@ -124,17 +125,42 @@ def _write(out_ptr, res_ptr, rows, row_ok, col0, N, value, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, N, K, magic,
-          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
+def _normalize_row(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+    """A row of D values RMS-normalized, rounded where model.rms_norm rounds. x is read past the L1 cache (.cg):
+    other multiprocessors may have just written it (`_normalize_when_last`)."""
+    offs = tl.arange(0, BLOCK)
+    ok = offs < D
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    xf = x.to(tl.float32)
+    normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (w * normed.to(tl.float32)).to(x.dtype), mask=ok)
+
+
+@triton.jit
+def _normalize_when_last(out_ptr, w_ptr, normed_ptr, counter, N, eps, BLOCK: tl.constexpr):
+    """Once a program has written its columns of out's row [N]: the last of the row's column tiles to do so (a
+    counter, left at zero) writes the whole row RMS-normalized to normed's, in the same launch."""
+    tl.debug_barrier()  # every thread's columns stored before the counter's release
+    if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        tl.debug_barrier()
+        _normalize_row(out_ptr, w_ptr, normed_ptr, N, eps, BLOCK)
+        tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, nw_ptr, normed_ptr, N, K,
+          magic, eps, BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
           EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-          PDL: tl.constexpr):
+          NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K
     inputs in steps of STEP inputs (a group, or a part of one: G == 0 is int8's one scale a column). SPLIT
     programs along K add their parts to float32 sums (`_workspace`); the last of a column tile to finish, told
     by a counter, writes the output in its dtype and leaves sums and counter at zero for the next call: no
-    zeroing, casting or adding launch a call. With PDL, the first step's weights are read before waiting for
-    the kernel before."""
+    zeroing, casting or adding launch a call. NORM: the row's last tile written, out's row RMS-normalized (by
+    nw, eps) goes to normed's. With PDL, the first step's weights are read before waiting for the kernel
+    before."""
     _let_next_start(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = STEP // PER_WORD  # word rows a step
@@ -189,9 +215,12 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
     out = tl.sum(acc, axis=0) + acc_min
     if G == 0:
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    row_counter = count_ptr + tl.num_programs(2) * tl.num_programs(0) + row  # after the tiles' counters
     if SPLIT == 1:
         _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, out[None, :], BLOCK_N,
                HAS_RESIDUAL, GATED)
+        if NORM:
+            _normalize_when_last(out_ptr + row * N, nw_ptr, normed_ptr + row * N, row_counter, N, eps, NORM_BLOCK)
     else:
         tl.atomic_add(sums_ptr + row * N + offs_n, out, mask=n_ok, sem="relaxed")
         tl.debug_barrier()  # every thread's sums added before the counter's release (CUDA's threadFenceReduction)
@@ -203,6 +232,9 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
                    HAS_RESIDUAL, GATED)
             tl.store(sums_ptr + row * N + offs_n, tl.zeros_like(total), mask=n_ok)
             tl.atomic_xchg(tile, 0)
+            if NORM:
+                _normalize_when_last(out_ptr + row * N, nw_ptr, normed_ptr + row * N, row_counter, N, eps,
+                                     NORM_BLOCK)
 
 
 @triton.jit
@@ -316,22 +348,28 @@ class TritonKernel:
         return p["q"], p["scales"], p.get("mins", p["scales"])  # mins unread without them
 
     def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-             gated: bool = False) -> torch.Tensor:
+             gated: bool = False, norm: Norm | None = None):
         """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype (plus residual [M, N], given one; gated:
-        `gated`). With expert [M] (the parts stacked [E, ...]: ExpertsKernel), row m times expert[m]'s weight."""
+        `gated`; given norm, the pair (out, out RMS-normalized)). With expert [M] (the parts stacked [E, ...]:
+        ExpertsKernel), row m times expert[m]'s weight."""
         m = x.shape[0]
         out = torch.empty((m, self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
+        normed = torch.empty_like(out) if norm is not None else out  # unwritten without a norm
+        norm_weight, eps = norm if norm is not None else (out, 0.0)
         sums, counts = self.workspace
         grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
         res = residual if residual is not None else out  # unread without a residual
-        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, self.n, self.k, MAGIC,
+        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, norm_weight, normed, self.n, self.k, MAGIC, eps,
                     HAS_EXPERTS=expert is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
-                    **self.gemv_constants, **launch_options(x.device))
-        return out
+                    NORM=norm is not None, NORM_BLOCK=triton.next_power_of_2(self.n), **self.gemv_constants,
+                    **launch_options(x.device))
+        return out if norm is None else (out, normed)
 
-    def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
-        """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`), for any M (prefill)."""
+    def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False,
+             norm: Norm | None = None):
+        """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`; given norm, the pair
+        (out, out RMS-normalized: a launch of its own)), for any M (prefill)."""
         m = x.shape[0]
         out = torch.empty((m, self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -340,12 +378,13 @@ class TritonKernel:
         _gemm[grid](x, *self._pointers(), out, res, m, self.n, self.k, MAGIC, BLOCK_M=block_m, BLOCK_N=64,
                     BLOCK_K=32, HAS_RESIDUAL=residual is not None, GATED=gated, num_warps=4, **self.constants,
                     **launch_options(x.device))
-        return out
+        return out if norm is None else (out, rms_norm(out, *norm))
 
     adds_residual = True  # QuantLinear passes its residual: added as the output is written
+    adds_norm = True  # and the next RMSNorm's weight and eps: at decode, the sum normalized in the same launch
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self._rows(x, residual=residual)
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None):
+        return self._rows(x, residual=residual, norm=norm)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up [..., N/2] where the weight's columns are (gate, up) pairs (repacked interleaved: w1's
@@ -357,6 +396,8 @@ class TritonKernel:
         if options.get("residual") is not None:
             options["residual"] = options["residual"].reshape(-1, self.n).contiguous()
         out = (self.gemv if rows.shape[0] <= GEMV_MAX_ROWS else self.gemm)(rows, **options)
+        if isinstance(out, tuple):
+            return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in out)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -508,13 +549,7 @@ def _rms_norm(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr, PDL: tl.conste
     _let_next_start(PDL)
     _wait_previous(PDL)
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    ok = offs < D
-    x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
-    xf = x.to(tl.float32)
-    normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * D + offs, (w * normed.to(tl.float32)).to(x.dtype), mask=ok)
+    _normalize_row(x_ptr + row * D, w_ptr, out_ptr + row * D, D, eps, BLOCK)
 
 
 @triton.jit
