@@ -6,8 +6,9 @@ Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, th
 Mistral-7B's layer shapes; the decode attention against SDPA; decode tokens/s of a Mistral-7B-shape model
 (random weights, `--layers` layers, int8 head) with the weight bytes read per token and that as a fraction of
 the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; also without programmatic
-dependent launch, and with each RMSNorm a launch of its own) and, with --compile, torch.compile; last, the
-kernels an eager int4 step launches with 1 and 2 layers, and their GPU time.
+dependent launch, with each RMSNorm a launch of its own, and with RoPE and the cache write launches of their own)
+and, with --compile, torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and
+their GPU time.
 """
 from __future__ import annotations
 
@@ -140,18 +141,18 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
     for scheme in schemes:
         model = random_model(args, scheme, "cuda")
         nbytes = weight_bytes_per_token(model)
-        # eager, graphed, graphed without programmatic dependent launch or with each RMSNorm a launch of its own
-        # (not in wo's and w2's GEMVs): both read as the graphs are captured
+        # eager, graphed, graphed without programmatic dependent launch, with each RMSNorm a launch of its own
+        # (not in wo's and w2's GEMVs) or RoPE and the cache write (not in wqkv's): read as the graphs are captured
         steps = [(DecodeStep(model, graphs=False), ""), (DecodeStep(model), ""), (DecodeStep(model), " no-pdl"),
-                 (DecodeStep(model), " unfused-norm")]
+                 (DecodeStep(model), " unfused-norm"), (DecodeStep(model), " unfused-rope")]
         if compile:
             steps.append((DecodeStep(model, compile=True), ""))
         for step, variant in steps:
             os.environ["LILMISTRAL_PDL"] = "0" if variant == " no-pdl" else "1"
-            TritonKernel.adds_norm = variant != " unfused-norm"
+            TritonKernel.adds_norm, TritonKernel.rotates = variant != " unfused-norm", variant != " unfused-rope"
             ttft, per_token, replay = decode_seconds(model, args, step, tokens)
             os.environ.pop("LILMISTRAL_PDL")
-            TritonKernel.adds_norm = True
+            TritonKernel.adds_norm = TritonKernel.rotates = True
             row = {"scheme": scheme, "layers": layers, "step": step.mode + variant}
             if replay is not None:
                 row["replay_ms"] = round(replay * 1e3, 3)

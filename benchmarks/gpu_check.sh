@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for s in $steps; do
     case $s in
-        int4) step int4 170 python3 -m benchmarks.gpu_bench --schemes int4 ;;
+        int4) step int4 200 python3 -m benchmarks.gpu_bench --schemes int4 ;;
         tests) step tests 200 python3 -m pytest --noconftest -q --maxfail=5 tests/test_gpu.py tests/test_triton.py ;;
         sweep) step sweep 100 python3 -m benchmarks.gemv_sweep --scheme int4 ;;
         others) step others 120 python3 -m benchmarks.gpu_bench --schemes int8 bf16 ;;

@@ -25,8 +25,11 @@ from lilmistral.quant.pack import QuantSpec
 
 POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "out_ptr": "*bf16",
             "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64", "nw_ptr": "*bf16",
-            "normed_ptr": "*bf16"}  # _gemv's, in order
-GEMV_SIGNATURE, GEMV_ALIGNED = dict(POINTERS, N="i32", K="i32", magic="i32", eps="fp32"), [*POINTERS, "N", "K"]
+            "normed_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "keys_ptr": "*bf16", "values_ptr": "*bf16",
+            "slot_ptr": "*i64"}  # _gemv's, in order
+GEMV_SIGNATURE = dict(POINTERS, N="i32", K="i32", magic="i32", eps="fp32", q_cols="i32", stride_ch="i32",
+                      stride_cs="i32")
+GEMV_ALIGNED = [*POINTERS, "N", "K", "q_cols", "stride_ch", "stride_cs"]
 
 
 def compile_kernel(fn, signature: dict, constants: dict, aligned: list[str], warps: int, arch: int):
@@ -41,13 +44,13 @@ def compile_kernel(fn, signature: dict, constants: dict, aligned: list[str], war
 
 def gemv_constants(spec: QuantSpec, arch: int = 90, **variant: bool) -> dict:
     """The GEMV's constants at TILES' sizes for a matrix its tiles divide (as Mistral's); `variant`: experts,
-    residual, gated or norm."""
+    residual, gated, norm or rotary."""
     block_n, block_k, _ = triton_kernels.TILES[spec.scheme]
     g = spec.group_size if spec.scheme == "int4" else 0
     return {**dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
                    ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
                    BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, EVEN=True, HAS_EXPERTS=False, HAS_RESIDUAL=False,
-                   GATED=False, NORM=False, NORM_BLOCK=4096, PDL=arch >= 90), **variant}
+                   GATED=False, NORM=False, NORM_BLOCK=4096, ROTARY=False, HD=128, PDL=arch >= 90), **variant}
 
 
 def compile_gemv(spec: QuantSpec, arch: int = 90, **variant: bool):
@@ -86,6 +89,8 @@ def compile_others(arch: int = 90) -> dict:
                             tk.TILES["int8"][2]),
         "gemv int4 residual norm": (tk._gemv, GEMV_SIGNATURE, gemv_constants(int4, arch, HAS_RESIDUAL=True, NORM=True),
                                     GEMV_ALIGNED, tk.TILES["int4"][2]),
+        "gemv int4 rotary": (tk._gemv, GEMV_SIGNATURE, gemv_constants(int4, arch, ROTARY=True), GEMV_ALIGNED,
+                             tk.TILES["int4"][2]),
         "rms_norm": (tk._rms_norm, dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", D="i32", eps="fp32"),
                      dict(BLOCK=4096), ["x_ptr", "w_ptr", "out_ptr", "D"], 4),
         "rope": (tk._rope, dict(x_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", out_ptr="*bf16", T="i32",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -105,6 +106,25 @@ def store_kv(keys: torch.Tensor, values: torch.Tensor, slot: torch.Tensor, k: to
     values.index_copy_(1, slot, v)
 
 
+@dataclass
+class SlotWrite:
+    """A decode step's KVUpdate: its key and value into slot `slot` [1] of a layer's keys, values [K, size, hd]
+    (by `store`: store_kv or a backend's kernel), then the first n slots to attend to."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slot: torch.Tensor
+    n: int
+    store: Callable = store_kv
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.store(self.keys, self.values, self.slot, k, v)
+        return self.attended()
+
+    def attended(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[:, :self.n], self.values[:, :self.n]
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -127,11 +147,23 @@ class Attention(nn.Module):
         self.attend = sdpa  # a backend's kernel with sdpa's signature may take its place
         self.rotate = rope  # and rope's
         self.wqkv: nn.Module | None = None  # wq, wk and wv as one, where a backend fuses them: outputs side by side
+        # and a backend's kernel that, in a decode step, rotates wqkv's q and k and stores k and v as it writes
+        # them: (wqkv, x, cos, sin, SlotWrite) -> q [1, H * hd], or None where it cannot
+        self.project_store: Callable | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 kv: KVUpdate, residual: torch.Tensor | None = None, norm: RMSNorm | None = None):
-        """The attention's output (plus residual, given one; and normalized by norm: `add_norm`). mask: [H/K * T, S] (or broadcastable) boolean, True
-        where a query may attend (None: everywhere)."""
+        """The attention's output (plus residual, given one; and normalized by norm: `add_norm`). mask:
+        [H/K * T, S] (or broadcastable) boolean, True where a query may attend (None: everywhere)."""
+        T = x.shape[0]
+        q, keys, values = self.qkv(x, cos, sin, kv)
+        # grouped-query attention without repeating keys: the H/K query heads sharing a kv head become rows
+        out = self.attend(q.reshape(self.n_kv_heads, -1, self.head_dim), keys, values, mask)  # [K, H/K * T, hd]
+        return self.wo(out.view(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1), residual, norm)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            kv: KVUpdate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [H, T, hd] rotated, and the keys and values [K, S, hd] to attend to once kv has k (rotated) and v."""
         T = x.shape[0]
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # [T, N * hd] -> [N, T, hd]
@@ -140,13 +172,15 @@ class Attention(nn.Module):
         if self.wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
             q, k = self.rotate(heads(q), cos, sin), self.rotate(heads(k), cos, sin)  # [H, T, hd], [K, T, hd]
-        else:  # q and k side by side in the fused output: rotated in one call
-            qk, v = self.wqkv(x).split([self.wq.out_features + self.wk.out_features, self.wv.out_features], dim=-1)
-            q, k = self.rotate(heads(qk), cos, sin).split([self.n_heads, self.n_kv_heads])
-        keys, values = kv(k, heads(v))  # [K, S, hd]
-        # grouped-query attention without repeating keys: the H/K query heads sharing a kv head become rows
-        out = self.attend(q.reshape(self.n_kv_heads, -1, self.head_dim), keys, values, mask)  # [K, H/K * T, hd]
-        return self.wo(out.view(self.n_heads, T, self.head_dim).transpose(0, 1).reshape(T, -1), residual, norm)
+            return q, *kv(k, heads(v))
+        if self.project_store is not None and isinstance(kv, SlotWrite):
+            q = self.project_store(self.wqkv, x, cos, sin, kv)
+            if q is not None:
+                return heads(q), *kv.attended()
+        # q and k side by side in the fused output: rotated in one call
+        qk, v = self.wqkv(x).split([self.wq.out_features + self.wk.out_features, self.wv.out_features], dim=-1)
+        q, k = self.rotate(heads(qk), cos, sin).split([self.n_heads, self.n_kv_heads])
+        return q, *kv(k, heads(v))
 
 
 class FeedForward(nn.Module):
@@ -253,16 +287,11 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(token)
         cos, sin = self.rope(position, h.dtype)
         slot = position % keys[0].shape[1]
-        n = mask.shape[0]
-
-        def write(layer_keys: torch.Tensor, layer_values: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-            self.store_kv(layer_keys, layer_values, slot, k, v)
-            return layer_keys[:, :n], layer_values[:, :n]
-
         normed = None  # each layer's output projection normalizes the stream for the next layer (or the head)
         next_norms = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
         for layer, next_norm, layer_keys, layer_values in zip(self.layers, next_norms, keys, values):
-            h, normed = layer(h, cos, sin, mask[None], partial(write, layer_keys, layer_values), normed, next_norm)
+            write = SlotWrite(layer_keys, layer_values, slot, mask.shape[0], self.store_kv)
+            h, normed = layer(h, cos, sin, mask[None], write, normed, next_norm)
         return self.output(normed).float()
 
     def head(self, h: torch.Tensor, last_only: bool = False) -> torch.Tensor:

@@ -84,12 +84,13 @@ def test_graphed_decode_gives_the_eager_logits(args):
     assert sorted(graphed._graphed.graphs) == [256, 384]  # the last cache's graphs: its two buckets
 
 
-@pytest.mark.parametrize("variant", ["no-pdl", "unfused-norm"])
+@pytest.mark.parametrize("variant", ["no-pdl", "unfused-norm", "unfused-rope"])
 def test_launch_and_fusion_variants_change_no_logits(variant, monkeypatch):
     """Graphed decode as by default (on Hopper the kernels launched programmatically dependent: each starts
     while the one before finishes, and waits for it before reading its output; wo's and w2's GEMVs
-    normalizing the sum they write) and without either (LILMISTRAL_PDL=0; each RMSNorm a launch of its own)
-    give the same logits, within the atomic sums' rounding."""
+    normalizing the sum they write; wqkv's rotating q and k and storing k and v) and without each
+    (LILMISTRAL_PDL=0; each RMSNorm, RoPE and the cache write a launch of its own) give the same logits,
+    within the atomic sums' rounding."""
     from lilmistral.quant.triton_kernels import TritonKernel
 
     gpu, _ = models(DENSE, "int4")
@@ -99,6 +100,7 @@ def test_launch_and_fusion_variants_change_no_logits(variant, monkeypatch):
         for default in (True, False):
             monkeypatch.setenv("LILMISTRAL_PDL", "1" if default or variant != "no-pdl" else "0")
             monkeypatch.setattr(TritonKernel, "adds_norm", default or variant != "unfused-norm")
+            monkeypatch.setattr(TritonKernel, "rotates", default or variant != "unfused-rope")
             cache, step = cache_for(gpu, DENSE), DecodeStep(gpu)
             prefill(gpu, cache, ids[:30])
             logits.append([step(token, cache).clone() for token in ids[30:]])

@@ -90,6 +90,39 @@ def same(a: torch.Tensor, b: torch.Tensor) -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_n,block_k", [(32, 64), (64, 256)], ids=["two-heads-a-tile-split", "unsplit"])
+def test_fused_qkv_gemv_rotates_and_stores(block_n, block_k, dtype):
+    """A decode step's fused wq, wk, wv GEMV with rotary: q's and k's heads rotated as the RoPE kernel rotates
+    the projection's output (test_pointwise_kernels_round_as_pytorchs_operators: as model.rope), q returned, k
+    and v written into the cache's slot as the cache's write does, the other slots untouched; tiles of two
+    heads straddling q, k and v (hd 16, 4 q heads, 2 kv heads)."""
+    from lilmistral.quant import triton_kernels as tk
+    from lilmistral.quant.triton_kernels import Rotary
+
+    g = torch.Generator().manual_seed(block_n)
+    spec, hd, n_heads, n_kv = QuantSpec("int4", 32, False), 16, 4, 2
+    blocks = [quantize(torch.randn(rows * hd, 256, generator=g), spec) for rows in (n_heads, n_kv, n_kv)]
+    fused = TritonKernel({name: [b[name].to(DEVICE) for b in blocks] for name in blocks[0]}, spec, block_n, block_k)
+    assert fused.can_rotate(torch.zeros(1, 256), hd) and not fused.can_rotate(torch.zeros(2, 256), hd)
+    x = torch.randn(1, 256, generator=g).to(DEVICE, dtype)
+    angles = torch.randn(1, hd // 2, generator=g).repeat(1, 2)
+    cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+    caches = [torch.randn(2, n_kv, 10, hd, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    caches[1].copy_(caches[0])
+    slot = torch.tensor([7], device=DEVICE)
+    q = fused.gemv(x, rotary=Rotary(cos, sin, caches[0][0], caches[0][1], slot))
+    out = fused.gemv(x)  # the composite: the projection, then RoPE and the cache's write
+    heads = out.view(1, -1, hd).transpose(0, 1)  # [H + 2K, 1, hd]
+    rotated = tk.rope(heads[:n_heads + n_kv], cos, sin)
+    tk.store_kv(caches[1][0], caches[1][1], slot, rotated[n_heads:], heads[n_heads + n_kv:])
+    assert q.shape == (1, n_heads * hd)
+    same(q.view(n_heads, 1, hd), rotated[:n_heads])
+    same(caches[0], caches[1])
+    sums, counts = fused.workspace
+    assert not sums.any() and not counts.any()
+
+
 def test_repack_layout_and_fused_projections():
     """The kernels' layout: the canonical bytes as little-endian int32 words, transposed; a fused projection's
     blocks of rows repacked into one kernel whose columns are each member's product."""
@@ -160,9 +193,10 @@ def test_experts_kernel_reads_each_rows_expert(spec, k):
 def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype, monkeypatch):
     """The GPU path's modules under the interpreter: every weight on a Triton kernel (as on a GPU: wq/wk/wv
     fused from their blocks of rows, w1/w3 fused gated, a MoE's experts on ExpertsKernels over views of their stacks)
-    gives the float32 dequantized reference's logits, prompt and decoded tokens (forward and decode_step). In
-    float32 with the GPU's layer kernels too (normalize, rotate, activate, attend: the interpreter multiplies
-    bfloat16 tiles wrongly), to float32's rounding; in bfloat16, within its rounding."""
+    gives the float32 dequantized reference's logits, prompt and decoded tokens (forward and decode_step): in
+    float32 with every GPU layer kernel (normalize, rotate, activate, attend, store_kv), to float32's rounding;
+    in bfloat16 (wq/wk/wv fused, as on a GPU) with project_store, within its rounding. Decoding, the GEMVs of wo and w2 normalize the sum they
+    write for what follows, and the fused wq/wk/wv's rotates q and k and stores k and v as it writes them."""
     from benchmarks.random_model import random_weights
     from lilmistral.cache import RollingKVCache
     from lilmistral.config import ModelArgs
@@ -178,8 +212,10 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     monkeypatch.setattr(linear, "make_kernel", lambda parts, spec, dtype=None: cuda.make_kernel(parts, spec))
     monkeypatch.setattr(linear, "fusable", lambda *args: True)
     monkeypatch.setattr(linear, "gated_fusion", lambda device: True)
-    if dtype == torch.float32:
-        monkeypatch.setattr(cpu, "layer_kernels", cuda.layer_kernels)
+    gpu_kernels = cuda.layer_kernels(args.head_dim, dtype)
+    if dtype == torch.bfloat16:  # the interpreter multiplies bfloat16 tiles wrongly, and truncates where a GPU rounds
+        gpu_kernels = {"project_store": gpu_kernels["project_store"]}
+    monkeypatch.setattr(cpu, "layer_kernels", lambda head_dim, dtype: gpu_kernels)
     model = build_model(args, tensors, specs, "cpu", dtype)
     fused = dtype == torch.bfloat16  # the loader fuses for a GPU or bfloat16 on the CPU
     attention, feed_forward = model.layers[0].attention, model.layers[0].feed_forward
@@ -191,10 +227,9 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     attended = []  # the decode attention kernel's calls
     kernel_call = DecodeAttention.__call__
     monkeypatch.setattr(DecodeAttention, "__call__", lambda self, *a: attended.append(1) or kernel_call(self, *a))
-    normalized = []  # the GEMVs that normalize the sum they write
+    gemvs = []  # the GEMVs' options
     gemv = TritonKernel.gemv
-    monkeypatch.setattr(TritonKernel, "gemv", lambda self, x, *a, norm=None, **kw:
-                        normalized.append(norm is not None) or gemv(self, x, *a, norm=norm, **kw))
+    monkeypatch.setattr(TritonKernel, "gemv", lambda self, x, *a, **kw: gemvs.append(kw) or gemv(self, x, *a, **kw))
     caches = [RollingKVCache(2, 2, 16, 64, None, t) for t in (dtype, torch.float32)]
     tolerance = 0.03 if dtype == torch.bfloat16 else 1e-4
     step = DecodeStep(model, trace=False)
@@ -207,8 +242,9 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     # every call: the prompt's 2 x 5 query rows a kv head are few enough too (a causal mask a row)
     assert len(attended) == (5 * args.n_layers if dtype == torch.float32 else 0)
     # wo's GEMV normalizes for the feed-forward (3 forward calls, 2 decode steps); decoding, w2's for the next
-    # layer or the head too (a MoE's experts: no)
-    assert sum(normalized) == args.n_layers * (3 + 2 * (1 if moe else 2))
+    # layer or the head too (a MoE's experts: no); and where wq/wk/wv are fused, their GEMV rotates and stores
+    assert sum(kw.get("norm") is not None for kw in gemvs) == args.n_layers * (3 + 2 * (1 if moe else 2))
+    assert sum(kw.get("rotary") is not None for kw in gemvs) == (2 * args.n_layers if fused else 0)
 
 
 def test_gemv_reads_the_weights_in_16_byte_loads():
@@ -230,7 +266,7 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles, and waits
     assert all(r["waits_for_previous"] for r in rows if "instructions" in r), rows
     assert others == {"gemm residual", "gemm gated", "gemv int8 experts residual", "gemv int8 gated",
-                      "gemv int4 residual norm", "rms_norm", "rope", "silu_mul", "store_kv"}, rows
+                      "gemv int4 residual norm", "gemv int4 rotary", "rms_norm", "rope", "silu_mul", "store_kv"}, rows
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

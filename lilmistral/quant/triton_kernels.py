@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,16 @@ from .pack import QuantSpec
 
 GEMV_MAX_ROWS = 8
 Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight and eps
+
+
+class Rotary(NamedTuple):
+    """What a decode step's fused wq, wk, wv GEMV needs to rotate q and k and store k and v as it writes them."""
+
+    cos: torch.Tensor  # the position's [1, hd]
+    sin: torch.Tensor
+    keys: torch.Tensor  # the layer's [K, size, hd]
+    values: torch.Tensor
+    slot: torch.Tensor  # [1]
 # (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU
 TILES = {"int4": (256, 32, 2), "int8": (256, 64, 2)}
 # float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it. The kernels take it as an
@@ -97,6 +108,50 @@ def _load(pointer, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _rotate(lo, hi, cos_ptr, sin_ptr, i, HALF: tl.constexpr):
+    """Dimensions i and i + HALF of heads (lo, hi: [..., len(i)] in the activations' dtype) rotated by a
+    position's cos, sin [2 * HALF], rounded where model.rope's operators round."""
+    dt = lo.dtype
+    c_lo, c_hi = tl.load(cos_ptr + i).to(tl.float32), tl.load(cos_ptr + HALF + i).to(tl.float32)
+    s_lo, s_hi = tl.load(sin_ptr + i).to(tl.float32), tl.load(sin_ptr + HALF + i).to(tl.float32)
+    lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
+    out_lo = (lo_f * c_lo).to(dt).to(tl.float32) + (-hi_f * s_lo).to(dt).to(tl.float32)
+    out_hi = (hi_f * c_hi).to(dt).to(tl.float32) + (lo_f * s_hi).to(dt).to(tl.float32)
+    return out_lo.to(dt), out_hi.to(dt)
+
+
+@triton.jit
+def _store_head_halves(out_ptr, keys_ptr, values_ptr, slot_ptr, cols, rotated, raw, N, Q_COLS, stride_ch,
+                       stride_cs, HD: tl.constexpr):
+    """Columns `cols` of a decode step's fused q, k, v row: q's (rotated) to out, k's (rotated) and v's (raw)
+    into the slot of the layer's keys and values [K, size, HD]."""
+    kv_cols = (N - Q_COLS) // 2
+    at = tl.load(slot_ptr) * stride_cs
+    tl.store(out_ptr + cols, rotated, mask=cols < Q_COLS)
+    k = tl.maximum(cols - Q_COLS, 0)
+    tl.store(keys_ptr + (k // HD) * stride_ch + at + k % HD, rotated, mask=(cols >= Q_COLS) & (cols < Q_COLS + kv_cols))
+    v = tl.maximum(cols - Q_COLS - kv_cols, 0)
+    tl.store(values_ptr + (v // HD) * stride_ch + at + v % HD, raw, mask=(cols >= Q_COLS + kv_cols) & (cols < N))
+
+
+@triton.jit
+def _write_rotated(out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, col0, N, Q_COLS, stride_ch, stride_cs,
+                   value, BLOCK_N: tl.constexpr, HD: tl.constexpr):
+    """A decode step's tile of wq, wk, wv's fused product (value [BLOCK_N] in float32: whole heads, q's, then
+    k's, then v's), rounded to out's dtype as the projection's output is: q's and k's heads rotated (RoPE, the
+    position's cos and sin [HD]), q to out [Q_COLS], k and v into the cache's slot (model.store_kv)."""
+    HALF: tl.constexpr = HD // 2
+    heads = tl.permute(tl.reshape(value.to(out_ptr.dtype.element_ty), (BLOCK_N // HD, 2, HALF)), (0, 2, 1))
+    lo, hi = tl.split(heads)  # [BLOCK_N / HD, HALF]: each head's dimensions i and i + HALF
+    i = tl.arange(0, HALF)[None, :]
+    rot_lo, rot_hi = _rotate(lo, hi, cos_ptr, sin_ptr, i, HALF)
+    cols = col0 + tl.arange(0, BLOCK_N // HD)[:, None] * HD + i
+    _store_head_halves(out_ptr, keys_ptr, values_ptr, slot_ptr, cols, rot_lo, lo, N, Q_COLS, stride_ch, stride_cs, HD)
+    _store_head_halves(out_ptr, keys_ptr, values_ptr, slot_ptr, cols + HALF, rot_hi, hi, N, Q_COLS, stride_ch,
+                       stride_cs, HD)
+
+
+@triton.jit
 def _silu_times(gate, up, dt):
     """silu(gate) * up from float32 values, rounded to dt where model.silu_mul's bfloat16 operators round."""
     g = gate.to(dt).to(tl.float32)
@@ -149,18 +204,19 @@ def _normalize_when_last(out_ptr, w_ptr, normed_ptr, counter, N, eps, BLOCK: tl.
 
 
 @triton.jit
-def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, nw_ptr, normed_ptr, N, K,
-          magic, eps, BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
+def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, nw_ptr, normed_ptr, cos_ptr,
+          sin_ptr, keys_ptr, values_ptr, slot_ptr, N, K, magic, eps, q_cols, stride_ch, stride_cs,
+          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
           EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-          NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr):
+          NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ROTARY: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
     """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K
     inputs in steps of STEP inputs (a group, or a part of one: G == 0 is int8's one scale a column). SPLIT
     programs along K add their parts to float32 sums (`_workspace`); the last of a column tile to finish, told
     by a counter, writes the output in its dtype and leaves sums and counter at zero for the next call: no
     zeroing, casting or adding launch a call. NORM: the row's last tile written, out's row RMS-normalized (by
-    nw, eps) goes to normed's. With PDL, the first step's weights are read before waiting for the kernel
-    before."""
+    nw, eps) goes to normed's. ROTARY (a decode step's fused wq, wk, wv, one row): `_write_rotated` instead of
+    `_write`. With PDL, the first step's weights are read before waiting for the kernel before."""
     _let_next_start(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = STEP // PER_WORD  # word rows a step
@@ -217,8 +273,12 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     row_counter = count_ptr + tl.num_programs(2) * tl.num_programs(0) + row  # after the tiles' counters
     if SPLIT == 1:
-        _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, out[None, :], BLOCK_N,
-               HAS_RESIDUAL, GATED)
+        if ROTARY:
+            _write_rotated(out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, pid_n * BLOCK_N, N, q_cols,
+                           stride_ch, stride_cs, out, BLOCK_N, HD)
+        else:
+            _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, out[None, :], BLOCK_N,
+                   HAS_RESIDUAL, GATED)
         if NORM:
             _normalize_when_last(out_ptr + row * N, nw_ptr, normed_ptr + row * N, row_counter, N, eps, NORM_BLOCK)
     else:
@@ -228,8 +288,12 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
         if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:  # the tile's last program: its sums are complete
             tl.debug_barrier()
             total = tl.load(sums_ptr + row * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-            _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, total[None, :], BLOCK_N,
-                   HAS_RESIDUAL, GATED)
+            if ROTARY:
+                _write_rotated(out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, pid_n * BLOCK_N, N, q_cols,
+                               stride_ch, stride_cs, total, BLOCK_N, HD)
+            else:
+                _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, total[None, :],
+                       BLOCK_N, HAS_RESIDUAL, GATED)
             tl.store(sums_ptr + row * N + offs_n, tl.zeros_like(total), mask=n_ok)
             tl.atomic_xchg(tile, 0)
             if NORM:
@@ -348,23 +412,34 @@ class TritonKernel:
         return p["q"], p["scales"], p.get("mins", p["scales"])  # mins unread without them
 
     def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-             gated: bool = False, norm: Norm | None = None):
+             gated: bool = False, norm: Norm | None = None, rotary: Rotary | None = None):
         """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype (plus residual [M, N], given one; gated:
         `gated`; given norm, the pair (out, out RMS-normalized)). With expert [M] (the parts stacked [E, ...]:
-        ExpertsKernel), row m times expert[m]'s weight."""
+        ExpertsKernel), row m times expert[m]'s weight. With rotary (`rotates`): q [1, H * hd] rotated, k
+        rotated and v stored into the cache's slot."""
         m = x.shape[0]
-        out = torch.empty((m, self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
+        width = self.n // 2 if gated else self.n
+        if rotary is not None:  # q's columns
+            width -= 2 * rotary.keys.shape[0] * rotary.keys.shape[2]
+        out = torch.empty((m, width), dtype=x.dtype, device=x.device)
         normed = torch.empty_like(out) if norm is not None else out  # unwritten without a norm
         norm_weight, eps = norm if norm is not None else (out, 0.0)
+        cos, sin, keys, values, slot = rotary if rotary is not None else (out, out, out, out, out)  # unread without
         sums, counts = self.workspace
         grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
         res = residual if residual is not None else out  # unread without a residual
-        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, norm_weight, normed, self.n, self.k, MAGIC, eps,
+        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, norm_weight, normed, cos, sin, keys, values, slot,
+                    self.n, self.k, MAGIC, eps, width, keys.stride(0), keys.stride(-2),
                     HAS_EXPERTS=expert is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
-                    NORM=norm is not None, NORM_BLOCK=triton.next_power_of_2(self.n), **self.gemv_constants,
-                    **launch_options(x.device))
+                    NORM=norm is not None, NORM_BLOCK=triton.next_power_of_2(self.n), ROTARY=rotary is not None,
+                    HD=keys.shape[-1] if rotary is not None else 2, **self.gemv_constants, **launch_options(x.device))
         return out if norm is None else (out, normed)
+
+    def can_rotate(self, x: torch.Tensor, head_dim: int) -> bool:
+        """Whether the GEMV rotates and stores a fused wq, wk, wv's output for x as it writes it (gemv's
+        rotary): one row, each column tile whole heads."""
+        return self.rotates and x.shape[0] == 1 and self.block_n % head_dim == 0 and head_dim & (head_dim - 1) == 0
 
     def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False,
              norm: Norm | None = None):
@@ -382,6 +457,7 @@ class TritonKernel:
 
     adds_residual = True  # QuantLinear passes its residual: added as the output is written
     adds_norm = True  # and the next RMSNorm's weight and eps: at decode, the sum normalized in the same launch
+    rotates = True  # decoding, a fused wq, wk, wv's RoPE and cache write in its launch (`can_rotate`)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None):
         return self._rows(x, residual=residual, norm=norm)
@@ -560,16 +636,11 @@ def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, T, stride_n, stride_t, HALF: tl.cons
     n, t = tl.program_id(0) // T, tl.program_id(0) % T
     i = tl.arange(0, HALF)
     src = x_ptr + n * stride_n + t * stride_t
-    lo, hi = tl.load(src + i), tl.load(src + HALF + i)
-    c_lo, c_hi = tl.load(cos_ptr + t * 2 * HALF + i), tl.load(cos_ptr + t * 2 * HALF + HALF + i)
-    s_lo, s_hi = tl.load(sin_ptr + t * 2 * HALF + i), tl.load(sin_ptr + t * 2 * HALF + HALF + i)
-    dt = lo.dtype
-    lo_f, hi_f = lo.to(tl.float32), hi.to(tl.float32)
-    out_lo = (lo_f * c_lo.to(tl.float32)).to(dt).to(tl.float32) + (-hi_f * s_lo.to(tl.float32)).to(dt).to(tl.float32)
-    out_hi = (hi_f * c_hi.to(tl.float32)).to(dt).to(tl.float32) + (lo_f * s_hi.to(tl.float32)).to(dt).to(tl.float32)
+    out_lo, out_hi = _rotate(tl.load(src + i), tl.load(src + HALF + i), cos_ptr + t * 2 * HALF, sin_ptr + t * 2 * HALF,
+                             i, HALF)
     dst = out_ptr + tl.program_id(0) * 2 * HALF
-    tl.store(dst + i, out_lo.to(dt))
-    tl.store(dst + HALF + i, out_hi.to(dt))
+    tl.store(dst + i, out_lo)
+    tl.store(dst + HALF + i, out_hi)
 
 
 @triton.jit
