@@ -5,10 +5,10 @@
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, the GEMV kernels' GB/s on
 Mistral-7B's layer shapes; the decode attention against SDPA; decode tokens/s of a Mistral-7B-shape model
 (random weights, `--layers` layers, int8 head) with the weight bytes read per token and that as a fraction of
-the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; also without programmatic
-dependent launch, with each RMSNorm a launch of its own, and with RoPE and the cache write launches of their own)
-and, with --compile, torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and
-their GPU time.
+the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; for int4 also without
+programmatic dependent launch, with each RMSNorm a launch of its own, with RoPE and the cache write launches of
+their own, and with each step queued only after the host read the token before) and, with --compile,
+torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and their GPU time.
 """
 from __future__ import annotations
 
@@ -109,18 +109,20 @@ def kernels_per_token(layers: int) -> dict:
             "top": sorted(((round(us, 1), name) for name, us in by_name.items()), reverse=True)[:12]}
 
 
-def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int) -> tuple[float, float, float | None]:
+def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int,
+                   ahead: bool = True) -> tuple[float, float, float | None]:
     """(seconds to the first token after a 128-token prompt, seconds a decoded token, and for a graphed step the
-    GPU's seconds a token: its graph replayed back to back, without the host's work between tokens)."""
+    GPU's seconds a token: its graph replayed back to back, without the host's work between tokens). Greedy,
+    each step queued ahead of the host's read of its token unless `ahead` is False."""
     cache = RollingKVCache(args.n_layers, args.n_kv_heads, args.head_dim, 4096, None, torch.bfloat16, "cuda")
     params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=tokens)
     prompt = list(range(1, 129))
     with torch.inference_mode():
-        list(generate_tokens(model, cache, prompt, params, [], step))  # warm-up: Triton builds, graph captures
+        list(generate_tokens(model, cache, prompt, params, [], step, ahead))  # warm-up: Triton builds, graphs
         cache.reset()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        stream = generate_tokens(model, cache, prompt, params, [], step)
+        stream = generate_tokens(model, cache, prompt, params, [], step, ahead)
         next(stream)
         first = time.perf_counter()
         n = 1 + sum(1 for _ in stream)
@@ -141,16 +143,19 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
     for scheme in schemes:
         model = random_model(args, scheme, "cuda")
         nbytes = weight_bytes_per_token(model)
-        # eager, graphed, graphed without programmatic dependent launch, with each RMSNorm a launch of its own
-        # (not in wo's and w2's GEMVs) or RoPE and the cache write (not in wqkv's): read as the graphs are captured
-        steps = [(DecodeStep(model, graphs=False), ""), (DecodeStep(model), ""), (DecodeStep(model), " no-pdl"),
-                 (DecodeStep(model), " unfused-norm"), (DecodeStep(model), " unfused-rope")]
+        # eager, graphed; for int4 also graphed without programmatic dependent launch, with each RMSNorm a launch
+        # of its own (not in wo's and w2's GEMVs) or RoPE and the cache write (not in wqkv's), all read as the
+        # graphs are captured, and with each step queued only once the host has read the token before (not ahead)
+        steps = [(DecodeStep(model, graphs=False), ""), (DecodeStep(model), "")]
+        if scheme == "int4":
+            steps += [(DecodeStep(model), variant) for variant in (" no-pdl", " unfused-norm", " unfused-rope",
+                                                                     " not-ahead")]
         if compile:
             steps.append((DecodeStep(model, compile=True), ""))
         for step, variant in steps:
             os.environ["LILMISTRAL_PDL"] = "0" if variant == " no-pdl" else "1"
             TritonKernel.adds_norm, TritonKernel.rotates = variant != " unfused-norm", variant != " unfused-rope"
-            ttft, per_token, replay = decode_seconds(model, args, step, tokens)
+            ttft, per_token, replay = decode_seconds(model, args, step, tokens, variant != " not-ahead")
             os.environ.pop("LILMISTRAL_PDL")
             TritonKernel.adds_norm = TritonKernel.rotates = True
             row = {"scheme": scheme, "layers": layers, "step": step.mode + variant}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What a session lent a GPU runs first (~10-12 minutes on an H200 in all, much of it Triton compiling: two
 # calls of the device tool, e.g. "int4 tests sweep" then "others compile"), the most wanted first: 32-layer
-# Mistral-7B-shape int4 decode (eager and graphed, the target), the GPU tests, the int4 GEMV tile
+# Mistral-7B-shape int4 decode (eager; graphed, the target; graphed without each of PDL, the fused
+# norms, the fused RoPE/cache write and decoding ahead, to see what each buys), the GPU tests, the int4 GEMV tile
 # sweep, then int8/bf16 decode and int4 compiled. Each step has its own time limit,
 # so one that hangs costs only its own, and writes its log under $OUT as it goes (what a cut-off call still
 # returns). Steps can be named to run only some: bash benchmarks/gpu_check.sh tests sweep

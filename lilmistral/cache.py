@@ -68,10 +68,12 @@ class RollingKVCache:
         self.length = 0
 
     def rewind(self, length: int) -> bool:
-        """Forget positions >= length. False when the buffer no longer holds what that needs."""
+        """Forget positions >= length. False when the buffer no longer holds what that needs: writing the m
+        positions from `length` on overwrote positions length - size ... length - size + m - 1, and the next
+        position, `length`, attends to those after length - window."""
         if length > self.length:
             return False
-        if self.window is not None and self.length - length > self.size - self.window:
+        if self.window is not None and self.length - length > self.size - self.window + 1:
             return False
         self.length = length
         return True

@@ -147,11 +147,15 @@ class GraphedStep:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # slots attended -> graph, logits
         self.pool = None  # the graphs share one memory pool: only one runs at a time
 
-    def __call__(self, token: int, position: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
+    def __call__(self, token: int | torch.Tensor, position: torch.Tensor, mask: torch.Tensor, keys: list[torch.Tensor],
                  values: list[torch.Tensor]) -> torch.Tensor:
-        """The step's logits [1, vocab], in the graph's output buffer (overwritten by the next call)."""
+        """The step's logits [1, vocab], in the graph's output buffer (overwritten by the next call). token: an
+        id, or one on the device [1]."""
         n = mask.shape[0]
-        self.token.fill_(token)
+        if isinstance(token, torch.Tensor):
+            self.token.copy_(token)
+        else:
+            self.token.fill_(token)
         if n not in self.graphs:
             self.graphs[n] = self._capture(position, mask, keys, values)
         graph, logits = self.graphs[n]
@@ -219,7 +223,7 @@ class DecodeStep:
             self._marked = weakref.ref(cache)
         return self._compiled
 
-    def _graphed_step(self, token: int, cache: RollingKVCache) -> torch.Tensor:
+    def _graphed_step(self, token: int | torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
         if self._graphed is None or self._graphed.cache() is not cache:
             self._graphed = GraphedStep(self.model, cache)
         position, mask = cache.begin_step(self.CUDA_GRAPH_BUCKET)
@@ -227,11 +231,11 @@ class DecodeStep:
         cache.end()
         return logits[-1]
 
-    def __call__(self, token: int, cache: RollingKVCache) -> torch.Tensor:
-        """float32 logits [vocab] of `token` at the cache's next position."""
+    def __call__(self, token: int | torch.Tensor, cache: RollingKVCache) -> torch.Tensor:
+        """float32 logits [vocab] of `token` (an id, or one on the cache's device [1]) at the cache's next position."""
         if self.graphs and cache.device.type == "cuda":
             return self._graphed_step(token, cache)
-        tokens = torch.tensor([token], device=cache.device)
+        tokens = token.reshape(1) if isinstance(token, torch.Tensor) else torch.tensor([token], device=cache.device)
         if not hasattr(self.model, "decode_step"):  # a pipeline
             return self.model(tokens, cache)[-1]
         step, bucket = self.model.decode_step, 1
@@ -252,17 +256,23 @@ class DecodeStep:
 
 
 def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int], params: SamplingParams,
-                    eos_ids: Iterable[int], step: DecodeStep | None = None) -> Iterator[int]:
+                    eos_ids: Iterable[int], step: DecodeStep | None = None, ahead: bool | None = None) -> Iterator[int]:
     """Stream sampled token ids after the prompt. The cache may already hold a prefix of the prompt
-    (cache.length < len(prompt) tokens of it); only the rest is prefilled. `step` runs each new token
-    (default: untraced, as tracing pays off over many calls: an LLM keeps its own DecodeStep)."""
+    (cache.length < len(prompt) tokens of it); only the rest is prefilled. `step` runs each new token (default:
+    untraced, as tracing pays off over many calls: an LLM keeps its own DecodeStep). ahead: greedy decoding
+    runs each step ahead of the host's read of its token (`_greedy_ahead`; default: on a GPU)."""
     step = step or DecodeStep(model, trace=False)
+    if ahead is None:
+        ahead = cache.device.type == "cuda" and hasattr(model, "decode_step")
+    eos = set(eos_ids)
+    logits = prefill(model, cache, prompt[cache.length:])[-1]
+    if ahead and params.temperature == 0 and params.repeat_penalty == 1.0:
+        yield from _greedy_ahead(step, cache, logits, params.max_tokens, eos)
+        return
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=cache.device).manual_seed(params.seed)
-    eos = set(eos_ids)
     history = list(prompt)
-    logits = prefill(model, cache, prompt[cache.length:])[-1]
     produced = 0
     while params.max_tokens is None or produced < params.max_tokens:
         token = sample(logits, params, history, generator)
@@ -274,3 +284,46 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
         if cache.window is None and cache.length >= cache.size:
             return  # the context is full: stop as if max_tokens were reached
         logits = step(token, cache)
+
+
+def _read_later(token: torch.Tensor) -> Callable[[], int]:
+    """A read of a token id on the device [1] that waits only when called: on a GPU, copied to pinned memory
+    behind the work queued so far."""
+    if token.device.type != "cuda":
+        return lambda: int(token)
+    host = torch.empty(1, dtype=torch.long, pin_memory=True)
+    host.copy_(token, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> int:
+        copied.synchronize()
+        return int(host)
+    return read
+
+
+def _greedy_ahead(step: DecodeStep, cache: RollingKVCache, logits: torch.Tensor, max_tokens: int | None,
+                  eos: set[int]) -> Iterator[int]:
+    """Greedy decoding with each step queued before the host reads the token it runs: the argmax stays on the
+    device, so the GPU computes token i + 1 while the host hands out token i (otherwise, between two steps,
+    the GPU waits for the host to read a token, return it and queue the next step). The same tokens and cache
+    as sampling with temperature 0: a step run ahead for an end-of-sequence token is taken back (rewind)."""
+    token = torch.argmax(logits, dim=-1, keepdim=True)
+    reads = [_read_later(token)]  # token i's
+    produced = 0
+    while max_tokens is None or produced < max_tokens:
+        stepped = cache.window is not None or cache.length < cache.size  # else the context is full
+        if stepped:
+            logits = step(token, cache)
+            if max_tokens is None or produced + 1 < max_tokens:  # the next token, queued behind the step
+                token = torch.argmax(logits, dim=-1, keepdim=True)
+                reads.append(_read_later(token))
+        value = reads.pop(0)()
+        if value in eos:
+            if stepped and not cache.rewind(cache.length - 1):
+                raise AssertionError("a cache can always take back its last position")
+            return
+        yield value
+        produced += 1
+        if not stepped:
+            return

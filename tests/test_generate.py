@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import lilmistral
 from conftest import make_hf_model
 from lilmistral.cache import RollingKVCache
-from lilmistral.generate import DecodeStep, SamplingParams, prefill, sample, trace_step
+from lilmistral.generate import DecodeStep, SamplingParams, generate_tokens, prefill, sample, trace_step
 from lilmistral.llm import stream_text
 from lilmistral.loader import page_out
 from lilmistral.model import add_norm
@@ -365,6 +365,35 @@ def test_a_trace_the_tracer_warns_of_is_refused(full, monkeypatch):
         position, mask = llm.cache.begin_step()
         assert trace_step(llm.model, (torch.tensor([5]), position, mask, llm.cache.k, llm.cache.v)) is None
         llm.cache.end()
+
+
+@pytest.mark.parametrize("source", ["windowed", "full"])
+def test_greedy_decoding_ahead_gives_the_same_tokens_and_cache(source, request):
+    """Greedy decoding one step ahead of the host (a GPU's default: the argmax stays on the device and each
+    step is queued before the host reads the token it runs) gives the tokens of decoding a step at a time and
+    leaves the cache as it does: up to max_tokens; at a full context; stopping at an end-of-sequence token,
+    whose step it ran ahead is taken back (also in an 8-slot rolling buffer that has wrapped many times). The
+    conversation then goes on alike: the next step's logits are the same."""
+    folder = request.getfixturevalue(source)
+    llms = [lilmistral.load(folder, dtype="float32", num_ctx=48) for _ in range(2)]
+    prompt = list(range(10, 30))
+    params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=24)
+    with torch.inference_mode():
+        free = list(generate_tokens(llms[0].model, llms[0].cache, prompt, params, (), llms[0].decode_step))
+        for eos, max_tokens in (((), 24), ((free[12],), 24), ((), 40)):  # 40: the full model's 48 slots fill
+            params.max_tokens = max_tokens
+            runs = []
+            for llm, ahead in zip(llms, (False, True)):
+                llm.cache.reset()
+                tokens = list(generate_tokens(llm.model, llm.cache, prompt, params, eos, llm.decode_step, ahead))
+                room = llm.cache.window is not None or llm.cache.length < llm.cache.size
+                runs.append((tokens, llm.cache.length, llm.decode_step(7, llm.cache) if room else None))
+            (tokens, length, logits), (tokens_ahead, length_ahead, logits_ahead) = runs
+            assert tokens == tokens_ahead and length == length_ahead
+            assert len(tokens) <= 12 if eos else len(tokens) == min(max_tokens, length - 19)
+            assert (logits is None and logits_ahead is None) or torch.equal(logits, logits_ahead)
+    assert len(free) == 24 and len(runs[0][0]) == (40 if source == "windowed" else 48 - 20 + 1)
+    assert runs[0][2] is None if source == "full" else runs[0][2] is not None
 
 
 @pytest.mark.parametrize("source", ["windowed", "full"])
