@@ -24,7 +24,7 @@ class SamplingParams:
     top_k: int = 40  # 0: off
     top_p: float = 0.9  # 1.0: off
     repeat_penalty: float = 1.1  # 1.0: off
-    repeat_last_n: int = 64
+    repeat_last_n: int = 64  # 0: off; -1: every token so far (as Ollama)
     seed: int | None = None
     max_tokens: int | None = None  # None: until EOS or the context is full
     stop: list[str] = field(default_factory=list)
@@ -45,6 +45,7 @@ class SamplingParams:
             (self.top_k >= 0, "top_k must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1 (-1: every token so far)"),
             (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
         ]
         for ok, message in checks:
@@ -52,25 +53,42 @@ class SamplingParams:
                 raise LilmistralError(message)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, history: list[int],
-           generator: torch.Generator | None) -> int:
-    """One token from float32 logits [vocab]: repetition penalty, temperature, top-k, top-p, then draw. The
-    filters work on the top-k candidates only (sorted by topk), not on a sort of the whole vocabulary."""
-    if params.repeat_penalty != 1.0 and history:
-        recent = torch.tensor(list(set(history[-params.repeat_last_n:])), device=logits.device)
-        picked = logits[recent]
-        penalized = torch.where(picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty)
-        logits = logits.index_put((recent,), penalized)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    if params.top_k > 0:
-        values, ids = torch.topk(logits, min(params.top_k, logits.shape[-1]))  # largest first
-    else:
-        values, ids = torch.sort(logits, descending=True)
-    probs = torch.softmax(values / params.temperature, dim=-1)
-    if params.top_p < 1.0:  # the smallest prefix reaching top_p: keep the token crossing it
-        probs = probs[:int((probs.cumsum(dim=-1) - probs < params.top_p).sum())]
-    return int(ids[torch.multinomial(probs, 1, generator=generator)])
+class Sampler:
+    """Draws tokens from float32 logits [vocab] on their device, never waiting for it (no host sync): the repeat
+    penalty over the recent ids (kept on the device: the prompt's last repeat_last_n to start with), temperature,
+    top-k, top-p (over the top-k candidates only, sorted by topk, not over a sort of the whole vocabulary), then
+    the draw. A token comes as a tensor [1] on the device, and joins the recent ids."""
+
+    def __init__(self, params: SamplingParams, history: list[int], device: torch.device) -> None:
+        self.params = params
+        self.generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
+        n = params.repeat_last_n
+        self.recent = None  # no penalty
+        if params.repeat_penalty != 1.0 and n != 0:
+            self.recent = torch.tensor(history[-n:] if n > 0 else history, dtype=torch.long, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if self.recent is not None:  # repeated ids write the same value
+            picked = logits[self.recent]
+            penalized = torch.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
+            logits = logits.index_put((self.recent,), penalized)
+        if p.temperature == 0:
+            token = torch.argmax(logits, dim=-1, keepdim=True)
+        else:
+            if p.top_k > 0:
+                values, ids = torch.topk(logits, min(p.top_k, logits.shape[-1]))  # largest first
+            else:
+                values, ids = torch.sort(logits, descending=True)
+            probs = torch.softmax(values / p.temperature, dim=-1)
+            if p.top_p < 1.0:  # the smallest prefix reaching top_p: keep the token crossing it
+                probs = probs * (probs.cumsum(dim=-1) - probs < p.top_p)
+            token = ids[torch.multinomial(probs, 1, generator=self.generator)]
+        if self.recent is not None:
+            self.recent = torch.cat([self.recent, token])
+            if p.repeat_last_n > 0:
+                self.recent = self.recent[-p.repeat_last_n:]
+        return token
 
 
 def prefill(model: Transformer, cache: RollingKVCache, ids: list[int], all_logits: bool = False) -> torch.Tensor:
@@ -259,31 +277,39 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
                     eos_ids: Iterable[int], step: DecodeStep | None = None, ahead: bool | None = None) -> Iterator[int]:
     """Stream sampled token ids after the prompt. The cache may already hold a prefix of the prompt
     (cache.length < len(prompt) tokens of it); only the rest is prefilled. `step` runs each new token (default:
-    untraced, as tracing pays off over many calls: an LLM keeps its own DecodeStep). ahead: greedy decoding
-    runs each step ahead of the host's read of its token (`_greedy_ahead`; default: on a GPU)."""
+    untraced, as tracing pays off over many calls: an LLM keeps its own DecodeStep). The tokens are drawn on
+    the device (`Sampler`); ahead (default: on a GPU), each step and the next draw are queued before the host
+    reads the token they follow, so the GPU computes token i + 1 while the host hands out token i (else, between
+    two steps, it waits for the host to read a token, return it and queue the next step); a step run ahead for
+    an end-of-sequence token is taken back (the cache rewinds one position): the same tokens and cache."""
     step = step or DecodeStep(model, trace=False)
     if ahead is None:
         ahead = cache.device.type == "cuda" and hasattr(model, "decode_step")
-    eos = set(eos_ids)
-    logits = prefill(model, cache, prompt[cache.length:])[-1]
-    if ahead and params.temperature == 0 and params.repeat_penalty == 1.0:
-        yield from _greedy_ahead(step, cache, logits, params.max_tokens, eos)
-        return
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=cache.device).manual_seed(params.seed)
-    history = list(prompt)
+    sampler, eos = Sampler(params, prompt, cache.device), set(eos_ids)
+
+    def advance(token: torch.Tensor, last: bool) -> torch.Tensor | None:  # run token; then draw the next one
+        logits = step(token, cache)
+        return None if last else sampler(logits)
+
+    token = sampler(prefill(model, cache, prompt[cache.length:])[-1])
     produced = 0
     while params.max_tokens is None or produced < params.max_tokens:
-        token = sample(logits, params, history, generator)
-        if token in eos:
+        room = cache.window is not None or cache.length < cache.size  # else the context is full
+        last = params.max_tokens is not None and produced + 1 >= params.max_tokens
+        read = _read_later(token)
+        if ahead and room:  # this token's step and the next draw queued before the host reads this token
+            token = advance(token, last)
+        value = read()
+        if value in eos:
+            if ahead and room and not cache.rewind(cache.length - 1):  # the step run ahead, taken back
+                raise AssertionError("a cache can always take back its last position")
             return
-        yield token
+        yield value
         produced += 1
-        history.append(token)
-        if cache.window is None and cache.length >= cache.size:
+        if not room:
             return  # the context is full: stop as if max_tokens were reached
-        logits = step(token, cache)
+        if not ahead:
+            token = advance(token, last)
 
 
 def _read_later(token: torch.Tensor) -> Callable[[], int]:
@@ -301,29 +327,3 @@ def _read_later(token: torch.Tensor) -> Callable[[], int]:
         return int(host)
     return read
 
-
-def _greedy_ahead(step: DecodeStep, cache: RollingKVCache, logits: torch.Tensor, max_tokens: int | None,
-                  eos: set[int]) -> Iterator[int]:
-    """Greedy decoding with each step queued before the host reads the token it runs: the argmax stays on the
-    device, so the GPU computes token i + 1 while the host hands out token i (otherwise, between two steps,
-    the GPU waits for the host to read a token, return it and queue the next step). The same tokens and cache
-    as sampling with temperature 0: a step run ahead for an end-of-sequence token is taken back (rewind)."""
-    token = torch.argmax(logits, dim=-1, keepdim=True)
-    reads = [_read_later(token)]  # token i's
-    produced = 0
-    while max_tokens is None or produced < max_tokens:
-        stepped = cache.window is not None or cache.length < cache.size  # else the context is full
-        if stepped:
-            logits = step(token, cache)
-            if max_tokens is None or produced + 1 < max_tokens:  # the next token, queued behind the step
-                token = torch.argmax(logits, dim=-1, keepdim=True)
-                reads.append(_read_later(token))
-        value = reads.pop(0)()
-        if value in eos:
-            if stepped and not cache.rewind(cache.length - 1):
-                raise AssertionError("a cache can always take back its last position")
-            return
-        yield value
-        produced += 1
-        if not stepped:
-            return

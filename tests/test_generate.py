@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import lilmistral
 from conftest import make_hf_model
 from lilmistral.cache import RollingKVCache
-from lilmistral.generate import DecodeStep, SamplingParams, generate_tokens, prefill, sample, trace_step
+from lilmistral.generate import DecodeStep, Sampler, SamplingParams, generate_tokens, prefill, trace_step
 from lilmistral.llm import stream_text
 from lilmistral.loader import page_out
 from lilmistral.model import add_norm
@@ -156,12 +156,22 @@ def test_seed_reproducible_and_sampling_options(full):
 
 def test_sample_filters():
     logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
-    g = torch.Generator().manual_seed(0)
-    draws = {sample(logits, SamplingParams(temperature=1.0, top_k=2, top_p=1.0, repeat_penalty=1.0), [], g)
-             for _ in range(200)}
-    assert draws == {1, 2}
-    # repetition penalty divides a positive logit: token 1 (3.0 -> 1.5) loses to token 2
-    assert sample(logits, SamplingParams(temperature=0, repeat_penalty=2.0), [1], None) == 2
+    params = SamplingParams(temperature=1.0, top_k=2, top_p=1.0, repeat_penalty=1.0, seed=0)
+    sampler = Sampler(params, [], torch.device("cpu"))
+    draws = [sampler(logits) for _ in range(200)]
+    assert {int(t) for t in draws} == {1, 2} and all(t.shape == (1,) for t in draws)
+    # top_p keeps the smallest prefix reaching it: 3.0 alone holds ~66% of the probability
+    nucleus = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.6, repeat_penalty=1.0, seed=0), [], "cpu")
+    assert {int(nucleus(logits)) for _ in range(50)} == {1}
+    # repetition penalty divides a positive logit: token 1 (3.0 -> 1.5) loses to token 2; over the last
+    # repeat_last_n ids (the prompt's, then the drawn ones), none with 0
+    def greedy(history: list[int], **options) -> int:
+        return int(Sampler(SamplingParams(temperature=0, repeat_penalty=2.0, **options), history, "cpu")(logits))
+
+    assert greedy([1]) == 2 and greedy([1, 0, 0], repeat_last_n=2) == 1 and greedy([1], repeat_last_n=0) == 1
+    assert greedy([1, 0, 0], repeat_last_n=-1) == 2
+    recent = Sampler(SamplingParams(temperature=0, repeat_penalty=2.0, repeat_last_n=2), [3, 0], "cpu")
+    assert int(recent(logits)) == 1 and recent.recent.tolist() == [0, 1]  # the drawn id joins the recent ones
     with pytest.raises(lilmistral.LilmistralError):
         SamplingParams.from_kwargs(temperature=-1)
     with pytest.raises(lilmistral.LilmistralError):
@@ -368,32 +378,35 @@ def test_a_trace_the_tracer_warns_of_is_refused(full, monkeypatch):
 
 
 @pytest.mark.parametrize("source", ["windowed", "full"])
-def test_greedy_decoding_ahead_gives_the_same_tokens_and_cache(source, request):
-    """Greedy decoding one step ahead of the host (a GPU's default: the argmax stays on the device and each
-    step is queued before the host reads the token it runs) gives the tokens of decoding a step at a time and
-    leaves the cache as it does: up to max_tokens; at a full context; stopping at an end-of-sequence token,
-    whose step it ran ahead is taken back (also in an 8-slot rolling buffer that has wrapped many times). The
-    conversation then goes on alike: the next step's logits are the same."""
+def test_decoding_ahead_gives_the_same_tokens_and_cache(source, request):
+    """Decoding with each step and the next draw queued before the host reads the token they follow (a GPU's
+    default: the draw stays on the device) gives the tokens of decoding a step at a time, greedy and sampled
+    (the same seed), and leaves the cache as it does: up to max_tokens; at a full context; stopping at an
+    end-of-sequence token, whose step it ran ahead is taken back (also in an 8-slot rolling buffer that has
+    wrapped many times). The conversation then goes on alike: the next step's logits are the same."""
     folder = request.getfixturevalue(source)
     llms = [lilmistral.load(folder, dtype="float32", num_ctx=48) for _ in range(2)]
     prompt = list(range(10, 30))
-    params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=24)
     with torch.inference_mode():
-        free = list(generate_tokens(llms[0].model, llms[0].cache, prompt, params, (), llms[0].decode_step))
-        for eos, max_tokens in (((), 24), ((free[12],), 24), ((), 40)):  # 40: the full model's 48 slots fill
-            params.max_tokens = max_tokens
-            runs = []
-            for llm, ahead in zip(llms, (False, True)):
-                llm.cache.reset()
-                tokens = list(generate_tokens(llm.model, llm.cache, prompt, params, eos, llm.decode_step, ahead))
-                room = llm.cache.window is not None or llm.cache.length < llm.cache.size
-                runs.append((tokens, llm.cache.length, llm.decode_step(7, llm.cache) if room else None))
-            (tokens, length, logits), (tokens_ahead, length_ahead, logits_ahead) = runs
-            assert tokens == tokens_ahead and length == length_ahead
-            assert len(tokens) <= 12 if eos else len(tokens) == min(max_tokens, length - 19)
-            assert (logits is None and logits_ahead is None) or torch.equal(logits, logits_ahead)
-    assert len(free) == 24 and len(runs[0][0]) == (40 if source == "windowed" else 48 - 20 + 1)
-    assert runs[0][2] is None if source == "full" else runs[0][2] is not None
+        for params in (SamplingParams(temperature=0, repeat_penalty=1.0), SamplingParams(seed=5)):
+            params.max_tokens = 24
+            llms[0].cache.reset()
+            free = list(generate_tokens(llms[0].model, llms[0].cache, prompt, params, (), llms[0].decode_step))
+            assert len(free) == 24
+            for eos, max_tokens in (((), 24), ((free[12],), 24), ((), 40)):  # 40: the full model's 48 slots fill
+                params.max_tokens = max_tokens
+                runs = []
+                for llm, ahead in zip(llms, (False, True)):
+                    llm.cache.reset()
+                    tokens = list(generate_tokens(llm.model, llm.cache, prompt, params, eos, llm.decode_step, ahead))
+                    room = llm.cache.window is not None or llm.cache.length < llm.cache.size
+                    runs.append((tokens, llm.cache.length, llm.decode_step(7, llm.cache) if room else None))
+                (tokens, length, logits), (tokens_ahead, length_ahead, logits_ahead) = runs
+                assert tokens == tokens_ahead and length == length_ahead
+                assert len(tokens) <= 12 if eos else len(tokens) == min(max_tokens, length - 19)
+                assert (logits is None and logits_ahead is None) or torch.equal(logits, logits_ahead)
+            assert len(tokens) == (40 if source == "windowed" else 48 - 20 + 1)  # the last round's
+            assert (logits is None) == (source == "full")
 
 
 @pytest.mark.parametrize("source", ["windowed", "full"])

@@ -107,22 +107,24 @@ def test_launch_and_fusion_variants_change_no_logits(variant, monkeypatch):
     assert all(relative(a, b) < 1e-2 for a, b in zip(*logits))
 
 
-def test_greedy_decoding_ahead_gives_the_step_by_step_tokens():
-    """Graphed greedy decoding with each step queued before the host reads its token (the default on a GPU: the
-    argmax stays on the device, the token's id comes back through pinned memory) gives the tokens and cache
-    length of decoding a step at a time, and stops alike at an end-of-sequence token."""
+def test_decoding_ahead_gives_the_step_by_step_tokens():
+    """Graphed decoding with each step and the next draw queued before the host reads the token they follow
+    (the default on a GPU: tokens drawn on the device, their ids read back through pinned memory) gives the
+    tokens and cache length of decoding a step at a time, greedy and sampled (the same seed), and stops alike
+    at an end-of-sequence token."""
     from lilmistral.generate import SamplingParams, generate_tokens
 
     gpu, _ = models(DENSE, "int4")
-    params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=30)
     step = DecodeStep(gpu)
 
-    def run(eos: tuple[int, ...], ahead: bool) -> tuple[list[int], int]:
+    def run(params: SamplingParams, eos: tuple[int, ...], ahead: bool) -> tuple[list[int], int]:
         cache = cache_for(gpu, DENSE)
         return list(generate_tokens(gpu, cache, list(range(3, 40)), params, eos, step, ahead)), cache.length
 
     with torch.inference_mode():
-        tokens, length = run((), False)
-        assert run((), True) == (tokens, length) and step.mode == "graphed"
-        eos = (tokens[10],)
-        assert run(eos, True) == run(eos, False)
+        for params in (SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=30),
+                       SamplingParams(seed=1, max_tokens=30)):
+            tokens, length = run(params, (), False)
+            assert run(params, (), True) == (tokens, length) and step.mode == "graphed"
+            eos = (tokens[10],)
+            assert run(params, eos, True) == run(params, eos, False)
