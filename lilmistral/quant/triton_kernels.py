@@ -13,7 +13,9 @@ column tile writes the output. A value is made float by OR-ing its bits into the
 integer-to-float conversion, which runs at a quarter of the FMA rate); the group scale multiplies a whole
 group's sum, the min multiplies the group's sum of activations. Prefill (`_gemm`, more rows): tiles of
 dequantized weights fed to `tl.dot`. Both write through `_write`, which may add a residual (wo, w2) or, for
-w1/w3 repacked with their columns interleaved, write silu(gate) * up.
+w1/w3 repacked with their columns interleaved, write silu(gate) * up. The GEMV may also RMS-normalize a row
+once all its column tiles are written (`_normalize_when_last`: the norm after wo and w2) or, for a decode
+step's fused wq/wk/wv, rotate q and k and store k and v into the cache as it writes them (`_write_rotated`).
 
 Besides: attention at decode (`DecodeAttention`, flash-decoding), and RMSNorm, RoPE, silu(gate) * up and the
 cache's write as one launch each. On Hopper every kernel is launched with programmatic dependent launch
@@ -36,6 +38,12 @@ import triton.language as tl
 from .pack import QuantSpec
 
 GEMV_MAX_ROWS = 8
+# (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU
+TILES = {"int4": (256, 32, 2), "int8": (256, 64, 2)}
+# float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it. The kernels take it as an
+# argument: in a register, the field's mask and this OR are one LOP3 instruction (two with both immediates)
+MAGIC = 0x4B000000
+
 Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight and eps
 
 
@@ -47,11 +55,6 @@ class Rotary(NamedTuple):
     keys: torch.Tensor  # the layer's [K, size, hd]
     values: torch.Tensor
     slot: torch.Tensor  # [1]
-# (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU
-TILES = {"int4": (256, 32, 2), "int8": (256, 64, 2)}
-# float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it. The kernels take it as an
-# argument: in a register, the field's mask and this OR are one LOP3 instruction (two with both immediates)
-MAGIC = 0x4B000000
 
 
 @functools.cache
@@ -415,7 +418,7 @@ class TritonKernel:
              gated: bool = False, norm: Norm | None = None, rotary: Rotary | None = None):
         """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype (plus residual [M, N], given one; gated:
         `gated`; given norm, the pair (out, out RMS-normalized)). With expert [M] (the parts stacked [E, ...]:
-        ExpertsKernel), row m times expert[m]'s weight. With rotary (`rotates`): q [1, H * hd] rotated, k
+        ExpertsKernel), row m times expert[m]'s weight. With rotary (`can_rotate`): q [1, H * hd] rotated, k
         rotated and v stored into the cache's slot."""
         m = x.shape[0]
         width = self.n // 2 if gated else self.n
