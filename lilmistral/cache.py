@@ -91,8 +91,12 @@ class RollingKVCache:
         slots = self.slots[:min(length, self.size)]
         return length - 1 - (length - 1 - slots) % self.size
 
+    def fits(self, n_new: int = 1) -> bool:
+        """Whether n_new more positions fit: always in a rolling buffer; else up to size."""
+        return self.window is not None or self.length + n_new <= self.size
+
     def _check_fits(self, n_new: int) -> None:
-        if self.window is None and self.length + n_new > self.size:
+        if not self.fits(n_new):
             raise ContextLengthError(
                 f"context is full: {self.length} + {n_new} tokens do not fit num_ctx={self.size}")
 

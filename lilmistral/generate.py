@@ -294,7 +294,7 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
     token = sampler(prefill(model, cache, prompt[cache.length:])[-1])
     produced = 0
     while params.max_tokens is None or produced < params.max_tokens:
-        room = cache.window is not None or cache.length < cache.size  # else the context is full
+        room = cache.fits()  # else the context is full
         last = params.max_tokens is not None and produced + 1 >= params.max_tokens
         read = _read_later(token)
         if ahead and room:  # this token's step and the next draw queued before the host reads this token

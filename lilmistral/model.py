@@ -115,7 +115,7 @@ class SlotWrite:
     values: torch.Tensor
     slot: torch.Tensor
     n: int
-    store: Callable = store_kv
+    store: Callable
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.store(self.keys, self.values, self.slot, k, v)

@@ -399,8 +399,8 @@ def test_decoding_ahead_gives_the_same_tokens_and_cache(source, request):
                 for llm, ahead in zip(llms, (False, True)):
                     llm.cache.reset()
                     tokens = list(generate_tokens(llm.model, llm.cache, prompt, params, eos, llm.decode_step, ahead))
-                    room = llm.cache.window is not None or llm.cache.length < llm.cache.size
-                    runs.append((tokens, llm.cache.length, llm.decode_step(7, llm.cache) if room else None))
+                    logits = llm.decode_step(7, llm.cache) if llm.cache.fits() else None  # the conversation goes on
+                    runs.append((tokens, llm.cache.length, logits))
                 (tokens, length, logits), (tokens_ahead, length_ahead, logits_ahead) = runs
                 assert tokens == tokens_ahead and length == length_ahead
                 assert len(tokens) <= 12 if eos else len(tokens) == min(max_tokens, length - 19)

@@ -195,8 +195,9 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     fused from their blocks of rows, w1/w3 fused gated, a MoE's experts on ExpertsKernels over views of their stacks)
     gives the float32 dequantized reference's logits, prompt and decoded tokens (forward and decode_step): in
     float32 with every GPU layer kernel (normalize, rotate, activate, attend, store_kv), to float32's rounding;
-    in bfloat16 (wq/wk/wv fused, as on a GPU) with project_store, within its rounding. Decoding, the GEMVs of wo and w2 normalize the sum they
-    write for what follows, and the fused wq/wk/wv's rotates q and k and stores k and v as it writes them."""
+    in bfloat16 (wq/wk/wv fused, as on a GPU) with project_store, within its rounding. Decoding, the GEMVs of
+    wo and w2 normalize the sum they write for what follows, and the fused wq/wk/wv's rotates q and k and
+    stores k and v as it writes them."""
     from benchmarks.random_model import random_weights
     from lilmistral.cache import RollingKVCache
     from lilmistral.config import ModelArgs

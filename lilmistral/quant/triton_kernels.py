@@ -404,7 +404,8 @@ class TritonKernel:
         self.workspace = _workspace(self.device, GEMV_MAX_ROWS * self.n)
         self.gemv_constants = dict(self.constants, STEP=step, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                                    SPLIT=triton.cdiv(self.k, self.block_k), num_warps=self.num_warps,
-                                   EVEN=self.k % self.block_k == 0 and self.n % self.block_n == 0)
+                                   EVEN=self.k % self.block_k == 0 and self.n % self.block_n == 0,
+                                   NORM_BLOCK=triton.next_power_of_2(self.n))
 
     @property
     def device(self) -> torch.device:
@@ -435,8 +436,8 @@ class TritonKernel:
         _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, norm_weight, normed, cos, sin, keys, values, slot,
                     self.n, self.k, MAGIC, eps, width, keys.stride(0), keys.stride(-2),
                     HAS_EXPERTS=expert is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
-                    NORM=norm is not None, NORM_BLOCK=triton.next_power_of_2(self.n), ROTARY=rotary is not None,
-                    HD=keys.shape[-1] if rotary is not None else 2, **self.gemv_constants, **launch_options(x.device))
+                    NORM=norm is not None, ROTARY=rotary is not None, HD=keys.shape[-1] if rotary is not None else 2,
+                    **self.gemv_constants, **launch_options(x.device))
         return out if norm is None else (out, normed)
 
     def can_rotate(self, x: torch.Tensor, head_dim: int) -> bool:
