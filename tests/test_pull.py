@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from conftest import SPM_V3, hf_to_interleaved, make_hf_model
 from hub import Hub
+from lilmistral.cli import main
 
 REGISTRY = """
 [tiny]
@@ -202,15 +203,16 @@ def test_gated_repo_needs_a_token(home, hub):
     assert hub.token not in r.stderr + r.stdout
 
 
-def test_unknown_and_unsafe_names(home, hub):
+def test_unknown_and_unsafe_names(home, hub, monkeypatch, capsys):
     r = cli(home, hub, "pull", "tinny")
-    assert r.returncode == 1 and "did you mean tiny" in r.stderr
-    r = cli(home, hub, "pull", "tiny:lates")
-    assert r.returncode == 1 and "tiny:latest" in r.stderr
+    assert r.returncode == 1 and "did you mean tiny" in r.stderr and "Traceback" not in r.stderr
+    monkeypatch.setenv("LILMISTRAL_HOME", str(home))  # the rest in this process: names fail before any request
+    assert main(["pull", "tiny:lates"]) == 1 and "tiny:latest" in capsys.readouterr().err
     for bad in ("../../etc", "/etc/passwd", "tiny:../x", "a/../../b", "..", "x\\y"):
-        r = cli(home, hub, "pull", bad)
-        assert r.returncode == 1 and "Traceback" not in r.stderr, bad
+        assert main(["pull", bad]) == 1, bad
+        assert capsys.readouterr().err.startswith("Error: "), bad
     assert sorted(p.name for p in home.iterdir()) == ["models.toml"]
+    assert not hub.requests
 
 
 def test_offline(home, hub, tmp_path):
