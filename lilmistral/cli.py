@@ -241,19 +241,19 @@ def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err
     if interactive:
         repl(chat, console, _store().history_file, markdown=ns.markdown, verbose=ns.verbose)
         return 0
+    start = time.perf_counter()
     if ns.format == "json":
-        start = time.perf_counter()
         answer = "".join(chat.ask(prompt.strip()))
         s = llm.stats
         print(json.dumps({"model": ns.model, "response": answer, "prompt_tokens": s.prompt_tokens,
                           "eval_tokens": s.eval_tokens, "load_s": round(llm.load_s, 4),
                           "prompt_eval_s": round(s.prefill_s, 4), "eval_s": round(s.eval_s, 4),
-                          "total_s": round(time.perf_counter() - start, 4)},
+                          "total_s": round(llm.load_s + time.perf_counter() - start, 4)},  # as Ollama's
                          ensure_ascii=False))
         return 0
     stream_answer(chat, prompt.strip(), console, ns.markdown, verbose=False)
     if ns.verbose:
-        err.print(stats_text(llm, llm.stats.prefill_s + llm.stats.eval_s, load_s=llm.load_s), markup=False,
+        err.print(stats_text(llm, llm.load_s + time.perf_counter() - start, load_s=llm.load_s), markup=False,
                   highlight=False)
     return 0
 
