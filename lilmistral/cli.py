@@ -248,10 +248,11 @@ def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err
         print(json.dumps({"model": ns.model, "response": answer, "prompt_tokens": s.prompt_tokens,
                           "eval_tokens": s.eval_tokens, "load_s": round(llm.load_s, 4),
                           "prompt_eval_s": round(s.prefill_s, 4), "eval_s": round(s.eval_s, 4),
-                          "total_s": round(llm.load_s + time.perf_counter() - start, 4)},  # as Ollama's
+                          "total_s": round(llm.load_s + time.perf_counter() - start, 4),  # as Ollama's
+                          "done_reason": s.done_reason},
                          ensure_ascii=False))
         return 0
-    stream_answer(chat, prompt.strip(), console, ns.markdown, verbose=False)
+    stream_answer(chat, prompt.strip(), console, ns.markdown, verbose=False, notices=err)
     if ns.verbose:
         err.print(stats_text(llm, llm.load_s + time.perf_counter() - start, load_s=llm.load_s), markup=False,
                   highlight=False)

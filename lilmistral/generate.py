@@ -4,7 +4,7 @@ from __future__ import annotations
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -274,14 +274,17 @@ class DecodeStep:
 
 
 def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int], params: SamplingParams,
-                    eos_ids: Iterable[int], step: DecodeStep | None = None, ahead: bool | None = None) -> Iterator[int]:
-    """Stream sampled token ids after the prompt. The cache may already hold a prefix of the prompt
-    (cache.length < len(prompt) tokens of it); only the rest is prefilled. `step` runs each new token (default:
-    untraced, as tracing pays off over many calls: an LLM keeps its own DecodeStep). The tokens are drawn on
-    the device (`Sampler`); ahead (default: on a GPU), each step and the next draw are queued before the host
-    reads the token they follow, so the GPU computes token i + 1 while the host hands out token i (else, between
-    two steps, it waits for the host to read a token, return it and queue the next step); a step run ahead for
-    an end-of-sequence token is taken back (the cache rewinds one position): the same tokens and cache."""
+                    eos_ids: Iterable[int], step: DecodeStep | None = None,
+                    ahead: bool | None = None) -> Generator[int, None, str]:
+    """Stream sampled token ids after the prompt; the generator returns why it ended: "stop" (an
+    end-of-sequence token), "length" (max_tokens) or "context" (the context is full). The cache may already
+    hold a prefix of the prompt (cache.length < len(prompt) tokens of it); only the rest is prefilled. `step`
+    runs each new token (default: untraced, as tracing pays off over many calls: an LLM keeps its own
+    DecodeStep). The tokens are drawn on the device (`Sampler`); ahead (default: on a GPU), each step and the
+    next draw are queued before the host reads the token they follow, so the GPU computes token i + 1 while
+    the host hands out token i (else, between two steps, it waits for the host to read a token, return it and
+    queue the next step); a step run ahead for an end-of-sequence token is taken back (the cache rewinds one
+    position): the same tokens and cache."""
     step = step or DecodeStep(model, trace=False)
     if ahead is None:
         ahead = cache.device.type == "cuda" and hasattr(model, "decode_step")
@@ -303,13 +306,14 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
         if value in eos:
             if ahead and room and not cache.rewind(cache.length - 1):  # the step run ahead, taken back
                 raise AssertionError("a cache can always take back its last position")
-            return
+            return "stop"
         yield value
         produced += 1
         if not room:
-            return  # the context is full: stop as if max_tokens were reached
+            return "context"
         if not ahead:
             token = advance(token, last)
+    return "length"
 
 
 def _read_later(token: torch.Tensor) -> Callable[[], int]:

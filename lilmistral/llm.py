@@ -26,6 +26,9 @@ class GenerationStats:
     eval_tokens: int = 0
     eval_s: float = 0.0
     dropped_messages: int = 0  # oldest messages left out to fit the context
+    # why the answer ended, as Ollama's done_reason: "length" (max_tokens), "context" (the context filled up),
+    # else "stop" (an end-of-sequence token, a stop string, or the reader stopped)
+    done_reason: str = "stop"
 
 
 class LLM:
@@ -107,8 +110,14 @@ class LLM:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                for token in generate_tokens(self.model, self.cache, ids, params, self.tokenizer.eos_ids,
-                                             self.decode_step):
+                tokens = generate_tokens(self.model, self.cache, ids, params, self.tokenizer.eos_ids,
+                                         self.decode_step)
+                while True:
+                    try:
+                        token = next(tokens)
+                    except StopIteration as end:
+                        self.stats.done_reason = end.value
+                        return
                     now = time.perf_counter()
                     if not generated:
                         self.stats.prefill_s = now - start

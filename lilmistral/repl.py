@@ -65,8 +65,10 @@ class Chat:
                 else:
                     self.messages.pop()
 
-    def overflow_notice(self) -> str | None:
-        """A one-time notice when the conversation first outgrows the context."""
+    def notice(self) -> str | None:
+        """After an answer: whether the context cut it short, or (once) that the conversation outgrew it."""
+        if self.llm.stats.done_reason == "context":
+            return f"(the answer filled the context, num_ctx={self.llm.num_ctx}; /set num_ctx to raise it)"
         if self.llm.stats.dropped_messages and not self.told_overflow:
             self.told_overflow = True
             return (f"(the conversation is longer than num_ctx={self.llm.num_ctx}: its oldest turns are left out "
@@ -212,8 +214,9 @@ def say(console: Any, text: str, style: str | None = None) -> None:
     console.print(text, style=style, markup=False, highlight=False)
 
 
-def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: bool) -> None:
-    """Print the answer as it streams; Ctrl-C stops it and keeps what was written."""
+def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: bool, notices: Any = None) -> None:
+    """Print the answer as it streams; Ctrl-C stops it and keeps what was written. Notices about the context go
+    to `notices` (default: the console)."""
     start = time.perf_counter()
     pieces = chat.ask(text)
     written = ""
@@ -235,8 +238,8 @@ def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: 
     except KeyboardInterrupt:
         pieces.close()
         say(console, "\n(stopped)", "dim")
-    if notice := chat.overflow_notice():
-        say(console, notice, "yellow")
+    if notice := chat.notice():
+        say(notices or console, notice, "yellow")
     if verbose:
         say(console, stats_text(chat.llm, time.perf_counter() - start), "dim")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import io
 import json
 import mmap
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -24,6 +26,7 @@ from lilmistral.generate import DecodeStep, Sampler, SamplingParams, generate_to
 from lilmistral.llm import stream_text
 from lilmistral.loader import page_out
 from lilmistral.model import add_norm
+from lilmistral.repl import Chat, stream_answer
 from lilmistral.quant import QuantExperts, vnni
 from lilmistral.quant.cpu import VnniInt4Kernel, VnniInt8Kernel, layer_kernels
 
@@ -203,9 +206,17 @@ def test_context_overflow_policy(full):
     assert llm.cache.size == 64
     with pytest.raises(lilmistral.ContextLengthError):
         list(llm.generate(list(range(10, 80))))
-    # generation stops at a full context instead of failing
+    # generation stops at a full context instead of failing, and says so
     out = list(llm.generate(list(range(10, 60)), temperature=0, repeat_penalty=1.0))
-    assert len(out) <= 64 - 50 + 1 and llm.cache.length <= 64
+    assert len(out) == 64 - 50 + 1 and llm.cache.length == 64 and llm.stats.done_reason == "context"
+    list(llm.generate(list(range(10, 20)), temperature=0, repeat_penalty=1.0, max_tokens=3))
+    assert llm.stats.done_reason == "length"
+    chat, answer, notices = Chat(llm), io.StringIO(), io.StringIO()
+    chat.set("temperature", "0")
+    stream_answer(chat, "word " * 40, Console(file=answer), markdown=False, verbose=False,
+                  notices=Console(file=notices))
+    assert "(the answer filled the context, num_ctx=64" in notices.getvalue()
+    assert chat.messages[-1] == {"role": "assistant", "content": answer.getvalue().rstrip("\n")}
     # chat drops the oldest turns, keeping the system prompt
     messages = [{"role": "system", "content": "sys"}]
     for i in range(6):

@@ -161,6 +161,7 @@ def test_pipes_and_json_output(smol):
                         "--temperature", "0", "--format", "json"], capture_output=True, text=True, timeout=120, env=env)
     data = json.loads(r.stdout)
     assert "Tokyo" in data["response"] and data["eval_tokens"] > 0 and data["prompt_tokens"] > 0
+    assert data["done_reason"] == "stop"  # the end-of-sequence token, not max_tokens or the context
     assert 0 < data["load_s"] < data["total_s"] < 60
     r = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(smol), "hi", "--temperature", "-1"],
                        capture_output=True, text=True, timeout=120, env=env)
