@@ -10,8 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LilmistralError
-from .quant import DEFAULT_GROUP_SIZE, SCHEMES
-from .quant.pack import GROUP_SIZES
+from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field, fields
 
 import torch

@@ -12,6 +12,7 @@ import pytest
 
 import lilmistral
 from conftest import smollm2_gguf
+from lilmistral.convert import convert
 from lilmistral.repl import Chat, run_command
 
 PROMPT = ">>>"  # prompt-toolkit draws the space after it with a cursor move
@@ -22,7 +23,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     out = tmp_path_factory.mktemp("smol") / "smol-int4"
-    lilmistral.convert.convert(smollm2_gguf(), out, "int4")
+    convert(smollm2_gguf(), out, "int4")
     return out
 
 

@@ -19,7 +19,8 @@ import torch
 
 from ..errors import LilmistralError, ModelFormatError
 from ..quant import DEFAULT_GROUP_SIZE, SCHEMES, QuantSpec, quantize, spec_for
-from ..quant.pack import GROUP_SIZES, packed_shapes
+from ..quant import GROUP_SIZES
+from ..quant.pack import packed_shapes
 from .gguf import WIDE_TYPES, GGUFSource, gguf_tokenizer
 from .hf import HFSource, TensorEntry
 

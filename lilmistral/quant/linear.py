@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..model import Experts, FeedForward, RMSNorm, Transformer, add_norm
-from . import cpu, cuda
+from . import DEFAULT_GROUP_SIZE, FLOAT_SCHEMES, QUANTIZED_SUFFIXES, cpu, cuda
 from .cpu import DequantKernel, kernel_type
-from .pack import QuantSpec, packed_shapes
+from .pack import QuantSpec, group_size_for, packed_shapes
 from .vnni import MAX_ROWS
 
 
@@ -169,3 +169,39 @@ class QuantExperts(Experts):
         w1, w2, w3 = self.batched["w1"], self.batched["w2"], self.batched["w3"]
         y = w2(self[0].activate(w1(rows, experts), w3(rows, experts)), experts)  # as FeedForward, per (token, expert)
         return (y.view(*chosen.shape, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
+
+
+def spec_for(name: str, shape: tuple[int, ...], scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
+             tied: bool = False) -> QuantSpec | None:
+    """How tensor `name` is stored under `scheme`; None: kept in floating point.
+
+    Attention and FFN (and expert) projections take the scheme. An untied output head takes int8
+    (it is read every token but is sensitive to 4-bit error). Embeddings, norms and router gates stay
+    in floating point: they are small, or (embeddings) only one row is read per token.
+    """
+    if scheme in FLOAT_SCHEMES or len(shape) != 2:
+        return None
+    if name.endswith(QUANTIZED_SUFFIXES):
+        if scheme == "int8":
+            return QuantSpec("int8")
+        return QuantSpec("int4", group_size_for(shape[1], group_size), symmetric=scheme == "int4-sym")
+    if name == "output.weight" and not tied:
+        return QuantSpec("int8")
+    return None
+
+
+def swap_in_quant_linears(model: nn.Module, specs: dict[str, QuantSpec]) -> None:
+    """Replace each nn.Linear whose weight name is in `specs` with an (empty) QuantLinear, and the experts of
+    each MoE layer so made with QuantExperts."""
+    for weight_name, spec in specs.items():
+        module_name = weight_name.removesuffix(".weight")
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        assert isinstance(linear, nn.Linear), weight_name
+        setattr(parent, child, QuantLinear(linear.in_features, linear.out_features, spec))
+    for name, module in list(model.named_modules()):
+        quantized = isinstance(module, Experts) and isinstance(module[0].w1, QuantLinear)
+        if quantized and not isinstance(module, QuantExperts):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, QuantExperts(module))

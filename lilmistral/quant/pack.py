@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-GROUP_SIZES = (32, 64, 128)
+from . import GROUP_SIZES
 
 
 @dataclass(frozen=True)
