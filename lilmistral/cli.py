@@ -18,12 +18,13 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repeat-penalty", type=float)
+    p.add_argument("--repeat-last-n", type=int, help="tokens the penalty looks back over (default 64; 0 off, -1 all)")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-tokens", type=int)
 
 
 def _sampling_kwargs(ns: argparse.Namespace) -> dict:
-    names = ("temperature", "top_k", "top_p", "repeat_penalty", "seed", "max_tokens")
+    names = ("temperature", "top_k", "top_p", "repeat_penalty", "repeat_last_n", "seed", "max_tokens")
     return {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
 
 

@@ -19,7 +19,7 @@ from .llm import LLM
 from .tokenizer import Message
 
 HELP = """Available commands:
-  /set temperature|top_p|top_k|repeat_penalty|seed|num_ctx|max_tokens VALUE
+  /set temperature|top_p|top_k|repeat_penalty|repeat_last_n|seed|num_ctx|max_tokens VALUE
   /set system "text"       set the system prompt (/set system "" removes it)
   /show info|parameters|template|system
   /clear                   forget the conversation
@@ -30,8 +30,9 @@ HELP = """Available commands:
 
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer (what was written is kept)."""
 
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float, "seed": int,
-            "max_tokens": int, "num_ctx": int}
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float, "repeat_last_n": int,
+            "seed": int, "max_tokens": int, "num_ctx": int}
+OLLAMA_NAMES = {"num_predict": "max_tokens"}
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Chat:
     def notice(self) -> str | None:
         """After an answer: whether the context cut it short, or (once) that the conversation outgrew it."""
         if self.llm.stats.done_reason == "context":
-            return f"(the answer filled the context, num_ctx={self.llm.num_ctx}; /set num_ctx to raise it)"
+            return (f"(the answer filled the context, num_ctx={self.llm.num_ctx}: raise it with /set num_ctx or "
+                    "--num-ctx)")
         if self.llm.stats.dropped_messages and not self.told_overflow:
             self.told_overflow = True
             return (f"(the conversation is longer than num_ctx={self.llm.num_ctx}: its oldest turns are left out "
@@ -79,6 +81,7 @@ class Chat:
         if key == "system":
             self.system = value or None
             return "Set system message." if value else "Cleared system message."
+        key = OLLAMA_NAMES.get(key, key)
         if key not in SETTABLE:
             raise LilmistralError(f"unknown parameter {key!r}; try: {', '.join(SETTABLE)}, system")
         try:
@@ -149,6 +152,8 @@ def run_command(chat: Chat, line: str) -> str | None:
 
 
 def _set(chat: Chat, args: list[str]) -> str:
+    if args[:1] == ["parameter"]:  # Ollama's form: /set parameter NAME VALUE
+        args = args[1:]
     if len(args) != 2 and not (args and args[0] == "system"):
         raise LilmistralError("usage: /set PARAMETER VALUE (or /set system \"text\")")
     return chat.set(args[0], " ".join(args[1:]) if args[0] == "system" else args[1])

@@ -139,6 +139,19 @@ def test_save_and_load_restore_the_conversation(spawn, tmp_path):
     assert "not a saved conversation" in ask(child, f"/load {tmp_path / 'missing.json'}")
 
 
+def test_set_takes_ollamas_names_too(smol):
+    chat = Chat(lilmistral.load(smol))
+    run_command(chat, "/set parameter temperature 0")  # Ollama's form
+    run_command(chat, "/set num_predict 5")  # Ollama's name for max_tokens
+    run_command(chat, "/set repeat_last_n -1")
+    assert (chat.params.temperature, chat.params.max_tokens, chat.params.repeat_last_n) == (0.0, 5, -1)
+    assert "repeat_last_n   -1" in run_command(chat, "/show parameters")
+    with pytest.raises(lilmistral.LilmistralError, match="repeat_last_n must be >= -1"):
+        run_command(chat, "/set repeat_last_n -2")
+    "".join(chat.ask("Hi"))
+    assert chat.llm.stats.eval_tokens <= 5
+
+
 def test_second_turn_reuses_the_first_turns_cache(smol):
     chat = Chat(lilmistral.load(smol))
     run_command(chat, "/set temperature 0")
