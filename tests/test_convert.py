@@ -11,6 +11,7 @@ import torch
 
 import lilmistral
 from conftest import SPM_V1, make_hf_model, write_gguf
+from lilmistral.convert import gguf as gguf_module
 from lilmistral.convert.gguf import BLOCK_DECODERS, GGUFSource, dequantize_blocks, q4k_parts
 from lilmistral.quant import QuantLinear, QuantSpec, dequantize, quantize
 from lilmistral.quant.pack import pack_int4, unpack_int4
@@ -143,7 +144,7 @@ def test_gguf_block_types(hf_models, tmp_path, qtype):
     assert len(list(llm.generate([1, 2, 3, 4], temperature=0, max_tokens=4))) <= 4
 
 
-def test_gguf_with_mixed_block_types(hf_models, tmp_path):
+def test_gguf_with_mixed_block_types(hf_models, tmp_path, monkeypatch):
     """llama.cpp's files mix block types (here one attn_v in Q4_0 among Q4_1, and one ffn_down in Q8_0, as
     Q4_K_M keeps some in Q6_K): each tensor keeps its own exact int4 layout, the wider one becomes int8 (not
     int4, unless the file is asked for int4 while stored wider), projections packed differently are not fused,
@@ -161,6 +162,12 @@ def test_gguf_with_mixed_block_types(hf_models, tmp_path):
     wide = tmp_path / "q8.gguf"
     write_gguf(wide, base.model.state_dict(), base.args, qtype="Q8_0")
     assert lilmistral.load(wide, quant="int4").model.layers[1].feed_forward.w2.spec.scheme == "int4"
+    # blocks become int8 a few rows at a time, without a float32 copy of the tensor: the same bits
+    monkeypatch.setattr(gguf_module, "INT8_CHUNK_BYTES", 1000)  # many chunks
+    src = GGUFSource(path)
+    entry = next(e for e in src.entries if e.name == "layers.1.feed_forward.w2.weight")
+    packed, requantized = src.read_packed(entry), quantize(src.read(entry), QuantSpec("int8"))
+    assert all(torch.equal(packed[k], requantized[k]) for k in ("qweight", "scales"))
     ids = list(range(10, 40))
     got, reference = llm.forward(ids), lilmistral.load(path, dtype="float32").forward(ids)
     assert ((got - reference).norm() / reference.norm()).item() < 0.02

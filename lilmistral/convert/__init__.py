@@ -57,7 +57,7 @@ def default_scheme(src: Source) -> str:
 class Planned:
     entry: TensorEntry
     spec: QuantSpec | None
-    direct: bool  # GGUF blocks re-laid, not requantized (gguf.DIRECT_INT4)
+    direct: bool  # made by src.read_packed: GGUF blocks re-laid (gguf.DIRECT_INT4), or to int8 a few rows at a time
     outputs: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]  # (name, dtype, shape) written
 
 
@@ -73,9 +73,9 @@ def plan(src: Source, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
     planned = []
     for e in src.entries:
         spec = spec_for(e.name, e.shape, scheme, group_size, tied=src.args.tie_embeddings)
-        direct = src.direct_spec(e, spec) if gguf else None
         if wide_as_int8 and spec is not None and e.source_type in WIDE_TYPES:
             spec = QuantSpec("int8")
+        direct = src.direct_spec(e, spec) if gguf else None
         spec = direct or spec
         if spec is None:  # norms (1-D, tiny) keep float32 so the file loses nothing there
             outputs = ((e.name, torch.float32 if len(e.shape) == 1 else float_dtype, e.shape),)

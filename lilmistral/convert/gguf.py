@@ -17,7 +17,7 @@ import torch
 from ..config import ModelArgs, RopeScaling
 from ..errors import ModelFormatError
 from ..quant import vnni
-from ..quant.pack import QuantSpec
+from ..quant.pack import QuantSpec, quantize_int8
 from .hf import TensorEntry, name_mapper, unpermute_rope
 
 GGUF_TO_LILMISTRAL = {
@@ -58,6 +58,7 @@ DIRECT_INT4 = {"Q4_0": True, "Q4_1": False, "Q4_K": False}
 # layers in Q6_K) keeps for its sensitive tensors: int8 there, not int4 (measured on Q6_K tensors: requantized
 # to int4, 6.4% relative error; to int8, 0.85%)
 WIDE_TYPES = ("Q6_K", "Q8_0")
+INT8_CHUNK_BYTES = 2**22  # about the float32 bytes of rows read_packed decodes at a time on their way to int8
 
 
 @dataclass(frozen=True)
@@ -316,18 +317,29 @@ class GGUFSource:
         return tensor if rows is None else tensor[rows]
 
     def direct_spec(self, entry: GGUFEntry, spec: QuantSpec | None) -> QuantSpec | None:
-        """The int4 layout that holds this tensor's blocks as they are, when `spec` asks for int4 groups of 32."""
+        """What read_packed makes of this tensor's blocks for `spec`: for int4 groups of 32, the int4 layout that
+        holds Q4 blocks as they are; for int8, int8 (blocks decoded a few rows at a time); else None."""
         if spec and spec.scheme == "int4" and spec.group_size == 32 and entry.source_type in DIRECT_INT4:
             return QuantSpec("int4", 32, DIRECT_INT4[entry.source_type])
+        if spec and spec.scheme == "int8" and entry.source_type in BLOCK_DECODERS:
+            return spec
         return None
 
     def read_packed(self, entry: GGUFEntry) -> dict[str, torch.Tensor]:
-        """Q4_0 / Q4_1 / Q4_K blocks re-laid into lilmistral's int4 parts (see DIRECT_INT4)."""
+        """Q4_0 / Q4_1 / Q4_K blocks re-laid into lilmistral's int4 parts (see DIRECT_INT4), or other blocks
+        decoded and quantized to int8 a few rows at a time: quantize(read(entry)) without the float32 copy of
+        the whole tensor, whose fresh pages cost more than the decoding (int8 scales are per row: the same bits)."""
         raw = self._raw(entry)
         rows = self._rope_rows(entry)
         if rows is not None:
             raw = raw[rows]
-        parts = q4k_parts(raw) if entry.source_type == "Q4_K" else q4_parts(raw, entry.source_type == "Q4_1")
+        if entry.source_type in DIRECT_INT4:
+            parts = q4k_parts(raw) if entry.source_type == "Q4_K" else q4_parts(raw, entry.source_type == "Q4_1")
+        else:
+            step = max(1, INT8_CHUNK_BYTES // (raw.shape[1] * 4))
+            chunks = [quantize_int8(dequantize_blocks(raw[i:i + step], entry.source_type))
+                      for i in range(0, raw.shape[0], step)]
+            parts = {name: torch.cat([c[name] for c in chunks]) for name in ("qweight", "scales")}
         self._done_with(entry)
         return parts
 
