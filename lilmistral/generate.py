@@ -288,7 +288,7 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
     step = step or DecodeStep(model, trace=False)
     if ahead is None:
         ahead = cache.device.type == "cuda" and hasattr(model, "decode_step")
-    sampler, eos = Sampler(params, prompt, cache.device), set(eos_ids)
+    sampler, eos, host = Sampler(params, prompt, cache.device), set(eos_ids), HostRead(cache.device)
 
     def advance(token: torch.Tensor, last: bool) -> torch.Tensor | None:  # run token; then draw the next one
         logits = step(token, cache)
@@ -299,7 +299,7 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
     while params.max_tokens is None or produced < params.max_tokens:
         room = cache.fits()  # else the context is full
         last = params.max_tokens is not None and produced + 1 >= params.max_tokens
-        read = _read_later(token)
+        read = host.later(token)
         if ahead and room:  # this token's step and the next draw queued before the host reads this token
             token = advance(token, last)
         value = read()
@@ -316,18 +316,25 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
     return "length"
 
 
-def _read_later(token: torch.Tensor) -> Callable[[], int]:
-    """A read of a token id on the device [1] that waits only when called: on a GPU, copied to pinned memory
-    behind the work queued so far."""
-    if token.device.type != "cuda":
-        return lambda: int(token)
-    host = torch.empty(1, dtype=torch.long, pin_memory=True)
-    host.copy_(token, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
+class HostRead:
+    """Reads of token ids on the device [1] that wait only when called: on a GPU, each copied into one pinned
+    slot behind the work queued so far (one read outstanding at a time: the slot is reused, not allocated a
+    token)."""
 
-    def read() -> int:
-        copied.synchronize()
-        return int(host)
-    return read
+    def __init__(self, device: torch.device) -> None:
+        self.on_gpu = device.type == "cuda"
+        if self.on_gpu:
+            self.slot = torch.empty(1, dtype=torch.long, pin_memory=True)
+            self.copied = torch.cuda.Event()
+
+    def later(self, token: torch.Tensor) -> Callable[[], int]:
+        if not self.on_gpu:
+            return lambda: int(token)
+        self.slot.copy_(token, non_blocking=True)
+        self.copied.record()
+        return self._read
+
+    def _read(self) -> int:
+        self.copied.synchronize()
+        return int(self.slot)
 

@@ -67,15 +67,17 @@ class Chat:
                     self.messages.pop()
 
     def notice(self) -> str | None:
-        """After an answer: whether the context cut it short, or (once) that the conversation outgrew it."""
-        if self.llm.stats.done_reason == "context":
-            return (f"(the answer filled the context, num_ctx={self.llm.num_ctx}: raise it with /set num_ctx or "
-                    "--num-ctx)")
+        """After an answer: that the conversation outgrew the context (once), and whether the context cut the
+        answer short."""
+        lines = []
         if self.llm.stats.dropped_messages and not self.told_overflow:
             self.told_overflow = True
-            return (f"(the conversation is longer than num_ctx={self.llm.num_ctx}: its oldest turns are left out "
-                    f"from now on; /set num_ctx to raise it)")
-        return None
+            lines.append(f"(the conversation is longer than num_ctx={self.llm.num_ctx}: its oldest turns are left "
+                         "out from now on; /set num_ctx to raise it)")
+        if self.llm.stats.done_reason == "context":
+            lines.append(f"(the answer filled the context, num_ctx={self.llm.num_ctx}: raise it with /set num_ctx "
+                         "or --num-ctx)")
+        return "\n".join(lines) or None
 
     def set(self, key: str, value: str) -> str:
         if key == "system":

@@ -137,7 +137,7 @@ def test_gguf_block_types(hf_models, tmp_path, qtype):
     spec = src.direct_spec(entry, QuantSpec("int4", 32, False))
     if qtype in ("Q4_0", "Q4_1"):  # Q4_0 and Q4_1 map onto int4 g32 bit for bit
         assert spec == QuantSpec("int4", 32, qtype == "Q4_0")
-        assert torch.equal(dequantize(src.read_packed(entry), spec), float_weight)
+        assert torch.equal(dequantize(src.read_packed(entry, spec), spec), float_weight)
     else:
         assert spec is None
     llm = lilmistral.load(path, quant="int4")
@@ -166,8 +166,10 @@ def test_gguf_with_mixed_block_types(hf_models, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_module, "INT8_CHUNK_BYTES", 1000)  # many chunks
     src = GGUFSource(path)
     entry = next(e for e in src.entries if e.name == "layers.1.feed_forward.w2.weight")
-    packed, requantized = src.read_packed(entry), quantize(src.read(entry), QuantSpec("int8"))
+    packed, requantized = src.read_packed(entry, QuantSpec("int8")), quantize(src.read(entry), QuantSpec("int8"))
     assert all(torch.equal(packed[k], requantized[k]) for k in ("qweight", "scales"))
+    int8 = lilmistral.load(path, quant="int8")  # Q4 blocks too, asked for int8: int8, not re-laid as int4
+    assert {m.spec.scheme for m in int8.model.modules() if isinstance(m, QuantLinear)} == {"int8"}
     ids = list(range(10, 40))
     got, reference = llm.forward(ids), lilmistral.load(path, dtype="float32").forward(ids)
     assert ((got - reference).norm() / reference.norm()).item() < 0.02

@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LilmistralError, ModelFormatError
-from ..quant import DEFAULT_GROUP_SIZE, SCHEMES, QuantSpec, quantize, spec_for
-from ..quant import GROUP_SIZES
+from ..quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, QuantSpec, quantize, spec_for
 from ..quant.pack import packed_shapes
 from .gguf import WIDE_TYPES, GGUFSource, gguf_tokenizer
 from .hf import HFSource, TensorEntry
@@ -91,7 +90,7 @@ def produce(src: Source, planned: list[Planned]) -> Iterator[tuple[str, torch.Te
     """The output tensors, one source tensor at a time."""
     for p in planned:
         if p.direct:
-            parts = src.read_packed(p.entry)  # type: ignore[union-attr]
+            parts = src.read_packed(p.entry, p.spec)  # type: ignore[union-attr]
         elif p.spec is not None:
             parts = quantize(src.read(p.entry), p.spec)
         else:

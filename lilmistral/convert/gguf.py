@@ -317,23 +317,24 @@ class GGUFSource:
         return tensor if rows is None else tensor[rows]
 
     def direct_spec(self, entry: GGUFEntry, spec: QuantSpec | None) -> QuantSpec | None:
-        """What read_packed makes of this tensor's blocks for `spec`: for int4 groups of 32, the int4 layout that
-        holds Q4 blocks as they are; for int8, int8 (blocks decoded a few rows at a time); else None."""
+        """The spec read_packed makes this tensor's blocks into for `spec`: for int4 groups of 32, the int4 layout
+        that holds Q4 blocks as they are; for int8, int8 (blocks decoded a few rows at a time); else None."""
         if spec and spec.scheme == "int4" and spec.group_size == 32 and entry.source_type in DIRECT_INT4:
             return QuantSpec("int4", 32, DIRECT_INT4[entry.source_type])
-        if spec and spec.scheme == "int8" and entry.source_type in BLOCK_DECODERS:
+        if spec and spec.scheme == "int8" and entry.source_type not in FLOAT_TYPES:
             return spec
         return None
 
-    def read_packed(self, entry: GGUFEntry) -> dict[str, torch.Tensor]:
-        """Q4_0 / Q4_1 / Q4_K blocks re-laid into lilmistral's int4 parts (see DIRECT_INT4), or other blocks
-        decoded and quantized to int8 a few rows at a time: quantize(read(entry)) without the float32 copy of
-        the whole tensor, whose fresh pages cost more than the decoding (int8 scales are per row: the same bits)."""
+    def read_packed(self, entry: GGUFEntry, spec: QuantSpec) -> dict[str, torch.Tensor]:
+        """The parts of direct_spec's `spec`: Q4_0 / Q4_1 / Q4_K blocks re-laid into lilmistral's int4 parts (see
+        DIRECT_INT4), or blocks decoded and quantized to int8 a few rows at a time: quantize(read(entry)) without
+        the float32 copy of the whole tensor, whose fresh pages cost more than the decoding (int8 scales are per
+        row: the same bits)."""
         raw = self._raw(entry)
         rows = self._rope_rows(entry)
         if rows is not None:
             raw = raw[rows]
-        if entry.source_type in DIRECT_INT4:
+        if spec.scheme == "int4":
             parts = q4k_parts(raw) if entry.source_type == "Q4_K" else q4_parts(raw, entry.source_type == "Q4_1")
         else:
             step = max(1, INT8_CHUNK_BYTES // (raw.shape[1] * 4))
