@@ -115,15 +115,13 @@ def _own_code(method: Callable) -> Callable:
 def trace_step(model: Transformer, args: tuple) -> Callable | None:
     """model.decode_step traced into a TorchScript graph, whose operators run without Python between them (a
     small model's CPU token ~1.6x faster; the trace takes well under a second). None where it may not
-    generalise: a mixture of experts (Experts.forward loops over the routed experts' ids, which a trace would
-    freeze without a warning; and its token is dominated by the experts' weights, not by Python), the
-    tracer warned of a value it had to take as a constant (a branch on a tensor's data or shape), the trace
-    failed, or its logits for `args` are not the eager step's, bit for bit. Tracing runs the step: its cache
-    writes are the step's own, so running it again is harmless. On Python 3.14+, where PyTorch calls TorchScript
-    unsupported (its breakages there are torch.jit.script's reading of annotations, which tracing does not
-    do), the same checks decide."""
-    if model.args.is_moe:
-        return None
+    generalise: a mixture of experts that loops over the routed experts' ids (Experts.forward refuses to be
+    traced; QuantExperts' batched kernels take the ids as a tensor, and trace), the tracer warned of a value
+    it had to take as a constant (a branch on a tensor's data or shape), the trace failed, or its logits for
+    `args` are not the eager step's, bit for bit. Tracing runs the step: its cache writes are the step's own,
+    so running it again is harmless. On Python 3.14+, where PyTorch calls TorchScript unsupported (its
+    breakages there are torch.jit.script's reading of annotations, which tracing does not do), the same
+    checks decide."""
     tokens, position, mask, keys, values = args
     layers = len(keys)
 

@@ -205,6 +205,8 @@ class Experts(nn.ModuleList):
     """The experts of a MoE layer: each token through the experts it was routed to, weighted."""
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():  # the trace would freeze this token's experts (the tracer does not warn of tolist())
+            raise RuntimeError("a loop over the routed experts cannot be traced")
         out = torch.zeros_like(x, dtype=torch.float32)  # the weighted sum rounds once
         for e in chosen.unique().tolist():
             tokens, slot = (chosen == e).nonzero(as_tuple=True)

@@ -360,9 +360,10 @@ def test_a_traced_model_is_freed_with_its_llm(full):
     assert all(ref() is None for ref in weights)
 
 
-def test_moe_decode_step_is_not_traced(tmp_path):
-    """Experts run by a loop over the routed experts' ids, which a trace would freeze (silently: the tracer
-    does not warn of tolist()): trace_step refuses a MoE model and its decode step stays eager."""
+def test_moe_loop_over_experts_is_not_traced(tmp_path):
+    """Experts run by a loop over the routed experts' ids (float32: the exact reference path), which a trace
+    would freeze (silently: the tracer does not warn of tolist()): Experts.forward refuses to be traced, so
+    trace_step returns None and the decode step stays eager."""
     make_hf_model(tmp_path, "mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
     llm = lilmistral.load(tmp_path, dtype="float32", num_ctx=64)
     ids = list(range(10, 22))
@@ -373,6 +374,30 @@ def test_moe_decode_step_is_not_traced(tmp_path):
         llm.cache.end()
     list(llm.generate(ids, temperature=0, max_tokens=2))
     assert llm.decode_step.mode == "eager"
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
+@pytest.mark.parametrize("quant", ["int4", "int4-sym", "int8"])
+def test_moe_with_batched_experts_traces_and_routes_each_token(tmp_path, quant):
+    """A MoE whose experts run in one batched kernel call (QuantExperts on the CPU kernels: the routed ids go
+    in as a tensor) is traced, and the traced step routes every token afresh: bit for bit the eager step's
+    logits over 30 tokens whose routing differs from token to token."""
+    make_hf_model(tmp_path, "mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    traced, eager = (lilmistral.load(tmp_path, quant=quant, num_ctx=64) for _ in range(2))
+    eager.decode_step = DecodeStep(eager.model, trace=False)
+    assert all(m.batched is not None for m in eager.model.modules() if isinstance(m, QuantExperts))
+    routes = []
+    eager.model.layers[0].feed_forward.gate.register_forward_hook(
+        lambda module, inputs, out: routes.append(tuple(out.topk(2, dim=-1).indices[-1].sort().values.tolist())))
+    ids = torch.randint(10, 200, (33,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.inference_mode():
+        for llm in (traced, eager):
+            prefill(llm.model, llm.cache, ids[:3])
+        routes.clear()
+        for token in ids[3:]:
+            assert torch.equal(traced.decode_step(token, traced.cache), eager.decode_step(token, eager.cache))
+    assert traced.decode_step.mode == "traced"
+    assert len(set(routes)) >= 3  # the trace did not freeze one token's experts
 
 
 def test_a_trace_the_tracer_warns_of_is_refused(full, monkeypatch):
@@ -453,9 +478,9 @@ def test_two_compiled_models_in_one_process(full):
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_moe_decode_batches_the_routed_experts(tmp_path, quant):
-    """A quantized MoE model decodes through one expert-batched kernel call per projection, with the
-    tokens and logits of the expert-by-expert loop. The batched
-    layer compiles into one graph (no host sync), and the compiled model runs it."""
+    """A quantized MoE model decodes through one expert-batched kernel call per projection (its decode step
+    traced), with the tokens and logits of the expert-by-expert loop (eager). The batched layer compiles into
+    one graph (no host sync), and the compiled model runs it."""
     reference = make_hf_model(tmp_path, "mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
     with torch.no_grad():  # a decisive router: bfloat16 rounding (eager vs compiled) must not flip experts
         for layer in reference.model.layers:
@@ -485,8 +510,10 @@ def test_moe_decode_batches_the_routed_experts(tmp_path, quant):
     # in a router picks another expert for one step (up to ~50% of that step's logits)
     assert difference[0] < 0.05 and difference.median() < 0.05, difference
 
+    assert llm.decode_step.mode == "traced"
     for m in experts:
         m.batched = None
+    llm.decode_step = DecodeStep(llm.model)  # a new trace would refuse the loop; the first one kept the kernels
     llm.cache.reset()  # (a cached prompt would be re-entered by its last token alone: other kernels, other rounding)
     assert list(llm.generate(ids, temperature=0, max_tokens=16)) == tokens
     torch.testing.assert_close(decode_logits(llm, tokens), batched, atol=1e-3, rtol=1e-3)

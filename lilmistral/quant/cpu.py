@@ -165,6 +165,7 @@ def expert_gemv(kernels: list):
     own kernels' parts; None where they are not all VNNI kernels."""
     if all(isinstance(k, VnniInt4Kernel) for k in kernels):
         q, scales, mins = ([k.parts[name] for k in kernels] for name in ("q", "scales", "mins"))
+        mins = [] if mins[0] is None else mins  # symmetric: none
         n = kernels[0].parts["n"]
         return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, n, expert)
     if all(isinstance(k, VnniInt8Kernel) for k in kernels):

@@ -162,7 +162,10 @@ class QuantExperts(Experts):
 
     def forward(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cpu_reference = x.device.type == "cpu" and x.dtype != torch.bfloat16  # float32: the exact dequantized path
-        if self.batched is None or cpu_reference or chosen.numel() > MAX_ROWS:
+        # a traced step (generate.trace_step) is a one-token decode step, within MAX_ROWS; reading the row
+        # count there would make the tracer warn (and refuse the trace)
+        few_rows = torch.jit.is_tracing() or chosen.numel() <= MAX_ROWS
+        if self.batched is None or cpu_reference or not few_rows:
             return super().forward(x, chosen, weights)
         experts = chosen.reshape(-1)  # [T * k]
         rows = x.repeat_interleave(chosen.shape[1], dim=0)

@@ -403,15 +403,16 @@ at::Tensor int8_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
 }
 
 at::Tensor int4_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList scales,
-                             const c10::List<c10::optional<at::Tensor>>& mins, int64_t N, const at::Tensor& expert) {
+                             at::TensorList mins, int64_t N, const at::Tensor& expert) {
   check_same_shapes(q);
+  TORCH_CHECK(mins.empty() || mins.size() == q.size(), "int4_gemv_experts: mins for every expert or none");
   const Rows x(x_in, q[0].size(1) / 8);
   const QuantizedRows r = quantize_rows(x);
   at::Tensor out = x.empty_out(N);
   std::vector<Int4Gemv> experts;
   for (size_t i = 0; i < q.size(); ++i) {
-    TORCH_CHECK(mins.get(i).has_value() == mins.get(0).has_value(), "int4_gemv_experts: mins for some experts only");
-    experts.push_back(int4_kernel(q[i], scales[i], mins.get(i), N, r, Output(out)));
+    const c10::optional<at::Tensor> expert_mins = mins.empty() ? c10::nullopt : c10::optional<at::Tensor>(mins[i]);
+    experts.push_back(int4_kernel(q[i], scales[i], expert_mins, N, r, Output(out)));
   }
   expert_rows(experts, expert, out.size(0));
   return out.to(x_in.scalar_type());
@@ -531,7 +532,7 @@ TORCH_LIBRARY(lilmistral, m) {
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scales, int n) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, int n) -> Tensor");
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
-  m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor?[] mins, int n, Tensor expert) -> Tensor");
+  m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor[] mins, int n, Tensor expert) -> Tensor");
   m.def("pack_columns(Tensor[] blocks, int word_bytes, int repeat, bool nibbles) -> Tensor");
   m.def("q4_canonical(Tensor blocks, int head, bool k_quants) -> Tensor");
 }

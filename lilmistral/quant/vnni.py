@@ -43,8 +43,8 @@ def isa() -> str | None:
     """The instruction set the operators were built for, "avx512" or "avx2" (building them on the first call);
     None where there are none. torch.ops.lilmistral.int8_gemv(x [M, K], q, scales, n) with pack_int8_vnni's
     parts, int4_gemv(x, q, scales, mins, n) with pack_int4_vnni's, and for mixtures of experts
-    int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x, [q], [scales], [mins], n,
-    expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale)
+    int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x, [q], [scales], [mins] ([] where
+    symmetric), n, expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale)
     (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp)."""
     wanted, have = os.environ.get("LILMISTRAL_CPU_KERNELS"), cpu_isas()
     if wanted == "torch" or not have:
