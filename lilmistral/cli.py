@@ -229,16 +229,27 @@ def _torchrun_worker(ns: argparse.Namespace) -> bool:
 def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err) -> int:
     from rich.console import Console
 
-    from .repl import Chat, repl, stats_text, stream_answer
+    from .repl import AutoSave, Chat, recap, repl, say, stats_text, stream_answer
 
     if ns.verbose and llm.info.get("stages"):
         err.print("pipeline stages: " + "; ".join(f"{s} ({b / 1e6:.1f} MB)" for s, b in
                                                   zip(llm.info["stages"], llm.info["stage_bytes"])), highlight=False)
-    chat = Chat(llm, system=ns.system)
+    chat, saves = Chat(llm), AutoSave(_store().conversations_dir, ns.model)
+    if ns.resume:
+        saves.path = saves.latest(chat.model)
+        if saves.path is None:
+            raise LilmistralError(f"no saved conversation with {ns.model} to resume (in {saves.folder})")
+        chat.load(saves.path)
+    if (interactive or ns.resume) and not ns.no_save:  # a one-shot answer is not a conversation to keep
+        chat.autosave = saves
+    if ns.system is not None:
+        chat.system = ns.system or None
     for key, value in _sampling_kwargs(ns).items():
         chat.set(key, str(value))
     console = Console()
     if interactive:
+        if ns.resume:
+            say(console, recap(chat, saves.path), "dim")
         repl(chat, console, _store().history_file, markdown=ns.markdown, verbose=ns.verbose)
         return 0
     start = time.perf_counter()
@@ -332,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="json: one JSON object with the answer and stats")
     run.add_argument("--markdown", action="store_true", help="render answers as Markdown")
     run.add_argument("--verbose", action="store_true", help="timings after each answer")
+    run.add_argument("--resume", action="store_true",
+                     help="go on with the latest saved conversation with this model (with a prompt: answer it there)")
+    run.add_argument("--no-save", action="store_true",
+                     help="do not save the conversation (by default the chat saves it after every answer)")
     _sampling_args(run)
     _load_args(run)
     run.set_defaults(func=cmd_run)
@@ -371,8 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """build_parser's arguments, where the words of `run`'s prompt may come after options and need no quotes
+    (as `ollama run`): argparse gives an optional positional its value at the first chance, so in `run MODEL
+    --verbose "prompt"` the prompt would be left over."""
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra and ns.command == "run" and not any(word.startswith("-") for word in extra):
+        ns.prompt = " ".join(extra if ns.prompt is None else [ns.prompt, *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(argv)
     func: Callable[[argparse.Namespace], int] = ns.func
     try:
         return func(ns)

@@ -5,7 +5,9 @@ loop around it; slash commands are a table of small handlers.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import shlex
 import time
 from collections.abc import Callable, Iterator
@@ -22,13 +24,14 @@ HELP = """Available commands:
   /set temperature|top_p|top_k|repeat_penalty|repeat_last_n|seed|num_ctx|max_tokens VALUE
   /set system "text"       set the system prompt (/set system "" removes it)
   /show info|parameters|template|system
-  /clear                   forget the conversation
+  /clear                   forget the conversation (the next one is saved in a file of its own)
   /save FILE               save the conversation as JSON
   /load FILE               load a conversation saved with /save
   /bye                     exit (or Ctrl-D)
   /?, /help                this help
 
-Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer (what was written is kept)."""
+Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer (what was written is kept).
+The conversation is saved after every answer; `lilmistral run MODEL --resume` goes on with the latest."""
 
 SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float, "repeat_last_n": int,
             "seed": int, "max_tokens": int, "num_ctx": int}
@@ -42,6 +45,12 @@ class Chat:
     system: str | None = None
     messages: list[Message] = field(default_factory=list)
     told_overflow: bool = False
+    autosave: AutoSave | None = None  # where the conversation is saved after every answer
+
+    @property
+    def model(self) -> str:
+        """The model's source as an absolute path: which model a saved conversation was with."""
+        return str(Path(self.llm.source).resolve()) if self.llm.source else ""
 
     def conversation(self) -> list[Message]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -65,6 +74,15 @@ class Chat:
                     self.messages.append({"role": "assistant", "content": "".join(answer)})
                 else:
                     self.messages.pop()
+            if self.autosave is not None:
+                self.autosave.save(self)
+
+    def clear(self) -> None:
+        """Forget the conversation; the next one is autosaved in a file of its own."""
+        self.messages.clear()
+        self.told_overflow = False
+        if self.autosave is not None:
+            self.autosave.path = None
 
     def notice(self) -> str | None:
         """After an answer: that the conversation outgrew the context (once), and whether the context cut the
@@ -99,7 +117,7 @@ class Chat:
         return f"Set parameter '{key}' to '{parsed}'"
 
     def save(self, path: Path) -> None:
-        data = {"model": self.llm.source, "system": self.system, "messages": self.messages,
+        data = {"model": self.model, "system": self.system, "messages": self.messages,
                 "options": {k: v for k, v in self.params.__dict__.items() if k != "stop"}}
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
@@ -119,6 +137,51 @@ class Chat:
         options = {k: v for k, v in (data.get("options") or {}).items() if k in SETTABLE and k != "num_ctx"}
         self.params = SamplingParams(**{**self.params.__dict__, **options})
         return len(messages)
+
+
+@dataclass
+class AutoSave:
+    """Each conversation in a JSON file of its own in `folder` (Chat.save's format), rewritten after every
+    answer, a stopped one too: a crash, a closed terminal or Ctrl-D loses nothing. `latest` finds the one to
+    resume."""
+    folder: Path
+    label: str  # the model as the user named it, for the files' names
+    path: Path | None = None  # this conversation's file, named at its first save
+
+    def save(self, chat: Chat) -> None:
+        if not chat.messages:
+            return
+        try:
+            if self.path is None:
+                self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are private
+                model = re.sub(r"[^\w.]+", "-", Path(self.label).name).strip("-.") or "model"
+                stem = time.strftime("%Y%m%d-%H%M%S-") + model
+                names = (f"{stem}.json" if n == 1 else f"{stem}-{n}.json" for n in itertools.count(1))
+                self.path = next(self.folder / name for name in names if not (self.folder / name).exists())
+            chat.save(self.path)
+        except OSError as e:
+            raise LilmistralError(f"could not save the conversation to {self.path or self.folder}: {e}") from None
+
+    def latest(self, model: str) -> Path | None:
+        """The conversation with `model` (Chat.model) saved last in the folder, if any."""
+        saved = []
+        for path in self.folder.glob("*.json"):
+            try:
+                data = json.loads(path.read_text())
+                if isinstance(data, dict) and data.get("model") == model:
+                    saved.append((path.stat().st_mtime, path))
+            except (OSError, ValueError):  # unreadable, or removed meanwhile: not one to resume
+                continue
+        return max(saved)[1] if saved else None
+
+
+def recap(chat: Chat, path: Path) -> str:
+    """What resuming a conversation shows: where it came from and its last exchange."""
+    lines = [f"Resumed {len(chat.messages)} messages from {path}"]
+    users = [i for i, m in enumerate(chat.messages) if m["role"] == "user"]
+    if users:
+        lines += [f">>> {chat.messages[users[-1]]['content']}"] + [m["content"] for m in chat.messages[users[-1] + 1:]]
+    return "\n".join(lines)
 
 
 def show(chat: Chat, what: str) -> str:
@@ -172,8 +235,7 @@ def _bye(chat: Chat, args: list[str]) -> str:
 
 
 def _clear(chat: Chat, args: list[str]) -> str:
-    chat.messages.clear()
-    chat.told_overflow = False
+    chat.clear()
     return "Cleared session context."
 
 

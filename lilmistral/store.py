@@ -112,6 +112,10 @@ class Store:
     def history_file(self) -> Path:
         return self.home / "history"
 
+    @property
+    def conversations_dir(self) -> Path:
+        return self.home / "conversations"
+
 
 def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 import lilmistral
 from conftest import smollm2_gguf
+from lilmistral.cli import parse_args
 from lilmistral.convert import convert
 from lilmistral.repl import Chat, run_command
 
@@ -137,6 +139,63 @@ def test_save_and_load_restore_the_conversation(spawn, tmp_path):
     out = ask(child, "And of France?")
     assert "Paris" in out and "prompt eval count" in out
     assert "not a saved conversation" in ask(child, f"/load {tmp_path / 'missing.json'}")
+
+
+def test_every_answer_is_saved_and_a_crashed_chat_resumes(spawn, smol, tmp_path):
+    """The chat saves the conversation after every answer, so a REPL killed outright loses nothing: `run
+    --resume` shows the last exchange and goes on in the same file (the model remembers it); /clear starts
+    a file of its own; a one-shot `run --resume PROMPT` answers inside the latest conversation, a one-shot
+    run without it saves nothing."""
+    folder = tmp_path / "home" / "conversations"
+    child = spawn("--temperature", "0", "--max-tokens", "24")
+    ask(child, "What is the capital of Japan?")
+    [saved] = folder.glob("*.json")
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert saved.name.endswith(f"-{smol.name}.json")
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and "Tokyo" in messages[1]["content"]
+    child.kill(signal.SIGKILL)
+
+    child = spawn("--resume", "--temperature", "0", "--verbose")  # the recap's ">>> question" is its prompt
+    assert f"Resumed 2 messages from {saved}" in ANSI.sub("", child.before)
+    child.expect_exact("Type a message")
+    assert ANSI.sub("", child.before).split() == "What is the capital of Japan? The capital of Japan is Tokyo.".split()
+    child.expect_exact(PROMPT)
+    out = ask(child, "And of France?")
+    assert "Paris" in out and "prompt eval count" in out
+    assert [m["role"] for m in json.loads(saved.read_text())["messages"]] == ["user", "assistant"] * 2
+    ask(child, "/clear")
+    ask(child, "Name a color.")
+    assert len(list(folder.glob("*.json"))) == 2
+    child.sendline("/bye")
+    child.expect(pexpect.EOF)
+
+    env = {**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home")}
+    latest = max(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    run = [sys.executable, "-m", "lilmistral", "run", str(smol), "--temperature", "0", "--max-tokens", "8"]
+    subprocess.run([*run, "--resume", "And another one?"], env=env, check=True, capture_output=True)
+    assert len(json.loads(latest.read_text())["messages"]) == 4
+    subprocess.run([*run, "Hello"], env=env, check=True, capture_output=True)
+    assert len(list(folder.glob("*.json"))) == 2
+
+
+def test_resume_without_a_saved_conversation_is_one_line(smol, tmp_path):
+    env = {**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(smol), "--resume", "hi"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"Error: no saved conversation with {smol} to resume "
+                                                  f"(in {tmp_path / 'home' / 'conversations'})"]
+
+
+def test_the_prompt_may_follow_options_unquoted():
+    """As `ollama run MODEL why is the sky blue`: the prompt's words anywhere after the model."""
+    assert parse_args(["run", "m", "--verbose", "why", "is", "the", "sky", "blue?"]).prompt == "why is the sky blue?"
+    assert parse_args(["run", "m", "why", "--temperature", "0", "not"]).prompt == "why not"
+    assert parse_args(["run", "m", "--resume"]).prompt is None
+    for argv in (["run", "m", "--verbose", "--bogus"], ["list", "extra"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
 
 
 def test_set_takes_ollamas_names_too(smol):
