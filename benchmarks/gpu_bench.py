@@ -20,7 +20,7 @@ import time
 import torch
 
 from benchmarks.random_model import MISTRAL_7B, random_model
-from lilmistral.bench import measure_bandwidth, weight_bytes_per_token
+from lilmistral.bench import held_weights, measure_bandwidth, weight_bytes_per_token
 from lilmistral.cache import RollingKVCache
 from lilmistral.config import ModelArgs
 from lilmistral.generate import DecodeStep, SamplingParams, generate_tokens
@@ -142,7 +142,7 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
     rows = []
     for scheme in schemes:
         model = random_model(args, scheme, "cuda")
-        nbytes = weight_bytes_per_token(model)
+        nbytes = weight_bytes_per_token(model.args, held_weights(model))
         # eager, graphed; for int4 also graphed without programmatic dependent launch, with each RMSNorm a launch
         # of its own (not in wo's and w2's GEMVs) or RoPE and the cache write (not in wqkv's), all read as the
         # graphs are captured, and with each step queued only once the host has read the token before (not ahead)

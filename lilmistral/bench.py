@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .config import ModelArgs
 from .generate import SamplingParams, generate_tokens, prefill
 from .llm import LLM
 from .quant import vnni
@@ -52,21 +54,33 @@ def measure_bandwidth(device: torch.device, gib: float = 1.0, repeat: int = 5) -
     return best
 
 
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights one decoded token reads: all of them, but one row of the embedding table
-    (unless the head shares the table and reads all of it)."""
-    shared = getattr(model.output, "weight", None) is model.tok_embeddings.weight
-    # the kernels' own copies of the weights whose canonical parts the loader let go of
-    kernels = [m.kernel for m in model.modules() if getattr(getattr(m, "kernel", None), "repacked", False)]
-    repacked = [("kernel", t) for k in kernels for t in getattr(k, "parts", {}).values() if isinstance(t, torch.Tensor)]
-    total = 0
-    seen: set[int] = set()
+def weight_bytes_per_token(args: ModelArgs, sizes: Iterable[tuple[str, int]]) -> int:
+    """Bytes of weights one decoded token reads, from each weight's (name, bytes): all of them, but one row of
+    the embedding table (unless the head shares the table and reads all of it), and of a mixture of experts
+    only the routed experts' (n_experts_per_tok of n_experts, all of one size)."""
+    routed = args.n_experts_per_tok / args.n_experts if args.is_moe else 1.0
+    total = 0.0
+    for name, nbytes in sizes:
+        if name.startswith("tok_embeddings.") and not args.tie_embeddings:
+            nbytes /= args.vocab_size
+        total += nbytes * routed if ".experts." in name else nbytes
+    return round(total)
+
+
+def held_weights(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """(name, bytes) of each weight a model holds, once: parameters, buffers, and the kernels' own copies of
+    the weights whose canonical parts the loader let go of."""
+    kernels = [(name, m.kernel) for name, m in model.named_modules()
+               if getattr(getattr(m, "kernel", None), "repacked", False)]
+    repacked = [(f"{name}.kernel.{part}", t) for name, k in kernels for part, t in getattr(k, "parts", {}).items()
+                if isinstance(t, torch.Tensor)]
+    sizes, seen = [], set()
     for name, t in [*model.named_parameters(), *model.named_buffers(), *repacked]:
         if name == "inv_freq" or t.data_ptr() in seen or t.device.type == "meta":
             continue
         seen.add(t.data_ptr())
-        total += t[0].nbytes if name.startswith("tok_embeddings") and not shared else t.nbytes
-    return total
+        sizes.append((name, t.nbytes))
+    return sizes
 
 
 def peak_rss_mb() -> float:
@@ -100,7 +114,8 @@ def bench(llm: LLM, prompt_tokens: int = 128, gen_tokens: int = 64, bandwidth: f
     llm._cached_ids = []  # the cache no longer holds a conversation
     rss = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
     decode_s = (end - first) / max(produced - 1, 1)
-    nbytes = weight_bytes_per_token(llm.model)
+    stored = llm.info.get("tensor_bytes")  # a pipeline's: its other stages hold their weights in other processes
+    nbytes = weight_bytes_per_token(llm.args, stored.items() if stored else held_weights(llm.model))
     bw = bandwidth or measure_bandwidth(device)
     achieved = nbytes / decode_s / 1e9
     return BenchResult(prompt_tokens, produced, prompt_tokens / prefill_s, 1 / decode_s, first - start, llm.load_s,

@@ -284,8 +284,8 @@ def model_args(path: Path) -> ModelArgs:
 
 
 def tensor_bytes(path: Path, quant: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:
-    """Bytes of every stored tensor (packed parts by their own names), without loading any."""
-    from .convert.safetensors_io import SafetensorsFile
+    """Bytes of every tensor as loaded (packed parts by their own names), without loading any."""
+    from .convert.safetensors_io import DTYPES, SafetensorsFile
 
     if is_converted(path):
         st = SafetensorsFile(path / WEIGHTS)
@@ -293,8 +293,10 @@ def tensor_bytes(path: Path, quant: str | None = None, group_size: int = DEFAULT
     src = open_source(path)
     if quant is None and isinstance(src, GGUFSource):
         quant = default_scheme(src)
+    if quant is None:  # a HF folder, loaded as stored
+        return {e.name: math.prod(e.shape) * DTYPES[e.source_type].itemsize for e in src.entries}
     sizes = {}
-    for p in plan(src, quant or "bf16", group_size):
+    for p in plan(src, quant, group_size):
         for name, dtype, shape in p.outputs:
             sizes[name] = math.prod(shape) * dtype.itemsize
     return sizes

@@ -316,7 +316,7 @@ def load_pipeline(path: Path, pp: int, *, quant: str | None, device: str, num_ct
                                  keep=stage_keep(ranges[0], True, pp == 1, tied))
         pipeline = PipelineModel(model, ranges, stage_device, workers)
         info = {**info, "stages": [f"layers {a}-{b - 1}" for a, b in ranges],
-                "stage_bytes": stage_bytes(sizes, ranges, tied)}
+                "stage_bytes": stage_bytes(sizes, ranges, tied), "tensor_bytes": sizes}
         llm = LLM(pipeline, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info)  # type: ignore[arg-type]
     except BaseException:
         for proc in workers:

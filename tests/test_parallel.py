@@ -9,12 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
 
 import lilmistral
 from conftest import make_hf_model
+from lilmistral.bench import bench, held_weights, weight_bytes_per_token
 from lilmistral.parallel import split_layers, stage_keep
 
 MODELS = {
@@ -152,3 +154,19 @@ def test_stages_that_do_not_fit_fail_before_loading(folders):
                        capture_output=True, text=True, timeout=120, env={**os.environ, "LILMISTRAL_MEMORY_LIMIT_MB": "1"})
     assert r.returncode == 1 and "stage 0 needs" in r.stderr and "stage 1 needs" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bench_of_a_pipeline_counts_every_stage(folders):
+    """`bench --pp N` reads every stage's weights a token (their stored sizes), as one process does; of a
+    mixture of experts only the routed experts' (here 2 of 4)."""
+    single = lilmistral.load(folders["mixtral"])
+    piped = lilmistral.load(folders["mixtral"], pp=2)
+    try:
+        one, two = (bench(llm, prompt_tokens=8, gen_tokens=4, bandwidth=1.0) for llm in (single, piped))
+    finally:
+        piped.close()
+    assert two.decode_step == "pipeline"
+    assert abs(two.weight_bytes_per_token - one.weight_bytes_per_token) <= 0.02 * one.weight_bytes_per_token
+    every_expert = weight_bytes_per_token(replace(single.args, n_experts_per_tok=4), held_weights(single.model))
+    experts = sum(t.nbytes for name, t in single.model.named_parameters() if ".experts." in name)
+    assert every_expert - one.weight_bytes_per_token == experts // 2
