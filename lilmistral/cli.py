@@ -250,7 +250,8 @@ def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err
     if interactive:
         if ns.resume:
             say(console, recap(chat, saves.path), "dim")
-        repl(chat, console, _store().history_file, markdown=ns.markdown, verbose=ns.verbose)
+        chat.verbose = ns.verbose
+        repl(chat, console, _store().history_file, markdown=ns.markdown)
         return 0
     start = time.perf_counter()
     if ns.format == "json":

@@ -23,6 +23,7 @@ from .tokenizer import Message
 HELP = """Available commands:
   /set temperature|top_p|top_k|repeat_penalty|repeat_last_n|seed|num_ctx|max_tokens VALUE
   /set system "text"       set the system prompt (/set system "" removes it)
+  /set verbose|quiet       show (or not) the timings after each answer
   /show info|parameters|template|system
   /clear                   forget the conversation (the next one is saved in a file of its own)
   /save FILE               save the conversation as JSON
@@ -46,6 +47,7 @@ class Chat:
     messages: list[Message] = field(default_factory=list)
     told_overflow: bool = False
     autosave: AutoSave | None = None  # where the conversation is saved after every answer
+    verbose: bool = False  # the timings after each answer
 
     @property
     def model(self) -> str:
@@ -219,6 +221,9 @@ def run_command(chat: Chat, line: str) -> str | None:
 def _set(chat: Chat, args: list[str]) -> str:
     if args[:1] == ["parameter"]:  # Ollama's form: /set parameter NAME VALUE
         args = args[1:]
+    if args in (["verbose"], ["quiet"]):
+        chat.verbose = args == ["verbose"]
+        return f"Set '{args[0]}' mode."
     if len(args) != 2 and not (args and args[0] == "system"):
         raise LilmistralError("usage: /set PARAMETER VALUE (or /set system \"text\")")
     return chat.set(args[0], " ".join(args[1:]) if args[0] == "system" else args[1])
@@ -330,7 +335,7 @@ def read_message(session: Any, first: str) -> str:
         lines.append(line)
 
 
-def repl(chat: Chat, console: Any, history: Path, markdown: bool = False, verbose: bool = False) -> None:
+def repl(chat: Chat, console: Any, history: Path, markdown: bool = False) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
@@ -356,6 +361,6 @@ def repl(chat: Chat, console: Any, history: Path, markdown: bool = False, verbos
         if not text.strip():
             continue
         try:
-            stream_answer(chat, text, console, markdown, verbose)
+            stream_answer(chat, text, console, markdown, chat.verbose)
         except LilmistralError as e:
             say(console, f"Error: {e}", "red")

@@ -165,7 +165,8 @@ def test_every_answer_is_saved_and_a_crashed_chat_resumes(spawn, smol, tmp_path)
     assert "Paris" in out and "prompt eval count" in out
     assert [m["role"] for m in json.loads(saved.read_text())["messages"]] == ["user", "assistant"] * 2
     ask(child, "/clear")
-    ask(child, "Name a color.")
+    assert "Set 'quiet' mode." in ask(child, "/set quiet")  # Ollama's: no timings from now on
+    assert "prompt eval count" not in ask(child, "Name a color.")
     assert len(list(folder.glob("*.json"))) == 2
     child.sendline("/bye")
     child.expect(pexpect.EOF)
@@ -205,6 +206,8 @@ def test_set_takes_ollamas_names_too(smol):
     run_command(chat, "/set repeat_last_n -1")
     assert (chat.params.temperature, chat.params.max_tokens, chat.params.repeat_last_n) == (0.0, 5, -1)
     assert "repeat_last_n   -1" in run_command(chat, "/show parameters")
+    run_command(chat, "/set verbose")
+    assert chat.verbose
     with pytest.raises(lilmistral.LilmistralError, match="repeat_last_n must be >= -1"):
         run_command(chat, "/set repeat_last_n -2")
     "".join(chat.ask("Hi"))
