@@ -229,6 +229,7 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
         decoding after a one-off compilation (about a minute on a small CPU; cached on disk after that).
     """
     start = time.perf_counter()
+    check_device(device)
     path = resolve_source(source)
     if pp > 1 and compile:
         raise LilmistralError("compile does not apply to pipeline stages (pp > 1) yet")
@@ -242,6 +243,21 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
         llm = LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info, compile=compile)
     llm.load_s = time.perf_counter() - start
     return llm
+
+
+def check_device(device: str) -> None:
+    """A device this machine does not have is the user's error, said before anything loads."""
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except RuntimeError:
+        raise LilmistralError(f"unknown device {device!r} (cpu, cuda or cuda:N)") from None
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count <= (index or 0):
+            built = "this PyTorch is built without CUDA" if torch.version.cuda is None else f"{count} found"
+            raise LilmistralError(f"device {device!r}: no such CUDA GPU here ({built})")
+    elif kind != "cpu":
+        raise LilmistralError(f"device {device!r} is not supported (cpu, cuda or cuda:N)")
 
 
 def resolve_source(source: str | Path) -> Path:

@@ -255,6 +255,20 @@ def test_cli_user_errors_are_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+def test_a_device_this_machine_lacks_is_one_line(full, capsys):
+    """--device names a device PyTorch does not know, one lilmistral does not run on, or a GPU that is not
+    here: one line before loading, not a traceback from the first tensor moved there."""
+    from lilmistral.cli import main
+
+    missing = torch.cuda.device_count()
+    cases = {"tpu": "unknown device 'tpu' (cpu, cuda or cuda:N)",
+             "mps": "device 'mps' is not supported (cpu, cuda or cuda:N)",
+             f"cuda:{missing}": f"device 'cuda:{missing}': no such CUDA GPU here"}
+    for device, message in cases.items():
+        assert main(["bench", str(full), "--device", device]) == 1
+        assert capsys.readouterr().err.startswith(f"Error: {message}")
+
+
 def test_cli_run_of_a_model_without_a_chat_format_fails_before_the_warm_up(full, monkeypatch, capsys):
     """A model the chat cannot use fails right after loading, not after the warm-up (a 7B's trace and first
     tokens: seconds)."""
