@@ -11,7 +11,7 @@ import torch
 
 import lilmistral
 from conftest import SPM_V1, make_hf_model, write_gguf
-from lilmistral.convert import gguf as gguf_module
+from lilmistral.convert import convert, gguf as gguf_module
 from lilmistral.convert.gguf import BLOCK_DECODERS, GGUFSource, dequantize_blocks, q4k_parts
 from lilmistral.quant import QuantLinear, QuantSpec, dequantize, quantize
 from lilmistral.quant.pack import pack_int4, unpack_int4
@@ -241,6 +241,9 @@ def test_bad_inputs_give_one_line_and_write_nothing(hf_models, tmp_path):
     write_gguf(odd, base.model.state_dict(), base.args, raw_types={"blk.1.attn_v.weight": "IQ4_NL"})
     assert_one_line_error(cli("convert", str(odd), "--out", str(outdir / "d")), "odd.gguf", "IQ4_NL",
                           "blk.1.attn_v.weight")
+    # a folder that is already converted
+    converted = convert(folder, tmp_path / "converted", "int8")
+    assert_one_line_error(cli("convert", str(converted), "--out", str(outdir / "e")), "already a converted model")
     assert list(outdir.iterdir()) == []  # nothing written, not even a partial folder
 
 

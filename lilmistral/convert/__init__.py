@@ -34,8 +34,12 @@ Source = HFSource | GGUFSource
 
 
 def open_source(path: Path) -> Source:
+    """A Hugging Face folder or a GGUF file to convert (or load, converting in memory)."""
     if path.is_file() and path.suffix == ".gguf":
         return GGUFSource(path)
+    if is_converted(path):
+        raise LilmistralError(f"{path} is already a converted model: convert its source (a Hugging Face folder or "
+                              "a .gguf) again instead")
     if path.is_dir():
         return HFSource(path)
     raise LilmistralError(f"{path}: not a model folder or a .gguf file")
