@@ -134,6 +134,8 @@ class Chat:
             raise LilmistralError(f"{path}: not a saved conversation ({e})") from None
         if not ok:
             raise LilmistralError(f"{path}: messages must be user/assistant with text content")
+        if [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2):
+            raise LilmistralError(f"{path}: messages must alternate user, assistant, ..., ending with an answer")
         self.messages = messages
         self.system = data.get("system")
         options = {k: v for k, v in (data.get("options") or {}).items() if k in SETTABLE and k != "num_ctx"}

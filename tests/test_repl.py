@@ -199,6 +199,17 @@ def test_the_prompt_may_follow_options_unquoted():
             parse_args(argv)
 
 
+def test_load_takes_only_a_conversation_that_alternates(smol, tmp_path):
+    chat = Chat(lilmistral.load(smol))
+    path = tmp_path / "edited.json"
+    for roles in (["user", "user"], ["user"], ["assistant", "user"]):
+        path.write_text(json.dumps({"messages": [{"role": r, "content": "x"} for r in roles]}))
+        with pytest.raises(lilmistral.LilmistralError, match="must alternate"):
+            chat.load(path)
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}))
+    assert chat.load(path) == 2
+
+
 def test_set_takes_ollamas_names_too(smol):
     chat = Chat(lilmistral.load(smol))
     run_command(chat, "/set parameter temperature 0")  # Ollama's form
