@@ -7,6 +7,8 @@ import functools
 import json
 import math
 import mmap
+import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -239,10 +241,37 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
         llm = load_pipeline(path, pp, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype,
                             group_size=group_size)
     else:
+        check_memory([sum(tensor_bytes(path, quant, group_size).values())], device)
         model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
         llm = LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info, compile=compile)
     llm.load_s = time.perf_counter() - start
     return llm
+
+
+def check_memory(per_stage: list[int], device: str) -> None:
+    """Fail before loading when the weights, or each pipeline stage's, cannot fit: what each needs and what
+    there is (as Ollama does; else the kernel's OOM killer ends the load halfway, with one word). A pipeline's
+    stage i goes on GPU i; else the device's own GPU. LILMISTRAL_MEMORY_LIMIT_MB stands in for the RAM."""
+    many = len(per_stage) > 1
+    needs = ", ".join(f"stage {i} needs {n / 1e9:.2f} GB" for i, n in enumerate(per_stage)) if many else \
+        f"the weights need {per_stage[0] / 1e9:.2f} GB"
+    if device.startswith("cuda"):
+        gpus = range(len(per_stage)) if many else [torch.device(device).index or 0]
+        free = [torch.cuda.mem_get_info(i)[0] for i in gpus if i < torch.cuda.device_count()]
+        if len(free) < len(per_stage) or any(need > have for need, have in zip(per_stage, free)):
+            raise LilmistralError(f"the model does not fit the GPU{'s' if many else ''}: {needs} (free: "
+                                  f"{', '.join(f'{f / 1e9:.2f} GB' for f in free) or 'no such GPU'})")
+        return
+    limit = os.environ.get("LILMISTRAL_MEMORY_LIMIT_MB")
+    available = int(limit) * 2**20 if limit else _available_ram()
+    if sum(per_stage) > available:
+        raise LilmistralError(f"the model does not fit in memory: {needs}; {available / 1e9:.2f} GB available")
+
+
+def _available_ram() -> int:
+    with open("/proc/meminfo") as f:
+        match = re.search(r"MemAvailable:\s+(\d+) kB", f.read())
+    return int(match.group(1)) * 1024 if match else 1 << 62
 
 
 def check_device(device: str) -> None:

@@ -108,29 +108,6 @@ def stage_bytes(sizes: dict[str, int], ranges: list[tuple[int, int]], tied: bool
             for s, r in enumerate(ranges)]
 
 
-def check_memory(per_stage: list[int], device: str) -> None:
-    """Fail before loading when the stages cannot fit: the memory each would need, and what there is."""
-    if device.startswith("cuda"):
-        free = [torch.cuda.mem_get_info(i)[0] for i in range(len(per_stage))] if torch.cuda.is_available() else []
-        if len(free) < len(per_stage) or any(need > have for need, have in zip(per_stage, free)):
-            raise LilmistralError("the stages do not fit the GPUs: " + ", ".join(
-                f"stage {i} needs {need / 1e9:.1f} GB" for i, need in enumerate(per_stage)) +
-                f" ({len(free)} GPUs, free: {', '.join(f'{f / 1e9:.1f} GB' for f in free)})")
-        return
-    limit = os.environ.get("LILMISTRAL_MEMORY_LIMIT_MB")
-    available = int(limit) * 2**20 if limit else _available_ram()
-    if sum(per_stage) > available:
-        raise LilmistralError("the stages do not fit in memory: " + ", ".join(
-            f"stage {i} needs {need / 1e9:.2f} GB" for i, need in enumerate(per_stage)) +
-            f"; {available / 1e9:.2f} GB available")
-
-
-def _available_ram() -> int:
-    with open("/proc/meminfo") as f:
-        match = re.search(r"MemAvailable:\s+(\d+) kB", f.read())
-    return int(match.group(1)) * 1024 if match else 1 << 62
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -284,7 +261,7 @@ def serve_torchrun_worker(path: Path, pp: int, **load_options: Any) -> None:
 def load_pipeline(path: Path, pp: int, *, quant: str | None, device: str, num_ctx: int | None,
                   dtype: Any, group_size: int) -> LLM:
     """Rank 0: plan the stages, start the workers (unless torchrun did), load stage 0, return the LLM."""
-    from .loader import load_model, load_model_tokenizer, model_args
+    from .loader import check_memory, load_model, load_model_tokenizer, model_args
 
     sizes, ranges = _stage_plan(path, pp, quant, group_size)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ

@@ -269,6 +269,20 @@ def test_a_device_this_machine_lacks_is_one_line(full, capsys):
         assert capsys.readouterr().err.startswith(f"Error: {message}")
 
 
+def test_a_model_that_does_not_fit_in_memory_fails_before_loading(full, monkeypatch, capsys):
+    """As Ollama: the weights' size against the memory available (here a 1 MB limit), one line, before
+    anything is read (not the OOM killer halfway through)."""
+    from lilmistral import loader
+    from lilmistral.cli import main
+
+    monkeypatch.setenv("LILMISTRAL_MEMORY_LIMIT_MB", "1")
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    assert main(["run", str(full), "Hi"]) == 1
+    need = sum(loader.tensor_bytes(full).values()) / 1e9
+    assert capsys.readouterr().err == (f"Error: the model does not fit in memory: the weights need {need:.2f} GB; "
+                                       "0.00 GB available\n")
+
+
 def test_cli_run_of_a_model_without_a_chat_format_fails_before_the_warm_up(full, monkeypatch, capsys):
     """A model the chat cannot use fails right after loading, not after the warm-up (a 7B's trace and first
     tokens: seconds)."""
