@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import __version__
 from .errors import LilmistralError
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES
 
@@ -335,6 +336,7 @@ def _stderr_console():
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lilmistral", description="Run Mistral-family models locally.")
+    parser.add_argument("-v", "--version", action="version", version=f"lilmistral {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer a prompt with a model")
     run.add_argument("model", help="a model name (pulled if missing), a model folder or a .gguf file")

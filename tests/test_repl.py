@@ -210,6 +210,12 @@ def test_load_takes_only_a_conversation_that_alternates(smol, tmp_path):
     assert chat.load(path) == 2
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--version"])
+    assert capsys.readouterr().out == f"lilmistral {lilmistral.__version__}\n"
+
+
 def test_set_takes_ollamas_names_too(smol):
     chat = Chat(lilmistral.load(smol))
     run_command(chat, "/set parameter temperature 0")  # Ollama's form
