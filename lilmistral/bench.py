@@ -56,12 +56,14 @@ def measure_bandwidth(device: torch.device, gib: float = 1.0, repeat: int = 5) -
 
 def weight_bytes_per_token(args: ModelArgs, sizes: Iterable[tuple[str, int]]) -> int:
     """Bytes of weights one decoded token reads, from each weight's (name, bytes): all of them, but one row of
-    the embedding table (unless the head shares the table and reads all of it), and of a mixture of experts
-    only the routed experts' (n_experts_per_tok of n_experts, all of one size)."""
+    the embedding table (unless there is no head of its own: the head reads the whole table), and of a mixture
+    of experts only the routed experts' (n_experts_per_tok of n_experts, all of one size)."""
+    sizes = list(sizes)
+    own_head = any(name.startswith("output.") for name, _ in sizes)
     routed = args.n_experts_per_tok / args.n_experts if args.is_moe else 1.0
     total = 0.0
     for name, nbytes in sizes:
-        if name.startswith("tok_embeddings.") and not args.tie_embeddings:
+        if name.startswith("tok_embeddings.") and own_head:
             nbytes /= args.vocab_size
         total += nbytes * routed if ".experts." in name else nbytes
     return round(total)

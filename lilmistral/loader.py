@@ -25,6 +25,7 @@ from .model import Transformer
 from .quant import (DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, fuse_projections, quantize,
                     swap_in_quant_linears)
 from .quant import cpu, cuda
+from .quant.pack import packed_shapes
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -329,19 +330,25 @@ def model_args(path: Path) -> ModelArgs:
 
 
 def tensor_bytes(path: Path, quant: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:
-    """Bytes of every tensor as loaded (packed parts by their own names), without loading any."""
+    """Bytes of every tensor as loaded (packed parts by their own names), without loading any; with the int8
+    head a quantized model with tied embeddings makes from the table (_tied_head)."""
     from .convert.safetensors_io import DTYPES, SafetensorsFile
 
     if is_converted(path):
         st = SafetensorsFile(path / WEIGHTS)
-        return {name: end - begin for name, (_, _, begin, end) in st.entries.items()}
-    src = open_source(path)
-    if quant is None and isinstance(src, GGUFSource):
-        quant = default_scheme(src)
-    if quant is None:  # a HF folder, loaded as stored
-        return {e.name: math.prod(e.shape) * DTYPES[e.source_type].itemsize for e in src.entries}
-    sizes = {}
-    for p in plan(src, quant, group_size):
-        for name, dtype, shape in p.outputs:
-            sizes[name] = math.prod(shape) * dtype.itemsize
+        sizes = {name: end - begin for name, (_, _, begin, end) in st.entries.items()}
+        args = model_args(path)
+    else:
+        src = open_source(path)
+        args = src.args
+        if quant is None and isinstance(src, GGUFSource):
+            quant = default_scheme(src)
+        if quant is None:  # a HF folder, loaded as stored
+            sizes = {e.name: math.prod(e.shape) * DTYPES[e.source_type].itemsize for e in src.entries}
+        else:
+            sizes = {name: math.prod(shape) * dtype.itemsize
+                     for p in plan(src, quant, group_size) for name, dtype, shape in p.outputs}
+    if args.tie_embeddings and any(name.endswith(".qweight") for name in sizes):
+        for part, (shape, dtype) in packed_shapes(args.vocab_size, args.dim, QuantSpec("int8")).items():
+            sizes[f"output.{part}"] = math.prod(shape) * dtype.itemsize
     return sizes

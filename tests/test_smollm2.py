@@ -166,3 +166,20 @@ def test_quantization_quality_table(gguf_path):
     assert table["int8"] <= base * 1.01
     assert table["int4 g32"] <= base * 1.10
     assert table["int4-sym g32"] <= table["int4 g64"]  # at equal bits, smaller groups win
+
+
+def test_bench_reads_one_embedding_row_and_the_int8_head(gguf_path):
+    """SmolLM2 ties its head to the embeddings; quantized, the head is an int8 copy of the table. A decoded
+    token reads that head and one row of the table, counted alike from the loaded model and from the sizes
+    the loader plans (what `bench --pp` counts)."""
+    from lilmistral.bench import held_weights, weight_bytes_per_token
+    from lilmistral.loader import tensor_bytes
+
+    llm = lilmistral.load(gguf_path, quant="int4")
+    held = held_weights(llm.model)
+    assert any(name.startswith("output.") for name, _ in held)
+    table = dict(held)["tok_embeddings.weight"]
+    read = weight_bytes_per_token(llm.args, held)
+    assert read == round(sum(n for _, n in held) - table + table / llm.args.vocab_size)
+    planned = weight_bytes_per_token(llm.args, tensor_bytes(gguf_path, "int4").items())
+    assert abs(planned - read) <= 0.01 * read
