@@ -278,15 +278,15 @@ def _available_ram() -> int:
 def check_device(device: str) -> None:
     """A device this machine does not have is the user's error, said before anything loads."""
     try:
-        kind, index = torch.device(device).type, torch.device(device).index
+        parsed = torch.device(device)
     except RuntimeError:
         raise LilmistralError(f"unknown device {device!r} (cpu, cuda or cuda:N)") from None
-    if kind == "cuda":
+    if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count <= (index or 0):
+        if count <= (parsed.index or 0):
             built = "this PyTorch is built without CUDA" if torch.version.cuda is None else f"{count} found"
             raise LilmistralError(f"device {device!r}: no such CUDA GPU here ({built})")
-    elif kind != "cpu":
+    elif parsed.type != "cpu":
         raise LilmistralError(f"device {device!r} is not supported (cpu, cuda or cuda:N)")
 
 

@@ -182,9 +182,9 @@ class AutoSave:
 def recap(chat: Chat, path: Path) -> str:
     """What resuming a conversation shows: where it came from and its last exchange."""
     lines = [f"Resumed {len(chat.messages)} messages from {path}"]
-    users = [i for i, m in enumerate(chat.messages) if m["role"] == "user"]
-    if users:
-        lines += [f">>> {chat.messages[users[-1]]['content']}"] + [m["content"] for m in chat.messages[users[-1] + 1:]]
+    if chat.messages:  # they alternate, ending with an answer (Chat.load)
+        question, answer = chat.messages[-2:]
+        lines += [f">>> {question['content']}", answer["content"]]
     return "\n".join(lines)
 
 
