@@ -195,6 +195,8 @@ def show(chat: Chat, what: str) -> str:
         lines = [f"  architecture   {a.architecture}", f"  parameters     {a.n_parameters / 1e9:.2f}B",
                  f"  context        {llm.num_ctx}" + (f" (sliding window {a.sliding_window})" if a.sliding_window else ""),
                  f"  quantization   {llm.info.get('quant', '?')}", f"  tokenizer      {llm.tokenizer.kind}"]
+        if chat.autosave is not None and chat.autosave.path is not None:
+            lines.append(f"  saved to       {chat.autosave.path}")
         return "\n".join(lines)
     if what == "parameters":
         p = chat.params

@@ -164,6 +164,7 @@ def test_every_answer_is_saved_and_a_crashed_chat_resumes(spawn, smol, tmp_path)
     out = ask(child, "And of France?")
     assert "Paris" in out and "prompt eval count" in out
     assert [m["role"] for m in json.loads(saved.read_text())["messages"]] == ["user", "assistant"] * 2
+    assert f"saved to       {saved}" in ask(child, "/show info")
     ask(child, "/clear")
     assert "Set 'quiet' mode." in ask(child, "/set quiet")  # Ollama's: no timings from now on
     assert "prompt eval count" not in ask(child, "Name a color.")
