@@ -13,7 +13,7 @@ import pytest
 
 import lilmistral
 from conftest import smollm2_gguf
-from lilmistral.cli import parse_args
+from lilmistral.cli import main, parse_args
 from lilmistral.convert import convert
 from lilmistral.repl import Chat, run_command
 
@@ -141,7 +141,7 @@ def test_save_and_load_restore_the_conversation(spawn, tmp_path):
     assert "not a saved conversation" in ask(child, f"/load {tmp_path / 'missing.json'}")
 
 
-def test_every_answer_is_saved_and_a_crashed_chat_resumes(spawn, smol, tmp_path):
+def test_every_answer_is_saved_and_a_crashed_chat_resumes(spawn, smol, tmp_path, monkeypatch):
     """The chat saves the conversation after every answer, so a REPL killed outright loses nothing: `run
     --resume` shows the last exchange and goes on in the same file (the model remembers it); /clear starts
     a file of its own; a one-shot `run --resume PROMPT` answers inside the latest conversation, a one-shot
@@ -172,22 +172,20 @@ def test_every_answer_is_saved_and_a_crashed_chat_resumes(spawn, smol, tmp_path)
     child.sendline("/bye")
     child.expect(pexpect.EOF)
 
-    env = {**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home")}
+    monkeypatch.setenv("LILMISTRAL_HOME", str(tmp_path / "home"))
     latest = max(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
-    run = [sys.executable, "-m", "lilmistral", "run", str(smol), "--temperature", "0", "--max-tokens", "8"]
-    subprocess.run([*run, "--resume", "And another one?"], env=env, check=True, capture_output=True)
+    run = ["run", str(smol), "--temperature", "0", "--max-tokens", "8"]
+    assert main([*run, "--resume", "And another one?"]) == 0
     assert len(json.loads(latest.read_text())["messages"]) == 4
-    subprocess.run([*run, "Hello"], env=env, check=True, capture_output=True)
+    assert main([*run, "Hello"]) == 0
     assert len(list(folder.glob("*.json"))) == 2
 
 
-def test_resume_without_a_saved_conversation_is_one_line(smol, tmp_path):
-    env = {**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home")}
-    result = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(smol), "--resume", "hi"], env=env,
-                            capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"Error: no saved conversation with {smol} to resume "
-                                                  f"(in {tmp_path / 'home' / 'conversations'})"]
+def test_resume_without_a_saved_conversation_is_one_line(smol, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LILMISTRAL_HOME", str(tmp_path / "home"))
+    assert main(["run", str(smol), "--resume", "hi"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"Error: no saved conversation with {smol} to resume "
+                                                        f"(in {tmp_path / 'home' / 'conversations'})")
 
 
 def test_the_prompt_may_follow_options_unquoted():
