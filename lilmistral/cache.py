@@ -19,6 +19,17 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)
 
 
+def cache_window(args, num_ctx: int) -> int | None:
+    """The rolling buffer's window for num_ctx tokens: the model's sliding window, where it takes effect."""
+    return args.sliding_window if args.sliding_window is not None and args.sliding_window < num_ctx else None
+
+
+def cache_bytes(args, n_layers: int, num_ctx: int, dtype: torch.dtype) -> int:
+    """What RollingKVCache.for_context allocates: keys and values of every layer in every slot."""
+    slots = cache_window(args, num_ctx) or num_ctx
+    return 2 * n_layers * args.n_kv_heads * slots * args.head_dim * dtype.itemsize
+
+
 class RollingKVCache:
     """Keys and values of every layer in `size` slots; position p lives in slot p % size.
 
@@ -61,7 +72,7 @@ class RollingKVCache:
                     device: torch.device | str) -> RollingKVCache:
         """The cache a model (or a pipeline stage's `n_layers`) needs for num_ctx tokens: a rolling buffer
         of `window` slots, or num_ctx slots when the window never takes effect within num_ctx tokens."""
-        window = args.sliding_window if args.sliding_window is not None and args.sliding_window < num_ctx else None
+        window = cache_window(args, num_ctx)
         return cls(n_layers, args.n_kv_heads, args.head_dim, window or num_ctx, window, dtype, device)
 
     def reset(self) -> None:

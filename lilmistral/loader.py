@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .cache import cache_bytes
 from .config import ModelArgs
 from .convert import MANIFEST, WEIGHTS, default_scheme, is_converted, open_source, plan, produce
 from .convert.gguf import GGUFSource, gguf_tokenizer
 from .errors import LilmistralError, ModelFormatError
-from .llm import LLM
+from .llm import DEFAULT_NUM_CTX, LLM
 from .model import Transformer
 from .quant import (DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, fuse_projections, quantize,
                     swap_in_quant_linears)
@@ -242,7 +243,12 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
         llm = load_pipeline(path, pp, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype,
                             group_size=group_size)
     else:
-        check_memory([sum(tensor_bytes(path, quant, group_size).values())], device)
+        need = sum(tensor_bytes(path, quant, group_size).values())
+        if device.startswith("cuda"):  # a GPU's KV cache is allocated whole, right after the weights
+            args = model_args(path)
+            cache_dtype = torch.float32 if dtype in ("float32", torch.float32) else torch.bfloat16
+            need += cache_bytes(args, args.n_layers, min(num_ctx or DEFAULT_NUM_CTX, args.max_seq_len), cache_dtype)
+        check_memory([need], device)
         model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
         llm = LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info, compile=compile)
     llm.load_s = time.perf_counter() - start
@@ -250,12 +256,13 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
 
 
 def check_memory(per_stage: list[int], device: str) -> None:
-    """Fail before loading when the weights, or each pipeline stage's, cannot fit: what each needs and what
-    there is (as Ollama does; else the kernel's OOM killer ends the load halfway, with one word). A pipeline's
-    stage i goes on GPU i; else the device's own GPU. LILMISTRAL_MEMORY_LIMIT_MB stands in for the RAM."""
+    """Fail before loading when the model, or each pipeline stage, cannot fit: what each needs (its weights;
+    on a GPU its KV cache too) and what there is (as Ollama does; else the kernel's OOM killer ends the load
+    halfway, with one word). A pipeline's stage i goes on GPU i; else the device's own GPU.
+    LILMISTRAL_MEMORY_LIMIT_MB stands in for the RAM."""
     many = len(per_stage) > 1
     needs = ", ".join(f"stage {i} needs {n / 1e9:.2f} GB" for i, n in enumerate(per_stage)) if many else \
-        f"the weights need {per_stage[0] / 1e9:.2f} GB"
+        f"it needs {per_stage[0] / 1e9:.2f} GB"
     if device.startswith("cuda"):
         gpus = range(len(per_stage)) if many else [torch.device(device).index or 0]
         free = [torch.cuda.mem_get_info(i)[0] for i in gpus if i < torch.cuda.device_count()]

@@ -279,8 +279,31 @@ def test_a_model_that_does_not_fit_in_memory_fails_before_loading(full, monkeypa
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded"))
     assert main(["run", str(full), "Hi"]) == 1
     need = sum(loader.tensor_bytes(full).values()) / 1e9
-    assert capsys.readouterr().err == (f"Error: the model does not fit in memory: the weights need {need:.2f} GB; "
-                                       "0.00 GB available\n")
+    assert capsys.readouterr().err == f"Error: the model does not fit in memory: it needs {need:.2f} GB; 0.00 GB available\n"
+
+
+def test_a_gpu_needs_room_for_the_weights_and_the_whole_cache(full, monkeypatch):
+    """A GPU allocates the KV cache whole after the weights: the check counts both (a simulated GPU with just
+    the weights' room free fails before loading; one with the cache's room too passes the check)."""
+    from lilmistral import loader
+    from lilmistral.cache import cache_bytes
+
+    weights = sum(loader.tensor_bytes(full).values())
+    args = loader.model_args(full)
+    cache = cache_bytes(args, args.n_layers, 64, torch.bfloat16)
+    assert cache == 2 * args.n_layers * args.n_kv_heads * 64 * args.head_dim * 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    for free, fits in ((weights + cache - 1, False), (weights + cache, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index, free=free: (free, 2 * free))
+        if fits:
+            with pytest.raises(pytest.fail.Exception, match="loaded"):  # past the check, into the load
+                lilmistral.load(full, device="cuda", num_ctx=64)
+        else:
+            with pytest.raises(lilmistral.LilmistralError, match=f"does not fit the GPU: it needs "
+                                                                 f"{(weights + cache) / 1e9:.2f} GB"):
+                lilmistral.load(full, device="cuda", num_ctx=64)
 
 
 def test_cli_run_of_a_model_without_a_chat_format_fails_before_the_warm_up(full, monkeypatch, capsys):
