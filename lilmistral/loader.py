@@ -243,12 +243,9 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
         llm = load_pipeline(path, pp, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype,
                             group_size=group_size)
     else:
-        need = sum(tensor_bytes(path, quant, group_size).values())
-        if device.startswith("cuda"):  # a GPU's KV cache is allocated whole, right after the weights
-            args = model_args(path)
-            cache_dtype = torch.float32 if dtype in ("float32", torch.float32) else torch.bfloat16
-            need += cache_bytes(args, args.n_layers, min(num_ctx or DEFAULT_NUM_CTX, args.max_seq_len), cache_dtype)
-        check_memory([need], device)
+        args = model_args(path)
+        check_memory([sum(tensor_bytes(path, quant, group_size).values()) +
+                      gpu_cache_bytes(args, args.n_layers, num_ctx, dtype, device)], device)
         model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
         llm = LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info, compile=compile)
     llm.load_s = time.perf_counter() - start
@@ -274,6 +271,16 @@ def check_memory(per_stage: list[int], device: str) -> None:
     available = int(limit) * 2**20 if limit else _available_ram()
     if sum(per_stage) > available:
         raise LilmistralError(f"the model does not fit in memory: {needs}; {available / 1e9:.2f} GB available")
+
+
+def gpu_cache_bytes(args: ModelArgs, n_layers: int, num_ctx: int | None, dtype: str | torch.dtype | None,
+                    device: str) -> int:
+    """The KV cache of n_layers on a GPU, which allocates it whole right after the weights (0 on the CPU, where
+    it takes its pages as the context fills)."""
+    if not device.startswith("cuda"):
+        return 0
+    cache_dtype = torch.float32 if dtype in ("float32", torch.float32) else torch.bfloat16
+    return cache_bytes(args, n_layers, min(num_ctx or DEFAULT_NUM_CTX, args.max_seq_len), cache_dtype)
 
 
 def _available_ram() -> int:

@@ -304,6 +304,10 @@ def test_a_gpu_needs_room_for_the_weights_and_the_whole_cache(full, monkeypatch)
             with pytest.raises(lilmistral.LilmistralError, match=f"does not fit the GPU: it needs "
                                                                  f"{(weights + cache) / 1e9:.2f} GB"):
                 lilmistral.load(full, device="cuda", num_ctx=64)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # pipeline stages, each on a GPU of its own
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (1, 2))
+    with pytest.raises(lilmistral.LilmistralError, match="does not fit the GPUs: stage 0 needs .* stage 1 needs"):
+        lilmistral.load(full, device="cuda", num_ctx=64, pp=2)
 
 
 def test_cli_run_of_a_model_without_a_chat_format_fails_before_the_warm_up(full, monkeypatch, capsys):
