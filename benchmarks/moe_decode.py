@@ -5,7 +5,7 @@ also the whole decode loop (lilmistral.bench: tok/s, bytes a token, GB/s, bandwi
 model of that shape, its decode step as the device runs it by default (traced on the CPU, CUDA graphs on a
 GPU) and eager.
 
-    PYTHONPATH=. python benchmarks/moe_decode.py [--steps 20] [--quant int4|int8] [--device cpu|cuda] [--layers 4]
+    python -m benchmarks.moe_decode [--steps 20] [--quant int4|int8] [--device cpu|cuda] [--layers 4]
 """
 from __future__ import annotations
 
