@@ -98,43 +98,93 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 
 def cmd_show(ns: argparse.Namespace) -> int:
-    from .config import ModelArgs
-
+    from .convert import is_converted
     from .loader import resolve_source
-    from .tokenizer import find_mistral_tokenizer_file
 
     path = resolve_source(ns.model)
-    if not (path / "manifest.json").is_file():
-        raise LilmistralError(f"{path} is not a converted model (lilmistral convert or pull makes one)")
-    manifest = json.loads((path / "manifest.json").read_text())
-    args = ModelArgs.from_dict(manifest["args"])
-    window = f"sliding window {args.sliding_window}" if args.sliding_window else "no sliding window"
-    experts = f", {args.n_experts} experts ({args.n_experts_per_tok} per token)" if args.is_moe else ""
-    q = manifest["quant"]
-    source = manifest.get("source", {})
-    lines = [
-        ("model", manifest.get("name", path.name) + (f":{manifest['tag']}" if manifest.get("tag") else "")),
-        ("description", manifest.get("description") or ""),
-        ("architecture", f"{args.architecture}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / "
-                         f"{args.n_kv_heads} kv heads, head_dim {args.head_dim}, FFN {args.hidden_dim}{experts}"),
-        ("parameters", f"{args.n_parameters / 1e9:.2f}B"),
-        ("context", f"{manifest.get('num_ctx') or args.max_seq_len} tokens, {window}"),
-        ("rope", f"theta {args.rope_theta:g}" + (f", {args.rope_scaling.kind} x{args.rope_scaling.factor:g}"
-                                                 if args.rope_scaling else "")),
-        ("quantization", q["scheme"] + (f", group size {q['group_size']}" if q.get("group_size") else "")),
-        ("tokenizer", manifest.get("tokenizer", "")),
-        ("chat format", "Mistral instruct, encoded by mistral_common" if find_mistral_tokenizer_file(path)
-         else "the model's Jinja chat template (sandboxed)"),
-        ("licence", manifest.get("license") or "see the source repo"),
-        ("source", f"{manifest['repo']} @ {manifest.get('revision', '?')}" if manifest.get("repo")
-         else f"{source.get('path', '?')} ({source.get('kind', '?')})"),
-        ("size on disk", _size(path)),
-        ("pipeline", _stage_split(path, ns.pp) if ns.pp > 1 else ""),
-    ]
+    lines = _converted_lines(path) if is_converted(path) else _source_lines(path)
+    lines += [("size on disk", _size(path)), ("pipeline", _stage_split(path, ns.pp) if ns.pp > 1 else "")]
     for key, value in lines:
         if value:
             print(f"  {key:14s}{value}")
     return 0
+
+
+def _architecture_lines(args, num_ctx: int | None = None) -> list[tuple[str, str]]:
+    window = f"sliding window {args.sliding_window}" if args.sliding_window else "no sliding window"
+    experts = f", {args.n_experts} experts ({args.n_experts_per_tok} per token)" if args.is_moe else ""
+    return [
+        ("architecture", f"{args.architecture}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / "
+                         f"{args.n_kv_heads} kv heads, head_dim {args.head_dim}, FFN {args.hidden_dim}{experts}"),
+        ("parameters", f"{args.n_parameters / 1e9:.2f}B" if args.n_parameters >= 1e9 else
+                       f"{args.n_parameters / 1e6:.2f}M"),
+        ("context", f"{num_ctx or args.max_seq_len} tokens, {window}"),
+        ("rope", f"theta {args.rope_theta:g}" + (f", {args.rope_scaling.kind} x{args.rope_scaling.factor:g}"
+                                                 if args.rope_scaling else "")),
+    ]
+
+
+def _chat_format(folder: Path) -> str:
+    from .tokenizer import find_mistral_tokenizer_file
+
+    return ("Mistral instruct, encoded by mistral_common" if find_mistral_tokenizer_file(folder)
+            else "the model's Jinja chat template (sandboxed)")
+
+
+def _converted_lines(path: Path) -> list[tuple[str, str]]:
+    from .config import ModelArgs
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    q, source = manifest["quant"], manifest.get("source", {})
+    return [
+        ("model", manifest.get("name", path.name) + (f":{manifest['tag']}" if manifest.get("tag") else "")),
+        ("description", manifest.get("description") or ""),
+        *_architecture_lines(ModelArgs.from_dict(manifest["args"]), manifest.get("num_ctx")),
+        ("quantization", q["scheme"] + (f", group size {q['group_size']}" if q.get("group_size") else "")),
+        ("tokenizer", manifest.get("tokenizer", "")),
+        ("chat format", _chat_format(path)),
+        ("licence", manifest.get("license") or "see the source repo"),
+        ("source", f"{manifest['repo']} @ {manifest.get('revision', '?')}" if manifest.get("repo")
+         else f"{source.get('path', '?')} ({source.get('kind', '?')})"),
+    ]
+
+
+def _source_lines(path: Path) -> list[tuple[str, str]]:
+    """A Hugging Face folder or a .gguf, described from its metadata (which is printed made printable: a file's
+    strings could carry terminal escape sequences)."""
+    from collections import Counter
+
+    from .convert import default_scheme, open_source, tokenizer_files
+    from .convert.gguf import GGUFSource
+
+    src = open_source(path)
+    counts = Counter(e.source_type for e in src.entries).most_common()
+    stored = "tensors " + ", ".join(f"{n} {kind}" for kind, n in counts)
+    if not isinstance(src, GGUFSource):
+        return [("model", path.name), *_architecture_lines(src.args),
+                ("quantization", f"{stored}; runs as stored, or quantized as it loads with --quant"),
+                ("tokenizer", ", ".join(p.name for p in tokenizer_files(path))), ("chat format", _chat_format(path)),
+                ("source", f"{path.resolve()} (huggingface)")]
+    import gguf
+
+    file_type = src.meta("general.file_type", int)
+    if file_type in gguf.LlamaFileType._value2member_map_:
+        stored = f"{gguf.LlamaFileType(file_type).name.removeprefix('MOSTLY_')} ({stored})"
+    template = src.meta("tokenizer.chat_template", str)
+    return [
+        ("model", _printable(src.meta("general.name", str, path.stem))),
+        *_architecture_lines(src.args),
+        ("quantization", f"{stored}; runs as {default_scheme(src)} (convert it once: lilmistral convert)"),
+        ("tokenizer", f"gguf {_printable(src.meta('tokenizer.ggml.model', str, '?'))}, "
+                      f"{len(src.meta('tokenizer.ggml.tokens', list, []))} tokens"),
+        ("chat format", "the model's Jinja chat template (sandboxed)" if template else "none in the file"),
+        ("licence", _printable(src.meta("general.license", str, ""))),
+        ("source", f"{path.resolve()} (gguf)"),
+    ]
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def _stage_split(path: Path, pp: int) -> str:
@@ -360,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--force", action="store_true", help="convert again even if up to date")
     pull.set_defaults(func=cmd_pull)
     sub.add_parser("list", aliases=["ls"], help="list pulled models").set_defaults(func=cmd_list)
-    show = sub.add_parser("show", help="describe a pulled model")
-    show.add_argument("model")
+    show = sub.add_parser("show", help="describe a model")
+    show.add_argument("model", help="a model name, a model folder or a .gguf file")
     show.add_argument("--pp", type=int, default=1, help="also show how N pipeline stages would split it")
     show.set_defaults(func=cmd_show)
     rm = sub.add_parser("rm", help="delete pulled models")

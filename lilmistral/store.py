@@ -42,6 +42,9 @@ class InstalledModel:
 
 
 def folder_size(path: Path) -> int:
+    """Bytes of the files in a folder (or of one file)."""
+    if path.is_file():
+        return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 

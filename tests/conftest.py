@@ -52,10 +52,11 @@ MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'u
 
 
 def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F32", magic_ok: bool = True,
-               raw_types: dict[str, str] | None = None, types: dict[str, str] | None = None) -> None:
+               raw_types: dict[str, str] | None = None, types: dict[str, str] | None = None,
+               strings: dict[str, str] | None = None) -> None:
     """A llama-architecture GGUF as llama.cpp writes it (interleaved q/k rows, experts stacked as
     ffn_*_exps), from lilmistral-named HF-layout tensors, with Mistral's v1 SentencePiece vocabulary; matrices
-    in qtype, or in types[gguf name]."""
+    in qtype, or in types[gguf name]; `strings` more metadata."""
     import gguf
     import numpy as np
     import sentencepiece
@@ -82,6 +83,8 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_chat_template(MISTRAL_TEMPLATE)
+    for key, value in (strings or {}).items():
+        w.add_string(key, value)
 
     def add(name: str, t: torch.Tensor) -> None:
         a = t.float().numpy()

@@ -11,10 +11,12 @@ import torch
 
 import lilmistral
 from conftest import SPM_V1, make_hf_model, write_gguf
+from lilmistral.cli import main
 from lilmistral.convert import convert, gguf as gguf_module
 from lilmistral.convert.gguf import BLOCK_DECODERS, GGUFSource, dequantize_blocks, q4k_parts
 from lilmistral.quant import QuantLinear, QuantSpec, dequantize, quantize
 from lilmistral.quant.pack import pack_int4, unpack_int4
+from lilmistral.store import human_size
 
 MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
 
@@ -142,6 +144,26 @@ def test_gguf_block_types(hf_models, tmp_path, qtype):
         assert spec is None
     llm = lilmistral.load(path, quant="int4")
     assert len(list(llm.generate([1, 2, 3, 4], temperature=0, max_tokens=4))) <= 4
+
+
+def test_show_describes_a_gguf_and_a_hf_folder_without_loading_them(hf_models, tmp_path, capsys):
+    """`show` takes what `run` takes. A GGUF's strings are untrusted: an escape sequence is not printed."""
+    folder, _ = hf_models["mistral"]
+    base = lilmistral.load(folder)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_0", types={"blk.1.ffn_down.weight": "Q8_0"},
+               strings={"general.name": "tiny\x1b]0;pwned\x07", "general.license": "apache-2.0"})
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "tiny?]0;pwned?" in out
+    for words in ("LlamaForCausalLM: 2 layers, dim 64", "parameters    4.27M", "tensors 14 Q4_0, 6 F32, 1 Q8_0", "runs as int4", "gguf llama, 32000 tokens",
+                  "Jinja chat template", "apache-2.0", f"size on disk  {human_size(path.stat().st_size)}"):
+        assert words in out, out
+    assert main(["show", str(folder), "--pp", "2"]) == 0
+    out = capsys.readouterr().out
+    for words in ("MistralForCausalLM: 2 layers", "sliding window 8", "tensors 21 F32; runs as stored", "--quant", "tokenizer.model.v3",
+                  "mistral_common", "stage 1: layers 1-1"):
+        assert words in out, out
 
 
 def test_gguf_with_mixed_block_types(hf_models, tmp_path, monkeypatch):

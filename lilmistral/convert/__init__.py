@@ -117,12 +117,16 @@ def _source_files(src: Source) -> list[Path]:
     return sorted({e.file for e in src.entries})
 
 
+def tokenizer_files(folder: Path) -> list[Path]:
+    return [p for g in TOKENIZER_GLOBS for p in folder.glob(g) if p.is_file()]
+
+
 def _save_tokenizer(src: Source, folder: Path) -> str:
     if isinstance(src, GGUFSource):
         tok = gguf_tokenizer(src)
         tok.save(folder)
         return tok.kind
-    copied = [p for g in TOKENIZER_GLOBS for p in src.folder.glob(g) if p.is_file()]
+    copied = tokenizer_files(src.folder)
     if not copied:
         raise ModelFormatError(f"{src.folder}: no tokenizer files")
     for p in copied:
@@ -187,4 +191,4 @@ def is_converted(folder: Path) -> bool:
     return (folder / MANIFEST).is_file()
 
 
-__all__ = ["convert", "open_source", "plan", "produce", "default_scheme", "is_converted"]
+__all__ = ["convert", "open_source", "tokenizer_files", "plan", "produce", "default_scheme", "is_converted"]
