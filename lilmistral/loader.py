@@ -244,28 +244,32 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
                             group_size=group_size)
     else:
         args = model_args(path)
-        check_memory([sum(tensor_bytes(path, quant, group_size).values()) +
-                      gpu_cache_bytes(args, args.n_layers, num_ctx, dtype, device)], device)
+        check_memory([sum(tensor_bytes(path, quant, group_size).values())],
+                     [kv_cache_bytes(args, args.n_layers, num_ctx, dtype)], device)
         model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
         llm = LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info, compile=compile)
     llm.load_s = time.perf_counter() - start
     return llm
 
 
-def check_memory(per_stage: list[int], device: str) -> None:
-    """Fail before loading when the model, or each pipeline stage, cannot fit: what each needs (its weights;
-    on a GPU its KV cache too) and what there is (as Ollama does; else the kernel's OOM killer ends the load
-    halfway, with one word). A pipeline's stage i goes on GPU i; else the device's own GPU.
-    LILMISTRAL_MEMORY_LIMIT_MB stands in for the RAM."""
+def check_memory(weights: list[int], caches: list[int], device: str) -> None:
+    """Fail before loading when the model, or each pipeline stage, cannot fit its weights and its KV cache
+    at num_ctx, and say what each needs and what there is (as Ollama does; else the kernel's OOM killer ends
+    the load halfway, or a long conversation, with one word). A GPU allocates the cache whole after the
+    weights; the CPU takes its pages as the context fills. A pipeline's stage i goes on GPU i; else the
+    device's own GPU. LILMISTRAL_MEMORY_LIMIT_MB stands in for the RAM."""
+    per_stage = [w + c for w, c in zip(weights, caches)]
     many = len(per_stage) > 1
     needs = ", ".join(f"stage {i} needs {n / 1e9:.2f} GB" for i, n in enumerate(per_stage)) if many else \
         f"it needs {per_stage[0] / 1e9:.2f} GB"
+    needs += f" ({sum(weights) / 1e9:.2f} GB of weights, {sum(caches) / 1e9:.2f} GB of KV cache: a smaller " \
+             "--num-ctx needs less)"
     if device.startswith("cuda"):
         gpus = range(len(per_stage)) if many else [torch.device(device).index or 0]
         free = [torch.cuda.mem_get_info(i)[0] for i in gpus if i < torch.cuda.device_count()]
         if len(free) < len(per_stage) or any(need > have for need, have in zip(per_stage, free)):
-            raise LilmistralError(f"the model does not fit the GPU{'s' if many else ''}: {needs} (free: "
-                                  f"{', '.join(f'{f / 1e9:.2f} GB' for f in free) or 'no such GPU'})")
+            raise LilmistralError(f"the model does not fit the GPU{'s' if many else ''}: {needs}; free: "
+                                  f"{', '.join(f'{f / 1e9:.2f} GB' for f in free) or 'no such GPU'}")
         return
     limit = os.environ.get("LILMISTRAL_MEMORY_LIMIT_MB")
     available = int(limit) * 2**20 if limit else _available_ram()
@@ -273,12 +277,8 @@ def check_memory(per_stage: list[int], device: str) -> None:
         raise LilmistralError(f"the model does not fit in memory: {needs}; {available / 1e9:.2f} GB available")
 
 
-def gpu_cache_bytes(args: ModelArgs, n_layers: int, num_ctx: int | None, dtype: str | torch.dtype | None,
-                    device: str) -> int:
-    """The KV cache of n_layers on a GPU, which allocates it whole right after the weights (0 on the CPU, where
-    it takes its pages as the context fills)."""
-    if not device.startswith("cuda"):
-        return 0
+def kv_cache_bytes(args: ModelArgs, n_layers: int, num_ctx: int | None, dtype: str | torch.dtype | None) -> int:
+    """The KV cache of n_layers at num_ctx (default DEFAULT_NUM_CTX), in the compute dtype."""
     cache_dtype = torch.float32 if dtype in ("float32", torch.float32) else torch.bfloat16
     return cache_bytes(args, n_layers, min(num_ctx or DEFAULT_NUM_CTX, args.max_seq_len), cache_dtype)
 

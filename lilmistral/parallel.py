@@ -261,7 +261,7 @@ def serve_torchrun_worker(path: Path, pp: int, **load_options: Any) -> None:
 def load_pipeline(path: Path, pp: int, *, quant: str | None, device: str, num_ctx: int | None,
                   dtype: Any, group_size: int) -> LLM:
     """Rank 0: plan the stages, start the workers (unless torchrun did), load stage 0, return the LLM."""
-    from .loader import check_memory, gpu_cache_bytes, load_model, load_model_tokenizer, model_args
+    from .loader import check_memory, kv_cache_bytes, load_model, load_model_tokenizer, model_args
 
     sizes, ranges = _stage_plan(path, pp, quant, group_size)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -270,8 +270,8 @@ def load_pipeline(path: Path, pp: int, *, quant: str | None, device: str, num_ct
     args = model_args(path)
     tied = args.tie_embeddings
     if not torchrun:
-        check_memory([n + gpu_cache_bytes(args, b - a, num_ctx, dtype, device)
-                      for n, (a, b) in zip(stage_bytes(sizes, ranges, tied), ranges)], device)
+        check_memory(stage_bytes(sizes, ranges, tied), [kv_cache_bytes(args, b - a, num_ctx, dtype) for a, b in ranges],
+                     device)
     spec = stage_spec(path, ranges, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype, group_size=group_size)
     workers: list[subprocess.Popen] = []
     if torchrun:

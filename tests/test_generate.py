@@ -270,16 +270,19 @@ def test_a_device_this_machine_lacks_is_one_line(full, capsys):
 
 
 def test_a_model_that_does_not_fit_in_memory_fails_before_loading(full, monkeypatch, capsys):
-    """As Ollama: the weights' size against the memory available (here a 1 MB limit), one line, before
-    anything is read (not the OOM killer halfway through)."""
+    """As Ollama: the weights and the KV cache at num_ctx against the memory available (here 1 MB), one line,
+    before anything is read (not the OOM killer halfway through the load or a long conversation)."""
     from lilmistral import loader
     from lilmistral.cli import main
 
     monkeypatch.setenv("LILMISTRAL_MEMORY_LIMIT_MB", "1")
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded"))
-    assert main(["run", str(full), "Hi"]) == 1
-    need = sum(loader.tensor_bytes(full).values()) / 1e9
-    assert capsys.readouterr().err == f"Error: the model does not fit in memory: it needs {need:.2f} GB; 0.00 GB available\n"
+    assert main(["run", str(full), "Hi", "--num-ctx", "256"]) == 1
+    weights, args = sum(loader.tensor_bytes(full).values()), loader.model_args(full)
+    cache = 2 * args.n_layers * args.n_kv_heads * 256 * args.head_dim * 2  # bfloat16 keys and values
+    assert capsys.readouterr().err == (
+        f"Error: the model does not fit in memory: it needs {(weights + cache) / 1e9:.2f} GB ({weights / 1e9:.2f} GB "
+        f"of weights, {cache / 1e9:.2f} GB of KV cache: a smaller --num-ctx needs less); 0.00 GB available\n")
 
 
 def test_a_gpu_needs_room_for_the_weights_and_the_whole_cache(full, monkeypatch):
