@@ -16,7 +16,9 @@ from lilmistral.quant import QuantExperts, QuantLinear
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
-DENSE = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=512, vocab_size=1000, max_seq_len=4096)
+# heads x head_dim (512) is not dim (256), as in Mistral Nemo and Small 3
+DENSE = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=512, vocab_size=1000, max_seq_len=4096,
+                  head_dim=64)
 MOE = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=512, vocab_size=1000, max_seq_len=4096,
                 n_experts=4, n_experts_per_tok=2)
 

@@ -206,8 +206,9 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     from lilmistral.quant import QuantExperts, cpu, linear
     from lilmistral.quant.triton_kernels import DecodeAttention
 
+    # head_dim 32: heads x head_dim (128) is not dim (64), as in Mistral Nemo and Small 3
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=100, max_seq_len=256,
-                     n_experts=4 if moe else 0, n_experts_per_tok=2 if moe else 0)
+                     n_experts=4 if moe else 0, n_experts_per_tok=2 if moe else 0, head_dim=32)
     tensors, specs = random_weights(args, "int4")
     reference = build_model(args, tensors, specs, "cpu", torch.float32)
     monkeypatch.setattr(linear, "make_kernel", lambda parts, spec, dtype=None: cuda.make_kernel(parts, spec))
@@ -231,8 +232,8 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     gemvs = []  # the GEMVs' options
     gemv = TritonKernel.gemv
     monkeypatch.setattr(TritonKernel, "gemv", lambda self, x, *a, **kw: gemvs.append(kw) or gemv(self, x, *a, **kw))
-    caches = [RollingKVCache(2, 2, 16, 64, None, t) for t in (dtype, torch.float32)]
-    tolerance = 0.03 if dtype == torch.bfloat16 else 1e-4
+    caches = [RollingKVCache(2, 2, args.head_dim, 64, None, t) for t in (dtype, torch.float32)]
+    tolerance = 0.04 if dtype == torch.bfloat16 else 1e-4  # bfloat16: the CPU's own path is up to 0.035 off here
     step = DecodeStep(model, trace=False)
     for tokens in ([3, 14, 15, 92, 65], [35], [89]):  # a prompt (GEMV rows), then decoded tokens one by one
         got, expected = model(torch.tensor(tokens), caches[0]), reference(torch.tensor(tokens), caches[1])
