@@ -4,6 +4,8 @@ the loader's own build_model, so no tokenizer is needed: the device machine's im
 run `python3 -m pytest --noconftest tests/test_gpu.py tests/test_triton.py` there."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ DENSE = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=512, 
                   head_dim=64)
 MOE = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=512, vocab_size=1000, max_seq_len=4096,
                 n_experts=4, n_experts_per_tok=2)
+WINDOWED = dataclasses.replace(DENSE, sliding_window=16)  # a rolling buffer of 16 slots, wrapping as Mistral v0.1's
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,17 +40,20 @@ def models(args: ModelArgs, scheme: str):
 
 
 def cache_for(model, args: ModelArgs, size: int = 512) -> RollingKVCache:
+    """size slots, or a windowed model's window."""
     device = next(model.buffers()).device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return RollingKVCache(args.n_layers, args.n_kv_heads, args.head_dim, size, None, dtype, device)
+    return RollingKVCache(args.n_layers, args.n_kv_heads, args.head_dim, args.sliding_window or size,
+                          args.sliding_window, dtype, device)
 
 
-@pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("args", [DENSE, MOE, WINDOWED], ids=["dense", "moe", "windowed"])
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_gpu_model_matches_the_dequantized_reference(args, scheme):
     """Prefill (the tl.dot GEMM) and decode (the GEMVs, fused projections, gated w1/w3, residuals added in the
-    output projections, expert-batched MoE, the decode attention) within bfloat16's rounding of the float32
-    reference; every packed weight runs a Triton kernel on its own repacked copy."""
+    output projections, expert-batched MoE, the decode attention; a sliding window's prompt in chunks and its
+    slots reused) within bfloat16's rounding of the float32 reference; every packed weight runs a Triton kernel
+    on its own repacked copy."""
     from lilmistral.quant.triton_kernels import TritonKernel
 
     gpu, reference = models(args, scheme)
@@ -61,17 +67,18 @@ def test_gpu_model_matches_the_dequantized_reference(args, scheme):
     ids = torch.randint(1, args.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         caches = cache_for(gpu, args), cache_for(reference, args)
-        got, expected = gpu(ids.cuda(), caches[0]), reference(ids, caches[1])
+        got, expected = (prefill(model, cache, ids.tolist(), all_logits=True)
+                         for model, cache in zip((gpu, reference), caches))
         assert relative(got, expected) < 0.03
         eager = DecodeStep(gpu, graphs=False)
         for token in (5, 17, 993):
             assert relative(eager(token, caches[0]), reference(torch.tensor([token]), caches[1])[-1]) < 0.03
 
 
-@pytest.mark.parametrize("args", [DENSE, MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("args", [DENSE, MOE, WINDOWED], ids=["dense", "moe", "windowed"])
 def test_graphed_decode_gives_the_eager_logits(args):
     """The CUDA-graph decode step replays what the eager step computes, across a 256-slot bucket (a second
-    graph) and in a resized cache (graphs made anew over it)."""
+    graph) and in a resized cache (graphs made anew over it); windowed, over slots written again and again."""
     gpu, _ = models(args, "int4")
     graphed, eager = DecodeStep(gpu), DecodeStep(gpu, graphs=False)
     ids = torch.randint(1, args.vocab_size, (260,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -83,7 +90,8 @@ def test_graphed_decode_gives_the_eager_logits(args):
             for token in ids[250:]:  # positions 250..259: slots 0..255, then 0..511
                 assert relative(graphed(token, caches[0]), eager(token, caches[1])) < 1e-2
     assert graphed.mode == "graphed" and eager.mode == "eager"
-    assert sorted(graphed._graphed.graphs) == [256, 384]  # the last cache's graphs: its two buckets
+    # the last cache's graphs: its two buckets, or a window's one
+    assert sorted(graphed._graphed.graphs) == ([args.sliding_window] if args.sliding_window else [256, 384])
 
 
 @pytest.mark.parametrize("variant", ["no-pdl", "unfused-norm", "unfused-rope"])
