@@ -155,7 +155,7 @@ def _source_lines(path: Path) -> list[tuple[str, str]]:
     from collections import Counter
 
     from .convert import default_scheme, open_source, tokenizer_files
-    from .convert.gguf import GGUFSource
+    from .convert.gguf import GGUFSource, ggml
 
     src = open_source(path)
     counts = Counter(e.source_type for e in src.entries).most_common()
@@ -165,11 +165,9 @@ def _source_lines(path: Path) -> list[tuple[str, str]]:
                 ("quantization", f"{stored}; runs as stored, or quantized as it loads with --quant"),
                 ("tokenizer", ", ".join(p.name for p in tokenizer_files(path))), ("chat format", _chat_format(path)),
                 ("source", f"{path.resolve()} (huggingface)")]
-    import gguf
-
     file_type = src.meta("general.file_type", int)
-    if file_type in gguf.LlamaFileType._value2member_map_:
-        stored = f"{gguf.LlamaFileType(file_type).name.removeprefix('MOSTLY_')} ({stored})"
+    if file_type in ggml().LlamaFileType._value2member_map_:
+        stored = f"{ggml().LlamaFileType(file_type).name.removeprefix('MOSTLY_')} ({stored})"
     template = src.meta("tokenizer.chat_template", str)
     return [
         ("model", _printable(src.meta("general.name", str, path.stem))),

@@ -44,6 +44,15 @@ def test_gguf_header_reader_matches_the_gguf_package(gguf_path, tmp_path):
             GGUFSource(bad)
 
 
+def test_loading_a_gguf_imports_neither_the_gguf_package_nor_mistral_common(gguf_path):
+    """The header reader takes the gguf package's constants module alone: the package imports mistral_common
+    (0.5 s or more of every GGUF load), and a GGUF's tokenizer does not use it."""
+    code = (f"import sys, lilmistral; lilmistral.load({str(gguf_path)!r}); "
+            "print(sorted({'gguf', 'mistral_common'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 def test_logits_match_transformers(gguf_path, float_llm):
     from transformers import AutoModelForCausalLM
 

@@ -6,10 +6,12 @@ file, and its chat template is only ever rendered in a sandbox (see chat.py).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -118,10 +120,27 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
     return _read_gguf_header(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
+@functools.cache
+def ggml() -> ModuleType:
+    """The gguf package's constants module (GGMLQuantizationType, GGML_QUANT_SIZES, GGUF_MAGIC, LlamaFileType)
+    without the package: its __init__ imports its vocabulary module, which imports mistral_common, 0.7-1 s
+    of every GGUF load. The whole package where the module does not stand alone."""
+    spec = importlib.util.find_spec("gguf")
+    location = importlib.util.spec_from_file_location(
+        "lilmistral.convert._ggml_constants", Path(spec.submodule_search_locations[0]) / "constants.py")
+    module = importlib.util.module_from_spec(location)
+    try:
+        location.loader.exec_module(module)
+    except ImportError:
+        import gguf
+
+        return gguf
+    return module
+
+
 @functools.lru_cache(maxsize=2)
 def _read_gguf_header(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
-    import gguf
-
+    gguf = ggml()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         p = _HeaderParser(buf)
         if p.scalar("<I") != gguf.GGUF_MAGIC or p.scalar("<I") not in (2, 3):
@@ -184,14 +203,14 @@ def dequantize_blocks(raw: torch.Tensor, kind: str) -> torch.Tensor:
     """Rows of GGML blocks of type `kind` -> float32 values. Q8_0 (the embeddings and output head of many Q4_0
     files), Q4_K and Q6_K (Q4_K_M's embeddings and wider tensors) in PyTorch, 2-7x faster than the gguf
     package's numpy, with the same bits; other types by it."""
-    import gguf
-
     if kind not in BLOCK_DECODERS:
+        import gguf
+
         return torch.from_numpy(gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[kind]))
     block_bytes, decode = BLOCK_DECODERS[kind]
     blocks = raw.view(raw.shape[0], -1, block_bytes)
-    out = torch.empty(raw.shape[0], raw.shape[1] // block_bytes * gguf.GGML_QUANT_SIZES[
-        gguf.GGMLQuantizationType[kind]][0])
+    out = torch.empty(raw.shape[0], raw.shape[1] // block_bytes * ggml().GGML_QUANT_SIZES[
+        ggml().GGMLQuantizationType[kind]][0])
     step = max(1, 2**20 // blocks[0].nbytes)  # rows a MB at a time: small temporaries (see read_packed)
     for start in range(0, raw.shape[0], step):
         chunk = blocks[start:start + step]
