@@ -44,36 +44,51 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
-def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    # rows a few MB at a time: float32 temporaries of a whole vocabulary-sized matrix would cost ~1 GB
-    rows = max(1, 2**20 // w.shape[1])
-    q, scales = torch.empty(w.shape, dtype=torch.int8, device=w.device), []
+ROW_CHUNK_VALUES = 2**19  # quantized a chunk of rows at a time: 2 MB float32 temporaries stay in cache
+
+
+def _by_rows(w: torch.Tensor, quantize_rows) -> dict[str, torch.Tensor]:
+    """quantize_rows(float32 rows) over w a chunk of rows at a time, into parts allocated once. Temporaries of
+    the whole matrix cost their fresh pages more than the arithmetic: int4 was 3-5x slower that way."""
+    rows = max(1, ROW_CHUNK_VALUES // w.shape[1])
+    parts: dict[str, torch.Tensor] = {}
     for start in range(0, w.shape[0], rows):
-        chunk = w[start:start + rows].float()
+        for name, t in quantize_rows(w[start:start + rows].detach().float()).items():
+            if name not in parts:
+                parts[name] = t.new_empty((w.shape[0], *t.shape[1:]))
+            parts[name][start:start + rows] = t
+    return parts
+
+
+def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    def rows(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
         scale = (chunk.abs().amax(dim=1) / 127).clamp(min=1e-10).half()
-        q[start:start + rows] = torch.round(chunk / scale.float()[:, None]).clamp(-127, 127)
-        scales.append(scale)
-    return {"qweight": q, "scales": torch.cat(scales)}
+        q = torch.round(chunk / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"qweight": q, "scales": scale}
+
+    return _by_rows(w, rows)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool) -> dict[str, torch.Tensor]:
-    n, k = w.shape
-    g = w.float().reshape(n, k // group_size, group_size)  # [N, K/G, G]
-    if symmetric:  # as Q4_0: the value of largest magnitude maps to -8 exactly
-        extreme = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
-        scale = (extreme / -8).half()
+    def rows(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, k = chunk.shape
+        g = chunk.reshape(n, k // group_size, group_size)  # [n, K/G, G]
+        if symmetric:  # as Q4_0: the value of largest magnitude maps to -8 exactly
+            extreme = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+            scale = (extreme / -8).half()
+            s = scale.float().where(scale.float() != 0, torch.ones(()))
+            q = torch.round(g / s[..., None] + 8).clamp(0, 15)
+            return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale}
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo) / 15).half()
+        low = lo.half()
         s = scale.float().where(scale.float() != 0, torch.ones(()))
-        q = torch.round(g / s[..., None] + 8).clamp(0, 15)
-        return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale}
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scale = ((hi - lo) / 15).half()
-    low = lo.half()
-    s = scale.float().where(scale.float() != 0, torch.ones(()))
-    q = torch.round((g - low.float()[..., None]) / s[..., None]).clamp(0, 15)
-    return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale, "mins": low}
+        q = torch.round((g - low.float()[..., None]) / s[..., None]).clamp(0, 15)
+        return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale, "mins": low}
+
+    return _by_rows(w, rows)
 
 
-@torch.no_grad()  # w may be a parameter: no autograd graph to hang on the parts
 def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     if spec.scheme == "int8":
         return quantize_int8(w)
