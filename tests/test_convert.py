@@ -49,6 +49,21 @@ def test_quantize_error_bounds(spec, max_rel):
     assert rel < max_rel
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True)])
+def test_quantizing_in_chunks_of_rows_gives_each_rows_own_bits(spec, monkeypatch):
+    """Rows are quantized a chunk at a time (float32 temporaries that fit the cache): any chunking, the
+    parts of quantizing each row alone; a row of zeros too."""
+    from lilmistral.quant import pack
+
+    w = torch.randn(37, 256).bfloat16()
+    w[5] = 0
+    alone = [quantize(w[i:i + 1], spec) for i in range(37)]
+    for chunk in (256, 1000, 2**19):  # one row, 3 rows, all
+        monkeypatch.setattr(pack, "ROW_CHUNK_VALUES", chunk)
+        parts = quantize(w, spec)
+        assert all(torch.equal(parts[name], torch.cat([a[name] for a in alone])) for name in alone[0])
+
+
 @pytest.mark.parametrize("arch", ["mistral", "mixtral"])
 @pytest.mark.parametrize("scheme", ["int8", "int4", "bf16"])
 def test_convert_hf_folder(hf_models, tmp_path, arch, scheme):
