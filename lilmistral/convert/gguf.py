@@ -123,7 +123,7 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
 @functools.cache
 def ggml() -> ModuleType:
     """The gguf package's constants module (GGMLQuantizationType, GGML_QUANT_SIZES, GGUF_MAGIC, LlamaFileType)
-    without the package: its __init__ imports its vocabulary module, which imports mistral_common, 0.7-1 s
+    without the package: its __init__ imports its vocabulary module, which imports mistral_common, 0.4-0.9 s
     of every GGUF load. The whole package where the module does not stand alone."""
     spec = importlib.util.find_spec("gguf")
     location = importlib.util.spec_from_file_location(
@@ -140,10 +140,10 @@ def ggml() -> ModuleType:
 
 @functools.lru_cache(maxsize=2)
 def _read_gguf_header(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
-    gguf = ggml()
+    constants = ggml()
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         p = _HeaderParser(buf)
-        if p.scalar("<I") != gguf.GGUF_MAGIC or p.scalar("<I") not in (2, 3):
+        if p.scalar("<I") != constants.GGUF_MAGIC or p.scalar("<I") not in (2, 3):
             raise ValueError("not GGUF version 2 or 3")
         n_tensors, n_kv = p.scalar("<Q"), p.scalar("<Q")
         metadata = {}
@@ -154,14 +154,14 @@ def _read_gguf_header(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, A
         for _ in range(n_tensors):
             name = p.string()
             shape = tuple(p.scalar("<Q") for _ in range(p.scalar("<I")))
-            table.append((name, shape, gguf.GGMLQuantizationType(p.scalar("<I")), p.scalar("<Q")))
-        alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+            table.append((name, shape, constants.GGMLQuantizationType(p.scalar("<I")), p.scalar("<Q")))
+        alignment = metadata.get("general.alignment", constants.GGUF_DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0:
             raise ValueError("bad general.alignment")
         data_start = -(-p.pos // alignment) * alignment
     tensors = []
     for name, shape, kind, offset in table:
-        block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+        block, block_bytes = constants.GGML_QUANT_SIZES[kind]
         elements = int(np.prod(shape, dtype=np.uint64)) if shape else 1
         tensors.append(GGUFTensorInfo(name, shape, kind.name, data_start + offset, elements // block * block_bytes))
     return metadata, tensors
