@@ -239,7 +239,7 @@ def _load(ns: argparse.Namespace, path: str, chat: bool = False):
 
     err = _stderr_console()
     if ns.device == "cpu" and vnni.cpu_isas():
-        with err.status("preparing the CPU kernels (built once, about a minute)"):
+        with err.status("preparing the CPU kernels (built once, under a minute)"):
             vnni.available()
     llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
                compile=ns.compile)

@@ -6,6 +6,7 @@ LILMISTRAL_CPU_KERNELS=torch turns them off; =avx2 builds the AVX2 ones on an AV
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from collections.abc import Sequence
@@ -55,10 +56,13 @@ def isa() -> str | None:
     target = wanted if wanted in have else have[0]
     from torch.utils.cpp_extension import load_inline
 
+    # lanes.cpp includes the headers the unit needs; where this PyTorch's load_inline can leave out its own
+    # torch/extension.h, it does (halving the build)
+    light = {"no_implicit_headers": True} if "no_implicit_headers" in inspect.signature(load_inline).parameters else {}
     try:
         sources = [Path(__file__).with_name(name).read_text() for name in SOURCES]
         load_inline(f"lilmistral_{target}", cpp_sources=sources, extra_cflags=COMMON_FLAGS + ISAS[target][1],
-                    extra_ldflags=["-fopenmp"], is_python_module=False)
+                    extra_ldflags=["-fopenmp"], is_python_module=False, **light)
     except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
         reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
         warnings.warn(f"lilmistral: the {target} CPU kernels did not build ({reason}); using PyTorch's slower kernels",
