@@ -2,9 +2,12 @@
 // the unit is built for AVX2 (vnni.py compiles this file first, in one unit with the kernels, and picks the
 // instruction set by CPU). Every operation gives the bits of its AVX-512 form, horizontal sums included, so the
 // kernels' results do not depend on the build.
-// ATen and the operator registry only: torch/extension.h (pybind11, libtorch's whole C++ API) would double
-// the first run's build (46 s against 22 s here)
-#include <ATen/ATen.h>
+// The unit's PyTorch headers: the tensor, the operators it calls (at::empty, at::empty_like; add any other's
+// header here) and the operator registry. torch/extension.h (pybind11, libtorch's whole C++ API) would make
+// the first run's build 46 s, not 16 s; ATen/ATen.h (every operator) 22 s.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
