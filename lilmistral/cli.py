@@ -13,6 +13,8 @@ from . import __version__
 from .errors import LilmistralError
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES
 
+JINJA_FORMAT = "the model's Jinja chat template (sandboxed)"  # show's chat format line, where not Mistral's
+
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="0 is greedy (default 0.8)")
@@ -111,13 +113,14 @@ def cmd_show(ns: argparse.Namespace) -> int:
 
 
 def _architecture_lines(args, num_ctx: int | None = None) -> list[tuple[str, str]]:
+    from .store import human_parameters
+
     window = f"sliding window {args.sliding_window}" if args.sliding_window else "no sliding window"
     experts = f", {args.n_experts} experts ({args.n_experts_per_tok} per token)" if args.is_moe else ""
     return [
         ("architecture", f"{args.architecture}: {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads / "
                          f"{args.n_kv_heads} kv heads, head_dim {args.head_dim}, FFN {args.hidden_dim}{experts}"),
-        ("parameters", f"{args.n_parameters / 1e9:.2f}B" if args.n_parameters >= 1e9 else
-                       f"{args.n_parameters / 1e6:.2f}M"),
+        ("parameters", human_parameters(args.n_parameters)),
         ("context", f"{num_ctx or args.max_seq_len} tokens, {window}"),
         ("rope", f"theta {args.rope_theta:g}" + (f", {args.rope_scaling.kind} x{args.rope_scaling.factor:g}"
                                                  if args.rope_scaling else "")),
@@ -127,8 +130,7 @@ def _architecture_lines(args, num_ctx: int | None = None) -> list[tuple[str, str
 def _chat_format(folder: Path) -> str:
     from .tokenizer import find_mistral_tokenizer_file
 
-    return ("Mistral instruct, encoded by mistral_common" if find_mistral_tokenizer_file(folder)
-            else "the model's Jinja chat template (sandboxed)")
+    return "Mistral instruct, encoded by mistral_common" if find_mistral_tokenizer_file(folder) else JINJA_FORMAT
 
 
 def _converted_lines(path: Path) -> list[tuple[str, str]]:
@@ -175,7 +177,7 @@ def _source_lines(path: Path) -> list[tuple[str, str]]:
         ("quantization", f"{stored}; runs as {default_scheme(src)} (convert it once: lilmistral convert)"),
         ("tokenizer", f"gguf {_printable(src.meta('tokenizer.ggml.model', str, '?'))}, "
                       f"{len(src.meta('tokenizer.ggml.tokens', list, []))} tokens"),
-        ("chat format", "the model's Jinja chat template (sandboxed)" if template else "none in the file"),
+        ("chat format", JINJA_FORMAT if template else "none in the file"),
         ("licence", _printable(src.meta("general.license", str, ""))),
         ("source", f"{path.resolve()} (gguf)"),
     ]

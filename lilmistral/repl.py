@@ -18,6 +18,7 @@ from typing import Any
 from .errors import LilmistralError
 from .generate import SamplingParams
 from .llm import LLM
+from .store import human_parameters
 from .tokenizer import Message
 
 HELP = """Available commands:
@@ -192,7 +193,7 @@ def show(chat: Chat, what: str) -> str:
     llm = chat.llm
     if what == "info":
         a = llm.args
-        lines = [f"  architecture   {a.architecture}", f"  parameters     {a.n_parameters / 1e9:.2f}B",
+        lines = [f"  architecture   {a.architecture}", f"  parameters     {human_parameters(a.n_parameters)}",
                  f"  context        {llm.num_ctx}" + (f" (sliding window {a.sliding_window})" if a.sliding_window else ""),
                  f"  quantization   {llm.info.get('quant', '?')}", f"  tokenizer      {llm.tokenizer.kind}"]
         if chat.autosave is not None and chat.autosave.path is not None:

@@ -120,6 +120,11 @@ class Store:
         return self.home / "conversations"
 
 
+def human_parameters(n: int) -> str:
+    """A parameter count as Ollama shows it: 7.25B, 134.52M."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:

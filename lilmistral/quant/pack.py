@@ -53,7 +53,7 @@ def _by_rows(w: torch.Tensor, quantize_rows) -> dict[str, torch.Tensor]:
     rows = max(1, ROW_CHUNK_VALUES // w.shape[1])
     parts: dict[str, torch.Tensor] = {}
     for start in range(0, w.shape[0], rows):
-        for name, t in quantize_rows(w[start:start + rows].detach().float()).items():
+        for name, t in quantize_rows(w[start:start + rows].float()).items():
             if name not in parts:
                 parts[name] = t.new_empty((w.shape[0], *t.shape[1:]))
             parts[name][start:start + rows] = t
@@ -89,6 +89,7 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool) -> dict[str
     return _by_rows(w, rows)
 
 
+@torch.no_grad()  # w may be a parameter: no autograd graph to hang on the parts
 def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     if spec.scheme == "int8":
         return quantize_int8(w)
