@@ -13,8 +13,8 @@ import lilmistral
 from conftest import SPM_V1, make_hf_model, write_gguf
 from lilmistral.cli import main
 from lilmistral.convert import convert, gguf as gguf_module
-from lilmistral.convert.gguf import BLOCK_DECODERS, GGUFSource, dequantize_blocks, q4k_parts
-from lilmistral.quant import QuantLinear, QuantSpec, dequantize, quantize
+from lilmistral.convert.gguf import BLOCK_TYPES, GGUFSource, dequantize_blocks, q4k_parts
+from lilmistral.quant import QuantLinear, QuantSpec, dequantize, quantize, vnni
 from lilmistral.quant.pack import pack_int4, unpack_int4
 from lilmistral.store import human_size
 
@@ -353,19 +353,37 @@ def test_convert_streams_with_bounded_memory(tmp_path):
     assert (peak_kb - base_kb) * 1024 < bound, f"grew {(peak_kb - base_kb) / 1024:.0f} MB for a {total / 1e9:.2f} GB model"
 
 
-@pytest.mark.parametrize("kind", sorted(BLOCK_DECODERS))
-def test_pytorch_block_decoders_give_the_gguf_packages_bits(kind):
-    """Q8_0, Q4_K and Q6_K decoded by PyTorch (2-7x faster at load) give the gguf package's values bit for bit,
-    on random blocks (random quants, scales and mins)."""
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpp", "fallback"])
+@pytest.mark.parametrize("kind", BLOCK_TYPES)
+def test_gguf_block_decoders_give_the_gguf_packages_bits(kind, kernels, monkeypatch):
+    """Every block type as a GGUF load decodes it (in C++ where lilmistral's CPU kernels are built; else Q8_0,
+    Q4_K and Q6_K by PyTorch, the rest by the gguf package) gives the gguf package's values bit for bit, on
+    random blocks (random quants, scales and mins) with a row of zeros and one of tiny values; straight to int8,
+    quantize_int8's bits of those values; Q4_K's scales and mins re-laid alike both ways."""
     import gguf
     import numpy as np
 
-    block_bytes = BLOCK_DECODERS[kind][0]
-    values = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]
+    built = vnni.available()
+    if kernels and not built:
+        pytest.skip("no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
+    monkeypatch.setattr(vnni, "available", lambda: kernels)
+    monkeypatch.setattr(gguf_module, "INT8_CHUNK_BYTES", 20000)  # the fallback's int8: a few chunks of rows
+    qtype = gguf.GGMLQuantizationType[kind]
+    values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, (40, 2048 // values, block_bytes), dtype=np.uint8)
-    for at in {"Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}[kind]:  # finite float16 scales (random bytes: NaNs)
-        raw[..., at:at + 2] = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)[..., None].view(np.uint8)
-    raw = raw.reshape(40, -1)
-    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind])
-    assert torch.equal(dequantize_blocks(torch.from_numpy(raw), kind), torch.from_numpy(expected))
+    blocks = rng.integers(0, 256, (40, 2048 // values, block_bytes), dtype=np.uint8)
+    halves = {"Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}.get(kind, (0,))
+    for at in halves:  # finite float16 scales and mins (random bytes: NaNs)
+        blocks[..., at:at + 2] = (rng.standard_normal(blocks.shape[:2]) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+    blocks[0] = 0
+    blocks[1, :, halves[0]:halves[0] + 2] = np.float16(6e-8).reshape(1).view(np.uint8)  # a scale of float16's least
+    raw = torch.from_numpy(blocks.reshape(40, -1))
+    expected = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), qtype))
+    assert torch.equal(dequantize_blocks(raw, kind), expected)
+    int8, requantized = gguf_module.int8_parts(raw, kind), quantize(expected, QuantSpec("int8"))
+    assert all(torch.equal(int8[name], requantized[name]) for name in ("qweight", "scales"))
+    if kind == "Q4_K" and built:  # re-laid as int4 (q4k_parts) by C++ and by PyTorch
+        re_laid = q4k_parts(raw)
+        monkeypatch.setattr(vnni, "available", lambda: not kernels)
+        other = q4k_parts(raw)
+        assert all(torch.equal(re_laid[name], other[name]) for name in ("qweight", "scales", "mins"))

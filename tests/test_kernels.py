@@ -368,7 +368,7 @@ def test_fused_projections_give_each_projections_output(spec):
 def kernel_outputs() -> list[torch.Tensor]:
     """Every CPU operator's results on fixed inputs: int4 and int8 matmuls at 1, 5 and 19 rows; attention in
     float32, masked and not; RMSNorm, silu * up (inputs far out in exp's range among them) and RoPE in float32 and
-    bfloat16, with tails shorter than a vector."""
+    bfloat16, with tails shorter than a vector; GGUF blocks decoded, to float32 and to int8."""
     g, ops, out = torch.Generator().manual_seed(0), torch.ops.lilmistral, []
     for (n, k), spec, rows in zip([(37, 576), (300, 4096), (1024, 1024)] * 2, SPECS[:3] * 2, (1, 5, 19, 19, 5, 1)):
         parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
@@ -390,6 +390,13 @@ def kernel_outputs() -> list[torch.Tensor]:
             gate[0, :2] = torch.tensor([-100.0, 100.0])
             x_rope, cos, sin = torch.randn(6, 3, dim - dim % 2, generator=g).to(dtype).split([4, 1, 1])
             out += [ops.rms_norm(x, weight, 1e-5), ops.silu_mul(gate, up), ops.rope(x_rope, cos[0], sin[0])]
+    for kind, values, block_bytes, scale_at in (("Q5_1", 32, 24, 2), ("Q4_K", 256, 144, 2), ("Q6_K", 256, 210, 208)):
+        blocks = torch.randint(0, 256, (6, 2, block_bytes), dtype=torch.uint8, generator=g)
+        for at in {0, scale_at}:  # finite float16 scales (random bytes: NaNs)
+            blocks[..., at:at + 2] = (torch.randn(6, 2, 1, generator=g) / 100).half().view(torch.uint8)
+        out += [ops.gguf_dequantize(blocks.view(6, -1), kind), *ops.gguf_int8(blocks.view(6, -1), kind)]
+        if kind == "Q4_K":
+            out += ops.q4k_scales(blocks)
     return out
 
 

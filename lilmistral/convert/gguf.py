@@ -200,9 +200,12 @@ BLOCK_DECODERS = {"Q8_0": (34, _q8_0), "Q4_K": (144, _q4_k), "Q6_K": (210, _q6_k
 
 
 def dequantize_blocks(raw: torch.Tensor, kind: str) -> torch.Tensor:
-    """Rows of GGML blocks of type `kind` -> float32 values. Q8_0 (the embeddings and output head of many Q4_0
-    files), Q4_K and Q6_K (Q4_K_M's embeddings and wider tensors) in PyTorch, 2-7x faster than the gguf
-    package's numpy, with the same bits; other types by it."""
+    """Rows of GGML blocks of type `kind` -> float32 values, the gguf package's bits: in one pass of C++ where
+    lilmistral's CPU kernels are built (every block type; 3-5x faster than PyTorch's operators); else Q8_0 (the
+    embeddings and output head of many Q4_0 files), Q4_K and Q6_K (Q4_K_M's embeddings and wider tensors) in
+    PyTorch, 2-7x faster than the gguf package's numpy, and other types by it."""
+    if vnni.available():
+        return torch.ops.lilmistral.gguf_dequantize(raw, kind)
     if kind not in BLOCK_DECODERS:
         import gguf
 
@@ -354,9 +357,9 @@ class GGUFSource:
 
     def read_packed(self, entry: GGUFEntry, spec: QuantSpec) -> dict[str, torch.Tensor]:
         """The parts of direct_spec's `spec`: Q4_0 / Q4_1 / Q4_K blocks re-laid into lilmistral's int4 parts (see
-        DIRECT_INT4), or blocks decoded and quantized to int8 a few rows at a time: quantize(read(entry)) without
-        the float32 copy of the whole tensor, whose fresh pages cost more than the decoding (int8 scales are per
-        row: the same bits)."""
+        DIRECT_INT4), or blocks decoded and quantized to int8 by int8_parts: quantize(read(entry)) without the
+        float32 copy of the whole tensor, whose fresh pages cost more than the decoding (int8 scales are per row:
+        the same bits)."""
         raw = self._raw(entry)
         rows = self._rope_rows(entry)
         if rows is not None:
@@ -364,12 +367,19 @@ class GGUFSource:
         if spec.scheme == "int4":
             parts = q4k_parts(raw) if entry.source_type == "Q4_K" else q4_parts(raw, entry.source_type == "Q4_1")
         else:
-            step = max(1, INT8_CHUNK_BYTES // (raw.shape[1] * 4))
-            chunks = [quantize_int8(dequantize_blocks(raw[i:i + step], entry.source_type))
-                      for i in range(0, raw.shape[0], step)]
-            parts = {name: torch.cat([c[name] for c in chunks]) for name in ("qweight", "scales")}
+            parts = int8_parts(raw, entry.source_type)
         self._done_with(entry)
         return parts
+
+
+def int8_parts(raw: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """Rows of GGML blocks of type `kind` -> quantize_int8's parts of their values (dequantize_blocks'), a row at
+    a time in C++ (gguf_blocks.cpp) or INT8_CHUNK_BYTES of float32 rows at a time."""
+    if vnni.available():
+        return dict(zip(("qweight", "scales"), torch.ops.lilmistral.gguf_int8(raw, kind)))
+    step = max(1, INT8_CHUNK_BYTES // (raw.shape[1] * 4))
+    chunks = [quantize_int8(dequantize_blocks(raw[i:i + step], kind)) for i in range(0, raw.shape[0], step)]
+    return {name: torch.cat([c[name] for c in chunks]) for name in ("qweight", "scales")}
 
 
 def q4_parts(raw: torch.Tensor, with_mins: bool) -> dict[str, torch.Tensor]:
@@ -400,15 +410,18 @@ def q4k_parts(raw: torch.Tensor) -> dict[str, torch.Tensor]:
     2c + 1 (the gguf package's Q4_K.dequantize_blocks, re-laid)."""
     n = raw.shape[0]
     blocks = raw.view(n, -1, 144)
-    scales, mins = q4k_scales(blocks)
-    return {"qweight": q4_canonical(blocks, 16, k_quants=True), "scales": scales.half().view(n, -1),
-            "mins": (-mins).half().view(n, -1)}
+    if vnni.available():
+        scales, mins = torch.ops.lilmistral.q4k_scales(blocks)
+    else:
+        scales, mins = q4k_scales(blocks)
+        scales, mins = scales.half().view(n, -1), (-mins).half().view(n, -1)
+    return {"qweight": q4_canonical(blocks, 16, k_quants=True), "scales": scales, "mins": mins}
 
 
 def q4_canonical(blocks: torch.Tensor, head: int, k_quants: bool = False) -> torch.Tensor:
     """The quants of Q4_0 / Q4_1 blocks [N, B, head + 16] (byte j: value j in its low nibble, j + 16 in its high
     one), or of Q4_K super-blocks [N, B, 144] (k_quants; see q4k_parts), as pack.py's bytes [N, K/2] (byte b:
-    values 2b, 2b + 1). In one pass of vnni.cpp's where lilmistral's CPU kernels are built (~5x faster than
+    values 2b, 2b + 1). In one pass of gguf_blocks.cpp's where lilmistral's CPU kernels are built (~5x faster than
     PyTorch's operators on strided bytes)."""
     if vnni.available():
         return torch.ops.lilmistral.q4_canonical(blocks, head, k_quants)

@@ -481,51 +481,6 @@ at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repea
   return out;
 }
 
-// 16 bytes of GGUF int4 quants, byte j holding values j (low nibble) and j + 16 (high): as 16-bit lanes (bytes
-// 2j, 2j + 1), pack.py's bytes of their low nibbles' values (lanes' low bytes: (v[2j] | v[2j + 1] << 4)) and of
-// their high nibbles'.
-inline std::pair<__m128i, __m128i> nibble_pairs(const uint8_t* q) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  const __m128i nibble = _mm_set1_epi8(0x0F), low_byte = _mm_set1_epi16(0x00FF);
-  const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
-  return {_mm_and_si128(_mm_or_si128(lo, _mm_srli_epi16(lo, 4)), low_byte),
-          _mm_and_si128(_mm_or_si128(hi, _mm_srli_epi16(hi, 4)), low_byte)};
-}
-
-// GGUF's Q4_0 / Q4_1 / Q4_K quants (convert/gguf.py) as pack.py's canonical bytes, one pass. blocks: uint8 [N,
-// B, block bytes], each block's quants after `head` bytes. Q4_0 / Q4_1 (k_quants false): 16 bytes of 32
-// values, byte j holding values j and j + 16. Q4_K (true): 128 bytes of 256 values, 4 chunks of 32 bytes, chunk
-// c's low nibbles values 64c..64c+31 and its high ones the next 32. Out: uint8 [N, B * values / 2], byte b of
-// a block holding values 2b, 2b + 1 (low, high nibble).
-at::Tensor q4_canonical(const at::Tensor& blocks, int64_t head, bool k_quants) {
-  const int64_t quant_bytes = k_quants ? 128 : 16;
-  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == head + quant_bytes &&
-              blocks.stride(2) == 1 && blocks.stride(1) == head + quant_bytes, "q4_canonical: unsupported arguments");
-  const int64_t N = blocks.size(0), B = blocks.size(1), row_stride = blocks.stride(0);
-  at::Tensor out = at::empty({N, B * quant_bytes}, blocks.options());
-  const uint8_t* in = blocks.data_ptr<uint8_t>();
-  uint8_t* o = out.data_ptr<uint8_t>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t b = 0; b < B; ++b) {
-        const uint8_t* q = in + n * row_stride + b * (head + quant_bytes) + head;
-        auto* w = reinterpret_cast<__m128i*>(o + (n * B + b) * quant_bytes);
-        if (!k_quants) {
-          const auto [lo, hi] = nibble_pairs(q);  // values 0..15, 16..31
-          _mm_storeu_si128(w, _mm_packus_epi16(lo, hi));
-          continue;
-        }
-        for (int c = 0; c < 4; ++c) {  // a chunk's halves: values 0..15 and 16..31 of its two sub-blocks
-          const auto [lo_a, hi_a] = nibble_pairs(q + 32 * c);
-          const auto [lo_b, hi_b] = nibble_pairs(q + 32 * c + 16);
-          _mm_storeu_si128(w + 2 * c, _mm_packus_epi16(lo_a, lo_b));
-          _mm_storeu_si128(w + 2 * c + 1, _mm_packus_epi16(hi_a, hi_b));
-        }
-      }
-  });
-  return out;
-}
-
 // Operators in C++ (not torch.library.custom_op, whose Python dispatch costs ~10 us a call): vnni.py adds
 // their shapes for torch.compile.
 TORCH_LIBRARY(lilmistral, m) {
@@ -534,7 +489,6 @@ TORCH_LIBRARY(lilmistral, m) {
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
   m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor[] mins, int n, Tensor expert) -> Tensor");
   m.def("pack_columns(Tensor[] blocks, int word_bytes, int repeat, bool nibbles) -> Tensor");
-  m.def("q4_canonical(Tensor blocks, int head, bool k_quants) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
@@ -543,5 +497,4 @@ TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
   m.impl("int8_gemv_experts", &int8_gemv_experts);
   m.impl("int4_gemv_experts", &int4_gemv_experts);
   m.impl("pack_columns", &pack_columns);
-  m.impl("q4_canonical", &q4_canonical);
 }

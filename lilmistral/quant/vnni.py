@@ -16,7 +16,7 @@ import torch
 
 from .pack import QuantSpec
 
-SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp")  # one unit: later ones use earlier ones' helpers
+SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp", "gguf_blocks.cpp")  # one unit: later ones use earlier ones' helpers
 # Decode-sized batches: up to this many (token, expert) rows, expert-batched calls beat grouping the rows by
 # expert (which reads each expert's weights once)
 MAX_ROWS = 8

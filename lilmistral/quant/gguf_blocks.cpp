@@ -1,0 +1,254 @@
+// GGUF's block formats (convert/gguf.py reads the files): rows of blocks decoded to float32 with the gguf
+// package's operations (its dequantize_blocks, step for step: the same bits), or to int8 rows as pack.py's
+// quantize_int8 makes them from those floats, one row at a time; Q4_K's scales and mins, and the quants of Q4
+// blocks, as pack.py's int4 parts. Loading a GGUF runs these over most of its bytes (in PyTorch's operators it
+// was most of the load). vnni.py compiles this file after lanes.cpp, in one unit.
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+inline float half_at(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+inline uint32_t word_at(const uint8_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  return w;
+}
+
+// Q4_0 (Q5_0) blocks of 32: float16 d, (32 high bits,) 16 bytes whose low nibbles are values 0-15 and high ones
+// 16-31; w = d * (q - 8) (q - 16). Q4_1 (Q5_1): d, a float16 min m, ...; w = d * q + m. Q8_0: d, 32 int8s.
+template <bool MIN, bool HIGH_BIT>
+void q4_q5(const uint8_t* b, float* y) {
+  const float d = half_at(b), m = MIN ? half_at(b + 2) : 0.f;
+  const uint32_t high = HIGH_BIT ? word_at(b + (MIN ? 4 : 2)) : 0;
+  const uint8_t* qs = b + (MIN ? 4 : 2) + (HIGH_BIT ? 4 : 0);
+  for (int i = 0; i < 32; ++i) {
+    const int q = ((i < 16 ? qs[i] : qs[i - 16] >> 4) & 0x0F) | ((high >> i) & 1) << 4;
+    y[i] = MIN ? d * static_cast<float>(q) + m : d * static_cast<float>(q - (HIGH_BIT ? 16 : 8));
+  }
+}
+
+void q8_0(const uint8_t* b, float* y) {
+  const float d = half_at(b);
+  for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(static_cast<int8_t>(b[2 + i])) * d;
+}
+
+// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block, from its 12 bytes s: sub-blocks 0-3 in
+// the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); 4-7 in the nibbles of bytes 8-11 and those bytes' top 2.
+inline std::pair<int, int> scale_min(const uint8_t* s, int j) {
+  if (j < 4) return {s[j] & 63, s[j + 4] & 63};
+  return {(s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30), (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30)};
+}
+
+// Q4_K (Q5_K) super-blocks of 256: float16 d and dmin, 12 bytes of scales and mins, (32 bytes of high bits: bit j
+// of byte i for value i of sub-block j,) 128 bytes of quants, 32 bytes for each two sub-blocks (low nibbles the
+// first); sub-block j: w = (d * scale_j) * q - dmin * min_j.
+template <bool HIGH_BIT>
+void k_quant(const uint8_t* b, float* y) {
+  const float d = half_at(b), dmin = half_at(b + 2);
+  const uint8_t* high = b + 16;
+  const uint8_t* qs = b + 16 + (HIGH_BIT ? 32 : 0);
+  for (int j = 0; j < 8; ++j) {
+    const auto [scale, min] = scale_min(b + 4, j);
+    const float dj = d * static_cast<float>(scale), mj = dmin * static_cast<float>(min);
+    const uint8_t* chunk = qs + 32 * (j / 2);
+    for (int i = 0; i < 32; ++i) {
+      const int q = ((chunk[i] >> (4 * (j % 2))) & 0x0F) | (HIGH_BIT ? ((high[i] >> j) & 1) << 4 : 0);
+      y[32 * j + i] = dj * static_cast<float>(q) - mj;
+    }
+  }
+}
+
+// Q6_K super-blocks of 256: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales (one per 16 values), float16
+// d. Per half of 128 values, value l + 32i (l < 32) takes nibble i / 2 of low byte l + 32 (i % 2) and bits 2i of
+// high byte l; w = (d * scale) * (q - 32).
+void q6_k(const uint8_t* __restrict b, float* __restrict y) {  // restrict: else GCC does not vectorize it
+  const float d = half_at(b + 208);
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* low = b + 64 * h;
+    const uint8_t* high = b + 128 + 32 * h;
+    const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192 + 8 * h);
+    float* out = y + 128 * h;
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 2; ++j) {
+        const float scale = d * static_cast<float>(scales[2 * i + j]);
+        for (int l = 16 * j; l < 16 * j + 16; ++l) {
+          const int q = ((low[l + 32 * (i % 2)] >> (4 * (i / 2))) & 0x0F) | ((high[l] >> (2 * i)) & 3) << 4;
+          out[l + 32 * i] = scale * static_cast<float>(q - 32);
+        }
+      }
+  }
+}
+
+struct BlockType {
+  int64_t values, bytes;
+  void (*decode)(const uint8_t*, float*);
+};
+
+BlockType block_type(const std::string& kind) {
+  if (kind == "Q4_0") return {32, 18, q4_q5<false, false>};
+  if (kind == "Q4_1") return {32, 20, q4_q5<true, false>};
+  if (kind == "Q5_0") return {32, 22, q4_q5<false, true>};
+  if (kind == "Q5_1") return {32, 24, q4_q5<true, true>};
+  if (kind == "Q8_0") return {32, 34, q8_0};
+  if (kind == "Q4_K") return {256, 144, k_quant<false>};
+  if (kind == "Q5_K") return {256, 176, k_quant<true>};
+  TORCH_CHECK(kind == "Q6_K", "gguf blocks: unsupported type ", kind);
+  return {256, 210, q6_k};
+}
+
+// The values of a row of `blocks` blocks of `type` at row, as float32 at out.
+inline void decode_row(const BlockType& type, const uint8_t* row, int64_t blocks, float* out) {
+  for (int64_t b = 0; b < blocks; ++b) type.decode(row + b * type.bytes, out + b * type.values);
+}
+
+// The blocks of `type` in each row of raw (uint8 [N, row bytes]).
+int64_t row_blocks(const at::Tensor& raw, const BlockType& type) {
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.stride(1) == 1 && raw.size(1) % type.bytes == 0,
+              "gguf blocks: raw must be uint8 [N, whole blocks]");
+  return raw.size(1) / type.bytes;
+}
+
+}  // namespace
+
+// Rows of GGUF blocks of type `kind` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), uint8 [N, row bytes] ->
+// float32 [N, values], the gguf package's bits.
+at::Tensor gguf_dequantize(const at::Tensor& raw, c10::string_view kind) {
+  const BlockType type = block_type(std::string(kind));
+  const int64_t blocks = row_blocks(raw, type), K = blocks * type.values;
+  at::Tensor out = at::empty({raw.size(0), K}, raw.options().dtype(at::kFloat));
+  const uint8_t* in = raw.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, raw.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) decode_row(type, in + n * raw.stride(0), blocks, o + n * K);
+  });
+  return out;
+}
+
+// The same rows as int8 [N, values] and float16 scales [N]: pack.py's quantize_int8 of gguf_dequantize(raw), bit
+// for bit (scale = max |w| / 127, at least 1e-10, as float16; q = round(w / scale) within +-127; 0 / 0 gives 0),
+// each row decoded into a buffer of the thread's.
+std::tuple<at::Tensor, at::Tensor> gguf_int8(const at::Tensor& raw, c10::string_view kind) {
+  const BlockType type = block_type(std::string(kind));
+  const int64_t blocks = row_blocks(raw, type), K = blocks * type.values;
+  at::Tensor q = at::empty({raw.size(0), K}, raw.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({raw.size(0)}, raw.options().dtype(at::kHalf));
+  const uint8_t* in = raw.data_ptr<uint8_t>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  at::Half* sp = scales.data_ptr<at::Half>();
+  at::parallel_for(0, raw.size(0), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(K);
+    for (int64_t n = begin; n < end; ++n) {
+      decode_row(type, in + n * raw.stride(0), blocks, w.data());
+      Floats top = set1(0.f);
+      for (int64_t k = 0; k < K; k += 16) top = max(top, abs(load_floats(w.data() + k)));  // K: whole blocks of 32
+      sp[n] = at::Half(std::max(reduce_max(top) / 127.f, 1e-10f));
+      const float scale = static_cast<float>(sp[n]);
+      int8_t* q_row = qp + n * K;
+      if (scale == 0.f) {  // w / 0: +-inf, rounded and clamped to +-127, or NaN (0 / 0), which PyTorch makes 0
+        for (int64_t k = 0; k < K; ++k) q_row[k] = w[k] > 0.f ? 127 : w[k] < 0.f ? -127 : 0;
+        continue;
+      }
+      for (int64_t k = 0; k < K; k += 16)  // |w / scale| < 255 here: above 127, store_int8 saturates
+        store_int8(max(round_to_integer(div(load_floats(w.data() + k), set1(scale))), set1(-127.f)), q_row + k);
+    }
+  });
+  return {q, scales};
+}
+
+// Q4_K super-blocks uint8 [N, B, 144] -> float16 scales d * scale_j and mins -(dmin * min_j) [N, B * 8] of their
+// sub-blocks, as convert/gguf.py's q4k_parts keeps them.
+std::tuple<at::Tensor, at::Tensor> q4k_scales(const at::Tensor& blocks) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == 144 && blocks.stride(2) == 1 &&
+              blocks.stride(1) == 144, "q4k_scales: blocks must be uint8 [N, B, 144]");
+  const int64_t N = blocks.size(0), B = blocks.size(1), stride = blocks.stride(0);
+  at::Tensor scales = at::empty({N, B * 8}, blocks.options().dtype(at::kHalf)), mins = at::empty_like(scales);
+  const uint8_t* in = blocks.data_ptr<uint8_t>();
+  at::Half* s = scales.data_ptr<at::Half>();
+  at::Half* m = mins.data_ptr<at::Half>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t b = 0; b < B; ++b) {
+        const uint8_t* block = in + n * stride + b * 144;
+        const float d = half_at(block), dmin = half_at(block + 2);
+        for (int j = 0; j < 8; ++j) {
+          const auto [scale, min] = scale_min(block + 4, j);
+          s[(n * B + b) * 8 + j] = at::Half(d * static_cast<float>(scale));
+          m[(n * B + b) * 8 + j] = at::Half(-(dmin * static_cast<float>(min)));
+        }
+      }
+  });
+  return {scales, mins};
+}
+
+namespace {
+
+// 16 bytes of GGUF int4 quants, byte j holding values j (low nibble) and j + 16 (high): as 16-bit lanes (bytes
+// 2j, 2j + 1), pack.py's bytes of their low nibbles' values (lanes' low bytes: (v[2j] | v[2j + 1] << 4)) and of
+// their high nibbles'.
+inline std::pair<__m128i, __m128i> nibble_pairs(const uint8_t* q) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i nibble = _mm_set1_epi8(0x0F), low_byte = _mm_set1_epi16(0x00FF);
+  const __m128i lo = _mm_and_si128(v, nibble), hi = _mm_and_si128(_mm_srli_epi16(v, 4), nibble);
+  return {_mm_and_si128(_mm_or_si128(lo, _mm_srli_epi16(lo, 4)), low_byte),
+          _mm_and_si128(_mm_or_si128(hi, _mm_srli_epi16(hi, 4)), low_byte)};
+}
+
+}  // namespace
+
+// GGUF's Q4_0 / Q4_1 / Q4_K quants (convert/gguf.py) as pack.py's canonical bytes, one pass. blocks: uint8 [N,
+// B, block bytes], each block's quants after `head` bytes. Q4_0 / Q4_1 (k_quants false): 16 bytes of 32
+// values, byte j holding values j and j + 16. Q4_K (true): 128 bytes of 256 values, 4 chunks of 32 bytes, chunk
+// c's low nibbles values 64c..64c+31 and its high ones the next 32. Out: uint8 [N, B * values / 2], byte b of
+// a block holding values 2b, 2b + 1 (low, high nibble).
+at::Tensor q4_canonical(const at::Tensor& blocks, int64_t head, bool k_quants) {
+  const int64_t quant_bytes = k_quants ? 128 : 16;
+  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == head + quant_bytes &&
+              blocks.stride(2) == 1 && blocks.stride(1) == head + quant_bytes, "q4_canonical: unsupported arguments");
+  const int64_t N = blocks.size(0), B = blocks.size(1), row_stride = blocks.stride(0);
+  at::Tensor out = at::empty({N, B * quant_bytes}, blocks.options());
+  const uint8_t* in = blocks.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t b = 0; b < B; ++b) {
+        const uint8_t* q = in + n * row_stride + b * (head + quant_bytes) + head;
+        auto* w = reinterpret_cast<__m128i*>(o + (n * B + b) * quant_bytes);
+        if (!k_quants) {
+          const auto [lo, hi] = nibble_pairs(q);  // values 0..15, 16..31
+          _mm_storeu_si128(w, _mm_packus_epi16(lo, hi));
+          continue;
+        }
+        for (int c = 0; c < 4; ++c) {  // a chunk's halves: values 0..15 and 16..31 of its two sub-blocks
+          const auto [lo_a, hi_a] = nibble_pairs(q + 32 * c);
+          const auto [lo_b, hi_b] = nibble_pairs(q + 32 * c + 16);
+          _mm_storeu_si128(w + 2 * c, _mm_packus_epi16(lo_a, lo_b));
+          _mm_storeu_si128(w + 2 * c + 1, _mm_packus_epi16(hi_a, hi_b));
+        }
+      }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(lilmistral, m) {
+  m.def("gguf_dequantize(Tensor raw, str kind) -> Tensor");
+  m.def("gguf_int8(Tensor raw, str kind) -> (Tensor, Tensor)");
+  m.def("q4k_scales(Tensor blocks) -> (Tensor, Tensor)");
+  m.def("q4_canonical(Tensor blocks, int head, bool k_quants) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
+  m.impl("gguf_dequantize", &gguf_dequantize);
+  m.impl("gguf_int8", &gguf_int8);
+  m.impl("q4k_scales", &q4k_scales);
+  m.impl("q4_canonical", &q4_canonical);
+}
