@@ -1,6 +1,6 @@
-"""The CPU kernels of vnni.cpp (int4/int8 matmuls), attention.cpp and pointwise.cpp, compiled on first use into
-operators under torch.ops.lilmistral (see isa()): a C++ compiler is needed once, and torch.utils.cpp_extension
-caches the build. Built for AVX-512 VNNI or, on CPUs without it, for AVX2 (lanes.cpp: the same results, bit
+"""The CPU kernels of vnni.cpp (int4/int8 matmuls), attention.cpp, pointwise.cpp and gguf_blocks.cpp (GGUF's
+blocks decoded at load), compiled on first use into operators under torch.ops.lilmistral (see isa()): a C++
+compiler is needed once, and torch.utils.cpp_extension caches the build. Built for AVX-512 VNNI or, on CPUs without it, for AVX2 (lanes.cpp: the same results, bit
 for bit, bfloat16 attention scores aside); on other CPUs callers use PyTorch's own kernels.
 LILMISTRAL_CPU_KERNELS=torch turns them off; =avx2 builds the AVX2 ones on an AVX-512 CPU (tests, benchmarks)."""
 from __future__ import annotations
@@ -46,7 +46,9 @@ def isa() -> str | None:
     parts, int4_gemv(x, q, scales, mins, n) with pack_int4_vnni's, and for mixtures of experts
     int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x, [q], [scales], [mins] ([] where
     symmetric), n, expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale)
-    (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp)."""
+    (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp);
+    gguf_dequantize(raw, kind), gguf_int8(raw, kind), q4k_scales(blocks), q4_canonical(blocks, head, k_quants)
+    (gguf_blocks.cpp)."""
     wanted, have = os.environ.get("LILMISTRAL_CPU_KERNELS"), cpu_isas()
     if wanted == "torch" or not have:
         return None
