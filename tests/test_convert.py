@@ -374,7 +374,8 @@ def test_gguf_block_decoders_give_the_gguf_packages_bits(kind, kernels, monkeypa
     blocks = rng.integers(0, 256, (40, 2048 // values, block_bytes), dtype=np.uint8)
     halves = {"Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}.get(kind, (0,))
     for at in halves:  # finite float16 scales and mins (random bytes: NaNs)
-        blocks[..., at:at + 2] = (rng.standard_normal(blocks.shape[:2]) * 0.01).astype(np.float16)[..., None].view(np.uint8)
+        halves_at = (rng.standard_normal(blocks.shape[:2]) * 0.01).astype(np.float16)
+        blocks[..., at:at + 2] = halves_at[..., None].view(np.uint8)
     blocks[0] = 0
     blocks[1, :, halves[0]:halves[0] + 2] = np.float16(6e-8).reshape(1).view(np.uint8)  # a scale of float16's least
     raw = torch.from_numpy(blocks.reshape(40, -1))

@@ -168,8 +168,8 @@ std::tuple<at::Tensor, at::Tensor> gguf_int8(const at::Tensor& raw, c10::string_
 // Q4_K super-blocks uint8 [N, B, 144] -> float16 scales d * scale_j and mins -(dmin * min_j) [N, B * 8] of their
 // sub-blocks, as convert/gguf.py's q4k_parts keeps them.
 std::tuple<at::Tensor, at::Tensor> q4k_scales(const at::Tensor& blocks) {
-  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == 144 && blocks.stride(2) == 1 &&
-              blocks.stride(1) == 144, "q4k_scales: blocks must be uint8 [N, B, 144]");
+  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == 144 &&
+              blocks.stride(2) == 1 && blocks.stride(1) == 144, "q4k_scales: blocks must be uint8 [N, B, 144]");
   const int64_t N = blocks.size(0), B = blocks.size(1), stride = blocks.stride(0);
   at::Tensor scales = at::empty({N, B * 8}, blocks.options().dtype(at::kHalf)), mins = at::empty_like(scales);
   const uint8_t* in = blocks.data_ptr<uint8_t>();

@@ -3,12 +3,12 @@ QuantLinears that read the same input as one. QuantExperts: the experts of a MoE
 with expert-batched decode where the backend has it."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..model import Experts, FeedForward, RMSNorm, Transformer, add_norm
+from ..model import Experts, FeedForward, RMSNorm, add_norm
 from . import DEFAULT_GROUP_SIZE, FLOAT_SCHEMES, QUANTIZED_SUFFIXES, cpu, cuda
 from .cpu import DequantKernel, kernel_type
 from .pack import QuantSpec, group_size_for, packed_shapes
@@ -118,22 +118,22 @@ class Columns:
         return self.kernel(x)[..., self.columns]
 
 
-def projection_groups(model: Transformer) -> list[tuple[nn.Module, str, list[nn.Module]]]:
+def projection_groups(layers: Iterable[nn.Module]) -> list[tuple[nn.Module, str, list[nn.Module]]]:
     """(module, name of the fused projection, the projections it fuses): each layer's wq, wk, wv and, in dense
     layers, w1, w3."""
     groups = []
-    for layer in model.layers:
+    for layer in layers:
         groups.append((layer.attention, "wqkv", [layer.attention.wq, layer.attention.wk, layer.attention.wv]))
         if isinstance(layer.feed_forward, FeedForward):
             groups.append((layer.feed_forward, "w13", [layer.feed_forward.w1, layer.feed_forward.w3]))
     return groups
 
 
-def fuse_projections(model: Transformer) -> Iterator[FusedQuantLinear]:
-    """Fuse each layer's projection groups where they are loaded QuantLinears packed alike (a GGUF may store
+def fuse_projections(layers: Iterable[nn.Module]) -> Iterator[FusedQuantLinear]:
+    """Fuse the layers' projection groups where they are loaded QuantLinears packed alike (a GGUF may store
     them in different types) and `fusable`; yields each FusedQuantLinear as it is made (and put in place).
     On a GPU, w1 and w3 are fused gated (FeedForward.gated)."""
-    for module, name, linears in projection_groups(model):
+    for module, name, linears in projection_groups(layers):
         if not all(isinstance(linear, QuantLinear) for linear in linears) or len({l.spec for l in linears}) > 1:
             continue
         n, device = sum(linear.out_features for linear in linears), linears[0].qweight.device

@@ -1,7 +1,8 @@
 """The CPU kernels of vnni.cpp (int4/int8 matmuls), attention.cpp, pointwise.cpp and gguf_blocks.cpp (GGUF's
 blocks decoded at load), compiled on first use into operators under torch.ops.lilmistral (see isa()): a C++
-compiler is needed once, and torch.utils.cpp_extension caches the build. Built for AVX-512 VNNI or, on CPUs without it, for AVX2 (lanes.cpp: the same results, bit
-for bit, bfloat16 attention scores aside); on other CPUs callers use PyTorch's own kernels.
+compiler is needed once, and torch.utils.cpp_extension caches the build. Built for AVX-512 VNNI or, on CPUs
+without it, for AVX2 (lanes.cpp: the same results, bit for bit, bfloat16 attention scores aside); on other
+CPUs callers use PyTorch's own kernels.
 LILMISTRAL_CPU_KERNELS=torch turns them off; =avx2 builds the AVX2 ones on an AVX-512 CPU (tests, benchmarks)."""
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 
 from .pack import QuantSpec
 
-SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp", "gguf_blocks.cpp")  # one unit: later ones use earlier ones' helpers
+# one unit: later ones use earlier ones' helpers
+SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp", "gguf_blocks.cpp")
 # Decode-sized batches: up to this many (token, expert) rows, expert-batched calls beat grouping the rows by
 # expert (which reads each expert's weights once)
 MAX_ROWS = 8
