@@ -1,11 +1,10 @@
 // GGUF's block formats (convert/gguf.py reads the files): rows of blocks decoded to float32 with the gguf
 // package's operations (its dequantize_blocks, step for step: the same bits), or to int8 rows as pack.py's
 // quantize_int8 makes them from those floats, one row at a time; Q4_K's scales and mins, and the quants of Q4
-// blocks, as pack.py's int4 parts. Loading a GGUF runs these over most of its bytes (in PyTorch's operators it
-// was most of the load). vnni.py compiles this file after lanes.cpp, in one unit.
+// blocks, as pack.py's int4 parts. Loading a GGUF runs these over most of its bytes (docs/performance.md,
+// "Loading"). vnni.py compiles this file after lanes.cpp and vnni.cpp (store_int8), in one unit.
 #include <c10/util/Half.h>
 
-#include <cmath>
 #include <string>
 #include <tuple>
 #include <vector>
