@@ -244,17 +244,11 @@ def _load(ns: argparse.Namespace, path: str, chat: bool = False):
         with err.status("preparing the CPU kernels (built once, under a minute)"):
             vnni.available()
     llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
-               compile=ns.compile)
+               compile=ns.compile, require_chat=chat)
     if err.is_terminal and path.endswith(".gguf") and llm.load_s > 5:  # converted in memory, every run
-        err.print(f"converting {Path(path).name} took {llm.load_s:.0f} s and keeps both layouts in memory: "
-                  f"`lilmistral convert {path} --name NAME` once, then run NAME, loads in about a tenth of the "
-                  "time and half the memory", style="dim", markup=False, highlight=False)
-    if chat:  # a model without a chat format fails now, not after the warm-up
-        try:
-            llm.tokenize_chat([{"role": "user", "content": "hi"}])
-        except BaseException:
-            llm.close()
-            raise
+        err.print(f"converting {Path(path).name} took {llm.load_s:.0f} s: `lilmistral convert {path} --name NAME` "
+                  "once, then `lilmistral run NAME` loads it without converting", style="dim", markup=False,
+                  highlight=False)
     # the first tokens pay one-off costs (the decode step's compile or trace, GPU kernels' builds): now, not mid-answer
     status = "compiling the decode step (about a minute the first time, cached after)" if ns.compile else "warming up"
     with err.status(status):

@@ -244,7 +244,7 @@ def installed_path(name: str) -> Path:
 
 def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", num_ctx: int | None = None,
          dtype: str | torch.dtype | None = None, group_size: int = DEFAULT_GROUP_SIZE, pp: int = 1,
-         compile: bool = False) -> LLM:
+         compile: bool = False, require_chat: bool = False) -> LLM:
     """Load a model for generation.
 
     source: a pulled model name (`mistral`), a converted folder (`lilmistral convert`), a Hugging Face
@@ -258,23 +258,27 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
     pp: pipeline stages, each in its own process holding only its layers (see parallel.py).
     compile: run each decoded token through a torch.compile'd step (with CUDA graphs on a GPU): faster
         decoding after a one-off compilation (about a minute on a small CPU; cached on disk after that).
+    require_chat: fail (LilmistralError) before the weights are read when the model has no chat format.
     """
     start = time.perf_counter()
     check_device(device)
     path = resolve_source(source)
     if pp > 1 and compile:
         raise LilmistralError("compile does not apply to pipeline stages (pp > 1) yet")
+    tokenizer = load_model_tokenizer(path)  # first: it takes a fraction of a second, the weights seconds
+    if require_chat:
+        tokenizer.encode_chat([{"role": "user", "content": "hi"}])
     if pp > 1:
         from .parallel import load_pipeline
 
-        llm = load_pipeline(path, pp, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype,
+        llm = load_pipeline(path, pp, tokenizer, quant=quant, device=device, num_ctx=num_ctx, dtype=dtype,
                             group_size=group_size)
     else:
         args = model_args(path)
         check_memory([sum(tensor_bytes(path, quant, group_size).values())],
                      [kv_cache_bytes(args, args.n_layers, num_ctx, dtype)], device)
         model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
-        llm = LLM(model, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info, compile=compile)
+        llm = LLM(model, tokenizer, num_ctx=num_ctx, source=str(path), info=info, compile=compile)
     llm.load_s = time.perf_counter() - start
     return llm
 

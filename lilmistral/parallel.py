@@ -37,6 +37,7 @@ import torch.distributed as dist
 from .errors import LilmistralError
 from .llm import LLM
 from .model import Transformer
+from .tokenizer import Tokenizer
 
 FORWARD, RESIZE, SHUTDOWN = 1, 2, 3
 LAYER = re.compile(r"^layers\.(\d+)\.")
@@ -258,10 +259,10 @@ def serve_torchrun_worker(path: Path, pp: int, **load_options: Any) -> None:
     serve(int(os.environ["RANK"]), pp, stage_spec(path, ranges, **load_options), "env://")
 
 
-def load_pipeline(path: Path, pp: int, *, quant: str | None, device: str, num_ctx: int | None,
-                  dtype: Any, group_size: int) -> LLM:
+def load_pipeline(path: Path, pp: int, tokenizer: Tokenizer, *, quant: str | None, device: str,
+                  num_ctx: int | None, dtype: Any, group_size: int) -> LLM:
     """Rank 0: plan the stages, start the workers (unless torchrun did), load stage 0, return the LLM."""
-    from .loader import check_memory, kv_cache_bytes, load_model, load_model_tokenizer, model_args
+    from .loader import check_memory, kv_cache_bytes, load_model, model_args
 
     sizes, ranges = _stage_plan(path, pp, quant, group_size)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -296,7 +297,7 @@ def load_pipeline(path: Path, pp: int, *, quant: str | None, device: str, num_ct
         pipeline = PipelineModel(model, ranges, stage_device, workers)
         info = {**info, "stages": [f"layers {a}-{b - 1}" for a, b in ranges],
                 "stage_bytes": stage_bytes(sizes, ranges, tied), "tensor_bytes": sizes}
-        llm = LLM(pipeline, load_model_tokenizer(path), num_ctx=num_ctx, source=str(path), info=info)  # type: ignore[arg-type]
+        llm = LLM(pipeline, tokenizer, num_ctx=num_ctx, source=str(path), info=info)  # type: ignore[arg-type]
     except BaseException:
         for proc in workers:
             proc.kill()

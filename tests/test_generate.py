@@ -313,20 +313,23 @@ def test_a_gpu_needs_room_for_the_weights_and_the_whole_cache(full, monkeypatch)
         lilmistral.load(full, device="cuda", num_ctx=64, pp=2)
 
 
-def test_cli_run_of_a_model_without_a_chat_format_fails_before_the_warm_up(full, monkeypatch, capsys):
-    """A model the chat cannot use fails right after loading, not after the warm-up (a 7B's trace and first
-    tokens: seconds)."""
+def test_cli_run_of_a_model_without_a_chat_format_fails_before_reading_the_weights(full, monkeypatch, capsys):
+    """A model the chat cannot use fails as soon as its tokenizer is read, before its weights (a 7B's: seconds)."""
+    from lilmistral import loader
     from lilmistral.cli import main
-    from lilmistral.llm import LLM
 
-    def no_template(self, messages):
+    real = loader.load_model_tokenizer
+
+    def no_chat_format(messages):
         raise lilmistral.LilmistralError("this model has no chat template")
 
-    def warm_up(self):
-        raise AssertionError("warmed up a model that cannot chat")
+    def without_chat_format(path):
+        tokenizer = real(path)
+        tokenizer.encode_chat = no_chat_format
+        return tokenizer
 
-    monkeypatch.setattr(LLM, "tokenize_chat", no_template)
-    monkeypatch.setattr(LLM, "warm_up", warm_up)
+    monkeypatch.setattr(loader, "load_model_tokenizer", without_chat_format)
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("read the weights"))
     assert main(["run", str(full), "Hi"]) == 1
     assert capsys.readouterr().err == "Error: this model has no chat template\n"
 
