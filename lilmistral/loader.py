@@ -43,9 +43,9 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     """Assign tensors to a model made on the meta device (no copy when memory-mapped and of the right
     dtype); QuantLinears take the packed parts named in `specs` and repack them for the device once, a layer
     as soon as its tensors have come (sources give them layer by layer): the canonical parts a source makes
-    in memory (a GGUF's) are then one layer's at a time, and the next layer's take the memory they leave,
-    where fresh memory from the OS cost a 32-layer GGUF's load ~4 s of ~10. With `keep`, only the tensors it
-    accepts are loaded (a pipeline stage); the rest stay on meta."""
+    in memory (a GGUF's) are then one layer's at a time, and the next layer's take the memory they leave:
+    fresh memory from the OS cost a 32-layer GGUF's load ~1 s of 5-6 (docs/performance.md, "Loading"). With
+    `keep`, only the tensors it accepts are loaded (a pipeline stage); the rest stay on meta."""
     with torch.device("meta"):
         model = Transformer(args)
     swap_in_quant_linears(model, specs)
@@ -112,7 +112,7 @@ class Repacker:
                 page_out(linear.release_parts(), files)
 
         if fuse and (fast_cpu or self.kind == "cuda"):
-            for fused in fuse_projections([module]):  # first: each fused weight is repacked once, in the fused kernel
+            for fused in fuse_projections([module]):  # first: each fused weight repacked once, in its fused kernel
                 release(fused.linears)
         loaded = [m for m in module.modules()
                   if isinstance(m, QuantLinear) and m.kernel is None and m.qweight.device.type != "meta"]

@@ -212,6 +212,40 @@ def test_gguf_with_mixed_block_types(hf_models, tmp_path, monkeypatch):
     assert ((got - reference).norm() / reference.norm()).item() < 0.02
 
 
+def test_each_layer_is_repacked_as_soon_as_its_tensors_have_come(hf_models, tmp_path, monkeypatch):
+    """A GGUF's int4 parts are made in memory: the loader repacks each layer's (letting go of them) after its
+    last tensor and before the next layer's first, so the next layer's reuse their memory, not fresh pages."""
+    from lilmistral import loader
+
+    folder, _ = hf_models["mistral"]
+    base = lilmistral.load(folder)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_0")
+    events, real_produce, real_repack = [], loader.produce, loader.Repacker.__call__
+
+    def produce(src, planned):
+        for name, tensor in real_produce(src, planned):
+            events.append(name)
+            yield name, tensor
+
+    def repack(self, module, fuse):
+        events.append(module)
+        real_repack(self, module, fuse)
+
+    monkeypatch.setattr(loader, "produce", produce)
+    monkeypatch.setattr(loader.Repacker, "__call__", repack)
+    llm = lilmistral.load(path)
+    names = [e if isinstance(e, str) else "" for e in events]
+    for i, layer in enumerate(llm.model.layers):
+        last = max(j for j, name in enumerate(names) if name.startswith(f"layers.{i}."))
+        assert events[last + 1] is layer and not any(n.startswith(f"layers.{i}.") for n in names[last + 1:])
+        assert layer.attention.wqkv is not None and not layer.attention.wq.parts()  # fused, its parts let go
+    assert events[-1] is llm.model  # then the rest: the head
+    ids = list(range(10, 30))
+    got, reference = llm.forward(ids), lilmistral.load(path, dtype="float32").forward(ids)  # the dequantized weights
+    assert ((got - reference).norm() / reference.norm()).item() < 0.02
+
+
 def test_gguf_llama_vocab_matches_sentencepiece(hf_models, tmp_path):
     import sentencepiece
 
