@@ -12,7 +12,6 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,7 +53,7 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
         expected.pop("output.weight", None)
     layer_of = {name: int(name.split(".")[1]) for name in expected if name.startswith("layers.")}
     waiting = Counter(layer_of.values())  # per layer, its tensors still to come
-    repack = Repacker(torch.device(device).type, dtype)
+    kind = torch.device(device).type
     state, arrived = {}, set()
     for name, tensor in tensors:
         if keep is not None and not keep(name):
@@ -74,7 +73,7 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
                 prefix = f"layers.{layer}."
                 own = {n.removeprefix(prefix): state.pop(n) for n in list(state) if n.startswith(prefix)}
                 model.layers[layer].load_state_dict(own, strict=False, assign=True)
-                repack(model.layers[layer], fuse=True)
+                repack(model.layers[layer], kind, dtype, fuse=True)
     missing = set(expected) - arrived
     if missing:
         raise ModelFormatError(f"missing tensors: {', '.join(sorted(missing)[:3])}"
@@ -84,8 +83,8 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     if args.tie_embeddings and (keep is None or keep("output.weight")):
         model.output = _tied_head(model.tok_embeddings.weight, quantized=bool(specs))
     model.inv_freq = model.inv_freq.to(device)
-    repack(model, fuse=False)  # the rest: the head (the layers are done)
-    backend = {"cpu": cpu, "cuda": cuda}.get(repack.kind)
+    repack(model, kind, dtype, fuse=False)  # the rest: the head (the layers are done)
+    backend = {"cpu": cpu, "cuda": cuda}.get(kind)
     kernels = backend.layer_kernels(args.head_dim, dtype) if backend else {}
     for module in model.modules():
         for slot in kernels.keys() & vars(module).keys():  # model.py's slots: instance attributes
@@ -94,33 +93,28 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     return model.eval().requires_grad_(False)  # inference only (and a traced step takes its weights as constants)
 
 
-@dataclass
-class Repacker:
-    """Repacks a module's loaded QuantLinears (each fused group once, in its fused kernel) and QuantExperts for
-    the device, and lets go of the canonical parts each repacking leaves unread as soon as it is done: the
-    load's peak memory stays near one copy of the weights (parts made in memory are freed; a memory-mapped
-    file's pages unmapped)."""
-    kind: str  # the device's
-    dtype: torch.dtype
+def repack(module: torch.nn.Module, kind: str, dtype: torch.dtype, fuse: bool) -> None:
+    """Repack a module's loaded QuantLinears (with `fuse`, each fused group once, in its fused kernel) and
+    QuantExperts for the device of type `kind`, and let go of the canonical parts each repacking leaves unread
+    as soon as it is done: the load's peak memory stays near one copy of the weights (parts made in memory are
+    freed; a memory-mapped file's pages unmapped)."""
+    fast_cpu = kind == "cpu" and dtype == torch.bfloat16
+    files = _file_mappings() if fast_cpu else []  # the weights' files are mapped by now
 
-    def __call__(self, module: torch.nn.Module, fuse: bool) -> None:
-        fast_cpu = self.kind == "cpu" and self.dtype == torch.bfloat16
-        files = _file_mappings() if fast_cpu else []  # the weights' files are mapped by now
+    def release(linears: Iterable[QuantLinear]) -> None:
+        for linear in linears:
+            page_out(linear.release_parts(), files)
 
-        def release(linears: Iterable[QuantLinear]) -> None:
-            for linear in linears:
-                page_out(linear.release_parts(), files)
-
-        if fuse and (fast_cpu or self.kind == "cuda"):
-            for fused in fuse_projections([module]):  # first: each fused weight repacked once, in its fused kernel
-                release(fused.linears)
-        loaded = [m for m in module.modules()
-                  if isinstance(m, QuantLinear) and m.kernel is None and m.qweight.device.type != "meta"]
-        loaded += [m for m in module.modules() if isinstance(m, QuantExperts) and m.batched is None
-                   and m[0].w1.qweight.device.type != "meta"]
-        for m in loaded:  # QuantExperts after the QuantLinears they are made of
-            m.prepare(self.dtype)
-            release([m] if isinstance(m, QuantLinear) else [])
+    if fuse and (fast_cpu or kind == "cuda"):
+        for fused in fuse_projections([module]):  # first: each fused weight repacked once, in its fused kernel
+            release(fused.linears)
+    loaded = [m for m in module.modules()
+              if isinstance(m, QuantLinear) and m.kernel is None and m.qweight.device.type != "meta"]
+    loaded += [m for m in module.modules() if isinstance(m, QuantExperts) and m.batched is None
+               and m[0].w1.qweight.device.type != "meta"]  # with batched kernels: prepared with its layer
+    for m in loaded:  # QuantExperts after the QuantLinears they are made of
+        m.prepare(dtype)
+        release([m] if isinstance(m, QuantLinear) else [])
 
 
 MADV_DONTNEED = 4

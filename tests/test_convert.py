@@ -221,19 +221,19 @@ def test_each_layer_is_repacked_as_soon_as_its_tensors_have_come(hf_models, tmp_
     base = lilmistral.load(folder)
     path = tmp_path / "m.gguf"
     write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_0")
-    events, real_produce, real_repack = [], loader.produce, loader.Repacker.__call__
+    events, real_produce, real_repack = [], loader.produce, loader.repack
 
     def produce(src, planned):
         for name, tensor in real_produce(src, planned):
             events.append(name)
             yield name, tensor
 
-    def repack(self, module, fuse):
+    def repack(module, *args, **kwargs):
         events.append(module)
-        real_repack(self, module, fuse)
+        real_repack(module, *args, **kwargs)
 
     monkeypatch.setattr(loader, "produce", produce)
-    monkeypatch.setattr(loader.Repacker, "__call__", repack)
+    monkeypatch.setattr(loader, "repack", repack)
     llm = lilmistral.load(path)
     names = [e if isinstance(e, str) else "" for e in events]
     for i, layer in enumerate(llm.model.layers):

@@ -200,10 +200,10 @@ BLOCK_DECODERS = {"Q8_0": (34, _q8_0), "Q4_K": (144, _q4_k), "Q6_K": (210, _q6_k
 
 
 def dequantize_blocks(raw: torch.Tensor, kind: str) -> torch.Tensor:
-    """Rows of GGML blocks of type `kind` -> float32 values, the gguf package's bits: in one pass of C++ where
-    lilmistral's CPU kernels are built (every block type; 3-5x faster than PyTorch's operators); else Q8_0 (the
-    embeddings and output head of many Q4_0 files), Q4_K and Q6_K (Q4_K_M's embeddings and wider tensors) in
-    PyTorch, 2-7x faster than the gguf package's numpy, and other types by it."""
+    """Rows of GGML blocks of type `kind` -> float32 values, the gguf package's bits: in C++ where lilmistral's
+    CPU kernels are built (every block type; a large table's time is then the float32 output's fresh pages);
+    else Q8_0 (the embeddings and output head of many Q4_0 files), Q4_K and Q6_K (Q4_K_M's embeddings and wider
+    tensors) in PyTorch, 2-7x faster than the gguf package's numpy, and other types by it."""
     if vnni.available():
         return torch.ops.lilmistral.gguf_dequantize(raw, kind)
     if kind not in BLOCK_DECODERS:
