@@ -30,7 +30,7 @@ for s in $steps; do
     case $s in
         int4) step int4 200 python3 -m benchmarks.gpu_bench --schemes int4 ;;
         tests) step tests 240 python3 -m pytest --noconftest -q --maxfail=5 tests/test_gpu.py tests/test_triton.py ;;
-        sweep) step sweep 100 python3 -m benchmarks.gemv_sweep --scheme int4 ;;
+        sweep) step sweep 150 python3 -m benchmarks.gemv_sweep --scheme int4 ;;
         others) step others 120 python3 -m benchmarks.gpu_bench --schemes int8 bf16 ;;
         compile) step compile 150 python3 -m benchmarks.gpu_bench --schemes int4 --compile ;;
         *) echo "unknown step $s (int4, tests, sweep, others, compile)"; exit 2 ;;

@@ -48,9 +48,10 @@ def gemv_constants(spec: QuantSpec, arch: int = 90, **variant: bool) -> dict:
     block_n, block_k, _ = triton_kernels.TILES[spec.scheme]
     g = spec.group_size if spec.scheme == "int4" else 0
     return {**dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
-                   ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=min(block_k, g or 64),
-                   BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=4, EVEN=True, HAS_EXPERTS=False, HAS_RESIDUAL=False,
-                   GATED=False, NORM=False, NORM_BLOCK=4096, ROTARY=False, HD=128, PDL=arch >= 90), **variant}
+                   ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=32, BLOCK_N=block_n,
+                   BLOCK_K=block_k, SPLIT=4, EVEN=True, HAS_EXPERTS=False, HAS_RESIDUAL=False, GATED=False,
+                   NORM=False, NORM_BLOCK=4096, ROTARY=False, HD=128, PDL=arch >= 90, INT8_X=True, PTX=True),
+            **variant}
 
 
 def compile_gemv(spec: QuantSpec, arch: int = 90, **variant: bool):

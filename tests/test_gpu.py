@@ -4,10 +4,12 @@ the loader's own build_model, so no tokenizer is needed: the device machine's im
 run `python3 -m pytest --noconftest tests/test_gpu.py tests/test_triton.py` there."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
 import torch
+from reference import blockwise_int8
 
 from benchmarks.random_model import random_weights
 from lilmistral.cache import RollingKVCache
@@ -39,6 +41,18 @@ def models(args: ModelArgs, scheme: str):
             build_model(args, tensors, specs, "cpu", torch.float32))
 
 
+@contextlib.contextmanager
+def rounding_inputs(model):
+    """The model's QuantLinears round their inputs' blocks of 32 to int8, as a GPU's GEMVs do (decode)."""
+    hooks = [m.register_forward_pre_hook(lambda m, args: (blockwise_int8(args[0]), *args[1:]))
+             for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def cache_for(model, args: ModelArgs, size: int = 512) -> RollingKVCache:
     """size slots, or a windowed model's window."""
     device = next(model.buffers()).device
@@ -52,8 +66,8 @@ def cache_for(model, args: ModelArgs, size: int = 512) -> RollingKVCache:
 def test_gpu_model_matches_the_dequantized_reference(args, scheme):
     """Prefill (the tl.dot GEMM) and decode (the GEMVs, fused projections, gated w1/w3, residuals added in the
     output projections, expert-batched MoE, the decode attention; a sliding window's prompt in chunks and its
-    slots reused) within bfloat16's rounding of the float32 reference; every packed weight runs a Triton kernel
-    on its own repacked copy."""
+    slots reused) within bfloat16's rounding of the float32 reference, whose projections at decode round
+    their inputs to int8 as the GEMVs do; every packed weight runs a Triton kernel on its own repacked copy."""
     from lilmistral.quant.triton_kernels import TritonKernel
 
     gpu, reference = models(args, scheme)
@@ -72,7 +86,9 @@ def test_gpu_model_matches_the_dequantized_reference(args, scheme):
         assert relative(got, expected) < 0.03
         eager = DecodeStep(gpu, graphs=False)
         for token in (5, 17, 993):
-            assert relative(eager(token, caches[0]), reference(torch.tensor([token]), caches[1])[-1]) < 0.03
+            with rounding_inputs(reference):
+                expected = reference(torch.tensor([token]), caches[1])[-1]
+            assert relative(eager(token, caches[0]), expected) < 0.03
 
 
 @pytest.mark.parametrize("args", [DENSE, MOE, WINDOWED], ids=["dense", "moe", "windowed"])

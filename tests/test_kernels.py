@@ -20,6 +20,8 @@ from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4
 from lilmistral.quant.linear import FusedQuantLinear
 from lilmistral.quant.pack import QuantSpec, dequantize, pack_int4, quantize
 
+from reference import assert_blockwise_product
+
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 64, True), QuantSpec("int4", 128, False)]
 SHAPES = [(48, 256), (40, 128), (192, 576), (100, 384), (1024, 512)]  # 40 and 100: not multiples of 16
 
@@ -66,23 +68,6 @@ def test_pytorch_int4_kernel(spec, n, k, rows):
     """PyTorch's weight-only int4 kernel, which CPUs without AVX-512 VNNI use."""
     parts, spec, g = random_parts(n, k, spec, n + k + rows)
     check_against_reference(Int4Kernel(parts, spec), parts, spec, rows, g)
-
-
-def blockwise_int8(x: torch.Tensor) -> torch.Tensor:
-    """x with each block of 32 rounded to int8 steps of its largest magnitude / 127, as the VNNI kernels do."""
-    blocks = x.reshape(x.shape[0], -1, 32)
-    step = blocks.abs().amax(dim=-1, keepdim=True) / 127
-    inverse = torch.where(step > 0, 1 / step, torch.zeros(()))
-    return (torch.round(blocks * inverse) * step).reshape(x.shape)
-
-
-def assert_blockwise_product(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    """got is x's blocks rounded to int8 times w (what the VNNI kernels compute) up to float32 sums: each
-    entry within 1e-6 of the sum of its products' magnitudes (a cancelling dot product's relative error
-    means nothing)."""
-    xq = blockwise_int8(x).double()
-    exact, magnitude = xq @ w.double().t(), xq.abs() @ w.double().abs().t()
-    assert ((got.double() - exact).abs() <= 1e-6 * magnitude + 1e-12).all()
 
 
 @pytest.mark.parametrize("n,k", [shape for shape in SHAPES if shape[0] % 8 == 0])
@@ -412,6 +397,7 @@ def test_the_avx2_build_passes_these_tests_with_the_avx512_bits(tmp_path):
     script = (f"import importlib.util, torch; spec = importlib.util.spec_from_file_location('t', {__file__!r}); "
               "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t); "
               f"assert t.vnni.isa() == 'avx2'; torch.save(t.kernel_outputs(), {str(tmp_path / 'avx2.pt')!r})")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])  # reference.py
     subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=tmp_path)
     avx2 = torch.load(tmp_path / "avx2.pt", weights_only=True)
     avx512 = kernel_outputs()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from reference import assert_blockwise_product
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -42,6 +44,38 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
     got = kernel.gemv(x)
     assert got.shape == (rows, n) and got.dtype == torch.float32
     assert (got.double() - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS] + [(33, 130, SPECS[0])],
+                         ids=lambda v: str(v) if not isinstance(v, QuantSpec) else
+                         f"{v.scheme}-g{v.group_size}-{'sym' if v.symmetric else 'min'}")
+def test_gemv_of_int8_activations_is_the_blockwise_rounded_product(n, k, spec, monkeypatch):
+    """bfloat16 x (a model's decode step) rounds its blocks of 32 to int8, as the CPU kernels do, and
+    multiplies them by integer dot products: in float32 (the rounding forced on float32 x), the exact product
+    of the rounded x up to float32 sums, for extreme codes (all 0, all 15; int8's -128 and 127), a zero row
+    and a row of one value; and by default bfloat16 x takes that path, float32 x the exact one."""
+    from lilmistral.quant import triton_kernels
+
+    g = torch.Generator().manual_seed(n * k)
+    parts = quantize(torch.randn(n, k, generator=g), spec)
+    extremes = [-128, 127] if spec.scheme == "int8" else [0x00, 0xFF]
+    parts["qweight"][0, :8], parts["qweight"][-1, -8:] = extremes
+    parts = {name: t.to(DEVICE) for name, t in parts.items()}
+    x = torch.randn(3, k, generator=g)
+    x[1], x[2] = 0, 0.75
+    x = x.to(DEVICE)
+    w = dequantize(parts, spec).cpu()
+    kernel = TritonKernel(parts, spec, block_n=16, block_k=64)
+    exact = kernel.gemv(x)
+    assert ((exact.cpu() - x.cpu() @ w.t()).norm() / exact.norm()).item() < 1e-5
+    monkeypatch.setattr(triton_kernels, "int8_activations", lambda x: True)
+    got, rounded = kernel.gemv(x), kernel.gemv(x.bfloat16().float())
+    assert got.dtype == torch.float32 and torch.all(got[1] == 0)
+    pad = (0, -k % 32)  # int8: K need not be a multiple of 32
+    assert_blockwise_product(got.cpu(), F.pad(x.cpu(), pad), F.pad(w, pad))
+    monkeypatch.undo()
+    bf16 = kernel.gemv(x.bfloat16())  # within a step of bfloat16 (the interpreter truncates, a GPU rounds)
+    assert bf16.dtype == torch.bfloat16 and ((bf16.float() - rounded).abs() <= rounded.abs() / 128 + 1e-6).all()
 
 
 @pytest.mark.parametrize("spec,n,k", [(SPECS[0], 48, 512), (SPECS[1], 48, 512), (SPECS[3], 48, 512),

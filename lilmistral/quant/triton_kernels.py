@@ -9,9 +9,13 @@ lines, 16 bytes a thread.
 Decode (`_gemv`, a few rows): every program takes BLOCK_N columns and only BLOCK_K inputs (one or a few
 groups), so a 4096-wide layer is split into thousands of programs, which keep enough loads in flight to
 read at the memory's speed; each adds its partial sums to a float32 workspace atomically, and the last of a
-column tile writes the output. A value is made float by OR-ing its bits into the mantissa of 2**23 (no
-integer-to-float conversion, which runs at a quarter of the FMA rate); the group scale multiplies a whole
-group's sum, the min multiplies the group's sum of activations. Prefill (`_gemm`, more rows): tiles of
+column tile writes the output. Its activations (bfloat16, a model's) are rounded to int8 in blocks of 32 as
+the CPU kernels round theirs (and llama.cpp's), each program rounding its own inputs, and multiplied by the
+weights' integers four at a time (PTX's dp4a): ~1.4 instructions a weight on sm_90, where dequantizing each
+weight to float took ~4.5, as many as an H200 can issue (132 SMs x 4 schedulers x 1.98 GHz, 32 threads
+each, over its 4.8 TB/s of 5-bit weights: ~4.4 a weight). Float32 activations (the reference) take the
+exact product: each value made float by OR-ing its bits into the mantissa of 2**23. The group scale
+multiplies a whole group's sum, the min the group's sum of activations. Prefill (`_gemm`, more rows): tiles of
 dequantized weights fed to `tl.dot`. Both write through `_write`, which may add a residual (wo, w2) or, for
 w1/w3 repacked with their columns interleaved, write silu(gate) * up. The GEMV may also RMS-normalize a row
 once all its column tiles are written (`_normalize_when_last`: the norm after wo and w2) or, for a decode
@@ -38,8 +42,10 @@ import triton.language as tl
 from .pack import QuantSpec
 
 GEMV_MAX_ROWS = 8
-# (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU
-TILES = {"int4": (256, 32, 2), "int8": (256, 64, 2)}
+# (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU. Until
+# then, the fewest sm_90 instructions a weight (benchmarks/triton_codegen.py): each thread's x rounding is
+# shared by more columns
+TILES = {"int4": (512, 64, 1), "int8": (512, 64, 2)}
 # float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it. The kernels take it as an
 # argument: in a register, the field's mask and this OR are one LOP3 instruction (two with both immediates)
 MAGIC = 0x4B000000
@@ -63,6 +69,17 @@ def _hopper(device: torch.device) -> bool:
     from triton.backends.nvidia.compiler import CUDAOptions
 
     return torch.cuda.get_device_capability(device)[0] >= 9 and "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+def int8_activations(x: torch.Tensor) -> bool:
+    """Whether the GEMV rounds x to int8 (`_int8_block_dot`): bfloat16 or float16 x. Float32 x (a float32
+    model, the reference the kernels are tested against) takes the exact dequantized product."""
+    return x.dtype != torch.float32
+
+
+def _ptx(device: torch.device) -> bool:
+    """Whether kernels on the device may use inline PTX (an NVIDIA GPU; not the interpreter's CPU tensors)."""
+    return device.type == "cuda" and torch.version.hip is None
 
 
 def launch_options(device: torch.device) -> dict:
@@ -207,14 +224,89 @@ def _normalize_when_last(out_ptr, w_ptr, normed_ptr, counter, N, eps, BLOCK: tl.
 
 
 @triton.jit
+def _float_dot(x_row, words, k, K, BITS: tl.constexpr, ZERO: tl.constexpr, EVEN: tl.constexpr, magic):
+    """The words' [ROWS, BLOCK_N] values times x_row's inputs from k: the [ROWS, BLOCK_N] float32 products
+    summed over each word, exactly (the values made float by OR-ing them into 2**23's mantissa)."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = words.shape[0]
+    r = tl.arange(0, ROWS)
+    if BITS == 8:
+        words = words ^ -2139062144  # 0x80808080: each byte in offset binary
+    high = words >> 16  # the upper fields, moved clear of the exponent's bits
+    dot = tl.zeros(words.shape, dtype=tl.float32)
+    for j in tl.static_range(PER_WORD):
+        # field j masked in place, under 2**23's exponent: 2**23 + q * 2**(BITS * pos); x scaled to match
+        if (j + 1) * BITS <= 20:
+            src, pos = words, j
+        else:
+            src, pos = high, j - 16 // BITS
+        field = src & (((1 << BITS) - 1) << (BITS * pos))
+        value = (field | magic).to(tl.float32, bitcast=True) - (8388608.0 + ZERO * (1 << (BITS * pos)))
+        kj = k + r * PER_WORD + j  # input j of each word row
+        xj = _load(x_row + kj, kj < K, EVEN).to(tl.float32) / (1 << (BITS * pos))
+        dot += value * xj[:, None]
+    return dot
+
+
+@triton.jit
+def _int8_block_dot(x_row, words, k, K, BITS: tl.constexpr, EVEN: tl.constexpr, PTX: tl.constexpr):
+    """x_row's inputs [k, k + 32) rounded to int8 steps of their largest magnitude / 127, as the CPU kernels
+    round activations, times the words' [32 // (32 // BITS), BLOCK_N] stored integers (int4: unsigned, its
+    zero not taken off; int8: signed) by integer dot products: (the sums [BLOCK_N] int32, the int8s' sum, the
+    step). Four products an instruction (`_dot4`): with the weights' unpacking, ~1.3 instructions a weight
+    on sm_90, where dequantizing to float takes ~4.5 (benchmarks/triton_codegen.py)."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = words.shape[0]
+    kk = k + tl.arange(0, ROWS)[:, None] * PER_WORD + tl.arange(0, PER_WORD)[None, :]  # [ROWS, PER_WORD]
+    x = _load(x_row + kk, kk < K, EVEN).to(tl.float32)
+    step = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 127
+    inverse = tl.where(step > 0, 1 / tl.where(step > 0, step, 1.0), 0.0)  # no division by 0
+    # 1.5 * 2**23 + round(x / step) (to nearest even): the int8 in the low byte of its float's bits
+    biased = (x * inverse + 12582912.0).to(tl.int32, bitcast=True)
+    x_sum = tl.sum(tl.sum(biased - 0x4B400000, axis=1), axis=0)
+    shifts = 8 * tl.arange(0, 4)[None, :]
+    if BITS == 4:  # a word's nibbles 0, 2, 4, 6 (and 1, 3, 5, 7) as bytes; x's words of the same inputs
+        even, odd = tl.split(tl.reshape(biased & 0xFF, [ROWS, 4, 2]))
+        dot = _dot4(words & 0x0F0F0F0F, tl.sum(even << shifts, axis=1)[:, None], tl.zeros_like(words), False, PTX)
+        dot = _dot4((words >> 4) & 0x0F0F0F0F, tl.sum(odd << shifts, axis=1)[:, None], dot, False, PTX)
+    else:
+        dot = _dot4(words, tl.sum((biased & 0xFF) << shifts, axis=1)[:, None], tl.zeros_like(words), True, PTX)
+    return tl.sum(dot, axis=0), x_sum, step
+
+
+@triton.jit
+def _dot4(a, b, c, SIGNED: tl.constexpr, PTX: tl.constexpr):
+    """c + the products of a's four bytes (signed with SIGNED, else unsigned) and b's (signed), summed: PTX's
+    dp4a, one instruction; emulated where there is no PTX (the interpreter, other GPUs)."""
+    if PTX:
+        if SIGNED:
+            c = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+        else:
+            c = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                          is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            if SIGNED:
+                byte = (a << (24 - 8 * i)) >> 24
+            else:
+                byte = (a >> (8 * i)) & 0xFF
+            c += byte * ((b << (24 - 8 * i)) >> 24)
+    return c
+
+
+@triton.jit
 def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, nw_ptr, normed_ptr, cos_ptr,
           sin_ptr, keys_ptr, values_ptr, slot_ptr, N, K, magic, eps, q_cols, stride_ch, stride_cs,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
           EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-          NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ROTARY: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
+          NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ROTARY: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr,
+          INT8_X: tl.constexpr, PTX: tl.constexpr):
     """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K
-    inputs in steps of STEP inputs (a group, or a part of one: G == 0 is int8's one scale a column). SPLIT
+    inputs in steps of STEP inputs (a group, or a part of one: G == 0 is int8's one scale a column). INT8_X:
+    x's blocks of 32 rounded to int8 (as the CPU kernels' activations) and multiplied by integer dot products
+    (`_int8_block_dot`, STEP 32); else (float32 x) the exact dequantized product (`_float_dot`). SPLIT
     programs along K add their parts to float32 sums (`_workspace`); the last of a column tile to finish, told
     by a counter, writes the output in its dtype and leaves sums and counter at zero for the next call: no
     zeroing, casting or adding launch a call. NORM: the row's last tile written, out's row RMS-normalized (by
@@ -237,7 +329,7 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     r = tl.arange(0, ROWS)
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_min = tl.zeros([BLOCK_N], dtype=tl.float32)
     for step in tl.static_range(0, BLOCK_K, STEP):
         k = pid_k * BLOCK_K + step  # the step's first input
@@ -246,32 +338,29 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
                       (word_rows < word_rows_k)[:, None] & n_ok[None, :], EVEN)  # [ROWS, BLOCK_N]
         if step == 0 and not HAS_EXPERTS:
             _wait_previous(PDL)  # x, and the workspace an earlier GEMV may still be finishing with
-        if BITS == 8:
-            words = words ^ -2139062144  # 0x80808080: each byte in offset binary
-        high = words >> 16  # the upper fields, moved clear of the exponent's bits
-        dot = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-        for j in tl.static_range(PER_WORD):
-            # field j masked in place, under 2**23's exponent: 2**23 + q * 2**(BITS * pos); x scaled to match
-            if (j + 1) * BITS <= 20:
-                src, pos = words, j
-            else:
-                src, pos = high, j - 16 // BITS
-            field = src & (((1 << BITS) - 1) << (BITS * pos))
-            value = (field | magic).to(tl.float32, bitcast=True) - (8388608.0 + ZERO * (1 << (BITS * pos)))
-            kj = k + r * PER_WORD + j  # input j of each word row
-            xj = _load(x_ptr + row * K + kj, kj < K, EVEN).to(tl.float32) / (1 << (BITS * pos))
-            dot += value * xj[:, None]
-        if G == 0:
-            acc += dot
-        else:
+        if G > 0:
             g_ok = n_ok & (k + 0 * offs_n < K)  # a tensor: the interpreter takes no scalar mask
             scale = _load(s_ptr + (k // G) * N + offs_n, g_ok, EVEN).to(tl.float32)
-            acc += dot * scale[None, :]
-            if HAS_MIN:
-                ks = k + tl.arange(0, STEP)
-                x_sum = tl.sum(_load(x_ptr + row * K + ks, ks < K, EVEN).to(tl.float32), axis=0)
-                acc_min += _load(m_ptr + (k // G) * N + offs_n, g_ok, EVEN).to(tl.float32) * x_sum
-    out = tl.sum(acc, axis=0) + acc_min
+        if INT8_X:  # STEP is 32: one block of activations
+            dot, x_sum, x_step = _int8_block_dot(x_ptr + row * K, words, k, K, BITS, EVEN, PTX)
+            if G == 0:
+                acc += dot.to(tl.float32) * x_step
+            else:
+                acc += (dot - ZERO * x_sum).to(tl.float32) * (scale * x_step)
+                if HAS_MIN:
+                    acc_min += _load(m_ptr + (k // G) * N + offs_n, g_ok, EVEN).to(tl.float32) * (
+                        x_sum.to(tl.float32) * x_step)
+        else:
+            dot = _float_dot(x_ptr + row * K, words, k, K, BITS, ZERO, EVEN, magic)
+            if G == 0:
+                acc += tl.sum(dot, axis=0)
+            else:
+                acc += tl.sum(dot * scale[None, :], axis=0)
+                if HAS_MIN:
+                    ks = k + tl.arange(0, STEP)
+                    x_sum = tl.sum(_load(x_ptr + row * K + ks, ks < K, EVEN).to(tl.float32), axis=0)
+                    acc_min += _load(m_ptr + (k // G) * N + offs_n, g_ok, EVEN).to(tl.float32) * x_sum
+    out = acc + acc_min
     if G == 0:
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     row_counter = count_ptr + tl.num_programs(2) * tl.num_programs(0) + row  # after the tiles' counters
@@ -395,6 +484,8 @@ class TritonKernel:
         default_n, default_k, default_warps = TILES[spec.scheme]
         self.block_n, self.block_k = block_n or default_n, block_k or default_k
         self.num_warps = num_warps or default_warps
+        if self.block_k % 32:  # a GEMV step of int8 activations is one block of 32
+            raise ValueError(f"block_k {self.block_k} is not a multiple of 32")
         g = spec.group_size if spec.scheme == "int4" else 0
         bits = 4 if spec.scheme == "int4" else 8
         zero = 128 if bits == 8 else 0 if "mins" in self.parts else 8
@@ -433,11 +524,13 @@ class TritonKernel:
         grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
         res = residual if residual is not None else out  # unread without a residual
+        int8_x = int8_activations(x)
+        constants = dict(self.gemv_constants, STEP=32) if int8_x else self.gemv_constants
         _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, norm_weight, normed, cos, sin, keys, values, slot,
                     self.n, self.k, MAGIC, eps, width, keys.stride(0), keys.stride(-2),
                     HAS_EXPERTS=expert is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
                     NORM=norm is not None, ROTARY=rotary is not None, HD=keys.shape[-1] if rotary is not None else 2,
-                    **self.gemv_constants, **launch_options(x.device))
+                    INT8_X=int8_x, PTX=_ptx(x.device), **constants, **launch_options(x.device))
         return out if norm is None else (out, normed)
 
     def can_rotate(self, x: torch.Tensor, head_dim: int) -> bool:
