@@ -3,12 +3,14 @@
     python -m benchmarks.gpu_bench [--layers 32] [--tokens 64] [--schemes int4 int8 bf16] [--compile]
 
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16, the GEMV kernels' GB/s on
-Mistral-7B's layer shapes; the decode attention against SDPA; decode tokens/s of a Mistral-7B-shape model
-(random weights, `--layers` layers, int8 head) with the weight bytes read per token and that as a fraction of
-the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; for int4 also without
-programmatic dependent launch, with each RMSNorm a launch of its own, with RoPE and the cache write launches of
-their own, and with each step queued only after the host read the token before) and, with --compile,
-torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and their GPU time.
+Mistral-7B's layer shapes (int4 and int8: with int8 activations, and with the exact float product); the decode
+attention against SDPA; decode tokens/s of a Mistral-7B-shape model (random weights, `--layers` layers, int8
+head) with the weight bytes read per token and that as a fraction of the read bandwidth, for each decode step:
+eager, CUDA graphs (the default on a GPU; for int4 also without programmatic dependent launch, with each
+RMSNorm a launch of its own, with RoPE and the cache write launches of their own, with each step queued only
+after the host read the token before, and with the GEMVs' exact float product instead of int8 activations)
+and, with --compile, torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and
+their GPU time.
 """
 from __future__ import annotations
 
@@ -50,7 +52,9 @@ def gemv_inputs(scheme: str, n: int, k: int) -> tuple[dict[str, torch.Tensor], t
 
 
 def kernel_table(bw: float, schemes: list[str]) -> list[dict]:
-    from lilmistral.quant.triton_kernels import TritonKernel
+    """GEMV speeds: bfloat16 (cuBLAS); int4 and int8 with the activations rounded to int8 (the default) and,
+    to compare, with the exact float product at the tiles it had (256, 32, 2)."""
+    from lilmistral.quant import triton_kernels
 
     rows = []
     for scheme in schemes:
@@ -58,13 +62,21 @@ def kernel_table(bw: float, schemes: list[str]) -> list[dict]:
             if scheme == "bf16":
                 w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
                 x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-                seconds, nbytes = timed(lambda: x @ w.t()), w.nbytes
+                variants = [("bf16", timed(lambda: x @ w.t()), w.nbytes)]
             else:
                 parts, x = gemv_inputs(scheme, n, k)
-                kernel = TritonKernel(parts, spec_for("layers.0.attention.wq.weight", (n, k), scheme))
-                seconds, nbytes = timed(lambda: kernel(x)), sum(t.nbytes for t in kernel.parts.values())
-            rows.append({"scheme": scheme, "shape": f"{n}x{k}", "us": round(seconds * 1e6, 1),
-                         "gbps": round(nbytes / seconds / 1e9, 1), "fraction": round(nbytes / seconds / 1e9 / bw, 3)})
+                spec = spec_for("layers.0.attention.wq.weight", (n, k), scheme)
+                kernel = triton_kernels.TritonKernel(parts, spec)
+                nbytes = sum(t.nbytes for t in kernel.parts.values())
+                variants = [("int8", timed(lambda: kernel(x)), nbytes)]
+                float_x = triton_kernels.TritonKernel(parts, spec, block_n=256, block_k=32, num_warps=2)
+                exact, triton_kernels.int8_activations = triton_kernels.int8_activations, lambda x: False
+                variants.append(("float", timed(lambda: float_x(x)), nbytes))
+                triton_kernels.int8_activations = exact
+            for activations, seconds, nbytes in variants:
+                rows.append({"scheme": scheme, "shape": f"{n}x{k}", "activations": activations,
+                             "us": round(seconds * 1e6, 1), "gbps": round(nbytes / seconds / 1e9, 1),
+                             "fraction": round(nbytes / seconds / 1e9 / bw, 3)})
     return rows
 
 
@@ -136,8 +148,10 @@ def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int,
 
 
 def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compile: bool) -> list[dict]:
+    from lilmistral.quant import triton_kernels
     from lilmistral.quant.triton_kernels import TritonKernel
 
+    int8_x = triton_kernels.int8_activations
     args = ModelArgs(n_layers=layers, **MISTRAL_7B)
     rows = []
     for scheme in schemes:
@@ -149,15 +163,17 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
         steps = [(DecodeStep(model, graphs=False), ""), (DecodeStep(model), "")]
         if scheme == "int4":
             steps += [(DecodeStep(model), variant) for variant in (" no-pdl", " unfused-norm", " unfused-rope",
-                                                                     " not-ahead")]
+                                                                     " not-ahead", " float-activations")]
         if compile:
             steps.append((DecodeStep(model, compile=True), ""))
         for step, variant in steps:
             os.environ["LILMISTRAL_PDL"] = "0" if variant == " no-pdl" else "1"
             TritonKernel.adds_norm, TritonKernel.rotates = variant != " unfused-norm", variant != " unfused-rope"
+            triton_kernels.int8_activations = (lambda x: False) if variant == " float-activations" else int8_x
             ttft, per_token, replay = decode_seconds(model, args, step, tokens, variant != " not-ahead")
             os.environ.pop("LILMISTRAL_PDL")
             TritonKernel.adds_norm = TritonKernel.rotates = True
+            triton_kernels.int8_activations = int8_x
             row = {"scheme": scheme, "layers": layers, "step": step.mode + variant}
             if replay is not None:
                 row["replay_ms"] = round(replay * 1e3, 3)
