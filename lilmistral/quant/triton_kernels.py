@@ -12,7 +12,7 @@ read at the memory's speed; each adds its partial sums to a float32 workspace at
 column tile writes the output. Its activations (bfloat16, a model's) are rounded to int8 in blocks of 32 as
 the CPU kernels round theirs (and llama.cpp's), each program rounding its own inputs, and multiplied by the
 weights' integers four at a time (PTX's dp4a): ~1.4 instructions a weight on sm_90, where dequantizing each
-weight to float took ~4.5, as many as an H200 can issue (132 SMs x 4 schedulers x 1.98 GHz, 32 threads
+weight to float took ~5.4, more than an H200 can issue (132 SMs x 4 schedulers x 1.98 GHz, 32 threads
 each, over its 4.8 TB/s of 5-bit weights: ~4.4 a weight). Float32 activations (the reference) take the
 exact product: each value made float by OR-ing its bits into the mantissa of 2**23. The group scale
 multiplies a whole group's sum, the min the group's sum of activations. Prefill (`_gemm`, more rows): tiles of
@@ -253,8 +253,7 @@ def _int8_block_dot(x_row, words, k, K, BITS: tl.constexpr, EVEN: tl.constexpr, 
     """x_row's inputs [k, k + 32) rounded to int8 steps of their largest magnitude / 127, as the CPU kernels
     round activations, times the words' [32 // (32 // BITS), BLOCK_N] stored integers (int4: unsigned, its
     zero not taken off; int8: signed) by integer dot products: (the sums [BLOCK_N] int32, the int8s' sum, the
-    step). Four products an instruction (`_dot4`): with the weights' unpacking, ~1.3 instructions a weight
-    on sm_90, where dequantizing to float takes ~4.5 (benchmarks/triton_codegen.py)."""
+    step). Four products an instruction (`_dot4`)."""
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = words.shape[0]
     kk = k + tl.arange(0, ROWS)[:, None] * PER_WORD + tl.arange(0, PER_WORD)[None, :]  # [ROWS, PER_WORD]
