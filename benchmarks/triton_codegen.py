@@ -1,6 +1,7 @@
 """The Triton GEMV and decode attention compiled offline for a GPU (no GPU needed: Triton's own ptxas and
 nvdisasm), and what the code does: the GEMV's machine instructions a weight, its weight loads' width and how
-many come before it waits for the kernel before (programmatic dependent launch), a JSON line per scheme; the
+many come before it waits for the kernel before (programmatic dependent launch), a JSON line per scheme and
+activations (rounded to int8, as a model's; float, the exact product); the
 attention's tensor-core instructions and loads; that every other kernel compiles, and waits. For tuning the kernels on a
 machine without a GPU, where their speed cannot be measured.
 
@@ -127,14 +128,18 @@ def attention_report(arch: int) -> dict:
             "async_loads_16B": ptx.count("cp.async.cg.shared.global"), "top": ops.most_common(6)}
 
 
-def report(spec: QuantSpec, arch: int) -> dict:
-    kernel, constants = compile_gemv(spec, arch)
+def report(spec: QuantSpec, arch: int, int8_x: bool = True) -> dict:
+    """The GEMV's code for bfloat16 activations rounded to int8 (what a model runs) or, without int8_x, for
+    the exact float product (float32 activations; what bfloat16 ones took before)."""
+    block_k, g = triton_kernels.TILES[spec.scheme][1], spec.group_size if spec.scheme == "int4" else 0
+    kernel, constants = compile_gemv(spec, arch, **({} if int8_x else dict(INT8_X=False, STEP=min(block_k, g or 64))))
     ops = sass_ops(kernel)
     weights_per_thread = constants["BLOCK_N"] * constants["BLOCK_K"] // (32 * kernel.metadata.num_warps)
     ptx = kernel.asm["ptx"]
     waits = ptx.find("griddepcontrol.wait")
     return {"kernel": "gemv", "weight_loads_before_wait": ptx[:waits].count("ld.global.v4.b32") if waits >= 0 else 0,
             "scheme": spec.scheme, "group_size": spec.group_size, "symmetric": spec.symmetric,
+            "activations": "int8" if int8_x else "float",
             "instructions_per_weight": round(len(ops) / weights_per_thread, 2),
             "vector_loads_16B": ptx.count("ld.global.v4.b32"), "scalar_word_loads": ptx.count("ld.global.b32"),
             "top": collections.Counter(op.split(".")[0] for op in ops).most_common(6)}
@@ -144,9 +149,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, 90 for Hopper")
     arch = p.parse_args().arch
-    for spec in (QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), QuantSpec("int4", 128, False),
-                 QuantSpec("int8")):
-        print(json.dumps(report(spec, arch)), flush=True)
+    for int8_x in (True, False):
+        for spec in (QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), QuantSpec("int4", 128, False),
+                     QuantSpec("int8")):
+            print(json.dumps(report(spec, arch, int8_x)), flush=True)
     print(json.dumps(attention_report(arch)), flush=True)
     for name, kernel in compile_others(arch).items():
         print(json.dumps({"kernel": name, "instructions": len(sass_ops(kernel)),

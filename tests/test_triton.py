@@ -284,18 +284,20 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
 
 
 def test_gemv_reads_the_weights_in_16_byte_loads():
-    """The GEMV compiled offline for Hopper (Triton's own ptxas; no GPU needed): every scheme's weight words come
-    in 16-byte vector loads, none one word at a time (the previous kernel's byte-wise loads read at 6-17% of
-    an H100's bandwidth), some before it waits for the kernel before it (programmatic dependent launch). The
-    decode attention compiles too, its dot products on tensor cores, and so does every other kernel, each
-    waiting for the one before (a compile error would otherwise first show on a GPU)."""
+    """The GEMV compiled offline for Hopper (Triton's own ptxas; no GPU needed), for int8 activations (a
+    model's) and float ones: every scheme's weight words come in 16-byte vector loads, for int8 activations
+    none one word at a time (the previous kernel's byte-wise loads read at 6-17% of an H100's bandwidth),
+    with ~1.4-1.6 instructions a weight, some before it waits for the kernel before it (programmatic
+    dependent launch). The decode attention compiles too, its dot products on tensor cores, and so does every
+    other kernel, each waiting for the one before (a compile error would otherwise first show on a GPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_codegen"], env=env, cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     gemv = [r for r in rows if r["kernel"] == "gemv"]
-    assert len(gemv) == 4 and all(r["vector_loads_16B"] > 0 and r["scalar_word_loads"] == 0 for r in gemv), rows
-    assert all(r["instructions_per_weight"] < 10 for r in gemv), rows
+    assert len(gemv) == 8 and all(r["vector_loads_16B"] > 0 for r in gemv), rows
+    int8 = [r for r in gemv if r["activations"] == "int8"]  # dp4a (the float product: ~5, more than an H200 issues)
+    assert all(r["scalar_word_loads"] == 0 and r["instructions_per_weight"] < 2.5 for r in int8), rows
     assert all(r["weight_loads_before_wait"] > 0 for r in gemv), rows  # read while the kernel before finishes
     attention, = (r for r in rows if r["kernel"] == "attention")  # on tensor cores, keys and values 16 bytes a copy
     assert attention["tensor_core_ops"] > 0 and attention["async_loads_16B"] > 0, attention
