@@ -78,7 +78,7 @@ def compile_others(arch: int = 90) -> dict:
     gemm = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", out_ptr="*bf16", res_ptr="*bf16",
                 M="i32", N="i32", K="i32", magic="i32")
     gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, HAS_RESIDUAL=True,
-                          GATED=False)
+                          GATED=False, INT8_X=True)
     gemm_aligned = [*gemm][:6] + ["N", "K"]
     int4, int8 = QuantSpec("int4", 32, False), QuantSpec("int8")
     kernels = {  # name: (kernel, signature, constants, aligned arguments, warps)
@@ -155,7 +155,9 @@ def main() -> None:
             print(json.dumps(report(spec, arch, int8_x)), flush=True)
     print(json.dumps(attention_report(arch)), flush=True)
     for name, kernel in compile_others(arch).items():
-        print(json.dumps({"kernel": name, "instructions": len(sass_ops(kernel)),
+        ops = sass_ops(kernel)
+        print(json.dumps({"kernel": name, "instructions": len(ops),
+                          "tensor_core_ops": sum("MMA" in op.split(".")[0] for op in ops),  # the GEMM's int8 IGMMA
                           "waits_for_previous": "griddepcontrol.wait" in kernel.asm["ptx"]}), flush=True)
 
 

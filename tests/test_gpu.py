@@ -43,7 +43,7 @@ def models(args: ModelArgs, scheme: str):
 
 @contextlib.contextmanager
 def rounding_inputs(model):
-    """The model's QuantLinears round their inputs' blocks of 32 to int8, as a GPU's GEMVs do (decode)."""
+    """The model's QuantLinears round their inputs' blocks of 32 to int8, as a GPU's kernels do."""
     hooks = [m.register_forward_pre_hook(lambda m, args: (blockwise_int8(args[0]), *args[1:]))
              for m in model.modules() if isinstance(m, QuantLinear)]
     try:
@@ -66,8 +66,8 @@ def cache_for(model, args: ModelArgs, size: int = 512) -> RollingKVCache:
 def test_gpu_model_matches_the_dequantized_reference(args, scheme):
     """Prefill (the tl.dot GEMM) and decode (the GEMVs, fused projections, gated w1/w3, residuals added in the
     output projections, expert-batched MoE, the decode attention; a sliding window's prompt in chunks and its
-    slots reused) within bfloat16's rounding of the float32 reference, whose projections at decode round
-    their inputs to int8 as the GEMVs do; every packed weight runs a Triton kernel on its own repacked copy."""
+    slots reused) within bfloat16's rounding of the float32 reference, whose projections round their inputs
+    to int8 as the kernels do; every packed weight runs a Triton kernel on its own repacked copy."""
     from lilmistral.quant.triton_kernels import TritonKernel
 
     gpu, reference = models(args, scheme)
@@ -79,16 +79,14 @@ def test_gpu_model_matches_the_dequantized_reference(args, scheme):
     else:  # w1 and w3 in one kernel that writes silu(w1 x) * w3 x
         assert gpu.layers[0].feed_forward.gated is not None and gpu.layers[0].feed_forward.w13 is None
     ids = torch.randint(1, args.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
+    with torch.inference_mode(), rounding_inputs(reference):
         caches = cache_for(gpu, args), cache_for(reference, args)
         got, expected = (prefill(model, cache, ids.tolist(), all_logits=True)
                          for model, cache in zip((gpu, reference), caches))
         assert relative(got, expected) < 0.03
         eager = DecodeStep(gpu, graphs=False)
         for token in (5, 17, 993):
-            with rounding_inputs(reference):
-                expected = reference(torch.tensor([token]), caches[1])[-1]
-            assert relative(eager(token, caches[0]), expected) < 0.03
+            assert relative(eager(token, caches[0]), reference(torch.tensor([token]), caches[1])[-1]) < 0.03
 
 
 @pytest.mark.parametrize("args", [DENSE, MOE, WINDOWED], ids=["dense", "moe", "windowed"])

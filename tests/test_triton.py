@@ -49,11 +49,12 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
 @pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS] + [(33, 130, SPECS[0])],
                          ids=lambda v: str(v) if not isinstance(v, QuantSpec) else
                          f"{v.scheme}-g{v.group_size}-{'sym' if v.symmetric else 'min'}")
-def test_gemv_of_int8_activations_is_the_blockwise_rounded_product(n, k, spec, monkeypatch):
-    """bfloat16 x (a model's decode step) rounds its blocks of 32 to int8, as the CPU kernels do, and
-    multiplies them by integer dot products: in float32 (the rounding forced on float32 x), the exact product
-    of the rounded x up to float32 sums, for extreme codes (all 0, all 15; int8's -128 and 127), a zero row
-    and a row of one value; and by default bfloat16 x takes that path, float32 x the exact one."""
+def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeypatch):
+    """bfloat16 x (a model's) rounds its blocks of 32 to int8, as the CPU kernels do, and multiplies them by
+    integer dot products, in the GEMV (decode) and the GEMM (prefill, integer tensor cores) alike: in float32
+    (the rounding forced on float32 x), the exact product of the rounded x up to float32 sums, for extreme
+    codes (all 0, all 15; int8's -128 and 127), a zero row and a row of one value; and by default bfloat16 x
+    takes that path, float32 x the exact one."""
     from lilmistral.quant import triton_kernels
 
     g = torch.Generator().manual_seed(n * k)
@@ -61,20 +62,23 @@ def test_gemv_of_int8_activations_is_the_blockwise_rounded_product(n, k, spec, m
     extremes = [-128, 127] if spec.scheme == "int8" else [0x00, 0xFF]
     parts["qweight"][0, :8], parts["qweight"][-1, -8:] = extremes
     parts = {name: t.to(DEVICE) for name, t in parts.items()}
-    x = torch.randn(3, k, generator=g)
+    x = torch.randn(12, k, generator=g)  # 3 rows: the GEMV; 12: the GEMM
     x[1], x[2] = 0, 0.75
     x = x.to(DEVICE)
     w = dequantize(parts, spec).cpu()
     kernel = TritonKernel(parts, spec, block_n=16, block_k=64)
-    exact = kernel.gemv(x)
-    assert ((exact.cpu() - x.cpu() @ w.t()).norm() / exact.norm()).item() < 1e-5
+    for rows in (3, 12):
+        exact = kernel(x[:rows])
+        assert ((exact.cpu() - x[:rows].cpu() @ w.t()).norm() / exact.norm()).item() < 1e-5
     monkeypatch.setattr(triton_kernels, "int8_activations", lambda x: True)
-    got, rounded = kernel.gemv(x), kernel.gemv(x.bfloat16().float())
-    assert got.dtype == torch.float32 and torch.all(got[1] == 0)
     pad = (0, -k % 32)  # int8: K need not be a multiple of 32
-    assert_blockwise_product(got.cpu(), F.pad(x.cpu(), pad), F.pad(w, pad))
+    for rows in (3, 12):
+        got = kernel(x[:rows])
+        assert got.dtype == torch.float32 and torch.all(got[1] == 0)
+        assert_blockwise_product(got.cpu(), F.pad(x[:rows].cpu(), pad), F.pad(w, pad))
+    rounded = kernel.gemv(x[:3].bfloat16().float())
     monkeypatch.undo()
-    bf16 = kernel.gemv(x.bfloat16())  # within a step of bfloat16 (the interpreter truncates, a GPU rounds)
+    bf16 = kernel(x[:3].bfloat16())  # within a step of bfloat16 (the interpreter truncates, a GPU rounds)
     assert bf16.dtype == torch.bfloat16 and ((bf16.float() - rounded).abs() <= rounded.abs() / 128 + 1e-6).all()
 
 
@@ -289,7 +293,8 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     none one word at a time (the previous kernel's byte-wise loads read at 6-17% of an H100's bandwidth),
     with ~1.4-1.6 instructions a weight, some before it waits for the kernel before it (programmatic
     dependent launch). The decode attention compiles too, its dot products on tensor cores, and so does every
-    other kernel, each waiting for the one before (a compile error would otherwise first show on a GPU)."""
+    other kernel, each waiting for the one before (a compile error would otherwise first show on a GPU), the
+    prefill GEMM's on integer tensor cores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_codegen"], env=env, cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout
@@ -303,6 +308,7 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     assert attention["tensor_core_ops"] > 0 and attention["async_loads_16B"] > 0, attention
     others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles, and waits
     assert all(r["waits_for_previous"] for r in rows if "instructions" in r), rows
+    assert all(r["tensor_core_ops"] > 0 for r in rows if r["kernel"].startswith("gemm ")), rows  # int8 ones
     assert others == {"gemm residual", "gemm gated", "gemv int8 experts residual", "gemv int8 gated",
                       "gemv int4 residual norm", "gemv int4 rotary", "rms_norm", "rope", "silu_mul", "store_kv"}, rows
 

@@ -15,8 +15,10 @@ weights' integers four at a time (PTX's dp4a): ~1.4 instructions a weight on sm_
 weight to float took ~5.4, more than an H200 can issue (132 SMs x 4 schedulers x 1.98 GHz, 32 threads
 each, over its 4.8 TB/s of 5-bit weights: ~4.4 a weight). Float32 activations (the reference) take the
 exact product: each value made float by OR-ing its bits into the mantissa of 2**23. The group scale
-multiplies a whole group's sum, the min the group's sum of activations. Prefill (`_gemm`, more rows): tiles of
-dequantized weights fed to `tl.dot`. Both write through `_write`, which may add a residual (wo, w2) or, for
+multiplies a whole group's sum, the min the group's sum of activations. Prefill (`_gemm`, more rows) rounds
+its activations alike, a row's block of 32 a step, and multiplies them by the weights' integers on integer
+tensor cores (`tl.dot` of int8 tiles: IGMMA on sm_90), so a prompt's token and a decoded one are computed
+alike; float32 activations take tiles of dequantized weights. Both write through `_write`, which may add a residual (wo, w2) or, for
 w1/w3 repacked with their columns interleaved, write silu(gate) * up. The GEMV may also RMS-normalize a row
 once all its column tiles are written (`_normalize_when_last`: the norm after wo and w2) or, for a decode
 step's fused wq/wk/wv, rotate q and k and store k and v into the cache as it writes them (`_write_rotated`).
@@ -257,20 +259,28 @@ def _int8_block_dot(x_row, words, k, K, BITS: tl.constexpr, EVEN: tl.constexpr, 
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = words.shape[0]
     kk = k + tl.arange(0, ROWS)[:, None] * PER_WORD + tl.arange(0, PER_WORD)[None, :]  # [ROWS, PER_WORD]
-    x = _load(x_row + kk, kk < K, EVEN).to(tl.float32)
-    step = tl.max(tl.max(tl.abs(x), axis=1), axis=0) / 127
-    inverse = tl.where(step > 0, 1 / tl.where(step > 0, step, 1.0), 0.0)  # no division by 0
-    # 1.5 * 2**23 + round(x / step) (to nearest even): the int8 in the low byte of its float's bits
-    biased = (x * inverse + 12582912.0).to(tl.int32, bitcast=True)
-    x_sum = tl.sum(tl.sum(biased - 0x4B400000, axis=1), axis=0)
+    q, x_sum, step = _round_int8(tl.reshape(_load(x_row + kk, kk < K, EVEN).to(tl.float32), [1, 32]))
+    q = tl.reshape(q, [ROWS, PER_WORD])
     shifts = 8 * tl.arange(0, 4)[None, :]
     if BITS == 4:  # a word's nibbles 0, 2, 4, 6 (and 1, 3, 5, 7) as bytes; x's words of the same inputs
-        even, odd = tl.split(tl.reshape(biased & 0xFF, [ROWS, 4, 2]))
+        even, odd = tl.split(tl.reshape(q & 0xFF, [ROWS, 4, 2]))
         dot = _dot4(words & 0x0F0F0F0F, tl.sum(even << shifts, axis=1)[:, None], tl.zeros_like(words), False, PTX)
         dot = _dot4((words >> 4) & 0x0F0F0F0F, tl.sum(odd << shifts, axis=1)[:, None], dot, False, PTX)
     else:
-        dot = _dot4(words, tl.sum((biased & 0xFF) << shifts, axis=1)[:, None], tl.zeros_like(words), True, PTX)
-    return tl.sum(dot, axis=0), x_sum, step
+        dot = _dot4(words, tl.sum((q & 0xFF) << shifts, axis=1)[:, None], tl.zeros_like(words), True, PTX)
+    return tl.sum(dot, axis=0), tl.sum(x_sum, axis=0), tl.sum(step, axis=0)
+
+
+@triton.jit
+def _round_int8(x):
+    """x float32 [R, 32] with each row rounded to int8 steps of its largest magnitude / 127, to
+    nearest, ties to even, as the CPU kernels round activations: (the int8s as int32, their sums [R], the
+    steps [R])."""
+    step = tl.max(tl.abs(x), axis=1) / 127
+    inverse = tl.where(step > 0, 1 / tl.where(step > 0, step, 1.0), 0.0)  # no division by 0
+    # 1.5 * 2**23 + round(x / step): the integer in the low bits of its float's
+    q = (x * inverse[:, None] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    return q, tl.sum(q, axis=1), step
 
 
 @triton.jit
@@ -396,9 +406,11 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
 def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, M, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-          GATED: tl.constexpr, PDL: tl.constexpr):
-    """out = x @ w (+ res; or gated: `_write`) for many rows: [BLOCK_K, BLOCK_N] tiles of w dequantized to x's
-    dtype for tl.dot."""
+          GATED: tl.constexpr, PDL: tl.constexpr, INT8_X: tl.constexpr):
+    """out = x @ w (+ res; or gated: `_write`) for many rows, BLOCK_K (32) inputs a step. INT8_X: each row's
+    block of 32 rounded to int8 as the GEMV rounds it (`_round_int8`) and multiplied by w's stored integers on
+    integer tensor cores, each block's sums scaled by its step and w's scale; else [BLOCK_K, BLOCK_N] tiles of
+    w dequantized to x's dtype for tl.dot."""
     _let_next_start(PDL)
     _wait_previous(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
@@ -412,13 +424,28 @@ def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, M, N, K, magic,
         x = tl.load(x_ptr + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w_ok = k_ok[:, None] & n_ok[None, :]
         words = tl.load(q_ptr + (k // PER_WORD)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)
-        w = _unpack(words, ((k % PER_WORD) * BITS)[:, None], magic, BITS, ZERO)  # [BLOCK_K, BLOCK_N]
-        if G > 0:
-            group = (k // G)[:, None] * N + offs_n[None, :]
-            w = w * tl.load(s_ptr + group, mask=w_ok, other=0.0).to(tl.float32)
-            if HAS_MIN:
-                w += tl.load(m_ptr + group, mask=w_ok, other=0.0).to(tl.float32)
-        acc = tl.dot(x, w.to(x.dtype), acc)
+        shift = ((k % PER_WORD) * BITS)[:, None]
+        if INT8_X:
+            q, x_sum, x_step = _round_int8(x.to(tl.float32))
+            stored = ((words >> shift) & ((1 << BITS) - 1)).to(tl.int8)  # int8's byte: signed again
+            dot = tl.dot(q.to(tl.int8), stored, out_dtype=tl.int32)  # [BLOCK_M, BLOCK_N]
+            if G == 0:
+                acc += dot.to(tl.float32) * x_step[:, None]
+            else:
+                group = (k0 // G) * N + offs_n
+                scale = tl.load(s_ptr + group, mask=n_ok, other=0.0).to(tl.float32)
+                acc += (dot - ZERO * x_sum[:, None]).to(tl.float32) * (x_step[:, None] * scale[None, :])
+                if HAS_MIN:
+                    mins = tl.load(m_ptr + group, mask=n_ok, other=0.0).to(tl.float32)
+                    acc += (x_sum.to(tl.float32) * x_step)[:, None] * mins[None, :]
+        else:
+            w = _unpack(words, shift, magic, BITS, ZERO)  # [BLOCK_K, BLOCK_N]
+            if G > 0:
+                group = (k // G)[:, None] * N + offs_n[None, :]
+                w = w * tl.load(s_ptr + group, mask=w_ok, other=0.0).to(tl.float32)
+                if HAS_MIN:
+                    w += tl.load(m_ptr + group, mask=w_ok, other=0.0).to(tl.float32)
+            acc = tl.dot(x, w.to(x.dtype), acc)
     if G == 0:
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     _write(out_ptr, res_ptr, offs_m[:, None], m_ok[:, None], tl.program_id(1) * BLOCK_N, N, acc, BLOCK_N,
@@ -547,8 +574,8 @@ class TritonKernel:
         grid = (triton.cdiv(m, block_m), triton.cdiv(self.n, 64))
         res = residual if residual is not None else out  # unread without a residual
         _gemm[grid](x, *self._pointers(), out, res, m, self.n, self.k, MAGIC, BLOCK_M=block_m, BLOCK_N=64,
-                    BLOCK_K=32, HAS_RESIDUAL=residual is not None, GATED=gated, num_warps=4, **self.constants,
-                    **launch_options(x.device))
+                    BLOCK_K=32, HAS_RESIDUAL=residual is not None, GATED=gated, INT8_X=int8_activations(x),
+                    num_warps=4, **self.constants, **launch_options(x.device))
         return out if norm is None else (out, rms_norm(out, *norm))
 
     adds_residual = True  # QuantLinear passes its residual: added as the output is written
