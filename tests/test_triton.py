@@ -291,7 +291,7 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     """The GEMV compiled offline for Hopper (Triton's own ptxas; no GPU needed), for int8 activations (a
     model's) and float ones: every scheme's weight words come in 16-byte vector loads, for int8 activations
     none one word at a time (the previous kernel's byte-wise loads read at 6-17% of an H100's bandwidth),
-    with ~1.4-1.6 instructions a weight, some before it waits for the kernel before it (programmatic
+    with ~1.1-1.4 instructions a weight, some before it waits for the kernel before it (programmatic
     dependent launch). The decode attention compiles too, its dot products on tensor cores, and so does every
     other kernel, each waiting for the one before (a compile error would otherwise first show on a GPU), the
     prefill GEMM's on integer tensor cores."""
