@@ -515,11 +515,12 @@ class TritonKernel:
         g = spec.group_size if spec.scheme == "int4" else 0
         bits = 4 if spec.scheme == "int4" else 8
         zero = 128 if bits == 8 else 0 if "mins" in self.parts else 8
-        # a GEMV step is a group (or a part of one); int8's, at most 64 inputs: more would cost registers
-        step = min(self.block_k, g or 64)
+        # a GEMV step of float activations is a group (or a part of one); int8's, at most 64 inputs: more would
+        # cost registers. Of int8 activations, one block of 32
+        self.float_step = min(self.block_k, g or 64)
         self.constants = dict(BITS=bits, G=g, HAS_MIN="mins" in self.parts, ZERO=zero)
         self.workspace = _workspace(self.device, GEMV_MAX_ROWS * self.n)
-        self.gemv_constants = dict(self.constants, STEP=step, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+        self.gemv_constants = dict(self.constants, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                                    SPLIT=triton.cdiv(self.k, self.block_k), num_warps=self.num_warps,
                                    EVEN=self.k % self.block_k == 0 and self.n % self.block_n == 0,
                                    NORM_BLOCK=triton.next_power_of_2(self.n))
@@ -551,12 +552,12 @@ class TritonKernel:
         e = expert if expert is not None else out  # unread without experts
         res = residual if residual is not None else out  # unread without a residual
         int8_x = int8_activations(x)
-        constants = dict(self.gemv_constants, STEP=32) if int8_x else self.gemv_constants
         _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, norm_weight, normed, cos, sin, keys, values, slot,
                     self.n, self.k, MAGIC, eps, width, keys.stride(0), keys.stride(-2),
                     HAS_EXPERTS=expert is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
                     NORM=norm is not None, ROTARY=rotary is not None, HD=keys.shape[-1] if rotary is not None else 2,
-                    INT8_X=int8_x, PTX=_ptx(x.device), **constants, **launch_options(x.device))
+                    INT8_X=int8_x, STEP=32 if int8_x else self.float_step, PTX=_ptx(x.device),
+                    **self.gemv_constants, **launch_options(x.device))
         return out if norm is None else (out, normed)
 
     def can_rotate(self, x: torch.Tensor, head_dim: int) -> bool:
