@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -281,6 +282,35 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
     for w in words:
         assert w in r.stderr, r.stderr
+
+
+def test_gguf_header_matches_the_gguf_package_and_refuses_every_truncation(tmp_path):
+    import gguf
+
+    path = tmp_path / "header.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    words = ["", "a", "Ġthe", "▁é", "日本語", "<0x0A>", "x" * 300]
+    w.add_token_list(words)
+    w.add_token_merges(["Ġ t", "i n"])
+    w.add_token_types([1, 3, 6, 1, 1, 6, 1])
+    w.add_chat_template("{{ messages }}")
+    w.add_tensor("t", np.zeros((2, 32), dtype=np.float32))
+    for write in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file):
+        write()
+    w.close()
+    metadata, table = gguf_module.read_gguf_header(path)
+    reader = gguf.GGUFReader(str(path))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.chat_template"):
+        assert metadata[key] == reader.fields[key].contents(), key
+    assert [(t.name, t.shape, t.type_name) for t in table] == [("t", (32, 2), "F32")]
+    data = path.read_bytes()
+    header_end = table[0].data_offset
+    cut = tmp_path / "cut.gguf"
+    for n in range(8, header_end - 64):  # the tensor table's end is padded to the alignment
+        cut.write_bytes(data[:n])
+        with pytest.raises(ValueError):
+            gguf_module.read_gguf_header(cut)
 
 
 def test_bad_inputs_give_one_line_and_write_nothing(hf_models, tmp_path):

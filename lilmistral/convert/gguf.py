@@ -75,6 +75,7 @@ class GGUFTensorInfo:
 
 # GGUF metadata value types: id -> format of a scalar, the same in struct and numpy (8: string, 9: array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_LENGTH = struct.Struct("<Q")
 
 
 class _HeaderParser:
@@ -110,12 +111,29 @@ class _HeaderParser:
             return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
         if count > len(self.buf):
             raise ValueError("an array longer than the file")
+        if item_kind == 8:
+            return self.strings(count)
         return [self.value(item_kind) for _ in range(count)]
+
+    def strings(self, count: int) -> list[str]:
+        """count strings in one tight loop: a vocabulary and its merges are 50k-300k of them."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = _LENGTH.unpack_from
+        for _ in range(count):
+            if pos + 8 > end:
+                raise ValueError("the header runs past the end of the file")
+            n = length(buf, pos)[0]
+            pos += 8 + n
+            if pos > end:
+                raise ValueError("the header runs past the end of the file")
+            out.append(str(buf[pos - n:pos], "utf-8", "replace"))
+        self.pos = pos
+        return out
 
 
 def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[GGUFTensorInfo]]:
     """Metadata and tensor table of a GGUF file (v2 or v3). Read once per version of the file: a load opens
-    it thrice (its size, its tensors, its tokenizer), and a vocabulary's header takes 0.1-0.2 s to parse."""
+    it thrice (its size, its tensors, its tokenizer), and a 50k-token vocabulary's header takes ~0.05 s to parse."""
     stat = path.stat()
     return _read_gguf_header(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
