@@ -87,7 +87,8 @@ def resolve(ref: str, home: Path | None = None) -> ModelRef:
         raise LilmistralError(f"{ref!r} is not a valid model name (letters, digits, '.', '_', '-'; name[:tag])")
     entry = registry.get(name)
     if entry is None:
-        close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.5)
+        parts = [known for known in registry if name in known.split("-")]  # "nemo": mistral-nemo
+        close = list(dict.fromkeys(parts + difflib.get_close_matches(name, list(registry), n=3, cutoff=0.6)))[:3]
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(registry))}"
         raise UnknownModelError(f"unknown model {name!r}{hint}")
     tags: dict[str, Any] = entry.get("tags", {})

@@ -212,6 +212,9 @@ def test_unknown_and_unsafe_names(home, hub, monkeypatch, capsys):
     assert r.returncode == 1 and "did you mean tiny" in r.stderr and "Traceback" not in r.stderr
     monkeypatch.setenv("LILMISTRAL_HOME", str(home))  # the rest in this process: names fail before any request
     assert main(["pull", "tiny:lates"]) == 1 and "tiny:latest" in capsys.readouterr().err
+    assert main(["pull", "nemo"]) == 1 and "did you mean mistral-nemo?" in capsys.readouterr().err
+    assert main(["pull", "nosuchmodel"]) == 1  # nothing near it: the known names, not a guess
+    assert "; known: codestral, gated, mathstral," in capsys.readouterr().err
     for bad in ("../../etc", "/etc/passwd", "tiny:../x", "a/../../b", "..", "x\\y"):
         assert main(["pull", bad]) == 1, bad
         assert capsys.readouterr().err.startswith("Error: "), bad
