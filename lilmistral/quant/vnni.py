@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ def isa() -> str | None:
         warnings.warn(f"lilmistral: LILMISTRAL_CPU_KERNELS={wanted} is not one of this CPU's ({', '.join(have)}, "
                       f"torch); using {have[0]}", stacklevel=2)
     target = wanted if wanted in have else have[0]
-    from torch.utils.cpp_extension import load_inline
+    load_inline = _load_inline()
 
     # lanes.cpp includes the headers the unit needs; where this PyTorch's load_inline can leave out its own
     # torch/extension.h, it does (halving the build)
@@ -75,6 +76,19 @@ def isa() -> str | None:
     for name, shape in FAKES.items():  # the output shapes, for torch.compile
         torch.library.register_fake(f"lilmistral::{name}")(shape)
     return target
+
+
+def _load_inline():
+    """torch.utils.cpp_extension.load_inline, imported without the line a CUDA build of PyTorch logs on a machine
+    with a CUDA toolkit and no GPU ("No CUDA runtime is found"): these kernels are for the CPU."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load_inline
+    finally:
+        log.setLevel(level)
+    return load_inline
 
 
 def available() -> bool:
