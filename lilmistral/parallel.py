@@ -16,6 +16,7 @@ watchdog kills the rest and reports it; workers exit when rank 0's connection cl
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -373,6 +374,7 @@ def worker_main() -> None:
     except RuntimeError:  # rank 0 or a neighbour went away (rank 0 reports it): nothing left to do
         print(f"lilmistral stage {rank}: the pipeline closed", file=sys.stderr)
         os._exit(1)
+    gc.freeze()  # rank 0's close() waits for this exit: without the last collection (see cli.run_main)
 
 
 if __name__ == "__main__":
