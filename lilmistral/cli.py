@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     pull = sub.add_parser("pull", help="download a model and convert it into the store")
-    pull.add_argument("model", help="name[:tag] (see models.toml) or a Hugging Face repo id")
+    pull.add_argument("model", help="name[:tag] (see models.toml), a Hugging Face repo id[:int4|int8|bf16] (its "
+                      "safetensors weights) or repo id:TYPE (its GGUF file of that type, e.g. Q4_K_M)")
     pull.add_argument("--keep-source", action="store_true", help="keep the downloaded original files")
     pull.add_argument("--force", action="store_true", help="convert again even if up to date")
     pull.set_defaults(func=cmd_pull)

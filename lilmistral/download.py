@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +22,8 @@ from .registry import ModelRef
 from .store import Store
 
 CHUNK = 1 << 20
+# a GGUF file's type at the end of its name (model.Q4_K_M.gguf, model-Q4_K_M.gguf), before a split's part number
+GGUF_FILE = re.compile(r"[-.]([A-Za-z0-9_]+)(?:-\d{5}-of-\d{5})?\.gguf$")
 RETRIES = 5
 
 
@@ -87,13 +90,43 @@ def repo_files(ref: ModelRef) -> tuple[str, list[RemoteFile]]:
     return info.sha or ref.revision, files
 
 
-def select_files(patterns: tuple[str, ...], files: list[RemoteFile]) -> list[RemoteFile]:
+def gguf_types(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
+    """The repo's GGUF files at its root by type, lower-cased: `model.Q4_K_M.gguf` and `model-Q4_K_M.gguf` are
+    q4_k_m; the parts of a split file (`...-00001-of-00002.gguf`) one entry."""
+    types: dict[str, list[RemoteFile]] = {}
+    for f in files:
+        if match := GGUF_FILE.search(f.name) if "/" not in f.name else None:
+            types.setdefault(match.group(1).lower(), []).append(f)
+    return types
+
+
+def select_gguf(ref: ModelRef, files: list[RemoteFile]) -> list[RemoteFile]:
+    """The one GGUF file of type ref.gguf."""
+    types = gguf_types(files)
+    if not types:
+        raise LilmistralError(f"{ref.repo} has no GGUF files: pull {ref.repo}:int4 (or int8, bf16) converts its "
+                              "safetensors weights")
+    chosen = types.get(ref.gguf)
+    if chosen is None:
+        raise LilmistralError(f"{ref.repo} has no {ref.gguf.upper()} GGUF file; its types: "
+                              f"{', '.join(t.upper() for t in sorted(types))}")
+    if len(chosen) > 1:
+        raise LilmistralError(f"{ref.repo}: the {ref.gguf.upper()} GGUF is {len(chosen)} files "
+                              f"({', '.join(f.name for f in chosen)}); lilmistral reads single-file GGUFs")
+    return chosen
+
+
+def select_files(ref: ModelRef, files: list[RemoteFile]) -> list[RemoteFile]:
     """The files matching the entry's globs; of the two weight sets Mistral publishes, only one."""
-    chosen = [f for f in files if any(fnmatch.fnmatch(f.name, p) for p in patterns)]
+    chosen = [f for f in files if any(fnmatch.fnmatch(f.name, p) for p in ref.files)]
     if any(fnmatch.fnmatch(f.name, "model*.safetensors") for f in chosen):
         chosen = [f for f in chosen if not f.name.startswith("consolidated")]
     if not any(f.name.endswith(".safetensors") for f in chosen):
-        raise LilmistralError("the repo has no safetensors weights matching the registry entry")
+        types = gguf_types(files)
+        example = "q4_k_m" if "q4_k_m" in types else min(types, default="")
+        hint = f"; it has GGUF files: pull {ref.repo}:{example.upper()} (types: " \
+               f"{', '.join(t.upper() for t in sorted(types))})" if types else ""
+        raise LilmistralError(f"{ref.repo} has no safetensors weights matching the registry entry{hint}")
     if any("/" in f.name or f.name.startswith(".") for f in chosen):
         raise LilmistralError("the repo lists a file outside its root; refusing it")
     return chosen
@@ -160,7 +193,7 @@ def pull(ref: ModelRef, store: Store, keep_source: bool = False, force: bool = F
 
     on_file(name, size, already_have) returns the callback that receives byte counts for that file.
     """
-    from .convert import convert
+    from .convert import convert, default_scheme, open_source
 
     installed = store.installed(ref)
     try:
@@ -173,7 +206,7 @@ def pull(ref: ModelRef, store: Store, keep_source: bool = False, force: bool = F
     if installed and installed.manifest.get("revision") == revision and not force:
         say(f"{ref.display} is up to date")
         return installed.path
-    files = select_files(ref.files, remote)
+    files = select_gguf(ref, remote) if ref.gguf else select_files(ref, remote)
     folder = store.download_dir(ref, revision)
     folder.mkdir(parents=True, exist_ok=True)
     for f in files:
@@ -183,10 +216,12 @@ def pull(ref: ModelRef, store: Store, keep_source: bool = False, force: bool = F
         partial = dest.with_name(dest.name + ".partial")
         have = partial.stat().st_size if partial.exists() else 0
         download_file(ref.repo, revision, f, dest, on_file(f.name, f.size, have) if on_file else lambda n: None)
-    say(f"converting to {ref.quant}")
+    source = folder / files[0].name if ref.gguf else folder
+    scheme = ref.quant or default_scheme(open_source(source))  # a GGUF's: as close to its own as there is
+    say(f"converting to {scheme}")
     extra = {"name": ref.name, "tag": ref.tag, "repo": ref.repo, "revision": revision, "license": ref.license,
              "description": ref.description, "num_ctx": ref.num_ctx}
-    path = convert(folder, store.model_dir(ref), ref.quant, overwrite=True, extra=extra)
+    path = convert(source, store.model_dir(ref), scheme, overwrite=True, extra=extra)
     if not keep_source:
         shutil.rmtree(folder, ignore_errors=True)
     return path

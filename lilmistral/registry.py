@@ -14,6 +14,7 @@ from .quant import SCHEMES
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+GGUF_TYPE = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")  # lower-cased: q4_k_m, iq4_xs, q8_0
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 QUANT_SUFFIXES = ("int4", "int8", "bf16")
 DEFAULT_FILES = ["config.json", "params.json", "model-*.safetensors", "model.safetensors",
@@ -29,11 +30,12 @@ class ModelRef:
     tag: str
     repo: str
     files: tuple[str, ...]
-    quant: str
+    quant: str  # the scheme converted to; for a GGUF file, "" until pull reads the file (as the file stores it)
     num_ctx: int | None
     description: str = ""
     license: str = ""
     revision: str = "main"
+    gguf: str = ""  # a GGUF file's type ("q4_k_m"): the repo's one file of that type is pulled, not `files`
 
     @property
     def display(self) -> str:
@@ -72,16 +74,21 @@ def _validate_quant(quant: str, where: str) -> str:
 
 
 def resolve(ref: str, home: Path | None = None) -> ModelRef:
-    """`name[:tag]` from the registry, or a Hugging Face repo id (`owner/name[:quant]`)."""
+    """`name[:tag]` from the registry, or a Hugging Face repo id: `owner/name[:quant]` converts its safetensors
+    weights, `owner/name:Q4_K_M` its GGUF file of that type."""
     registry = load_registry(home)
     ref = ref.strip()
     if "/" in ref:
-        repo, _, quant = ref.partition(":")
+        repo, _, kind = ref.partition(":")
         if not REPO_ID.match(repo) or ".." in repo:
             raise LilmistralError(f"{ref!r} is not a valid model name or Hugging Face repo id")
-        quant = _validate_quant(quant or "int4", ref)
-        return ModelRef(name=repo.replace("/", "--"), tag=quant, repo=repo, files=tuple(DEFAULT_FILES), quant=quant,
-                        num_ctx=None)
+        name, kind = repo.replace("/", "--"), kind.lower() or "int4"
+        if kind in SCHEMES:
+            return ModelRef(name=name, tag=kind, repo=repo, files=tuple(DEFAULT_FILES), quant=kind, num_ctx=None)
+        if not GGUF_TYPE.match(kind):
+            raise LilmistralError(f"{ref!r}: after the repo id comes a quantization ({', '.join(SCHEMES)}) or the "
+                                  "type of one of its GGUF files (Q4_K_M, Q8_0, ...)")
+        return ModelRef(name=name, tag=kind, repo=repo, files=(), quant="", num_ctx=None, gguf=kind)
     name, _, tag = ref.partition(":")
     if not NAME.match(name) or (tag and not TAG.match(tag)):
         raise LilmistralError(f"{ref!r} is not a valid model name (letters, digits, '.', '_', '-'; name[:tag])")
@@ -106,8 +113,12 @@ def resolve(ref: str, home: Path | None = None) -> ModelRef:
             raise UnknownModelError(f"unknown tag {name}:{tag}{hint}")
     t = tags[base]
     try:
+        gguf = str(t.get("gguf", "")).lower()
+        if gguf and not GGUF_TYPE.match(gguf):
+            raise LilmistralError(f"models.toml: {name}:{base}: gguf = {gguf!r} is not a GGUF type (Q4_K_M, Q8_0, ...)")
         return ModelRef(name=name, tag=tag, repo=t["repo"], files=tuple(t.get("files", DEFAULT_FILES)),
-                        quant=_validate_quant(quant or t.get("quant", "int4"), f"{name}:{tag}"),
+                        quant=_validate_quant(quant or t.get("quant", "int4"), f"{name}:{tag}") if not gguf else "",
+                        gguf=gguf,
                         num_ctx=t.get("num_ctx"), description=t.get("description", entry.get("description", "")),
                         license=t.get("license", entry.get("license", "")), revision=t.get("revision", "main"))
     except KeyError as e:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from conftest import SPM_V3, hf_to_interleaved, make_hf_model
+from conftest import SPM_V3, hf_to_interleaved, make_hf_model, write_gguf
 from hub import Hub
 from lilmistral.cli import main
 
@@ -35,6 +35,12 @@ default = "latest"
 repo = "test/tiny-mixtral"
 files = ["config.json", "model-*.safetensors", "model.safetensors.index.json", "tokenizer.model.v3"]
 quant = "int4"
+
+[tinygguf]
+default = "latest"
+[tinygguf.tags.latest]
+repo = "test/tiny-GGUF"
+gguf = "Q8_0"
 
 [gated]
 default = "latest"
@@ -69,6 +75,20 @@ def publish(folder: Path, ref_model, consolidated: bool) -> Path:
     return folder
 
 
+def publish_gguf(folder: Path, source: Path) -> Path:
+    """A GGUF repo as llama.cpp's users publish them: one file per type, one type split in two parts."""
+    import lilmistral
+
+    folder.mkdir()
+    llm = lilmistral.load(source, quant="f32")
+    for kind in ("Q4_0", "Q8_0"):
+        write_gguf(folder / f"tiny-mistral.{kind}.gguf", llm.model.state_dict(), llm.args, qtype=kind)
+    for part in (1, 2):
+        (folder / f"tiny-mistral.Q6_K-0000{part}-of-00002.gguf").write_bytes(b"GGUF part")
+    (folder / "README.md").write_text("# tiny-mistral GGUF\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("repos")
@@ -79,6 +99,7 @@ def hub(tmp_path_factory):
     x = make_hf_model(made / "mixtral", "mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
     hub.add_repo("test/tiny-mixtral", publish(root / "tiny-mixtral", x, consolidated=False))
     hub.add_repo("mistralai/gated-tiny", publish(root / "gated", m, consolidated=False), gated=True)
+    hub.add_repo("test/tiny-GGUF", publish_gguf(root / "tiny-gguf", root / "tiny-mistral"))
     yield hub
     hub.close()
 
@@ -122,6 +143,35 @@ def test_pull_then_run_then_pull_again(home, hub):
     r = cli(home, hub, "pull", "tiny")
     assert r.returncode == 0 and "up to date" in r.stderr
     assert not any("/resolve/" in p for _, p, _ in hub.requests)  # nothing downloaded again
+
+
+def test_pull_a_gguf_file_by_its_type(home, hub, tmp_path):
+    r = cli(home, hub, "pull", "test/tiny-GGUF:Q4_0")
+    assert r.returncode == 0, r.stderr
+    assert {p.rsplit("/", 1)[1] for _, p, _ in hub.requests if "/resolve/" in p} == {"tiny-mistral.Q4_0.gguf"}
+    r = cli(home, hub, "list")
+    assert r.returncode == 0 and "test--tiny-GGUF:q4_0" in r.stdout and "int4" in r.stdout, r.stdout
+    r = cli(home, hub, "show", "test/tiny-GGUF:q4_0")
+    assert r.returncode == 0 and "test/tiny-GGUF" in r.stdout, r.stdout + r.stderr
+    local = tmp_path / "tiny-mistral.Q4_0.gguf"
+    local.write_bytes(hub.repos["test/tiny-GGUF"]["files"][local.name])
+    ask = ("Hello", "--temperature", "0", "--max-tokens", "6")
+    pulled, direct = cli(home, hub, "run", "test/tiny-GGUF:q4_0", *ask), cli(home, hub, "run", str(local), *ask)
+    assert pulled.returncode == direct.returncode == 0, pulled.stderr + direct.stderr
+    assert pulled.stdout == direct.stdout and pulled.stdout.strip()
+    r = cli(home, hub, "pull", "tinygguf")  # a registry tag naming a GGUF type
+    assert r.returncode == 0, r.stderr
+    assert "tinygguf:latest  int8" in cli(home, hub, "list").stdout
+    # a type the repo lacks, a split file, no type, and a GGUF type of a safetensors repo: one line each
+    for ref, words in (("test/tiny-GGUF:Q5_K_M", "its types: Q4_0, Q6_K, Q8_0"),
+                       ("test/tiny-GGUF:Q6_K", "2 files"),
+                       ("test/tiny-GGUF", "pull test/tiny-GGUF:Q4_0 (types: Q4_0, Q6_K, Q8_0)"),
+                       ("test/tiny-mistral:Q4_K_M", "has no GGUF files: pull test/tiny-mistral:int4")):
+        r = cli(home, hub, "pull", ref)
+        error = r.stderr.splitlines()[-1]
+        assert r.returncode == 1 and error.startswith("Error: ") and words in error, (ref, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert not list((home / "models").glob("*/q5_k_m")) and not list((home / "models").glob("*/q6_k"))
 
 
 def test_run_pulls_first_and_rm_frees_space(home, hub):
