@@ -95,7 +95,8 @@ def gguf_types(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
     q4_k_m; the parts of a split file (`...-00001-of-00002.gguf`) one entry."""
     types: dict[str, list[RemoteFile]] = {}
     for f in files:
-        if match := GGUF_FILE.search(f.name) if "/" not in f.name else None:
+        match = None if "/" in f.name else GGUF_FILE.search(f.name)
+        if match:
             types.setdefault(match.group(1).lower(), []).append(f)
     return types
 
