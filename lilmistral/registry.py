@@ -15,6 +15,7 @@ from .quant import SCHEMES
 NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 GGUF_TYPE = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")  # lower-cased: q4_k_m, iq4_xs, q8_0
+HUB_PREFIX = re.compile(r"^(?:https?://)?(?:hf\.co|huggingface\.co)/")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 QUANT_SUFFIXES = ("int4", "int8", "bf16")
 DEFAULT_FILES = ["config.json", "params.json", "model-*.safetensors", "model.safetensors",
@@ -78,8 +79,9 @@ def resolve(ref: str, home: Path | None = None) -> ModelRef:
     weights, `owner/name:Q4_K_M` its GGUF file of that type."""
     registry = load_registry(home)
     ref = ref.strip()
-    if "/" in ref:
-        repo, _, kind = ref.partition(":")
+    bare = HUB_PREFIX.sub("", ref)  # Ollama's hf.co/owner/name:Q4_K_M, or a pasted address
+    if "/" in bare or bare != ref:
+        repo, _, kind = bare.partition(":")
         if not REPO_ID.match(repo) or ".." in repo:
             raise LilmistralError(f"{ref!r} is not a valid model name or Hugging Face repo id")
         name, kind = repo.replace("/", "--"), kind.lower() or "int4"

@@ -146,7 +146,7 @@ def test_pull_then_run_then_pull_again(home, hub):
 
 
 def test_pull_a_gguf_file_by_its_type(home, hub, tmp_path):
-    r = cli(home, hub, "pull", "test/tiny-GGUF:Q4_0")
+    r = cli(home, hub, "pull", "hf.co/test/tiny-GGUF:Q4_0")  # as Ollama names it
     assert r.returncode == 0, r.stderr
     assert {p.rsplit("/", 1)[1] for _, p, _ in hub.requests if "/resolve/" in p} == {"tiny-mistral.Q4_0.gguf"}
     r = cli(home, hub, "list")
