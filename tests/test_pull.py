@@ -162,6 +162,8 @@ def test_pull_a_gguf_file_by_its_type(home, hub, tmp_path):
     r = cli(home, hub, "pull", "tinygguf")  # a registry tag naming a GGUF type
     assert r.returncode == 0, r.stderr
     assert ["tinygguf:latest", "int8"] in [line.split()[:2] for line in cli(home, hub, "list").stdout.splitlines()]
+    assert cli(home, hub, "rm", "hf.co/test/tiny-GGUF:Q4_0").returncode == 0
+    assert "test--tiny-GGUF" not in cli(home, hub, "list").stdout
     # a type the repo lacks, a split file, no type, and a GGUF type of a safetensors repo: one line each
     for ref, words in (("test/tiny-GGUF:Q5_K_M", "its types: Q4_0, Q6_K, Q8_0"),
                        ("test/tiny-GGUF:Q6_K", "2 files"),
