@@ -172,6 +172,7 @@ def _source_lines(path: Path) -> list[tuple[str, str]]:
     if file_type in ggml().LlamaFileType._value2member_map_:
         stored = f"{ggml().LlamaFileType(file_type).name.removeprefix('MOSTLY_')} ({stored})"
     template = src.meta("tokenizer.chat_template", str)
+    split = f", split in {len(src.parts)} files" if len(src.parts) > 1 else ""
     return [
         ("model", _printable(src.meta("general.name", str, path.stem))),
         *_architecture_lines(src.args),
@@ -180,7 +181,7 @@ def _source_lines(path: Path) -> list[tuple[str, str]]:
                       f"{len(src.meta('tokenizer.ggml.tokens', list, []))} tokens"),
         ("chat format", JINJA_FORMAT if template else "none in the file"),
         ("licence", _printable(src.meta("general.license", str, ""))),
-        ("source", f"{path.resolve()} (gguf)"),
+        ("source", f"{src.path.resolve()} (gguf{split})"),
     ]
 
 
@@ -200,9 +201,10 @@ def _stage_split(path: Path, pp: int) -> str:
 
 
 def _size(path: Path) -> str:
+    from .convert.gguf import gguf_parts
     from .store import folder_size, human_size
 
-    return human_size(folder_size(path))
+    return human_size(sum(folder_size(p) for p in (gguf_parts(path) if path.suffix == ".gguf" else [path])))
 
 
 def cmd_rm(ns: argparse.Namespace) -> int:

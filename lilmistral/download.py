@@ -102,7 +102,7 @@ def gguf_types(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
 
 
 def select_gguf(ref: ModelRef, files: list[RemoteFile]) -> list[RemoteFile]:
-    """The one GGUF file of type ref.gguf."""
+    """The GGUF file of type ref.gguf, or its parts in order."""
     types = gguf_types(files)
     if not types:
         raise LilmistralError(f"{ref.repo} has no GGUF files: pull {ref.repo}:int4 (or int8, bf16) converts its "
@@ -111,10 +111,7 @@ def select_gguf(ref: ModelRef, files: list[RemoteFile]) -> list[RemoteFile]:
     if chosen is None:
         raise LilmistralError(f"{ref.repo} has no {ref.gguf.upper()} GGUF file; its types: "
                               f"{', '.join(t.upper() for t in sorted(types))}")
-    if len(chosen) > 1:
-        raise LilmistralError(f"{ref.repo}: the {ref.gguf.upper()} GGUF is {len(chosen)} files "
-                              f"({', '.join(f.name for f in chosen)}); lilmistral reads single-file GGUFs")
-    return chosen
+    return sorted(chosen, key=lambda f: f.name)
 
 
 def select_files(ref: ModelRef, files: list[RemoteFile]) -> list[RemoteFile]:
@@ -217,7 +214,7 @@ def pull(ref: ModelRef, store: Store, keep_source: bool = False, force: bool = F
         partial = dest.with_name(dest.name + ".partial")
         have = partial.stat().st_size if partial.exists() else 0
         download_file(ref.repo, revision, f, dest, on_file(f.name, f.size, have) if on_file else lambda n: None)
-    source = folder / files[0].name if ref.gguf else folder
+    source = folder / files[0].name if ref.gguf else folder  # a split GGUF's first part names it
     scheme = ref.quant or default_scheme(open_source(source))  # a GGUF's: as close to its own as there is
     say(f"converting to {scheme}")
     extra = {"name": ref.name, "tag": ref.tag, "repo": ref.repo, "revision": revision, "license": ref.license,

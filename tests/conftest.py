@@ -53,15 +53,16 @@ MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'u
 
 def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F32", magic_ok: bool = True,
                raw_types: dict[str, str] | None = None, types: dict[str, str] | None = None,
-               strings: dict[str, str] | None = None) -> None:
+               strings: dict[str, str] | None = None, split_tensors: int = 0) -> None:
     """A llama-architecture GGUF as llama.cpp writes it (interleaved q/k rows, experts stacked as
     ffn_*_exps), from lilmistral-named HF-layout tensors, with Mistral's v1 SentencePiece vocabulary; matrices
-    in qtype, or in types[gguf name]; `strings` more metadata."""
+    in qtype, or in types[gguf name]; `strings` more metadata. split_tensors: split as llama.cpp's gguf-split
+    does, that many tensors a file (PATH-00001-of-0000N.gguf for PATH.gguf)."""
     import gguf
     import numpy as np
     import sentencepiece
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_tensors)
     w.add_block_count(args.n_layers)
     w.add_context_length(args.max_seq_len)
     w.add_embedding_length(args.dim)

@@ -182,6 +182,32 @@ def test_show_describes_a_gguf_and_a_hf_folder_without_loading_them(hf_models, t
         assert words in out, out
 
 
+def test_a_split_gguf_is_one_model(hf_models, tmp_path, capsys):
+    """llama.cpp's gguf-split parts (NAME-00001-of-0000N.gguf; the first holds the metadata) load, convert and
+    show as the one file they were split from, from whichever part is named; a missing part is one line."""
+    folder, _ = hf_models["mistral"]
+    base = lilmistral.load(folder)
+    whole = tmp_path / "whole" / "tiny.gguf"
+    parts = tmp_path / "parts" / "tiny.gguf"
+    for path, split in ((whole, 0), (parts, 7)):
+        path.parent.mkdir()
+        write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_0", split_tensors=split)
+    names = sorted(p.name for p in parts.parent.iterdir())
+    assert len(names) > 2 and names[0] == f"tiny-00001-of-{len(names):05d}.gguf"
+    first, last = parts.parent / names[0], parts.parent / names[-1]
+    ids = list(range(10, 40))
+    reference = lilmistral.load(whole).forward(ids)
+    assert torch.equal(lilmistral.load(last).forward(ids), reference)
+    converted = convert(first, tmp_path / "converted", "int4")
+    assert torch.equal(lilmistral.load(converted).forward(ids), reference)
+    assert main(["show", str(first)]) == 0
+    shown = capsys.readouterr().out
+    size = sum(p.stat().st_size for p in parts.parent.iterdir())
+    assert f"split in {len(names)} files" in shown and human_size(size) in shown
+    last.unlink()
+    assert_one_line_error(cli("run", str(first), "Hi"), last.name, "missing")
+
+
 def test_gguf_with_mixed_block_types(hf_models, tmp_path, monkeypatch):
     """llama.cpp's files mix block types (here one attn_v in Q4_0 among Q4_1, and one ffn_down in Q8_0, as
     Q4_K_M keeps some in Q6_K): each tensor keeps its own exact int4 layout, the wider one becomes int8 (not

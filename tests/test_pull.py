@@ -76,15 +76,13 @@ def publish(folder: Path, ref_model, consolidated: bool) -> Path:
 
 
 def publish_gguf(folder: Path, source: Path) -> Path:
-    """A GGUF repo as llama.cpp's users publish them: one file per type, one type split in two parts."""
+    """A GGUF repo as llama.cpp's users publish them: one file per type, Q8_0 split in parts (gguf-split's)."""
     import lilmistral
 
     folder.mkdir()
     llm = lilmistral.load(source, quant="f32")
-    for kind in ("Q4_0", "Q8_0"):
-        write_gguf(folder / f"tiny-mistral.{kind}.gguf", llm.model.state_dict(), llm.args, qtype=kind)
-    for part in (1, 2):
-        (folder / f"tiny-mistral.Q6_K-0000{part}-of-00002.gguf").write_bytes(b"GGUF part")
+    write_gguf(folder / "tiny-mistral.Q4_0.gguf", llm.model.state_dict(), llm.args, qtype="Q4_0")
+    write_gguf(folder / "tiny-mistral.Q8_0.gguf", llm.model.state_dict(), llm.args, qtype="Q8_0", split_tensors=20)
     (folder / "README.md").write_text("# tiny-mistral GGUF\n")
     return folder
 
@@ -159,21 +157,23 @@ def test_pull_a_gguf_file_by_its_type(home, hub, tmp_path):
     pulled, direct = cli(home, hub, "run", "test/tiny-GGUF:q4_0", *ask), cli(home, hub, "run", str(local), *ask)
     assert pulled.returncode == direct.returncode == 0, pulled.stderr + direct.stderr
     assert pulled.stdout == direct.stdout and pulled.stdout.strip()
-    r = cli(home, hub, "pull", "tinygguf")  # a registry tag naming a GGUF type
+    hub.requests.clear()
+    r = cli(home, hub, "pull", "tinygguf")  # a registry tag naming a GGUF type, here split in parts
     assert r.returncode == 0, r.stderr
+    parts = {n for n in hub.repos["test/tiny-GGUF"]["files"] if n.startswith("tiny-mistral.Q8_0-")}
+    assert len(parts) > 1 and {p.rsplit("/", 1)[1] for _, p, _ in hub.requests if "/resolve/" in p} == parts
     assert ["tinygguf:latest", "int8"] in [line.split()[:2] for line in cli(home, hub, "list").stdout.splitlines()]
     assert cli(home, hub, "rm", "hf.co/test/tiny-GGUF:Q4_0").returncode == 0
     assert "test--tiny-GGUF" not in cli(home, hub, "list").stdout
-    # a type the repo lacks, a split file, no type, and a GGUF type of a safetensors repo: one line each
-    for ref, words in (("test/tiny-GGUF:Q5_K_M", "its types: Q4_0, Q6_K, Q8_0"),
-                       ("test/tiny-GGUF:Q6_K", "2 files"),
-                       ("test/tiny-GGUF", "pull test/tiny-GGUF:Q4_0 (types: Q4_0, Q6_K, Q8_0)"),
+    # a type the repo lacks, no type, and a GGUF type of a safetensors repo: one line each
+    for ref, words in (("test/tiny-GGUF:Q5_K_M", "its types: Q4_0, Q8_0"),
+                       ("test/tiny-GGUF", "pull test/tiny-GGUF:Q4_0 (types: Q4_0, Q8_0)"),
                        ("test/tiny-mistral:Q4_K_M", "has no GGUF files: pull test/tiny-mistral:int4")):
         r = cli(home, hub, "pull", ref)
         error = r.stderr.splitlines()[-1]
         assert r.returncode == 1 and error.startswith("Error: ") and words in error, (ref, r.stderr)
         assert "Traceback" not in r.stderr
-    assert not list((home / "models").glob("*/q5_k_m")) and not list((home / "models").glob("*/q6_k"))
+    assert not list((home / "models").glob("*/q5_k_m"))
 
 
 def test_run_pulls_first_and_rm_frees_space(home, hub):

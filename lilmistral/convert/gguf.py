@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +70,15 @@ class GGUFTensorInfo:
     name: str
     shape: tuple[int, ...]  # as GGUF lists it: innermost dimension first
     type_name: str  # a GGMLQuantizationType name ("Q4_0", "F32", ...)
-    data_offset: int  # absolute
+    data_offset: int  # absolute, in `file`
     n_bytes: int
+    file: Path  # the part of a split GGUF that holds it (else the file)
 
 
 # GGUF metadata value types: id -> format of a scalar, the same in struct and numpy (8: string, 9: array)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _LENGTH = struct.Struct("<Q")
+SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 class _HeaderParser:
@@ -181,7 +184,8 @@ def _read_gguf_header(path: Path, mtime_ns: int, size: int) -> tuple[dict[str, A
     for name, shape, kind, offset in table:
         block, block_bytes = constants.GGML_QUANT_SIZES[kind]
         elements = int(np.prod(shape, dtype=np.uint64)) if shape else 1
-        tensors.append(GGUFTensorInfo(name, shape, kind.name, data_start + offset, elements // block * block_bytes))
+        tensors.append(GGUFTensorInfo(name, shape, kind.name, data_start + offset, elements // block * block_bytes,
+                                      path))
     return metadata, tensors
 
 
@@ -239,6 +243,19 @@ def dequantize_blocks(raw: torch.Tensor, kind: str) -> torch.Tensor:
     return out
 
 
+def gguf_parts(path: Path) -> list[Path]:
+    """The files of the GGUF that `path` is part of: llama.cpp's gguf-split names them `NAME-00001-of-00003.gguf`,
+    the first holding the metadata, each its share of the tensors; a file that is not split, alone."""
+    match = SPLIT_NAME.search(path.name)
+    if match is None:
+        return [path]
+    count = int(match.group(2))
+    parts = [path.with_name(f"{path.name[:match.start()]}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    if missing := [p.name for p in parts if not p.is_file()]:
+        raise ModelFormatError(f"{path}: part of a GGUF split in {count} files; missing {', '.join(missing)}")
+    return parts
+
+
 @dataclass(frozen=True)
 class GGUFEntry(TensorEntry):
     offset: int = 0  # absolute byte offset of this (expert's) data in the file
@@ -247,13 +264,21 @@ class GGUFEntry(TensorEntry):
 
 class GGUFSource:
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._map: mmap.mmap | None = None  # the file, mapped when tensors are first read
-        try:
-            self.metadata, self.tensors = read_gguf_header(path)
-        except (ValueError, KeyError, OverflowError, struct.error) as e:  # bad lengths, unknown types, truncation
-            raise ModelFormatError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] or type(e).__name__})") \
-                from None
+        self.parts = gguf_parts(path)
+        self.path = self.parts[0]
+        self._maps: dict[Path, mmap.mmap] = {}  # each file, mapped when its tensors are first read
+        self.tensors: list[GGUFTensorInfo] = []
+        for part in self.parts:
+            try:
+                metadata, tensors = read_gguf_header(part)
+            except (ValueError, KeyError, OverflowError, struct.error) as e:  # bad lengths, unknown types, truncation
+                raise ModelFormatError(f"{part}: not a readable GGUF file "
+                                       f"({str(e).splitlines()[0] or type(e).__name__})") from None
+            if part == self.path:
+                self.metadata = metadata
+            elif metadata.get("split.count") != len(self.parts):
+                raise ModelFormatError(f"{part}: not part of a GGUF split in {len(self.parts)} files")
+            self.tensors += tensors
         arch = self.metadata.get("general.architecture")
         if arch != "llama":
             raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
@@ -302,7 +327,7 @@ class GGUFSource:
             raise ModelFormatError(f"{self.path}: incomplete llama metadata ({e})") from None
 
     def _entries(self) -> list[GGUFEntry]:
-        size = self.path.stat().st_size
+        sizes = {part: part.stat().st_size for part in self.parts}
         entries = []
         for t in self.tensors:
             kind = t.type_name
@@ -310,27 +335,27 @@ class GGUFSource:
                 raise ModelFormatError(f"{self.path}: tensor {t.name} has type {kind}, which lilmistral cannot read "
                                        f"(supported: {', '.join(SUPPORTED)})")
             shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
-            if t.data_offset + t.n_bytes > size:
-                raise ModelFormatError(f"{self.path}: truncated (tensor {t.name} runs past the end)")
+            if t.data_offset + t.n_bytes > sizes[t.file]:
+                raise ModelFormatError(f"{t.file}: truncated (tensor {t.name} runs past the end)")
             if (stacked := map_stacked_name(t.name)) is not None:
                 per_expert = t.n_bytes // shape[0]
                 for e in range(shape[0]):
-                    entries.append(GGUFEntry(stacked.format(e=e), shape[1:], kind, self.path, t.name,
+                    entries.append(GGUFEntry(stacked.format(e=e), shape[1:], kind, t.file, t.name,
                                              t.data_offset + e * per_expert, per_expert))
                 continue
             name = map_gguf_name(t.name)
             if name is None:
-                raise ModelFormatError(f"{self.path}: unexpected tensor {t.name!r}")
-            entries.append(GGUFEntry(name, shape, kind, self.path, t.name, t.data_offset, int(t.n_bytes)))
+                raise ModelFormatError(f"{t.file}: unexpected tensor {t.name!r}")
+            entries.append(GGUFEntry(name, shape, kind, t.file, t.name, t.data_offset, int(t.n_bytes)))
         return entries
 
     def _raw(self, entry: GGUFEntry) -> torch.Tensor:
         """The entry's bytes, a row per output row, where the file is mapped (copy-on-write, never written: the
         readers copy what they keep). No copy."""
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        raw = np.frombuffer(self._map, dtype=np.uint8, count=entry.nbytes, offset=entry.offset)
+        if entry.file not in self._maps:
+            with open(entry.file, "rb") as f:
+                self._maps[entry.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        raw = np.frombuffer(self._maps[entry.file], dtype=np.uint8, count=entry.nbytes, offset=entry.offset)
         return torch.from_numpy(raw).view(entry.shape[0], -1)
 
     def _done_with(self, entry: GGUFEntry) -> None:
@@ -339,7 +364,7 @@ class GGUFSource:
         only: a neighbour's may be being read."""
         start, end = -(-entry.offset // mmap.PAGESIZE) * mmap.PAGESIZE, entry.offset + entry.nbytes
         if end - start >= mmap.PAGESIZE and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED, start, (end - start) // mmap.PAGESIZE * mmap.PAGESIZE)
+            self._maps[entry.file].madvise(mmap.MADV_DONTNEED, start, (end - start) // mmap.PAGESIZE * mmap.PAGESIZE)
 
     def _rope_rows(self, entry: GGUFEntry) -> torch.Tensor | None:
         """llama.cpp stores q/k rows in interleaved-pair RoPE order: the row order that undoes it."""
