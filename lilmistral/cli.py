@@ -353,9 +353,11 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .convert import convert, open_source, plan
+    from .convert.gguf import SPLIT_NAME
 
     source = Path(ns.source).expanduser()
-    out = Path(ns.out).expanduser() if ns.out else Path.cwd() / (ns.name or f"{source.stem}-{ns.quant}")
+    stem = Path(SPLIT_NAME.sub(".gguf", source.name)).stem  # a split GGUF's, without the part's number
+    out = Path(ns.out).expanduser() if ns.out else Path.cwd() / (ns.name or f"{stem}-{ns.quant}")
     planned = plan(open_source(source), ns.quant, ns.group_size)
     total = sum(p.entry.shape[0] * (p.entry.shape[1] if len(p.entry.shape) > 1 else 1) for p in planned)
     console = _stderr_console()

@@ -198,8 +198,9 @@ def test_a_split_gguf_is_one_model(hf_models, tmp_path, capsys):
     ids = list(range(10, 40))
     reference = lilmistral.load(whole).forward(ids)
     assert torch.equal(lilmistral.load(last).forward(ids), reference)
-    converted = convert(first, tmp_path / "converted", "int4")
-    assert torch.equal(lilmistral.load(converted).forward(ids), reference)
+    r = cli("convert", str(first), "--quant", "int4", cwd=tmp_path)  # named after the file, not its part
+    assert r.returncode == 0, r.stderr
+    assert torch.equal(lilmistral.load(tmp_path / "tiny-int4").forward(ids), reference)
     assert main(["show", str(first)]) == 0
     shown = capsys.readouterr().out
     size = sum(p.stat().st_size for p in parts.parent.iterdir())
