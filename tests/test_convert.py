@@ -198,7 +198,7 @@ def test_a_split_gguf_is_one_model(hf_models, tmp_path, capsys):
     ids = list(range(10, 40))
     reference = lilmistral.load(whole).forward(ids)
     assert torch.equal(lilmistral.load(last).forward(ids), reference)
-    r = cli("convert", str(first), "--quant", "int4", cwd=tmp_path)  # named after the file, not its part
+    r = cli("convert", f"parts/{first.name}", "--quant", "int4", cwd=tmp_path)  # named after the file, not its part
     assert r.returncode == 0, r.stderr
     assert torch.equal(lilmistral.load(tmp_path / "tiny-int4").forward(ids), reference)
     assert main(["show", str(first)]) == 0

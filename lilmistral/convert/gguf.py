@@ -327,7 +327,7 @@ class GGUFSource:
             raise ModelFormatError(f"{self.path}: incomplete llama metadata ({e})") from None
 
     def _entries(self) -> list[GGUFEntry]:
-        sizes = {part: part.stat().st_size for part in self.parts}
+        sizes = {part.resolve(): part.stat().st_size for part in self.parts}  # the tensors' files are resolved
         entries = []
         for t in self.tensors:
             kind = t.type_name
