@@ -101,6 +101,10 @@ def gguf_types(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
     return types
 
 
+def _listed(types: dict[str, list[RemoteFile]]) -> str:
+    return ", ".join(t.upper() for t in sorted(types))
+
+
 def select_gguf(ref: ModelRef, files: list[RemoteFile]) -> list[RemoteFile]:
     """The GGUF file of type ref.gguf, or its parts in order."""
     types = gguf_types(files)
@@ -109,8 +113,7 @@ def select_gguf(ref: ModelRef, files: list[RemoteFile]) -> list[RemoteFile]:
                               "safetensors weights")
     chosen = types.get(ref.gguf)
     if chosen is None:
-        raise LilmistralError(f"{ref.repo} has no {ref.gguf.upper()} GGUF file; its types: "
-                              f"{', '.join(t.upper() for t in sorted(types))}")
+        raise LilmistralError(f"{ref.repo} has no {ref.gguf.upper()} GGUF file; its types: {_listed(types)}")
     return sorted(chosen, key=lambda f: f.name)
 
 
@@ -122,8 +125,7 @@ def select_files(ref: ModelRef, files: list[RemoteFile]) -> list[RemoteFile]:
     if not any(f.name.endswith(".safetensors") for f in chosen):
         types = gguf_types(files)
         example = "q4_k_m" if "q4_k_m" in types else min(types, default="")
-        hint = f"; it has GGUF files: pull {ref.repo}:{example.upper()} (types: " \
-               f"{', '.join(t.upper() for t in sorted(types))})" if types else ""
+        hint = f"; it has GGUF files: pull {ref.repo}:{example.upper()} (types: {_listed(types)})" if types else ""
         raise LilmistralError(f"{ref.repo} has no safetensors weights matching the registry entry{hint}")
     if any("/" in f.name or f.name.startswith(".") for f in chosen):
         raise LilmistralError("the repo lists a file outside its root; refusing it")

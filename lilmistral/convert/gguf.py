@@ -99,7 +99,7 @@ class _HeaderParser:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        return bytes(self.take(self.scalar("<Q"))).decode("utf-8", errors="replace")
+        return self.strings(1)[0]
 
     def value(self, kind: int) -> Any:
         if kind in _SCALARS:
@@ -327,7 +327,7 @@ class GGUFSource:
             raise ModelFormatError(f"{self.path}: incomplete llama metadata ({e})") from None
 
     def _entries(self) -> list[GGUFEntry]:
-        sizes = {part.resolve(): part.stat().st_size for part in self.parts}  # the tensors' files are resolved
+        sizes = {file: file.stat().st_size for file in {t.file for t in self.tensors}}
         entries = []
         for t in self.tensors:
             kind = t.type_name
