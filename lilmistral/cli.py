@@ -7,6 +7,7 @@ import gc
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -455,14 +456,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     func: Callable[[argparse.Namespace], int] = ns.func
-    try:
-        return func(ns)
-    except LilmistralError as e:
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return func(ns)
+        except LilmistralError as e:
+            print(f"Error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """lilmistral's own warnings as one line, as its errors are; others as Python shows them."""
+    text = str(message)
+    if text.startswith("lilmistral: "):
+        print(f"Warning: {text.removeprefix('lilmistral: ')}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)
 
 
 def run_main() -> None:

@@ -385,20 +385,52 @@ def kernel_outputs() -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.skipif(vnni.isa() != "avx512", reason="needs an AVX-512 VNNI CPU to compare the AVX2 build with")
-def test_the_avx2_build_passes_these_tests_with_the_avx512_bits(tmp_path):
+@pytest.mark.skipif(vnni.isa() != "avx512", reason="needs an AVX-512 VNNI CPU to compare the 256-bit builds with")
+@pytest.mark.parametrize("target", ["avx2", "avxvnni"])
+def test_the_256_bit_builds_pass_these_tests_with_the_avx512_bits(tmp_path, target):
     """The kernels built for AVX2 (as a CPU without AVX-512 gets them: lanes.cpp's two registers, vpmaddubsw for
-    vpdpbusd) pass this file's kernel tests, and every operator gives the AVX-512 build's bits."""
-    env = {**os.environ, "LILMISTRAL_CPU_KERNELS": "avx2"}
+    vpdpbusd) and for AVX-VNNI (two registers, vpdpbusd's EVEX form here) pass this file's kernel tests, and
+    every operator gives the AVX-512 build's bits."""
+    env = {**os.environ, "LILMISTRAL_CPU_KERNELS": target}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                             "vnni_int or packing or attention or pointwise or matches_dequantized or fused"],
                            env=env, capture_output=True, text=True)
     assert tests.returncode == 0 and " passed" in tests.stdout, tests.stdout[-3000:] + tests.stderr[-3000:]
     script = (f"import importlib.util, torch; spec = importlib.util.spec_from_file_location('t', {__file__!r}); "
               "t = importlib.util.module_from_spec(spec); spec.loader.exec_module(t); "
-              f"assert t.vnni.isa() == 'avx2'; torch.save(t.kernel_outputs(), {str(tmp_path / 'avx2.pt')!r})")
+              f"assert t.vnni.isa() == {target!r}; torch.save(t.kernel_outputs(), {str(tmp_path / 'out.pt')!r})")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])  # reference.py
     subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=tmp_path)
-    avx2 = torch.load(tmp_path / "avx2.pt", weights_only=True)
+    built = torch.load(tmp_path / "out.pt", weights_only=True)
     avx512 = kernel_outputs()
-    assert len(avx2) == len(avx512) and all(torch.equal(a, b) for a, b in zip(avx2, avx512))
+    assert len(built) == len(avx512) and all(torch.equal(a, b) for a, b in zip(built, avx512))
+
+
+@pytest.mark.skipif(len(vnni.cpu_isas()) < 2, reason="needs a CPU with two of the kernels' instruction sets")
+def test_a_build_that_fails_falls_back_to_the_next_instruction_set(tmp_path):
+    """A compiler that cannot build the best instruction set (GCC before 11 has no -mavxvnni) gets the next one,
+    with one warning; a compiler that builds nothing, or none, PyTorch's kernels, with one warning."""
+    best, second = vnni.cpu_isas()[:2]
+    flag = next(f for f in vnni.ISAS[best][1] if f not in vnni.ISAS[second][1])
+    script = "import warnings; warnings.simplefilter('always'); from lilmistral.quant import vnni; print(vnni.isa())"
+    env = {k: v for k, v in os.environ.items() if k != "LILMISTRAL_CPU_KERNELS"}
+
+    def build_with(name: str, compiler: str) -> subprocess.CompletedProcess:
+        path = tmp_path / name
+        path.write_text(f"#!/bin/sh\n{compiler}\n")
+        path.chmod(0o755)
+        env.update(CXX=str(path), TORCH_EXTENSIONS_DIR=str(tmp_path / f"{name}-ext"))
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        assert "WARNING" not in run.stderr  # PyTorch's doubts about the compiler are held back
+        return run
+
+    run = build_with("old-compiler", f'case "$*" in *"{flag}"*) exit 1;; esac\nexec c++ "$@"')
+    assert run.stdout.split() == [second]
+    assert run.stderr.count("lilmistral:") == 1 and f"the {best} CPU kernels did not build" in run.stderr
+    assert f"using the {second} ones" in run.stderr
+    run = build_with("broken-compiler", "exit 1")
+    assert run.stdout.split() == ["None"] and run.stderr.count("lilmistral:") == 1
+    assert f"the {best} CPU kernels did not build" in run.stderr and "using PyTorch's slower kernels" in run.stderr
+    env["CXX"] = str(tmp_path / "no-such-compiler")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["None"] and run.stderr.count("lilmistral:") == 1 and "no C++ compiler" in run.stderr

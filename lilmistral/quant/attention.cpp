@@ -61,7 +61,7 @@ struct Attention {
     }
   }
 
-#ifdef __AVX512F__
+#ifdef LILMISTRAL_ZMM
   // The same from bfloat16 q rows (qb, HD apart) and keys (the chunk's first slot at `keys`) as they are,
   // by AVX512-BF16 dot products (pairs of exact products summed into float32): half the multiplies, no
   // conversion of the keys.
@@ -98,7 +98,7 @@ struct Attention {
     float rescale[NR];
     for (int r = 0; r < NR; ++r)
       for (int64_t c = 0; c < KEYS; c += 16) store(s[r] + c, set1(-std::numeric_limits<float>::infinity()));
-#ifdef __AVX512F__
+#ifdef LILMISTRAL_ZMM
     if (dot_bf16) scores_bf16<NR>(ok, qb, keys, s);
     else
 #endif
@@ -228,7 +228,7 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& keys, const at::T
     TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(1) == S &&
                 (mask.size(0) == 1 || mask.size(0) == R), "attention: mask must be bool [1 or R, S]");
   }
-#ifdef __AVX512F__
+#ifdef LILMISTRAL_ZMM
   static const bool cpu_has_bf16_dot = __builtin_cpu_supports("avx512bf16");
 #else
   constexpr bool cpu_has_bf16_dot = false;  // scores_bf16 is in AVX-512 builds only

@@ -1,6 +1,6 @@
 // Vectors of 16 lanes for the CPU kernels: one AVX-512 register, or two AVX2 ones (lanes 0-7 and 8-15) where
-// the unit is built for AVX2 (vnni.py compiles this file first, in one unit with the kernels, and picks the
-// instruction set by CPU). Every operation gives the bits of its AVX-512 form, horizontal sums included, so the
+// the unit is built for AVX2 or AVX-VNNI (vnni.py compiles this file first, in one unit with the kernels, and
+// picks the instruction set by CPU; LILMISTRAL_YMM keeps an AVX-512 compiler's unit to 256-bit registers). Every operation gives the bits of its AVX-512 form, horizontal sums included, so the
 // kernels' results do not depend on the build.
 // The unit's PyTorch headers: the tensor, the operators it calls (at::empty, at::empty_like; add any other's
 // header here) and the operator registry. torch/extension.h (pybind11, libtorch's whole C++ API) would make
@@ -15,9 +15,13 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__) && !defined(LILMISTRAL_YMM)
+#define LILMISTRAL_ZMM 1
+#endif
+
 namespace {
 
-#ifdef __AVX512F__
+#ifdef LILMISTRAL_ZMM
 struct Floats { __m512 v; };  // float32
 struct Ints { __m512i v; };   // int32
 

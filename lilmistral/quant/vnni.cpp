@@ -12,7 +12,7 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;  // activations per int8 scale
-constexpr int64_t K_ALIGN = 64;  // K is a multiple of this: whole blocks, and int8_activations' 64-byte steps
+constexpr int64_t K_ALIGN = 64;  // K is a multiple of this: whole blocks (cpu.py pads K to it)
 constexpr int64_t ROWS = 8;    // activation rows per block, their accumulators in registers
 // bytes of weights ahead (measured on int4): 5-15% more bandwidth with the previous layout; with the 16-column one, 0 to
 // 4 KB measured alike within the machine's noise (1 KB ahead in 2 of 3 shapes)
@@ -26,23 +26,12 @@ struct QuantizedRows {
 };
 
 // The integer parts of the kernels per instruction set (lanes.cpp has the rest).
-#ifdef __AVX512F__
+#ifdef LILMISTRAL_ZMM
 // v rounded to int8s at q[0, 16) (v within +-127.5), returning their sum.
 inline int32_t store_int8(Floats v, int8_t* q) {
   const __m512i i = _mm512_cvtps_epi32(v.v);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(i));
   return _mm512_reduce_add_epi32(i);
-}
-
-// The int8 kernel's activations: the quantized ones plus 128, as unsigned bytes (x ^ 0x80), [M, K] in the
-// calling thread's buffer (see int8_block).
-const uint8_t* int8_activations(const QuantizedRows& r, int64_t count) {
-  thread_local std::vector<uint8_t> buffer;
-  buffer.resize(count);
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t i = 0; i < count; i += 64)  // count: a multiple of 64
-    _mm512_storeu_si512(buffer.data() + i, _mm512_xor_si512(_mm512_loadu_si512(r.q + i), flip));
-  return buffer.data();
 }
 
 // The integer sums of one block of 32 inputs for a group's 16 columns and M rows of activations (x, K apart):
@@ -102,6 +91,56 @@ inline int32_t store_int8(Floats v, int8_t* q) {
   return _mm_cvtsi128_si32(_mm_add_epi32(four, _mm_shuffle_epi32(four, 0xB1)));
 }
 
+#if defined(__AVXVNNI__) || defined(__AVX512VNNI__)
+#define LILMISTRAL_YMM_DPBUSD 1
+// vpdpbusd on 256-bit registers: AVX-VNNI's (Intel since Alder Lake, AMD since Zen 5), or AVX-512 VNNI's EVEX
+// form of it where an AVX-512 CPU runs this build (tests, benchmarks). The kernels as the AVX-512 ones, each
+// 16 columns in two registers.
+inline __m256i dpbusd(__m256i sum, __m256i u, __m256i s) {
+#ifdef __AVXVNNI__
+  return _mm256_dpbusd_avx_epi32(sum, u, s);
+#else
+  return _mm256_dpbusd_epi32(sum, u, s);
+#endif
+}
+
+template <int M>
+inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)[M]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int m = 0; m < M; ++m) sum[m] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int j = 0; j < 4; ++j) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+    const __m256i a_low = _mm256_and_si256(a, nibble), a_high = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
+    const __m256i b_low = _mm256_and_si256(b, nibble), b_high = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+    for (int m = 0; m < M; ++m) {
+      const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
+      sum[m].lo = dpbusd(dpbusd(sum[m].lo, a_low, x_low), a_high, x_high);
+      sum[m].hi = dpbusd(dpbusd(sum[m].hi, b_low, x_low), b_high, x_high);
+    }
+  }
+}
+
+template <int M>
+inline void int8_block(const int8_t* w, const uint8_t* x, int64_t K, Ints (&sum)[M]) {
+  const __m256i ones = _mm256_set1_epi8(1);
+  __m256i weight_lo = _mm256_setzero_si256(), weight_hi = _mm256_setzero_si256();
+  for (int m = 0; m < M; ++m) sum[m] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int j = 0; j < 8; ++j) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
+    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+    weight_lo = dpbusd(weight_lo, ones, a), weight_hi = dpbusd(weight_hi, ones, b);
+    for (int m = 0; m < M; ++m) {
+      const __m256i xm = broadcast4(x + m * K + 4 * j);
+      sum[m].lo = dpbusd(sum[m].lo, xm, a), sum[m].hi = dpbusd(sum[m].hi, xm, b);
+    }
+  }
+  const __m256i offset_lo = _mm256_slli_epi32(weight_lo, 7), offset_hi = _mm256_slli_epi32(weight_hi, 7);
+  for (int m = 0; m < M; ++m) sum[m] = {_mm256_sub_epi32(sum[m].lo, offset_lo), _mm256_sub_epi32(sum[m].hi, offset_hi)};
+}
+#else
 // The int8 kernel's activations: the quantized ones as they are (int8_block carries their signs).
 const uint8_t* int8_activations(const QuantizedRows& r, int64_t) { return reinterpret_cast<const uint8_t*>(r.q); }
 
@@ -145,6 +184,18 @@ inline void int8_block(const int8_t* w, const uint8_t* x, int64_t K, Ints (&sum)
       sum[m].hi = _mm256_add_epi32(sum[m].hi, _mm256_madd_epi16(_mm256_maddubs_epi16(b_abs, _mm256_sign_epi8(xm, b)), ones));
     }
   }
+}
+#endif
+#endif
+
+#if defined(LILMISTRAL_ZMM) || defined(LILMISTRAL_YMM_DPBUSD)
+// The int8 kernel's activations: the quantized ones plus 128, as unsigned bytes (x ^ 0x80), [M, K] in the
+// calling thread's buffer (see int8_block).
+const uint8_t* int8_activations(const QuantizedRows& r, int64_t count) {
+  thread_local std::vector<uint8_t> buffer;
+  buffer.resize(count);
+  for (int64_t i = 0; i < count; ++i) buffer[i] = static_cast<uint8_t>(r.q[i]) ^ 0x80;
+  return buffer.data();
 }
 #endif
 

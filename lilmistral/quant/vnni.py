@@ -1,15 +1,17 @@
 """The CPU kernels of vnni.cpp (int4/int8 matmuls), attention.cpp, pointwise.cpp and gguf_blocks.cpp (GGUF's
 blocks decoded at load), compiled on first use into operators under torch.ops.lilmistral (see isa()): a C++
 compiler is needed once, and torch.utils.cpp_extension caches the build. Built for AVX-512 VNNI or, on CPUs
-without it, for AVX2 (lanes.cpp: the same results, bit for bit, bfloat16 attention scores aside); on other
-CPUs callers use PyTorch's own kernels.
-LILMISTRAL_CPU_KERNELS=torch turns them off; =avx2 builds the AVX2 ones on an AVX-512 CPU (tests, benchmarks)."""
+without it, for AVX-VNNI or AVX2 (lanes.cpp: the same results, bit for bit, bfloat16 attention scores aside);
+on other CPUs callers use PyTorch's own kernels.
+LILMISTRAL_CPU_KERNELS=torch turns them off; =avxvnni or =avx2 builds those on an AVX-512 CPU (tests,
+benchmarks)."""
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +29,13 @@ MAX_ROWS = 8
 ISAS = {
     "avx512": (("avx512f", "avx512bw", "avx512dq", "avx512_vnni"),
                ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"]),
+    "avxvnni": (("avx2", "fma", "f16c", "avx_vnni"), ["-mavx2", "-mfma", "-mf16c", "-mavxvnni"]),
     "avx2": (("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
 }
+# The avxvnni build on an AVX-512 VNNI CPU without AVX-VNNI: the same code, in 256-bit registers, with the EVEX
+# form of the same vpdpbusd
+AVXVNNI_ON_AVX512 = ["-mavx2", "-mfma", "-mf16c", "-mavx512vnni", "-mavx512vl", "-mprefer-vector-width=256",
+                     "-DLILMISTRAL_YMM"]
 # -ffp-contract=off: a product and a sum written apart round apart, as PyTorch's operators round them
 COMMON_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 
@@ -44,9 +51,9 @@ def cpu_isas() -> list[str]:
 
 @functools.cache
 def isa() -> str | None:
-    """The instruction set the operators were built for, "avx512" or "avx2" (building them on the first call);
-    None where there are none. torch.ops.lilmistral.int8_gemv(x [M, K], q, scales, n) with pack_int8_vnni's
-    parts, int4_gemv(x, q, scales, mins, n) with pack_int4_vnni's, and for mixtures of experts
+    """The instruction set the operators were built for, one of ISAS (building them on the first call, the best
+    that builds); None where there are none. torch.ops.lilmistral.int8_gemv(x [M, K], q, scales, n) with
+    pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n) with pack_int4_vnni's, and for mixtures of experts
     int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x, [q], [scales], [mins] ([] where
     symmetric), n, expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale)
     (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp);
@@ -55,40 +62,56 @@ def isa() -> str | None:
     wanted, have = os.environ.get("LILMISTRAL_CPU_KERNELS"), cpu_isas()
     if wanted == "torch" or not have:
         return None
-    if wanted and wanted not in have:
-        warnings.warn(f"lilmistral: LILMISTRAL_CPU_KERNELS={wanted} is not one of this CPU's ({', '.join(have)}, "
-                      f"torch); using {have[0]}", stacklevel=2)
-    target = wanted if wanted in have else have[0]
-    load_inline = _load_inline()
-
-    # lanes.cpp includes the headers the unit needs; where this PyTorch's load_inline can leave out its own
-    # torch/extension.h, it does (halving the build)
-    light = {"no_implicit_headers": True} if "no_implicit_headers" in inspect.signature(load_inline).parameters else {}
-    try:
-        sources = [Path(__file__).with_name(name).read_text() for name in SOURCES]
-        load_inline(f"lilmistral_{target}", cpp_sources=sources, extra_cflags=COMMON_FLAGS + ISAS[target][1],
-                    extra_ldflags=["-fopenmp"], is_python_module=False, **light)
-    except Exception as e:  # no compiler, no ninja, an old one: PyTorch's kernel still works
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        warnings.warn(f"lilmistral: the {target} CPU kernels did not build ({reason}); using PyTorch's slower kernels",
-                      stacklevel=2)
+    runnable = have + ["avxvnni"] if "avx512" in have and "avxvnni" not in have else have
+    if wanted and wanted not in runnable:
+        warnings.warn(f"lilmistral: LILMISTRAL_CPU_KERNELS={wanted} is not one of this CPU's "
+                      f"({', '.join(runnable)}, torch); using {have[0]}", stacklevel=2)
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        warnings.warn(f"lilmistral: no C++ compiler ({compiler}) to build the CPU kernels; using PyTorch's slower "
+                      "kernels (install g++, or set LILMISTRAL_CPU_KERNELS=torch)", stacklevel=2)
         return None
-    for name, shape in FAKES.items():  # the output shapes, for torch.compile
-        torch.library.register_fake(f"lilmistral::{name}")(shape)
-    return target
+    failure = None
+    for target in [wanted] if wanted in runnable else have:
+        reason = _build(target, AVXVNNI_ON_AVX512 if target not in have else ISAS[target][1])
+        if reason:  # an old compiler (-mavxvnni needs GCC 11), a broken one: the next, or PyTorch's kernels
+            failure = failure or f"the {target} CPU kernels did not build ({reason})"
+            continue
+        if failure:
+            warnings.warn(f"lilmistral: {failure}; using the {target} ones (LILMISTRAL_CPU_KERNELS={target} "
+                          "skips the try)", stacklevel=2)
+        for name, shape in FAKES.items():  # the output shapes, for torch.compile
+            torch.library.register_fake(f"lilmistral::{name}")(shape)
+        return target
+    warnings.warn(f"lilmistral: {failure}; using PyTorch's slower kernels (LILMISTRAL_CPU_KERNELS=torch skips "
+                  "the try)", stacklevel=2)
+    return None
 
 
-def _load_inline():
-    """torch.utils.cpp_extension.load_inline, imported without the line a CUDA build of PyTorch logs on a machine
-    with a CUDA toolkit and no GPU ("No CUDA runtime is found"): these kernels are for the CPU."""
+def _build(target: str, flags: list[str]) -> str | None:
+    """Builds and loads the operators for `target`: None, or why they did not build (the compiler's first error).
+    PyTorch's own log lines on the way (a CUDA build's "No CUDA runtime is found" on a machine with a CUDA toolkit
+    and no GPU, its doubts about the compiler) are held back: these kernels are for the CPU, and a failure is
+    said once, by the caller."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
         from torch.utils.cpp_extension import load_inline
+
+        # lanes.cpp includes the headers the unit needs; where this PyTorch's load_inline can leave out its own
+        # torch/extension.h, it does (halving the build)
+        parameters = inspect.signature(load_inline).parameters
+        light = {"no_implicit_headers": True} if "no_implicit_headers" in parameters else {}
+        sources = [Path(__file__).with_name(name).read_text() for name in SOURCES]
+        load_inline(f"lilmistral_{target}", cpp_sources=sources, extra_cflags=COMMON_FLAGS + flags,
+                    extra_ldflags=["-fopenmp"], is_python_module=False, **light)
+    except Exception as e:  # no ninja, a compiler that fails: PyTorch's kernels still work
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        return next((line for line in lines if "error:" in line), lines[0])[:300]
     finally:
         log.setLevel(level)
-    return load_inline
+    return None
 
 
 def available() -> bool:
