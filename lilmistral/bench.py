@@ -30,7 +30,7 @@ class BenchResult:
     bandwidth_fraction: float
     device: str
     decode_step: str  # DecodeStep.mode: traced, graphed, compiled, eager or pipeline
-    cpu_kernels: str | None  # on the CPU: lilmistral's (vnni.isa(): avx512, avx2) or "pytorch"
+    cpu_kernels: str | None  # on the CPU: lilmistral's (vnni.isa(): avx512, avxvnni, avx2) or "pytorch"
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
