@@ -1,7 +1,8 @@
-// Vectors of 16 lanes for the CPU kernels: one AVX-512 register, or two AVX2 ones (lanes 0-7 and 8-15) where
+// Vectors of 16 lanes for the CPU kernels: one AVX-512 register, or two 256-bit ones (lanes 0-7 and 8-15) where
 // the unit is built for AVX2 or AVX-VNNI (vnni.py compiles this file first, in one unit with the kernels, and
-// picks the instruction set by CPU; LILMISTRAL_YMM keeps an AVX-512 compiler's unit to 256-bit registers). Every operation gives the bits of its AVX-512 form, horizontal sums included, so the
-// kernels' results do not depend on the build.
+// picks the instruction set by CPU; LILMISTRAL_YMM keeps a unit compiled with AVX-512 flags to 256-bit
+// registers). Every operation gives the bits of its AVX-512 form, horizontal sums included, so the kernels'
+// results do not depend on the build.
 // The unit's PyTorch headers: the tensor, the operators it calls (at::empty, at::empty_like; add any other's
 // header here) and the operator registry. torch/extension.h (pybind11, libtorch's whole C++ API) would make
 // the first run's build 46 s, not 16 s; ATen/ATen.h (every operator) 22 s.

@@ -91,11 +91,26 @@ inline int32_t store_int8(Floats v, int8_t* q) {
   return _mm_cvtsi128_si32(_mm_add_epi32(four, _mm_shuffle_epi32(four, 0xB1)));
 }
 
+// 64 bytes of a block's weights: columns 0-7 (lo) and 8-15 (hi); the bytes PREFETCH ahead are fetched.
+struct Columns { __m256i lo, hi; };
+inline Columns load_columns(const uint8_t* w) {
+  _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32))};
+}
+inline Columns load_columns(const int8_t* w) { return load_columns(reinterpret_cast<const uint8_t*>(w)); }
+// int4 weights' low and high nibbles (two inputs' codes a byte), as bytes
+inline Columns low_nibbles(Columns v) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(v.lo, nibble), _mm256_and_si256(v.hi, nibble)};
+}
+inline Columns high_nibbles(Columns v) { return low_nibbles({_mm256_srli_epi16(v.lo, 4), _mm256_srli_epi16(v.hi, 4)}); }
+
 #if defined(__AVXVNNI__) || defined(__AVX512VNNI__)
 #define LILMISTRAL_YMM_DPBUSD 1
-// vpdpbusd on 256-bit registers: AVX-VNNI's (Intel since Alder Lake, AMD since Zen 5), or AVX-512 VNNI's EVEX
-// form of it where an AVX-512 CPU runs this build (tests, benchmarks). The kernels as the AVX-512 ones, each
-// 16 columns in two registers.
+// vpdpbusd on 256-bit registers: AVX-VNNI's (Intel since Alder Lake), or AVX-512 VNNI's EVEX form of it where
+// an AVX-512 CPU runs this build (tests, benchmarks). The kernels as the AVX-512 ones, 16 columns in two
+// registers.
 inline __m256i dpbusd(__m256i sum, __m256i u, __m256i s) {
 #ifdef __AVXVNNI__
   return _mm256_dpbusd_avx_epi32(sum, u, s);
@@ -108,20 +123,15 @@ inline __m256i dpbusd(__m256i sum, __m256i u, __m256i s) {
 template <int M>
 inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)[M]) {
   constexpr int C = M < 4 ? 2 : 1;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   __m256i lo[M][C], hi[M][C];
   for (int m = 0; m < M; ++m)
     for (int c = 0; c < C; ++c) lo[m][c] = hi[m][c] = _mm256_setzero_si256();
   for (int j = 0; j < 4; ++j) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
-    const __m256i a_low = _mm256_and_si256(a, nibble), a_high = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
-    const __m256i b_low = _mm256_and_si256(b, nibble), b_high = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+    const Columns v = load_columns(w + j * 64), low = low_nibbles(v), high = high_nibbles(v);
     for (int m = 0; m < M; ++m) {
       const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
-      lo[m][0] = dpbusd(lo[m][0], a_low, x_low), hi[m][0] = dpbusd(hi[m][0], b_low, x_low);
-      lo[m][C - 1] = dpbusd(lo[m][C - 1], a_high, x_high), hi[m][C - 1] = dpbusd(hi[m][C - 1], b_high, x_high);
+      lo[m][0] = dpbusd(lo[m][0], low.lo, x_low), hi[m][0] = dpbusd(hi[m][0], low.hi, x_low);
+      lo[m][C - 1] = dpbusd(lo[m][C - 1], high.lo, x_high), hi[m][C - 1] = dpbusd(hi[m][C - 1], high.hi, x_high);
     }
   }
   for (int m = 0; m < M; ++m) {
@@ -139,13 +149,11 @@ inline void int8_block(const int8_t* w, const uint8_t* x, int64_t K, Ints (&sum)
   for (int m = 0; m < M; ++m)
     for (int c = 0; c < C; ++c) lo[m][c] = hi[m][c] = _mm256_setzero_si256();
   for (int j = 0; j < 8; ++j) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
-    weight_lo = dpbusd(weight_lo, ones, a), weight_hi = dpbusd(weight_hi, ones, b);
+    const Columns v = load_columns(w + j * 64);
+    weight_lo = dpbusd(weight_lo, ones, v.lo), weight_hi = dpbusd(weight_hi, ones, v.hi);
     for (int m = 0; m < M; ++m) {
       const __m256i xm = broadcast4(x + m * K + 4 * j);
-      lo[m][j % C] = dpbusd(lo[m][j % C], xm, a), hi[m][j % C] = dpbusd(hi[m][j % C], xm, b);
+      lo[m][j % C] = dpbusd(lo[m][j % C], xm, v.lo), hi[m][j % C] = dpbusd(hi[m][j % C], xm, v.hi);
     }
   }
   const __m256i offset_lo = _mm256_slli_epi32(weight_lo, 7), offset_hi = _mm256_slli_epi32(weight_hi, 7);
@@ -164,19 +172,18 @@ const uint8_t* int8_activations(const QuantizedRows& r, int64_t) { return reinte
 // a whole block within 16 bits: at most 8 * 2 * 15 * 127 = 30480 a lane.
 template <int M>
 inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)[M]) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256i lo[M], hi[M];  // 16-bit sums: columns 0-7, 8-15
   for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm256_setzero_si256();
   for (int j = 0; j < 4; ++j) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
-    const __m256i a_low = _mm256_and_si256(a, nibble), a_high = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
-    const __m256i b_low = _mm256_and_si256(b, nibble), b_high = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+    const Columns v = load_columns(w + j * 64), low = low_nibbles(v), high = high_nibbles(v);
     for (int m = 0; m < M; ++m) {
       const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
-      lo[m] = _mm256_add_epi16(lo[m], _mm256_add_epi16(_mm256_maddubs_epi16(a_low, x_low), _mm256_maddubs_epi16(a_high, x_high)));
-      hi[m] = _mm256_add_epi16(hi[m], _mm256_add_epi16(_mm256_maddubs_epi16(b_low, x_low), _mm256_maddubs_epi16(b_high, x_high)));
+      const auto products = [&](__m256i l, __m256i h) {
+        return _mm256_add_epi16(_mm256_maddubs_epi16(l, x_low), _mm256_maddubs_epi16(h, x_high));
+      };
+      lo[m] = _mm256_add_epi16(lo[m], products(low.lo, high.lo));
+      hi[m] = _mm256_add_epi16(hi[m], products(low.hi, high.hi));
     }
   }
   for (int m = 0; m < M; ++m) sum[m] = {_mm256_madd_epi16(lo[m], ones), _mm256_madd_epi16(hi[m], ones)};
@@ -189,14 +196,15 @@ inline void int8_block(const int8_t* w, const uint8_t* x, int64_t K, Ints (&sum)
   const __m256i ones = _mm256_set1_epi16(1);
   for (int m = 0; m < M; ++m) sum[m] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
   for (int j = 0; j < 8; ++j) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
-    const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
-    const __m256i a_abs = _mm256_abs_epi8(a), b_abs = _mm256_abs_epi8(b);
+    const Columns v = load_columns(w + j * 64);
+    const __m256i lo_abs = _mm256_abs_epi8(v.lo), hi_abs = _mm256_abs_epi8(v.hi);
     for (int m = 0; m < M; ++m) {
       const __m256i xm = broadcast4(x + m * K + 4 * j);
-      sum[m].lo = _mm256_add_epi32(sum[m].lo, _mm256_madd_epi16(_mm256_maddubs_epi16(a_abs, _mm256_sign_epi8(xm, a)), ones));
-      sum[m].hi = _mm256_add_epi32(sum[m].hi, _mm256_madd_epi16(_mm256_maddubs_epi16(b_abs, _mm256_sign_epi8(xm, b)), ones));
+      const auto products = [&](__m256i magnitudes, __m256i signs) {
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(xm, signs)), ones);
+      };
+      sum[m].lo = _mm256_add_epi32(sum[m].lo, products(lo_abs, v.lo));
+      sum[m].hi = _mm256_add_epi32(sum[m].hi, products(hi_abs, v.hi));
     }
   }
 }
