@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import LilmistralError
@@ -124,7 +124,8 @@ def select_files(ref: ModelRef, files: list[RemoteFile]) -> list[RemoteFile]:
         chosen = [f for f in chosen if not f.name.startswith("consolidated")]
     if not any(f.name.endswith(".safetensors") for f in chosen):
         types = gguf_types(files)
-        example = "q4_k_m" if "q4_k_m" in types else min(types, default="")
+        fours = [t for t in ("q4_k_m", *sorted(types)) if t in types and t.startswith("q4")]  # a sensible first
+        example = fours[0] if fours else min(types, default="")
         hint = f"; it has GGUF files: pull {ref.repo}:{example.upper()} (types: {_listed(types)})" if types else ""
         raise LilmistralError(f"{ref.repo} has no safetensors weights matching the registry entry{hint}")
     if any("/" in f.name or f.name.startswith(".") for f in chosen):
@@ -206,6 +207,8 @@ def pull(ref: ModelRef, store: Store, keep_source: bool = False, force: bool = F
     if installed and installed.manifest.get("revision") == revision and not force:
         say(f"{ref.display} is up to date")
         return installed.path
+    if not ref.gguf and ref.quant in gguf_types(remote) and not any(f.name.endswith(".safetensors") for f in remote):
+        ref = replace(ref, gguf=ref.quant)  # `owner/name:F16` of a GGUF repo: its F16 file, kept f16
     files = select_gguf(ref, remote) if ref.gguf else select_files(ref, remote)
     folder = store.download_dir(ref, revision)
     folder.mkdir(parents=True, exist_ok=True)

@@ -76,13 +76,15 @@ def publish(folder: Path, ref_model, consolidated: bool) -> Path:
 
 
 def publish_gguf(folder: Path, source: Path) -> Path:
-    """A GGUF repo as llama.cpp's users publish them: one file per type, Q8_0 split in parts (gguf-split's)."""
+    """A GGUF repo as llama.cpp's users publish them: one file per type, Q8_0 split in parts (gguf-split's), and
+    an F16 one, whose type is also a lilmistral scheme."""
     import lilmistral
 
     folder.mkdir()
     llm = lilmistral.load(source, quant="f32")
     write_gguf(folder / "tiny-mistral.Q4_0.gguf", llm.model.state_dict(), llm.args, qtype="Q4_0")
     write_gguf(folder / "tiny-mistral.Q8_0.gguf", llm.model.state_dict(), llm.args, qtype="Q8_0", split_tensors=20)
+    write_gguf(folder / "tiny-mistral.F16.gguf", llm.model.state_dict(), llm.args, qtype="F16")
     (folder / "README.md").write_text("# tiny-mistral GGUF\n")
     return folder
 
@@ -163,11 +165,16 @@ def test_pull_a_gguf_file_by_its_type(home, hub, tmp_path):
     parts = {n for n in hub.repos["test/tiny-GGUF"]["files"] if n.startswith("tiny-mistral.Q8_0-")}
     assert len(parts) > 1 and {p.rsplit("/", 1)[1] for _, p, _ in hub.requests if "/resolve/" in p} == parts
     assert ["tinygguf:latest", "int8"] in [line.split()[:2] for line in cli(home, hub, "list").stdout.splitlines()]
-    assert cli(home, hub, "rm", "hf.co/test/tiny-GGUF:Q4_0").returncode == 0
+    hub.requests.clear()
+    r = cli(home, hub, "pull", "test/tiny-GGUF:F16")  # a scheme's name: a GGUF repo's file of that type, kept f16
+    assert r.returncode == 0, r.stderr
+    assert {p.rsplit("/", 1)[1] for _, p, _ in hub.requests if "/resolve/" in p} == {"tiny-mistral.F16.gguf"}
+    assert ["test--tiny-GGUF:f16", "f16"] in [line.split()[:2] for line in cli(home, hub, "list").stdout.splitlines()]
+    assert cli(home, hub, "rm", "hf.co/test/tiny-GGUF:Q4_0", "test/tiny-GGUF:f16").returncode == 0
     assert "test--tiny-GGUF" not in cli(home, hub, "list").stdout
     # a type the repo lacks, no type, and a GGUF type of a safetensors repo: one line each
-    for ref, words in (("test/tiny-GGUF:Q5_K_M", "its types: Q4_0, Q8_0"),
-                       ("test/tiny-GGUF", "pull test/tiny-GGUF:Q4_0 (types: Q4_0, Q8_0)"),
+    for ref, words in (("test/tiny-GGUF:Q5_K_M", "its types: F16, Q4_0, Q8_0"),
+                       ("test/tiny-GGUF", "pull test/tiny-GGUF:Q4_0 (types: F16, Q4_0, Q8_0)"),
                        ("test/tiny-mistral:Q4_K_M", "has no GGUF files: pull test/tiny-mistral:int4")):
         r = cli(home, hub, "pull", ref)
         error = r.stderr.splitlines()[-1]
