@@ -76,7 +76,8 @@ def _validate_quant(quant: str, where: str) -> str:
 
 def resolve(ref: str, home: Path | None = None) -> ModelRef:
     """`name[:tag]` from the registry, or a Hugging Face repo id: `owner/name[:quant]` converts its safetensors
-    weights, `owner/name:Q4_K_M` its GGUF file of that type."""
+    weights (on a repo of GGUF files only, pull takes its file of that type: `:f16`), `owner/name:Q4_K_M` its
+    GGUF file of that type."""
     registry = load_registry(home)
     ref = ref.strip()
     bare = HUB_PREFIX.sub("", ref)  # Ollama's hf.co/owner/name:Q4_K_M, or a pasted address
