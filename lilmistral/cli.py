@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .errors import LilmistralError
+from .errors import LilmistralError, show_warning
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES
 
 JINJA_FORMAT = "the model's Jinja chat template (sandboxed)"  # show's chat format line, where not Mistral's
@@ -466,15 +466,6 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return 130
-
-
-def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """lilmistral's own warnings as one line, as its errors are; others as Python shows them."""
-    text = str(message)
-    if text.startswith("lilmistral: "):
-        print(f"Warning: {text.removeprefix('lilmistral: ')}", file=sys.stderr)
-    else:
-        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)
 
 
 def run_main() -> None:

@@ -1,4 +1,6 @@
 """Errors a user can cause. The CLI prints their message on one line and exits non-zero."""
+import sys
+import warnings
 
 
 class LilmistralError(Exception):
@@ -11,3 +13,13 @@ class ModelFormatError(LilmistralError):
 
 class ContextLengthError(LilmistralError):
     """A prompt does not fit the model's context (num_ctx)."""
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """For warnings.showwarning in lilmistral's processes: its own warnings ("lilmistral: ...") as one line, as
+    its errors are; others as Python shows them."""
+    text = str(message)
+    if text.startswith("lilmistral: "):
+        print(f"Warning: {text.removeprefix('lilmistral: ')}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import timedelta
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import LilmistralError
+from .errors import LilmistralError, show_warning
 from .llm import LLM
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -366,6 +367,7 @@ def _watch_parent(parent: int) -> None:
 
 
 def worker_main() -> None:
+    warnings.showwarning = show_warning
     spec = json.loads(os.environ[ENV_ARGS])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threading.Thread(target=_watch_parent, args=(int(os.environ["LILMISTRAL_PP_PARENT"]),), daemon=True).start()

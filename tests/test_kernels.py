@@ -20,6 +20,7 @@ from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4
 from lilmistral.quant.linear import FusedQuantLinear
 from lilmistral.quant.pack import QuantSpec, dequantize, pack_int4, quantize
 
+from conftest import make_hf_model
 from reference import assert_blockwise_product
 
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 64, True), QuantSpec("int4", 128, False)]
@@ -434,3 +435,8 @@ def test_a_build_that_fails_falls_back_to_the_next_instruction_set(tmp_path):
     env["CXX"] = str(tmp_path / "no-such-compiler")
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["None"] and run.stderr.count("lilmistral:") == 1 and "no C++ compiler" in run.stderr
+    make_hf_model(tmp_path / "tiny")  # the command says it in one line, and answers
+    run = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(tmp_path / "tiny"), "Hi", "--max-tokens", "2"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert run.stderr.splitlines() == [f"Warning: no C++ compiler ({env['CXX']}) to build the CPU kernels; using "
+                                       "PyTorch's slower kernels (install g++, or set LILMISTRAL_CPU_KERNELS=torch)"]
