@@ -5,6 +5,7 @@ silu * up kernels against model.py's PyTorch versions (one decode token, bfloat1
 
     python benchmarks/cpu_kernels.py [--threads 2] [--rows 1]
     LILMISTRAL_CPU_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/cpu_kernels.py   # as on an AVX2 CPU
+    LILMISTRAL_CPU_KERNELS=avxvnni python benchmarks/cpu_kernels.py   # the AVX-VNNI build (EVEX form on AVX-512)
 """
 from __future__ import annotations
 
