@@ -407,6 +407,23 @@ def test_the_256_bit_builds_pass_these_tests_with_the_avx512_bits(tmp_path, targ
     assert len(built) == len(avx512) and all(torch.equal(a, b) for a, b in zip(built, avx512))
 
 
+@pytest.mark.skipif(not vnni.cpu_isas(), reason="no lilmistral CPU kernels on this CPU")
+def test_the_avxvnni_build_compiles_as_avx_vnni_cpus_get_it(tmp_path):
+    """The avxvnni build as an AVX-VNNI CPU gets it (-mavxvnni, no AVX-512 flags): it compiles and loads (the
+    tests above run its code through the EVEX form, whose flags would let AVX-512 instructions in), and its dot
+    products are VEX-encoded vpdpbusd on 256-bit registers, with no 512-bit ones."""
+    script = "from lilmistral.quant import vnni; print(vnni._build('avxvnni', vnni.ISAS['avxvnni'][1]))"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    if "unrecognized" in run.stdout and "-mavxvnni" in run.stdout:  # GCC before 11
+        pytest.skip(f"this compiler cannot build for AVX-VNNI: {run.stdout.strip()}")
+    assert run.stdout.strip() == "None", run.stdout + run.stderr
+    if shutil.which("objdump"):
+        code = subprocess.run(["objdump", "-d", str(next(tmp_path.rglob("lilmistral_avxvnni*.so")))],
+                              capture_output=True, text=True, check=True).stdout
+        assert code.count("{vex} vpdpbusd") > 100 and "zmm" not in code
+
+
 @pytest.mark.skipif(len(vnni.cpu_isas()) < 2, reason="needs a CPU with two of the kernels' instruction sets")
 def test_a_build_that_fails_falls_back_to_the_next_instruction_set(tmp_path):
     """A compiler that cannot build the best instruction set (GCC before 11 has no -mavxvnni) gets the next one,
