@@ -120,12 +120,15 @@ inline __m256i dpbusd(__m256i sum, __m256i u, __m256i s) {
 }
 
 // Few rows leave vpdpbusd's latency exposed: below 4, each register sums in two chains (C), added at the end.
+template <int C>
+inline __m256i sum_chains(const __m256i (&chains)[C]) {
+  return C == 2 ? _mm256_add_epi32(chains[0], chains[C - 1]) : chains[0];
+}
+
 template <int M>
 inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)[M]) {
   constexpr int C = M < 4 ? 2 : 1;
-  __m256i lo[M][C], hi[M][C];
-  for (int m = 0; m < M; ++m)
-    for (int c = 0; c < C; ++c) lo[m][c] = hi[m][c] = _mm256_setzero_si256();
+  __m256i lo[M][C] = {}, hi[M][C] = {};
   for (int j = 0; j < 4; ++j) {
     const Columns v = load_columns(w + j * 64), low = low_nibbles(v), high = high_nibbles(v);
     for (int m = 0; m < M; ++m) {
@@ -134,20 +137,14 @@ inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)
       lo[m][C - 1] = dpbusd(lo[m][C - 1], high.lo, x_high), hi[m][C - 1] = dpbusd(hi[m][C - 1], high.hi, x_high);
     }
   }
-  for (int m = 0; m < M; ++m) {
-    __m256i l = lo[m][0], h = hi[m][0];
-    if constexpr (C == 2) l = _mm256_add_epi32(l, lo[m][1]), h = _mm256_add_epi32(h, hi[m][1]);
-    sum[m] = {l, h};
-  }
+  for (int m = 0; m < M; ++m) sum[m] = {sum_chains(lo[m]), sum_chains(hi[m])};
 }
 
 template <int M>
 inline void int8_block(const int8_t* w, const uint8_t* x, int64_t K, Ints (&sum)[M]) {
   constexpr int C = M < 4 ? 2 : 1;
   const __m256i ones = _mm256_set1_epi8(1);
-  __m256i weight_lo = _mm256_setzero_si256(), weight_hi = _mm256_setzero_si256(), lo[M][C], hi[M][C];
-  for (int m = 0; m < M; ++m)
-    for (int c = 0; c < C; ++c) lo[m][c] = hi[m][c] = _mm256_setzero_si256();
+  __m256i weight_lo = _mm256_setzero_si256(), weight_hi = _mm256_setzero_si256(), lo[M][C] = {}, hi[M][C] = {};
   for (int j = 0; j < 8; ++j) {
     const Columns v = load_columns(w + j * 64);
     weight_lo = dpbusd(weight_lo, ones, v.lo), weight_hi = dpbusd(weight_hi, ones, v.hi);
@@ -157,11 +154,8 @@ inline void int8_block(const int8_t* w, const uint8_t* x, int64_t K, Ints (&sum)
     }
   }
   const __m256i offset_lo = _mm256_slli_epi32(weight_lo, 7), offset_hi = _mm256_slli_epi32(weight_hi, 7);
-  for (int m = 0; m < M; ++m) {
-    __m256i l = lo[m][0], h = hi[m][0];
-    if constexpr (C == 2) l = _mm256_add_epi32(l, lo[m][1]), h = _mm256_add_epi32(h, hi[m][1]);
-    sum[m] = {_mm256_sub_epi32(l, offset_lo), _mm256_sub_epi32(h, offset_hi)};
-  }
+  for (int m = 0; m < M; ++m)
+    sum[m] = {_mm256_sub_epi32(sum_chains(lo[m]), offset_lo), _mm256_sub_epi32(sum_chains(hi[m]), offset_hi)};
 }
 #else
 // The int8 kernel's activations: the quantized ones as they are (int8_block carries their signs).

@@ -73,7 +73,7 @@ def isa() -> str | None:
         return None
     failure = None
     for target in [wanted] if wanted in runnable else have:
-        reason = _build(target, AVXVNNI_ON_AVX512 if target not in have else ISAS[target][1])
+        reason = _build(target, ISAS[target][1] if target in have else AVXVNNI_ON_AVX512)  # forced, on AVX-512
         if reason:  # an old compiler (-mavxvnni needs GCC 11), a broken one: the next, or PyTorch's kernels
             failure = failure or f"the {target} CPU kernels did not build ({reason})"
             continue
