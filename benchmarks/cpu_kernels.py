@@ -10,6 +10,7 @@ silu * up kernels against model.py's PyTorch versions (one decode token, bfloat1
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -34,19 +35,28 @@ def median_seconds(fn, weights: list, repeat: int = 15) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def int4_row(n: int, k: int, copies: int, rows: int) -> dict:
+def int4_row(n: int, k: int, copies: int, rows: int, super_blocked: bool = False) -> dict:
+    """int4 g32 with a min: float16 scales and mins (5.0 bits a weight), or super-blocked as GGUF's Q4_K (8-bit
+    codes times float16 factors per 256 inputs, 4.625)."""
     torch_parts, vnni_parts = [], []
     for _ in range(copies):
         q = torch.randint(0, 16, (n, k), dtype=torch.int32)
-        scales, mins = torch.rand(n, k // 32).half() / 100, torch.rand(n, k // 32).half() / 100
+        if super_blocked:
+            codes = {name: torch.randint(0, 64, (n, k // 32), dtype=torch.uint8) for name in ("scales", "mins")}
+            factors = {name: torch.rand(n, k // 256).half() / 1000 for name in ("super_scales", "super_mins")}
+            parts = {"qweight": pack_int4(q), **codes, **factors}
+        else:
+            parts = {"qweight": pack_int4(q), "scales": torch.rand(n, k // 32).half() / 100,
+                     "mins": torch.rand(n, k // 32).half() / 100}
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         torch_parts.append((packed, torch.randn(k // 32, n, 2).bfloat16()))
-        vnni_parts.append(vnni.pack_int4_vnni(pack_int4(q), scales, mins))
+        vnni_parts.append(vnni.pack_int4_vnni(parts))
     x = torch.randn(rows, k).bfloat16()
     gemv = torch.ops.lilmistral.int4_gemv
-    ours = median_seconds(lambda p: gemv(x, p["q"], p["scales"], p["mins"], p["n"]), vnni_parts)
+    ours = median_seconds(lambda p: gemv(x, p["q"], p["scales"], p["mins"], p["n"], p["codes"]), vnni_parts)
     theirs = median_seconds(lambda w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1]), torch_parts)
-    return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k * 0.625 / ours / 1e9}
+    weight_bytes = n * k * (4.625 if super_blocked else 5.0) / 8
+    return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": weight_bytes / ours / 1e9}
 
 
 def int8_row(n: int, k: int, copies: int, rows: int) -> dict:
@@ -98,7 +108,9 @@ def main() -> None:
     torch.set_num_threads(ns.threads)
     isa = vnni.isa()
     assert isa, "no lilmistral CPU kernels on this CPU (or no C++ compiler)"
-    for scheme, row, shapes in (("int4 g32", int4_row, SHAPES), ("int8", int8_row, ((32000, 4096), *SHAPES[:4]))):
+    for scheme, row, shapes in (("int4 g32", int4_row, SHAPES),
+                                ("int4 g32 super-blocked", functools.partial(int4_row, super_blocked=True), SHAPES[:4]),
+                                ("int8", int8_row, ((32000, 4096), *SHAPES[:4]))):
         for n, k in shapes:
             result = row(n, k, copies=max(3, int(200e6 / (n * k * 0.6))), rows=ns.rows)
             print(json.dumps({"isa": isa, "scheme": scheme, "shape": f"{n}x{k}", "rows": ns.rows,

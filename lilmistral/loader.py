@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from .cache import cache_bytes
 from .config import ModelArgs
-from .convert import MANIFEST, WEIGHTS, default_scheme, is_converted, open_source, plan, produce
+from .convert import FORMAT_VERSION, MANIFEST, WEIGHTS, default_scheme, is_converted, open_source, plan, produce
 from .convert.gguf import GGUFSource, gguf_tokenizer
 from .errors import LilmistralError, ModelFormatError
 from .llm import DEFAULT_NUM_CTX, LLM
@@ -205,7 +205,7 @@ def _compute_dtype(dtype: str | torch.dtype | None, scheme: str | None, stored: 
 def _load_converted(folder: Path, quant: str | None, device: str, dtype: str | torch.dtype | None,
                     keep: Keep | None) -> tuple[Transformer, dict]:
     manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format_version", 0) > 1:
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ModelFormatError(f"{folder}: made by a newer lilmistral (format {manifest['format_version']})")
     scheme = manifest["quant"]["scheme"]
     if quant is not None and quant != scheme:

@@ -7,6 +7,8 @@ from pathlib import Path
 import mistral_common
 import torch
 
+from reference import quantize_q4_k
+
 MC_DATA = Path(mistral_common.__file__).parent / "data"
 SPM_V3 = MC_DATA / "mistral_instruct_tokenizer_240323.model.v3"
 
@@ -99,7 +101,8 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F
             w.add_tensor(name, a)
         else:
             q = gguf.GGMLQuantizationType[kind]
-            packed = gguf.quants.quantize(a, q)
+            # the gguf package cannot write Q4_K: reference.py's encoder
+            packed = quantize_q4_k(t).numpy() if kind == "Q4_K" else gguf.quants.quantize(a, q)
             w.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=q)
 
     add("token_embd.weight", state["tok_embeddings.weight"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lilmistral.convert.gguf import q4_canonical
+from lilmistral.convert.gguf import q4_canonical, q4k_parts
 from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import QuantLinear, vnni
 from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, VnniInt8Kernel, make_kernel
@@ -21,14 +21,26 @@ from lilmistral.quant.linear import FusedQuantLinear
 from lilmistral.quant.pack import QuantSpec, dequantize, pack_int4, quantize
 
 from conftest import make_hf_model
-from reference import assert_blockwise_product
+from reference import assert_blockwise_product, quantize_q4_k
 
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 64, True), QuantSpec("int4", 128, False)]
+Q4_K = QuantSpec("int4", 32, False, super_block=256)  # a GGUF's Q4_K, re-laid as super-blocked int4
 SHAPES = [(48, 256), (40, 128), (192, 576), (100, 384), (1024, 512)]  # 40 and 100: not multiples of 16
 
 
 def spec_id(s: QuantSpec) -> str:
-    return f"{s.scheme}-g{s.group_size}-{'sym' if s.symmetric else 'min'}"
+    return f"{s.scheme}-g{s.group_size}-{'sym' if s.symmetric else 'min'}" + (f"-s{s.super_block}" if s.super_block else "")
+
+
+def cases(specs: list[QuantSpec], shapes: list[tuple[int, int]]) -> list:
+    """(spec, n, k) for each spec and shape, Q4_K's only where 256 divides K (llama.cpp stores others otherwise)."""
+    return [pytest.param(spec, n, k, id=f"{spec_id(spec)}-{n}x{k}") for spec in specs for n, k in shapes
+            if k % (spec.super_block or 1) == 0]
+
+
+def make_parts(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """quantize(w, spec); super-blocked, the parts of w written as GGUF Q4_K blocks (as a .gguf brings them)."""
+    return q4k_parts(quantize_q4_k(w)) if spec.super_block else quantize(w, spec)
 
 
 def check_against_reference(kernel, parts: dict, spec: QuantSpec, rows: int, g: torch.Generator) -> None:
@@ -47,11 +59,10 @@ def random_parts(n: int, k: int, spec: QuantSpec, seed: int) -> tuple[dict, Quan
     if spec.scheme == "int4" and k % spec.group_size:
         spec = QuantSpec("int4", 64, spec.symmetric)  # the converter's own fallback for such K
     g = torch.Generator().manual_seed(seed)
-    return quantize(torch.randn(n, k, generator=g) * 0.05, spec), spec, g
+    return make_parts(torch.randn(n, k, generator=g) * 0.05, spec), spec, g
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
-@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("spec,n,k", cases(SPECS + [Q4_K], SHAPES))
 @pytest.mark.parametrize("rows", [1, 5, 40])  # decode, small batch, prefill (PyTorch's int8: W8A8 above 16)
 def test_kernel_matches_dequantized_reference(spec, n, k, rows):
     parts, spec, g = random_parts(n, k, spec, n + k + rows)
@@ -62,11 +73,10 @@ def test_kernel_matches_dequantized_reference(spec, n, k, rows):
     check_against_reference(kernel, parts, spec, rows, g)
 
 
-@pytest.mark.parametrize("spec", SPECS[1:], ids=spec_id)
-@pytest.mark.parametrize("n,k", [shape for shape in SHAPES if shape[0] % 16 == 0])
+@pytest.mark.parametrize("spec,n,k", cases(SPECS[1:] + [Q4_K], [shape for shape in SHAPES if shape[0] % 16 == 0]))
 @pytest.mark.parametrize("rows", [1, 40])
 def test_pytorch_int4_kernel(spec, n, k, rows):
-    """PyTorch's weight-only int4 kernel, which CPUs without AVX-512 VNNI use."""
+    """PyTorch's weight-only int4 kernel, which CPUs without lilmistral's kernels use (super-blocks expanded)."""
     parts, spec, g = random_parts(n, k, spec, n + k + rows)
     check_against_reference(Int4Kernel(parts, spec), parts, spec, rows, g)
 
@@ -125,8 +135,8 @@ def test_the_wheel_ships_every_kernel_source(tmp_path):
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 def test_vnni_packing_follows_the_documented_layouts():
-    """pack_int4_vnni and pack_int8_vnni (one pass in C++ each) put every weight, scale and min where their
-    docstrings say, the padded columns of the last group zero."""
+    """pack_int4_vnni and pack_int8_vnni (one pass in C++ each) put every weight, scale and min (super-blocked:
+    code and factor) where their docstrings say, the padded columns of the last group zero."""
     g = torch.Generator().manual_seed(0)
     n, k, group_size, groups = 37, 256, 64, 3
 
@@ -135,13 +145,20 @@ def test_vnni_packing_follows_the_documented_layouts():
 
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
     scales, mins = (torch.rand(n, k // group_size, generator=g).half() for _ in range(2))
-    packed = vnni.pack_int4_vnni(pack_int4(q), scales, mins)
+    packed = vnni.pack_int4_vnni({"qweight": pack_int4(q), "scales": scales, "mins": mins})
     chunks = padded(q).reshape(groups, 16, k // 8, 2, 4)  # group, column c, chunk j, inputs 8j..8j+3 / 8j+4..8j+7
     expected = (chunks[:, :, :, 0] | chunks[:, :, :, 1] << 4).permute(0, 2, 1, 3)  # byte 4c + i: 8j + i, 8j + 4 + i
     assert torch.equal(packed["q"], expected.reshape(groups, k * 8)) and packed["n"] == n
     for name, t in (("scales", scales), ("mins", mins)):
         per_block = padded(t.repeat_interleave(group_size // 32, dim=1))  # [groups * 16, K/32]
         assert torch.equal(packed[name], per_block.reshape(groups, 16, k // 32).transpose(1, 2))
+    codes = {name: torch.randint(0, 64, (n, k // 32), dtype=torch.uint8, generator=g) for name in ("scales", "mins")}
+    factors = {name: torch.rand(n, k // 256, generator=g).half() for name in ("super_scales", "super_mins")}
+    packed = vnni.pack_int4_vnni({"qweight": pack_int4(q), **codes, **factors})  # super-blocked: codes in pairs
+    pairs = torch.stack((padded(codes["scales"]), padded(codes["mins"])), dim=-1)  # [groups * 16, K/32, 2]
+    assert torch.equal(packed["codes"], pairs.reshape(groups, 16, k // 32, 2).transpose(1, 2))
+    for name, factor in (("scales", factors["super_scales"]), ("mins", factors["super_mins"])):
+        assert torch.equal(packed[name], padded(factor).reshape(groups, 16, k // 256).transpose(1, 2))
     q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     packed = vnni.pack_int8_vnni(q8, scales[:, 0])
     expected = padded(q8).reshape(groups, 16, k // 4, 4).transpose(1, 2)  # chunk j, column c: inputs 4j..4j+3
@@ -152,16 +169,21 @@ def test_vnni_packing_follows_the_documented_layouts():
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 def test_vnni_packing_of_blocks_of_rows_is_the_packing_of_their_concatenation():
     """A fused projection's parts are packed as blocks of rows (not concatenated first): blocks whose sizes
-    straddle the groups of 16 columns, a strided (non-contiguous) one among them, pack as their concatenation."""
+    straddle the groups of 16 columns, a strided (non-contiguous) one among them, pack as their concatenation,
+    super-blocked ones too."""
     g = torch.Generator().manual_seed(1)
-    sizes, k = (5, 16, 11, 3), 128
+    sizes, k = (5, 16, 11, 3), 256
     q = [torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g) for n in sizes]
     q[1] = torch.randint(0, 256, (k // 2, 16), dtype=torch.uint8, generator=g).t()
-    scales, mins = ([torch.rand(n, k // 64, generator=g).half() for n in sizes] for _ in range(2))
     assert not q[1].is_contiguous()
-    for name, value in vnni.pack_int4_vnni(q, scales, mins).items():
-        whole = vnni.pack_int4_vnni(torch.cat(q), torch.cat(scales), torch.cat(mins))[name]
-        assert value == whole if name == "n" else torch.equal(value, whole)
+    scales, mins = ([torch.rand(n, k // 64, generator=g).half() for n in sizes] for _ in range(2))
+    codes = {name: [torch.randint(0, 64, (n, k // 32), dtype=torch.uint8, generator=g) for n in sizes]
+             for name in ("scales", "mins")}
+    factors = {name: [torch.rand(n, 1, generator=g).half() for n in sizes] for name in ("super_scales", "super_mins")}
+    for blocks in ({"qweight": q, "scales": scales, "mins": mins}, {"qweight": q, **codes, **factors}):
+        whole = vnni.pack_int4_vnni({name: torch.cat(part) for name, part in blocks.items()})
+        for name, value in vnni.pack_int4_vnni(blocks).items():
+            assert torch.equal(value, whole[name]) if isinstance(value, torch.Tensor) else value == whole[name]
     q8 = [torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g) for n in sizes]
     for name, value in vnni.pack_int8_vnni(q8, [s[:, 0] for s in scales]).items():
         whole = vnni.pack_int8_vnni(torch.cat(q8), torch.cat(scales)[:, 0])[name]
@@ -169,8 +191,7 @@ def test_vnni_packing_of_blocks_of_rows_is_the_packing_of_their_concatenation():
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
-@pytest.mark.parametrize("n,k", [(37, 576), (48, 256)])  # 37: a padded last group of 16 columns
+@pytest.mark.parametrize("spec,n,k", cases(SPECS + [Q4_K], [(37, 576), (48, 256), (37, 512)]))  # 37: a padded group
 def test_vnni_unpacking_gives_back_the_canonical_parts(spec, n, k):
     """What a repacked kernel's float32 fallback dequantizes once the canonical parts are gone: unpacking
     the kernel's layout gives them back, bit for bit."""
@@ -178,7 +199,7 @@ def test_vnni_unpacking_gives_back_the_canonical_parts(spec, n, k):
     if spec.scheme == "int8":
         packed = vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
     else:
-        packed = vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
+        packed = vnni.pack_int4_vnni(parts)
     unpacked = vnni.unpack_vnni(packed, spec)
     assert unpacked.keys() == parts.keys()
     for name, part in parts.items():
@@ -199,13 +220,13 @@ def test_gguf_q4_packing_in_cpp_is_pytorchs(head, k_quants, monkeypatch):
     assert torch.equal(fast, q4_canonical(blocks, head, k_quants))
 
 
-@pytest.mark.parametrize("spec", SPECS[:2], ids=spec_id)
+@pytest.mark.parametrize("spec", SPECS[:2] + [Q4_K], ids=spec_id)
 def test_released_parts_are_freed_and_float32_still_gets_the_exact_product(spec):
     """release_parts: where the kernel repacked the weight, the module lets go of its canonical parts and
     nothing else holds them (their memory is freed); float32 activations still get the dequantized product,
     bit for bit. Kernels that read the parts (PyTorch's) keep them."""
-    parts, spec, g = random_parts(100, 384, spec, 0)
-    linear = QuantLinear(384, 100, spec)
+    parts, spec, g = random_parts(100, 512, spec, 0)
+    linear = QuantLinear(512, 100, spec)
     for name, part in parts.items():
         setattr(linear, name, part.clone())
     linear.prepare()
@@ -215,24 +236,27 @@ def test_released_parts_are_freed_and_float32_still_gets_the_exact_product(spec)
     gc.collect()
     assert all((ref() is None) == repacked for ref in held)
     assert (linear.qweight is None and not linear.state_dict()) == repacked
-    x = torch.randn(3, 384, generator=g)
+    x = torch.randn(3, 512, generator=g)
     assert torch.equal(linear(x), torch.nn.functional.linear(x, dequantize(parts, spec)))
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-@pytest.mark.parametrize("spec", SPECS[1:], ids=spec_id)
+@pytest.mark.parametrize("spec,n,k", cases(SPECS[1:] + [Q4_K], [(1, 128), (37, 576), (300, 4096), (24, 1408),
+                                                                 (37, 512)]))  # N % 16: a padded last group
 @pytest.mark.parametrize("rows", [1, 3, 7])
-@pytest.mark.parametrize("n,k", [(1, 128), (37, 576), (300, 4096), (24, 1408)])  # N % 16: a padded last group
 def test_vnni_int4_kernels(spec, n, k, rows):
-    """vnni.cpp's int4 GEMV against the dequantized reference, with blocks of all-0 and all-15 codes and a
-    row of zero activations; each row's result the same bits alone as among many."""
+    """vnni.cpp's int4 GEMV against the dequantized reference, with blocks of all-0 and all-15 codes (and of
+    Q4_K's largest and zero scale and min codes) and a row of zero activations; each row's result the same bits
+    alone as among many."""
     if k % spec.group_size:
         spec = QuantSpec("int4", 64, spec.symmetric)
     g = torch.Generator().manual_seed(n * k + rows)
-    parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
+    parts = make_parts(torch.randn(n, k, generator=g) * 0.05, spec)
     parts["qweight"][0, :16] = 0x00
     parts["qweight"][-1, -16:] = 0xFF
-    packed = vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
+    if spec.super_block:
+        parts["scales"][0, 0], parts["mins"][0, 0], parts["scales"][-1, -1], parts["mins"][-1, -1] = 63, 0, 0, 63
+    packed = vnni.pack_int4_vnni(parts)
     x = torch.randn(rows + 1, k, generator=g)
     x[-1] = 0
     reference = x @ dequantize(parts, spec).t()
@@ -322,7 +346,7 @@ def test_quantizing_a_parameter_keeps_no_autograd_graph(spec):
     assert not any(part.requires_grad or part.grad_fn for part in parts.values())
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True)],
+@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), Q4_K],
                          ids=spec_id)
 def test_fused_projections_give_each_projections_output(spec):
     """wq, wk, wv fused into one kernel: the same bits as each alone (bfloat16, lilmistral's kernels; float32,
@@ -331,12 +355,12 @@ def test_fused_projections_give_each_projections_output(spec):
     g = torch.Generator().manual_seed(0)
     linears = []
     for n in (96, 40, 40):  # 40: a fused boundary inside a group of 16 columns
-        linear = QuantLinear(128, n, spec)
-        for name, part in quantize(torch.randn(n, 128, generator=g) * 0.05, spec).items():
+        linear = QuantLinear(256, n, spec)
+        for name, part in make_parts(torch.randn(n, 256, generator=g) * 0.05, spec).items():
             setattr(linear, name, part)
         linear.prepare()
         linears.append(linear)
-    x = torch.randn(5, 128, generator=g)
+    x = torch.randn(5, 256, generator=g)
     inputs = [rows.to(dtype) for rows in (x[:1], x) for dtype in (torch.bfloat16, torch.float32)]
     expected = [torch.cat([linear(rows) for linear in linears], dim=-1) for rows in inputs]
     fused = FusedQuantLinear(linears)
@@ -352,16 +376,17 @@ def test_fused_projections_give_each_projections_output(spec):
 
 
 def kernel_outputs() -> list[torch.Tensor]:
-    """Every CPU operator's results on fixed inputs: int4 and int8 matmuls at 1, 5 and 19 rows; attention in
-    float32, masked and not; RMSNorm, silu * up (inputs far out in exp's range among them) and RoPE in float32 and
-    bfloat16, with tails shorter than a vector; GGUF blocks decoded, to float32 and to int8."""
+    """Every CPU operator's results on fixed inputs: int4 (Q4_K's super-blocks too) and int8 matmuls at 1, 5 and 19
+    rows; attention in float32, masked and not; RMSNorm, silu * up (inputs far out in exp's range among them) and
+    RoPE in float32 and bfloat16, with tails shorter than a vector; GGUF blocks decoded, to float32 and to int8."""
     g, ops, out = torch.Generator().manual_seed(0), torch.ops.lilmistral, []
-    for (n, k), spec, rows in zip([(37, 576), (300, 4096), (1024, 1024)] * 2, SPECS[:3] * 2, (1, 5, 19, 19, 5, 1)):
-        parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
+    for (n, k), spec, rows in zip([(37, 576), (300, 4096), (1024, 1024)] * 2 + [(37, 512), (300, 4096)],
+                                  SPECS[:3] * 2 + [Q4_K] * 2, (1, 5, 19, 19, 5, 1, 1, 19)):
+        parts = make_parts(torch.randn(n, k, generator=g) * 0.05, spec)
         if spec.scheme == "int8":
             gemv, packed = ops.int8_gemv, vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
         else:
-            gemv, packed = ops.int4_gemv, vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
+            gemv, packed = ops.int4_gemv, vnni.pack_int4_vnni(parts)
         x = torch.randn(rows, k, generator=g) * 3
         out += [gemv(x, **packed), gemv(x.bfloat16(), **packed)]
     for kv_heads, rows, slots, head_dim in [(2, 5, 33, 32), (3, 3, 100, 64), (8, 4, 200, 128)]:
@@ -382,7 +407,7 @@ def kernel_outputs() -> list[torch.Tensor]:
             blocks[..., at:at + 2] = (torch.randn(6, 2, 1, generator=g) / 100).half().view(torch.uint8)
         out += [ops.gguf_dequantize(blocks.view(6, -1), kind), *ops.gguf_int8(blocks.view(6, -1), kind)]
         if kind == "Q4_K":
-            out += ops.q4k_scales(blocks)
+            out += ops.q4k_codes(blocks)
     return out
 
 

@@ -23,7 +23,7 @@ from ..quant.pack import packed_shapes
 from .gguf import WIDE_TYPES, GGUFSource, gguf_tokenizer
 from .hf import HFSource, TensorEntry
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads; 2: super-blocked int4 (docs/format.md)
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 FLOAT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -134,6 +134,11 @@ def _save_tokenizer(src: Source, folder: Path) -> str:
     return ", ".join(sorted(p.name for p in copied))
 
 
+def format_version(planned: list[Planned]) -> int:
+    """The oldest format that holds these tensors, so that older lilmistral versions read what they can."""
+    return 2 if any(p.spec is not None and p.spec.super_block for p in planned) else 1
+
+
 def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False,
             on_tensor: Callable[[str, int], None] | None = None, extra: dict | None = None) -> Path:
     """Convert `source` into a lilmistral model folder at `out`, atomically."""
@@ -148,15 +153,16 @@ def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROU
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        version = format_version(planned)
         writer = SafetensorsWriter(tmp / WEIGHTS, [o for p in planned for o in p.outputs],
-                                   metadata={"format": "pt", "lilmistral": str(FORMAT_VERSION)})
+                                   metadata={"format": "pt", "lilmistral": str(version)})
         for name, tensor in produce(src, planned):
             writer.write(name, tensor)
             if on_tensor:
                 on_tensor(name, tensor.numel() * tensor.element_size())
         writer.close()
         manifest = {
-            "format": "lilmistral", "format_version": FORMAT_VERSION,
+            "format": "lilmistral", "format_version": version,
             "args": src.args.to_dict(),
             "quant": {"scheme": scheme, "group_size": group_size if scheme.startswith("int4") else None},
             "float_dtype": str(float_dtype).removeprefix("torch."),

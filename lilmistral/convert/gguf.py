@@ -54,10 +54,11 @@ map_stacked_name = name_mapper({k: v.replace("{e}", "{{e}}") for k, v in GGUF_ST
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED = (*FLOAT_TYPES, *BLOCK_TYPES)
-# Block formats that are one of lilmistral's int4 layouts (group 32), re-laid without requantizing: type ->
-# symmetric. Q4_0, Q4_1 bit for bit; Q4_K's sub-blocks of 32 as they are, their scales and mins (a 6-bit
-# integer times a float16) rounded to float16 (~2e-4 relative; requantizing its values: ~1.5e-2)
-DIRECT_INT4 = {"Q4_0": True, "Q4_1": False, "Q4_K": False}
+# Block formats that are one of lilmistral's int4 layouts (group 32), re-laid without requantizing, every value
+# the same: type -> its spec. Q4_0, Q4_1 bit for bit; Q4_K's super-blocks of 256 with their 6-bit codes of
+# each sub-block's scale and min
+DIRECT_INT4 = {"Q4_0": QuantSpec("int4", 32, True), "Q4_1": QuantSpec("int4", 32, False),
+               "Q4_K": QuantSpec("int4", 32, False, super_block=256)}
 # Block types of 6 bits or more, which a mostly 4-bit file (llama.cpp's Q4_K_M: attn_v and ffn_down of half the
 # layers in Q6_K) keeps for its sensitive tensors: int8 there, not int4 (measured on Q6_K tensors: requantized
 # to int4, 6.4% relative error; to int8, 0.85%)
@@ -213,7 +214,9 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     """Q4_K super-blocks [n, 144] -> float32 [n, 256] (q4k_parts has the layout), as the gguf package computes
     them."""
     n = blocks.shape[0]
-    scales, mins = q4k_scales(blocks.view(n, 1, 144))
+    d, dmin = (factor.float().view(n, 1, 1) for factor in q4k_factors(blocks))
+    scale_codes, min_codes = q4k_codes(blocks.view(n, 1, 144))
+    scales, mins = d * scale_codes.float(), dmin * min_codes.float()
     q = (blocks[:, 16:].reshape(n, 4, 1, 32) >> _SHIFTS_4.view(1, 1, 2, 1)) & 0x0F  # [n, 4, 2, 32]
     return (scales.reshape(n, 8, 1) * q.reshape(n, 8, 32).float() - mins.reshape(n, 8, 1)).reshape(n, 256)
 
@@ -393,7 +396,7 @@ class GGUFSource:
         """The spec read_packed makes this tensor's blocks into for `spec`: for int4 groups of 32, the int4 layout
         that holds Q4 blocks as they are; for int8, int8 (blocks decoded a few rows at a time); else None."""
         if spec and spec.scheme == "int4" and spec.group_size == 32 and entry.source_type in DIRECT_INT4:
-            return QuantSpec("int4", 32, DIRECT_INT4[entry.source_type])
+            return DIRECT_INT4[entry.source_type]
         if spec and spec.scheme == "int8" and entry.source_type not in FLOAT_TYPES:
             return spec
         return None
@@ -435,30 +438,32 @@ def q4_parts(raw: torch.Tensor, with_mins: bool) -> dict[str, torch.Tensor]:
     return parts
 
 
-def q4k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K super-blocks [N, B, 144] -> float32 (d * scale, dmin * min) [N, B, 8] of their sub-blocks: float16 d
-    and dmin, then 12 bytes of 6-bit scales and mins (the gguf package's Q4_K.get_scale_min)."""
+def q4k_factors(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks [..., 144] -> their float16 d and dmin [...]."""
+    return tuple(blocks[..., at:at + 2].contiguous().view(torch.float16)[..., 0] for at in (0, 2))
+
+
+def q4k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K super-blocks [N, B, 144] -> the 6-bit codes uint8 [N, B, 8] of their sub-blocks' scales and mins:
+    12 bytes after d and dmin (the gguf package's Q4_K.get_scale_min)."""
     n = blocks.shape[0]
-    d, dmin = (blocks[..., at:at + 2].contiguous().view(torch.float16).float() for at in (0, 2))  # [N, B, 1]
     packed = blocks[..., 4:16].reshape(n, -1, 3, 4)
     low_scales, low_mins, high = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]  # sub-blocks 0..3: 6 bits
     scales = torch.cat((low_scales & 0x3F, (high & 0x0F) | ((low_scales >> 2) & 0x30)), dim=-1)  # [N, B, 8]
     mins = torch.cat((low_mins & 0x3F, (high >> 4) | ((low_mins >> 2) & 0x30)), dim=-1)
-    return d * scales, dmin * mins
+    return scales, mins
 
 
 def q4k_parts(raw: torch.Tensor) -> dict[str, torch.Tensor]:
     """Rows of Q4_K super-blocks [N, bytes], each 256 values in 8 sub-blocks of 32 (sub-block j: d * scale[j] * q
-    - dmin * min[j]; q4k_scales), then 4 chunks of 32 bytes, chunk c's low nibbles sub-block 2c, its high ones
-    2c + 1 (the gguf package's Q4_K.dequantize_blocks, re-laid)."""
+    - dmin * min[j]; q4k_codes), then 4 chunks of 32 bytes, chunk c's low nibbles sub-block 2c, its high ones
+    2c + 1: the super-blocked int4 parts (pack.py) of the gguf package's Q4_K.dequantize_blocks, its bits."""
     n = raw.shape[0]
     blocks = raw.view(n, -1, 144)
-    if vnni.available():
-        scales, mins = torch.ops.lilmistral.q4k_scales(blocks)
-    else:
-        scales, mins = q4k_scales(blocks)
-        scales, mins = scales.half().view(n, -1), (-mins).half().view(n, -1)
-    return {"qweight": q4_canonical(blocks, 16, k_quants=True), "scales": scales, "mins": mins}
+    scales, mins = torch.ops.lilmistral.q4k_codes(blocks) if vnni.available() else q4k_codes(blocks)
+    d, dmin = q4k_factors(blocks)
+    return {"qweight": q4_canonical(blocks, 16, k_quants=True), "scales": scales.view(n, -1),
+            "mins": mins.view(n, -1), "super_scales": d, "super_mins": -dmin}
 
 
 def q4_canonical(blocks: torch.Tensor, head: int, k_quants: bool = False) -> torch.Tensor:

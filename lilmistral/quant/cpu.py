@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..model import rms_norm, rope, silu_mul
 from . import vnni
-from .pack import QuantSpec, dequantize, unpack_int4
+from .pack import QuantSpec, dequantize, expand_super_blocks, unpack_int4
 
 
 class DequantKernel:
@@ -115,20 +115,21 @@ class VnniInt4Kernel(RowsKernel):
     repacked = True
 
     def __init__(self, parts: Parts, spec: QuantSpec) -> None:
-        self.parts = vnni.pack_int4_vnni(parts["qweight"], parts["scales"], parts.get("mins"))
+        self.parts = vnni.pack_int4_vnni(parts)
         super().__init__(parts, spec)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts  # by position: keywords cost ~2 us a call, ~3% of a small model's token
-        return torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"])
+        return torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"], p["codes"])
 
 
 class Int4Kernel(RowsKernel):
-    """PyTorch's weight-only int4 kernel (CPUs without vnni.cpp's)."""
+    """PyTorch's weight-only int4 kernel (CPUs without vnni.cpp's; super-blocked scales expanded per group)."""
 
     def __init__(self, parts: Parts, spec: QuantSpec) -> None:
         parts = stacked(parts)
         super().__init__(parts, spec)
+        parts, spec = expand_super_blocks(parts, spec)
         q = unpack_int4(parts["qweight"]).to(torch.int32)  # [N, K], 0..15
         self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # ISA-specific layout
         scales = parts["scales"].float()  # [N, K/G]
@@ -164,10 +165,11 @@ def expert_gemv(kernels: list):
     """(x [R, K], expert [R]) -> [R, N], row r times expert[r]'s weight, in one VNNI call over the experts'
     own kernels' parts; None where they are not all VNNI kernels."""
     if all(isinstance(k, VnniInt4Kernel) for k in kernels):
-        q, scales, mins = ([k.parts[name] for k in kernels] for name in ("q", "scales", "mins"))
+        q, scales, mins, codes = ([k.parts[name] for k in kernels] for name in ("q", "scales", "mins", "codes"))
         mins = [] if mins[0] is None else mins  # symmetric: none
+        codes = [] if codes[0] is None else codes  # not super-blocked: none
         n = kernels[0].parts["n"]
-        return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, n, expert)
+        return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, n, expert, codes)
     if all(isinstance(k, VnniInt8Kernel) for k in kernels):
         q, scales = [k.parts["q"] for k in kernels], [k.parts["scales"] for k in kernels]
         n = kernels[0].parts["n"]

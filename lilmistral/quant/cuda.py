@@ -10,7 +10,7 @@ import torch
 
 from ..model import rms_norm, rope, sdpa, silu_mul, store_kv
 from .cpu import DequantKernel, Parts, eager_only, stacked
-from .pack import QuantSpec
+from .pack import QuantSpec, expand_super_blocks
 
 
 @functools.cache
@@ -23,12 +23,13 @@ def has_triton() -> bool:
 
 
 def make_kernel(parts: Parts, spec: QuantSpec):
-    """The kernel for a weight's parts (a fused projection's as blocks of rows), repacked for Triton's kernels."""
+    """The kernel for a weight's parts (a fused projection's as blocks of rows), repacked for Triton's kernels
+    (super-blocked scales expanded per group)."""
     if not has_triton():
         return DequantKernel(stacked(parts), spec)
     from .triton_kernels import TritonKernel
 
-    return TritonKernel(parts, spec)
+    return TritonKernel(*expand_super_blocks(parts, spec))
 
 
 def gated_kernel(parts: Parts, spec: QuantSpec):
@@ -36,7 +37,7 @@ def gated_kernel(parts: Parts, spec: QuantSpec):
     call writes silu(w1 x) * w3 x. Needs Triton (`has_triton`)."""
     from .triton_kernels import TritonKernel
 
-    return TritonKernel(parts, spec, interleave=True)
+    return TritonKernel(*expand_super_blocks(parts, spec), interleave=True)
 
 
 def expert_gemv(kernels: list) -> Callable | None:

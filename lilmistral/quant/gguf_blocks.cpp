@@ -164,27 +164,23 @@ std::tuple<at::Tensor, at::Tensor> gguf_int8(const at::Tensor& raw, c10::string_
   return {q, scales};
 }
 
-// Q4_K super-blocks uint8 [N, B, 144] -> float16 scales d * scale_j and mins -(dmin * min_j) [N, B * 8] of their
-// sub-blocks, as convert/gguf.py's q4k_parts keeps them.
-std::tuple<at::Tensor, at::Tensor> q4k_scales(const at::Tensor& blocks) {
+// Q4_K super-blocks uint8 [N, B, 144] -> the 6-bit codes of their sub-blocks' scales and mins, uint8 [N, B * 8]
+// each, as convert/gguf.py's q4k_parts keeps them (times the super-block's d and -dmin).
+std::tuple<at::Tensor, at::Tensor> q4k_codes(const at::Tensor& blocks) {
   TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == 144 &&
-              blocks.stride(2) == 1 && blocks.stride(1) == 144, "q4k_scales: blocks must be uint8 [N, B, 144]");
+              blocks.stride(2) == 1 && blocks.stride(1) == 144, "q4k_codes: blocks must be uint8 [N, B, 144]");
   const int64_t N = blocks.size(0), B = blocks.size(1), stride = blocks.stride(0);
-  at::Tensor scales = at::empty({N, B * 8}, blocks.options().dtype(at::kHalf)), mins = at::empty_like(scales);
+  at::Tensor scales = at::empty({N, B * 8}, blocks.options()), mins = at::empty_like(scales);
   const uint8_t* in = blocks.data_ptr<uint8_t>();
-  at::Half* s = scales.data_ptr<at::Half>();
-  at::Half* m = mins.data_ptr<at::Half>();
+  uint8_t* s = scales.data_ptr<uint8_t>();
+  uint8_t* m = mins.data_ptr<uint8_t>();
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n)
-      for (int64_t b = 0; b < B; ++b) {
-        const uint8_t* block = in + n * stride + b * 144;
-        const float d = half_at(block), dmin = half_at(block + 2);
+      for (int64_t b = 0; b < B; ++b)
         for (int j = 0; j < 8; ++j) {
-          const auto [scale, min] = scale_min(block + 4, j);
-          s[(n * B + b) * 8 + j] = at::Half(d * static_cast<float>(scale));
-          m[(n * B + b) * 8 + j] = at::Half(-(dmin * static_cast<float>(min)));
+          const auto [scale, min] = scale_min(in + n * stride + b * 144 + 4, j);
+          s[(n * B + b) * 8 + j] = static_cast<uint8_t>(scale), m[(n * B + b) * 8 + j] = static_cast<uint8_t>(min);
         }
-      }
   });
   return {scales, mins};
 }
@@ -241,13 +237,13 @@ at::Tensor q4_canonical(const at::Tensor& blocks, int64_t head, bool k_quants) {
 TORCH_LIBRARY_FRAGMENT(lilmistral, m) {
   m.def("gguf_dequantize(Tensor raw, str kind) -> Tensor");
   m.def("gguf_int8(Tensor raw, str kind) -> (Tensor, Tensor)");
-  m.def("q4k_scales(Tensor blocks) -> (Tensor, Tensor)");
+  m.def("q4k_codes(Tensor blocks) -> (Tensor, Tensor)");
   m.def("q4_canonical(Tensor blocks, int head, bool k_quants) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
   m.impl("gguf_dequantize", &gguf_dequantize);
   m.impl("gguf_int8", &gguf_int8);
-  m.impl("q4k_scales", &q4k_scales);
+  m.impl("q4k_codes", &q4k_codes);
   m.impl("q4_canonical", &q4_canonical);
 }

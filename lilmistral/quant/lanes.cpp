@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(__AVX512F__) && !defined(LILMISTRAL_YMM)
 #define LILMISTRAL_ZMM 1
@@ -40,6 +41,11 @@ inline Floats load_halves(const uint16_t* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
 inline void store(float* p, Floats a) { _mm512_storeu_ps(p, a.v); }
+// Sixteen 16-bit words as float32: their low bytes, and their high bytes.
+inline std::pair<Floats, Floats> load_byte_pairs(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {{_mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xFF)))}, {_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8))}};
+}
 inline float reduce_add(Floats a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(Floats a) { return _mm512_reduce_max_ps(a.v); }
 inline Floats zero_unless(Floats a, uint32_t bits) { return {_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), a.v)}; }
@@ -104,6 +110,13 @@ inline Floats load_halves(const uint16_t* p) {
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
 }
 inline void store(float* p, Floats a) { _mm256_storeu_ps(p, a.lo), _mm256_storeu_ps(p + 8, a.hi); }
+inline std::pair<Floats, Floats> load_byte_pairs(const uint16_t* p) {
+  const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  const __m256i byte = _mm256_set1_epi32(0xFF);
+  return {{_mm256_cvtepi32_ps(_mm256_and_si256(lo, byte)), _mm256_cvtepi32_ps(_mm256_and_si256(hi, byte))},
+          {_mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 8)), _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 8))}};
+}
 
 // In the order of GCC's _mm512_reduce_add_ps: halves, quarters, then pairs.
 inline float reduce_add(Floats a) {

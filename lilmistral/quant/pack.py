@@ -5,6 +5,9 @@ int4: q uint8 [N, K/2], two 4-bit values q in 0..15 per byte along K, element 2j
       nibble and 2j+1 in the high one; per group of G inputs a float16 scale [N, K/G] and:
       asymmetric: a float16 min [N, K/G],  w = q * scale + min   (GGUF Q4_1 when G = 32)
       symmetric:  no min,                  w = (q - 8) * scale   (GGUF Q4_0 when G = 32)
+      super-blocked (asymmetric; GGUF Q4_K when G = 32, S = 256): each group's scale and min an 8-bit code
+      uint8 [N, K/G] times a float16 factor per super-block of S inputs, super_scales and super_mins [N, K/S]:
+      w = q * (super_scale * scale) + super_min * min   (4.625 bits a weight at G = 32, S = 256; 5.0 without)
 """
 from __future__ import annotations
 
@@ -20,9 +23,11 @@ class QuantSpec:
     scheme: str  # "int4" or "int8"
     group_size: int = 0  # int4 only
     symmetric: bool = True
+    super_block: int = 0  # int4 with mins: 0, float16 scales and mins; else S, coded per super-block of S inputs
 
     def to_dict(self) -> dict:
-        return {"scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric}
+        d = {"scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric}
+        return d | {"super_block": self.super_block} if self.super_block else d
 
 
 def group_size_for(k: int, wanted: int) -> int:
@@ -96,18 +101,46 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     return quantize_int4(w, spec.group_size, spec.symmetric)
 
 
+def group_scales(parts: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """int4's float32 scales and mins (None: symmetric) [N, K/G], super-blocked ones decoded (exactly: a float16
+    times an 8-bit code)."""
+    scales, mins = parts["scales"].float(), parts.get("mins")
+    if not spec.super_block:
+        return scales, None if mins is None else mins.float()
+    per = spec.super_block // spec.group_size
+    return (scales * parts["super_scales"].float().repeat_interleave(per, dim=1),
+            mins.float() * parts["super_mins"].float().repeat_interleave(per, dim=1))
+
+
+def expand_super_blocks(parts: dict, spec: QuantSpec) -> tuple[dict, QuantSpec]:
+    """Super-blocked int4 parts (each a tensor or blocks of rows) as plain int4's, their scales and mins rounded
+    to float16 (~2e-4 relative), for kernels without a super-blocked layout of their own; others as they are."""
+    if not spec.super_block:
+        return parts, spec
+
+    def expand(block: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scales, mins = group_scales(block, spec)
+        return {"qweight": block["qweight"], "scales": scales.half(), "mins": mins.half()}
+
+    plain = QuantSpec("int4", spec.group_size, symmetric=False)
+    if not isinstance(parts["qweight"], list):
+        return expand(parts), plain
+    blocks = [expand({name: part[i] for name, part in parts.items()}) for i in range(len(parts["qweight"]))]
+    return {name: [block[name] for block in blocks] for name in blocks[0]}, plain
+
+
 def dequantize(parts: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [N, K] that packed parts stand for (the reference every kernel is tested against)."""
-    scales = parts["scales"].float()
     if spec.scheme == "int8":
-        return (parts["qweight"].float() * scales[:, None]).to(dtype)
+        return (parts["qweight"].float() * parts["scales"].float()[:, None]).to(dtype)
+    scales, mins = group_scales(parts, spec)
     q = unpack_int4(parts["qweight"]).float()
     n, k = q.shape
     q = q.reshape(n, k // spec.group_size, spec.group_size)
     if spec.symmetric:
         w = (q - 8) * scales[..., None]
     else:
-        w = q * scales[..., None] + parts["mins"].float()[..., None]
+        w = q * scales[..., None] + mins[..., None]
     return w.reshape(n, k).to(dtype)
 
 
@@ -115,8 +148,10 @@ def packed_shapes(n: int, k: int, spec: QuantSpec) -> dict[str, tuple[tuple[int,
     """Names, shapes and dtypes of the packed parts of an [N, K] weight, without computing them."""
     if spec.scheme == "int8":
         return {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.float16)}
-    groups = k // spec.group_size
-    shapes = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, groups), torch.float16)}
+    groups, scale_type = k // spec.group_size, torch.uint8 if spec.super_block else torch.float16
+    shapes = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, groups), scale_type)}
     if not spec.symmetric:
-        shapes["mins"] = ((n, groups), torch.float16)
+        shapes["mins"] = ((n, groups), scale_type)
+    if spec.super_block:
+        shapes |= {name: ((n, k // spec.super_block), torch.float16) for name in ("super_scales", "super_mins")}
     return shapes

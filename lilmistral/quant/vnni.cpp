@@ -351,10 +351,12 @@ struct Int8Gemv {
 // instruction multiplies 16 columns by four broadcast activations and each lane sums one column's products.
 // Four chunks make a block of 32 (int4_block), whose integer sum is scaled once. Scales and mins float16
 // [groups, K/32, 16]. w = q * scale + min, or with no mins (symmetric) w = (q - 8) * scale: a block's min (or
-// -8 * scale) times its activation sum is added once.
+// -8 * scale) times its activation sum is added once. Super-blocked (pack.py; GGUF's Q4_K), scales and mins are
+// factors [groups, K/S, 16], one per PER blocks, and codes [groups, K/32, 16] a block's 8-bit codes (scale's in
+// the low byte, min's in the high one): a block's scale is factor times code, exactly.
 struct Int4Gemv {
-  const uint8_t* w; const uint16_t* scale; const uint16_t* min; const int8_t* xq; const float* x_scale;
-  const float* x_sum; Output out; int64_t N, K;
+  const uint8_t* w; const uint16_t* scale; const uint16_t* min; const uint16_t* codes; int64_t per;
+  const int8_t* xq; const float* x_scale; const float* x_sum; Output out; int64_t N, K;
   static constexpr int64_t TILE = 4, GRAIN = 8;
 
   int64_t units() const { return (N + 15) / 16; }
@@ -367,19 +369,25 @@ struct Int4Gemv {
 
   template <int M>
   void rows(int64_t begin, int64_t end) const {
-    const int64_t blocks = K / BLOCK;
+    const int64_t blocks = K / BLOCK, factors = blocks / per;
     for (int64_t g = begin; g < end; ++g) {
       Floats acc[M];
       for (int m = 0; m < M; ++m) acc[m] = set1(0.f);
-      for (int64_t b = 0; b < blocks; ++b) {
-        Ints sum[M];
-        int4_block<M>(w + (g * blocks + b) * BLOCK * 8, xq + b * BLOCK, K, sum);
-        const int64_t at = (g * blocks + b) * 16;
-        const Floats ws = load_halves(scale + at);
-        const Floats wo = min ? load_halves(min + at) : mul(ws, set1(-8.f));
-        for (int m = 0; m < M; ++m) {
-          acc[m] = fmadd(to_floats(sum[m]), mul(ws, set1(x_scale[m * blocks + b])), acc[m]);
-          acc[m] = fmadd(wo, set1(x_sum[m * blocks + b]), acc[m]);
+      for (int64_t f = 0; f < factors; ++f) {
+        const Floats scale_f = load_halves(scale + (g * factors + f) * 16);
+        const Floats min_f = min ? load_halves(min + (g * factors + f) * 16) : mul(scale_f, set1(-8.f));
+        for (int64_t b = f * per; b < (f + 1) * per; ++b) {
+          Ints sum[M];
+          int4_block<M>(w + (g * blocks + b) * BLOCK * 8, xq + b * BLOCK, K, sum);
+          Floats ws = scale_f, wo = min_f;
+          if (codes) {
+            const auto [scale_code, min_code] = load_byte_pairs(codes + (g * blocks + b) * 16);
+            ws = mul(scale_f, scale_code), wo = mul(min_f, min_code);
+          }
+          for (int m = 0; m < M; ++m) {
+            acc[m] = fmadd(to_floats(sum[m]), mul(ws, set1(x_scale[m * blocks + b])), acc[m]);
+            acc[m] = fmadd(wo, set1(x_sum[m * blocks + b]), acc[m]);
+          }
         }
       }
       for (int m = 0; m < M; ++m) out.store_lanes(m * N + g * 16, acc[m], std::min<int64_t>(16, N - g * 16));
@@ -399,18 +407,22 @@ Int8Gemv int8_kernel(const at::Tensor& q, const at::Tensor& scales, int64_t N, c
 }
 
 // The kernel over one int4 weight of N columns in Int4Gemv's layout: q uint8 [groups, K * 8], scales and mins
-// (none: symmetric) float16 [groups, K/32, 16].
+// (none: symmetric) float16 [groups, K/32, 16] or, with codes uint8 [groups, K/32, 16, 2], [groups, K/S, 16].
 Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins, int64_t N,
-                     const QuantizedRows& r, Output out) {
-  const int64_t groups = q.size(0), K = q.size(1) / 8;
+                     const c10::optional<at::Tensor>& codes, const QuantizedRows& r, Output out) {
+  const int64_t groups = q.size(0), K = q.size(1) / 8, blocks = K / BLOCK;
+  const int64_t factors = scales.dim() == 3 ? scales.size(1) : 0;
   TORCH_CHECK(q.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && q.is_contiguous() &&
               scales.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (8 * K_ALIGN) == 0 &&
-              scales.sizes() == at::IntArrayRef({groups, K / BLOCK, 16}) &&
+              factors > 0 && blocks % factors == 0 && scales.sizes() == at::IntArrayRef({groups, factors, 16}) &&
+              (codes || factors == blocks) &&
+              (!codes || (codes->scalar_type() == at::kByte && codes->is_contiguous() && mins &&
+                          codes->sizes() == at::IntArrayRef({groups, blocks, 16, 2}))) &&
               (!mins || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())),
               "int4_gemv: unsupported layout");
-  const auto half_bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
-  return Int4Gemv{q.data_ptr<uint8_t>(), half_bits(scales), mins ? half_bits(*mins) : nullptr, r.q, r.scale, r.sum,
-                  out, N, K};
+  const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
+  return Int4Gemv{q.data_ptr<uint8_t>(), bits(scales), mins ? bits(*mins) : nullptr, codes ? bits(*codes) : nullptr,
+                  blocks / factors, r.q, r.scale, r.sum, out, N, K};
 }
 
 // Mixture-of-experts decode: row r of the activations times the weight of expert[r], from one kernel per
@@ -447,13 +459,13 @@ at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   return out.to(x_in.scalar_type());
 }
 
-// x [M, K]; q, scales, mins as int4_kernel's for N columns. Returns [M, N] in x's dtype.
+// x [M, K]; q, scales, mins, codes as int4_kernel's for N columns. Returns [M, N] in x's dtype.
 at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& mins, int64_t N) {
+                     const c10::optional<at::Tensor>& mins, int64_t N, const c10::optional<at::Tensor>& codes) {
   const Rows x(x_in, q.size(1) / 8);
   const QuantizedRows r = quantize_rows(x);
   at::Tensor out = x.empty_out(N);
-  run(int4_kernel(q, scales, mins, N, r, Output(out)), out.size(0));
+  run(int4_kernel(q, scales, mins, N, codes, r, Output(out)), out.size(0));
   return out.to(x_in.scalar_type());
 }
 
@@ -471,16 +483,17 @@ at::Tensor int8_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
 }
 
 at::Tensor int4_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList scales,
-                             at::TensorList mins, int64_t N, const at::Tensor& expert) {
+                             at::TensorList mins, int64_t N, const at::Tensor& expert, at::TensorList codes) {
   check_same_shapes(q);
-  TORCH_CHECK(mins.empty() || mins.size() == q.size(), "int4_gemv_experts: mins for every expert or none");
+  TORCH_CHECK((mins.empty() || mins.size() == q.size()) && (codes.empty() || codes.size() == q.size()),
+              "int4_gemv_experts: mins (and codes) for every expert or none");
   const Rows x(x_in, q[0].size(1) / 8);
   const QuantizedRows r = quantize_rows(x);
   at::Tensor out = x.empty_out(N);
   std::vector<Int4Gemv> experts;
   for (size_t i = 0; i < q.size(); ++i) {
-    const c10::optional<at::Tensor> expert_mins = mins.empty() ? c10::nullopt : c10::optional<at::Tensor>(mins[i]);
-    experts.push_back(int4_kernel(q[i], scales[i], expert_mins, N, r, Output(out)));
+    const auto of_expert = [i](at::TensorList t) { return t.empty() ? c10::nullopt : c10::optional<at::Tensor>(t[i]); };
+    experts.push_back(int4_kernel(q[i], scales[i], of_expert(mins), N, of_expert(codes), r, Output(out)));
   }
   expert_rows(experts, expert, out.size(0));
   return out.to(x_in.scalar_type());
@@ -553,9 +566,10 @@ at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repea
 // their shapes for torch.compile.
 TORCH_LIBRARY(lilmistral, m) {
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scales, int n) -> Tensor");
-  m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, int n) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, int n, Tensor? codes=None) -> Tensor");
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
-  m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor[] mins, int n, Tensor expert) -> Tensor");
+  m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor[] mins, int n, Tensor expert, "
+        "Tensor[] codes) -> Tensor");
   m.def("pack_columns(Tensor[] blocks, int word_bytes, int repeat, bool nibbles) -> Tensor");
 }
 

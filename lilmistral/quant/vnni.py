@@ -53,12 +53,12 @@ def cpu_isas() -> list[str]:
 def isa() -> str | None:
     """The instruction set the operators were built for, one of ISAS (building them on the first call, the best
     that builds); None where there are none. torch.ops.lilmistral.int8_gemv(x [M, K], q, scales, n) with
-    pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n) with pack_int4_vnni's, and for mixtures of experts
-    int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x, [q], [scales], [mins] ([] where
-    symmetric), n, expert): row m of x times the weight of expert[m]; attention(q, keys, values, mask, scale)
-    (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up) (pointwise.cpp);
-    gguf_dequantize(raw, kind), gguf_int8(raw, kind), q4k_scales(blocks), q4_canonical(blocks, head, k_quants)
-    (gguf_blocks.cpp)."""
+    pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n, codes) with pack_int4_vnni's, and for mixtures of
+    experts int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x, [q], [scales], [mins] ([]
+    where symmetric), n, expert, [codes] ([] unless super-blocked)): row m of x times the weight of expert[m];
+    attention(q, keys, values, mask, scale) (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin),
+    silu_mul(gate, up) (pointwise.cpp); gguf_dequantize(raw, kind), gguf_int8(raw, kind), q4k_codes(blocks),
+    q4_canonical(blocks, head, k_quants) (gguf_blocks.cpp)."""
     wanted, have = os.environ.get("LILMISTRAL_CPU_KERNELS"), cpu_isas()
     if wanted == "torch" or not have:
         return None
@@ -158,36 +158,54 @@ def pack_int8_vnni(q: Rows, scales: Rows) -> dict[str, torch.Tensor | int]:
             "n": row_count(q)}
 
 
-def pack_int4_vnni(qweight: Rows, scales: Rows, mins: Rows | None) -> dict[str, torch.Tensor | int | None]:
-    """The canonical int4 bytes [N, K/2] (pack.py) and per-group float16 scales (and mins) [N, K/G] (each a
-    tensor or blocks of its rows) -> int4_gemv's arguments: columns in groups of 16 (the last padded with
-    zeros), each group's weights in chunks of 8 inputs, 64 bytes: bytes 4c..4c+3 hold column c's inputs 0..3
-    in their low nibbles and 4..7 in their high ones; scales and mins one per block of 32 inputs, [groups,
-    K/32, 16]. One pass in C++ (pack_columns): loading a model repacks all of its weights."""
-    qweight = row_blocks(qweight)
-    k = qweight[0].shape[1] * 2
+def pack_int4_vnni(parts: dict[str, Rows]) -> dict[str, torch.Tensor | int | None]:
+    """The canonical int4 parts (pack.py; each a tensor or blocks of its rows) -> int4_gemv's arguments: columns
+    in groups of 16 (the last padded with zeros), each group's weights in chunks of 8 inputs, 64 bytes: bytes
+    4c..4c+3 hold column c's inputs 0..3 in their low nibbles and 4..7 in their high ones; float16 scales (and
+    mins) one per block of 32 inputs, [groups, K/32, 16]. Super-blocked, scales and mins are the super-blocks'
+    factors [groups, K/S, 16], and codes uint8 [groups, K/32, 16, 2] each block's (scale, min) codes. One pass
+    in C++ (pack_columns): loading a model repacks all of its weights."""
+    qweight = row_blocks(parts["qweight"])
+    k, groups = qweight[0].shape[1] * 2, (row_count(qweight) + 15) // 16
     pack = torch.ops.lilmistral.pack_columns
 
-    def per_block(t: Rows) -> torch.Tensor:
-        blocks = [block.half() for block in row_blocks(t)]
-        return pack(blocks, 2, k // 32 // blocks[0].shape[1], False).view(torch.float16).reshape(-1, k // 32, 16)
+    def columns(blocks: list[torch.Tensor], per_block: bool) -> torch.Tensor:
+        """Rows of 2-byte words [n, J] -> uint8 [groups, J (or K/32: each word repeated per block), 16, 2]."""
+        return pack(blocks, 2, k // 32 // blocks[0].shape[1] if per_block else 1, False).view(groups, -1, 16, 2)
 
-    return {"q": pack(qweight, 4, 1, True), "scales": per_block(scales),
-            "mins": None if mins is None else per_block(mins), "n": row_count(qweight)}
+    def halves(t: Rows, per_block: bool) -> torch.Tensor:
+        return columns([block.half() for block in row_blocks(t)], per_block).view(torch.float16)[..., 0]
+
+    packed = {"q": pack(qweight, 4, 1, True), "n": row_count(qweight), "codes": None}
+    if "super_scales" not in parts:
+        return packed | {"scales": halves(parts["scales"], True),
+                         "mins": halves(parts["mins"], True) if "mins" in parts else None}
+    pairs = [torch.stack(pair, dim=-1).flatten(1).view(torch.int16)
+             for pair in zip(row_blocks(parts["scales"]), row_blocks(parts["mins"]))]
+    return packed | {"scales": halves(parts["super_scales"], False), "mins": halves(parts["super_mins"], False),
+                     "codes": columns(pairs, True)}
 
 
 def unpack_vnni(parts: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The canonical parts (pack.py) that pack_int8_vnni's or pack_int4_vnni's parts were made from: a
     repacked weight dequantized (float32 activations, rarely) without the canonical copy kept in memory."""
     n, groups = parts["n"], parts["q"].shape[0]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [groups, J, 16, ...] -> [N, J, ...]
+        return t.transpose(1, 2).reshape(groups * 16, t.shape[1], *t.shape[3:])[:n]
+
     if spec.scheme == "int8":
         q = parts["q"].view(groups, -1, 16, 4).transpose(1, 2).reshape(groups * 16, -1)
         return {"qweight": q[:n], "scales": parts["scales"][:n].half()}
-    words = parts["q"].view(groups, -1, 16, 4).transpose(1, 2).reshape(groups * 16, -1, 4)  # byte b: inputs b, b + 4
-    values = torch.cat((words & 0x0F, words >> 4), dim=-1).reshape(groups * 16, -1)  # [N', K] in order
-    canonical = {"qweight": (values[:, 0::2] | (values[:, 1::2] << 4))[:n]}
+    words = rows(parts["q"].view(groups, -1, 16, 4))  # byte b of a word: inputs b, b + 4
+    values = torch.cat((words & 0x0F, words >> 4), dim=-1).reshape(n, -1)  # [N, K] in order
+    canonical = {"qweight": values[:, 0::2] | (values[:, 1::2] << 4)}
+    every = spec.group_size // 32  # a group of G inputs is G/32 blocks alike
+    if parts["codes"] is not None:
+        codes = rows(parts["codes"])[:, ::every]  # [N, K/G, 2]
+        return canonical | {"scales": codes[..., 0].contiguous(), "mins": codes[..., 1].contiguous(),
+                            "super_scales": rows(parts["scales"]), "super_mins": rows(parts["mins"])}
     for name in ("scales", "mins"):
-        if parts[name] is not None:  # [groups, K/32, 16]: each group of G inputs repeated G/32 times
-            per_block = parts[name].transpose(1, 2).reshape(groups * 16, -1)
-            canonical[name] = per_block[:n, ::spec.group_size // 32].contiguous()
+        if parts[name] is not None:
+            canonical[name] = rows(parts[name])[:, ::every].contiguous()
     return canonical
