@@ -8,7 +8,7 @@ import json
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import __version__
@@ -135,6 +135,20 @@ def _chat_format(folder: Path) -> str:
     return "Mistral instruct, encoded by mistral_common" if find_mistral_tokenizer_file(folder) else JINJA_FORMAT
 
 
+def _layouts(specs: Iterable[dict]) -> str:
+    """How many tensors each packed layout holds (the manifest's specs): " (tensors 48 int4 g32, 9 int8)"."""
+    from collections import Counter
+
+    def layout(spec: dict) -> str:
+        if spec["scheme"] != "int4":
+            return spec["scheme"]
+        super_block = f" in super-blocks of {spec['super_block']}" if spec.get("super_block") else ""
+        return f"int4{'-sym' if spec['symmetric'] else ''} g{spec['group_size']}{super_block}"
+
+    counts = Counter(layout(spec) for spec in specs).most_common()
+    return f" (tensors {', '.join(f'{n} {kind}' for kind, n in counts)})" if counts else ""
+
+
 def _converted_lines(path: Path) -> list[tuple[str, str]]:
     from .config import ModelArgs
 
@@ -144,7 +158,8 @@ def _converted_lines(path: Path) -> list[tuple[str, str]]:
         ("model", manifest.get("name", path.name) + (f":{manifest['tag']}" if manifest.get("tag") else "")),
         ("description", manifest.get("description") or ""),
         *_architecture_lines(ModelArgs.from_dict(manifest["args"]), manifest.get("num_ctx")),
-        ("quantization", q["scheme"] + (f", group size {q['group_size']}" if q.get("group_size") else "")),
+        ("quantization", q["scheme"] + (f", group size {q['group_size']}" if q.get("group_size") else "") +
+         _layouts(manifest["tensors"].values())),
         ("tokenizer", manifest.get("tokenizer", "")),
         ("chat format", _chat_format(path)),
         ("licence", manifest.get("license") or "see the source repo"),

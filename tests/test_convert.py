@@ -171,6 +171,9 @@ def test_a_q4_k_gguf_runs_super_blocked_and_converts_to_format_2(tmp_path, arch)
     converted = lilmistral.load(out)
     for ids in (list(range(10, 40)), [17]):
         assert torch.equal(converted.forward(ids), llm.forward(ids))
+    shown = cli("show", str(out))
+    projections = len(manifest["tensors"])
+    assert shown.returncode == 0 and f"(tensors {projections} int4 g32 in super-blocks of 256, 1 int8)" in shown.stdout
     (out / "manifest.json").write_text(json.dumps(manifest | {"format_version": 3, "tensors": {}}))
     assert_one_line_error(cli("run", str(out), "Hi"), "made by a newer lilmistral (format 3)")
 

@@ -194,10 +194,9 @@ def unpack_vnni(parts: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
     def rows(t: torch.Tensor) -> torch.Tensor:  # [groups, J, 16, ...] -> [N, J, ...]
         return t.transpose(1, 2).reshape(groups * 16, t.shape[1], *t.shape[3:])[:n]
 
+    words = rows(parts["q"].view(groups, -1, 16, 4))  # int8: inputs 4j..4j+3; int4: byte b, inputs b and b + 4
     if spec.scheme == "int8":
-        q = parts["q"].view(groups, -1, 16, 4).transpose(1, 2).reshape(groups * 16, -1)
-        return {"qweight": q[:n], "scales": parts["scales"][:n].half()}
-    words = rows(parts["q"].view(groups, -1, 16, 4))  # byte b of a word: inputs b, b + 4
+        return {"qweight": words.reshape(n, -1), "scales": parts["scales"][:n].half()}
     values = torch.cat((words & 0x0F, words >> 4), dim=-1).reshape(n, -1)  # [N, K] in order
     canonical = {"qweight": values[:, 0::2] | (values[:, 1::2] << 4)}
     every = spec.group_size // 32  # a group of G inputs is G/32 blocks alike
