@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("source", help="a Hugging Face folder or a .gguf file")
     conv.add_argument("--quant", choices=SCHEMES, default="int4")
     conv.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
-                      help="int4 group size")
+                      help="int4 group size (32: in super-blocks of 256 or 192 inputs where they divide its input size)")
     where = conv.add_mutually_exclusive_group()
     where.add_argument("--out", help="output folder")
     where.add_argument("--name", help="output folder name in the current folder")

@@ -10,6 +10,8 @@ FLOAT_SCHEMES = ("f32", "bf16", "f16")
 SCHEMES = ("int4", "int4-sym", "int8", *FLOAT_SCHEMES)  # int4: with a per-group min; int4-sym: without
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # chosen by measurement: README, "Quantization quality"
+# int4 g32's super-blocks (pack.py), the first that divides K: GGUF Q4_K's 256; 192 for K = 576 (SmolLM2)
+SUPER_BLOCKS = (256, 192)
 QUANTIZED_SUFFIXES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
                       ".w1.weight", ".w2.weight", ".w3.weight")
 
@@ -24,4 +26,5 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
 
 
-__all__ = [*_MODULE_OF, "SCHEMES", "FLOAT_SCHEMES", "GROUP_SIZES", "DEFAULT_GROUP_SIZE", "QUANTIZED_SUFFIXES"]
+__all__ = [*_MODULE_OF, "SCHEMES", "FLOAT_SCHEMES", "GROUP_SIZES", "DEFAULT_GROUP_SIZE", "SUPER_BLOCKS",
+           "QUANTIZED_SUFFIXES"]

@@ -74,31 +74,52 @@ def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     return _by_rows(w, rows)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool) -> dict[str, torch.Tensor]:
+def nonzero(t: torch.Tensor) -> torch.Tensor:
+    """t as float32 with its zeros made ones: a divisor (a zero scale's values are all its min)."""
+    return t.float().where(t.float() != 0, torch.ones(()))
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool, super_block: int = 0) -> dict[str, torch.Tensor]:
     def rows(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
         n, k = chunk.shape
         g = chunk.reshape(n, k // group_size, group_size)  # [n, K/G, G]
         if symmetric:  # as Q4_0: the value of largest magnitude maps to -8 exactly
             extreme = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
             scale = (extreme / -8).half()
-            s = scale.float().where(scale.float() != 0, torch.ones(()))
-            q = torch.round(g / s[..., None] + 8).clamp(0, 15)
+            q = torch.round(g / nonzero(scale)[..., None] + 8).clamp(0, 15)
             return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale}
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo) / 15).half()
-        low = lo.half()
-        s = scale.float().where(scale.float() != 0, torch.ones(()))
-        q = torch.round((g - low.float()[..., None]) / s[..., None]).clamp(0, 15)
-        return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale, "mins": low}
+        if super_block:
+            parts = super_blocked_codes(lo, hi, super_block // group_size)
+            scale, low = group_scales(parts, QuantSpec("int4", group_size, False, super_block))
+        else:
+            scale, low = ((hi - lo) / 15).half(), lo.half()
+            parts = {"scales": scale, "mins": low}
+        q = torch.round((g - low.float()[..., None]) / nonzero(scale)[..., None]).clamp(0, 15)
+        return {"qweight": pack_int4(q.reshape(n, k)), **parts}
 
     return _by_rows(w, rows)
+
+
+def super_blocked_codes(lo: torch.Tensor, hi: torch.Tensor, per: int) -> dict[str, torch.Tensor]:
+    """Groups' lowest and highest values [n, K/G] -> their scales and mins as super-blocked parts, as GGUF's Q4_K
+    codes them but in 8 bits: each group's scale, and its min (at most 0: the group's range is widened to hold
+    0), an 8-bit code of the largest in its super-block of `per` groups."""
+    lo = lo.clamp(max=0)
+    n = lo.shape[0]
+    parts = {}
+    for name, value in (("scales", (hi - lo) / 15), ("mins", -lo)):
+        factor = (value.reshape(n, -1, per).amax(dim=-1) / 255).half()  # [n, K/S]
+        parts[name] = torch.round(value / nonzero(factor).repeat_interleave(per, dim=1)).clamp(0, 255).to(torch.uint8)
+        parts[f"super_{name}"] = factor if name == "scales" else -factor
+    return parts
 
 
 @torch.no_grad()  # w may be a parameter: no autograd graph to hang on the parts
 def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     if spec.scheme == "int8":
         return quantize_int8(w)
-    return quantize_int4(w, spec.group_size, spec.symmetric)
+    return quantize_int4(w, spec.group_size, spec.symmetric, spec.super_block)
 
 
 def group_scales(parts: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
