@@ -47,7 +47,10 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     `keep`, only the tensors it accepts are loaded (a pipeline stage); the rest stay on meta."""
     with torch.device("meta"):
         model = Transformer(args)
-    swap_in_quant_linears(model, specs)
+    try:
+        swap_in_quant_linears(model, specs)
+    except ValueError as e:  # a converted folder's layout that does not fit its tensor
+        raise ModelFormatError(str(e)) from None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if keep is None or keep(name)}
     if args.tie_embeddings:
         expected.pop("output.weight", None)
@@ -211,7 +214,12 @@ def _load_converted(folder: Path, quant: str | None, device: str, dtype: str | t
     if quant is not None and quant != scheme:
         raise LilmistralError(f"{folder} is stored as {scheme}; convert the source again for {quant}")
     args = ModelArgs.from_dict(manifest["args"])
-    specs = {name: QuantSpec(**s) for name, s in manifest["tensors"].items()}
+    specs = {}
+    for name, layout in manifest["tensors"].items():
+        try:
+            specs[name] = QuantSpec(**layout)
+        except (TypeError, ValueError):
+            raise ModelFormatError(f"{folder}: tensor {name!r} has an unknown layout {layout}") from None
     compute = _compute_dtype(dtype, scheme, DTYPES.get(manifest.get("float_dtype", "")), device)
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:
         names = [k for k in f.keys() if keep is None or keep(k)]

@@ -179,8 +179,9 @@ def test_hugging_face_weights_quantize_to_int4_in_super_blocks(tmp_path):
 def test_a_q4_k_gguf_runs_super_blocked_and_converts_to_format_2(tmp_path, arch):
     """A GGUF of Q4_K tensors (Q4_K_M's main type) loads super-blocked, every projection (experts too): its
     kernels (the experts' batched ones at one token) compute what the float32 reference computes with the file's
-    own values, within bfloat16's and int8 activations' error (~3% here, as with Q4_1 blocks). Converted, the folder says format 2 and gives the same logits;
-    a newer format is refused in one line."""
+    own values, within bfloat16's and int8 activations' error (~3% here, as with Q4_1 blocks). Converted, the
+    folder says format 2 and gives the same logits; a newer format, or a layout a tensor cannot have, is refused
+    in one line."""
     make_hf_model(tmp_path / "hf", arch, hidden_size=256, intermediate_size=512,
                   **(MIXTRAL if arch == "mixtral" else {}))
     base = lilmistral.load(tmp_path / "hf")
@@ -208,6 +209,12 @@ def test_a_q4_k_gguf_runs_super_blocked_and_converts_to_format_2(tmp_path, arch)
     assert shown.returncode == 0 and f"(tensors {projections} int4 g32 in super-blocks of 256, 1 int8)" in shown.stdout
     (out / "manifest.json").write_text(json.dumps(manifest | {"format_version": 3, "tensors": {}}))
     assert_one_line_error(cli("run", str(out), "Hi"), "made by a newer lilmistral (format 3)")
+    name = "layers.0.attention.wq.weight"  # a layout the file cannot have: one line, as any bad file
+    for layout, words in (({"super_block": 48}, "unknown layout"), ({"bits": 3}, "unknown layout"),
+                          ({"super_block": 96}, "not whole groups")):
+        tensors = manifest["tensors"] | {name: manifest["tensors"][name] | layout}
+        (out / "manifest.json").write_text(json.dumps(manifest | {"tensors": tensors}))
+        assert_one_line_error(cli("run", str(out), "Hi"), name, words)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16"])

@@ -207,7 +207,10 @@ def swap_in_quant_linears(model: nn.Module, specs: dict[str, QuantSpec]) -> None
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
         assert isinstance(linear, nn.Linear), weight_name
-        setattr(parent, child, QuantLinear(linear.in_features, linear.out_features, spec))
+        try:
+            setattr(parent, child, QuantLinear(linear.in_features, linear.out_features, spec))
+        except ValueError as e:  # a layout (a converted folder's) that does not fit the weight
+            raise ValueError(f"tensor {weight_name!r}: {e}") from None
     for name, module in list(model.named_modules()):
         quantized = isinstance(module, Experts) and isinstance(module[0].w1, QuantLinear)
         if quantized and not isinstance(module, QuantExperts):

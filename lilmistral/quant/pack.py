@@ -25,6 +25,15 @@ class QuantSpec:
     symmetric: bool = True
     super_block: int = 0  # int4 with mins: 0, float16 scales and mins; else S, coded per super-block of S inputs
 
+    def __post_init__(self) -> None:  # a manifest's layout is read from a file
+        if self.scheme == "int8":
+            known = self.group_size == 0 and self.super_block == 0
+        else:
+            known = self.scheme == "int4" and self.group_size in GROUP_SIZES and (
+                self.super_block == 0 or not self.symmetric and self.super_block % self.group_size == 0)
+        if not known:
+            raise ValueError(f"unknown packed layout {self.to_dict()}")
+
     def to_dict(self) -> dict:
         d = {"scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric}
         return d | {"super_block": self.super_block} if self.super_block else d
@@ -167,6 +176,8 @@ def dequantize(parts: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dty
 
 def packed_shapes(n: int, k: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the packed parts of an [N, K] weight, without computing them."""
+    if spec.scheme == "int4" and (k % spec.group_size or spec.super_block and k % spec.super_block):
+        raise ValueError(f"its {k} inputs are not whole groups of {spec.to_dict()}")
     if spec.scheme == "int8":
         return {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.float16)}
     groups, scale_type = k // spec.group_size, torch.uint8 if spec.super_block else torch.float16
