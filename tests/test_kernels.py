@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lilmistral.convert.gguf import q4_canonical, q4k_parts
+from lilmistral.convert.gguf import q4_canonical
 from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import QuantLinear, vnni
 from lilmistral.quant.cpu import DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, VnniInt8Kernel, make_kernel
@@ -21,10 +21,10 @@ from lilmistral.quant.linear import FusedQuantLinear
 from lilmistral.quant.pack import QuantSpec, dequantize, pack_int4, quantize
 
 from conftest import make_hf_model
-from reference import assert_blockwise_product, quantize_q4_k
+from reference import assert_blockwise_product
 
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 64, True), QuantSpec("int4", 128, False)]
-Q4_K = QuantSpec("int4", 32, False, super_block=256)  # a GGUF's Q4_K, re-laid as super-blocked int4
+SUPER = QuantSpec("int4", 32, False, super_block=256)  # the default int4 (a GGUF's Q4_K too): super-blocked
 SHAPES = [(48, 256), (40, 128), (192, 576), (100, 384), (1024, 512)]  # 40 and 100: not multiples of 16
 
 
@@ -33,14 +33,9 @@ def spec_id(s: QuantSpec) -> str:
 
 
 def cases(specs: list[QuantSpec], shapes: list[tuple[int, int]]) -> list:
-    """(spec, n, k) for each spec and shape, Q4_K's only where 256 divides K (llama.cpp stores others otherwise)."""
+    """(spec, n, k) for each spec and shape, super-blocked ones only where 256 divides K (as spec_for makes them)."""
     return [pytest.param(spec, n, k, id=f"{spec_id(spec)}-{n}x{k}") for spec in specs for n, k in shapes
             if k % (spec.super_block or 1) == 0]
-
-
-def make_parts(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """quantize(w, spec); super-blocked, the parts of w written as GGUF Q4_K blocks (as a .gguf brings them)."""
-    return q4k_parts(quantize_q4_k(w)) if spec.super_block else quantize(w, spec)
 
 
 def check_against_reference(kernel, parts: dict, spec: QuantSpec, rows: int, g: torch.Generator) -> None:
@@ -59,10 +54,10 @@ def random_parts(n: int, k: int, spec: QuantSpec, seed: int) -> tuple[dict, Quan
     if spec.scheme == "int4" and k % spec.group_size:
         spec = QuantSpec("int4", 64, spec.symmetric)  # the converter's own fallback for such K
     g = torch.Generator().manual_seed(seed)
-    return make_parts(torch.randn(n, k, generator=g) * 0.05, spec), spec, g
+    return quantize(torch.randn(n, k, generator=g) * 0.05, spec), spec, g
 
 
-@pytest.mark.parametrize("spec,n,k", cases(SPECS + [Q4_K], SHAPES))
+@pytest.mark.parametrize("spec,n,k", cases(SPECS + [SUPER], SHAPES))
 @pytest.mark.parametrize("rows", [1, 5, 40])  # decode, small batch, prefill (PyTorch's int8: W8A8 above 16)
 def test_kernel_matches_dequantized_reference(spec, n, k, rows):
     parts, spec, g = random_parts(n, k, spec, n + k + rows)
@@ -73,7 +68,7 @@ def test_kernel_matches_dequantized_reference(spec, n, k, rows):
     check_against_reference(kernel, parts, spec, rows, g)
 
 
-@pytest.mark.parametrize("spec,n,k", cases(SPECS[1:] + [Q4_K], [shape for shape in SHAPES if shape[0] % 16 == 0]))
+@pytest.mark.parametrize("spec,n,k", cases(SPECS[1:] + [SUPER], [shape for shape in SHAPES if shape[0] % 16 == 0]))
 @pytest.mark.parametrize("rows", [1, 40])
 def test_pytorch_int4_kernel(spec, n, k, rows):
     """PyTorch's weight-only int4 kernel, which CPUs without lilmistral's kernels use (super-blocks expanded)."""
@@ -191,7 +186,7 @@ def test_vnni_packing_of_blocks_of_rows_is_the_packing_of_their_concatenation():
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-@pytest.mark.parametrize("spec,n,k", cases(SPECS + [Q4_K], [(37, 576), (48, 256), (37, 512)]))  # 37: a padded group
+@pytest.mark.parametrize("spec,n,k", cases(SPECS + [SUPER], [(37, 576), (48, 256), (37, 512)]))  # 37: a padded group
 def test_vnni_unpacking_gives_back_the_canonical_parts(spec, n, k):
     """What a repacked kernel's float32 fallback dequantizes once the canonical parts are gone: unpacking
     the kernel's layout gives them back, bit for bit."""
@@ -220,7 +215,7 @@ def test_gguf_q4_packing_in_cpp_is_pytorchs(head, k_quants, monkeypatch):
     assert torch.equal(fast, q4_canonical(blocks, head, k_quants))
 
 
-@pytest.mark.parametrize("spec", SPECS[:2] + [Q4_K], ids=spec_id)
+@pytest.mark.parametrize("spec", SPECS[:2] + [SUPER], ids=spec_id)
 def test_released_parts_are_freed_and_float32_still_gets_the_exact_product(spec):
     """release_parts: where the kernel repacked the weight, the module lets go of its canonical parts and
     nothing else holds them (their memory is freed); float32 activations still get the dequantized product,
@@ -241,21 +236,21 @@ def test_released_parts_are_freed_and_float32_still_gets_the_exact_product(spec)
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-@pytest.mark.parametrize("spec,n,k", cases(SPECS[1:] + [Q4_K], [(1, 128), (37, 576), (300, 4096), (24, 1408),
+@pytest.mark.parametrize("spec,n,k", cases(SPECS[1:] + [SUPER], [(1, 128), (37, 576), (300, 4096), (24, 1408),
                                                                  (37, 512)]))  # N % 16: a padded last group
 @pytest.mark.parametrize("rows", [1, 3, 7])
 def test_vnni_int4_kernels(spec, n, k, rows):
-    """vnni.cpp's int4 GEMV against the dequantized reference, with blocks of all-0 and all-15 codes (and of
-    Q4_K's largest and zero scale and min codes) and a row of zero activations; each row's result the same bits
-    alone as among many."""
+    """vnni.cpp's int4 GEMV against the dequantized reference, with blocks of all-0 and all-15 codes (and of the
+    largest and zero scale and min codes of super-blocks) and a row of zero activations; each row's result the
+    same bits alone as among many."""
     if k % spec.group_size:
         spec = QuantSpec("int4", 64, spec.symmetric)
     g = torch.Generator().manual_seed(n * k + rows)
-    parts = make_parts(torch.randn(n, k, generator=g) * 0.05, spec)
+    parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
     parts["qweight"][0, :16] = 0x00
     parts["qweight"][-1, -16:] = 0xFF
     if spec.super_block:
-        parts["scales"][0, 0], parts["mins"][0, 0], parts["scales"][-1, -1], parts["mins"][-1, -1] = 63, 0, 0, 63
+        parts["scales"][0, 0], parts["mins"][0, 0], parts["scales"][-1, -1], parts["mins"][-1, -1] = 255, 0, 0, 255
     packed = vnni.pack_int4_vnni(parts)
     x = torch.randn(rows + 1, k, generator=g)
     x[-1] = 0
@@ -346,7 +341,7 @@ def test_quantizing_a_parameter_keeps_no_autograd_graph(spec):
     assert not any(part.requires_grad or part.grad_fn for part in parts.values())
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), Q4_K],
+@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), SUPER],
                          ids=spec_id)
 def test_fused_projections_give_each_projections_output(spec):
     """wq, wk, wv fused into one kernel: the same bits as each alone (bfloat16, lilmistral's kernels; float32,
@@ -356,7 +351,7 @@ def test_fused_projections_give_each_projections_output(spec):
     linears = []
     for n in (96, 40, 40):  # 40: a fused boundary inside a group of 16 columns
         linear = QuantLinear(256, n, spec)
-        for name, part in make_parts(torch.randn(n, 256, generator=g) * 0.05, spec).items():
+        for name, part in quantize(torch.randn(n, 256, generator=g) * 0.05, spec).items():
             setattr(linear, name, part)
         linear.prepare()
         linears.append(linear)
@@ -376,13 +371,13 @@ def test_fused_projections_give_each_projections_output(spec):
 
 
 def kernel_outputs() -> list[torch.Tensor]:
-    """Every CPU operator's results on fixed inputs: int4 (Q4_K's super-blocks too) and int8 matmuls at 1, 5 and 19
+    """Every CPU operator's results on fixed inputs: int4 (super-blocked too) and int8 matmuls at 1, 5 and 19
     rows; attention in float32, masked and not; RMSNorm, silu * up (inputs far out in exp's range among them) and
     RoPE in float32 and bfloat16, with tails shorter than a vector; GGUF blocks decoded, to float32 and to int8."""
     g, ops, out = torch.Generator().manual_seed(0), torch.ops.lilmistral, []
     for (n, k), spec, rows in zip([(37, 576), (300, 4096), (1024, 1024)] * 2 + [(37, 512), (300, 4096)],
-                                  SPECS[:3] * 2 + [Q4_K] * 2, (1, 5, 19, 19, 5, 1, 1, 19)):
-        parts = make_parts(torch.randn(n, k, generator=g) * 0.05, spec)
+                                  SPECS[:3] * 2 + [SUPER] * 2, (1, 5, 19, 19, 5, 1, 1, 19)):
+        parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
         if spec.scheme == "int8":
             gemv, packed = ops.int8_gemv, vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
         else:

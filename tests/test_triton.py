@@ -380,18 +380,21 @@ def test_decode_attention_matches_sdpa(n_kv, rows, slots, mask_rows):
 
 
 def test_super_blocked_parts_run_with_their_scales_expanded():
-    """Super-blocked int4 (a GGUF's Q4_K) has no Triton layout of its own: the kernel (and the gated one, over w1's
-    and w3's blocks of rows) takes its scales and mins expanded per group to float16, within their rounding of
-    the exact product."""
-    from lilmistral.convert.gguf import q4k_parts
-    from reference import quantize_q4_k
+    """Super-blocked int4 (the default int4; a GGUF's Q4_K) has no Triton layout of its own: the kernel (and the
+    gated one, over w1's and w3's blocks of rows) takes its scales and mins expanded per group to float16 (each
+    weight within float16's rounding of its scale and min), and computes the expanded weights' product."""
+    from lilmistral.quant.pack import expand_super_blocks
 
     spec, g = QuantSpec("int4", 32, False, super_block=256), torch.Generator().manual_seed(0)
-    w1, w3 = (q4k_parts(quantize_q4_k(torch.randn(40, 256, generator=g) * 0.05)) for _ in range(2))
+    w1, w3 = (quantize(torch.randn(40, 256, generator=g) * 0.05, spec) for _ in range(2))
+    expanded = [dequantize(*expand_super_blocks(w, spec)).double() for w in (w1, w3)]
+    for w, e in zip((w1, w3), expanded):
+        exact = dequantize(w, spec).double()
+        assert ((e - exact).abs() <= 2 ** -9 * exact.abs().amax(dim=1, keepdim=True)).all()  # scale, min: 2^-11 each
     x = torch.randn(2, 256, generator=g).to(DEVICE)
     kernel = cuda.make_kernel({name: t.to(DEVICE) for name, t in w1.items()}, spec)
     assert isinstance(kernel, TritonKernel) and kernel.spec == QuantSpec("int4", 32, False)
-    gate, up = (x.double().cpu() @ dequantize(w, spec).double().t() for w in (w1, w3))
-    assert torch.allclose(kernel(x).double().cpu(), gate, rtol=1e-3, atol=1e-3)
+    gate, up = (x.double().cpu() @ e.t() for e in expanded)
+    assert torch.allclose(kernel(x).double().cpu(), gate, rtol=1e-4, atol=1e-4)
     gated = cuda.gated_kernel({name: [w1[name].to(DEVICE), w3[name].to(DEVICE)] for name in w1}, spec)
-    assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-4, atol=1e-4)

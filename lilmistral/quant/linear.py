@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..errors import ModelFormatError
 from ..model import Experts, FeedForward, RMSNorm, add_norm
 from . import DEFAULT_GROUP_SIZE, FLOAT_SCHEMES, QUANTIZED_SUFFIXES, SUPER_BLOCKS, cpu, cuda
 from .cpu import DequantKernel, kernel_type
@@ -209,8 +210,8 @@ def swap_in_quant_linears(model: nn.Module, specs: dict[str, QuantSpec]) -> None
         assert isinstance(linear, nn.Linear), weight_name
         try:
             setattr(parent, child, QuantLinear(linear.in_features, linear.out_features, spec))
-        except ValueError as e:  # a layout (a converted folder's) that does not fit the weight
-            raise ValueError(f"tensor {weight_name!r}: {e}") from None
+        except ModelFormatError as e:  # a converted folder's layout that does not fit the weight
+            raise ModelFormatError(f"tensor {weight_name!r}: {e}") from None
     for name, module in list(model.named_modules()):
         quantized = isinstance(module, Experts) and isinstance(module[0].w1, QuantLinear)
         if quantized and not isinstance(module, QuantExperts):

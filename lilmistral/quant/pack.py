@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ModelFormatError
 from . import GROUP_SIZES
 
 
@@ -177,7 +178,7 @@ def dequantize(parts: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dty
 def packed_shapes(n: int, k: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the packed parts of an [N, K] weight, without computing them."""
     if spec.scheme == "int4" and (k % spec.group_size or spec.super_block and k % spec.super_block):
-        raise ValueError(f"its {k} inputs are not whole groups of {spec.to_dict()}")
+        raise ModelFormatError(f"its {k} inputs are not whole groups of {spec.to_dict()}")  # a folder's manifest
     if spec.scheme == "int8":
         return {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.float16)}
     groups, scale_type = k // spec.group_size, torch.uint8 if spec.super_block else torch.float16
