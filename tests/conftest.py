@@ -7,7 +7,7 @@ from pathlib import Path
 import mistral_common
 import torch
 
-from reference import quantize_q4_k
+from reference import quantize_q4_k, quantize_q6_k
 
 MC_DATA = Path(mistral_common.__file__).parent / "data"
 SPM_V3 = MC_DATA / "mistral_instruct_tokenizer_240323.model.v3"
@@ -101,8 +101,8 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F
             w.add_tensor(name, a)
         else:
             q = gguf.GGMLQuantizationType[kind]
-            # the gguf package cannot write Q4_K: reference.py's encoder
-            packed = quantize_q4_k(t).numpy() if kind == "Q4_K" else gguf.quants.quantize(a, q)
+            encoders = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}  # the gguf package cannot write these
+            packed = encoders[kind](t).numpy() if kind in encoders else gguf.quants.quantize(a, q)
             w.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=q)
 
     add("token_embd.weight", state["tok_embeddings.weight"])

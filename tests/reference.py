@@ -45,3 +45,26 @@ def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
                         (scale_codes[..., 4:] & 0x0F) | ((min_codes[..., 4:] & 0x0F) << 4)), dim=-1)  # [N, B, 16]
     quants = (q[:, :, 0::2] | (q[:, :, 1::2] << 4)).reshape(n, k // 256, 128)
     return torch.cat((header, quants), dim=-1).reshape(*lead, -1)
+
+
+def quantize_q6_k(w: torch.Tensor) -> torch.Tensor:
+    """float [..., K] (K a multiple of 256) -> GGUF Q6_K super-blocks uint8 [..., K/256 * 210], as llama.cpp lays them
+    out (per half of 128 values: 64 bytes whose low nibbles hold values 0-31 then 32-63 and high nibbles 64-95 then
+    96-127; 32 bytes of their high 2 bits, value l + 32i in bits 2i of byte l; then 16 int8 scales, one per 16
+    values, and a float16 d), with plain rounding: each 16 values' scale maps its largest magnitude to -32, d maps
+    the largest scale to -128 (llama.cpp searches for better ones). The gguf package cannot write Q6_K."""
+    *lead, k = w.shape
+    sub = w.float().reshape(-1, k // 256, 16, 16)
+    n = sub.shape[0]
+    safe = lambda t: t.where(t != 0, torch.ones(()))  # noqa: E731
+    scale = sub.gather(-1, sub.abs().argmax(dim=-1, keepdim=True))[..., 0] / -32  # [N, B, 16]
+    d = (scale.gather(-1, scale.abs().argmax(dim=-1, keepdim=True))[..., 0] / -128).half()  # [N, B]
+    codes = torch.round(scale / safe(d.float())[..., None]).clamp(-128, 127)
+    step = safe(d.float()[..., None] * codes)[..., None]
+    q = (torch.round(sub / step) + 32).clamp(0, 63).to(torch.uint8).reshape(n, k // 256, 2, 4, 32)  # half, i, l
+    low = (q[..., 0:2, :] & 0x0F) | ((q[..., 2:4, :] & 0x0F) << 4)  # [N, B, 2, 2, 32]: bytes l and l + 32
+    high = q[..., 0, :] >> 4 | (q[..., 1, :] >> 4) << 2 | (q[..., 2, :] >> 4) << 4 | (q[..., 3, :] >> 4) << 6
+    blocks = torch.cat((low.reshape(n, -1, 2, 64), high.reshape(n, -1, 2, 32)), dim=-1)  # [N, B, 2, 96]: a half's
+    ql, qh = blocks[..., :64].reshape(n, -1, 128), blocks[..., 64:].reshape(n, -1, 64)
+    tail = torch.cat((codes.to(torch.int8).view(torch.uint8), d[..., None].view(torch.uint8)), dim=-1)  # [N, B, 18]
+    return torch.cat((ql, qh, tail), dim=-1).reshape(*lead, -1)

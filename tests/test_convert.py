@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -176,20 +177,23 @@ def test_hugging_face_weights_quantize_to_int4_in_super_blocks(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["mistral", "mixtral"])
-def test_a_q4_k_gguf_runs_super_blocked_and_converts_to_format_2(tmp_path, arch):
-    """A GGUF of Q4_K tensors (Q4_K_M's main type) loads super-blocked, every projection (experts too): its
-    kernels (the experts' batched ones at one token) compute what the float32 reference computes with the file's
-    own values, within bfloat16's and int8 activations' error (~3% here, as with Q4_1 blocks). Converted, the
-    folder says format 2 and gives the same logits; a newer format, or a layout a tensor cannot have, is refused
-    in one line."""
+def test_a_q4_k_m_gguf_runs_its_q4_k_and_q6_k_blocks_as_they_are_and_converts_to_format_3(tmp_path, arch):
+    """A GGUF laid out as llama.cpp's Q4_K_M (Q4_K tensors; the head, attn_v and ffn_down in Q6_K) loads with
+    every projection (experts too) super-blocked int4 or int6, each holding the file's values: its kernels (the
+    experts' batched ones at one token) compute what the float32 reference computes with them, within bfloat16's
+    and int8 activations' error (~3% here, as with Q4_1 blocks). Converted, the folder says format 3 and gives
+    the same logits; a newer format, or a layout a tensor cannot have, is refused in one line."""
     make_hf_model(tmp_path / "hf", arch, hidden_size=256, intermediate_size=512,
                   **(MIXTRAL if arch == "mixtral" else {}))
     base = lilmistral.load(tmp_path / "hf")
-    path = tmp_path / "q4k.gguf"
-    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_K")
+    path = tmp_path / "q4km.gguf"
+    wide = [f"blk.{i}.{name}.weight" for i in range(base.args.n_layers) for name in ("attn_v", "ffn_down", "ffn_down_exps")]
+    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_K", types=dict.fromkeys(["output.weight", *wide], "Q6_K"))
     llm = lilmistral.load(path)
-    specs = {m.spec for m in llm.model.modules() if isinstance(m, QuantLinear)}
-    assert specs == {QuantSpec("int4", 32, False, super_block=256), QuantSpec("int8")}  # the int8 head
+    int6 = QuantSpec("int6", 16, True, super_block=256)
+    kinds = {name: m.spec for name, m in llm.model.named_modules() if isinstance(m, QuantLinear)}
+    assert set(kinds.values()) == {QuantSpec("int4", 32, False, super_block=256), int6}
+    assert all((spec == int6) == name.endswith(("output", "wv", "w2")) for name, spec in kinds.items())
     experts = [m for m in llm.model.modules() if isinstance(m, QuantExperts)]
     assert len(experts) == (2 if arch == "mixtral" else 0) and all(m.batched or not vnni.available() for m in experts)
     reference = lilmistral.load(path, dtype="float32")
@@ -198,17 +202,17 @@ def test_a_q4_k_gguf_runs_super_blocked_and_converts_to_format_2(tmp_path, arch)
         assert ((got - expected).norm() / expected.norm()).item() < 0.05
     out = convert(path, tmp_path / "converted", "int4")
     manifest = json.loads((out / "manifest.json").read_text())
-    head = manifest["tensors"].pop("output.weight")
-    assert manifest["format_version"] == 2 and head["scheme"] == "int8"
+    assert manifest["format_version"] == 3 and manifest["direct_tensors"] == len(kinds)
     assert all(spec["super_block"] == 256 for spec in manifest["tensors"].values())
     converted = lilmistral.load(out)
     for ids in (list(range(10, 40)), [17]):
         assert torch.equal(converted.forward(ids), llm.forward(ids))
     shown = cli("show", str(out))
-    projections = len(manifest["tensors"])
-    assert shown.returncode == 0 and f"(tensors {projections} int4 g32 in super-blocks of 256, 1 int8)" in shown.stdout
-    (out / "manifest.json").write_text(json.dumps(manifest | {"format_version": 3, "tensors": {}}))
-    assert_one_line_error(cli("run", str(out), "Hi"), "made by a newer lilmistral (format 3)")
+    counts = Counter(spec["scheme"] for spec in manifest["tensors"].values())
+    assert shown.returncode == 0 and (f"(tensors {counts['int4']} int4 g32 in super-blocks of 256, {counts['int6']} int6)"
+                                      in shown.stdout)
+    (out / "manifest.json").write_text(json.dumps(manifest | {"format_version": 4, "tensors": {}}))
+    assert_one_line_error(cli("run", str(out), "Hi"), "made by a newer lilmistral (format 4)")
     name = "layers.0.attention.wq.weight"  # a layout the file cannot have: one line, as any bad file
     for layout, words in (({"super_block": 48}, "unknown layout"), ({"bits": 3}, "unknown layout"),
                           ({"super_block": 96}, "not whole groups")):

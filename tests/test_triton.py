@@ -383,11 +383,11 @@ def test_super_blocked_parts_run_with_their_scales_expanded():
     """Super-blocked int4 (the default int4; a GGUF's Q4_K) has no Triton layout of its own: the kernel (and the
     gated one, over w1's and w3's blocks of rows) takes its scales and mins expanded per group to float16 (each
     weight within float16's rounding of its scale and min), and computes the expanded weights' product."""
-    from lilmistral.quant.pack import expand_super_blocks
+    from lilmistral.quant.pack import plain_parts
 
     spec, g = QuantSpec("int4", 32, False, super_block=256), torch.Generator().manual_seed(0)
     w1, w3 = (quantize(torch.randn(40, 256, generator=g) * 0.05, spec) for _ in range(2))
-    expanded = [dequantize(*expand_super_blocks(w, spec)).double() for w in (w1, w3)]
+    expanded = [dequantize(*plain_parts(w, spec)).double() for w in (w1, w3)]
     for w, e in zip((w1, w3), expanded):
         exact = dequantize(w, spec).double()
         assert ((e - exact).abs() <= 2 ** -9 * exact.abs().amax(dim=1, keepdim=True)).all()  # scale, min: 2^-11 each

@@ -23,7 +23,7 @@ from ..quant.pack import packed_shapes
 from .gguf import WIDE_TYPES, GGUFSource, gguf_tokenizer
 from .hf import HFSource, TensorEntry
 
-FORMAT_VERSION = 2  # the newest this version reads; 2: super-blocked int4 (docs/format.md)
+FORMAT_VERSION = 3  # the newest this version reads; 2: super-blocked int4; 3: int6 (docs/format.md)
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 FLOAT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -51,7 +51,9 @@ def default_scheme(src: Source) -> str:
     kind = max(set(kinds), key=kinds.count)
     if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K"):
         return "int4"
-    if kind in ("Q8_0", "Q6_K"):
+    if kind == "Q6_K":
+        return "int6"
+    if kind == "Q8_0":
         return "int8"
     return "f32" if kind == "F32" else "bf16"
 
@@ -72,12 +74,13 @@ def plan(src: Source, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
     if group_size not in GROUP_SIZES:
         raise LilmistralError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}")
     gguf = isinstance(src, GGUFSource)
-    wide_as_int8 = gguf and scheme == default_scheme(src) == "int4"  # a 4-bit file's wider tensors: int8
+    keep_wide = gguf and scheme == default_scheme(src) == "int4"  # a 4-bit file's wider tensors
     planned = []
     for e in src.entries:
         spec = spec_for(e.name, e.shape, scheme, group_size, tied=src.args.tie_embeddings)
-        if wide_as_int8 and spec is not None and e.source_type in WIDE_TYPES:
-            spec = QuantSpec("int8")
+        # WIDE_TYPES keep their width: in a 4-bit file, and where int8 was not asked for but given (a head)
+        if spec is not None and e.source_type in WIDE_TYPES and (keep_wide or spec.scheme == "int8" != scheme):
+            spec = WIDE_TYPES[e.source_type]
         direct = src.direct_spec(e, spec) if gguf else None
         spec = direct or spec
         if spec is None:  # norms (1-D, tiny) keep float32 so the file loses nothing there
@@ -136,7 +139,8 @@ def _save_tokenizer(src: Source, folder: Path) -> str:
 
 def format_version(planned: list[Planned]) -> int:
     """The oldest format that holds these tensors, so that older lilmistral versions read what they can."""
-    return 2 if any(p.spec is not None and p.spec.super_block for p in planned) else 1
+    specs = [p.spec for p in planned if p.spec is not None]
+    return 3 if any(s.scheme == "int6" for s in specs) else 2 if any(s.super_block for s in specs) else 1
 
 
 def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False,

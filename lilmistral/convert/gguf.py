@@ -21,7 +21,7 @@ import torch
 from ..config import ModelArgs, RopeScaling
 from ..errors import ModelFormatError
 from ..quant import vnni
-from ..quant.pack import QuantSpec, quantize_int8
+from ..quant.pack import QuantSpec, pack_int6, quantize_int8
 from .hf import TensorEntry, name_mapper, unpermute_rope
 
 GGUF_TO_LILMISTRAL = {
@@ -59,10 +59,12 @@ SUPPORTED = (*FLOAT_TYPES, *BLOCK_TYPES)
 # each sub-block's scale and min
 DIRECT_INT4 = {"Q4_0": QuantSpec("int4", 32, True), "Q4_1": QuantSpec("int4", 32, False),
                "Q4_K": QuantSpec("int4", 32, False, super_block=256)}
-# Block types of 6 bits or more, which a mostly 4-bit file (llama.cpp's Q4_K_M: attn_v and ffn_down of half the
-# layers in Q6_K) keeps for its sensitive tensors: int8 there, not int4 (measured on Q6_K tensors: requantized
-# to int4, 6.4% relative error; to int8, 0.85%)
-WIDE_TYPES = ("Q6_K", "Q8_0")
+# Q6_K super-blocks are int6 (pack.py), every value the same
+Q6_K_SPEC = QuantSpec("int6", 16, True, super_block=256)
+# Block types of 6 bits or more, which a mostly 4-bit file (llama.cpp's Q4_K_M: its output head, attn_v and
+# ffn_down of half the layers in Q6_K) keeps for its sensitive tensors, and what they become there: Q6_K int6
+# exactly (requantized to int4 they had 6.4% relative error; to int8, 0.85%), Q8_0 int8
+WIDE_TYPES = {"Q6_K": Q6_K_SPEC, "Q8_0": QuantSpec("int8")}
 INT8_CHUNK_BYTES = 2**22  # about the float32 bytes of rows read_packed decodes at a time on their way to int8
 
 
@@ -198,14 +200,20 @@ def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
 _SHIFTS_4, _SHIFTS_2 = torch.tensor([0, 4], dtype=torch.uint8), torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
 
 
-def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
-    """Q6_K super-blocks [n, 210] -> float32 [n, 256]: per 128 values, 64 bytes of low nibbles (values 0-63,
-    then 64-127) and 32 of 2-bit highs (four a byte), less 32; times the float16 scale times an int8 one per
-    16 values. The gguf package's Q6_K.dequantize_blocks, step for step (the same bits)."""
+def q6k_quants(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K super-blocks [n, 210] -> their 6-bit quants uint8 [n, 256] in order: per 128 values, 64 bytes of low
+    nibbles (values 0-63, then 64-127) and 32 of 2-bit highs (four a byte)."""
     n = blocks.shape[0]
     low = (blocks[:, :128].reshape(n, 2, 1, 64) >> _SHIFTS_4.view(1, 1, 2, 1)) & 0x0F  # [n, 2, 2, 64]
     high = (blocks[:, 128:192].reshape(n, 2, 1, 32) >> _SHIFTS_2.view(1, 1, 4, 1)) & 0x03  # [n, 2, 4, 32]
-    q = (low.reshape(n, 8, 32) | (high.reshape(n, 8, 32) << 4)).view(torch.int8) - 32
+    return (low.reshape(n, 8, 32) | (high.reshape(n, 8, 32) << 4)).reshape(n, 256)
+
+
+def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K super-blocks [n, 210] -> float32 [n, 256]: the quants less 32, times the float16 scale times an int8
+    one per 16 values. The gguf package's Q6_K.dequantize_blocks, step for step (the same bits)."""
+    n = blocks.shape[0]
+    q = q6k_quants(blocks).view(torch.int8) - 32
     scales = blocks[:, 208:210].contiguous().view(torch.float16).float() * blocks[:, 192:208].view(torch.int8).float()
     return (scales.reshape(n, 16, 1) * q.reshape(n, 16, 16).float()).reshape(n, 256)
 
@@ -394,16 +402,19 @@ class GGUFSource:
 
     def direct_spec(self, entry: GGUFEntry, spec: QuantSpec | None) -> QuantSpec | None:
         """The spec read_packed makes this tensor's blocks into for `spec`: for int4 groups of 32, the int4 layout
-        that holds Q4 blocks as they are; for int8, int8 (blocks decoded a few rows at a time); else None."""
+        that holds Q4 blocks as they are; for int6, Q6_K's as they are; for int8, int8 (blocks decoded a few rows
+        at a time); else None."""
         if spec and spec.scheme == "int4" and spec.group_size == 32 and entry.source_type in DIRECT_INT4:
             return DIRECT_INT4[entry.source_type]
+        if spec and spec.scheme == "int6" and entry.source_type == "Q6_K":
+            return Q6_K_SPEC
         if spec and spec.scheme == "int8" and entry.source_type not in FLOAT_TYPES:
             return spec
         return None
 
     def read_packed(self, entry: GGUFEntry, spec: QuantSpec) -> dict[str, torch.Tensor]:
         """The parts of direct_spec's `spec`: Q4_0 / Q4_1 / Q4_K blocks re-laid into lilmistral's int4 parts (see
-        DIRECT_INT4), or blocks decoded and quantized to int8 by int8_parts: quantize(read(entry)) without the
+        DIRECT_INT4), Q6_K's into int6 parts (q6k_parts), or blocks decoded and quantized to int8 by int8_parts: quantize(read(entry)) without the
         float32 copy of the whole tensor, whose fresh pages cost more than the decoding (int8 scales are per row:
         the same bits)."""
         raw = self._raw(entry)
@@ -412,6 +423,8 @@ class GGUFSource:
             raw = raw[rows]
         if spec.scheme == "int4":
             parts = q4k_parts(raw) if entry.source_type == "Q4_K" else q4_parts(raw, entry.source_type == "Q4_1")
+        elif spec.scheme == "int6":
+            parts = q6k_parts(raw)
         else:
             parts = int8_parts(raw, entry.source_type)
         self._done_with(entry)
@@ -464,6 +477,23 @@ def q4k_parts(raw: torch.Tensor) -> dict[str, torch.Tensor]:
     d, dmin = q4k_factors(blocks)
     return {"qweight": q4_canonical(blocks, 16, k_quants=True), "scales": scales.view(n, -1),
             "mins": mins.view(n, -1), "super_scales": d, "super_mins": -dmin}
+
+
+def q6k_parts(raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows of Q6_K super-blocks [N, bytes] (see _q6_k) -> int6 parts (pack.py) of the same values: the 6-bit
+    quants re-laid (q6k_canonical), the int8 scales of each 16 values and the float16 d as they are."""
+    n = raw.shape[0]
+    blocks = raw.view(n, -1, 210)
+    quants = torch.ops.lilmistral.q6k_canonical(blocks) if vnni.available() else q6k_canonical(blocks)
+    return {"qweight": quants[0], "qhigh": quants[1], "scales": blocks[..., 192:208].contiguous().view(torch.int8).view(n, -1),
+            "super_scales": blocks[..., 208:210].contiguous().view(torch.float16).view(n, -1)}
+
+
+def q6k_canonical(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K super-blocks [N, B, 210] -> the int6 parts qweight [N, B * 128] and qhigh [N, B * 64] of their quants
+    (in C++, one pass, where lilmistral's CPU kernels are built)."""
+    parts = pack_int6(q6k_quants(blocks.reshape(-1, 210)).view(blocks.shape[0], -1))
+    return parts["qweight"], parts["qhigh"]
 
 
 def q4_canonical(blocks: torch.Tensor, head: int, k_quants: bool = False) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""CPU kernels. With AVX-512 VNNI or AVX2 (vnni.cpp): int4 and int8 at every row count by integer dot products
-with int8 activations; attention (attention.cpp); RMSNorm, RoPE and silu(gate) * up (pointwise.cpp). Without:
-PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm) and operators. The fast matmuls
+"""CPU kernels. With AVX-512 VNNI or AVX2 (vnni.cpp): int4, int6 and int8 at every row count by integer dot
+products with int8 activations; attention (attention.cpp); RMSNorm, RoPE and silu(gate) * up (pointwise.cpp).
+Without: PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm; int6 requantized to int8)
+and operators. The fast matmuls
 take bfloat16 activations; others (float32 for exact reference runs) and shapes the kernels cannot take
 dequantize the packed weight on the fly instead.
 """
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from ..model import rms_norm, rope, silu_mul
 from . import vnni
-from .pack import QuantSpec, dequantize, expand_super_blocks, unpack_int4
+from .pack import QuantSpec, dequantize, plain_parts, unpack_int4
 
 
 class DequantKernel:
@@ -68,13 +69,15 @@ def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 class Int8Kernel(RowsKernel):
     """PyTorch's int8 kernels (CPUs without vnni.cpp's). Decode: the weight-only kernel. Prefill (more than
     W8A8_MIN_ROWS rows): the activations quantized per row to int8 too and multiplied with torch._int_mm,
-    about 4x faster at 128 rows (4096x4096: 6.6 ms vs 28 ms here) for ~0.9% relative error."""
+    about 4x faster at 128 rows (4096x4096: 6.6 ms vs 28 ms here) for ~0.9% relative error. int6 weights are
+    requantized to int8 (plain_parts); float32 activations still get their exact product."""
 
     W8A8_MIN_ROWS = 17  # torch._int_mm wants more than 16 rows
 
     def __init__(self, parts: Parts, spec: QuantSpec) -> None:
         parts = stacked(parts)
         super().__init__(parts, spec)
+        parts, spec = plain_parts(parts, spec)
         self.q = aligned(parts["qweight"].contiguous())  # int8 [N, K]
         self.scales = parts["scales"].to(torch.bfloat16)
         n, k = self.q.shape
@@ -123,13 +126,27 @@ class VnniInt4Kernel(RowsKernel):
         return torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"], p["codes"])
 
 
+class VnniInt6Kernel(RowsKernel):
+    """vnni.cpp's int6 kernel (GGUF's Q6_K), int8 activations in blocks of 32, as VnniInt4Kernel."""
+
+    repacked = True
+
+    def __init__(self, parts: Parts, spec: QuantSpec) -> None:
+        self.parts = vnni.pack_int6_vnni(parts)
+        super().__init__(parts, spec)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.parts
+        return torch.ops.lilmistral.int6_gemv(x, p["q"], p["high"], p["scales"], p["codes"], p["n"])
+
+
 class Int4Kernel(RowsKernel):
     """PyTorch's weight-only int4 kernel (CPUs without vnni.cpp's; super-blocked scales expanded per group)."""
 
     def __init__(self, parts: Parts, spec: QuantSpec) -> None:
         parts = stacked(parts)
         super().__init__(parts, spec)
-        parts, spec = expand_super_blocks(parts, spec)
+        parts, spec = plain_parts(parts, spec)
         q = unpack_int4(parts["qweight"]).to(torch.int32)  # [N, K], 0..15
         self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # ISA-specific layout
         scales = parts["scales"].float()  # [N, K/G]
@@ -145,8 +162,8 @@ class Int4Kernel(RowsKernel):
 def kernel_type(n: int, k: int, spec: QuantSpec) -> type:
     """The kernel class for an [N, K] weight packed as spec."""
     if k % 64 == 0 and vnni.available():
-        return VnniInt8Kernel if spec.scheme == "int8" else VnniInt4Kernel
-    if spec.scheme == "int8":
+        return {"int8": VnniInt8Kernel, "int6": VnniInt6Kernel, "int4": VnniInt4Kernel}[spec.scheme]
+    if spec.scheme != "int4":  # int6 as int8 (plain_parts)
         return Int8Kernel
     return Int4Kernel if n % 16 == 0 else DequantKernel
 
@@ -156,7 +173,7 @@ def make_kernel(parts: Parts, spec: QuantSpec, dtype: torch.dtype = torch.bfloat
     only dequantize). A fused projection's parts come as blocks of rows, which VNNI kernels repack without
     concatenating them first."""
     q = parts["qweight"]
-    n, k = vnni.row_count(q), vnni.row_blocks(q)[0].shape[1] * (2 if spec.scheme == "int4" else 1)
+    n, k = vnni.row_count(q), vnni.row_blocks(q)[0].shape[1] * (1 if spec.scheme == "int8" else 2)
     kernel = kernel_type(n, k, spec) if dtype == torch.bfloat16 else DequantKernel
     return DequantKernel(stacked(parts), spec) if kernel is DequantKernel else kernel(parts, spec)
 
@@ -170,6 +187,10 @@ def expert_gemv(kernels: list):
         codes = [] if codes[0] is None else codes  # not super-blocked: none
         n = kernels[0].parts["n"]
         return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, n, expert, codes)
+    if all(isinstance(k, VnniInt6Kernel) for k in kernels):
+        q, high, scales, codes = ([k.parts[name] for k in kernels] for name in ("q", "high", "scales", "codes"))
+        n = kernels[0].parts["n"]
+        return lambda x, expert: torch.ops.lilmistral.int6_gemv_experts(x, q, high, scales, codes, n, expert)
     if all(isinstance(k, VnniInt8Kernel) for k in kernels):
         q, scales = [k.parts["q"] for k in kernels], [k.parts["scales"] for k in kernels]
         n = kernels[0].parts["n"]

@@ -10,7 +10,7 @@ import torch
 
 from ..model import rms_norm, rope, sdpa, silu_mul, store_kv
 from .cpu import DequantKernel, Parts, eager_only, stacked
-from .pack import QuantSpec, expand_super_blocks
+from .pack import QuantSpec, plain_parts
 
 
 @functools.cache
@@ -24,12 +24,12 @@ def has_triton() -> bool:
 
 def make_kernel(parts: Parts, spec: QuantSpec):
     """The kernel for a weight's parts (a fused projection's as blocks of rows), repacked for Triton's kernels
-    (super-blocked scales expanded per group)."""
+    (`plain_parts`: super-blocked scales expanded per group, int6 as int8)."""
     if not has_triton():
         return DequantKernel(stacked(parts), spec)
     from .triton_kernels import TritonKernel
 
-    return TritonKernel(*expand_super_blocks(parts, spec))
+    return TritonKernel(*plain_parts(parts, spec))
 
 
 def gated_kernel(parts: Parts, spec: QuantSpec):
@@ -37,7 +37,7 @@ def gated_kernel(parts: Parts, spec: QuantSpec):
     call writes silu(w1 x) * w3 x. Needs Triton (`has_triton`)."""
     from .triton_kernels import TritonKernel
 
-    return TritonKernel(*expand_super_blocks(parts, spec), interleave=True)
+    return TritonKernel(*plain_parts(parts, spec), interleave=True)
 
 
 def expert_gemv(kernels: list) -> Callable | None:

@@ -1,7 +1,7 @@
 // GGUF's block formats (convert/gguf.py reads the files): rows of blocks decoded to float32 with the gguf
 // package's operations (its dequantize_blocks, step for step: the same bits), or to int8 rows as pack.py's
 // quantize_int8 makes them from those floats, one row at a time; Q4_K's scales and mins, and the quants of Q4
-// blocks, as pack.py's int4 parts. Loading a GGUF runs these over most of its bytes (docs/performance.md,
+// blocks, as pack.py's int4 parts; Q6_K's quants as its int6 parts. Loading a GGUF runs these over most of its bytes (docs/performance.md,
 // "Loading"). vnni.py compiles this file after lanes.cpp and vnni.cpp (store_int8), in one unit.
 #include <c10/util/Half.h>
 
@@ -234,11 +234,45 @@ at::Tensor q4_canonical(const at::Tensor& blocks, int64_t head, bool k_quants) {
   return out;
 }
 
+// Q6_K super-blocks uint8 [N, B, 210] (see q6_k) -> pack.py's int6 quants: qweight uint8 [N, B * 128] (byte j:
+// values 2j, 2j + 1 in its low and high nibble, their low 4 bits) and qhigh uint8 [N, B * 64] (byte j: values
+// 4j..4j+3's high 2 bits, value 4j + i in bits 2i), one pass.
+std::tuple<at::Tensor, at::Tensor> q6k_canonical(const at::Tensor& blocks) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == 210 && blocks.stride(2) == 1 &&
+              blocks.stride(1) == 210, "q6k_canonical: blocks must be uint8 [N, B, 210]");
+  const int64_t N = blocks.size(0), B = blocks.size(1), stride = blocks.stride(0);
+  at::Tensor low = at::empty({N, B * 128}, blocks.options()), high = at::empty({N, B * 64}, blocks.options());
+  const uint8_t* in = blocks.data_ptr<uint8_t>();
+  uint8_t* lo = low.data_ptr<uint8_t>();
+  uint8_t* hi = high.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    uint8_t q[256];  // a block's quants in order
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t b = 0; b < B; ++b) {
+        const uint8_t* block = in + n * stride + b * 210;
+        for (int h = 0; h < 2; ++h)
+          for (int l = 0; l < 32; ++l) {
+            const uint8_t low0 = block[64 * h + l], low1 = block[64 * h + l + 32], bits = block[128 + 32 * h + l];
+            uint8_t* out = q + 128 * h + l;
+            out[0] = (low0 & 0x0F) | (bits & 3) << 4, out[32] = (low1 & 0x0F) | ((bits >> 2) & 3) << 4;
+            out[64] = (low0 >> 4) | ((bits >> 4) & 3) << 4, out[96] = (low1 >> 4) | ((bits >> 6) & 3) << 4;
+          }
+        uint8_t* l = lo + (n * B + b) * 128;
+        uint8_t* t = hi + (n * B + b) * 64;
+        for (int j = 0; j < 128; ++j) l[j] = (q[2 * j] & 0x0F) | (q[2 * j + 1] & 0x0F) << 4;
+        for (int j = 0; j < 64; ++j)
+          t[j] = (q[4 * j] >> 4) | (q[4 * j + 1] >> 4) << 2 | (q[4 * j + 2] >> 4) << 4 | (q[4 * j + 3] >> 4) << 6;
+      }
+  });
+  return {low, high};
+}
+
 TORCH_LIBRARY_FRAGMENT(lilmistral, m) {
   m.def("gguf_dequantize(Tensor raw, str kind) -> Tensor");
   m.def("gguf_int8(Tensor raw, str kind) -> (Tensor, Tensor)");
   m.def("q4k_codes(Tensor blocks) -> (Tensor, Tensor)");
   m.def("q4_canonical(Tensor blocks, int head, bool k_quants) -> Tensor");
+  m.def("q6k_canonical(Tensor blocks) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
@@ -246,4 +280,5 @@ TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
   m.impl("gguf_int8", &gguf_int8);
   m.impl("q4k_codes", &q4k_codes);
   m.impl("q4_canonical", &q4_canonical);
+  m.impl("q6k_canonical", &q6k_canonical);
 }

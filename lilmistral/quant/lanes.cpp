@@ -46,6 +46,12 @@ inline std::pair<Floats, Floats> load_byte_pairs(const uint16_t* p) {
   const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return {{_mm512_cvtepi32_ps(_mm512_and_si512(w, _mm512_set1_epi32(0xFF)))}, {_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8))}};
 }
+// The same, the bytes read as signed.
+inline std::pair<Floats, Floats> load_signed_byte_pairs(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {{_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 24), 24))},
+          {_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 16), 24))}};
+}
 inline float reduce_add(Floats a) { return _mm512_reduce_add_ps(a.v); }
 inline float reduce_max(Floats a) { return _mm512_reduce_max_ps(a.v); }
 inline Floats zero_unless(Floats a, uint32_t bits) { return {_mm512_maskz_mov_ps(static_cast<__mmask16>(bits), a.v)}; }
@@ -116,6 +122,12 @@ inline std::pair<Floats, Floats> load_byte_pairs(const uint16_t* p) {
   const __m256i byte = _mm256_set1_epi32(0xFF);
   return {{_mm256_cvtepi32_ps(_mm256_and_si256(lo, byte)), _mm256_cvtepi32_ps(_mm256_and_si256(hi, byte))},
           {_mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 8)), _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 8))}};
+}
+inline std::pair<Floats, Floats> load_signed_byte_pairs(const uint16_t* p) {
+  const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  const auto byte = [](__m256i w, int at) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, at), 24)); };
+  return {{byte(lo, 24), byte(hi, 24)}, {byte(lo, 16), byte(hi, 16)}};
 }
 
 // In the order of GCC's _mm512_reduce_add_ps: halves, quarters, then pairs.

@@ -12,7 +12,7 @@ from ..errors import ModelFormatError
 from ..model import Experts, FeedForward, RMSNorm, add_norm
 from . import DEFAULT_GROUP_SIZE, FLOAT_SCHEMES, QUANTIZED_SUFFIXES, SUPER_BLOCKS, cpu, cuda
 from .cpu import DequantKernel, kernel_type
-from .pack import QuantSpec, group_size_for, packed_shapes
+from .pack import INT6_GROUP, QuantSpec, group_size_for, packed_shapes
 from .vnni import MAX_ROWS
 
 
@@ -180,20 +180,23 @@ def spec_for(name: str, shape: tuple[int, ...], scheme: str, group_size: int = D
     """How tensor `name` is stored under `scheme`; None: kept in floating point.
 
     Attention and FFN (and expert) projections take the scheme; int4 g32 with mins in super-blocks where one
-    of SUPER_BLOCKS divides the input size (4.625 bits a weight for 5.0, perplexity alike: README). An untied
+    of SUPER_BLOCKS divides the input size (4.625 bits a weight for 5.0, perplexity alike: README); int6 in
+    super-blocks too (else int8: it has no plain layout). An untied
     output head takes int8 (it is read every token but is sensitive to 4-bit error). Embeddings, norms and
     router gates stay in floating point: they are small, or (embeddings) only one row is read per token.
     """
     if scheme in FLOAT_SCHEMES or len(shape) != 2:
         return None
     if name.endswith(QUANTIZED_SUFFIXES):
-        if scheme == "int8":
+        super_block = next((s for s in SUPER_BLOCKS if shape[1] % s == 0), 0)
+        if scheme == "int8" or scheme == "int6" and not super_block:
             return QuantSpec("int8")
+        if scheme == "int6":
+            return QuantSpec("int6", INT6_GROUP, symmetric=True, super_block=super_block)
         g = group_size_for(shape[1], group_size)
         if scheme == "int4-sym":
             return QuantSpec("int4", g, symmetric=True)
-        super_block = next((s for s in SUPER_BLOCKS if g == 32 and shape[1] % s == 0), 0)
-        return QuantSpec("int4", g, symmetric=False, super_block=super_block)
+        return QuantSpec("int4", g, symmetric=False, super_block=super_block if g == 32 else 0)
     if name == "output.weight" and not tied:
         return QuantSpec("int8")
     return None

@@ -8,6 +8,10 @@ int4: q uint8 [N, K/2], two 4-bit values q in 0..15 per byte along K, element 2j
       super-blocked (asymmetric; GGUF Q4_K when G = 32, S = 256): each group's scale and min an 8-bit code
       uint8 [N, K/G] times a float16 factor per super-block of S inputs, super_scales and super_mins [N, K/S]:
       w = q * (super_scale * scale) + super_min * min   (4.625 bits a weight at G = 32, S = 256; 5.0 without)
+int6: q in 0..63 [N, K] as its low 4 bits, qweight uint8 [N, K/2] (as int4's), and its high 2 bits, qhigh uint8
+      [N, K/4] (input 4j+i in bits 2i..2i+1 of byte j); per group of 16 inputs an int8 code scales [N, K/16] times
+      a float16 factor per super-block of S inputs, super_scales [N, K/S]:
+      w = (super_scale * scale) * (q - 32)   (GGUF Q6_K when S = 256: 6.5625 bits a weight)
 """
 from __future__ import annotations
 
@@ -18,17 +22,21 @@ import torch
 from ..errors import ModelFormatError
 from . import GROUP_SIZES
 
+INT6_GROUP = 16
+
 
 @dataclass(frozen=True)
 class QuantSpec:
-    scheme: str  # "int4" or "int8"
-    group_size: int = 0  # int4 only
+    scheme: str  # "int4", "int6" or "int8"
+    group_size: int = 0  # int4 (int6: 16)
     symmetric: bool = True
     super_block: int = 0  # int4 with mins: 0, float16 scales and mins; else S, coded per super-block of S inputs
 
     def __post_init__(self) -> None:  # a manifest's layout is read from a file
         if self.scheme == "int8":
             known = self.group_size == 0 and self.super_block == 0
+        elif self.scheme == "int6":  # the kernels take a factor per whole blocks of 32
+            known = self.group_size == INT6_GROUP and self.symmetric and self.super_block > 0 and self.super_block % 32 == 0
         else:
             known = self.scheme == "int4" and self.group_size in GROUP_SIZES and (
                 self.super_block == 0 or not self.symmetric and self.super_block % self.group_size == 0)
@@ -57,6 +65,21 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """bytes [N, K/2] -> uint8 values 0..15 [N, K]."""
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def pack_int6(q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """uint8 values 0..63 [N, K] -> int6's qweight (low 4 bits) and qhigh (high 2 bits, four a byte)."""
+    q = q.to(torch.uint8)
+    high = q >> 4
+    return {"qweight": pack_int4(q & 0x0F),
+            "qhigh": high[:, 0::4] | (high[:, 1::4] << 2) | (high[:, 2::4] << 4) | (high[:, 3::4] << 6)}
+
+
+def unpack_int6(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """int6's qweight and qhigh -> uint8 values 0..63 [N, K]."""
+    high = parts["qhigh"]
+    high = torch.stack([(high >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1).reshape(high.shape[0], -1)
+    return unpack_int4(parts["qweight"]) | (high << 4)
 
 
 ROW_CHUNK_VALUES = 2**19  # quantized a chunk of rows at a time: 2 MB float32 temporaries stay in cache
@@ -125,10 +148,31 @@ def super_blocked_codes(lo: torch.Tensor, hi: torch.Tensor, per: int) -> dict[st
     return parts
 
 
+def quantize_int6(w: torch.Tensor, super_block: int) -> dict[str, torch.Tensor]:
+    """As GGUF's Q6_K, with plain rounding: each group of 16's scale maps its value of largest magnitude to
+    -32; the super-block's factor maps its scale of largest magnitude to code -128; the values are rounded with
+    their group's coded scale."""
+    def rows(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, k = chunk.shape
+        g = chunk.reshape(n, k // INT6_GROUP, INT6_GROUP)
+        scale = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)).squeeze(-1) / -32  # [n, K/16]
+        per = super_block // INT6_GROUP
+        s = scale.reshape(n, -1, per)
+        factor = (s.gather(-1, s.abs().argmax(dim=-1, keepdim=True)).squeeze(-1) / -128).half()  # [n, K/S]
+        codes = torch.round(s / nonzero(factor)[..., None]).clamp(-128, 127).reshape(n, -1)
+        coded = codes * factor.float().repeat_interleave(per, dim=1)
+        q = torch.round(g / nonzero(coded)[..., None] + 32).clamp(0, 63)
+        return pack_int6(q.reshape(n, k)) | {"scales": codes.to(torch.int8), "super_scales": factor}
+
+    return _by_rows(w, rows)
+
+
 @torch.no_grad()  # w may be a parameter: no autograd graph to hang on the parts
 def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     if spec.scheme == "int8":
         return quantize_int8(w)
+    if spec.scheme == "int6":
+        return quantize_int6(w, spec.super_block)
     return quantize_int4(w, spec.group_size, spec.symmetric, spec.super_block)
 
 
@@ -143,27 +187,45 @@ def group_scales(parts: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[torch
             mins.float() * parts["super_mins"].float().repeat_interleave(per, dim=1))
 
 
-def expand_super_blocks(parts: dict, spec: QuantSpec) -> tuple[dict, QuantSpec]:
-    """Super-blocked int4 parts (each a tensor or blocks of rows) as plain int4's, their scales and mins rounded
-    to float16 (~2e-4 relative), for kernels without a super-blocked layout of their own; others as they are."""
-    if not spec.super_block:
+def plain_parts(parts: dict, spec: QuantSpec) -> tuple[dict, QuantSpec]:
+    """Parts (each a tensor or blocks of rows) in a layout every kernel takes, for kernels without a layout of
+    their own for them: super-blocked int4 as plain int4 (scales and mins rounded to float16, ~2e-4 relative);
+    int6 requantized to int8 per output channel (~0.9% relative error on Q6_K tensors); others as they are."""
+    if spec.scheme == "int6":
+        plain, convert = QuantSpec("int8"), _int6_as_int8
+    elif spec.super_block:
+        plain, convert = QuantSpec("int4", spec.group_size, symmetric=False), _expanded
+    else:
         return parts, spec
-
-    def expand(block: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        scales, mins = group_scales(block, spec)
-        return {"qweight": block["qweight"], "scales": scales.half(), "mins": mins.half()}
-
-    plain = QuantSpec("int4", spec.group_size, symmetric=False)
     if not isinstance(parts["qweight"], list):
-        return expand(parts), plain
-    blocks = [expand({name: part[i] for name, part in parts.items()}) for i in range(len(parts["qweight"]))]
+        return convert(parts, spec), plain
+    blocks = [convert({name: part[i] for name, part in parts.items()}, spec) for i in range(len(parts["qweight"]))]
     return {name: [block[name] for block in blocks] for name in blocks[0]}, plain
+
+
+def _expanded(parts: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torch.Tensor]:
+    scales, mins = group_scales(parts, spec)
+    return {"qweight": parts["qweight"], "scales": scales.half(), "mins": mins.half()}
+
+
+def _int6_as_int8(parts: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torch.Tensor]:
+    n, k = parts["qweight"].shape[0], parts["qweight"].shape[1] * 2
+    step = max(1, ROW_CHUNK_VALUES // k)  # rows at a time: float32 temporaries stay small
+    chunks = [quantize_int8(dequantize({name: t[i:i + step] for name, t in parts.items()}, spec))
+              for i in range(0, n, step)]
+    return {name: torch.cat([c[name] for c in chunks]) for name in ("qweight", "scales")}
 
 
 def dequantize(parts: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [N, K] that packed parts stand for (the reference every kernel is tested against)."""
     if spec.scheme == "int8":
         return (parts["qweight"].float() * parts["scales"].float()[:, None]).to(dtype)
+    if spec.scheme == "int6":
+        q = unpack_int6(parts).float() - 32
+        n, k = q.shape
+        scales = parts["scales"].float() * parts["super_scales"].float().repeat_interleave(
+            spec.super_block // INT6_GROUP, dim=1)
+        return (q.reshape(n, -1, INT6_GROUP) * scales[..., None]).reshape(n, k).to(dtype)
     scales, mins = group_scales(parts, spec)
     q = unpack_int4(parts["qweight"]).float()
     n, k = q.shape
@@ -177,10 +239,13 @@ def dequantize(parts: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dty
 
 def packed_shapes(n: int, k: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the packed parts of an [N, K] weight, without computing them."""
-    if spec.scheme == "int4" and (k % spec.group_size or spec.super_block and k % spec.super_block):
+    if spec.scheme != "int8" and (k % spec.group_size or k % max(spec.super_block, 1)):
         raise ModelFormatError(f"its {k} inputs are not whole groups of {spec.to_dict()}")  # a folder's manifest
     if spec.scheme == "int8":
         return {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.float16)}
+    if spec.scheme == "int6":
+        return {"qweight": ((n, k // 2), torch.uint8), "qhigh": ((n, k // 4), torch.uint8),
+                "scales": ((n, k // INT6_GROUP), torch.int8), "super_scales": ((n, k // spec.super_block), torch.float16)}
     groups, scale_type = k // spec.group_size, torch.uint8 if spec.super_block else torch.float16
     shapes = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, groups), scale_type)}
     if not spec.symmetric:

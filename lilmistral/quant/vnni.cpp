@@ -23,6 +23,7 @@ struct QuantizedRows {
   const int8_t* q;      // [M, K]
   const float* scale;   // [M, K/32]
   const float* sum;     // [M, K/32]: the block's sum as quantized (scale times the sum of its int8s)
+  const float* sum16;   // [M, K/16]: the same per half block (int6's groups of 16)
 };
 
 // The integer parts of the kernels per instruction set (lanes.cpp has the rest).
@@ -52,6 +53,36 @@ inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)
     }
   }
   for (int m = 0; m < M; ++m) sum[m] = {_mm512_add_epi32(low_sum[m], high_sum[m])};
+}
+
+// int6 weights' integer sums per half of a block (inputs 16h..16h+15: sum[m][h]): w the block's 256 bytes of low
+// 4 bits as int4_block reads them, high its 128 bytes of high 2 bits, 64 a half, lane c's byte b holding column
+// c's inputs 16h + 4i + b in bits 2i (so chunk 2h + s takes bits 4s (its low nibbles) and 4s + 2 (its high
+// ones), moved to bits 4-5 of each byte). The 6-bit values 0..63 times the activations, as int4_block.
+template <int M>
+inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, int64_t K, Ints (&sum)[M][2]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  for (int h = 0; h < 2; ++h) {
+    _mm_prefetch(reinterpret_cast<const char*>(high + h * 64 + PREFETCH / 2), _MM_HINT_T0);
+    const __m512i hb = _mm512_loadu_si512(high + h * 64);
+    const __m512i tops[2][2] = {{_mm512_and_si512(_mm512_slli_epi16(hb, 4), top), _mm512_and_si512(_mm512_slli_epi16(hb, 2), top)},
+                                {_mm512_and_si512(hb, top), _mm512_and_si512(_mm512_srli_epi16(hb, 2), top)}};
+    __m512i low_sum[M], high_sum[M];
+    for (int m = 0; m < M; ++m) low_sum[m] = high_sum[m] = _mm512_setzero_si512();
+    for (int s = 0; s < 2; ++s) {
+      const int j = 2 * h + s;
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(w + j * 64);
+      const __m512i low = _mm512_or_si512(_mm512_and_si512(v, nibble), tops[s][0]);
+      const __m512i high6 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), tops[s][1]);
+      for (int m = 0; m < M; ++m) {
+        const int8_t* xm = x + m * K + 8 * j;
+        low_sum[m] = _mm512_dpbusd_epi32(low_sum[m], low, _mm512_broadcastd_epi32(_mm_loadu_si32(xm)));
+        high_sum[m] = _mm512_dpbusd_epi32(high_sum[m], high6, _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4)));
+      }
+    }
+    for (int m = 0; m < M; ++m) sum[m][h] = {_mm512_add_epi32(low_sum[m], high_sum[m])};
+  }
 }
 
 // The same for int8 weights (w: 512 bytes in Int8Gemv's layout). vpdpbusd wants one unsigned operand: the
@@ -93,11 +124,12 @@ inline int32_t store_int8(Floats v, int8_t* q) {
 
 // 64 bytes of a block's weights: columns 0-7 (lo) and 8-15 (hi); the bytes PREFETCH ahead are fetched.
 struct Columns { __m256i lo, hi; };
-inline Columns load_columns(const uint8_t* w) {
-  _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T0);
+inline Columns load_columns_at(const uint8_t* w, int64_t ahead) {
+  _mm_prefetch(reinterpret_cast<const char*>(w + ahead), _MM_HINT_T0);
   return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)),
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32))};
 }
+inline Columns load_columns(const uint8_t* w) { return load_columns_at(w, PREFETCH); }
 inline Columns load_columns(const int8_t* w) { return load_columns(reinterpret_cast<const uint8_t*>(w)); }
 // int4 weights' low and high nibbles (two inputs' codes a byte), as bytes
 inline Columns low_nibbles(Columns v) {
@@ -105,6 +137,21 @@ inline Columns low_nibbles(Columns v) {
   return {_mm256_and_si256(v.lo, nibble), _mm256_and_si256(v.hi, nibble)};
 }
 inline Columns high_nibbles(Columns v) { return low_nibbles({_mm256_srli_epi16(v.lo, 4), _mm256_srli_epi16(v.hi, 4)}); }
+// int6's 64 bytes of high bits for a half block (see the AVX-512 int6_block): per chunk s of the half, the high
+// bits of its low nibbles' values (tops[s][0]) and of its high nibbles' (tops[s][1]), in bits 4-5 of each byte.
+struct Tops { Columns c[2][2]; };
+inline Tops int6_tops(const uint8_t* high) {
+  const Columns hb = load_columns_at(high, PREFETCH / 2);
+  const __m256i top = _mm256_set1_epi8(0x30);
+  const auto at = [&](int shift) -> Columns {
+    const auto move = [shift](__m256i v) { return shift > 0 ? _mm256_slli_epi16(v, shift) : shift < 0 ? _mm256_srli_epi16(v, -shift) : v; };
+    return {_mm256_and_si256(move(hb.lo), top), _mm256_and_si256(move(hb.hi), top)};
+  };
+  return {{{at(4), at(2)}, {at(0), at(-2)}}};
+}
+inline Columns with_tops(Columns nibbles, Columns tops) {
+  return {_mm256_or_si256(nibbles.lo, tops.lo), _mm256_or_si256(nibbles.hi, tops.hi)};
+}
 
 #if defined(__AVXVNNI__) || defined(__AVX512VNNI__)
 #define LILMISTRAL_YMM_DPBUSD 1
@@ -138,6 +185,25 @@ inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)
     }
   }
   for (int m = 0; m < M; ++m) sum[m] = {sum_chains(lo[m]), sum_chains(hi[m])};
+}
+
+template <int M>
+inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, int64_t K, Ints (&sum)[M][2]) {
+  for (int h = 0; h < 2; ++h) {
+    const Tops tops = int6_tops(high + h * 64);
+    __m256i lo[M][2] = {}, hi[M][2] = {};  // low nibbles' and high nibbles' products apart, as int4_block's chains
+    for (int s = 0; s < 2; ++s) {
+      const int j = 2 * h + s;
+      const Columns v = load_columns(w + j * 64);
+      const Columns low = with_tops(low_nibbles(v), tops.c[s][0]), high6 = with_tops(high_nibbles(v), tops.c[s][1]);
+      for (int m = 0; m < M; ++m) {
+        const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
+        lo[m][0] = dpbusd(lo[m][0], low.lo, x_low), hi[m][0] = dpbusd(hi[m][0], low.hi, x_low);
+        lo[m][1] = dpbusd(lo[m][1], high6.lo, x_high), hi[m][1] = dpbusd(hi[m][1], high6.hi, x_high);
+      }
+    }
+    for (int m = 0; m < M; ++m) sum[m][h] = {sum_chains(lo[m]), sum_chains(hi[m])};
+  }
 }
 
 template <int M>
@@ -181,6 +247,30 @@ inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)
     }
   }
   for (int m = 0; m < M; ++m) sum[m] = {_mm256_madd_epi16(lo[m], ones), _mm256_madd_epi16(hi[m], ones)};
+}
+
+// 6-bit values (0..63) times activations: a chunk's pair sums reach 2 * 2 * 63 * 127 = 32004, so each chunk's
+// 16-bit sums are widened to 32 bits before the next is added.
+template <int M>
+inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, int64_t K, Ints (&sum)[M][2]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    const Tops tops = int6_tops(high + h * 64);
+    for (int m = 0; m < M; ++m) sum[m][h] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int s = 0; s < 2; ++s) {
+      const int j = 2 * h + s;
+      const Columns v = load_columns(w + j * 64);
+      const Columns low = with_tops(low_nibbles(v), tops.c[s][0]), high6 = with_tops(high_nibbles(v), tops.c[s][1]);
+      for (int m = 0; m < M; ++m) {
+        const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
+        const auto products = [&](__m256i l, __m256i hh) {
+          return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(l, x_low), _mm256_maddubs_epi16(hh, x_high)), ones);
+        };
+        sum[m][h].lo = _mm256_add_epi32(sum[m][h].lo, products(low.lo, high6.lo));
+        sum[m][h].hi = _mm256_add_epi32(sum[m][h].hi, products(low.hi, high6.hi));
+      }
+    }
+  }
 }
 
 // int8 weights: vpmaddubsw's unsigned operand the weights' magnitudes, the activations given their signs
@@ -250,33 +340,35 @@ struct Output {
   }
 };
 
-struct BlockScale { float scale, sum; };
+struct BlockScale { float scale, sum, first_half, second_half; };  // the sums: d times the int8s' sums
 
 // x[i, i + 32) to int8 q[0, 32): round(x / d), d = max |x| / 127.
 inline BlockScale quantize_block(const void* x, bool bf16, int64_t i, int8_t* q) {
   const Floats lo = load16(x, bf16, i), hi = load16(x, bf16, i + 16);
   const float d = reduce_max(max(abs(lo), abs(hi))) / 127.f;
   const Floats inv = set1(d > 0 ? 1.f / d : 0.f);
-  return {d, d * static_cast<float>(store_int8(mul(lo, inv), q) + store_int8(mul(hi, inv), q + 16))};
+  const int32_t first = store_int8(mul(lo, inv), q), second = store_int8(mul(hi, inv), q + 16);
+  return {d, d * static_cast<float>(first + second), d * static_cast<float>(first), d * static_cast<float>(second)};
 }
 
 QuantizedRows quantize_rows(const Rows& rows) {
   const int64_t M = rows.x.size(0), K = rows.x.size(1), blocks = K / BLOCK;
   thread_local std::vector<int8_t> q_buffer;
-  thread_local std::vector<float> scale_buffer, sum_buffer;
-  q_buffer.resize(M * K), scale_buffer.resize(M * blocks), sum_buffer.resize(M * blocks);
+  thread_local std::vector<float> scale_buffer, sum_buffer, sum16_buffer;
+  q_buffer.resize(M * K), scale_buffer.resize(M * blocks), sum_buffer.resize(M * blocks), sum16_buffer.resize(2 * M * blocks);
   const void* xp = rows.x.data_ptr();
   const bool bf16 = rows.bf16;
   int8_t* qp = q_buffer.data();
   float* scale = scale_buffer.data();
   float* sum = sum_buffer.data();
+  float* sum16 = sum16_buffer.data();
   at::parallel_for(0, M * blocks, 8 * blocks, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const BlockScale s = quantize_block(xp, bf16, block * BLOCK, qp + block * BLOCK);
-      scale[block] = s.scale, sum[block] = s.sum;
+      scale[block] = s.scale, sum[block] = s.sum, sum16[2 * block] = s.first_half, sum16[2 * block + 1] = s.second_half;
     }
   });
-  return {qp, scale, sum};
+  return {qp, scale, sum, sum16};
 }
 
 // Calls kernel.template rows<M>(begin, end) over the kernel's units of output columns (one column, or a group
@@ -395,6 +487,50 @@ struct Int4Gemv {
   }
 };
 
+// int6 weights in the kernel's layout (vnni.py: pack_int6_vnni): their low 4 bits as Int4Gemv's w, their high 2
+// bits 128 bytes a block (int6_block). A block's two groups of 16 inputs have int8 codes, [groups, K/32, 16, 2],
+// times a float16 factor per super-block, [groups, K/S, 16]: w = (factor * code) * (q - 32). Each group's
+// integer sum is scaled once, and 32 times the scale takes off the group's activation sum.
+struct Int6Gemv {
+  const uint8_t* w; const uint8_t* high; const uint16_t* factor; const uint16_t* codes; int64_t per;
+  const int8_t* xq; const float* x_scale; const float* x_sum16; Output out; int64_t N, K;
+  static constexpr int64_t TILE = 4, GRAIN = 8;
+
+  int64_t units() const { return (N + 15) / 16; }
+
+  Int6Gemv at_row(int64_t row) const {
+    Int6Gemv k = *this;
+    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.x_sum16 += row * (2 * K / BLOCK), k.out = out + row * N;
+    return k;
+  }
+
+  template <int M>
+  void rows(int64_t begin, int64_t end) const {
+    const int64_t blocks = K / BLOCK, factors = blocks / per;
+    for (int64_t g = begin; g < end; ++g) {
+      Floats acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = set1(0.f);
+      for (int64_t f = 0; f < factors; ++f) {
+        const Floats d = load_halves(factor + (g * factors + f) * 16);
+        for (int64_t b = f * per; b < (f + 1) * per; ++b) {
+          Ints sum[M][2];
+          int6_block<M>(w + (g * blocks + b) * BLOCK * 8, high + (g * blocks + b) * BLOCK * 4, xq + b * BLOCK, K, sum);
+          const auto [first, second] = load_signed_byte_pairs(codes + (g * blocks + b) * 16);
+          const Floats ws[2] = {mul(d, first), mul(d, second)};  // exact: an 11-bit mantissa times 8 bits
+          for (int m = 0; m < M; ++m) {
+            const Floats xs = set1(x_scale[m * blocks + b]);
+            for (int h = 0; h < 2; ++h) {
+              acc[m] = fmadd(to_floats(sum[m][h]), mul(ws[h], xs), acc[m]);
+              acc[m] = fmadd(mul(ws[h], set1(-32.f)), set1(x_sum16[m * 2 * blocks + 2 * b + h]), acc[m]);
+            }
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m) out.store_lanes(m * N + g * 16, acc[m], std::min<int64_t>(16, N - g * 16));
+    }
+  }
+};
+
 // The kernel over one int8 weight of N columns in Int8Gemv's layout: q int8 [groups, K * 16], scales float
 // [groups * 16]; x the activations as int8_activations gives them.
 Int8Gemv int8_kernel(const at::Tensor& q, const at::Tensor& scales, int64_t N, const QuantizedRows& r,
@@ -423,6 +559,23 @@ Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::o
   const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
   return Int4Gemv{q.data_ptr<uint8_t>(), bits(scales), mins ? bits(*mins) : nullptr, codes ? bits(*codes) : nullptr,
                   blocks / factors, r.q, r.scale, r.sum, out, N, K};
+}
+
+// The kernel over one int6 weight of N columns in Int6Gemv's layout: q uint8 [groups, K * 8] (as int4's), high
+// uint8 [groups, K * 4], factors float16 [groups, K/S, 16], codes int8 [groups, K/32, 16, 2].
+Int6Gemv int6_kernel(const at::Tensor& q, const at::Tensor& high, const at::Tensor& factors, const at::Tensor& codes,
+                     int64_t N, const QuantizedRows& r, Output out) {
+  const int64_t groups = q.size(0), K = q.size(1) / 8, blocks = K / BLOCK;
+  const int64_t supers = factors.dim() == 3 ? factors.size(1) : 0;
+  TORCH_CHECK(q.scalar_type() == at::kByte && high.scalar_type() == at::kByte && factors.scalar_type() == at::kHalf &&
+              codes.scalar_type() == at::kChar && q.is_contiguous() && high.is_contiguous() && factors.is_contiguous() &&
+              codes.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (8 * K_ALIGN) == 0 &&
+              high.sizes() == at::IntArrayRef({groups, K * 4}) && supers > 0 && blocks % supers == 0 &&
+              factors.sizes() == at::IntArrayRef({groups, supers, 16}) &&
+              codes.sizes() == at::IntArrayRef({groups, blocks, 16, 2}), "int6_gemv: unsupported layout");
+  const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
+  return Int6Gemv{q.data_ptr<uint8_t>(), high.data_ptr<uint8_t>(), bits(factors), bits(codes), blocks / supers,
+                  r.q, r.scale, r.sum16, out, N, K};
 }
 
 // Mixture-of-experts decode: row r of the activations times the weight of expert[r], from one kernel per
@@ -469,6 +622,16 @@ at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   return out.to(x_in.scalar_type());
 }
 
+// x [M, K]; q, high, factors, codes as int6_kernel's for N columns. Returns [M, N] in x's dtype.
+at::Tensor int6_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& high, const at::Tensor& factors,
+                     const at::Tensor& codes, int64_t N) {
+  const Rows x(x_in, q.size(1) / 8);
+  const QuantizedRows r = quantize_rows(x);
+  at::Tensor out = x.empty_out(N);
+  run(int6_kernel(q, high, factors, codes, N, r, Output(out)), out.size(0));
+  return out.to(x_in.scalar_type());
+}
+
 at::Tensor int8_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList scales, int64_t N,
                              const at::Tensor& expert) {
   check_same_shapes(q);
@@ -499,6 +662,20 @@ at::Tensor int4_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
   return out.to(x_in.scalar_type());
 }
 
+at::Tensor int6_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList high, at::TensorList factors,
+                             at::TensorList codes, int64_t N, const at::Tensor& expert) {
+  check_same_shapes(q);
+  TORCH_CHECK(high.size() == q.size() && factors.size() == q.size() && codes.size() == q.size(),
+              "int6_gemv_experts: every part for every expert");
+  const Rows x(x_in, q[0].size(1) / 8);
+  const QuantizedRows r = quantize_rows(x);
+  at::Tensor out = x.empty_out(N);
+  std::vector<Int6Gemv> experts;
+  for (size_t i = 0; i < q.size(); ++i) experts.push_back(int6_kernel(q[i], high[i], factors[i], codes[i], N, r, Output(out)));
+  expert_rows(experts, expert, out.size(0));
+  return out.to(x_in.scalar_type());
+}
+
 namespace {
 
 // Eight int4 inputs in a 32-bit word, from the canonical layout (byte b: inputs 2b and 2b+1 in its low and
@@ -509,8 +686,17 @@ inline uint32_t int4_lanes(uint32_t w) {
          ((c1 >> 4) | (c3 & 0xF0)) << 24;
 }
 
+// Sixteen 2-bit fields in a 32-bit word, from the canonical int6 high bits (byte t: inputs 4t + i in bits 2i) to
+// Int6Gemv's (byte b: inputs 4i + b in bits 2i): a 4x4 transpose of the fields, in two delta swaps (its own inverse).
+inline uint32_t int6_high_lanes(uint32_t x) {
+  uint32_t t = ((x >> 6) ^ x) & 0x00CC00CCu;
+  x ^= t ^ (t << 6);
+  t = ((x >> 12) ^ x) & 0x0000F0F0u;
+  return x ^ t ^ (t << 12);
+}
+
 template <typename Word>
-void rows_to_columns(const std::vector<const uint8_t*>& x, Word* out, int64_t J, int64_t repeat, bool nibbles) {
+void rows_to_columns(const std::vector<const uint8_t*>& x, Word* out, int64_t J, int64_t repeat, int64_t fields) {
   const int64_t N = x.size();
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t begin, int64_t end) {
     std::vector<Word> rows(16 * J);  // a group's 16 rows, rearranged in a contiguous pass (which vectorizes)
@@ -522,9 +708,12 @@ void rows_to_columns(const std::vector<const uint8_t*>& x, Word* out, int64_t J,
           continue;
         }
         std::memcpy(row, x[g * 16 + c], J * sizeof(Word));
-        if constexpr (sizeof(Word) == 4)
-          if (nibbles)
+        if constexpr (sizeof(Word) == 4) {
+          if (fields == 4)
             for (int64_t j = 0; j < J; ++j) row[j] = int4_lanes(row[j]);
+          if (fields == 2)
+            for (int64_t j = 0; j < J; ++j) row[j] = int6_high_lanes(row[j]);
+        }
       }
       for (int64_t j = 0; j < J; ++j) {  // writing in order (1.7x faster than reading in order)
         Word* o = out + (g * J + j) * repeat * 16;
@@ -540,11 +729,11 @@ void rows_to_columns(const std::vector<const uint8_t*>& x, Word* out, int64_t J,
 // Load-time repacking into the kernels' layouts (vnni.py: pack_int8_vnni, pack_int4_vnni), one pass over the
 // weight: the rows of x [N, J words of word_bytes], given as blocks of rows (a fused projection's parts, not
 // concatenated first), become columns in groups of 16, uint8 [groups, J * repeat * 16 words]: word (g, j, c) =
-// x's word (16g + c, j / repeat), zero past N; with nibbles each 32-bit word's eight int4 inputs as Int4Gemv
-// reads them (int4_lanes).
-at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repeat, bool nibbles) {
-  TORCH_CHECK(!blocks.empty() && (word_bytes == 2 || word_bytes == 4) && repeat >= 1 && (!nibbles || word_bytes == 4),
-              "pack_columns: unsupported arguments");
+// x's word (16g + c, j / repeat), zero past N; each 32-bit word's fields reordered as the kernels read them:
+// fields 4, eight int4 inputs (int4_lanes); 2, int6's high bits (int6_high_lanes); 0, none.
+at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repeat, int64_t fields) {
+  TORCH_CHECK(!blocks.empty() && (word_bytes == 2 || word_bytes == 4) && repeat >= 1 &&
+              (fields == 0 || (fields == 2 || fields == 4) && word_bytes == 4), "pack_columns: unsupported arguments");
   const int64_t row_bytes = blocks[0].size(1) * blocks[0].element_size();
   std::vector<at::Tensor> contiguous;
   std::vector<const uint8_t*> rows;
@@ -557,8 +746,8 @@ at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repea
   }
   const int64_t N = rows.size(), J = row_bytes / word_bytes;
   at::Tensor out = at::empty({(N + 15) / 16, J * repeat * 16 * word_bytes}, blocks[0].options().dtype(at::kByte));
-  if (word_bytes == 4) rows_to_columns(rows, reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()), J, repeat, nibbles);
-  else rows_to_columns(rows, reinterpret_cast<uint16_t*>(out.data_ptr<uint8_t>()), J, repeat, nibbles);
+  if (word_bytes == 4) rows_to_columns(rows, reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()), J, repeat, fields);
+  else rows_to_columns(rows, reinterpret_cast<uint16_t*>(out.data_ptr<uint8_t>()), J, repeat, fields);
   return out;
 }
 
@@ -570,7 +759,10 @@ TORCH_LIBRARY(lilmistral, m) {
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
   m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor[] mins, int n, Tensor expert, "
         "Tensor[] codes) -> Tensor");
-  m.def("pack_columns(Tensor[] blocks, int word_bytes, int repeat, bool nibbles) -> Tensor");
+  m.def("int6_gemv(Tensor x, Tensor q, Tensor high, Tensor factors, Tensor codes, int n) -> Tensor");
+  m.def("int6_gemv_experts(Tensor x, Tensor[] q, Tensor[] high, Tensor[] factors, Tensor[] codes, int n, "
+        "Tensor expert) -> Tensor");
+  m.def("pack_columns(Tensor[] blocks, int word_bytes, int repeat, int fields) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
@@ -578,5 +770,7 @@ TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
   m.impl("int4_gemv", &int4_gemv);
   m.impl("int8_gemv_experts", &int8_gemv_experts);
   m.impl("int4_gemv_experts", &int4_gemv_experts);
+  m.impl("int6_gemv", &int6_gemv);
+  m.impl("int6_gemv_experts", &int6_gemv_experts);
   m.impl("pack_columns", &pack_columns);
 }

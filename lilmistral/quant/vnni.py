@@ -1,4 +1,4 @@
-"""The CPU kernels of vnni.cpp (int4/int8 matmuls), attention.cpp, pointwise.cpp and gguf_blocks.cpp (GGUF's
+"""The CPU kernels of vnni.cpp (int4/int6/int8 matmuls), attention.cpp, pointwise.cpp and gguf_blocks.cpp (GGUF's
 blocks decoded at load), compiled on first use into operators under torch.ops.lilmistral (see isa()): a C++
 compiler is needed once, and torch.utils.cpp_extension caches the build. Built for AVX-512 VNNI or, on CPUs
 without it, for AVX-VNNI or AVX2 (lanes.cpp: the same results, bit for bit, bfloat16 attention scores aside);
@@ -22,6 +22,7 @@ from .pack import QuantSpec
 
 # one unit: later ones use earlier ones' helpers
 SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp", "gguf_blocks.cpp")
+NIBBLES, INT6_HIGHS = 4, 2  # pack_columns' fields: int4's inputs as Int4Gemv reads them; int6's high bits
 # Decode-sized batches: up to this many (token, expert) rows, expert-batched calls beat grouping the rows by
 # expert (which reads each expert's weights once)
 MAX_ROWS = 8
@@ -53,9 +54,10 @@ def cpu_isas() -> list[str]:
 def isa() -> str | None:
     """The instruction set the operators were built for, one of ISAS (building them on the first call, the best
     that builds); None where there are none. torch.ops.lilmistral.int8_gemv(x [M, K], q, scales, n) with
-    pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n, codes) with pack_int4_vnni's, and for mixtures of
-    experts int8_gemv_experts(x, [q], [scales], n, expert [M]) and int4_gemv_experts(x, [q], [scales], [mins] ([]
-    where symmetric), n, expert, [codes] ([] unless super-blocked)): row m of x times the weight of expert[m];
+    pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n, codes) with pack_int4_vnni's, int6_gemv(x, q, high,
+    scales, codes, n) with pack_int6_vnni's, and for mixtures of experts int8_gemv_experts(x, [q], [scales], n,
+    expert [M]), int4_gemv_experts(x, [q], [scales], [mins] ([] where symmetric), n, expert, [codes] ([] unless
+    super-blocked)) and int6_gemv_experts(x, [q], [high], [scales], [codes], n, expert): row m of x times the weight of expert[m];
     attention(q, keys, values, mask, scale) (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin),
     silu_mul(gate, up) (pointwise.cpp); gguf_dequantize(raw, kind), gguf_int8(raw, kind), q4k_codes(blocks),
     q4_canonical(blocks, head, k_quants) (gguf_blocks.cpp)."""
@@ -131,8 +133,12 @@ def _like_first(x: torch.Tensor, *args) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
-FAKES = {"int8_gemv": _int8_shape, "int4_gemv": _int4_shape, "int8_gemv_experts": _int8_shape,
-         "int4_gemv_experts": _int4_shape, "attention": _like_first, "rms_norm": _like_first, "rope": _like_first,
+def _int6_shape(x: torch.Tensor, q, high, factors, codes, n: int, *args) -> torch.Tensor:
+    return x.new_empty(x.shape[0], n)
+
+
+FAKES = {"int8_gemv": _int8_shape, "int4_gemv": _int4_shape, "int6_gemv": _int6_shape, "int8_gemv_experts": _int8_shape,
+         "int4_gemv_experts": _int4_shape, "int6_gemv_experts": _int6_shape, "attention": _like_first, "rms_norm": _like_first, "rope": _like_first,
          "silu_mul": _like_first}
 
 
@@ -153,8 +159,8 @@ def pack_int8_vnni(q: Rows, scales: Rows) -> dict[str, torch.Tensor | int]:
     chunks of 4 inputs, 64 bytes: bytes 4c..4c+3 hold column c's 4 inputs; scales float32 [groups * 16]."""
     pack = torch.ops.lilmistral.pack_columns
     q, scales = row_blocks(q), row_blocks(scales)
-    return {"q": pack(q, 4, 1, False).view(torch.int8),  # [groups, K/4 * 16 * 4]
-            "scales": pack([s.float()[:, None] for s in scales], 4, 1, False).view(torch.float32).reshape(-1),
+    return {"q": pack(q, 4, 1, 0).view(torch.int8),  # [groups, K/4 * 16 * 4]
+            "scales": pack([s.float()[:, None] for s in scales], 4, 1, 0).view(torch.float32).reshape(-1),
             "n": row_count(q)}
 
 
@@ -171,12 +177,12 @@ def pack_int4_vnni(parts: dict[str, Rows]) -> dict[str, torch.Tensor | int | Non
 
     def columns(blocks: list[torch.Tensor], per_block: bool) -> torch.Tensor:
         """Rows of 2-byte words [n, J] -> uint8 [groups, J (or K/32: each word repeated per block), 16, 2]."""
-        return pack(blocks, 2, k // 32 // blocks[0].shape[1] if per_block else 1, False).view(groups, -1, 16, 2)
+        return pack(blocks, 2, k // 32 // blocks[0].shape[1] if per_block else 1, 0).view(groups, -1, 16, 2)
 
     def halves(t: Rows, per_block: bool) -> torch.Tensor:
         return columns([block.half() for block in row_blocks(t)], per_block).view(torch.float16)[..., 0]
 
-    packed = {"q": pack(qweight, 4, 1, True), "n": row_count(qweight), "codes": None}
+    packed = {"q": pack(qweight, 4, 1, NIBBLES), "n": row_count(qweight), "codes": None}
     if "super_scales" not in parts:
         return packed | {"scales": halves(parts["scales"], True),
                          "mins": halves(parts["mins"], True) if "mins" in parts else None}
@@ -184,6 +190,27 @@ def pack_int4_vnni(parts: dict[str, Rows]) -> dict[str, torch.Tensor | int | Non
              for pair in zip(row_blocks(parts["scales"]), row_blocks(parts["mins"]))]
     return packed | {"scales": halves(parts["super_scales"], False), "mins": halves(parts["super_mins"], False),
                      "codes": columns(pairs, True)}
+
+
+def pack_int6_vnni(parts: dict[str, Rows]) -> dict[str, torch.Tensor | int]:
+    """The canonical int6 parts (pack.py; each a tensor or blocks of its rows) -> int6_gemv's arguments: columns
+    in groups of 16 (the last padded with zeros); q their low 4 bits as pack_int4_vnni's; high their high 2 bits,
+    64 bytes a half block of 16 inputs, lane c's byte b holding column c's inputs 4i + b of it in bits 2i; codes
+    int8 [groups, K/32, 16, 2] each block's two groups' codes; scales float16 [groups, K/S, 16] the factors."""
+    qweight = row_blocks(parts["qweight"])
+    groups, pack = (row_count(qweight) + 15) // 16, torch.ops.lilmistral.pack_columns
+    pairs = [codes.view(torch.int16) for codes in row_blocks(parts["scales"])]  # a block's two codes: one word
+    factors = [f.half() for f in row_blocks(parts["super_scales"])]
+    return {"q": pack(qweight, 4, 1, NIBBLES), "high": pack(row_blocks(parts["qhigh"]), 4, 1, INT6_HIGHS),
+            "scales": pack(factors, 2, 1, 0).view(groups, -1, 16, 2).view(torch.float16)[..., 0],
+            "codes": pack(pairs, 2, 1, 0).view(groups, -1, 16, 2).view(torch.int8), "n": row_count(qweight)}
+
+
+def transpose_fields(t: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 4] words of 2-bit fields transposed (pack_columns' INT6_HIGHS; its own inverse): field i of
+    byte b becomes field b of byte i."""
+    fields = torch.stack([(t >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1).transpose(-1, -2)
+    return fields[..., 0] | (fields[..., 1] << 2) | (fields[..., 2] << 4) | (fields[..., 3] << 6)
 
 
 def unpack_vnni(parts: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
@@ -199,6 +226,9 @@ def unpack_vnni(parts: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
         return {"qweight": words.reshape(n, -1), "scales": parts["scales"][:n].half()}
     values = torch.cat((words & 0x0F, words >> 4), dim=-1).reshape(n, -1)  # [N, K] in order
     canonical = {"qweight": values[:, 0::2] | (values[:, 1::2] << 4)}
+    if spec.scheme == "int6":
+        return canonical | {"qhigh": transpose_fields(rows(parts["high"].view(groups, -1, 16, 4))).reshape(n, -1),
+                            "scales": rows(parts["codes"]).reshape(n, -1), "super_scales": rows(parts["scales"])}
     every = spec.group_size // 32  # a group of G inputs is G/32 blocks alike
     if parts["codes"] is not None:
         codes = rows(parts["codes"])[:, ::every]  # [N, K/G, 2]
