@@ -3,7 +3,7 @@ layer shapes (and SmolLM2's), with cold weights: each call reads a different cop
 kernel against PyTorch's flash attention (bfloat16, decode and prompt shapes); and its RMSNorm, RoPE and
 silu * up kernels against model.py's PyTorch versions (one decode token, bfloat16).
 
-    python benchmarks/cpu_kernels.py [--threads 2] [--rows 1]
+    python benchmarks/cpu_kernels.py [--threads 2] [--rows 1] [--only int6,int8]
     LILMISTRAL_CPU_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/cpu_kernels.py   # as on an AVX2 CPU
     LILMISTRAL_CPU_KERNELS=avxvnni python benchmarks/cpu_kernels.py   # the AVX-VNNI build (EVEX form on AVX-512)
 """
@@ -59,6 +59,22 @@ def int4_row(n: int, k: int, copies: int, rows: int, super_blocked: bool = False
     return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": weight_bytes / ours / 1e9}
 
 
+def int6_row(n: int, k: int, copies: int, rows: int) -> dict:
+    """int6 (GGUF Q6_K's layout: 6.5625 bits a weight), against PyTorch's int8 kernel (which CPUs without
+    lilmistral's kernels run int6 weights with, requantized)."""
+    parts = [{"qweight": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8),
+              "qhigh": torch.randint(0, 256, (n, k // 4), dtype=torch.uint8),
+              "scales": torch.randint(-128, 128, (n, k // 16), dtype=torch.int8),
+              "super_scales": torch.rand(n, k // 256).half() / 1000} for _ in range(copies)]
+    packed = [vnni.pack_int6_vnni(p) for p in parts]
+    weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n).bfloat16()) for _ in range(copies)]
+    x = torch.randn(rows, k).bfloat16()
+    gemv = torch.ops.lilmistral.int6_gemv
+    ours = median_seconds(lambda p: gemv(x, p["q"], p["high"], p["scales"], p["codes"], p["n"]), packed)
+    theirs = median_seconds(lambda w: torch.ops.aten._weight_int8pack_mm(x, w[0], w[1]), weights)
+    return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6, "lilmistral_gbps": n * k * 6.5625 / 8 / ours / 1e9}
+
+
 def int8_row(n: int, k: int, copies: int, rows: int) -> dict:
     weights = [(torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100) for _ in range(copies)]
     packed = [vnni.pack_int8_vnni(q, scales) for q, scales in weights]
@@ -104,18 +120,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=1, help="activation rows per matmul (1: decode)")
+    parser.add_argument("--only", help="the matmul schemes to run, e.g. 'int6,int8' (and no other kernels)")
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
     isa = vnni.isa()
     assert isa, "no lilmistral CPU kernels on this CPU (or no C++ compiler)"
     for scheme, row, shapes in (("int4 g32", int4_row, SHAPES),
                                 ("int4 g32 super-blocked", functools.partial(int4_row, super_blocked=True), SHAPES[:4]),
+                                ("int6", int6_row, ((32000, 4096), *SHAPES[:4])),
                                 ("int8", int8_row, ((32000, 4096), *SHAPES[:4]))):
+        if ns.only and scheme not in ns.only.split(","):
+            continue
         for n, k in shapes:
             result = row(n, k, copies=max(3, int(200e6 / (n * k * 0.6))), rows=ns.rows)
             print(json.dumps({"isa": isa, "scheme": scheme, "shape": f"{n}x{k}", "rows": ns.rows,
                               **{key: round(v, 1) for key, v in result.items()},
                               "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
+    if ns.only:
+        return
     for shape in ATTENTION_SHAPES:
         result = attention_row(*shape)
         print(json.dumps({"isa": isa, "kernel": "attention", "kv_heads,group,tokens,keys,head_dim": shape,

@@ -23,7 +23,7 @@ struct QuantizedRows {
   const int8_t* q;      // [M, K]
   const float* scale;   // [M, K/32]
   const float* sum;     // [M, K/32]: the block's sum as quantized (scale times the sum of its int8s)
-  const float* sum16;   // [M, K/16]: the same per half block (int6's groups of 16)
+  const float* offset16;  // [M, K/16]: -32 times the sum per half block (int6's groups of 16: q - 32)
 };
 
 // The integer parts of the kernels per instruction set (lanes.cpp has the rest).
@@ -55,34 +55,34 @@ inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)
   for (int m = 0; m < M; ++m) sum[m] = {_mm512_add_epi32(low_sum[m], high_sum[m])};
 }
 
-// int6 weights' integer sums per half of a block (inputs 16h..16h+15: sum[m][h]): w the block's 256 bytes of low
-// 4 bits as int4_block reads them, high its 128 bytes of high 2 bits, 64 a half, lane c's byte b holding column
-// c's inputs 16h + 4i + b in bits 2i (so chunk 2h + s takes bits 4s (its low nibbles) and 4s + 2 (its high
-// ones), moved to bits 4-5 of each byte). The 6-bit values 0..63 times the activations, as int4_block.
+// int6 weights' integer sums for a half block, a group of 16 inputs: w its 128 bytes of low 4 bits (two chunks as
+// int4_block reads them), high its 64 bytes of high 2 bits, lane c's byte b holding column c's inputs 4i + b in
+// bits 2i (so chunk s takes bits 4s (its low nibbles) and 4s + 2 (its high ones), moved to bits 4-5 of each
+// byte), x its 16 activations. The 6-bit values 0..63 times the activations, as int4_block; few rows sum in two
+// chains for vpdpbusd's latency, more in one (registers: a prompt's 8 rows).
 template <int M>
-inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, int64_t K, Ints (&sum)[M][2]) {
+inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, int64_t K, Ints (&sum)[M]) {
+  constexpr int C = M < 4 ? 2 : 1;
   const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
-  for (int h = 0; h < 2; ++h) {
-    _mm_prefetch(reinterpret_cast<const char*>(high + h * 64 + PREFETCH / 2), _MM_HINT_T0);
-    const __m512i hb = _mm512_loadu_si512(high + h * 64);
-    const __m512i tops[2][2] = {{_mm512_and_si512(_mm512_slli_epi16(hb, 4), top), _mm512_and_si512(_mm512_slli_epi16(hb, 2), top)},
-                                {_mm512_and_si512(hb, top), _mm512_and_si512(_mm512_srli_epi16(hb, 2), top)}};
-    __m512i low_sum[M], high_sum[M];
-    for (int m = 0; m < M; ++m) low_sum[m] = high_sum[m] = _mm512_setzero_si512();
-    for (int s = 0; s < 2; ++s) {
-      const int j = 2 * h + s;
-      _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
-      const __m512i v = _mm512_loadu_si512(w + j * 64);
-      const __m512i low = _mm512_or_si512(_mm512_and_si512(v, nibble), tops[s][0]);
-      const __m512i high6 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), tops[s][1]);
-      for (int m = 0; m < M; ++m) {
-        const int8_t* xm = x + m * K + 8 * j;
-        low_sum[m] = _mm512_dpbusd_epi32(low_sum[m], low, _mm512_broadcastd_epi32(_mm_loadu_si32(xm)));
-        high_sum[m] = _mm512_dpbusd_epi32(high_sum[m], high6, _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4)));
-      }
+  _mm_prefetch(reinterpret_cast<const char*>(high + PREFETCH / 2), _MM_HINT_T0);
+  const __m512i hb = _mm512_loadu_si512(high);
+  const __m512i tops[2][2] = {{_mm512_and_si512(_mm512_slli_epi16(hb, 4), top), _mm512_and_si512(_mm512_slli_epi16(hb, 2), top)},
+                              {_mm512_and_si512(hb, top), _mm512_and_si512(_mm512_srli_epi16(hb, 2), top)}};
+  __m512i chains[M][C];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < C; ++c) chains[m][c] = _mm512_setzero_si512();
+  for (int s = 0; s < 2; ++s) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + s * 64 + PREFETCH), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(w + s * 64);
+    const __m512i low = _mm512_or_si512(_mm512_and_si512(v, nibble), tops[s][0]);
+    const __m512i high6 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), nibble), tops[s][1]);
+    for (int m = 0; m < M; ++m) {
+      const int8_t* xm = x + m * K + 8 * s;
+      chains[m][0] = _mm512_dpbusd_epi32(chains[m][0], low, _mm512_broadcastd_epi32(_mm_loadu_si32(xm)));
+      chains[m][C - 1] = _mm512_dpbusd_epi32(chains[m][C - 1], high6, _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4)));
     }
-    for (int m = 0; m < M; ++m) sum[m][h] = {_mm512_add_epi32(low_sum[m], high_sum[m])};
   }
+  for (int m = 0; m < M; ++m) sum[m] = {C == 2 ? _mm512_add_epi32(chains[m][0], chains[m][C - 1]) : chains[m][0]};
 }
 
 // The same for int8 weights (w: 512 bytes in Int8Gemv's layout). vpdpbusd wants one unsigned operand: the
@@ -137,7 +137,7 @@ inline Columns low_nibbles(Columns v) {
   return {_mm256_and_si256(v.lo, nibble), _mm256_and_si256(v.hi, nibble)};
 }
 inline Columns high_nibbles(Columns v) { return low_nibbles({_mm256_srli_epi16(v.lo, 4), _mm256_srli_epi16(v.hi, 4)}); }
-// int6's 64 bytes of high bits for a half block (see the AVX-512 int6_block): per chunk s of the half, the high
+// int6's 64 bytes of high bits for a half block (see the AVX-512 int6_block): per chunk s of it, the high
 // bits of its low nibbles' values (tops[s][0]) and of its high nibbles' (tops[s][1]), in bits 4-5 of each byte.
 struct Tops { Columns c[2][2]; };
 inline Tops int6_tops(const uint8_t* high) {
@@ -188,22 +188,20 @@ inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)
 }
 
 template <int M>
-inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, int64_t K, Ints (&sum)[M][2]) {
-  for (int h = 0; h < 2; ++h) {
-    const Tops tops = int6_tops(high + h * 64);
-    __m256i lo[M][2] = {}, hi[M][2] = {};  // low nibbles' and high nibbles' products apart, as int4_block's chains
-    for (int s = 0; s < 2; ++s) {
-      const int j = 2 * h + s;
-      const Columns v = load_columns(w + j * 64);
-      const Columns low = with_tops(low_nibbles(v), tops.c[s][0]), high6 = with_tops(high_nibbles(v), tops.c[s][1]);
-      for (int m = 0; m < M; ++m) {
-        const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
-        lo[m][0] = dpbusd(lo[m][0], low.lo, x_low), hi[m][0] = dpbusd(hi[m][0], low.hi, x_low);
-        lo[m][1] = dpbusd(lo[m][1], high6.lo, x_high), hi[m][1] = dpbusd(hi[m][1], high6.hi, x_high);
-      }
+inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, int64_t K, Ints (&sum)[M]) {
+  constexpr int C = M < 4 ? 2 : 1;
+  const Tops tops = int6_tops(high);
+  __m256i lo[M][C] = {}, hi[M][C] = {};
+  for (int s = 0; s < 2; ++s) {
+    const Columns v = load_columns(w + s * 64);
+    const Columns low = with_tops(low_nibbles(v), tops.c[s][0]), high6 = with_tops(high_nibbles(v), tops.c[s][1]);
+    for (int m = 0; m < M; ++m) {
+      const __m256i x_low = broadcast4(x + m * K + 8 * s), x_high = broadcast4(x + m * K + 8 * s + 4);
+      lo[m][0] = dpbusd(lo[m][0], low.lo, x_low), hi[m][0] = dpbusd(hi[m][0], low.hi, x_low);
+      lo[m][C - 1] = dpbusd(lo[m][C - 1], high6.lo, x_high), hi[m][C - 1] = dpbusd(hi[m][C - 1], high6.hi, x_high);
     }
-    for (int m = 0; m < M; ++m) sum[m][h] = {sum_chains(lo[m]), sum_chains(hi[m])};
   }
+  for (int m = 0; m < M; ++m) sum[m] = {sum_chains(lo[m]), sum_chains(hi[m])};
 }
 
 template <int M>
@@ -252,23 +250,20 @@ inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)
 // 6-bit values (0..63) times activations: a chunk's pair sums reach 2 * 2 * 63 * 127 = 32004, so each chunk's
 // 16-bit sums are widened to 32 bits before the next is added.
 template <int M>
-inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, int64_t K, Ints (&sum)[M][2]) {
+inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, int64_t K, Ints (&sum)[M]) {
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int h = 0; h < 2; ++h) {
-    const Tops tops = int6_tops(high + h * 64);
-    for (int m = 0; m < M; ++m) sum[m][h] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
-    for (int s = 0; s < 2; ++s) {
-      const int j = 2 * h + s;
-      const Columns v = load_columns(w + j * 64);
-      const Columns low = with_tops(low_nibbles(v), tops.c[s][0]), high6 = with_tops(high_nibbles(v), tops.c[s][1]);
-      for (int m = 0; m < M; ++m) {
-        const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
-        const auto products = [&](__m256i l, __m256i hh) {
-          return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(l, x_low), _mm256_maddubs_epi16(hh, x_high)), ones);
-        };
-        sum[m][h].lo = _mm256_add_epi32(sum[m][h].lo, products(low.lo, high6.lo));
-        sum[m][h].hi = _mm256_add_epi32(sum[m][h].hi, products(low.hi, high6.hi));
-      }
+  const Tops tops = int6_tops(high);
+  for (int m = 0; m < M; ++m) sum[m] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int s = 0; s < 2; ++s) {
+    const Columns v = load_columns(w + s * 64);
+    const Columns low = with_tops(low_nibbles(v), tops.c[s][0]), high6 = with_tops(high_nibbles(v), tops.c[s][1]);
+    for (int m = 0; m < M; ++m) {
+      const __m256i x_low = broadcast4(x + m * K + 8 * s), x_high = broadcast4(x + m * K + 8 * s + 4);
+      const auto products = [&](__m256i l, __m256i h) {
+        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(l, x_low), _mm256_maddubs_epi16(h, x_high)), ones);
+      };
+      sum[m].lo = _mm256_add_epi32(sum[m].lo, products(low.lo, high6.lo));
+      sum[m].hi = _mm256_add_epi32(sum[m].hi, products(low.hi, high6.hi));
     }
   }
 }
@@ -354,21 +349,23 @@ inline BlockScale quantize_block(const void* x, bool bf16, int64_t i, int8_t* q)
 QuantizedRows quantize_rows(const Rows& rows) {
   const int64_t M = rows.x.size(0), K = rows.x.size(1), blocks = K / BLOCK;
   thread_local std::vector<int8_t> q_buffer;
-  thread_local std::vector<float> scale_buffer, sum_buffer, sum16_buffer;
-  q_buffer.resize(M * K), scale_buffer.resize(M * blocks), sum_buffer.resize(M * blocks), sum16_buffer.resize(2 * M * blocks);
+  thread_local std::vector<float> scale_buffer, sum_buffer, offset16_buffer;
+  q_buffer.resize(M * K), scale_buffer.resize(M * blocks), sum_buffer.resize(M * blocks);
+  offset16_buffer.resize(2 * M * blocks);
   const void* xp = rows.x.data_ptr();
   const bool bf16 = rows.bf16;
   int8_t* qp = q_buffer.data();
   float* scale = scale_buffer.data();
   float* sum = sum_buffer.data();
-  float* sum16 = sum16_buffer.data();
+  float* offset16 = offset16_buffer.data();
   at::parallel_for(0, M * blocks, 8 * blocks, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const BlockScale s = quantize_block(xp, bf16, block * BLOCK, qp + block * BLOCK);
-      scale[block] = s.scale, sum[block] = s.sum, sum16[2 * block] = s.first_half, sum16[2 * block + 1] = s.second_half;
+      scale[block] = s.scale, sum[block] = s.sum;
+      offset16[2 * block] = -32.f * s.first_half, offset16[2 * block + 1] = -32.f * s.second_half;
     }
   });
-  return {qp, scale, sum, sum16};
+  return {qp, scale, sum, offset16};
 }
 
 // Calls kernel.template rows<M>(begin, end) over the kernel's units of output columns (one column, or a group
@@ -489,18 +486,18 @@ struct Int4Gemv {
 
 // int6 weights in the kernel's layout (vnni.py: pack_int6_vnni): their low 4 bits as Int4Gemv's w, their high 2
 // bits 128 bytes a block (int6_block). A block's two groups of 16 inputs have int8 codes, [groups, K/32, 16, 2],
-// times a float16 factor per super-block, [groups, K/S, 16]: w = (factor * code) * (q - 32). Each group's
-// integer sum is scaled once, and 32 times the scale takes off the group's activation sum.
+// times a float16 factor per super-block, [groups, K/S, 16]: w = (factor * code) * (q - 32). A group's
+// integer sum times the activations' scale, less 32 times their sum, is scaled once by factor * code.
 struct Int6Gemv {
   const uint8_t* w; const uint8_t* high; const uint16_t* factor; const uint16_t* codes; int64_t per;
-  const int8_t* xq; const float* x_scale; const float* x_sum16; Output out; int64_t N, K;
+  const int8_t* xq; const float* x_scale; const float* x_offset16; Output out; int64_t N, K;
   static constexpr int64_t TILE = 4, GRAIN = 8;
 
   int64_t units() const { return (N + 15) / 16; }
 
   Int6Gemv at_row(int64_t row) const {
     Int6Gemv k = *this;
-    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.x_sum16 += row * (2 * K / BLOCK), k.out = out + row * N;
+    k.xq += row * K, k.x_scale += row * (K / BLOCK), k.x_offset16 += row * (2 * K / BLOCK), k.out = out + row * N;
     return k;
   }
 
@@ -513,15 +510,16 @@ struct Int6Gemv {
       for (int64_t f = 0; f < factors; ++f) {
         const Floats d = load_halves(factor + (g * factors + f) * 16);
         for (int64_t b = f * per; b < (f + 1) * per; ++b) {
-          Ints sum[M][2];
-          int6_block<M>(w + (g * blocks + b) * BLOCK * 8, high + (g * blocks + b) * BLOCK * 4, xq + b * BLOCK, K, sum);
           const auto [first, second] = load_signed_byte_pairs(codes + (g * blocks + b) * 16);
           const Floats ws[2] = {mul(d, first), mul(d, second)};  // exact: an 11-bit mantissa times 8 bits
-          for (int m = 0; m < M; ++m) {
-            const Floats xs = set1(x_scale[m * blocks + b]);
-            for (int h = 0; h < 2; ++h) {
-              acc[m] = fmadd(to_floats(sum[m][h]), mul(ws[h], xs), acc[m]);
-              acc[m] = fmadd(mul(ws[h], set1(-32.f)), set1(x_sum16[m * 2 * blocks + 2 * b + h]), acc[m]);
+          for (int h = 0; h < 2; ++h) {  // a group of 16: ws * (sum * xs - 32 * x_sum), the activations' terms first
+            Ints sum[M];
+            int6_block<M>(w + ((g * blocks + b) * 2 + h) * 128, high + ((g * blocks + b) * 2 + h) * 64,
+                          xq + b * BLOCK + 16 * h, K, sum);
+            for (int m = 0; m < M; ++m) {
+              const Floats x_terms = fmadd(to_floats(sum[m]), set1(x_scale[m * blocks + b]),
+                                           set1(x_offset16[m * 2 * blocks + 2 * b + h]));
+              acc[m] = fmadd(ws[h], x_terms, acc[m]);
             }
           }
         }
@@ -575,7 +573,7 @@ Int6Gemv int6_kernel(const at::Tensor& q, const at::Tensor& high, const at::Tens
               codes.sizes() == at::IntArrayRef({groups, blocks, 16, 2}), "int6_gemv: unsupported layout");
   const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
   return Int6Gemv{q.data_ptr<uint8_t>(), high.data_ptr<uint8_t>(), bits(factors), bits(codes), blocks / supers,
-                  r.q, r.scale, r.sum16, out, N, K};
+                  r.q, r.scale, r.offset16, out, N, K};
 }
 
 // Mixture-of-experts decode: row r of the activations times the weight of expert[r], from one kernel per
