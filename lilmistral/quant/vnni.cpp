@@ -757,8 +757,8 @@ TORCH_LIBRARY(lilmistral, m) {
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
   m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor[] mins, int n, Tensor expert, "
         "Tensor[] codes) -> Tensor");
-  m.def("int6_gemv(Tensor x, Tensor q, Tensor high, Tensor factors, Tensor codes, int n) -> Tensor");
-  m.def("int6_gemv_experts(Tensor x, Tensor[] q, Tensor[] high, Tensor[] factors, Tensor[] codes, int n, "
+  m.def("int6_gemv(Tensor x, Tensor q, Tensor high, Tensor scales, Tensor codes, int n) -> Tensor");
+  m.def("int6_gemv_experts(Tensor x, Tensor[] q, Tensor[] high, Tensor[] scales, Tensor[] codes, int n, "
         "Tensor expert) -> Tensor");
   m.def("pack_columns(Tensor[] blocks, int word_bytes, int repeat, int fields) -> Tensor");
 }
