@@ -14,8 +14,8 @@ import torch
 import lilmistral
 from conftest import SPM_V1, make_hf_model, write_gguf
 from lilmistral.cli import main
-from lilmistral.convert import convert, gguf as gguf_module
-from lilmistral.convert.gguf import BLOCK_TYPES, GGUFSource, dequantize_blocks, q4k_parts
+from lilmistral.convert import convert, default_scheme, gguf as gguf_module, plan
+from lilmistral.convert.gguf import BLOCK_TYPES, Q6_K_SPEC, GGUFSource, dequantize_blocks, q4k_parts
 from lilmistral.quant import QuantExperts, QuantLinear, QuantSpec, dequantize, quantize, vnni
 from lilmistral.quant.pack import pack_int4, packed_shapes, unpack_int4
 from lilmistral.store import human_size
@@ -219,6 +219,29 @@ def test_a_q4_k_m_gguf_runs_its_q4_k_and_q6_k_blocks_as_they_are_and_converts_to
         tensors = manifest["tensors"] | {name: manifest["tensors"][name] | layout}
         (out / "manifest.json").write_text(json.dumps(manifest | {"tensors": tensors}))
         assert_one_line_error(cli("run", str(out), "Hi"), name, words)
+
+
+def test_a_q6_k_gguf_loads_as_int6_with_its_values_unless_int8_is_asked_for(tmp_path):
+    """A Q6_K file (head too) loads as int6 by default, every tensor the gguf package's dequantized values bit for
+    bit, and converts to format 3; asked for int8, it gets int8."""
+    make_hf_model(tmp_path / "hf", "mistral", hidden_size=256, intermediate_size=512)
+    base = lilmistral.load(tmp_path / "hf")
+    path = tmp_path / "q6k.gguf"
+    write_gguf(path, base.model.state_dict(), base.args, qtype="Q6_K")
+    src = GGUFSource(path)
+    assert default_scheme(src) == "int6"
+    planned = plan(src, "int6")
+    quantized = [p for p in planned if p.spec is not None]
+    assert all(p.direct and p.spec == Q6_K_SPEC for p in quantized) and len(quantized) == 1 + 7 * base.args.n_layers
+    for p in quantized[:3]:
+        assert torch.equal(dequantize(src.read_packed(p.entry, p.spec), p.spec), src.read(p.entry))
+    assert {p.spec for p in plan(src, "int8") if p.spec is not None} == {QuantSpec("int8")}
+    llm, reference = lilmistral.load(path), lilmistral.load(path, dtype="float32")
+    got, expected = llm.forward(list(range(10, 40))), reference.forward(list(range(10, 40)))
+    assert ((got - expected).norm() / expected.norm()).item() < 0.05
+    out = convert(path, tmp_path / "converted", "int6")
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == 3
+    assert torch.equal(lilmistral.load(out).forward([5, 6, 7]), llm.forward([5, 6, 7]))
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16"])
