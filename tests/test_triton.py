@@ -398,3 +398,25 @@ def test_super_blocked_parts_run_with_their_scales_expanded():
     assert torch.allclose(kernel(x).double().cpu(), gate, rtol=1e-4, atol=1e-4)
     gated = cuda.gated_kernel({name: [w1[name].to(DEVICE), w3[name].to(DEVICE)] for name in w1}, spec)
     assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-4, atol=1e-4)
+
+
+def test_int6_parts_run_requantized_to_int8():
+    """int6 (a GGUF's Q6_K) has no Triton layout of its own: the kernel (and the gated one, over blocks of rows)
+    takes it requantized to int8 per output channel (each weight within half its row's int8 step of the int6
+    value), and computes those weights' product."""
+    from lilmistral.quant.pack import plain_parts
+
+    spec, g = QuantSpec("int6", 16, True, super_block=256), torch.Generator().manual_seed(0)
+    w1, w3 = (quantize(torch.randn(40, 512, generator=g) * 0.05, spec) for _ in range(2))
+    as_int8 = [dequantize(*plain_parts(w, spec)).double() for w in (w1, w3)]
+    for w, e in zip((w1, w3), as_int8):
+        exact = dequantize(w, spec).double()
+        step = exact.abs().amax(dim=1, keepdim=True) / 127
+        assert ((e - exact).abs() <= step * 0.5 * (1 + 2 ** -9)).all()  # the step itself rounded to float16
+    x = torch.randn(2, 512, generator=g).to(DEVICE)
+    kernel = cuda.make_kernel({name: t.to(DEVICE) for name, t in w1.items()}, spec)
+    assert isinstance(kernel, TritonKernel) and kernel.spec == QuantSpec("int8")
+    gate, up = (x.double().cpu() @ e.t() for e in as_int8)
+    assert torch.allclose(kernel(x).double().cpu(), gate, rtol=1e-4, atol=1e-4)
+    gated = cuda.gated_kernel({name: [w1[name].to(DEVICE), w3[name].to(DEVICE)] for name in w1}, spec)
+    assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-4, atol=1e-4)

@@ -414,9 +414,9 @@ class GGUFSource:
 
     def read_packed(self, entry: GGUFEntry, spec: QuantSpec) -> dict[str, torch.Tensor]:
         """The parts of direct_spec's `spec`: Q4_0 / Q4_1 / Q4_K blocks re-laid into lilmistral's int4 parts (see
-        DIRECT_INT4), Q6_K's into int6 parts (q6k_parts), or blocks decoded and quantized to int8 by int8_parts: quantize(read(entry)) without the
-        float32 copy of the whole tensor, whose fresh pages cost more than the decoding (int8 scales are per row:
-        the same bits)."""
+        DIRECT_INT4), Q6_K's into int6 parts (q6k_parts), or blocks decoded and quantized to int8 by int8_parts:
+        quantize(read(entry)) without the float32 copy of the whole tensor, whose fresh pages cost more than the
+        decoding (int8 scales are per row: the same bits)."""
         raw = self._raw(entry)
         rows = self._rope_rows(entry)
         if rows is not None:
@@ -484,8 +484,9 @@ def q6k_parts(raw: torch.Tensor) -> dict[str, torch.Tensor]:
     quants re-laid (q6k_canonical), the int8 scales of each 16 values and the float16 d as they are."""
     n = raw.shape[0]
     blocks = raw.view(n, -1, 210)
-    quants = torch.ops.lilmistral.q6k_canonical(blocks) if vnni.available() else q6k_canonical(blocks)
-    return {"qweight": quants[0], "qhigh": quants[1], "scales": blocks[..., 192:208].contiguous().view(torch.int8).view(n, -1),
+    qweight, qhigh = torch.ops.lilmistral.q6k_canonical(blocks) if vnni.available() else q6k_canonical(blocks)
+    scales = blocks[..., 192:208].contiguous().view(torch.int8).view(n, -1)
+    return {"qweight": qweight, "qhigh": qhigh, "scales": scales,
             "super_scales": blocks[..., 208:210].contiguous().view(torch.float16).view(n, -1)}
 
 

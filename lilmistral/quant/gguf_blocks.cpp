@@ -1,8 +1,9 @@
 // GGUF's block formats (convert/gguf.py reads the files): rows of blocks decoded to float32 with the gguf
 // package's operations (its dequantize_blocks, step for step: the same bits), or to int8 rows as pack.py's
 // quantize_int8 makes them from those floats, one row at a time; Q4_K's scales and mins, and the quants of Q4
-// blocks, as pack.py's int4 parts; Q6_K's quants as its int6 parts. Loading a GGUF runs these over most of its bytes (docs/performance.md,
-// "Loading"). vnni.py compiles this file after lanes.cpp and vnni.cpp (store_int8), in one unit.
+// blocks, as pack.py's int4 parts; Q6_K's quants as its int6 parts. Loading a GGUF runs these over most of its
+// bytes (docs/performance.md, "Loading"). vnni.py compiles this file after lanes.cpp and vnni.cpp (store_int8),
+// in one unit.
 #include <c10/util/Half.h>
 
 #include <string>
@@ -238,8 +239,8 @@ at::Tensor q4_canonical(const at::Tensor& blocks, int64_t head, bool k_quants) {
 // values 2j, 2j + 1 in its low and high nibble, their low 4 bits) and qhigh uint8 [N, B * 64] (byte j: values
 // 4j..4j+3's high 2 bits, value 4j + i in bits 2i), one pass.
 std::tuple<at::Tensor, at::Tensor> q6k_canonical(const at::Tensor& blocks) {
-  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == 210 && blocks.stride(2) == 1 &&
-              blocks.stride(1) == 210, "q6k_canonical: blocks must be uint8 [N, B, 210]");
+  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == 210 &&
+              blocks.stride(2) == 1 && blocks.stride(1) == 210, "q6k_canonical: blocks must be uint8 [N, B, 210]");
   const int64_t N = blocks.size(0), B = blocks.size(1), stride = blocks.stride(0);
   at::Tensor low = at::empty({N, B * 128}, blocks.options()), high = at::empty({N, B * 64}, blocks.options());
   const uint8_t* in = blocks.data_ptr<uint8_t>();

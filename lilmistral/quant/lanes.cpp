@@ -126,7 +126,9 @@ inline std::pair<Floats, Floats> load_byte_pairs(const uint16_t* p) {
 inline std::pair<Floats, Floats> load_signed_byte_pairs(const uint16_t* p) {
   const __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  const auto byte = [](__m256i w, int at) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, at), 24)); };
+  const auto byte = [](__m256i w, int at) {
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, at), 24));
+  };
   return {{byte(lo, 24), byte(hi, 24)}, {byte(lo, 16), byte(hi, 16)}};
 }
 

@@ -36,7 +36,8 @@ class QuantSpec:
         if self.scheme == "int8":
             known = self.group_size == 0 and self.super_block == 0
         elif self.scheme == "int6":  # the kernels take a factor per whole blocks of 32
-            known = self.group_size == INT6_GROUP and self.symmetric and self.super_block > 0 and self.super_block % 32 == 0
+            known = (self.group_size == INT6_GROUP and self.symmetric and self.super_block > 0
+                     and self.super_block % 32 == 0)
         else:
             known = self.scheme == "int4" and self.group_size in GROUP_SIZES and (
                 self.super_block == 0 or not self.symmetric and self.super_block % self.group_size == 0)
@@ -245,7 +246,8 @@ def packed_shapes(n: int, k: int, spec: QuantSpec) -> dict[str, tuple[tuple[int,
         return {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.float16)}
     if spec.scheme == "int6":
         return {"qweight": ((n, k // 2), torch.uint8), "qhigh": ((n, k // 4), torch.uint8),
-                "scales": ((n, k // INT6_GROUP), torch.int8), "super_scales": ((n, k // spec.super_block), torch.float16)}
+                "scales": ((n, k // INT6_GROUP), torch.int8),
+                "super_scales": ((n, k // spec.super_block), torch.float16)}
     groups, scale_type = k // spec.group_size, torch.uint8 if spec.super_block else torch.float16
     shapes = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, groups), scale_type)}
     if not spec.symmetric:

@@ -66,8 +66,9 @@ inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, i
   const __m512i nibble = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
   _mm_prefetch(reinterpret_cast<const char*>(high + PREFETCH / 2), _MM_HINT_T0);
   const __m512i hb = _mm512_loadu_si512(high);
-  const __m512i tops[2][2] = {{_mm512_and_si512(_mm512_slli_epi16(hb, 4), top), _mm512_and_si512(_mm512_slli_epi16(hb, 2), top)},
-                              {_mm512_and_si512(hb, top), _mm512_and_si512(_mm512_srli_epi16(hb, 2), top)}};
+  const __m512i tops[2][2] = {
+      {_mm512_and_si512(_mm512_slli_epi16(hb, 4), top), _mm512_and_si512(_mm512_slli_epi16(hb, 2), top)},
+      {_mm512_and_si512(hb, top), _mm512_and_si512(_mm512_srli_epi16(hb, 2), top)}};
   __m512i chains[M][C];
   for (int m = 0; m < M; ++m)
     for (int c = 0; c < C; ++c) chains[m][c] = _mm512_setzero_si512();
@@ -144,7 +145,9 @@ inline Tops int6_tops(const uint8_t* high) {
   const Columns hb = load_columns_at(high, PREFETCH / 2);
   const __m256i top = _mm256_set1_epi8(0x30);
   const auto at = [&](int shift) -> Columns {
-    const auto move = [shift](__m256i v) { return shift > 0 ? _mm256_slli_epi16(v, shift) : shift < 0 ? _mm256_srli_epi16(v, -shift) : v; };
+    const auto move = [shift](__m256i v) {
+      return shift > 0 ? _mm256_slli_epi16(v, shift) : shift < 0 ? _mm256_srli_epi16(v, -shift) : v;
+    };
     return {_mm256_and_si256(move(hb.lo), top), _mm256_and_si256(move(hb.hi), top)};
   };
   return {{{at(4), at(2)}, {at(0), at(-2)}}};
@@ -260,7 +263,8 @@ inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, i
     for (int m = 0; m < M; ++m) {
       const __m256i x_low = broadcast4(x + m * K + 8 * s), x_high = broadcast4(x + m * K + 8 * s + 4);
       const auto products = [&](__m256i l, __m256i h) {
-        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(l, x_low), _mm256_maddubs_epi16(h, x_high)), ones);
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(l, x_low), _mm256_maddubs_epi16(h, x_high));
+        return _mm256_madd_epi16(pairs, ones);
       };
       sum[m].lo = _mm256_add_epi32(sum[m].lo, products(low.lo, high6.lo));
       sum[m].hi = _mm256_add_epi32(sum[m].hi, products(low.hi, high6.hi));
@@ -566,8 +570,8 @@ Int6Gemv int6_kernel(const at::Tensor& q, const at::Tensor& high, const at::Tens
   const int64_t groups = q.size(0), K = q.size(1) / 8, blocks = K / BLOCK;
   const int64_t supers = factors.dim() == 3 ? factors.size(1) : 0;
   TORCH_CHECK(q.scalar_type() == at::kByte && high.scalar_type() == at::kByte && factors.scalar_type() == at::kHalf &&
-              codes.scalar_type() == at::kChar && q.is_contiguous() && high.is_contiguous() && factors.is_contiguous() &&
-              codes.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (8 * K_ALIGN) == 0 &&
+              codes.scalar_type() == at::kChar && q.is_contiguous() && high.is_contiguous() &&
+              factors.is_contiguous() && codes.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (8 * K_ALIGN) == 0 &&
               high.sizes() == at::IntArrayRef({groups, K * 4}) && supers > 0 && blocks % supers == 0 &&
               factors.sizes() == at::IntArrayRef({groups, supers, 16}) &&
               codes.sizes() == at::IntArrayRef({groups, blocks, 16, 2}), "int6_gemv: unsupported layout");
@@ -669,7 +673,8 @@ at::Tensor int6_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
   const QuantizedRows r = quantize_rows(x);
   at::Tensor out = x.empty_out(N);
   std::vector<Int6Gemv> experts;
-  for (size_t i = 0; i < q.size(); ++i) experts.push_back(int6_kernel(q[i], high[i], factors[i], codes[i], N, r, Output(out)));
+  for (size_t i = 0; i < q.size(); ++i)
+    experts.push_back(int6_kernel(q[i], high[i], factors[i], codes[i], N, r, Output(out)));
   expert_rows(experts, expert, out.size(0));
   return out.to(x_in.scalar_type());
 }

@@ -57,7 +57,8 @@ def isa() -> str | None:
     pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n, codes) with pack_int4_vnni's, int6_gemv(x, q, high,
     scales, codes, n) with pack_int6_vnni's, and for mixtures of experts int8_gemv_experts(x, [q], [scales], n,
     expert [M]), int4_gemv_experts(x, [q], [scales], [mins] ([] where symmetric), n, expert, [codes] ([] unless
-    super-blocked)) and int6_gemv_experts(x, [q], [high], [scales], [codes], n, expert): row m of x times the weight of expert[m];
+    super-blocked)) and int6_gemv_experts(x, [q], [high], [scales], [codes], n, expert): row m of x times the
+    weight of expert[m];
     attention(q, keys, values, mask, scale) (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin),
     silu_mul(gate, up) (pointwise.cpp); gguf_dequantize(raw, kind), gguf_int8(raw, kind), q4k_codes(blocks),
     q4_canonical(blocks, head, k_quants) (gguf_blocks.cpp)."""
@@ -138,7 +139,8 @@ def _int6_shape(x: torch.Tensor, q, high, factors, codes, n: int, *args) -> torc
 
 
 FAKES = {"int8_gemv": _int8_shape, "int4_gemv": _int4_shape, "int6_gemv": _int6_shape, "int8_gemv_experts": _int8_shape,
-         "int4_gemv_experts": _int4_shape, "int6_gemv_experts": _int6_shape, "attention": _like_first, "rms_norm": _like_first, "rope": _like_first,
+         "int4_gemv_experts": _int4_shape, "int6_gemv_experts": _int6_shape, "attention": _like_first,
+         "rms_norm": _like_first, "rope": _like_first,
          "silu_mul": _like_first}
 
 
