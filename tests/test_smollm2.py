@@ -135,10 +135,11 @@ def quality_table(gguf_path, n_tokens: int, full: bool = True) -> dict[str, floa
 
     def ours(scheme: str, g: int = 0, symmetric: bool = False, super_blocked: bool = False):
         def transform(w):
-            spec = QuantSpec(scheme, group_size_for(w.shape[1], g) if g else 0, symmetric)
             if super_blocked or scheme == "int6":  # as spec_for makes Hugging Face weights' int4 (and int6)
                 spec = spec_for("x.w1.weight", tuple(w.shape), scheme)
                 assert spec.super_block  # 256 where it divides K, else 192 (K = 576)
+            else:
+                spec = QuantSpec(scheme, group_size_for(w.shape[1], g) if g else 0, symmetric)
             return dequantize(quantize(w, spec), spec)
         return transform
 
