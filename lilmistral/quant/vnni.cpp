@@ -80,7 +80,8 @@ inline void int6_block(const uint8_t* w, const uint8_t* high, const int8_t* x, i
     for (int m = 0; m < M; ++m) {
       const int8_t* xm = x + m * K + 8 * s;
       chains[m][0] = _mm512_dpbusd_epi32(chains[m][0], low, _mm512_broadcastd_epi32(_mm_loadu_si32(xm)));
-      chains[m][C - 1] = _mm512_dpbusd_epi32(chains[m][C - 1], high6, _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4)));
+      const __m512i x_high = _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4));
+      chains[m][C - 1] = _mm512_dpbusd_epi32(chains[m][C - 1], high6, x_high);
     }
   }
   for (int m = 0; m < M; ++m) sum[m] = {C == 2 ? _mm512_add_epi32(chains[m][0], chains[m][C - 1]) : chains[m][0]};
@@ -571,9 +572,9 @@ Int6Gemv int6_kernel(const at::Tensor& q, const at::Tensor& high, const at::Tens
   const int64_t supers = factors.dim() == 3 ? factors.size(1) : 0;
   TORCH_CHECK(q.scalar_type() == at::kByte && high.scalar_type() == at::kByte && factors.scalar_type() == at::kHalf &&
               codes.scalar_type() == at::kChar && q.is_contiguous() && high.is_contiguous() &&
-              factors.is_contiguous() && codes.is_contiguous() && groups == (N + 15) / 16 && q.size(1) % (8 * K_ALIGN) == 0 &&
-              high.sizes() == at::IntArrayRef({groups, K * 4}) && supers > 0 && blocks % supers == 0 &&
-              factors.sizes() == at::IntArrayRef({groups, supers, 16}) &&
+              factors.is_contiguous() && codes.is_contiguous() && groups == (N + 15) / 16 &&
+              q.size(1) % (8 * K_ALIGN) == 0 && high.sizes() == at::IntArrayRef({groups, K * 4}) && supers > 0 &&
+              blocks % supers == 0 && factors.sizes() == at::IntArrayRef({groups, supers, 16}) &&
               codes.sizes() == at::IntArrayRef({groups, blocks, 16, 2}), "int6_gemv: unsupported layout");
   const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
   return Int6Gemv{q.data_ptr<uint8_t>(), high.data_ptr<uint8_t>(), bits(factors), bits(codes), blocks / supers,
