@@ -1,9 +1,8 @@
 """CPU kernels. With AVX-512 VNNI or AVX2 (vnni.cpp): int4, int6 and int8 at every row count by integer dot
 products with int8 activations; attention (attention.cpp); RMSNorm, RoPE and silu(gate) * up (pointwise.cpp).
 Without: PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm; int6 requantized to int8)
-and operators. The fast matmuls
-take bfloat16 activations; others (float32 for exact reference runs) and shapes the kernels cannot take
-dequantize the packed weight on the fly instead.
+and operators. The fast matmuls take bfloat16 activations; others (float32 for exact reference runs) and shapes
+the kernels cannot take dequantize the packed weight on the fly instead.
 """
 from __future__ import annotations
 

@@ -71,6 +71,10 @@ void k_quant(const uint8_t* b, float* y) {
 // Q6_K super-blocks of 256: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales (one per 16 values), float16
 // d. Per half of 128 values, value l + 32i (l < 32) takes nibble i / 2 of low byte l + 32 (i % 2) and bits 2i of
 // high byte l; w = (d * scale) * (q - 32).
+inline int q6k_quant(const uint8_t* low, const uint8_t* high, int i, int l) {  // low, high: a half's bytes
+  return ((low[l + 32 * (i % 2)] >> (4 * (i / 2))) & 0x0F) | ((high[l] >> (2 * i)) & 3) << 4;
+}
+
 void q6_k(const uint8_t* __restrict b, float* __restrict y) {  // restrict: else GCC does not vectorize it
   const float d = half_at(b + 208);
   for (int h = 0; h < 2; ++h) {
@@ -81,10 +85,8 @@ void q6_k(const uint8_t* __restrict b, float* __restrict y) {  // restrict: else
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 2; ++j) {
         const float scale = d * static_cast<float>(scales[2 * i + j]);
-        for (int l = 16 * j; l < 16 * j + 16; ++l) {
-          const int q = ((low[l + 32 * (i % 2)] >> (4 * (i / 2))) & 0x0F) | ((high[l] >> (2 * i)) & 3) << 4;
-          out[l + 32 * i] = scale * static_cast<float>(q - 32);
-        }
+        for (int l = 16 * j; l < 16 * j + 16; ++l)
+          out[l + 32 * i] = scale * static_cast<float>(q6k_quant(low, high, i, l) - 32);
       }
   }
 }
@@ -252,12 +254,9 @@ std::tuple<at::Tensor, at::Tensor> q6k_canonical(const at::Tensor& blocks) {
       for (int64_t b = 0; b < B; ++b) {
         const uint8_t* block = in + n * stride + b * 210;
         for (int h = 0; h < 2; ++h)
-          for (int l = 0; l < 32; ++l) {
-            const uint8_t low0 = block[64 * h + l], low1 = block[64 * h + l + 32], bits = block[128 + 32 * h + l];
-            uint8_t* out = q + 128 * h + l;
-            out[0] = (low0 & 0x0F) | (bits & 3) << 4, out[32] = (low1 & 0x0F) | ((bits >> 2) & 3) << 4;
-            out[64] = (low0 >> 4) | ((bits >> 4) & 3) << 4, out[96] = (low1 >> 4) | ((bits >> 6) & 3) << 4;
-          }
+          for (int i = 0; i < 4; ++i)
+            for (int l = 0; l < 32; ++l)
+              q[128 * h + 32 * i + l] = static_cast<uint8_t>(q6k_quant(block + 64 * h, block + 128 + 32 * h, i, l));
         uint8_t* l = lo + (n * B + b) * 128;
         uint8_t* t = hi + (n * B + b) * 64;
         for (int j = 0; j < 128; ++j) l[j] = (q[2 * j] & 0x0F) | (q[2 * j + 1] & 0x0F) << 4;

@@ -181,9 +181,9 @@ def spec_for(name: str, shape: tuple[int, ...], scheme: str, group_size: int = D
 
     Attention and FFN (and expert) projections take the scheme; int4 g32 with mins in super-blocks where one
     of SUPER_BLOCKS divides the input size (4.625 bits a weight for 5.0, perplexity alike: README); int6 in
-    super-blocks too (else int8: it has no plain layout). An untied
-    output head takes int8 (it is read every token but is sensitive to 4-bit error). Embeddings, norms and
-    router gates stay in floating point: they are small, or (embeddings) only one row is read per token.
+    super-blocks too (else int8: it has no plain layout). An untied output head takes int8 (it is read every
+    token but is sensitive to 4-bit error). Embeddings, norms and router gates stay in floating point: they are
+    small, or (embeddings) only one row is read per token.
     """
     if scheme in FLOAT_SCHEMES or len(shape) != 2:
         return None

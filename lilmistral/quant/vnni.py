@@ -134,14 +134,13 @@ def _like_first(x: torch.Tensor, *args) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
-def _int6_shape(x: torch.Tensor, q, high, factors, codes, n: int, *args) -> torch.Tensor:
+def _int6_shape(x: torch.Tensor, q, high, scales, codes, n: int, *args) -> torch.Tensor:
     return x.new_empty(x.shape[0], n)
 
 
-FAKES = {"int8_gemv": _int8_shape, "int4_gemv": _int4_shape, "int6_gemv": _int6_shape, "int8_gemv_experts": _int8_shape,
-         "int4_gemv_experts": _int4_shape, "int6_gemv_experts": _int6_shape, "attention": _like_first,
-         "rms_norm": _like_first, "rope": _like_first,
-         "silu_mul": _like_first}
+FAKES = {"int8_gemv": _int8_shape, "int4_gemv": _int4_shape, "int6_gemv": _int6_shape,
+         "int8_gemv_experts": _int8_shape, "int4_gemv_experts": _int4_shape, "int6_gemv_experts": _int6_shape,
+         "attention": _like_first, "rms_norm": _like_first, "rope": _like_first, "silu_mul": _like_first}
 
 
 Rows = torch.Tensor | Sequence[torch.Tensor]  # a matrix, or blocks of its rows (stacked in order)
@@ -174,24 +173,31 @@ def pack_int4_vnni(parts: dict[str, Rows]) -> dict[str, torch.Tensor | int | Non
     factors [groups, K/S, 16], and codes uint8 [groups, K/32, 16, 2] each block's (scale, min) codes. One pass
     in C++ (pack_columns): loading a model repacks all of its weights."""
     qweight = row_blocks(parts["qweight"])
-    k, groups = qweight[0].shape[1] * 2, (row_count(qweight) + 15) // 16
-    pack = torch.ops.lilmistral.pack_columns
+    k = qweight[0].shape[1] * 2
 
-    def columns(blocks: list[torch.Tensor], per_block: bool) -> torch.Tensor:
-        """Rows of 2-byte words [n, J] -> uint8 [groups, J (or K/32: each word repeated per block), 16, 2]."""
-        return pack(blocks, 2, k // 32 // blocks[0].shape[1] if per_block else 1, 0).view(groups, -1, 16, 2)
+    def per_block(t: Rows) -> int:  # a group's word repeated for each of its blocks of 32 inputs
+        return k // 32 // row_blocks(t)[0].shape[1]
 
-    def halves(t: Rows, per_block: bool) -> torch.Tensor:
-        return columns([block.half() for block in row_blocks(t)], per_block).view(torch.float16)[..., 0]
-
-    packed = {"q": pack(qweight, 4, 1, NIBBLES), "n": row_count(qweight), "codes": None}
+    packed = {"q": torch.ops.lilmistral.pack_columns(qweight, 4, 1, NIBBLES), "n": row_count(qweight), "codes": None}
     if "super_scales" not in parts:
-        return packed | {"scales": halves(parts["scales"], True),
-                         "mins": halves(parts["mins"], True) if "mins" in parts else None}
+        return packed | {"scales": column_halves(parts["scales"], per_block(parts["scales"])),
+                         "mins": column_halves(parts["mins"], per_block(parts["mins"])) if "mins" in parts else None}
     pairs = [torch.stack(pair, dim=-1).flatten(1).view(torch.int16)
              for pair in zip(row_blocks(parts["scales"]), row_blocks(parts["mins"]))]
-    return packed | {"scales": halves(parts["super_scales"], False), "mins": halves(parts["super_mins"], False),
-                     "codes": columns(pairs, True)}
+    return packed | {"scales": column_halves(parts["super_scales"]), "mins": column_halves(parts["super_mins"]),
+                     "codes": column_words(pairs, per_block(pairs))}
+
+
+def column_words(blocks: list[torch.Tensor], repeat: int = 1) -> torch.Tensor:
+    """Rows of 2-byte words [n, J] (blocks of them) -> uint8 [groups, J * repeat, 16, 2], each word `repeat`
+    times (pack_columns)."""
+    groups = (row_count(blocks) + 15) // 16
+    return torch.ops.lilmistral.pack_columns(blocks, 2, repeat, 0).view(groups, -1, 16, 2)
+
+
+def column_halves(t: Rows, repeat: int = 1) -> torch.Tensor:
+    """Rows [n, J] (or blocks of them) as float16 [groups, J * repeat, 16] (column_words)."""
+    return column_words([block.half() for block in row_blocks(t)], repeat).view(torch.float16)[..., 0]
 
 
 def pack_int6_vnni(parts: dict[str, Rows]) -> dict[str, torch.Tensor | int]:
@@ -199,13 +205,11 @@ def pack_int6_vnni(parts: dict[str, Rows]) -> dict[str, torch.Tensor | int]:
     in groups of 16 (the last padded with zeros); q their low 4 bits as pack_int4_vnni's; high their high 2 bits,
     64 bytes a half block of 16 inputs, lane c's byte b holding column c's inputs 4i + b of it in bits 2i; codes
     int8 [groups, K/32, 16, 2] each block's two groups' codes; scales float16 [groups, K/S, 16] the factors."""
-    qweight = row_blocks(parts["qweight"])
-    groups, pack = (row_count(qweight) + 15) // 16, torch.ops.lilmistral.pack_columns
+    qweight, pack = row_blocks(parts["qweight"]), torch.ops.lilmistral.pack_columns
     pairs = [codes.view(torch.int16) for codes in row_blocks(parts["scales"])]  # a block's two codes: one word
-    factors = [f.half() for f in row_blocks(parts["super_scales"])]
     return {"q": pack(qweight, 4, 1, NIBBLES), "high": pack(row_blocks(parts["qhigh"]), 4, 1, INT6_HIGHS),
-            "scales": pack(factors, 2, 1, 0).view(groups, -1, 16, 2).view(torch.float16)[..., 0],
-            "codes": pack(pairs, 2, 1, 0).view(groups, -1, 16, 2).view(torch.int8), "n": row_count(qweight)}
+            "scales": column_halves(parts["super_scales"]), "codes": column_words(pairs).view(torch.int8),
+            "n": row_count(qweight)}
 
 
 def transpose_fields(t: torch.Tensor) -> torch.Tensor:
@@ -216,8 +220,8 @@ def transpose_fields(t: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_vnni(parts: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """The canonical parts (pack.py) that pack_int8_vnni's or pack_int4_vnni's parts were made from: a
-    repacked weight dequantized (float32 activations, rarely) without the canonical copy kept in memory."""
+    """The canonical parts (pack.py) that pack_int8_vnni's, pack_int4_vnni's or pack_int6_vnni's parts were made
+    from: a repacked weight dequantized (float32 activations, rarely) without the canonical copy kept in memory."""
     n, groups = parts["n"], parts["q"].shape[0]
 
     def rows(t: torch.Tensor) -> torch.Tensor:  # [groups, J, 16, ...] -> [N, J, ...]
