@@ -3,7 +3,7 @@ layer shapes (and SmolLM2's), with cold weights: each call reads a different cop
 kernel against PyTorch's flash attention (bfloat16, decode and prompt shapes); and its RMSNorm, RoPE and
 silu * up kernels against model.py's PyTorch versions (one decode token, bfloat16).
 
-    python benchmarks/cpu_kernels.py [--threads 2] [--rows 1] [--only int6,int8]
+    python benchmarks/cpu_kernels.py [--threads 2] [--rows 1] [--only int6,int8,attention,pointwise]
     LILMISTRAL_CPU_KERNELS=avx2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/cpu_kernels.py   # as on an AVX2 CPU
     LILMISTRAL_CPU_KERNELS=avxvnni python benchmarks/cpu_kernels.py   # the AVX-VNNI build (EVEX form on AVX-512)
 """
@@ -85,18 +85,23 @@ def int8_row(n: int, k: int, copies: int, rows: int) -> dict:
 
 
 # (kv heads, query heads per kv head, query tokens, keys, head dim): SmolLM2's and Mistral-7B's heads
-ATTENTION_SHAPES = ((3, 3, 1, 100, 64), (3, 3, 1, 1000, 64), (8, 4, 1, 100, 128), (8, 4, 1, 1000, 128),
-                    (8, 4, 1, 4000, 128), (8, 4, 128, 128, 128), (8, 4, 512, 1024, 128))
+ATTENTION_SHAPES = ((3, 3, 1, 100, 64), (3, 3, 1, 1000, 64), (3, 3, 1, 4000, 64), (8, 4, 1, 100, 128),
+                    (8, 4, 1, 1000, 128), (8, 4, 1, 4000, 128), (8, 4, 1, 16000, 128), (8, 4, 128, 128, 128),
+                    (8, 4, 512, 1024, 128))
 
 
 def attention_row(kv_heads: int, group: int, tokens: int, keys: int, head_dim: int) -> dict:
+    """Decode (one token) reads a cold cache, as a decode step finds its layer's (each call a different copy,
+    ~200 MB in all); a prompt's rows reuse one."""
     q = torch.randn(kv_heads, group * tokens, head_dim).bfloat16()
-    k, v = torch.randn(2, kv_heads, keys, head_dim).bfloat16()
+    copies = max(1, int(200e6 / (2 * kv_heads * keys * head_dim * 2))) if tokens == 1 else 1
+    caches = [torch.randn(2, kv_heads, keys, head_dim).bfloat16() for _ in range(copies)]
     position = torch.arange(keys - tokens, keys)  # the prompt's last tokens, causal
     mask = (torch.arange(keys)[None] <= position[:, None]).repeat(group, 1)
-    ours = median_seconds(lambda m: torch.ops.lilmistral.attention(q, k, v, m, head_dim ** -0.5), [mask], repeat=21)
-    theirs = median_seconds(lambda m: torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None],
-                                                                                       attn_mask=m), [mask], repeat=21)
+    ours = median_seconds(lambda kv: torch.ops.lilmistral.attention(q, kv[0], kv[1], mask, head_dim ** -0.5), caches,
+                          repeat=21)
+    theirs = median_seconds(lambda kv: torch.nn.functional.scaled_dot_product_attention(
+        q[None], kv[0][None], kv[1][None], attn_mask=mask), caches, repeat=21)
     return {"lilmistral_us": ours * 1e6, "pytorch_us": theirs * 1e6}
 
 
@@ -120,30 +125,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=1, help="activation rows per matmul (1: decode)")
-    parser.add_argument("--only", help="the matmul schemes to run, e.g. 'int6,int8' (and no other kernels)")
+    parser.add_argument("--only", help="what to run, of the matmul schemes, attention and pointwise, e.g. 'int6,int8'")
     ns = parser.parse_args()
     torch.set_num_threads(ns.threads)
-    isa = vnni.isa()
+    isa, only = vnni.isa(), ns.only and ns.only.split(",")
     assert isa, "no lilmistral CPU kernels on this CPU (or no C++ compiler)"
     for scheme, row, shapes in (("int4 g32", int4_row, SHAPES),
                                 ("int4 g32 super-blocked", functools.partial(int4_row, super_blocked=True), SHAPES[:4]),
                                 ("int6", int6_row, ((32000, 4096), *SHAPES[:4])),
                                 ("int8", int8_row, ((32000, 4096), *SHAPES[:4]))):
-        if ns.only and scheme not in ns.only.split(","):
+        if only and scheme not in only:
             continue
         for n, k in shapes:
             result = row(n, k, copies=max(3, int(200e6 / (n * k * 0.6))), rows=ns.rows)
             print(json.dumps({"isa": isa, "scheme": scheme, "shape": f"{n}x{k}", "rows": ns.rows,
                               **{key: round(v, 1) for key, v in result.items()},
                               "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
-    if ns.only:
-        return
-    for shape in ATTENTION_SHAPES:
+    for shape in ATTENTION_SHAPES if not only or "attention" in only else ():
         result = attention_row(*shape)
         print(json.dumps({"isa": isa, "kernel": "attention", "kv_heads,group,tokens,keys,head_dim": shape,
                           **{key: round(v, 1) for key, v in result.items()},
                           "speedup": round(result["pytorch_us"] / result["lilmistral_us"], 2)}), flush=True)
-    for name, (ours, theirs) in pointwise_rows().items():
+    for name, (ours, theirs) in pointwise_rows().items() if not only or "pointwise" in only else ():
         print(json.dumps({"isa": isa, "kernel": name, "lilmistral_us": round(ours * 1e6, 1),
                           "pytorch_us": round(theirs * 1e6, 1), "speedup": round(theirs / ours, 2)}), flush=True)
 

@@ -15,17 +15,33 @@ constexpr int64_t ROW_BLOCK = 8;   // query rows of one kv head per task: they s
 // output vectors accumulated per pass over a chunk's values: half of AVX-512's registers (AVX2 spills some;
 // fewer measured no faster there)
 constexpr int ACCUMULATORS = 16;
-// chunks ahead that scores and values prefetch (bfloat16, at decode): without, decode attention waits on the
-// cache's loads (perf); measured 1.07-1.6x at 4,000-16,000 keys, 0.94-1.0x at 100-1,000 (in cache)
-constexpr int PREFETCH_CHUNKS = 4;
+// chunks ahead that keys and values are prefetched (bfloat16): decode attention reads a cache that is not in
+// any cache level. Into L2: 8 chunks into L2 measured 1.25-1.45x faster than 4 into L1 (1-4 into L1 alike),
+// at 512-8,192 slots.
+constexpr int PREFETCH_CHUNKS = 8;
 
-// The HD bfloat16s at base[i] on their way to L1 (past the cache's end near its last slots: a prefetch does
+// The HD bfloat16s at base[i] on their way to L2 (past the cache's end near its last slots: a prefetch does
 // not fault, and the address is computed as an integer).
 template <int HD>
 inline void prefetch_slot(const uint16_t* base, int64_t i) {
   const uintptr_t at = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(i) * 2;
-  for (int line = 0; line < HD * 2; line += 64) _mm_prefetch(reinterpret_cast<const char*>(at + line), _MM_HINT_T0);
+  for (int line = 0; line < HD * 2; line += 64) _mm_prefetch(reinterpret_cast<const char*>(at + line), _MM_HINT_T1);
 }
+
+#ifdef LILMISTRAL_ZMM
+// The sums of a, b, c and d's lanes, in that order: two rounds of interleaving adds leave each 128-bit lane
+// holding a part of all four sums, then the lanes are added (13 operations for 4 sums, not 4 x 8).
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512d abcd = _mm512_castps_pd(_mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                                      _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd))));
+  const __m256 half = _mm256_add_ps(_mm256_castpd_ps(_mm512_castpd512_pd256(abcd)),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(abcd, 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+#endif
 
 template <int HD>
 struct Attention {
@@ -62,36 +78,53 @@ struct Attention {
   }
 
 #ifdef LILMISTRAL_ZMM
-  // The same from bfloat16 q rows (qb, HD apart) and keys (the chunk's first slot at `keys`) as they are,
-  // by AVX512-BF16 dot products (pairs of exact products summed into float32): half the multiplies, no
-  // conversion of the keys.
-  template <int NR>
-  __attribute__((target("avx512bf16"))) void scores_bf16(uint64_t ok, const uint16_t* qb, const uint16_t* keys,
-                                                       float (*s)[KEYS]) const {
+  // scores_bf16's four keys from `keys` on: the first N (or, N 0, `count`) read, the rest zeros.
+  template <int NR, int N>
+  __attribute__((target("avx512bf16"))) void quad_scores(const uint16_t* qb, const uint16_t* keys, float (*s)[KEYS],
+                                                       int64_t j, int64_t count = 4) const {
     constexpr int W = HD / 32;
-    __m512bh qr[NR][W];
+    __m512 dot[NR][4];
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < W; ++i) qr[r][i] = (__m512bh)_mm512_loadu_si512(qb + r * HD + 32 * i);
-    for (uint64_t bits = ok; bits; bits &= bits - 1) {
-      const int64_t j = __builtin_ctzll(bits);
-      __m512 dot[NR];
-      for (int r = 0; r < NR; ++r) dot[r] = _mm512_setzero_ps();
-      prefetch_slot<HD>(keys, (j + PREFETCH_CHUNKS * KEYS) * k_slot);
+      for (int k = 0; k < 4; ++k) dot[r][k] = _mm512_setzero_ps();
+    for (int k = 0; k < 4; ++k) {
+      if (N == 0 && k >= count) break;
+      prefetch_slot<HD>(keys, (k + PREFETCH_CHUNKS * KEYS) * k_slot);
       for (int i = 0; i < W; ++i) {
-        const __m512bh key = (__m512bh)_mm512_loadu_si512(keys + j * k_slot + 32 * i);
-        for (int r = 0; r < NR; ++r) dot[r] = _mm512_dpbf16_ps(dot[r], qr[r][i], key);
+        const __m512bh key = (__m512bh)_mm512_loadu_si512(keys + k * k_slot + 32 * i);
+        for (int r = 0; r < NR; ++r)
+          dot[r][k] = _mm512_dpbf16_ps(dot[r][k], (__m512bh)_mm512_loadu_si512(qb + r * HD + 32 * i), key);
       }
-      for (int r = 0; r < NR; ++r) s[r][j] = _mm512_reduce_add_ps(dot[r]) * scale;
     }
+    for (int r = 0; r < NR; ++r)
+      _mm_storeu_ps(s[r] + j, _mm_mul_ps(sum4(dot[r][0], dot[r][1], dot[r][2], dot[r][3]), _mm_set1_ps(scale)));
+  }
+
+  // The same from bfloat16 q rows (qb, HD apart) and the chunk's keys as they are (its first slot at `keys`),
+  // by AVX512-BF16 dot products (pairs of exact products summed into float32): half the multiplies, no
+  // conversion of the keys. Four keys at a time, their sums reduced together (sum4); the first n keys are
+  // read, valid or not (a score that is not valid is then -inf; keys past n count as zeros).
+  template <int NR>
+  __attribute__((target("avx512bf16"))) void scores_bf16(uint64_t ok, int64_t n, const uint16_t* qb,
+                                                       const uint16_t* keys, float (*s)[KEYS]) const {
+    for (int64_t j = 0; j < n; j += 4) {
+      if ((ok >> j) & 0xF) {
+        if (j + 4 <= n) quad_scores<NR, 4>(qb, keys + j * k_slot, s, j);
+        else quad_scores<NR, 0>(qb, keys + j * k_slot, s, j, n - j);
+      }
+    }
+    const __m512 none = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int r = 0; r < NR; ++r)
+      for (int64_t c = 0; c < KEYS; c += 16)
+        _mm512_storeu_ps(s[r] + c, _mm512_mask_blend_ps(static_cast<__mmask16>(ok >> c), none, _mm512_loadu_ps(s[r] + c)));
   }
 #endif
 
-  // One chunk for NR rows of a block that attend to the same slots (`ok`): each key and value vector loaded
-  // once for all NR, and each row's arithmetic exactly as it would be alone. Scores, then an online-softmax
+  // One chunk for NR rows of a block that attend to the same slots (`ok`, of the chunk's n): each key and value
+  // vector loaded once for all NR, and each row's arithmetic exactly as it would be alone. Scores, then an online-softmax
   // update of the rows' float32 outputs o, maxima m and sums l. Values from their float32 copies vf or, DIRECT,
   // converted as they are read from the bfloat16 cache (`values`: the chunk's first slot).
   template <int NR, bool DIRECT>
-  void chunk(uint64_t ok, const float (*qf)[HD], const uint16_t* qb, float (*o)[HD], float* m, float* l,
+  void chunk(uint64_t ok, int64_t n, const float (*qf)[HD], const uint16_t* qb, float (*o)[HD], float* m, float* l,
              const float (*kf)[HD], const uint16_t* keys, const float (*vf)[HD], const uint16_t* values) const {
     constexpr int V = HD / 16;
     alignas(64) float s[NR][KEYS], p[NR][KEYS];
@@ -99,7 +132,7 @@ struct Attention {
     for (int r = 0; r < NR; ++r)
       for (int64_t c = 0; c < KEYS; c += 16) store(s[r] + c, set1(-std::numeric_limits<float>::infinity()));
 #ifdef LILMISTRAL_ZMM
-    if (dot_bf16) scores_bf16<NR>(ok, qb, keys, s);
+    if (dot_bf16) scores_bf16<NR>(ok, n, qb, keys, s);
     else
 #endif
       scores<NR>(ok, qf, kf, s);
@@ -179,8 +212,8 @@ struct Attention {
         const uint16_t* qr = qb + b * HD;
         const auto call = [&](auto rows) {
           constexpr int NR = decltype(rows)::value;
-          if (direct) chunk<NR, true>(ok[b], qf + b, qr, o + b, m + b, l + b, kf, keys, vf, values);
-          else chunk<NR, false>(ok[b], qf + b, qr, o + b, m + b, l + b, kf, keys, vf, values);
+          if (direct) chunk<NR, true>(ok[b], n, qf + b, qr, o + b, m + b, l + b, kf, keys, vf, values);
+          else chunk<NR, false>(ok[b], n, qf + b, qr, o + b, m + b, l + b, kf, keys, vf, values);
         };
         switch (same) {
           case 4: call(std::integral_constant<int, 4>{}); break;
