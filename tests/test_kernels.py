@@ -388,6 +388,40 @@ def test_attention_kernel(dtype, kv_heads, rows, slots, head_dim):
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_attention_kernel_over_segments_split_into_tasks_or_not(dtype, head_dim):
+    """Over more slots than a segment (512), a token decoded alone (one task a kv head: too few for the threads)
+    runs each segment as a task, merged after; the same rows among a prompt's run each task over every segment.
+    Both give the definition's values and each other's bits, at one thread or two: a sliding window that leaves
+    whole segments out of a row, a row with no slot to attend to (zeros)."""
+    g = torch.Generator().manual_seed(head_dim)
+    kv_heads, group, tokens, slots, window = 2, 4, 10, 1300, 700
+    q = torch.randn(kv_heads, group * tokens, head_dim, generator=g).to(dtype)  # rows: group-major, as model.py's
+    keys, values = torch.randn(2, kv_heads, slots, head_dim, generator=g).to(dtype)
+    position = torch.tensor([3, 200, 511, 512, 600, 1023, 1100, 1250, 1299, 1299])
+    causal = (torch.arange(slots)[None] <= position[:, None]) & (position[:, None] - torch.arange(slots)[None] < window)
+    causal[-1] = False  # the last token: no slot at all
+    mask = causal.repeat(group, 1)
+    attend = lambda *a: torch.ops.lilmistral.attention(*a, head_dim ** -0.5)  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            prompt = attend(q, keys, values, mask)
+            expected = attention_reference(q, keys, values, mask).nan_to_num(0.0)  # no slot: the kernel's zeros
+            assert (prompt.double() - expected).abs().max() < (
+                1e-5 if dtype == torch.float32 else 2e-2)
+            for t in range(tokens):
+                rows = torch.arange(group) * tokens + t
+                alone = attend(q[:, rows], keys, values, causal[t:t + 1])
+                assert torch.equal(alone, prompt[:, rows]), (n, t)
+            assert not prompt.view(kv_heads, group, tokens, head_dim)[:, :, -1].any()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim,head_dim", [(576, 64), (4096, 128), (100, 20), (7, 2)])  # 100, 20, 7: masked tails
 def test_pointwise_kernels(dtype, dim, head_dim):
     """pointwise.cpp against model.py's PyTorch versions: RoPE the same bits; RMSNorm (a differently ordered

@@ -4,14 +4,21 @@
 // bfloat16 scores take AVX512-BF16 dot products where the CPU has them (checked at run time; the rest of the
 // unit needs no more than AVX-512 VNNI, or AVX2). vnni.py compiles this file after lanes.cpp and vnni.cpp, in
 // one unit: Output is vnni.cpp's.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
 constexpr int64_t KEYS = 32;  // slots per chunk (a mask bit each, at most 64): its float32 keys and values fit L1
 constexpr int64_t ROW_BLOCK = 8;   // query rows of one kv head per task: they share each chunk of keys converted once
+// slots per segment: each an online softmax of its own, merged in order, so that a few rows over many slots (decode)
+// can be split into tasks per segment with the same results (Attention::run)
+constexpr int64_t SEGMENT = 512;
+// below this many tasks of rows a thread, rows are split into tasks per segment too
+constexpr int64_t TASKS_PER_THREAD = 4;
 // output vectors accumulated per pass over a chunk's values: half of AVX-512's registers (AVX2 spills some;
 // fewer measured no faster there)
 constexpr int ACCUMULATORS = 16;
@@ -175,24 +182,47 @@ struct Attention {
     return block;
   }
 
-  // Rows [r0, r1) of kv head h (at most ROW_BLOCK). Each chunk's valid keys and values are converted to float32
-  // once for the block, then rows that attend to the same slots (all of them at decode) go through chunk()
-  // together, up to 4 at a time (2 for float32 scores at head dim 128: their queries live in registers). Where
-  // one chunk() call takes every row (decode, bfloat16 scores) it reads the values from the cache itself: no
-  // float32 copy (1.1-1.3x faster decode attention, measured).
-  void rows(int64_t h, int64_t r0, int64_t r1) const {
+  // Rows [r0, r1) of kv head h (at most ROW_BLOCK) over segments [s0, s1) of the slots, each segment an online
+  // softmax of its own merged into the rows' total in order (merge), as run() merges segments run as tasks of
+  // their own: the same numbers either way. The total goes to `partial` (HD + 2 floats a row: m, l, o) or, with
+  // none, normalized to out.
+  void rows(int64_t h, int64_t r0, int64_t r1, int64_t s0, int64_t s1, float* partial) const {
+    constexpr int V = HD / 16;
+    const int64_t B = r1 - r0;
+    alignas(64) float qf[ROW_BLOCK][HD], o[ROW_BLOCK][HD], total_o[ROW_BLOCK][HD];
+    float m[ROW_BLOCK], l[ROW_BLOCK], total_m[ROW_BLOCK], total_l[ROW_BLOCK];
+    for (int64_t b = 0; b < B; ++b) {
+      for (int i = 0; i < V; ++i) store(qf[b] + 16 * i, load16(q, bf16, (h * R + r0 + b) * HD + 16 * i));
+      empty(total_m[b], total_l[b], total_o[b]);
+    }
+    for (int64_t seg = s0; seg < s1; ++seg) {
+      for (int64_t b = 0; b < B; ++b) empty(m[b], l[b], o[b]);
+      segment(h, r0, B, seg, qf, o, m, l);
+      for (int64_t b = 0; b < B; ++b) merge(total_m[b], total_l[b], total_o[b], m[b], l[b], o[b]);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      if (!partial) {
+        finish(h * R + r0 + b, total_l[b], total_o[b]);
+        continue;
+      }
+      float* row = partial + b * (HD + 2);
+      row[0] = total_m[b], row[1] = total_l[b];
+      std::copy(total_o[b], total_o[b] + HD, row + 2);
+    }
+  }
+
+  // The B rows from r0 of kv head h over segment seg, into their softmax states o, m, l. Each chunk's valid keys
+  // and values are converted to float32 once for the block, then rows that attend to the same slots (all of them
+  // at decode) go through chunk() together, up to 4 at a time (2 for float32 scores at head dim 128: their
+  // queries live in registers). Where one chunk() call takes every row (decode, bfloat16 scores) it reads the
+  // values from the cache itself: no float32 copy (1.1-1.3x faster decode attention, measured).
+  void segment(int64_t h, int64_t r0, int64_t B, int64_t seg, const float (*qf)[HD], float (*o)[HD], float* m,
+               float* l) const {
     constexpr int V = HD / 16;
     const int group = dot_bf16 || V < 8 ? 4 : 2;
-    const int64_t B = r1 - r0;
     const bool direct = dot_bf16 && B <= group;
-    alignas(64) float qf[ROW_BLOCK][HD], o[ROW_BLOCK][HD], kf[KEYS][HD], vf[KEYS][HD];
-    float m[ROW_BLOCK], l[ROW_BLOCK];
-    for (int64_t b = 0; b < B; ++b) {
-      for (int i = 0; i < V; ++i)
-        store(qf[b] + 16 * i, load16(q, bf16, (h * R + r0 + b) * HD + 16 * i)), store(o[b] + 16 * i, set1(0.f));
-      m[b] = -std::numeric_limits<float>::infinity(), l[b] = 0.f;
-    }
-    for (int64_t j0 = 0; j0 < S; j0 += KEYS) {
+    alignas(64) float kf[KEYS][HD], vf[KEYS][HD];
+    for (int64_t j0 = seg * SEGMENT; j0 < std::min(S, (seg + 1) * SEGMENT); j0 += KEYS) {
       const int64_t n = std::min(KEYS, S - j0);
       uint64_t ok[ROW_BLOCK], any = 0;
       for (int64_t b = 0; b < B; ++b) any |= ok[b] = valid(r0 + b, j0, n);
@@ -223,18 +253,66 @@ struct Attention {
         }
       }
     }
-    for (int64_t b = 0; b < B; ++b) {
-      const float inv = l[b] > 0 ? 1.f / l[b] : 0.f;  // a row with no key to attend to gives zeros
-      for (int64_t d = 0; d < HD; ++d) out.store((h * R + r0 + b) * HD + d, o[b][d] * inv);
-    }
   }
 
+  static void empty(float& m, float& l, float* o) {
+    m = -std::numeric_limits<float>::infinity(), l = 0.f;
+    std::fill(o, o + HD, 0.f);
+  }
+
+  // The softmax state of more slots (m, l, o) merged into a row's total (tm, tl, to); a state with no valid slot
+  // (m -inf) changes nothing, and into an empty total (tm -inf) a state goes as it is.
+  static void merge(float& tm, float& tl, float* to, float m, float l, const float* o) {
+    if (m == -std::numeric_limits<float>::infinity()) return;
+    const float top = std::max(tm, m), a = std::exp(tm - top), b = std::exp(m - top);
+    tm = top, tl = tl * a + l * b;
+    for (int64_t i = 0; i < HD; i += 16)
+      store(to + i, add(mul(load_floats(to + i), set1(a)), mul(load_floats(o + i), set1(b))));
+  }
+
+  // Output row `row`: o / l (a row with no key to attend to gives zeros).
+  void finish(int64_t row, float l, const float* o) const {
+    const float inv = l > 0 ? 1.f / l : 0.f;
+    for (int64_t d = 0; d < HD; ++d) out.store(row * HD + d, o[d] * inv);
+  }
+
+  // Tasks of rows over all slots; where there are too few of them for the threads (decode: one task a kv head),
+  // tasks of rows over a segment, whose results are then merged in order.
   void run(int64_t K) const {
-    const int64_t blocks = (R + ROW_BLOCK - 1) / ROW_BLOCK;
-    at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t blocks = (R + ROW_BLOCK - 1) / ROW_BLOCK, segments = (S + SEGMENT - 1) / SEGMENT, units = K * blocks;
+    const auto block_rows = [&](int64_t unit) { return std::pair{unit / blocks, (unit % blocks) * ROW_BLOCK}; };
+    if (segments <= 1 || units >= TASKS_PER_THREAD * at::get_num_threads()) {
+      at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const auto [h, r0] = block_rows(t);
+          rows(h, r0, std::min(r0 + ROW_BLOCK, R), 0, segments, nullptr);
+        }
+      });
+      return;
+    }
+    constexpr int64_t ROW = HD + 2;
+    thread_local std::vector<float> buffer;  // the calling thread's (a worker's thread_local would be its own)
+    buffer.resize(units * segments * ROW_BLOCK * ROW);
+    float* partials = buffer.data();  // [units, segments, ROW_BLOCK, ROW]
+    at::parallel_for(0, units * segments, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t h = t / blocks, r0 = (t % blocks) * ROW_BLOCK;
-        rows(h, r0, std::min(r0 + ROW_BLOCK, R));
+        const auto [h, r0] = block_rows(t / segments);
+        rows(h, r0, std::min(r0 + ROW_BLOCK, R), t % segments, t % segments + 1, partials + t * ROW_BLOCK * ROW);
+      }
+    });
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const auto [h, r0] = block_rows(unit);
+        for (int64_t b = 0; b < std::min(ROW_BLOCK, R - r0); ++b) {
+          alignas(64) float o[HD];
+          float m, l;
+          empty(m, l, o);
+          for (int64_t seg = 0; seg < segments; ++seg) {
+            const float* row = partials + ((unit * segments + seg) * ROW_BLOCK + b) * ROW;
+            merge(m, l, o, row[0], row[1], row + 2);
+          }
+          finish(h * R + r0 + b, l, o);
+        }
       }
     });
   }
