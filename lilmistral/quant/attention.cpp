@@ -85,8 +85,9 @@ struct Attention {
   }
 
 #ifdef LILMISTRAL_ZMM
-  // scores_bf16's four keys from `keys` on: the first N (or, N 0, `count`) read, the rest zeros.
-  template <int NR, int N>
+  // scores_bf16's four keys from `keys` on: all four read or, in a chunk's last quad (TAIL), the first `count`
+  // (the rest zeros).
+  template <int NR, bool TAIL>
   __attribute__((target("avx512bf16"))) void quad_scores(const uint16_t* qb, const uint16_t* keys, float (*s)[KEYS],
                                                        int64_t j, int64_t count = 4) const {
     constexpr int W = HD / 32;
@@ -94,7 +95,7 @@ struct Attention {
     for (int r = 0; r < NR; ++r)
       for (int k = 0; k < 4; ++k) dot[r][k] = _mm512_setzero_ps();
     for (int k = 0; k < 4; ++k) {
-      if (N == 0 && k >= count) break;
+      if (TAIL && k >= count) break;
       prefetch_slot<HD>(keys, (k + PREFETCH_CHUNKS * KEYS) * k_slot);
       for (int i = 0; i < W; ++i) {
         const __m512bh key = (__m512bh)_mm512_loadu_si512(keys + k * k_slot + 32 * i);
@@ -115,21 +116,23 @@ struct Attention {
                                                        const uint16_t* keys, float (*s)[KEYS]) const {
     for (int64_t j = 0; j < n; j += 4) {
       if ((ok >> j) & 0xF) {
-        if (j + 4 <= n) quad_scores<NR, 4>(qb, keys + j * k_slot, s, j);
-        else quad_scores<NR, 0>(qb, keys + j * k_slot, s, j, n - j);
+        if (j + 4 <= n) quad_scores<NR, false>(qb, keys + j * k_slot, s, j);
+        else quad_scores<NR, true>(qb, keys + j * k_slot, s, j, n - j);
       }
     }
     const __m512 none = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int r = 0; r < NR; ++r)
-      for (int64_t c = 0; c < KEYS; c += 16)
-        _mm512_storeu_ps(s[r] + c, _mm512_mask_blend_ps(static_cast<__mmask16>(ok >> c), none, _mm512_loadu_ps(s[r] + c)));
+      for (int64_t c = 0; c < KEYS; c += 16) {
+        const __mmask16 valid_keys = static_cast<__mmask16>(ok >> c);
+        _mm512_storeu_ps(s[r] + c, _mm512_mask_blend_ps(valid_keys, none, _mm512_loadu_ps(s[r] + c)));
+      }
   }
 #endif
 
   // One chunk for NR rows of a block that attend to the same slots (`ok`, of the chunk's n): each key and value
-  // vector loaded once for all NR, and each row's arithmetic exactly as it would be alone. Scores, then an online-softmax
-  // update of the rows' float32 outputs o, maxima m and sums l. Values from their float32 copies vf or, DIRECT,
-  // converted as they are read from the bfloat16 cache (`values`: the chunk's first slot).
+  // vector loaded once for all NR, and each row's arithmetic exactly as it would be alone. Scores, then an
+  // online-softmax update of the rows' float32 outputs o, maxima m and sums l. Values from their float32 copies
+  // vf or, DIRECT, converted as they are read from the bfloat16 cache (`values`: the chunk's first slot).
   template <int NR, bool DIRECT>
   void chunk(uint64_t ok, int64_t n, const float (*qf)[HD], const uint16_t* qb, float (*o)[HD], float* m, float* l,
              const float (*kf)[HD], const uint16_t* keys, const float (*vf)[HD], const uint16_t* values) const {
