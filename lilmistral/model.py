@@ -23,8 +23,9 @@ KVUpdate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tens
 
 def add_norm(out: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm | None):
     """residual + out (out without a residual) and, given norm, the pair (that, norm(that))."""
-    h = out if residual is None else residual + out
-    return h if norm is None else (h, norm(h))
+    if norm is None:
+        return out if residual is None else residual + out
+    return (out, norm(out)) if residual is None else norm(out, residual)
 
 
 class Linear(nn.Linear):
@@ -49,9 +50,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.normalize = rms_norm  # a backend's kernel with rms_norm's signature may take its place
+        # and one that adds and normalizes in one call: (x, residual, weight, eps) -> (residual + x, normalized)
+        self.add_normalize: Callable | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalize(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x normalized; given residual, the pair (residual + x, that normalized)."""
+        if residual is None:
+            return self.normalize(x, self.weight, self.eps)
+        if self.add_normalize is not None:
+            return self.add_normalize(x, residual, self.weight, self.eps)
+        h = residual + x
+        return h, self.normalize(h, self.weight, self.eps)
 
 
 def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:

@@ -449,6 +449,35 @@ def test_pointwise_kernels(dtype, dim, head_dim):
     assert_matches(ops.silu_mul(extremes, torch.ones_like(extremes)), silu_mul(extremes, torch.ones_like(extremes)))
 
 
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim,head_dim", [(576, 64), (4096, 128), (100, 20), (7, 2)])
+def test_decode_step_kernels_give_the_bits_of_the_operators_they_replace(dtype, dim, head_dim):
+    """add_rms_norm: PyTorch's `residual + x` and rms_norm's bits; rope_store: q, and the keys and values that
+    rope and index_copy_ write into the cache's slot (the slots around it untouched), rows rotated in order."""
+    g = torch.Generator().manual_seed(dim)
+    ops = torch.ops.lilmistral
+    x, residual = (torch.randn(2, 3, dim, generator=g) * 3).to(dtype)
+    weight = torch.randn(dim, generator=g).to(dtype)
+    h, normed = ops.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(h, residual + x) and torch.equal(normed, ops.rms_norm(residual + x, weight, 1e-5))
+    n_heads, n_kv_heads, slots, rows = 6, 2, 9, 2
+    qkv = torch.randn(rows, (n_heads + 2 * n_kv_heads) * head_dim, generator=g).to(dtype)
+    cos, sin = torch.randn(2, rows, head_dim, generator=g).to(dtype)
+    keys, values = torch.randn(2, n_kv_heads, slots, head_dim, generator=g).to(dtype)
+    slot = torch.tensor([5, 2])
+    expected_keys, expected_values = keys.clone(), values.clone()
+    heads = qkv.reshape(rows, -1, head_dim).transpose(0, 1)  # [H + 2K, T, hd]
+    rotated = rope(heads, cos, sin)
+    expected_keys.index_copy_(1, slot, rotated[n_heads:n_heads + n_kv_heads])
+    expected_values.index_copy_(1, slot, heads[n_heads + n_kv_heads:])
+    q = ops.rope_store(qkv, cos, sin, keys, values, slot)
+    assert torch.equal(q, rotated[:n_heads].transpose(0, 1).reshape(rows, -1))
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.rope_store(qkv[:1], cos[:1], sin[:1], keys, values, torch.tensor([slots]))
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 def test_quantizing_a_parameter_keeps_no_autograd_graph(spec):
     """A tied head is quantized from the embedding parameter at load: its parts must not hold the float
@@ -488,8 +517,9 @@ def test_fused_projections_give_each_projections_output(spec):
 
 def kernel_outputs() -> list[torch.Tensor]:
     """Every CPU operator's results on fixed inputs: int4 (super-blocked too), int6 and int8 matmuls at 1, 5 and 19
-    rows; attention in float32, masked and not; RMSNorm, silu * up (inputs far out in exp's range among them) and
-    RoPE in float32 and bfloat16, with tails shorter than a vector; GGUF blocks decoded, to float32 and to int8."""
+    rows; attention in float32, masked and not; RMSNorm (after a residual's sum too), silu * up (inputs far out in
+    exp's range among them), RoPE (storing keys and values too) in float32 and bfloat16, with tails shorter than a
+    vector; GGUF blocks decoded, to float32 and to int8."""
     g, ops, out = torch.Generator().manual_seed(0), torch.ops.lilmistral, []
     for (n, k), spec, rows in zip([(37, 576), (300, 4096), (1024, 1024)] * 2 + [(37, 512), (300, 4096)] * 2,
                                   SPECS[:3] * 2 + [SUPER] * 2 + [INT6] * 2, (1, 5, 19, 19, 5, 1, 1, 19, 1, 19)):
@@ -513,7 +543,11 @@ def kernel_outputs() -> list[torch.Tensor]:
             gate, up = (torch.randn(2, 5, dim, generator=g) * 4).to(dtype)
             gate[0, :2] = torch.tensor([-100.0, 100.0])
             x_rope, cos, sin = torch.randn(6, 3, dim - dim % 2, generator=g).to(dtype).split([4, 1, 1])
-            out += [ops.rms_norm(x, weight, 1e-5), ops.silu_mul(gate, up), ops.rope(x_rope, cos[0], sin[0])]
+            out += [ops.rms_norm(x, weight, 1e-5), ops.silu_mul(gate, up), ops.rope(x_rope, cos[0], sin[0]),
+                    *ops.add_rms_norm(x, gate, weight, 1e-5)]
+            keys, values = torch.zeros(2, 1, 3, x_rope.shape[-1], dtype=dtype)  # K = 1
+            qkv = x_rope[:3, 0].reshape(1, -1)  # [1, (H + 2K) * hd], H = 1
+            out += [ops.rope_store(qkv, cos[0, :1], sin[0, :1], keys, values, torch.tensor([1])), keys, values]
     for kind, values, block_bytes, scale_at in (("Q5_1", 32, 24, 2), ("Q4_K", 256, 144, 2), ("Q6_K", 256, 210, 208)):
         blocks = torch.randint(0, 256, (6, 2, block_bytes), dtype=torch.uint8, generator=g)
         for at in {0, scale_at}:  # finite float16 scales (random bytes: NaNs)
@@ -533,8 +567,8 @@ def test_the_256_bit_builds_pass_these_tests_with_the_avx512_bits(tmp_path, targ
     vpdpbusd) and for AVX-VNNI (two registers, vpdpbusd's EVEX form here) pass this file's kernel tests, and
     every operator gives the AVX-512 build's bits."""
     env = {**os.environ, "LILMISTRAL_CPU_KERNELS": target}
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                            "vnni_int or packing or attention or pointwise or matches_dequantized or fused"],
+    chosen = "vnni_int or packing or attention or pointwise or decode_step_kernels or matches_dequantized or fused"
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", chosen],
                            env=env, capture_output=True, text=True)
     assert tests.returncode == 0 and " passed" in tests.stdout, tests.stdout[-3000:] + tests.stderr[-3000:]
     script = (f"import importlib.util, torch; spec = importlib.util.spec_from_file_location('t', {__file__!r}); "
