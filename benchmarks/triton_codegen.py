@@ -24,7 +24,7 @@ from triton.compiler import ASTSource
 from lilmistral.quant import triton_kernels
 from lilmistral.quant.pack import QuantSpec
 
-POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "out_ptr": "*bf16",
+POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "c_ptr": "*i16", "out_ptr": "*bf16",
             "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64", "nw_ptr": "*bf16",
             "normed_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "keys_ptr": "*bf16", "values_ptr": "*bf16",
             "slot_ptr": "*i64"}  # _gemv's, in order
@@ -49,7 +49,8 @@ def gemv_constants(spec: QuantSpec, arch: int = 90, **variant: bool) -> dict:
     block_n, block_k, _ = triton_kernels.TILES[spec.scheme]
     g = spec.group_size if spec.scheme == "int4" else 0
     return {**dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
-                   ZERO=0 if g and not spec.symmetric else 8 if g else 128, STEP=32, BLOCK_N=block_n,
+                   ZERO=0 if g and not spec.symmetric else 8 if g else 128, SUPER=spec.super_block, STEP=32,
+                   BLOCK_N=block_n,
                    BLOCK_K=block_k, SPLIT=4, EVEN=True, HAS_EXPERTS=False, HAS_RESIDUAL=False, GATED=False,
                    NORM=False, NORM_BLOCK=4096, ROTARY=False, HD=128, PDL=arch >= 90, INT8_X=True, PTX=True),
             **variant}
@@ -75,12 +76,12 @@ def compile_attention(arch: int = 90):
 def compile_others(arch: int = 90) -> dict:
     """The other kernels a GPU runs, each in the variant it runs (bfloat16, Mistral's sizes), by name."""
     tk = triton_kernels
-    gemm = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", out_ptr="*bf16", res_ptr="*bf16",
-                M="i32", N="i32", K="i32", magic="i32")
-    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, HAS_RESIDUAL=True,
-                          GATED=False, INT8_X=True)
-    gemm_aligned = [*gemm][:6] + ["N", "K"]
-    int4, int8 = QuantSpec("int4", 32, False), QuantSpec("int8")
+    gemm = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", c_ptr="*i16", out_ptr="*bf16",
+                res_ptr="*bf16", M="i32", N="i32", K="i32", magic="i32")
+    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, SUPER=256, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32,
+                          HAS_RESIDUAL=True, GATED=False, INT8_X=True)
+    gemm_aligned = [*gemm][:7] + ["N", "K"]
+    int4, int8 = QuantSpec("int4", 32, False, super_block=256), QuantSpec("int8")  # the default int4, and int8
     kernels = {  # name: (kernel, signature, constants, aligned arguments, warps)
         "gemm residual": (tk._gemm, gemm, gemm_constants, gemm_aligned, 4),
         "gemm gated": (tk._gemm, gemm, dict(gemm_constants, HAS_RESIDUAL=False, GATED=True), gemm_aligned, 4),
@@ -139,6 +140,7 @@ def report(spec: QuantSpec, arch: int, int8_x: bool = True) -> dict:
     waits = ptx.find("griddepcontrol.wait")
     return {"kernel": "gemv", "weight_loads_before_wait": ptx[:waits].count("ld.global.v4.b32") if waits >= 0 else 0,
             "scheme": spec.scheme, "group_size": spec.group_size, "symmetric": spec.symmetric,
+            "super_block": spec.super_block,
             "activations": "int8" if int8_x else "float",
             "instructions_per_weight": round(len(ops) / weights_per_thread, 2),
             "vector_loads_16B": ptx.count("ld.global.v4.b32"), "scalar_word_loads": ptx.count("ld.global.b32"),
@@ -150,8 +152,8 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90, help="compute capability, 90 for Hopper")
     arch = p.parse_args().arch
     for int8_x in (True, False):
-        for spec in (QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), QuantSpec("int4", 128, False),
-                     QuantSpec("int8")):
+        for spec in (QuantSpec("int4", 32, False, super_block=256), QuantSpec("int4", 32, False),
+                     QuantSpec("int4", 32, True), QuantSpec("int4", 128, False), QuantSpec("int8")):
             print(json.dumps(report(spec, arch, int8_x)), flush=True)
     print(json.dumps(attention_report(arch)), flush=True)
     for name, kernel in compile_others(arch).items():

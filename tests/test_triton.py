@@ -24,15 +24,24 @@ from lilmistral.quant.triton_kernels import ExpertsKernel, TritonKernel, repack 
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 SHAPES = [(40, 128), (100, 256), (64, 96), (33, 64)]  # odd N, K not a multiple of the block
-SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), QuantSpec("int4", 64, False)]
+SUPER = QuantSpec("int4", 32, False, super_block=64)  # the default int4's layout (super-blocks of 256 or 192), smaller
+SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), QuantSpec("int4", 64, False),
+         SUPER]
 
 
-# int4 K is always a multiple of the group size (the format guarantees it)
-CASES = [(n, k, spec) for n, k in SHAPES for spec in SPECS if spec.scheme == "int8" or k % spec.group_size == 0]
+def spec_id(v: object) -> str:
+    if not isinstance(v, QuantSpec):
+        return str(v)
+    name = f"{v.scheme}-g{v.group_size}-{'sym' if v.symmetric else 'min'}"
+    return name + (f"-s{v.super_block}" if v.super_block else "")
 
 
-@pytest.mark.parametrize("n,k,spec", CASES, ids=lambda v: str(v) if not isinstance(v, QuantSpec) else
-                         f"{v.scheme}-g{v.group_size}-{'sym' if v.symmetric else 'min'}")
+# int4 K is always a multiple of the group size and super-block (the format guarantees it)
+CASES = [(n, k, spec) for n, k in SHAPES for spec in SPECS
+         if spec.scheme == "int8" or k % max(spec.group_size, spec.super_block) == 0]
+
+
+@pytest.mark.parametrize("n,k,spec", CASES, ids=spec_id)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_gemv_matches_dequantized_reference(n, k, spec, rows):
     g = torch.Generator().manual_seed(n * k + rows)
@@ -46,9 +55,7 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
     assert (got.double() - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
 
 
-@pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS] + [(33, 130, SPECS[0])],
-                         ids=lambda v: str(v) if not isinstance(v, QuantSpec) else
-                         f"{v.scheme}-g{v.group_size}-{'sym' if v.symmetric else 'min'}")
+@pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS] + [(33, 130, SPECS[0])], ids=spec_id)
 def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeypatch):
     """bfloat16 x (a model's) rounds its blocks of 32 to int8, as the CPU kernels do, and multiplies them by
     integer dot products, in the GEMV (decode) and the GEMM (prefill, integer tensor cores) alike: in float32
@@ -83,8 +90,8 @@ def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeyp
 
 
 @pytest.mark.parametrize("spec,n,k", [(SPECS[0], 48, 512), (SPECS[1], 48, 512), (SPECS[3], 48, 512),
-                                      (SPECS[0], 40, 130)],  # 130: int8 words zero-padded
-                         ids=["int8", "int4-g32", "int4-g64", "int8-k130"])
+                                      (SUPER, 40, 512), (SPECS[0], 40, 130)],  # 130: int8 words zero-padded
+                         ids=["int8", "int4-g32", "int4-g64", "int4-super", "int8-k130"])
 def test_split_k_and_prefill_path(spec, n, k):
     """Decode splits K over programs (atomic adds into a workspace the last one turns into the output); more than
     GEMV_MAX_ROWS rows take the tl.dot GEMM, in the activations' dtype (float32 under the interpreter, which
@@ -180,7 +187,7 @@ def test_repack_layout_and_fused_projections():
     assert torch.allclose(fused(x), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spec", SPECS[:3], ids=lambda v: f"{v.scheme}-{'sym' if v.symmetric else 'min'}")
+@pytest.mark.parametrize("spec", SPECS[:3] + [SUPER], ids=spec_id)
 def test_gated_kernel_writes_silu_gate_times_up(spec):
     """w1 and w3 fused gated: their columns interleaved, the GEMV (split along K) and the GEMM write
     silu(w1 x) * w3 x as model.silu_mul computes it from the two products; each member alone is its columns."""
@@ -205,7 +212,7 @@ def test_gated_kernel_writes_silu_gate_times_up(spec):
         torch.testing.assert_close(Columns(kernel, slice(1, None, 2))(x).float(), up, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("spec", SPECS[:3], ids=lambda v: f"{v.scheme}-{'sym' if v.symmetric else 'min'}")
+@pytest.mark.parametrize("spec", SPECS[:3] + [SUPER], ids=spec_id)
 @pytest.mark.parametrize("k", [128, 1024])  # 1024: split along K
 def test_experts_kernel_reads_each_rows_expert(spec, k):
     """The fused MoE GEMV: rows routed to different experts (one twice, one not at all) in one launch, each
@@ -300,7 +307,7 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
                          capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     gemv = [r for r in rows if r["kernel"] == "gemv"]
-    assert len(gemv) == 8 and all(r["vector_loads_16B"] > 0 for r in gemv), rows
+    assert len(gemv) == 10 and all(r["vector_loads_16B"] > 0 for r in gemv), rows
     int8 = [r for r in gemv if r["activations"] == "int8"]  # dp4a (the float product: ~5, more than an H200 issues)
     assert all(r["scalar_word_loads"] == 0 and r["instructions_per_weight"] < 2.5 for r in int8), rows
     assert all(r["weight_loads_before_wait"] > 0 for r in gemv), rows  # read while the kernel before finishes
@@ -379,25 +386,23 @@ def test_decode_attention_matches_sdpa(n_kv, rows, slots, mask_rows):
 
 
 
-def test_super_blocked_parts_run_with_their_scales_expanded():
-    """Super-blocked int4 (the default int4; a GGUF's Q4_K) has no Triton layout of its own: the kernel (and the
-    gated one, over w1's and w3's blocks of rows) takes its scales and mins expanded per group to float16 (each
-    weight within float16's rounding of its scale and min), and computes the expanded weights' product."""
-    from lilmistral.quant.pack import plain_parts
-
+def test_super_blocked_parts_run_as_they_are_stored():
+    """Super-blocked int4 (the default int4; a GGUF's Q4_K) keeps its layout on the GPU: 8-bit codes a group and
+    float16 factors a super-block (4.625 bits a weight, not the 5.0 of scales expanded per group), each group's
+    scale and min computed exactly in the kernel. The kernel (and the gated one, over w1's and w3's blocks of
+    rows) holds those bytes and computes the exact dequantized product, at decode (split along K) and prefill."""
     spec, g = QuantSpec("int4", 32, False, super_block=256), torch.Generator().manual_seed(0)
-    w1, w3 = (quantize(torch.randn(40, 256, generator=g) * 0.05, spec) for _ in range(2))
-    expanded = [dequantize(*plain_parts(w, spec)).double() for w in (w1, w3)]
-    for w, e in zip((w1, w3), expanded):
-        exact = dequantize(w, spec).double()
-        assert ((e - exact).abs() <= 2 ** -9 * exact.abs().amax(dim=1, keepdim=True)).all()  # scale, min: 2^-11 each
-    x = torch.randn(2, 256, generator=g).to(DEVICE)
+    w1, w3 = (quantize(torch.randn(40, 512, generator=g) * 0.05, spec) for _ in range(2))
+    exact = [dequantize(w, spec).double() for w in (w1, w3)]
     kernel = cuda.make_kernel({name: t.to(DEVICE) for name, t in w1.items()}, spec)
-    assert isinstance(kernel, TritonKernel) and kernel.spec == QuantSpec("int4", 32, False)
-    gate, up = (x.double().cpu() @ e.t() for e in expanded)
-    assert torch.allclose(kernel(x).double().cpu(), gate, rtol=1e-4, atol=1e-4)
+    assert isinstance(kernel, TritonKernel) and kernel.spec == spec and kernel.gemv_constants["SPLIT"] > 1
+    assert sum(t.nbytes for t in kernel.parts.values()) == sum(t.nbytes for t in w1.values())  # 4.625 bits
     gated = cuda.gated_kernel({name: [w1[name].to(DEVICE), w3[name].to(DEVICE)] for name in w1}, spec)
-    assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-4, atol=1e-4)
+    for rows in (2, 12):  # GEMV, GEMM
+        x = torch.randn(rows, 512, generator=g).to(DEVICE)
+        gate, up = (x.double().cpu() @ e.t() for e in exact)
+        assert torch.allclose(kernel(x).double().cpu(), gate, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
 def test_int6_parts_run_requantized_to_int8():

@@ -22,14 +22,18 @@ def has_triton() -> bool:
     return True
 
 
+def triton_parts(parts: Parts, spec: QuantSpec) -> tuple[Parts, QuantSpec]:
+    """Parts as Triton's kernels take them: int4 as it is (super-blocked too), int6 as int8 (`plain_parts`)."""
+    return (parts, spec) if spec.scheme != "int6" else plain_parts(parts, spec)
+
+
 def make_kernel(parts: Parts, spec: QuantSpec):
-    """The kernel for a weight's parts (a fused projection's as blocks of rows), repacked for Triton's kernels
-    (`plain_parts`: super-blocked scales expanded per group, int6 as int8)."""
+    """The kernel for a weight's parts (a fused projection's as blocks of rows), repacked for Triton's kernels."""
     if not has_triton():
         return DequantKernel(stacked(parts), spec)
     from .triton_kernels import TritonKernel
 
-    return TritonKernel(*plain_parts(parts, spec))
+    return TritonKernel(*triton_parts(parts, spec))
 
 
 def gated_kernel(parts: Parts, spec: QuantSpec):
@@ -37,7 +41,7 @@ def gated_kernel(parts: Parts, spec: QuantSpec):
     call writes silu(w1 x) * w3 x. Needs Triton (`has_triton`)."""
     from .triton_kernels import TritonKernel
 
-    return TritonKernel(*plain_parts(parts, spec), interleave=True)
+    return TritonKernel(*triton_parts(parts, spec), interleave=True)
 
 
 def expert_gemv(kernels: list) -> Callable | None:

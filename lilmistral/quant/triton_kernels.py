@@ -3,8 +3,10 @@
 The canonical parts are repacked once at load into a layout of the kernels' own (`repack`): the weight
 transposed to [K, N] and packed along K into int32 words (int4: 8 inputs a word, input 8i+j in bits 4j..4j+3
 of word row i: the canonical bytes read as little-endian words; int8: 4 inputs a word), the group scales
-(and mins) transposed to [K/G, N]. A warp then reads consecutive columns of one word row: whole 128-byte
-lines, 16 bytes a thread.
+(and mins) transposed to [K/G, N]; super-blocked int4 (the default int4, GGUF's Q4_K) as stored, 4.625 bits a
+weight: its float16 factors [K/S, N] and a group's two 8-bit codes as one int16 [K/G, N], the group's scale
+and min computed exactly in the kernel (`_group_scale`). A warp then reads consecutive columns of one word
+row: whole 128-byte lines, 16 bytes a thread.
 
 Decode (`_gemv`, a few rows): every program takes BLOCK_N columns and only BLOCK_K inputs (one or a few
 groups), so a 4096-wide layer is split into thousands of programs, which keep enough loads in flight to
@@ -127,6 +129,19 @@ def _load(pointer, mask, EVEN: tl.constexpr):
         return tl.load(pointer)
     else:
         return tl.load(pointer, mask=mask, other=0)
+
+
+@triton.jit
+def _group_scale(s_ptr, c_ptr, k, offs_n, N, ok, G: tl.constexpr, SUPER: tl.constexpr, SHIFT: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """float32 [BLOCK_N]: the scale (or min) of the group holding input k, for columns offs_n: stored per group
+    [K/G, N] or, SUPER-blocked, the super-block's float16 factor [K/SUPER, N] times the group's 8-bit code
+    (bits SHIFT.. of c's int16 [K/G, N]: 0, the scale's; 8, the min's), exactly."""
+    if SUPER == 0:
+        return _load(s_ptr + (k // G) * N + offs_n, ok, EVEN).to(tl.float32)
+    factor = _load(s_ptr + (k // SUPER) * N + offs_n, ok, EVEN).to(tl.float32)
+    code = (_load(c_ptr + (k // G) * N + offs_n, ok, EVEN).to(tl.int32) >> SHIFT) & 0xFF
+    return factor * code.to(tl.float32)
 
 
 @triton.jit
@@ -305,15 +320,16 @@ def _dot4(a, b, c, SIGNED: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
-def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, nw_ptr, normed_ptr, cos_ptr,
-          sin_ptr, keys_ptr, values_ptr, slot_ptr, N, K, magic, eps, q_cols, stride_ch, stride_cs,
-          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
+def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, nw_ptr, normed_ptr,
+          cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, N, K, magic, eps, q_cols, stride_ch, stride_cs,
+          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, SUPER: tl.constexpr,
           STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
           EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
           NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ROTARY: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr,
           INT8_X: tl.constexpr, PTX: tl.constexpr):
     """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K
-    inputs in steps of STEP inputs (a group, or a part of one: G == 0 is int8's one scale a column). INT8_X:
+    inputs in steps of STEP inputs (a group, or a part of one: G == 0 is int8's one scale a column; SUPER:
+    super-blocked scales and mins, `_group_scale`). INT8_X:
     x's blocks of 32 rounded to int8 (as the CPU kernels' activations) and multiplied by integer dot products
     (`_int8_block_dot`, STEP 32); else (float32 x) the exact dequantized product (`_float_dot`). SPLIT
     programs along K add their parts to float32 sums (`_workspace`); the last of a column tile to finish, told
@@ -331,7 +347,10 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
         expert = tl.load(e_ptr + row).to(tl.int64)
         q_ptr += expert * word_rows_k * N
         meta = expert * N  # int8: one scale a column
-        if G > 0:
+        if SUPER > 0:
+            c_ptr += meta * (K // G)
+            meta *= K // SUPER
+        elif G > 0:
             meta *= K // G
         s_ptr += meta
         m_ptr += meta
@@ -349,7 +368,7 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
             _wait_previous(PDL)  # x, and the workspace an earlier GEMV may still be finishing with
         if G > 0:
             g_ok = n_ok & (k + 0 * offs_n < K)  # a tensor: the interpreter takes no scalar mask
-            scale = _load(s_ptr + (k // G) * N + offs_n, g_ok, EVEN).to(tl.float32)
+            scale = _group_scale(s_ptr, c_ptr, k, offs_n, N, g_ok, G, SUPER, 0, EVEN)
         if INT8_X:  # STEP is 32: one block of activations
             dot, x_sum, x_step = _int8_block_dot(x_ptr + row * K, words, k, K, BITS, EVEN, PTX)
             if G == 0:
@@ -357,7 +376,7 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
             else:
                 acc += (dot - ZERO * x_sum).to(tl.float32) * (scale * x_step)
                 if HAS_MIN:
-                    acc_min += _load(m_ptr + (k // G) * N + offs_n, g_ok, EVEN).to(tl.float32) * (
+                    acc_min += _group_scale(m_ptr, c_ptr, k, offs_n, N, g_ok, G, SUPER, 8, EVEN) * (
                         x_sum.to(tl.float32) * x_step)
         else:
             dot = _float_dot(x_ptr + row * K, words, k, K, BITS, ZERO, EVEN, magic)
@@ -368,7 +387,7 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
                 if HAS_MIN:
                     ks = k + tl.arange(0, STEP)
                     x_sum = tl.sum(_load(x_ptr + row * K + ks, ks < K, EVEN).to(tl.float32), axis=0)
-                    acc_min += _load(m_ptr + (k // G) * N + offs_n, g_ok, EVEN).to(tl.float32) * x_sum
+                    acc_min += _group_scale(m_ptr, c_ptr, k, offs_n, N, g_ok, G, SUPER, 8, EVEN) * x_sum
     out = acc + acc_min
     if G == 0:
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -403,14 +422,14 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_p
 
 
 @triton.jit
-def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, M, N, K, magic,
-          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
+def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, out_ptr, res_ptr, M, N, K, magic,
+          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, SUPER: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
           GATED: tl.constexpr, PDL: tl.constexpr, INT8_X: tl.constexpr):
     """out = x @ w (+ res; or gated: `_write`) for many rows, BLOCK_K (32) inputs a step. INT8_X: each row's
     block of 32 rounded to int8 as the GEMV rounds it (`_round_int8`) and multiplied by w's stored integers on
     integer tensor cores, each block's sums scaled by its step and w's scale; else [BLOCK_K, BLOCK_N] tiles of
-    w dequantized to x's dtype for tl.dot."""
+    w dequantized to x's dtype for tl.dot. A step lies within one group (G a multiple of 32)."""
     _let_next_start(PDL)
     _wait_previous(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
@@ -432,19 +451,17 @@ def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, out_ptr, res_ptr, M, N, K, magic,
             if G == 0:
                 acc += dot.to(tl.float32) * x_step[:, None]
             else:
-                group = (k0 // G) * N + offs_n
-                scale = tl.load(s_ptr + group, mask=n_ok, other=0.0).to(tl.float32)
+                scale = _group_scale(s_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 0, False)
                 acc += (dot - ZERO * x_sum[:, None]).to(tl.float32) * (x_step[:, None] * scale[None, :])
                 if HAS_MIN:
-                    mins = tl.load(m_ptr + group, mask=n_ok, other=0.0).to(tl.float32)
+                    mins = _group_scale(m_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 8, False)
                     acc += (x_sum.to(tl.float32) * x_step)[:, None] * mins[None, :]
         else:
             w = _unpack(words, shift, magic, BITS, ZERO)  # [BLOCK_K, BLOCK_N]
             if G > 0:
-                group = (k // G)[:, None] * N + offs_n[None, :]
-                w = w * tl.load(s_ptr + group, mask=w_ok, other=0.0).to(tl.float32)
+                w = w * _group_scale(s_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 0, False)[None, :]
                 if HAS_MIN:
-                    w += tl.load(m_ptr + group, mask=w_ok, other=0.0).to(tl.float32)
+                    w += _group_scale(m_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 8, False)[None, :]
             acc = tl.dot(x, w.to(x.dtype), acc)
     if G == 0:
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -482,12 +499,17 @@ def repack(parts: dict[str, torch.Tensor | list[torch.Tensor]], spec: QuantSpec,
     """The kernels' layout (module docstring) of an [N, K] weight's canonical parts, each part a tensor or a
     fused projection's blocks of rows (their columns side by side; `interleave`: two blocks' columns
     alternating, for the gated kernel): q int32 [words, N], scales [K/G, N] (int8: [N]) and, with a min,
-    mins [K/G, N]."""
+    mins [K/G, N]; super-blocked, scales and mins the factors [K/S, N] and codes int16 [K/G, N], a group's
+    scale code in the low byte and min code in the high one."""
     def join(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(tensors, dim=-1).flatten(-2) if interleave else torch.cat(tensors, dim=-1)
 
     blocks = {name: part if isinstance(part, list) else [part] for name, part in parts.items()}
     out = {"q": join([_words(b) for b in blocks["qweight"]])}
+    if spec.super_block:
+        pairs = [torch.stack(pair, dim=-1).view(torch.int16)[..., 0] for pair in zip(blocks["scales"], blocks["mins"])]
+        out["codes"] = join([pair.t() for pair in pairs]).contiguous()
+        blocks = {"scales": blocks["super_scales"], "mins": blocks["super_mins"]}
     transpose = spec.scheme == "int4"  # int8's scales are one a column already
     for name in ("scales", "mins"):
         if name in blocks:
@@ -518,7 +540,7 @@ class TritonKernel:
         # a GEMV step of float activations is a group (or a part of one); int8's, at most 64 inputs: more would
         # cost registers. Of int8 activations, one block of 32
         self.float_step = min(self.block_k, g or 64)
-        self.constants = dict(BITS=bits, G=g, HAS_MIN="mins" in self.parts, ZERO=zero)
+        self.constants = dict(BITS=bits, G=g, HAS_MIN="mins" in self.parts, ZERO=zero, SUPER=spec.super_block)
         self.workspace = _workspace(self.device, GEMV_MAX_ROWS * self.n)
         self.gemv_constants = dict(self.constants, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                                    SPLIT=triton.cdiv(self.k, self.block_k), num_warps=self.num_warps,
@@ -529,9 +551,9 @@ class TritonKernel:
     def device(self) -> torch.device:
         return self.parts["q"].device
 
-    def _pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         p = self.parts
-        return p["q"], p["scales"], p.get("mins", p["scales"])  # mins unread without them
+        return p["q"], p["scales"], p.get("mins", p["scales"]), p.get("codes", p["scales"])  # unread without them
 
     def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None, residual: torch.Tensor | None = None,
              gated: bool = False, norm: Norm | None = None, rotary: Rotary | None = None):
