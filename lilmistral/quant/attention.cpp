@@ -35,21 +35,6 @@ inline void prefetch_slot(const uint16_t* base, int64_t i) {
   for (int line = 0; line < HD * 2; line += 64) _mm_prefetch(reinterpret_cast<const char*>(at + line), _MM_HINT_T1);
 }
 
-#ifdef LILMISTRAL_ZMM
-// The sums of a, b, c and d's lanes, in that order: two rounds of interleaving adds leave each 128-bit lane
-// holding a part of all four sums, then the lanes are added (13 operations for 4 sums, not 4 x 8).
-inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-  const __m512d abcd = _mm512_castps_pd(_mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                                                      _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd))));
-  const __m256 half = _mm256_add_ps(_mm256_castpd_ps(_mm512_castpd512_pd256(abcd)),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(abcd, 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-}
-#endif
-
 template <int HD>
 struct Attention {
   const void* q; const void* k; const void* v; const bool* mask; Output out;
@@ -64,24 +49,31 @@ struct Attention {
     return true_bits(mask + (mask_rows == 1 ? 0 : r) * S + j0, n);
   }
 
-  // The scores q.k * scale of NR rows against a chunk's valid keys (-inf elsewhere), from float32 copies of
-  // both.
-  template <int NR>
-  void scores(uint64_t ok, const float (*qf)[HD], const float (*kf)[HD], float (*s)[KEYS]) const {
+  // The scores q.k * scale of NR rows against a chunk's valid keys (-inf elsewhere; the first n slots), from
+  // float32 q rows and float32 copies of the keys (kf, all n) or, DIRECT, the bfloat16 keys converted as they are
+  // read (`keys`: the chunk's first slot). Four keys at a time, their sums reduced together (sum4), a key's
+  // products summed in one chain, as in every build.
+  template <int NR, bool DIRECT>
+  void scores(uint64_t ok, int64_t n, const float (*qf)[HD], const float (*kf)[HD], const uint16_t* keys,
+              float (*s)[KEYS]) const {
     constexpr int V = HD / 16;
-    Floats qr[NR][V];
-    for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < V; ++i) qr[r][i] = load_floats(qf[r] + 16 * i);
-    for (uint64_t bits = ok; bits; bits &= bits - 1) {
-      const int64_t j = __builtin_ctzll(bits);
-      Floats dot[NR][2];
-      for (int r = 0; r < NR; ++r) dot[r][0] = dot[r][1] = set1(0.f);
-      for (int i = 0; i < V; ++i) {
-        const Floats key = load_floats(kf[j] + 16 * i);
-        for (int r = 0; r < NR; ++r) dot[r][i % 2] = fmadd(qr[r][i], key, dot[r][i % 2]);
+    for (int64_t j = 0; j < n; j += 4) {
+      if (!((ok >> j) & 0xF)) continue;
+      Floats dot[NR][4];
+      for (int r = 0; r < NR; ++r)
+        for (int k = 0; k < 4; ++k) dot[r][k] = set1(0.f);
+      for (int k = 0; k < std::min<int64_t>(4, n - j); ++k) {
+        if (DIRECT) prefetch_slot<HD>(keys, (j + k + PREFETCH_CHUNKS * KEYS) * k_slot);
+        for (int i = 0; i < V; ++i) {
+          const Floats key = DIRECT ? load16(keys, true, (j + k) * k_slot + 16 * i) : load_floats(kf[j + k] + 16 * i);
+          for (int r = 0; r < NR; ++r) dot[r][k] = fmadd(load_floats(qf[r] + 16 * i), key, dot[r][k]);
+        }
       }
-      for (int r = 0; r < NR; ++r) s[r][j] = reduce_add(add(dot[r][0], dot[r][1])) * scale;
+      for (int r = 0; r < NR; ++r)
+        _mm_storeu_ps(s[r] + j, _mm_mul_ps(sum4(dot[r][0], dot[r][1], dot[r][2], dot[r][3]), _mm_set1_ps(scale)));
     }
+    for (uint64_t bad = ~ok & ((uint64_t{1} << KEYS) - 1); bad; bad &= bad - 1)
+      for (int r = 0; r < NR; ++r) s[r][__builtin_ctzll(bad)] = -std::numeric_limits<float>::infinity();
   }
 
 #ifdef LILMISTRAL_ZMM
@@ -104,7 +96,8 @@ struct Attention {
       }
     }
     for (int r = 0; r < NR; ++r)
-      _mm_storeu_ps(s[r] + j, _mm_mul_ps(sum4(dot[r][0], dot[r][1], dot[r][2], dot[r][3]), _mm_set1_ps(scale)));
+      _mm_storeu_ps(s[r] + j,
+                    _mm_mul_ps(sum4({dot[r][0]}, {dot[r][1]}, {dot[r][2]}, {dot[r][3]}), _mm_set1_ps(scale)));
   }
 
   // The same from bfloat16 q rows (qb, HD apart) and the chunk's keys as they are (its first slot at `keys`),
@@ -145,7 +138,7 @@ struct Attention {
     if (dot_bf16) scores_bf16<NR>(ok, n, qb, keys, s);
     else
 #endif
-      scores<NR>(ok, qf, kf, s);
+      scores<NR, DIRECT>(ok, n, qf, kf, keys, s);
     for (int r = 0; r < NR; ++r) {
       Floats top = load_floats(s[r]);
       for (int64_t c = 16; c < KEYS; c += 16) top = max(top, load_floats(s[r] + c));
@@ -214,29 +207,29 @@ struct Attention {
     }
   }
 
-  // The B rows from r0 of kv head h over segment seg, into their softmax states o, m, l. Each chunk's valid keys
-  // and values are converted to float32 once for the block, then rows that attend to the same slots (all of them
-  // at decode) go through chunk() together, up to 4 at a time (2 for float32 scores at head dim 128: their
-  // queries live in registers). Where one chunk() call takes every row (decode, bfloat16 scores) it reads the
-  // values from the cache itself: no float32 copy (1.1-1.3x faster decode attention, measured).
+  // The B rows from r0 of kv head h over segment seg, into their softmax states o, m, l. Each chunk's keys (for
+  // float32 scores) and valid values are converted to float32 once for the block, then rows that attend to the
+  // same slots (all of them at decode) go through chunk() together, up to 4 at a time. Where one chunk() call
+  // takes every row (decode) of a bfloat16 cache, it reads keys and values from the cache itself: no float32
+  // copy (1.1-1.3x faster decode attention with bfloat16 scores; 1.2-1.6x with float32 scores, measured).
   void segment(int64_t h, int64_t r0, int64_t B, int64_t seg, const float (*qf)[HD], float (*o)[HD], float* m,
                float* l) const {
     constexpr int V = HD / 16;
-    const int group = dot_bf16 || V < 8 ? 4 : 2;
-    const bool direct = dot_bf16 && B <= group;
+    constexpr int group = 4;
+    const bool direct = bf16 && B <= group;
     alignas(64) float kf[KEYS][HD], vf[KEYS][HD];
     for (int64_t j0 = seg * SEGMENT; j0 < std::min(S, (seg + 1) * SEGMENT); j0 += KEYS) {
       const int64_t n = std::min(KEYS, S - j0);
       uint64_t ok[ROW_BLOCK], any = 0;
       for (int64_t b = 0; b < B; ++b) any |= ok[b] = valid(r0 + b, j0, n);
+      for (int64_t j = 0; j < (direct || dot_bf16 ? 0 : n); ++j)  // every key: scores() reads whole quads
+        for (int i = 0; i < V; ++i) store(kf[j] + 16 * i, load16(k, bf16, h * k_head + (j0 + j) * k_slot + 16 * i));
       for (uint64_t bits = direct ? 0 : any; bits; bits &= bits - 1) {
-        const int64_t j = __builtin_ctzll(bits), kat = h * k_head + (j0 + j) * k_slot, vat = h * v_head + (j0 + j) * v_slot;
-        for (int i = 0; i < V; ++i) {
-          if (!dot_bf16) store(kf[j] + 16 * i, load16(k, bf16, kat + 16 * i));
-          store(vf[j] + 16 * i, load16(v, bf16, vat + 16 * i));
-        }
+        const int64_t j = __builtin_ctzll(bits), vat = h * v_head + (j0 + j) * v_slot;
+        for (int i = 0; i < V; ++i) store(vf[j] + 16 * i, load16(v, bf16, vat + 16 * i));
       }
-      const uint16_t* keys = static_cast<const uint16_t*>(k) + h * k_head + j0 * k_slot;  // read if dot_bf16
+      // read with bfloat16 scores, or direct
+      const uint16_t* keys = static_cast<const uint16_t*>(k) + h * k_head + j0 * k_slot;
       const uint16_t* values = static_cast<const uint16_t*>(v) + h * v_head + j0 * v_slot;  // read if direct
       const uint16_t* qb = static_cast<const uint16_t*>(q) + (h * R + r0) * HD;
       for (int64_t b = 0, same; b < B; b += same) {
