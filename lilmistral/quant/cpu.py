@@ -226,9 +226,9 @@ def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
     """Kernels for model.py's slots, by slot name, where they apply: attention.cpp's for `attend` (2-3x faster
     than PyTorch's flash attention at decode), pointwise.cpp's for `normalize`, `rotate` and `activate` (a
     few microseconds where PyTorch's operators cost 10-40 each at decode: SmolLM2's eager token ~25% faster;
-    compiled, PyTorch's), and for `add_normalize` and `project_store`, which take a decode layer from ~20
-    operators to ~8 (SmolLM2's eager token ~1.18x faster, traced ~1.03x). Each computes a row alike however
-    many there are."""
+    compiled, PyTorch's), and for `add_normalize` and `project_store`, which take a decode layer's calls besides
+    its matmuls and attention from ~10 to ~5 (SmolLM2's eager token ~1.18x faster, traced ~1.03x). Each
+    computes a row alike however many there are."""
     if dtype not in (torch.float32, torch.bfloat16) or not vnni.available():
         return {}
     ops = torch.ops.lilmistral
