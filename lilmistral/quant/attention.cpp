@@ -49,7 +49,7 @@ struct Attention {
     return true_bits(mask + (mask_rows == 1 ? 0 : r) * S + j0, n);
   }
 
-  // The scores q.k * scale of NR rows against a chunk's valid keys (-inf elsewhere; the first n slots), from
+  // The scores q.k * scale of NR rows against the quads of a chunk's first n keys that hold a valid one, from
   // float32 q rows and float32 copies of the keys (kf, all n) or, DIRECT, the bfloat16 keys converted as they are
   // read (`keys`: the chunk's first slot). Four keys at a time, their sums reduced together (sum4), a key's
   // products summed in one chain, as in every build.
@@ -72,8 +72,6 @@ struct Attention {
       for (int r = 0; r < NR; ++r)
         _mm_storeu_ps(s[r] + j, _mm_mul_ps(sum4(dot[r][0], dot[r][1], dot[r][2], dot[r][3]), _mm_set1_ps(scale)));
     }
-    for (uint64_t bad = ~ok & ((uint64_t{1} << KEYS) - 1); bad; bad &= bad - 1)
-      for (int r = 0; r < NR; ++r) s[r][__builtin_ctzll(bad)] = -std::numeric_limits<float>::infinity();
   }
 
 #ifdef LILMISTRAL_ZMM
@@ -103,7 +101,7 @@ struct Attention {
   // The same from bfloat16 q rows (qb, HD apart) and the chunk's keys as they are (its first slot at `keys`),
   // by AVX512-BF16 dot products (pairs of exact products summed into float32): half the multiplies, no
   // conversion of the keys. Four keys at a time, their sums reduced together (sum4); the first n keys are
-  // read, valid or not (a score that is not valid is then -inf; keys past n count as zeros).
+  // read, valid or not (chunk() then sets the scores that are not valid to -inf; keys past n count as zeros).
   template <int NR>
   __attribute__((target("avx512bf16"))) void scores_bf16(uint64_t ok, int64_t n, const uint16_t* qb,
                                                        const uint16_t* keys, float (*s)[KEYS]) const {
@@ -113,12 +111,6 @@ struct Attention {
         else quad_scores<NR, true>(qb, keys + j * k_slot, s, j, n - j);
       }
     }
-    const __m512 none = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int r = 0; r < NR; ++r)
-      for (int64_t c = 0; c < KEYS; c += 16) {
-        const __mmask16 valid_keys = static_cast<__mmask16>(ok >> c);
-        _mm512_storeu_ps(s[r] + c, _mm512_mask_blend_ps(valid_keys, none, _mm512_loadu_ps(s[r] + c)));
-      }
   }
 #endif
 
@@ -132,13 +124,14 @@ struct Attention {
     constexpr int V = HD / 16;
     alignas(64) float s[NR][KEYS], p[NR][KEYS];
     float rescale[NR];
-    for (int r = 0; r < NR; ++r)
-      for (int64_t c = 0; c < KEYS; c += 16) store(s[r] + c, set1(-std::numeric_limits<float>::infinity()));
 #ifdef LILMISTRAL_ZMM
     if (dot_bf16) scores_bf16<NR>(ok, n, qb, keys, s);
     else
 #endif
       scores<NR, DIRECT>(ok, n, qf, kf, keys, s);
+    // slots the rows may not attend to: computed in a quad with valid ones, skipped, or past n
+    for (uint64_t bad = ~ok & ((uint64_t{1} << KEYS) - 1); bad; bad &= bad - 1)
+      for (int r = 0; r < NR; ++r) s[r][__builtin_ctzll(bad)] = -std::numeric_limits<float>::infinity();
     for (int r = 0; r < NR; ++r) {
       Floats top = load_floats(s[r]);
       for (int64_t c = 16; c < KEYS; c += 16) top = max(top, load_floats(s[r] + c));
@@ -222,8 +215,9 @@ struct Attention {
       const int64_t n = std::min(KEYS, S - j0);
       uint64_t ok[ROW_BLOCK], any = 0;
       for (int64_t b = 0; b < B; ++b) any |= ok[b] = valid(r0 + b, j0, n);
-      for (int64_t j = 0; j < (direct || dot_bf16 ? 0 : n); ++j)  // every key: scores() reads whole quads
-        for (int i = 0; i < V; ++i) store(kf[j] + 16 * i, load16(k, bf16, h * k_head + (j0 + j) * k_slot + 16 * i));
+      if (!direct && !dot_bf16)  // every key: scores() reads whole quads
+        for (int64_t j = 0; j < n; ++j)
+          for (int i = 0; i < V; ++i) store(kf[j] + 16 * i, load16(k, bf16, h * k_head + (j0 + j) * k_slot + 16 * i));
       for (uint64_t bits = direct ? 0 : any; bits; bits &= bits - 1) {
         const int64_t j = __builtin_ctzll(bits), vat = h * v_head + (j0 + j) * v_slot;
         for (int i = 0; i < V; ++i) store(vf[j] + 16 * i, load16(v, bf16, vat + 16 * i));

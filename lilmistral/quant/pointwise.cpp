@@ -43,7 +43,6 @@ void check_norm_weight(const at::Tensor& weight, const at::Tensor& x, const char
 
 }  // namespace
 
-
 // x [..., D] over its last dimension (norm_row).
 at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& weight, double eps) {
   const bool bf16 = check_dtype(x_in, "rms_norm");
