@@ -190,6 +190,52 @@ def test_vnni_packing_of_blocks_of_rows_is_the_packing_of_their_concatenation():
         assert value == whole if name == "n" else torch.equal(value, whole)
 
 
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_page_bytes(address: int) -> int | None:
+    """The bytes in transparent huge pages of the memory mapping holding address (smaps); None if none holds it."""
+    held = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split(" ")[0]
+        if "-" in first and not first.endswith(":"):
+            start, end = (int(a, 16) for a in first.split("-"))
+            held = start <= address < end
+        elif held and line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages")
+def test_weights_in_huge_pages_are_the_same_weights(monkeypatch):
+    """Weights of 2 MB and more are repacked into 2 MB pages (a mapping aligned to them, freed with the tensor)
+    while those come fast; LILMISTRAL_HUGE_PAGES=1 always, =0 never. The same bytes and the same products
+    whichever pages hold them; smaller weights in PyTorch's memory."""
+    parts, spec, g = random_parts(4096, 1024, QuantSpec("int4", 32, False), 0)  # q 2 MB, scales and mins 256 KB
+    x = torch.randn(3, 1024, generator=g).bfloat16()
+    packed = {}
+    for setting in ("0", "1", None):
+        if setting is None:
+            monkeypatch.delenv("LILMISTRAL_HUGE_PAGES")
+        else:
+            monkeypatch.setenv("LILMISTRAL_HUGE_PAGES", setting)
+        packed[setting] = vnni.pack_int4_vnni(parts)
+    address = packed["1"]["q"].data_ptr()
+    assert address % (2 << 20) == 0 and huge_page_bytes(address) >= 2 << 20
+    if "[madvise]" in THP.read_text():  # huge pages only where asked for
+        assert huge_page_bytes(packed["1"]["scales"].data_ptr()) == huge_page_bytes(packed["0"]["q"].data_ptr()) == 0
+    products = [torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"], p["codes"])
+                for p in packed.values()]
+    for p, product in zip(packed.values(), products):
+        assert all(torch.equal(value, packed["0"][name]) if isinstance(value, torch.Tensor)
+                   else value == packed["0"][name] for name, value in p.items())
+        assert torch.equal(product, products[0])
+    del packed["1"]
+    gc.collect()
+    assert huge_page_bytes(address) is None
+
+
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 @pytest.mark.parametrize("spec,n,k", cases(SPECS + [SUPER, INT6], [(37, 576), (48, 256), (37, 512)]))  # 37: padded
 def test_vnni_unpacking_gives_back_the_canonical_parts(spec, n, k):
