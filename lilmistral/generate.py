@@ -12,8 +12,10 @@ import torch
 from .cache import RollingKVCache
 from .errors import LilmistralError
 from .model import Experts, Transformer
+from .quant import vnni
 
 PREFILL_CHUNK = 512  # tokens per prefill step for models without a sliding window
+NO_IDS = torch.empty(0, dtype=torch.long)
 
 
 @dataclass
@@ -57,7 +59,9 @@ class Sampler:
     """Draws tokens from float32 logits [vocab] on their device, never waiting for it (no host sync): the repeat
     penalty over the recent ids (kept on the device: the prompt's last repeat_last_n to start with), temperature,
     top-k, top-p (over the top-k candidates only, sorted by topk, not over a sort of the whole vocabulary), then
-    the draw. A token comes as a tensor [1] on the device, and joins the recent ids."""
+    the draw. On the CPU with lilmistral's kernels, one call does it all (`sample`, sampling.cpp: the same
+    candidates and probabilities, drawn by one uniform number from the generator). A token comes as a tensor [1]
+    on the device, and joins the recent ids."""
 
     def __init__(self, params: SamplingParams, history: list[int], device: torch.device) -> None:
         self.params = params
@@ -66,29 +70,40 @@ class Sampler:
         self.recent = None  # no penalty
         if params.repeat_penalty != 1.0 and n != 0:
             self.recent = torch.tensor(history[-n:] if n > 0 else history, dtype=torch.long, device=device)
+        self.in_one_call = torch.device(device).type == "cpu" and vnni.available()
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if self.in_one_call:
+            u = 0.0 if p.temperature == 0 else torch.rand((), dtype=torch.float64, generator=self.generator).item()
+            recent = self.recent if self.recent is not None else NO_IDS
+            token = torch.ops.lilmistral.sample(logits.contiguous(), recent, p.repeat_penalty, p.temperature, p.top_k,
+                                                p.top_p, u)
+        else:
+            token = self.draw(logits)
+        if self.recent is not None:
+            self.recent = torch.cat([self.recent, token])
+            if p.repeat_last_n > 0:
+                self.recent = self.recent[-p.repeat_last_n:]
+        return token
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draw by PyTorch's operators (on any device)."""
         p = self.params
         if self.recent is not None:  # repeated ids write the same value
             picked = logits[self.recent]
             penalized = torch.where(picked > 0, picked / p.repeat_penalty, picked * p.repeat_penalty)
             logits = logits.index_put((self.recent,), penalized)
         if p.temperature == 0:
-            token = torch.argmax(logits, dim=-1, keepdim=True)
+            return torch.argmax(logits, dim=-1, keepdim=True)
+        if p.top_k > 0:
+            values, ids = torch.topk(logits, min(p.top_k, logits.shape[-1]))  # largest first
         else:
-            if p.top_k > 0:
-                values, ids = torch.topk(logits, min(p.top_k, logits.shape[-1]))  # largest first
-            else:
-                values, ids = torch.sort(logits, descending=True)
-            probs = torch.softmax(values / p.temperature, dim=-1)
-            if p.top_p < 1.0:  # the smallest prefix reaching top_p: keep the token crossing it
-                probs = probs * (probs.cumsum(dim=-1) - probs < p.top_p)
-            token = ids[torch.multinomial(probs, 1, generator=self.generator)]
-        if self.recent is not None:
-            self.recent = torch.cat([self.recent, token])
-            if p.repeat_last_n > 0:
-                self.recent = self.recent[-p.repeat_last_n:]
-        return token
+            values, ids = torch.sort(logits, descending=True)
+        probs = torch.softmax(values / p.temperature, dim=-1)
+        if p.top_p < 1.0:  # the smallest prefix reaching top_p: keep the token crossing it
+            probs = probs * (probs.cumsum(dim=-1) - probs < p.top_p)
+        return ids[torch.multinomial(probs, 1, generator=self.generator)]
 
 
 def prefill(model: Transformer, cache: RollingKVCache, ids: list[int], all_logits: bool = False) -> torch.Tensor:

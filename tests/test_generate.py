@@ -181,6 +181,45 @@ def test_sample_filters():
         SamplingParams.from_kwargs(temprature=1)
 
 
+@pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
+@pytest.mark.parametrize("vocab", [5, 1000, 49157])
+def test_the_cpu_sampler_draws_from_pytorchs_candidates_and_probabilities(vocab):
+    """The CPU's one-call sampler (sampling.cpp) against PyTorch's operators (Sampler.draw): greedy, the same
+    token; sampled, for a draw u at the middle of each candidate's share of the probability, that candidate,
+    where the candidates and their probabilities follow the penalty, temperature, top-k (ties: the lower id)
+    and top-p as PyTorch's operators compute them. Ties among the logits and repeated recent ids included."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(vocab, generator=g) * 3).round(decimals=1)  # rounded: many ties
+    history = torch.randint(0, vocab, (30,), generator=g).tolist() * 2
+    for penalty in (1.0, 1.3):
+        for temperature, top_k, top_p in ((0, 40, 0.9), (0.7, 40, 0.9), (1.3, 0, 0.5), (1.0, 1, 1.0), (0.5, 7, 1.0),
+                                          (1.0, vocab + 5, 0.95)):
+            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=penalty)
+            sampler = Sampler(params, history, torch.device("cpu"))
+            assert sampler.in_one_call
+            recent = sampler.recent if sampler.recent is not None else torch.empty(0, dtype=torch.long)
+
+            def draw(u: float) -> int:
+                return int(torch.ops.lilmistral.sample(logits, recent, penalty, temperature, top_k, top_p, u))
+
+            if temperature == 0:
+                assert draw(0.0) == int(sampler.draw(logits))
+                continue
+            penalized = logits.clone()
+            picked = logits[recent]
+            penalized[recent] = torch.where(picked > 0, picked / penalty, picked * penalty)
+            values, ids = torch.sort(penalized, descending=True, stable=True)
+            values, ids = values[:top_k or vocab], ids[:top_k or vocab]
+            probs = torch.softmax(values.double() / temperature, dim=-1)
+            probs = probs * (probs.cumsum(dim=-1) - probs < top_p)
+            ends = probs.cumsum(dim=-1) / probs.sum()
+            starts = ends - probs / probs.sum()
+            for start, end, token in zip(starts.tolist(), ends.tolist(), ids.tolist()):
+                if end - start > 1e-4:
+                    assert draw((start + end) / 2) == token
+            assert draw(0.0) == ids[0] and draw(1 - 1e-12) == ids[probs.nonzero()[-1]]
+
+
 def test_second_turn_reuses_the_cached_prefix(full):
     llm = lilmistral.load(full)
     messages = [{"role": "user", "content": "Hello there"}]

@@ -21,7 +21,7 @@ import torch
 from .pack import QuantSpec
 
 # one unit: later ones use earlier ones' helpers
-SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp", "gguf_blocks.cpp")
+SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp", "gguf_blocks.cpp", "sampling.cpp")
 NIBBLES, INT6_HIGHS = 4, 2  # pack_columns' fields: int4's inputs as Int4Gemv reads them; int6's high bits
 # Decode-sized batches: up to this many (token, expert) rows, expert-batched calls beat grouping the rows by
 # expert (which reads each expert's weights once)
@@ -61,7 +61,8 @@ def isa() -> str | None:
     weight of expert[m];
     attention(q, keys, values, mask, scale) (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin),
     silu_mul(gate, up) (pointwise.cpp); gguf_dequantize(raw, kind), gguf_int8(raw, kind), q4k_codes(blocks),
-    q4_canonical(blocks, head, k_quants) (gguf_blocks.cpp)."""
+    q4_canonical(blocks, head, k_quants) (gguf_blocks.cpp); sample(logits, recent, penalty, temperature, top_k,
+    top_p, u) (sampling.cpp)."""
     wanted, have = os.environ.get("LILMISTRAL_CPU_KERNELS"), cpu_isas()
     if wanted == "torch" or not have:
         return None
