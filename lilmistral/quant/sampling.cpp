@@ -12,7 +12,7 @@ namespace {
 using Candidate = std::pair<float, int64_t>;  // (logit, id)
 
 // The k largest of x[0, n) (ties: the lower id), largest first.
-std::vector<Candidate> top_k(const float* x, int64_t n, int64_t k) {
+std::vector<Candidate> largest(const float* x, int64_t n, int64_t k) {
   const auto better = [](const Candidate& a, const Candidate& b) {  // so the heap's front is the worst of them
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
@@ -41,7 +41,7 @@ std::vector<Candidate> top_k(const float* x, int64_t n, int64_t k) {
 // logits float32 [V]; recent int64 [R] the ids whose logits the penalty divides (positive) or multiplies; u in
 // [0, 1) the draw. temperature 0: the largest logit (the lowest id among equal ones). top_k 0: every id.
 at::Tensor sample(const at::Tensor& logits, const at::Tensor& recent, double penalty, double temperature,
-                  int64_t top_k_, double top_p, double u) {
+                  int64_t top_k, double top_p, double u) {
   TORCH_CHECK(logits.dim() == 1 && logits.scalar_type() == at::kFloat && logits.is_contiguous() &&
               logits.numel() > 0, "sample: logits must be float32 [V], contiguous");
   TORCH_CHECK(recent.dim() == 1 && recent.scalar_type() == at::kLong, "sample: recent ids must be int64 [R]");
@@ -58,8 +58,8 @@ at::Tensor sample(const at::Tensor& logits, const at::Tensor& recent, double pen
     }
     x = penalized.data();
   }
-  const int64_t k = temperature == 0 ? 1 : top_k_ > 0 ? std::min(top_k_, V) : V;
-  const std::vector<Candidate> candidates = top_k(x, V, k);
+  const int64_t k = temperature == 0 ? 1 : top_k > 0 ? std::min(top_k, V) : V;
+  const std::vector<Candidate> candidates = largest(x, V, k);
   int64_t chosen = candidates[0].second;
   if (temperature != 0) {  // softmax(values / temperature), the prefix reaching top_p, then the draw
     const float t = static_cast<float>(temperature), top = candidates[0].first / t;
