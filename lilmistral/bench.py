@@ -6,6 +6,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,7 @@ class BenchResult:
     device: str
     decode_step: str  # DecodeStep.mode: traced, graphed, compiled, eager or pipeline
     cpu_kernels: str | None  # on the CPU: lilmistral's (vnni.isa(): avx512, avxvnni, avx2) or "pytorch"
+    huge_page_fraction: float | None  # on the CPU, one process: the kernels' repacked weights' share in 2 MB pages
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -69,20 +71,43 @@ def weight_bytes_per_token(args: ModelArgs, sizes: Iterable[tuple[str, int]]) ->
     return round(total)
 
 
+def repacked_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the kernels' own copies of the weights whose canonical parts the loader let go of."""
+    kernels = [(name, m.kernel) for name, m in model.named_modules()
+               if getattr(getattr(m, "kernel", None), "repacked", False)]
+    return [(f"{name}.kernel.{part}", t) for name, k in kernels for part, t in getattr(k, "parts", {}).items()
+            if isinstance(t, torch.Tensor)]
+
+
 def held_weights(model: torch.nn.Module) -> list[tuple[str, int]]:
     """(name, bytes) of each weight a model holds, once: parameters, buffers, and the kernels' own copies of
     the weights whose canonical parts the loader let go of."""
-    kernels = [(name, m.kernel) for name, m in model.named_modules()
-               if getattr(getattr(m, "kernel", None), "repacked", False)]
-    repacked = [(f"{name}.kernel.{part}", t) for name, k in kernels for part, t in getattr(k, "parts", {}).items()
-                if isinstance(t, torch.Tensor)]
     sizes, seen = [], set()
-    for name, t in [*model.named_parameters(), *model.named_buffers(), *repacked]:
+    for name, t in [*model.named_parameters(), *model.named_buffers(), *repacked_weights(model)]:
         if name == "inv_freq" or t.data_ptr() in seen or t.device.type == "meta":
             continue
         seen.add(t.data_ptr())
         sizes.append((name, t.nbytes))
     return sizes
+
+
+def huge_page_fraction(tensors: list[torch.Tensor]) -> float | None:
+    """The share of the tensors' bytes in 2 MB pages, as /proc/self/smaps counts them in the mappings that
+    start at a tensor (vnni.cpp's weight_empty maps each CPU weight of 2 MB or more on its own). None without
+    tensors or off Linux."""
+    total = sum(t.nbytes for t in tensors)
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    huge, start = {}, 0
+    for line in lines:
+        first = line.split(" ", 1)[0]
+        if not first.endswith(":"):  # a mapping's first line: START-END PERMISSIONS ...
+            start = int(first.split("-")[0], 16)
+        elif first == "AnonHugePages:":
+            huge[start] = int(line.split()[1]) * 1024
+    return sum(min(huge.get(t.data_ptr(), 0), t.nbytes) for t in tensors) / total if total else None
 
 
 def peak_rss_mb() -> float:
@@ -122,4 +147,6 @@ def bench(llm: LLM, prompt_tokens: int = 128, gen_tokens: int = 64, bandwidth: f
     achieved = nbytes / decode_s / 1e9
     return BenchResult(prompt_tokens, produced, prompt_tokens / prefill_s, 1 / decode_s, first - start, llm.load_s,
                        rss, nbytes, achieved, bw, achieved / bw, str(device), llm.decode_step.mode,
-                       (vnni.isa() or "pytorch") if device.type == "cpu" else None)
+                       (vnni.isa() or "pytorch") if device.type == "cpu" else None,
+                       huge_page_fraction([t for _, t in repacked_weights(llm.model)])
+                       if device.type == "cpu" and not stored else None)

@@ -351,6 +351,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         how = [f"{result['gen_tokens']} tokens", f"{result['decode_step']} step"]
         if result["cpu_kernels"]:
             how.append(f"{result['cpu_kernels']} kernels")
+        if result["huge_page_fraction"] is not None:
+            how.append(f"{100 * result['huge_page_fraction']:.0f}% of their weights in 2 MB pages")
         rows = [("prefill", f"{result['prefill_tps']:.1f} tokens/s ({ns.prompt_tokens} tokens)"),
                 ("decode", f"{result['decode_tps']:.1f} tokens/s ({', '.join(how)})"),
                 ("time to first token", f"{result['ttft_s'] * 1e3:.1f} ms"),

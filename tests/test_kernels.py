@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lilmistral.bench import huge_page_fraction
 from lilmistral.convert.gguf import q4_canonical, q6k_canonical
 from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import QuantLinear, vnni
@@ -223,6 +224,7 @@ def test_weights_in_huge_pages_are_the_same_weights(monkeypatch):
         packed[setting] = vnni.pack_int4_vnni(parts)
     address = packed["1"]["q"].data_ptr()
     assert address % (2 << 20) == 0 and huge_page_bytes(address) >= 2 << 20
+    assert huge_page_fraction([packed["1"]["q"]]) == 1 and huge_page_fraction([packed["0"]["q"]]) == 0
     if "[madvise]" in THP.read_text():  # huge pages only where asked for
         assert huge_page_bytes(packed["1"]["scales"].data_ptr()) == huge_page_bytes(packed["0"]["q"].data_ptr()) == 0
     products = [torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"], p["codes"])
