@@ -13,6 +13,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -736,8 +739,13 @@ void rows_to_columns(const std::vector<const uint8_t*>& x, Word* out, int64_t J,
   });
 }
 
-// Whether 2 MB pages still come fast (weight_empty): the first that do not turn them off for the process.
-std::atomic<bool> huge_pages_fast{true};
+// Whether 2 MB pages still come fast (weight_empty): the first that do not turn them off for the process. Off
+// where the system has transparent huge pages off (or none).
+std::atomic<bool> huge_pages_fast{[] {
+  std::ifstream file("/sys/kernel/mm/transparent_hugepage/enabled");
+  const std::string modes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  return !modes.empty() && modes.find("[never]") == std::string::npos;
+}()};
 
 // uint8 [rows, cols]; where it spans 2 MB, a mapping of its own aligned to 2 MB and asked for transparent huge
 // pages before its first touch (its last partial 2 MB in 4 KB pages). A decode step reads each weight from memory
