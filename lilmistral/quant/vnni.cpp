@@ -768,7 +768,7 @@ at::Tensor weight_empty(int64_t rows, int64_t cols) {
       munmap(data + length, region + HUGE_PAGE - data);  // the rest of the extra 2 MB
       madvise(data, length, MADV_HUGEPAGE);
       const auto start = std::chrono::steady_clock::now();
-      std::memset(data, 0, length);  // faulting the pages in, timed
+      for (int64_t i = 0; i < length; i += PAGE) static_cast<volatile char*>(data)[i] = 0;  // faulting them in, timed
       if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > length * 1e-9)
         huge_pages_fast = false;
       return at::from_blob(data, {rows, cols}, [length](void* p) { munmap(p, length); }, options);
