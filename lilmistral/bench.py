@@ -91,23 +91,31 @@ def held_weights(model: torch.nn.Module) -> list[tuple[str, int]]:
     return sizes
 
 
-def huge_page_fraction(tensors: list[torch.Tensor]) -> float | None:
-    """The share of the tensors' bytes in 2 MB pages, as /proc/self/smaps counts them in the mappings that
-    start at a tensor (vnni.cpp's weight_empty maps each CPU weight of 2 MB or more on its own). None without
-    tensors or off Linux."""
-    total = sum(t.nbytes for t in tensors)
+def huge_page_bytes() -> dict[tuple[int, int], int] | None:
+    """Each memory mapping's (start, end) address and its bytes in transparent huge pages (/proc/self/smaps);
+    None off Linux."""
     try:
         lines = Path("/proc/self/smaps").read_text().splitlines()
     except OSError:
         return None
-    huge, start = {}, 0
+    huge, span = {}, (0, 0)
     for line in lines:
         first = line.split(" ", 1)[0]
         if not first.endswith(":"):  # a mapping's first line: START-END PERMISSIONS ...
-            start = int(first.split("-")[0], 16)
+            span = tuple(int(address, 16) for address in first.split("-"))
         elif first == "AnonHugePages:":
-            huge[start] = int(line.split()[1]) * 1024
-    return sum(min(huge.get(t.data_ptr(), 0), t.nbytes) for t in tensors) / total if total else None
+            huge[span] = int(line.split()[1]) * 1024
+    return huge
+
+
+def huge_page_fraction(tensors: list[torch.Tensor]) -> float | None:
+    """The share of the tensors' bytes in 2 MB pages, counted in the mappings that start at a tensor (vnni.cpp's
+    weight_empty maps each CPU weight of 2 MB or more on its own). None without tensors or off Linux."""
+    total, mappings = sum(t.nbytes for t in tensors), huge_page_bytes()
+    if not total or mappings is None:
+        return None
+    at_start = {start: nbytes for (start, _), nbytes in mappings.items()}
+    return sum(min(at_start.get(t.data_ptr(), 0), t.nbytes) for t in tensors) / total
 
 
 def peak_rss_mb() -> float:

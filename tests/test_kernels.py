@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lilmistral.bench import huge_page_fraction
+from lilmistral.bench import huge_page_bytes, huge_page_fraction
 from lilmistral.convert.gguf import q4_canonical, q6k_canonical
 from lilmistral.model import rms_norm, rope, silu_mul
 from lilmistral.quant import QuantLinear, vnni
@@ -194,17 +194,9 @@ def test_vnni_packing_of_blocks_of_rows_is_the_packing_of_their_concatenation():
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def huge_page_bytes(address: int) -> int | None:
-    """The bytes in transparent huge pages of the memory mapping holding address (smaps); None if none holds it."""
-    held = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        first = line.split(" ")[0]
-        if "-" in first and not first.endswith(":"):
-            start, end = (int(a, 16) for a in first.split("-"))
-            held = start <= address < end
-        elif held and line.startswith("AnonHugePages:"):
-            return int(line.split()[1]) * 1024
-    return None
+def huge_page_bytes_at(address: int) -> int | None:
+    """The bytes in transparent huge pages of the memory mapping holding address; None if none holds it."""
+    return next((nbytes for (start, end), nbytes in huge_page_bytes().items() if start <= address < end), None)
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
@@ -223,10 +215,11 @@ def test_weights_in_huge_pages_are_the_same_weights(monkeypatch):
             monkeypatch.setenv("LILMISTRAL_HUGE_PAGES", setting)
         packed[setting] = vnni.pack_int4_vnni(parts)
     address = packed["1"]["q"].data_ptr()
-    assert address % (2 << 20) == 0 and huge_page_bytes(address) >= 2 << 20
+    assert address % (2 << 20) == 0 and huge_page_bytes_at(address) >= 2 << 20
     assert huge_page_fraction([packed["1"]["q"]]) == 1 and huge_page_fraction([packed["0"]["q"]]) == 0
     if "[madvise]" in THP.read_text():  # huge pages only where asked for
-        assert huge_page_bytes(packed["1"]["scales"].data_ptr()) == huge_page_bytes(packed["0"]["q"].data_ptr()) == 0
+        assert huge_page_bytes_at(packed["1"]["scales"].data_ptr()) == 0
+        assert huge_page_bytes_at(packed["0"]["q"].data_ptr()) == 0
     products = [torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"], p["codes"])
                 for p in packed.values()]
     for p, product in zip(packed.values(), products):
@@ -235,7 +228,7 @@ def test_weights_in_huge_pages_are_the_same_weights(monkeypatch):
         assert torch.equal(product, products[0])
     del packed["1"]
     gc.collect()
-    assert huge_page_bytes(address) is None
+    assert huge_page_bytes_at(address) is None
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
