@@ -214,9 +214,9 @@ def test_the_cpu_sampler_draws_from_pytorchs_candidates_and_probabilities(vocab)
             probs = probs * (probs.cumsum(dim=-1) - probs < top_p)
             ends = probs.cumsum(dim=-1) / probs.sum()
             starts = ends - probs / probs.sum()
-            for start, end, token in zip(starts.tolist(), ends.tolist(), ids.tolist()):
-                if end - start > 1e-4:
-                    assert draw((start + end) / 2) == token
+            shares = [(s, e, t) for s, e, t in zip(starts.tolist(), ends.tolist(), ids.tolist()) if e - s > 1e-4]
+            for start, end, token in shares[::len(shares) // 50 + 1] + shares[-1:]:  # ~50: a draw over all k takes ms
+                assert draw((start + end) / 2) == token
             assert draw(0.0) == ids[0] and draw(1 - 1e-12) == ids[probs.nonzero()[-1]]
 
 
