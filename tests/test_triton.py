@@ -89,8 +89,8 @@ def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeyp
     assert bf16.dtype == torch.bfloat16 and ((bf16.float() - rounded).abs() <= rounded.abs() / 128 + 1e-6).all()
 
 
-@pytest.mark.parametrize("spec,n,k", [(SPECS[0], 48, 512), (SPECS[1], 48, 512), (SPECS[3], 48, 512),
-                                      (SUPER, 40, 512), (SPECS[0], 40, 130)],  # 130: int8 words zero-padded
+@pytest.mark.parametrize("spec,n,k", [(SPECS[0], 48, 256), (SPECS[1], 48, 256), (SPECS[3], 48, 256),
+                                      (SUPER, 40, 256), (SPECS[0], 40, 130)],  # 130: int8 words zero-padded
                          ids=["int8", "int4-g32", "int4-g64", "int4-super", "int8-k130"])
 def test_split_k_and_prefill_path(spec, n, k):
     """Decode splits K over programs (atomic adds into a workspace the last one turns into the output); more than
