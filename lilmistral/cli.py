@@ -370,13 +370,15 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def cmd_convert(ns: argparse.Namespace) -> int:
     from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .convert import convert, open_source, plan
-    from .convert.gguf import SPLIT_NAME
+    from .convert import convert, default_scheme, open_source, plan
+    from .convert.gguf import SPLIT_NAME, GGUFSource
 
     source = Path(ns.source).expanduser()
+    src = open_source(source)
+    quant = ns.quant or (default_scheme(src) if isinstance(src, GGUFSource) else "int4")  # a GGUF: as `run` runs it
     stem = Path(SPLIT_NAME.sub(".gguf", source.name)).stem  # a split GGUF's, without the part's number
-    out = Path(ns.out).expanduser() if ns.out else Path.cwd() / (ns.name or f"{stem}-{ns.quant}")
-    planned = plan(open_source(source), ns.quant, ns.group_size)
+    out = Path(ns.out).expanduser() if ns.out else Path.cwd() / (ns.name or f"{stem}-{quant}")
+    planned = plan(src, quant, ns.group_size)
     total = sum(p.entry.shape[0] * (p.entry.shape[1] if len(p.entry.shape) > 1 else 1) for p in planned)
     console = _stderr_console()
     with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), DownloadColumn(),
@@ -390,8 +392,8 @@ def cmd_convert(ns: argparse.Namespace) -> int:
             if not name.endswith((".scales", ".mins")):
                 progress.advance(tensors)
 
-        convert(source, out, ns.quant, ns.group_size, overwrite=ns.force, on_tensor=on_tensor)
-    print(f"wrote {out} ({ns.quant}, {written['bytes'] / 1e6:.1f} MB from {total / 1e6:.1f}M weights)")
+        convert(source, out, quant, ns.group_size, overwrite=ns.force, on_tensor=on_tensor)
+    print(f"wrote {out} ({quant}, {written['bytes'] / 1e6:.1f} MB from {total / 1e6:.1f}M weights)")
     return 0
 
 
@@ -446,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="write a model in lilmistral's packed format")
     conv.add_argument("source", help="a Hugging Face folder or a .gguf file")
-    conv.add_argument("--quant", choices=SCHEMES, default="int4")
+    conv.add_argument("--quant", choices=SCHEMES,
+                      help="default: int4 for a HF folder; for a .gguf, its own (as run loads it)")
     conv.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
                       help="int4 group size (32: in super-blocks of 256 or 192 inputs where they divide its input size)")
     where = conv.add_mutually_exclusive_group()

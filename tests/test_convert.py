@@ -245,6 +245,33 @@ def test_a_q6_k_gguf_loads_as_int6_with_its_values_unless_int8_is_asked_for(tmp_
     assert torch.equal(lilmistral.load(out).forward([5, 6, 7]), llm.forward([5, 6, 7]))
 
 
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1"])
+def test_a_5_bit_gguf_loads_as_int6_nearer_its_values_than_int4(tmp_path, qtype):
+    """GGUF's 5-bit types (Q5_K's as Q5_0's and Q5_1's) have no layout of their own: such a file loads as int6 by
+    default, requantized from its values, and computes nearer what they compute than int4 would. `convert`
+    with no --quant writes what `run` runs."""
+    make_hf_model(tmp_path / "hf", "mistral", hidden_size=256, intermediate_size=512)
+    base = lilmistral.load(tmp_path / "hf")
+    path = tmp_path / f"{qtype}.gguf"
+    write_gguf(path, base.model.state_dict(), base.args, qtype=qtype)
+    src = GGUFSource(path)
+    assert default_scheme(src) == "int6"
+    specs = {p.entry.name: p.spec for p in plan(src, "int6") if p.spec is not None}
+    assert {s.scheme for name, s in specs.items() if name != "output.weight"} == {"int6"}
+    ids = list(range(10, 40))
+    values = lilmistral.load(path, quant="f32").forward(ids)  # the file's values, dequantized
+
+    def error(quant: str | None) -> float:
+        got = lilmistral.load(path, quant=quant, dtype="float32").forward(ids)
+        return ((got - values).norm() / values.norm()).item()
+
+    assert error(None) < error("int4") / 2
+    r = cli("convert", str(path), "--out", str(tmp_path / "converted"))
+    assert r.returncode == 0 and "(int6," in r.stdout, r.stdout + r.stderr
+    assert json.loads((tmp_path / "converted" / "manifest.json").read_text())["quant"]["scheme"] == "int6"
+    assert torch.equal(lilmistral.load(tmp_path / "converted").forward(ids), lilmistral.load(path).forward(ids))
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16"])
 def test_gguf_block_types(hf_models, tmp_path, qtype):
     folder, _ = hf_models["mistral"]
