@@ -250,8 +250,8 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
         model folder, or a .gguf file.
     quant: "int4", "int4-sym", "int6", "int8", "bf16", "f16", "f32", or None for the source as stored (a converted
         folder's scheme; a HF folder's float weights; for a GGUF, the closest scheme: Q4_0/Q4_1/Q4_K map to int4
-        and Q6_K to int6 exactly). A HF folder or GGUF is quantized in memory; `lilmistral convert` saves the
-        result.
+        and Q6_K to int6 exactly, the 5-bit types to int6 requantized). A HF folder or GGUF is quantized in
+        memory; `lilmistral convert` saves the result.
     dtype: compute dtype ("float32", "bfloat16", "float16"); default bfloat16 for int4/int8 (the CPU
         kernels need it), else the weights' own. float32 with int4/int8 runs the exact dequantized reference.
     num_ctx: context length for models without a sliding window (default 8192, at most the model's maximum).
