@@ -117,7 +117,7 @@ def repack(module: torch.nn.Module, kind: str, dtype: torch.dtype, fuse: bool) -
         release([m] if isinstance(m, QuantLinear) else [])
 
 
-MADV_DONTNEED = 4
+MADV_DONTNEED, MADV_POPULATE_READ = 4, 22
 
 
 def page_out(tensors: list[torch.Tensor], files: list[tuple[int, int]] | None = None) -> None:
@@ -126,6 +126,19 @@ def page_out(tensors: list[torch.Tensor], files: list[tuple[int, int]] | None = 
     cache (the next load reads no disk) and, read again, come back from it. Anonymous memory is left as it
     is (MADV_DONTNEED would zero it). A no-op where madvise is missing. files: _file_mappings(), where the
     caller has it."""
+    _advise_mapped(tensors, MADV_DONTNEED, files)
+
+
+def read_in(tensors: list[torch.Tensor]) -> None:
+    """Read tensors in memory-mapped files into the process's memory now (MADV_POPULATE_READ, Linux 5.14+;
+    elsewhere a no-op), as llama.cpp maps its files: the embedding table, read a row a token, would otherwise
+    fault at each token's first use, and wait on the disk (1-14 ms here) when the file has left the page cache.
+    (MADV_WILLNEED, which would not map them, read ~16 MB of 256 here.)"""
+    _advise_mapped(tensors, MADV_POPULATE_READ)
+
+
+def _advise_mapped(tensors: list[torch.Tensor], advice: int, files: list[tuple[int, int]] | None = None) -> None:
+    """madvise(advice) over the whole pages of each tensor that lies in a memory-mapped file."""
     madvise = getattr(_libc(), "madvise", None)
     if madvise is None or not tensors:
         return
@@ -135,7 +148,7 @@ def page_out(tensors: list[torch.Tensor], files: list[tuple[int, int]] | None = 
         start, end = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page  # whole pages
         i = bisect.bisect_right(files, (start, float("inf"))) - 1
         if end > start and i >= 0 and files[i][1] >= end:
-            madvise(start, end - start, MADV_DONTNEED)
+            madvise(start, end - start, advice)
 
 
 def _file_mappings() -> list[tuple[int, int]]:
@@ -221,6 +234,8 @@ def _load_converted(folder: Path, quant: str | None, device: str, dtype: str | t
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:
         names = [k for k in f.keys() if keep is None or keep(k)]
         model = build_model(args, ((k, f.get_tensor(k)) for k in names), specs, device, compute, keep)
+    if model.tok_embeddings.weight.device.type == "cpu":  # a pipeline stage without it: on the meta device
+        read_in([model.tok_embeddings.weight])  # the rest was read as it loaded
     info = {"quant": scheme, "group_size": manifest["quant"].get("group_size"), "source": manifest.get("source", {})}
     return model, info
 

@@ -59,6 +59,9 @@ def test_rolling_cache_memory_is_fixed(windowed):
     assert llm.cache.length > 8 * 5
 
 
+LINUX = tuple(int(n) for n in os.uname().release.split("-")[0].split(".")[:2]) if hasattr(os, "uname") else (0, 0)
+
+
 def resident_mb(kind: str = "RssAnon") -> float:
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith(kind + ":")).split()[1]) / 1024
@@ -95,6 +98,31 @@ def test_paged_out_weights_leave_resident_memory_and_keep_their_values(tmp_path)
     anonymous = w.clone()
     page_out([anonymous])
     assert torch.equal(anonymous, w)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or LINUX < (5, 14), reason="MADV_POPULATE_READ")
+def test_loading_reads_the_embedding_table_in(full, tmp_path, monkeypatch):
+    """The embedding table, read a row a token, is the one large tensor a converted CPU model leaves in its
+    memory-mapped file: loading reads it in (loader.read_in), so that a token's first use does not wait on the
+    disk when the file has left the page cache (after a reboot)."""
+    from lilmistral import loader
+    from lilmistral.convert import convert
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.randint(-127, 128, (64, 2**20), dtype=torch.int8)}, path)  # 64 MB, past the readahead
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: out of the page cache
+    with safe_open(path, "pt") as f:
+        w = f.get_tensor("w")
+    assert cached_fraction(path) < 0.2
+    before = resident_mb("RssFile")
+    loader.read_in([w])
+    assert cached_fraction(path) > 0.95 and resident_mb("RssFile") - before > 60
+    read = []
+    monkeypatch.setattr(loader, "read_in", read.extend)
+    llm = lilmistral.load(convert(full, tmp_path / "int4", "int4"))
+    assert read == [llm.model.tok_embeddings.weight]
 
 
 def cached_fraction(path: Path) -> float:
