@@ -234,8 +234,6 @@ def _load_converted(folder: Path, quant: str | None, device: str, dtype: str | t
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:
         names = [k for k in f.keys() if keep is None or keep(k)]
         model = build_model(args, ((k, f.get_tensor(k)) for k in names), specs, device, compute, keep)
-    if model.tok_embeddings.weight.device.type == "cpu":  # a pipeline stage without it: on the meta device
-        read_in([model.tok_embeddings.weight])  # the rest was read as it loaded
     info = {"quant": scheme, "group_size": manifest["quant"].get("group_size"), "source": manifest.get("source", {})}
     return model, info
 
@@ -364,8 +362,15 @@ def load_model_tokenizer(path: Path) -> Tokenizer:
 def load_model(path: Path, *, quant: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
                group_size: int = DEFAULT_GROUP_SIZE, keep: Keep | None = None) -> tuple[Transformer, dict]:
     """The model (or, with `keep`, the part of it a pipeline stage holds) and a description of its weights."""
-    if is_converted(path):
-        return _load_converted(path, quant, device, dtype, keep)
+    model, info = _load_converted(path, quant, device, dtype, keep) if is_converted(path) else \
+        _load_source(path, quant, device, dtype, group_size, keep)
+    if model.tok_embeddings.weight.device.type == "cpu":  # where it stayed in a mapped file (as stored, not
+        read_in([model.tok_embeddings.weight])  # repacked: the rest was read as it loaded)
+    return model, info
+
+
+def _load_source(path: Path, quant: str | None, device: str, dtype: str | torch.dtype | None, group_size: int,
+                 keep: Keep | None) -> tuple[Transformer, dict]:
     src = open_source(path)
     if isinstance(src, GGUFSource):
         quant = quant or default_scheme(src)

@@ -103,8 +103,8 @@ def test_paged_out_weights_leave_resident_memory_and_keep_their_values(tmp_path)
 @pytest.mark.skipif(not sys.platform.startswith("linux") or LINUX < (5, 14), reason="MADV_POPULATE_READ")
 def test_loading_reads_the_embedding_table_in(full, tmp_path, monkeypatch):
     """The embedding table, read a row a token, is the one large tensor a converted CPU model leaves in its
-    memory-mapped file: loading reads it in (loader.read_in), so that a token's first use does not wait on the
-    disk when the file has left the page cache (after a reboot)."""
+    memory-mapped file (a HF folder loaded as stored leaves all): loading reads it in (loader.read_in), so that
+    a token's first use does not wait on the disk when the file has left the page cache (after a reboot)."""
     from lilmistral import loader
     from lilmistral.convert import convert
 
@@ -121,8 +121,10 @@ def test_loading_reads_the_embedding_table_in(full, tmp_path, monkeypatch):
     assert cached_fraction(path) > 0.95 and resident_mb("RssFile") - before > 60
     read = []
     monkeypatch.setattr(loader, "read_in", read.extend)
-    llm = lilmistral.load(convert(full, tmp_path / "int4", "int4"))
-    assert read == [llm.model.tok_embeddings.weight]
+    for source in (convert(full, tmp_path / "int4", "int4"), full):  # converted; a HF folder, as stored
+        read.clear()
+        llm = lilmistral.load(source)
+        assert read == [llm.model.tok_embeddings.weight]
 
 
 def cached_fraction(path: Path) -> float:
