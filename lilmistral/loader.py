@@ -364,8 +364,8 @@ def load_model(path: Path, *, quant: str | None = None, device: str = "cpu", dty
     """The model (or, with `keep`, the part of it a pipeline stage holds) and a description of its weights."""
     model, info = _load_converted(path, quant, device, dtype, keep) if is_converted(path) else \
         _load_source(path, quant, device, dtype, group_size, keep)
-    if model.tok_embeddings.weight.device.type == "cpu":  # where it stayed in a mapped file (as stored, not
-        read_in([model.tok_embeddings.weight])  # repacked: the rest was read as it loaded)
+    if model.tok_embeddings.weight.device.type == "cpu":  # where the table stayed in a mapped file (the rest
+        read_in([model.tok_embeddings.weight])  # of a converted model was read as it loaded)
     return model, info
 
 

@@ -247,9 +247,9 @@ def test_a_q6_k_gguf_loads_as_int6_with_its_values_unless_int8_is_asked_for(tmp_
 
 @pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1"])
 def test_a_5_bit_gguf_loads_as_int6_nearer_its_values_than_int4(tmp_path, qtype):
-    """GGUF's 5-bit types (Q5_K's as Q5_0's and Q5_1's) have no layout of their own: such a file loads as int6 by
-    default, requantized from its values, and computes nearer what they compute than int4 would. `convert`
-    with no --quant writes what `run` runs."""
+    """GGUF's 5-bit types (Q5_K with them; the gguf package cannot write it) have no layout of their own: such a
+    file loads as int6 by default, requantized from its values, and computes nearer what they compute than int4
+    would. `convert` with no --quant writes what `run` runs."""
     make_hf_model(tmp_path / "hf", "mistral", hidden_size=256, intermediate_size=512)
     base = lilmistral.load(tmp_path / "hf")
     path = tmp_path / f"{qtype}.gguf"

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 import lilmistral
 from conftest import make_hf_model
 from lilmistral.cache import RollingKVCache
-from lilmistral.generate import DecodeStep, Sampler, SamplingParams, generate_tokens, prefill, trace_step
+from lilmistral.generate import NO_IDS, DecodeStep, Sampler, SamplingParams, generate_tokens, prefill, trace_step
 from lilmistral.llm import stream_text
 from lilmistral.loader import page_out
 from lilmistral.model import add_norm
@@ -227,7 +227,7 @@ def test_the_cpu_sampler_draws_from_pytorchs_candidates_and_probabilities(vocab)
             params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=penalty)
             sampler = Sampler(params, history, torch.device("cpu"))
             assert sampler.in_one_call
-            recent = sampler.recent if sampler.recent is not None else torch.empty(0, dtype=torch.long)
+            recent = sampler.recent if sampler.recent is not None else NO_IDS
 
             def draw(u: float) -> int:
                 return int(torch.ops.lilmistral.sample(logits, recent, penalty, temperature, top_k, top_p, u))
