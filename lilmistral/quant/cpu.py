@@ -1,6 +1,7 @@
-"""CPU kernels. With AVX-512 VNNI or AVX2 (vnni.cpp): int4, int6 and int8 at every row count by integer dot
+"""CPU kernels. With AVX-512 VNNI or AVX2 (vnni.cpp): int4, int5, int6 and int8 at every row count by integer dot
 products with int8 activations; attention (attention.cpp); RMSNorm, RoPE and silu(gate) * up (pointwise.cpp).
-Without: PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm; int6 requantized to int8)
+Without: PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm; int5 and int6 requantized to
+int8)
 and operators. The fast matmuls take bfloat16 activations; others (float32 for exact reference runs) and shapes
 the kernels cannot take dequantize the packed weight on the fly instead.
 """
@@ -68,8 +69,8 @@ def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
 class Int8Kernel(RowsKernel):
     """PyTorch's int8 kernels (CPUs without vnni.cpp's). Decode: the weight-only kernel. Prefill (more than
     W8A8_MIN_ROWS rows): the activations quantized per row to int8 too and multiplied with torch._int_mm,
-    about 4x faster at 128 rows (4096x4096: 6.6 ms vs 28 ms here) for ~0.9% relative error. int6 weights are
-    requantized to int8 (plain_parts); float32 activations still get their exact product."""
+    about 4x faster at 128 rows (4096x4096: 6.6 ms vs 28 ms here) for ~0.9% relative error. int5 and int6
+    weights are requantized to int8 (plain_parts); float32 activations still get their exact product."""
 
     W8A8_MIN_ROWS = 17  # torch._int_mm wants more than 16 rows
 
@@ -109,7 +110,7 @@ class VnniInt8Kernel(RowsKernel):
 
 
 class VnniInt4Kernel(RowsKernel):
-    """vnni.cpp's int4 kernel, int8 activations in blocks of 32 (as llama.cpp's Q4_0 and Q4_1 times Q8_0):
+    """vnni.cpp's int4 kernel (int5 too), int8 activations in blocks of 32 (as llama.cpp's Q4_0 and Q4_1 times Q8_0):
     ~1.6x PyTorch's int4 kernel at decode on Mistral-7B's shapes, and at prefill faster than dequantizing
     tiles to bfloat16 for PyTorch's matmul. It computes each row alike however many there are, so a
     prompt's last token re-entered alone (a reused cache) gives the prefill's numbers."""
@@ -122,7 +123,7 @@ class VnniInt4Kernel(RowsKernel):
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         p = self.parts  # by position: keywords cost ~2 us a call, ~3% of a small model's token
-        return torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"], p["codes"])
+        return torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"], p["codes"], p["high"])
 
 
 class VnniInt6Kernel(RowsKernel):
@@ -161,8 +162,9 @@ class Int4Kernel(RowsKernel):
 def kernel_type(n: int, k: int, spec: QuantSpec) -> type:
     """The kernel class for an [N, K] weight packed as spec."""
     if k % 64 == 0 and vnni.available():
-        return {"int8": VnniInt8Kernel, "int6": VnniInt6Kernel, "int4": VnniInt4Kernel}[spec.scheme]
-    if spec.scheme != "int4":  # int6 as int8 (plain_parts)
+        return {"int8": VnniInt8Kernel, "int6": VnniInt6Kernel, "int5": VnniInt4Kernel, "int4": VnniInt4Kernel}[
+            spec.scheme]
+    if spec.scheme != "int4":  # int5 and int6 as int8 (plain_parts)
         return Int8Kernel
     return Int4Kernel if n % 16 == 0 else DequantKernel
 
@@ -179,13 +181,17 @@ def make_kernel(parts: Parts, spec: QuantSpec, dtype: torch.dtype = torch.bfloat
 
 def expert_gemv(kernels: list):
     """(x [R, K], expert [R]) -> [R, N], row r times expert[r]'s weight, in one VNNI call over the experts'
-    own kernels' parts; None where they are not all VNNI kernels."""
+    own kernels' parts; None where they are not all VNNI kernels of one layout."""
+    if len({k.spec for k in kernels}) > 1:
+        return None
     if all(isinstance(k, VnniInt4Kernel) for k in kernels):
-        q, scales, mins, codes = ([k.parts[name] for k in kernels] for name in ("q", "scales", "mins", "codes"))
+        q, scales, mins, codes, high = ([k.parts[name] for k in kernels]
+                                        for name in ("q", "scales", "mins", "codes", "high"))
         mins = [] if mins[0] is None else mins  # symmetric: none
         codes = [] if codes[0] is None else codes  # not super-blocked: none
+        high = [] if high[0] is None else high  # not int5: none
         n = kernels[0].parts["n"]
-        return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, n, expert, codes)
+        return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, n, expert, codes, high)
     if all(isinstance(k, VnniInt6Kernel) for k in kernels):
         q, high, scales, codes = ([k.parts[name] for k in kernels] for name in ("q", "high", "scales", "codes"))
         n = kernels[0].parts["n"]

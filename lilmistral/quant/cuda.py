@@ -23,8 +23,8 @@ def has_triton() -> bool:
 
 
 def triton_parts(parts: Parts, spec: QuantSpec) -> tuple[Parts, QuantSpec]:
-    """Parts as Triton's kernels take them: int4 as it is (super-blocked too), int6 as int8 (`plain_parts`)."""
-    return (parts, spec) if spec.scheme != "int6" else plain_parts(parts, spec)
+    """Parts as Triton's kernels take them: int4 as it is (super-blocked too), int5 and int6 as int8 (`plain_parts`)."""
+    return (parts, spec) if spec.scheme in ("int4", "int8") else plain_parts(parts, spec)
 
 
 def make_kernel(parts: Parts, spec: QuantSpec):

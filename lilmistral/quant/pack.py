@@ -8,6 +8,8 @@ int4: q uint8 [N, K/2], two 4-bit values q in 0..15 per byte along K, element 2j
       super-blocked (asymmetric; GGUF Q4_K when G = 32, S = 256): each group's scale and min an 8-bit code
       uint8 [N, K/G] times a float16 factor per super-block of S inputs, super_scales and super_mins [N, K/S]:
       w = q * (super_scale * scale) + super_min * min   (4.625 bits a weight at G = 32, S = 256; 5.0 without)
+int5: int4's layouts for q in 0..31: its low 4 bits as int4's qweight, its fifth bit in qhigh uint8 [N, K/8] (input
+      8j+i in bit i of byte j); symmetric w = (q - 16) * scale (GGUF Q5_0); with mins Q5_1, super-blocked Q5_K
 int6: q in 0..63 [N, K] as its low 4 bits, qweight uint8 [N, K/2] (as int4's), and its high 2 bits, qhigh uint8
       [N, K/4] (input 4j+i in bits 2i..2i+1 of byte j); per group of 16 inputs an int8 code scales [N, K/16] times
       a float16 factor per super-block of S inputs, super_scales [N, K/S]:
@@ -27,8 +29,8 @@ INT6_GROUP = 16
 
 @dataclass(frozen=True)
 class QuantSpec:
-    scheme: str  # "int4", "int6" or "int8"
-    group_size: int = 0  # int4 (int6: 16)
+    scheme: str  # "int4", "int5", "int6" or "int8"
+    group_size: int = 0  # int4 and int5 (int6: 16)
     symmetric: bool = True
     super_block: int = 0  # int4 with mins: 0, float16 scales and mins; else S, coded per super-block of S inputs
 
@@ -39,7 +41,7 @@ class QuantSpec:
             known = (self.group_size == INT6_GROUP and self.symmetric and self.super_block > 0
                      and self.super_block % 32 == 0)
         else:
-            known = self.scheme == "int4" and self.group_size in GROUP_SIZES and (
+            known = self.scheme in ("int4", "int5") and self.group_size in GROUP_SIZES and (
                 self.super_block == 0 or not self.symmetric and self.super_block % self.group_size == 0)
         if not known:
             raise ValueError(f"unknown packed layout {self.to_dict()}")
@@ -47,6 +49,12 @@ class QuantSpec:
     def to_dict(self) -> dict:
         d = {"scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric}
         return d | {"super_block": self.super_block} if self.super_block else d
+
+
+    @property
+    def levels(self) -> int:
+        """int4's and int5's number of values q takes (16, 32)."""
+        return 32 if self.scheme == "int5" else 16
 
 
 def group_size_for(k: int, wanted: int) -> int:
@@ -74,6 +82,20 @@ def pack_int6(q: torch.Tensor) -> dict[str, torch.Tensor]:
     high = q >> 4
     return {"qweight": pack_int4(q & 0x0F),
             "qhigh": high[:, 0::4] | (high[:, 1::4] << 2) | (high[:, 2::4] << 4) | (high[:, 3::4] << 6)}
+
+
+def pack_int5(q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """uint8 values 0..31 [N, K] -> int5's qweight (low 4 bits) and qhigh (fifth bits, eight a byte)."""
+    q = q.to(torch.uint8)
+    fifth = (q >> 4).reshape(q.shape[0], -1, 8) << torch.arange(8, dtype=torch.uint8)
+    return {"qweight": pack_int4(q & 0x0F), "qhigh": fifth.sum(dim=-1, dtype=torch.uint8)}
+
+
+def unpack_int5(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """int5's qweight and qhigh -> uint8 values 0..31 [N, K]."""
+    high = parts["qhigh"]
+    fifth = (high[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    return unpack_int4(parts["qweight"]) | (fifth.reshape(high.shape[0], -1) << 4)
 
 
 def unpack_int6(parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -113,36 +135,44 @@ def nonzero(t: torch.Tensor) -> torch.Tensor:
     return t.float().where(t.float() != 0, torch.ones(()))
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool, super_block: int = 0) -> dict[str, torch.Tensor]:
+def quantize_int4(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """int4 (or int5: spec.levels values) in groups of spec.group_size, symmetric, with mins or super-blocked."""
+    top, group_size = spec.levels - 1, spec.group_size
+
     def rows(chunk: torch.Tensor) -> dict[str, torch.Tensor]:
         n, k = chunk.shape
         g = chunk.reshape(n, k // group_size, group_size)  # [n, K/G, G]
-        if symmetric:  # as Q4_0: the value of largest magnitude maps to -8 exactly
+        if spec.symmetric:  # as Q4_0 (Q5_0): the value of largest magnitude maps to -8 (-16) exactly
             extreme = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
-            scale = (extreme / -8).half()
-            q = torch.round(g / nonzero(scale)[..., None] + 8).clamp(0, 15)
-            return {"qweight": pack_int4(q.reshape(n, k)), "scales": scale}
+            scale = (extreme / -(spec.levels // 2)).half()
+            q = torch.round(g / nonzero(scale)[..., None] + spec.levels // 2).clamp(0, top)
+            return packed_values(q.reshape(n, k), spec) | {"scales": scale}
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        if super_block:
-            parts = super_blocked_codes(lo, hi, super_block // group_size)
-            scale, low = group_scales(parts, QuantSpec("int4", group_size, False, super_block))
+        if spec.super_block:
+            parts = super_blocked_codes(lo, hi, spec)
+            scale, low = group_scales(parts, spec)
         else:
-            scale, low = ((hi - lo) / 15).half(), lo.half()
+            scale, low = ((hi - lo) / top).half(), lo.half()
             parts = {"scales": scale, "mins": low}
-        q = torch.round((g - low.float()[..., None]) / nonzero(scale)[..., None]).clamp(0, 15)
-        return {"qweight": pack_int4(q.reshape(n, k)), **parts}
+        q = torch.round((g - low.float()[..., None]) / nonzero(scale)[..., None]).clamp(0, top)
+        return packed_values(q.reshape(n, k), spec) | parts
 
     return _by_rows(w, rows)
 
 
-def super_blocked_codes(lo: torch.Tensor, hi: torch.Tensor, per: int) -> dict[str, torch.Tensor]:
+def packed_values(q: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """int4's or int5's values [N, K] as their packed parts."""
+    return pack_int5(q) if spec.scheme == "int5" else {"qweight": pack_int4(q)}
+
+
+def super_blocked_codes(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """Groups' lowest and highest values [n, K/G] -> their scales and mins as super-blocked parts, as GGUF's Q4_K
-    codes them but in 8 bits: each group's scale, and its min (at most 0: the group's range is widened to hold
-    0), an 8-bit code of the largest in its super-block of `per` groups."""
+    (Q5_K) codes them but in 8 bits: each group's scale, and its min (at most 0: the group's range is widened to
+    hold 0), an 8-bit code of the largest in its super-block."""
     lo = lo.clamp(max=0)
-    n = lo.shape[0]
+    n, per = lo.shape[0], spec.super_block // spec.group_size
     parts = {}
-    for name, value in (("scales", (hi - lo) / 15), ("mins", -lo)):
+    for name, value in (("scales", (hi - lo) / (spec.levels - 1)), ("mins", -lo)):
         factor = (value.reshape(n, -1, per).amax(dim=-1) / 255).half()  # [n, K/S]
         parts[name] = torch.round(value / nonzero(factor).repeat_interleave(per, dim=1)).clamp(0, 255).to(torch.uint8)
         parts[f"super_{name}"] = factor if name == "scales" else -factor
@@ -174,11 +204,11 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
         return quantize_int8(w)
     if spec.scheme == "int6":
         return quantize_int6(w, spec.super_block)
-    return quantize_int4(w, spec.group_size, spec.symmetric, spec.super_block)
+    return quantize_int4(w, spec)
 
 
 def group_scales(parts: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """int4's float32 scales and mins (None: symmetric) [N, K/G], super-blocked ones decoded (exactly: a float16
+    """int4's (int5's) float32 scales and mins (None: symmetric) [N, K/G], super-blocked ones decoded (exactly: a float16
     times an 8-bit code)."""
     scales, mins = parts["scales"].float(), parts.get("mins")
     if not spec.super_block:
@@ -191,9 +221,10 @@ def group_scales(parts: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[torch
 def plain_parts(parts: dict, spec: QuantSpec) -> tuple[dict, QuantSpec]:
     """Parts (each a tensor or blocks of rows) in a layout every kernel takes, for kernels without a layout of
     their own for them: super-blocked int4 as plain int4 (scales and mins rounded to float16, ~2e-4 relative);
-    int6 requantized to int8 per output channel (~0.9% relative error on Q6_K tensors); others as they are."""
-    if spec.scheme == "int6":
-        plain, convert = QuantSpec("int8"), _int6_as_int8
+    int5 and int6 requantized to int8 per output channel (~0.9% relative error on Q6_K tensors); others as they
+    are."""
+    if spec.scheme in ("int5", "int6"):
+        plain, convert = QuantSpec("int8"), _as_int8
     elif spec.super_block:
         plain, convert = QuantSpec("int4", spec.group_size, symmetric=False), _expanded
     else:
@@ -209,7 +240,7 @@ def _expanded(parts: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torc
     return {"qweight": parts["qweight"], "scales": scales.half(), "mins": mins.half()}
 
 
-def _int6_as_int8(parts: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torch.Tensor]:
+def _as_int8(parts: dict[str, torch.Tensor], spec: QuantSpec) -> dict[str, torch.Tensor]:
     n, k = parts["qweight"].shape[0], parts["qweight"].shape[1] * 2
     step = max(1, ROW_CHUNK_VALUES // k)  # rows at a time: float32 temporaries stay small
     chunks = [quantize_int8(dequantize({name: t[i:i + step] for name, t in parts.items()}, spec))
@@ -228,11 +259,11 @@ def dequantize(parts: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dty
             spec.super_block // INT6_GROUP, dim=1)
         return (q.reshape(n, -1, INT6_GROUP) * scales[..., None]).reshape(n, k).to(dtype)
     scales, mins = group_scales(parts, spec)
-    q = unpack_int4(parts["qweight"]).float()
+    q = (unpack_int5(parts) if spec.scheme == "int5" else unpack_int4(parts["qweight"])).float()
     n, k = q.shape
     q = q.reshape(n, k // spec.group_size, spec.group_size)
     if spec.symmetric:
-        w = (q - 8) * scales[..., None]
+        w = (q - spec.levels // 2) * scales[..., None]
     else:
         w = q * scales[..., None] + mins[..., None]
     return w.reshape(n, k).to(dtype)
@@ -250,6 +281,8 @@ def packed_shapes(n: int, k: int, spec: QuantSpec) -> dict[str, tuple[tuple[int,
                 "super_scales": ((n, k // spec.super_block), torch.float16)}
     groups, scale_type = k // spec.group_size, torch.uint8 if spec.super_block else torch.float16
     shapes = {"qweight": ((n, k // 2), torch.uint8), "scales": ((n, groups), scale_type)}
+    if spec.scheme == "int5":
+        shapes["qhigh"] = ((n, k // 8), torch.uint8)
     if not spec.symmetric:
         shapes["mins"] = ((n, groups), scale_type)
     if spec.super_block:

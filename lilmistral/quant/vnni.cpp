@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #endif
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -46,16 +47,28 @@ inline int32_t store_int8(Floats v, int8_t* q) {
 }
 
 // The integer sums of one block of 32 inputs for a group's 16 columns and M rows of activations (x, K apart):
-// w the block's 256 bytes in Int4Gemv's layout. One vpdpbusd per 64 bytes, nibbles times activations.
-template <int M>
-inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)[M]) {
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+// w the block's 256 bytes in Int4Gemv's layout. One vpdpbusd per 64 bytes, nibbles times activations. FIFTH
+// (int5): fifths the block's 64 bytes of fifth bits, lane c's byte b holding column c's inputs 4s + b in bit s
+// (sub-chunk s: chunk s / 2's low nibbles for even s, its high ones for odd), each OR'ed into bit 4 of its
+// nibble's byte: 5-bit values 0..31 times the activations.
+template <int M, bool FIFTH = false>
+inline void int4_block(const uint8_t* w, const uint8_t* fifths, const int8_t* x, int64_t K, Ints (&sum)[M]) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F), bit4 = _mm512_set1_epi8(0x10);
+  __m512i hb = _mm512_setzero_si512();
+  if constexpr (FIFTH) {
+    _mm_prefetch(reinterpret_cast<const char*>(fifths + PREFETCH / 4), _MM_HINT_T0);
+    hb = _mm512_loadu_si512(fifths);
+  }
+  const auto fifth = [&](int s) {  // sub-chunk s's fifth bits, moved from bit s to bit 4 of each byte
+    return _mm512_and_si512(s < 4 ? _mm512_slli_epi16(hb, 4 - s) : _mm512_srli_epi16(hb, s - 4), bit4);
+  };
   __m512i low_sum[M], high_sum[M];  // two chains of vpdpbusd per row, for their latency
   for (int m = 0; m < M; ++m) low_sum[m] = high_sum[m] = _mm512_setzero_si512();
   for (int j = 0; j < 4; ++j) {
     _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
     const __m512i v = _mm512_loadu_si512(w + j * 64);
-    const __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    __m512i low = _mm512_and_si512(v, nibble), high = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    if constexpr (FIFTH) low = _mm512_or_si512(low, fifth(2 * j)), high = _mm512_or_si512(high, fifth(2 * j + 1));
     for (int m = 0; m < M; ++m) {
       const int8_t* xm = x + m * K + 8 * j;
       low_sum[m] = _mm512_dpbusd_epi32(low_sum[m], low, _mm512_broadcastd_epi32(_mm_loadu_si32(xm)));
@@ -166,6 +179,22 @@ inline Tops int6_tops(const uint8_t* high) {
 inline Columns with_tops(Columns nibbles, Columns tops) {
   return {_mm256_or_si256(nibbles.lo, tops.lo), _mm256_or_si256(nibbles.hi, tops.hi)};
 }
+// int5's fifth bits of sub-chunk s (see the AVX-512 int4_block), moved from bit s to bit 4 of each byte.
+inline Columns fifth_bits(Columns hb, int s) {
+  const __m256i bit4 = _mm256_set1_epi8(0x10);
+  const auto move = [s](__m256i v) { return s < 4 ? _mm256_slli_epi16(v, 4 - s) : _mm256_srli_epi16(v, s - 4); };
+  return {_mm256_and_si256(move(hb.lo), bit4), _mm256_and_si256(move(hb.hi), bit4)};
+}
+// A block's nibbles of chunk j: its low ones (inputs 8j..8j+3) and high ones (8j+4..8j+7), with their fifth
+// bits from hb where FIFTH (int5).
+template <bool FIFTH>
+inline std::pair<Columns, Columns> chunk_values(const uint8_t* w, Columns hb, int j) {
+  const Columns v = load_columns(w + j * 64), low = low_nibbles(v), high = high_nibbles(v);
+  if constexpr (!FIFTH) return {low, high};
+  return {with_tops(low, fifth_bits(hb, 2 * j)), with_tops(high, fifth_bits(hb, 2 * j + 1))};
+}
+template <bool FIFTH>
+inline Columns fifth_plane(const uint8_t* high) { return FIFTH ? load_columns_at(high, PREFETCH / 4) : Columns{}; }
 
 #if defined(__AVXVNNI__) || defined(__AVX512VNNI__)
 #define LILMISTRAL_YMM_DPBUSD 1
@@ -186,12 +215,13 @@ inline __m256i sum_chains(const __m256i (&chains)[C]) {
   return C == 2 ? _mm256_add_epi32(chains[0], chains[C - 1]) : chains[0];
 }
 
-template <int M>
-inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)[M]) {
+template <int M, bool FIFTH = false>
+inline void int4_block(const uint8_t* w, const uint8_t* fifths, const int8_t* x, int64_t K, Ints (&sum)[M]) {
   constexpr int C = M < 4 ? 2 : 1;
+  const Columns hb = fifth_plane<FIFTH>(fifths);
   __m256i lo[M][C] = {}, hi[M][C] = {};
   for (int j = 0; j < 4; ++j) {
-    const Columns v = load_columns(w + j * 64), low = low_nibbles(v), high = high_nibbles(v);
+    const auto [low, high] = chunk_values<FIFTH>(w, hb, j);
     for (int m = 0; m < M; ++m) {
       const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
       lo[m][0] = dpbusd(lo[m][0], low.lo, x_low), hi[m][0] = dpbusd(hi[m][0], low.hi, x_low);
@@ -241,14 +271,17 @@ const uint8_t* int8_activations(const QuantizedRows& r, int64_t) { return reinte
 
 // AVX2 has no vpdpbusd: vpmaddubsw multiplies unsigned by signed bytes, summing pairs into 16 bits (with
 // saturation), and vpmaddwd sums pairs of those into 32. Nibbles (0..15) times activations (-127..127) sum over
-// a whole block within 16 bits: at most 8 * 2 * 15 * 127 = 30480 a lane.
-template <int M>
-inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)[M]) {
+// a whole block within 16 bits: at most 8 * 2 * 15 * 127 = 30480 a lane; 5-bit values (0..31) over two chunks,
+// 4 * 2 * 31 * 127 = 31496, and are widened every two.
+template <int M, bool FIFTH = false>
+inline void int4_block(const uint8_t* w, const uint8_t* fifths, const int8_t* x, int64_t K, Ints (&sum)[M]) {
+  constexpr int SPAN = FIFTH ? 2 : 4;  // chunks summed in 16 bits
   const __m256i ones = _mm256_set1_epi16(1);
+  const Columns hb = fifth_plane<FIFTH>(fifths);
   __m256i lo[M], hi[M];  // 16-bit sums: columns 0-7, 8-15
-  for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm256_setzero_si256();
+  for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm256_setzero_si256(), sum[m] = {lo[m], hi[m]};
   for (int j = 0; j < 4; ++j) {
-    const Columns v = load_columns(w + j * 64), low = low_nibbles(v), high = high_nibbles(v);
+    const auto [low, high] = chunk_values<FIFTH>(w, hb, j);
     for (int m = 0; m < M; ++m) {
       const __m256i x_low = broadcast4(x + m * K + 8 * j), x_high = broadcast4(x + m * K + 8 * j + 4);
       const auto products = [&](__m256i l, __m256i h) {
@@ -257,8 +290,13 @@ inline void int4_block(const uint8_t* w, const int8_t* x, int64_t K, Ints (&sum)
       lo[m] = _mm256_add_epi16(lo[m], products(low.lo, high.lo));
       hi[m] = _mm256_add_epi16(hi[m], products(low.hi, high.hi));
     }
+    if ((j + 1) % SPAN) continue;
+    for (int m = 0; m < M; ++m) {
+      sum[m].lo = _mm256_add_epi32(sum[m].lo, _mm256_madd_epi16(lo[m], ones));
+      sum[m].hi = _mm256_add_epi32(sum[m].hi, _mm256_madd_epi16(hi[m], ones));
+      lo[m] = hi[m] = _mm256_setzero_si256();
+    }
   }
-  for (int m = 0; m < M; ++m) sum[m] = {_mm256_madd_epi16(lo[m], ones), _mm256_madd_epi16(hi[m], ones)};
 }
 
 // 6-bit values (0..63) times activations: a chunk's pair sums reach 2 * 2 * 63 * 127 = 32004, so each chunk's
@@ -454,13 +492,14 @@ struct Int8Gemv {
 // column c's inputs 8j..8j+3 in their low nibbles and 8j+4..8j+7 in their high nibbles, so one dot product
 // instruction multiplies 16 columns by four broadcast activations and each lane sums one column's products.
 // Four chunks make a block of 32 (int4_block), whose integer sum is scaled once. Scales and mins float16
-// [groups, K/32, 16]. w = q * scale + min, or with no mins (symmetric) w = (q - 8) * scale: a block's min (or
-// -8 * scale) times its activation sum is added once. Super-blocked (pack.py; GGUF's Q4_K), scales and mins are
-// factors [groups, K/S, 16], one per PER blocks, and codes [groups, K/32, 16] a block's 8-bit codes (scale's in
-// the low byte, min's in the high one): a block's scale is factor times code, exactly.
+// [groups, K/32, 16]. w = q * scale + min, or with no mins (symmetric) w = (q - zero) * scale: a block's min (or
+// -zero * scale) times its activation sum is added once. Super-blocked (pack.py; GGUF's Q4_K), scales and mins
+// are factors [groups, K/S, 16], one per PER blocks, and codes [groups, K/32, 16] a block's 8-bit codes (scale's
+// in the low byte, min's in the high one): a block's scale is factor times code, exactly. int5 (GGUF's Q5_0,
+// Q5_1, Q5_K) adds high, 64 bytes of fifth bits a block (int4_block's FIFTH), and zero is 16 (int4: 8).
 struct Int4Gemv {
-  const uint8_t* w; const uint16_t* scale; const uint16_t* min; const uint16_t* codes; int64_t per;
-  const int8_t* xq; const float* x_scale; const float* x_sum; Output out; int64_t N, K;
+  const uint8_t* w; const uint8_t* high; const uint16_t* scale; const uint16_t* min; const uint16_t* codes;
+  int64_t per; float zero; const int8_t* xq; const float* x_scale; const float* x_sum; Output out; int64_t N, K;
   static constexpr int64_t TILE = 4, GRAIN = 8;
 
   int64_t units() const { return (N + 15) / 16; }
@@ -473,16 +512,23 @@ struct Int4Gemv {
 
   template <int M>
   void rows(int64_t begin, int64_t end) const {
+    if (high) columns<M, true>(begin, end);
+    else columns<M, false>(begin, end);
+  }
+
+  template <int M, bool FIFTH>
+  void columns(int64_t begin, int64_t end) const {
     const int64_t blocks = K / BLOCK, factors = blocks / per;
     for (int64_t g = begin; g < end; ++g) {
       Floats acc[M];
       for (int m = 0; m < M; ++m) acc[m] = set1(0.f);
       for (int64_t f = 0; f < factors; ++f) {
         const Floats scale_f = load_halves(scale + (g * factors + f) * 16);
-        const Floats min_f = min ? load_halves(min + (g * factors + f) * 16) : mul(scale_f, set1(-8.f));
+        const Floats min_f = min ? load_halves(min + (g * factors + f) * 16) : mul(scale_f, set1(-zero));
         for (int64_t b = f * per; b < (f + 1) * per; ++b) {
           Ints sum[M];
-          int4_block<M>(w + (g * blocks + b) * BLOCK * 8, xq + b * BLOCK, K, sum);
+          int4_block<M, FIFTH>(w + (g * blocks + b) * BLOCK * 8, FIFTH ? high + (g * blocks + b) * 64 : nullptr,
+                               xq + b * BLOCK, K, sum);
           Floats ws = scale_f, wo = min_f;
           if (codes) {
             const auto [scale_code, min_code] = load_byte_pairs(codes + (g * blocks + b) * 16);
@@ -557,9 +603,11 @@ Int8Gemv int8_kernel(const at::Tensor& q, const at::Tensor& scales, int64_t N, c
 }
 
 // The kernel over one int4 weight of N columns in Int4Gemv's layout: q uint8 [groups, K * 8], scales and mins
-// (none: symmetric) float16 [groups, K/32, 16] or, with codes uint8 [groups, K/32, 16, 2], [groups, K/S, 16].
+// (none: symmetric) float16 [groups, K/32, 16] or, with codes uint8 [groups, K/32, 16, 2], [groups, K/S, 16];
+// int5's high uint8 [groups, K * 2].
 Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::optional<at::Tensor>& mins, int64_t N,
-                     const c10::optional<at::Tensor>& codes, const QuantizedRows& r, Output out) {
+                     const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& high,
+                     const QuantizedRows& r, Output out) {
   const int64_t groups = q.size(0), K = q.size(1) / 8, blocks = K / BLOCK;
   const int64_t factors = scales.dim() == 3 ? scales.size(1) : 0;
   TORCH_CHECK(q.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && q.is_contiguous() &&
@@ -568,11 +616,14 @@ Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::o
               (codes || factors == blocks) &&
               (!codes || (codes->scalar_type() == at::kByte && codes->is_contiguous() && mins &&
                           codes->sizes() == at::IntArrayRef({groups, blocks, 16, 2}))) &&
-              (!mins || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())),
+              (!mins || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())) &&
+              (!high || (high->scalar_type() == at::kByte && high->is_contiguous() &&
+                         high->sizes() == at::IntArrayRef({groups, K * 2}))),
               "int4_gemv: unsupported layout");
   const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
-  return Int4Gemv{q.data_ptr<uint8_t>(), bits(scales), mins ? bits(*mins) : nullptr, codes ? bits(*codes) : nullptr,
-                  blocks / factors, r.q, r.scale, r.sum, out, N, K};
+  return Int4Gemv{q.data_ptr<uint8_t>(), high ? high->data_ptr<uint8_t>() : nullptr, bits(scales),
+                  mins ? bits(*mins) : nullptr, codes ? bits(*codes) : nullptr, blocks / factors, high ? 16.f : 8.f,
+                  r.q, r.scale, r.sum, out, N, K};
 }
 
 // The kernel over one int6 weight of N columns in Int6Gemv's layout: q uint8 [groups, K * 8] (as int4's), high
@@ -626,13 +677,14 @@ at::Tensor int8_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tens
   return out.to(x_in.scalar_type());
 }
 
-// x [M, K]; q, scales, mins, codes as int4_kernel's for N columns. Returns [M, N] in x's dtype.
+// x [M, K]; q, scales, mins, codes, high as int4_kernel's for N columns. Returns [M, N] in x's dtype.
 at::Tensor int4_gemv(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& mins, int64_t N, const c10::optional<at::Tensor>& codes) {
+                     const c10::optional<at::Tensor>& mins, int64_t N, const c10::optional<at::Tensor>& codes,
+                     const c10::optional<at::Tensor>& high) {
   const Rows x(x_in, q.size(1) / 8);
   const QuantizedRows r = quantize_rows(x);
   at::Tensor out = x.empty_out(N);
-  run(int4_kernel(q, scales, mins, N, codes, r, Output(out)), out.size(0));
+  run(int4_kernel(q, scales, mins, N, codes, high, r, Output(out)), out.size(0));
   return out.to(x_in.scalar_type());
 }
 
@@ -660,17 +712,20 @@ at::Tensor int8_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::Tenso
 }
 
 at::Tensor int4_gemv_experts(const at::Tensor& x_in, at::TensorList q, at::TensorList scales,
-                             at::TensorList mins, int64_t N, const at::Tensor& expert, at::TensorList codes) {
+                             at::TensorList mins, int64_t N, const at::Tensor& expert, at::TensorList codes,
+                             at::TensorList high) {
   check_same_shapes(q);
-  TORCH_CHECK((mins.empty() || mins.size() == q.size()) && (codes.empty() || codes.size() == q.size()),
-              "int4_gemv_experts: mins (and codes) for every expert or none");
+  TORCH_CHECK((mins.empty() || mins.size() == q.size()) && (codes.empty() || codes.size() == q.size()) &&
+              (high.empty() || high.size() == q.size()),
+              "int4_gemv_experts: mins (and codes, and high) for every expert or none");
   const Rows x(x_in, q[0].size(1) / 8);
   const QuantizedRows r = quantize_rows(x);
   at::Tensor out = x.empty_out(N);
   std::vector<Int4Gemv> experts;
   for (size_t i = 0; i < q.size(); ++i) {
     const auto of_expert = [i](at::TensorList t) { return t.empty() ? c10::nullopt : c10::optional<at::Tensor>(t[i]); };
-    experts.push_back(int4_kernel(q[i], scales[i], of_expert(mins), N, of_expert(codes), r, Output(out)));
+    experts.push_back(int4_kernel(q[i], scales[i], of_expert(mins), N, of_expert(codes), of_expert(high), r,
+                                  Output(out)));
   }
   expert_rows(experts, expert, out.size(0));
   return out.to(x_in.scalar_type());
@@ -710,6 +765,19 @@ inline uint32_t int6_high_lanes(uint32_t x) {
   return x ^ t ^ (t << 12);
 }
 
+// 32 1-bit fields in a 32-bit word, from the canonical int5 fifth bits (byte t: inputs 8t + i in bit i) to
+// Int4Gemv's (byte b: inputs 4s + b in bit s): input p moves from bit p to bit 8 (p % 4) + p / 4, a byte at a time
+// (byte t's bit i to bit 8 (i % 4) + i / 4 + 2t).
+inline uint32_t int5_high_lanes(uint32_t x) {
+  static const auto spread = [] {
+    std::array<uint32_t, 256> table{};
+    for (int v = 0; v < 256; ++v)
+      for (int i = 0; i < 8; ++i) table[v] |= static_cast<uint32_t>((v >> i) & 1) << (8 * (i % 4) + i / 4);
+    return table;
+  }();
+  return spread[x & 0xFF] | spread[(x >> 8) & 0xFF] << 2 | spread[(x >> 16) & 0xFF] << 4 | spread[x >> 24] << 6;
+}
+
 template <typename Word>
 void rows_to_columns(const std::vector<const uint8_t*>& x, Word* out, int64_t J, int64_t repeat, int64_t fields) {
   const int64_t N = x.size();
@@ -728,6 +796,8 @@ void rows_to_columns(const std::vector<const uint8_t*>& x, Word* out, int64_t J,
             for (int64_t j = 0; j < J; ++j) row[j] = int4_lanes(row[j]);
           if (fields == 2)
             for (int64_t j = 0; j < J; ++j) row[j] = int6_high_lanes(row[j]);
+          if (fields == 1)
+            for (int64_t j = 0; j < J; ++j) row[j] = int5_high_lanes(row[j]);
         }
       }
       for (int64_t j = 0; j < J; ++j) {  // writing in order (1.7x faster than reading in order)
@@ -784,10 +854,11 @@ at::Tensor weight_empty(int64_t rows, int64_t cols) {
 // weight: the rows of x [N, J words of word_bytes], given as blocks of rows (a fused projection's parts, not
 // concatenated first), become columns in groups of 16, uint8 [groups, J * repeat * 16 words]: word (g, j, c) =
 // x's word (16g + c, j / repeat), zero past N; each 32-bit word's fields reordered as the kernels read them:
-// fields 4, eight int4 inputs (int4_lanes); 2, int6's high bits (int6_high_lanes); 0, none.
+// fields 4, eight int4 inputs (int4_lanes); 2, int6's high bits (int6_high_lanes); 1, int5's fifth bits
+// (int5_high_lanes); 0, none.
 at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repeat, int64_t fields) {
   TORCH_CHECK(!blocks.empty() && (word_bytes == 2 || word_bytes == 4) && repeat >= 1 &&
-              (fields == 0 || (fields == 2 || fields == 4) && word_bytes == 4), "pack_columns: unsupported arguments");
+              (fields == 0 || (fields == 1 || fields == 2 || fields == 4) && word_bytes == 4), "pack_columns: unsupported arguments");
   const int64_t row_bytes = blocks[0].size(1) * blocks[0].element_size();
   std::vector<at::Tensor> contiguous;
   std::vector<const uint8_t*> rows;
@@ -809,10 +880,11 @@ at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repea
 // their shapes for torch.compile.
 TORCH_LIBRARY(lilmistral, m) {
   m.def("int8_gemv(Tensor x, Tensor q, Tensor scales, int n) -> Tensor");
-  m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, int n, Tensor? codes=None) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor q, Tensor scales, Tensor? mins, int n, Tensor? codes=None, Tensor? high=None) "
+        "-> Tensor");
   m.def("int8_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, int n, Tensor expert) -> Tensor");
   m.def("int4_gemv_experts(Tensor x, Tensor[] q, Tensor[] scales, Tensor[] mins, int n, Tensor expert, "
-        "Tensor[] codes) -> Tensor");
+        "Tensor[] codes, Tensor[] high) -> Tensor");
   m.def("int6_gemv(Tensor x, Tensor q, Tensor high, Tensor scales, Tensor codes, int n) -> Tensor");
   m.def("int6_gemv_experts(Tensor x, Tensor[] q, Tensor[] high, Tensor[] scales, Tensor[] codes, int n, "
         "Tensor expert) -> Tensor");

@@ -22,7 +22,8 @@ from .pack import QuantSpec
 
 # one unit: later ones use earlier ones' helpers
 SOURCES = ("lanes.cpp", "vnni.cpp", "attention.cpp", "pointwise.cpp", "gguf_blocks.cpp", "sampling.cpp")
-NIBBLES, INT6_HIGHS = 4, 2  # pack_columns' fields: int4's inputs as Int4Gemv reads them; int6's high bits
+# pack_columns' fields: int4's inputs as Int4Gemv reads them; int6's high bits; int5's fifth bits
+NIBBLES, INT6_HIGHS, INT5_HIGHS = 4, 2, 1
 # Decode-sized batches: up to this many (token, expert) rows, expert-batched calls beat grouping the rows by
 # expert (which reads each expert's weights once)
 MAX_ROWS = 8
@@ -54,10 +55,10 @@ def cpu_isas() -> list[str]:
 def isa() -> str | None:
     """The instruction set the operators were built for, one of ISAS (building them on the first call, the best
     that builds); None where there are none. torch.ops.lilmistral.int8_gemv(x [M, K], q, scales, n) with
-    pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n, codes) with pack_int4_vnni's, int6_gemv(x, q, high,
-    scales, codes, n) with pack_int6_vnni's, and for mixtures of experts int8_gemv_experts(x, [q], [scales], n,
-    expert [M]), int4_gemv_experts(x, [q], [scales], [mins] ([] where symmetric), n, expert, [codes] ([] unless
-    super-blocked)) and int6_gemv_experts(x, [q], [high], [scales], [codes], n, expert): row m of x times the
+    pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n, codes, high) with pack_int4_vnni's (int5 too),
+    int6_gemv(x, q, high, scales, codes, n) with pack_int6_vnni's, and for mixtures of experts int8_gemv_experts(x,
+    [q], [scales], n, expert [M]), int4_gemv_experts(x, [q], [scales], [mins] ([] where symmetric), n, expert,
+    [codes] ([] unless super-blocked), [high] ([] unless int5)) and int6_gemv_experts(x, [q], [high], [scales], [codes], n, expert): row m of x times the
     weight of expert[m];
     attention(q, keys, values, mask, scale) (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin),
     silu_mul(gate, up) (pointwise.cpp); gguf_dequantize(raw, kind), gguf_int8(raw, kind), q4k_codes(blocks),
@@ -167,19 +168,22 @@ def pack_int8_vnni(q: Rows, scales: Rows) -> dict[str, torch.Tensor | int]:
 
 
 def pack_int4_vnni(parts: dict[str, Rows]) -> dict[str, torch.Tensor | int | None]:
-    """The canonical int4 parts (pack.py; each a tensor or blocks of its rows) -> int4_gemv's arguments: columns
-    in groups of 16 (the last padded with zeros), each group's weights in chunks of 8 inputs, 64 bytes: bytes
-    4c..4c+3 hold column c's inputs 0..3 in their low nibbles and 4..7 in their high ones; float16 scales (and
-    mins) one per block of 32 inputs, [groups, K/32, 16]. Super-blocked, scales and mins are the super-blocks'
-    factors [groups, K/S, 16], and codes uint8 [groups, K/32, 16, 2] each block's (scale, min) codes. One pass
-    in C++ (pack_columns): loading a model repacks all of its weights."""
-    qweight = row_blocks(parts["qweight"])
+    """The canonical int4 or int5 parts (pack.py; each a tensor or blocks of its rows) -> int4_gemv's arguments:
+    columns in groups of 16 (the last padded with zeros), each group's weights in chunks of 8 inputs, 64 bytes:
+    bytes 4c..4c+3 hold column c's inputs 0..3 in their low nibbles and 4..7 in their high ones; float16 scales
+    (and mins) one per block of 32 inputs, [groups, K/32, 16]. Super-blocked, scales and mins are the
+    super-blocks' factors [groups, K/S, 16], and codes uint8 [groups, K/32, 16, 2] each block's (scale, min)
+    codes. int5: high uint8 [groups, K * 2], a block's fifth bits in 64 bytes, lane c's byte b holding column c's
+    inputs 4s + b in bit s (else None). One pass in C++ (pack_columns): loading a model repacks all of its
+    weights."""
+    qweight, pack = row_blocks(parts["qweight"]), torch.ops.lilmistral.pack_columns
     k = qweight[0].shape[1] * 2
 
     def per_block(t: Rows) -> int:  # a group's word repeated for each of its blocks of 32 inputs
         return k // 32 // row_blocks(t)[0].shape[1]
 
-    packed = {"q": torch.ops.lilmistral.pack_columns(qweight, 4, 1, NIBBLES), "n": row_count(qweight), "codes": None}
+    high = pack(row_blocks(parts["qhigh"]), 4, 1, INT5_HIGHS) if "qhigh" in parts else None
+    packed = {"q": pack(qweight, 4, 1, NIBBLES), "n": row_count(qweight), "codes": None, "high": high}
     if "super_scales" not in parts:
         return packed | {"scales": column_halves(parts["scales"], per_block(parts["scales"])),
                          "mins": column_halves(parts["mins"], per_block(parts["mins"])) if "mins" in parts else None}
@@ -220,6 +224,14 @@ def transpose_fields(t: torch.Tensor) -> torch.Tensor:
     return fields[..., 0] | (fields[..., 1] << 2) | (fields[..., 2] << 4) | (fields[..., 3] << 6)
 
 
+def fifth_bits(high: torch.Tensor) -> torch.Tensor:
+    """pack_int4_vnni's int5 high, a row's words [..., 4] (byte b: inputs 4s + b in bit s) -> the canonical
+    bytes [..., 4] (byte t: inputs 8t + i in bit i)."""
+    bits = (high[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [..., b, s]
+    inputs = bits.transpose(-1, -2).reshape(*high.shape[:-1], 4, 8)  # input 4s + b = 8t + i
+    return (inputs << torch.arange(8, dtype=torch.uint8)).sum(dim=-1, dtype=torch.uint8)
+
+
 def unpack_vnni(parts: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The canonical parts (pack.py) that pack_int8_vnni's, pack_int4_vnni's or pack_int6_vnni's parts were made
     from: a repacked weight dequantized (float32 activations, rarely) without the canonical copy kept in memory."""
@@ -236,6 +248,8 @@ def unpack_vnni(parts: dict, spec: QuantSpec) -> dict[str, torch.Tensor]:
     if spec.scheme == "int6":
         return canonical | {"qhigh": transpose_fields(rows(parts["high"].view(groups, -1, 16, 4))).reshape(n, -1),
                             "scales": rows(parts["codes"]).reshape(n, -1), "super_scales": rows(parts["scales"])}
+    if spec.scheme == "int5":
+        canonical["qhigh"] = fifth_bits(rows(parts["high"].view(groups, -1, 16, 4))).reshape(n, -1)
     every = spec.group_size // 32  # a group of G inputs is G/32 blocks alike
     if parts["codes"] is not None:
         codes = rows(parts["codes"])[:, ::every]  # [N, K/G, 2]
