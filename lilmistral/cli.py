@@ -140,10 +140,10 @@ def _layouts(specs: Iterable[dict]) -> str:
     from collections import Counter
 
     def layout(spec: dict) -> str:
-        if spec["scheme"] != "int4":
+        if spec["scheme"] not in ("int4", "int5"):
             return spec["scheme"]
         super_block = f" in super-blocks of {spec['super_block']}" if spec.get("super_block") else ""
-        return f"int4{'-sym' if spec['symmetric'] else ''} g{spec['group_size']}{super_block}"
+        return f"{spec['scheme']}{'-sym' if spec['symmetric'] else ''} g{spec['group_size']}{super_block}"
 
     counts = Counter(layout(spec) for spec in specs).most_common()
     return f" (tensors {', '.join(f'{n} {kind}' for kind, n in counts)})" if counts else ""
@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quant", choices=SCHEMES,
                       help="default: int4 for a HF folder; for a .gguf, its own (as run loads it)")
     conv.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
-                      help="int4 group size (32: in super-blocks of 256 or 192 inputs where they divide its input size)")
+                      help="int4 and int5 group size (32: in super-blocks of 256 or 192 inputs where they divide its input size)")
     where = conv.add_mutually_exclusive_group()
     where.add_argument("--out", help="output folder")
     where.add_argument("--name", help="output folder name in the current folder")

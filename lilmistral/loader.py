@@ -261,9 +261,9 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
 
     source: a pulled model name (`mistral`), a converted folder (`lilmistral convert`), a Hugging Face
         model folder, or a .gguf file.
-    quant: "int4", "int4-sym", "int6", "int8", "bf16", "f16", "f32", or None for the source as stored (a converted
-        folder's scheme; a HF folder's float weights; for a GGUF, the closest scheme: Q4_0/Q4_1/Q4_K map to int4
-        and Q6_K to int6 exactly, the 5-bit types to int6 requantized). A HF folder or GGUF is quantized in
+    quant: "int4", "int4-sym", "int5", "int6", "int8", "bf16", "f16", "f32", or None for the source as stored (a
+        converted folder's scheme; a HF folder's float weights; for a GGUF, its own: Q4_0/Q4_1/Q4_K map to int4,
+        Q5_0/Q5_1/Q5_K to int5 and Q6_K to int6 exactly). A HF folder or GGUF is quantized in
         memory; `lilmistral convert` saves the result.
     dtype: compute dtype ("float32", "bfloat16", "float16"); default bfloat16 for int4/int8 (the CPU
         kernels need it), else the weights' own. float32 with int4/int8 runs the exact dequantized reference.
@@ -383,7 +383,7 @@ def _load_source(path: Path, quant: str | None, device: str, dtype: str | torch.
         planned = [p for p in plan(src, quant, group_size, compute) if keep is None or keep(p.entry.name)]
         specs = {p.entry.name: p.spec for p in planned if p.spec is not None}
         model = build_model(src.args, produce(src, planned), specs, device, compute, keep)
-    info = {"quant": quant or "as stored", "group_size": group_size if quant and quant.startswith("int4") else None}
+    info = {"quant": quant or "as stored", "group_size": group_size if quant and quant.startswith(("int4", "int5")) else None}
     return model, info
 
 

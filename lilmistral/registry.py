@@ -17,7 +17,7 @@ TAG = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 GGUF_TYPE = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")  # lower-cased: q4_k_m, iq4_xs, q8_0
 HUB_PREFIX = re.compile(r"^(?:https?://)?(?:hf\.co|huggingface\.co)/")
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-QUANT_SUFFIXES = ("int4", "int6", "int8", "bf16")
+QUANT_SUFFIXES = ("int4", "int5", "int6", "int8", "bf16")
 DEFAULT_FILES = ["config.json", "params.json", "model-*.safetensors", "model.safetensors",
                  "model.safetensors.index.json", "consolidated*.safetensors", "tekken.json", "tokenizer.model*",
                  "tokenizer.json", "tokenizer_config.json"]

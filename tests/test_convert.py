@@ -246,18 +246,23 @@ def test_a_q6_k_gguf_loads_as_int6_with_its_values_unless_int8_is_asked_for(tmp_
 
 
 @pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1"])
-def test_a_5_bit_gguf_loads_as_int6_nearer_its_values_than_int4(tmp_path, qtype):
-    """GGUF's 5-bit types (Q5_K with them; the gguf package cannot write it) have no layout of their own: such a
-    file loads as int6 by default, requantized from its values, and computes nearer what they compute than int4
-    would. `convert` with no --quant writes what `run` runs."""
+def test_a_5_bit_gguf_loads_as_int5_with_its_values(tmp_path, qtype):
+    """GGUF's 5-bit types (Q5_K with them: test_gguf_block_decoders_give_the_gguf_packages_bits; the gguf package
+    cannot write it) load as int5 by default, every projection the file's values bit for bit (the head in Q6_K,
+    as llama.cpp writes it, int6): the model computes what the file's dequantized one does, within float rounding
+    (int6, requantized, moved them). `convert` with no --quant writes what `run` runs (format 4)."""
     make_hf_model(tmp_path / "hf", "mistral", hidden_size=256, intermediate_size=512)
     base = lilmistral.load(tmp_path / "hf")
     path = tmp_path / f"{qtype}.gguf"
-    write_gguf(path, base.model.state_dict(), base.args, qtype=qtype)
+    write_gguf(path, base.model.state_dict(), base.args, qtype=qtype, types={"output.weight": "Q6_K"})
     src = GGUFSource(path)
-    assert default_scheme(src) == "int6"
-    specs = {p.entry.name: p.spec for p in plan(src, "int6") if p.spec is not None}
-    assert {s.scheme for name, s in specs.items() if name != "output.weight"} == {"int6"}
+    assert default_scheme(src) == "int5"
+    planned = {p.entry.name: p for p in plan(src, "int5") if p.spec is not None}
+    head = planned.pop("output.weight")
+    assert head.direct and head.spec == Q6_K_SPEC and len(planned) == 7 * base.args.n_layers
+    assert all(p.direct and p.spec == gguf_module.DIRECT_INT5[qtype] for p in planned.values())
+    for p in list(planned.values())[:3]:
+        assert torch.equal(dequantize(src.read_packed(p.entry, p.spec), p.spec), src.read(p.entry))
     ids = list(range(10, 40))
     values = lilmistral.load(path, quant="f32").forward(ids)  # the file's values, dequantized
 
@@ -265,11 +270,14 @@ def test_a_5_bit_gguf_loads_as_int6_nearer_its_values_than_int4(tmp_path, qtype)
         got = lilmistral.load(path, quant=quant, dtype="float32").forward(ids)
         return ((got - values).norm() / values.norm()).item()
 
-    assert error(None) < error("int4") / 2
+    assert error(None) < 1e-5 < error("int6") / 100
+    llm = lilmistral.load(path)  # the int5 kernels, bfloat16 and int8 activations
+    assert ((llm.forward(ids) - values).norm() / values.norm()).item() < 0.05
     r = cli("convert", str(path), "--out", str(tmp_path / "converted"))
-    assert r.returncode == 0 and "(int6," in r.stdout, r.stdout + r.stderr
-    assert json.loads((tmp_path / "converted" / "manifest.json").read_text())["quant"]["scheme"] == "int6"
-    assert torch.equal(lilmistral.load(tmp_path / "converted").forward(ids), lilmistral.load(path).forward(ids))
+    assert r.returncode == 0 and "(int5," in r.stdout, r.stdout + r.stderr
+    manifest = json.loads((tmp_path / "converted" / "manifest.json").read_text())
+    assert manifest["quant"]["scheme"] == "int5" and manifest["format_version"] == 4
+    assert torch.equal(lilmistral.load(tmp_path / "converted").forward(ids), llm.forward(ids))
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16"])
@@ -580,7 +588,8 @@ def test_gguf_block_decoders_give_the_gguf_packages_bits(kind, kernels, monkeypa
     """Every block type as a GGUF load decodes it (in C++ where lilmistral's CPU kernels are built; else Q8_0,
     Q4_K and Q6_K by PyTorch, the rest by the gguf package) gives the gguf package's values bit for bit, on
     random blocks (random quants, scales and mins) with a row of zeros and one of tiny values; straight to int8,
-    quantize_int8's bits of those values; Q4_K's scales and mins re-laid alike both ways."""
+    quantize_int8's bits of those values; Q4 and Q5 blocks re-laid as int4 and int5 parts of those values, alike
+    both ways."""
     import gguf
     import numpy as np
 
@@ -604,8 +613,13 @@ def test_gguf_block_decoders_give_the_gguf_packages_bits(kind, kernels, monkeypa
     assert torch.equal(dequantize_blocks(raw, kind), expected)
     int8, requantized = gguf_module.int8_parts(raw, kind), quantize(expected, QuantSpec("int8"))
     assert all(torch.equal(int8[name], requantized[name]) for name in ("qweight", "scales"))
-    if kind == "Q4_K" and built:  # re-laid as int4 (q4k_parts) by C++ and by PyTorch
-        re_laid = q4k_parts(raw)
-        monkeypatch.setattr(vnni, "available", lambda: not kernels)
-        other = q4k_parts(raw)
-        assert re_laid.keys() == other.keys() and all(torch.equal(re_laid[name], other[name]) for name in re_laid)
+    direct = (gguf_module.DIRECT_INT4 | gguf_module.DIRECT_INT5).get(kind)
+    if direct:  # re-laid as int4 (int5) parts, every value the gguf package's; the same bytes by C++ and by PyTorch
+        re_lay = gguf_module.q4k_parts if kind.endswith("_K") else gguf_module.q4_parts
+        re_laid = re_lay(raw, kind)
+        assert {name: (tuple(t.shape), t.dtype) for name, t in re_laid.items()} == packed_shapes(40, 2048, direct)
+        assert torch.equal(dequantize(re_laid, direct), expected)
+        if built:
+            monkeypatch.setattr(vnni, "available", lambda: not kernels)
+            other = re_lay(raw, kind)
+            assert all(torch.equal(re_laid[name], other[name]) for name in re_laid)

@@ -20,7 +20,7 @@ from lilmistral.quant import QuantLinear, vnni
 from lilmistral.quant.cpu import (DequantKernel, Int4Kernel, Int8Kernel, VnniInt4Kernel, VnniInt6Kernel, VnniInt8Kernel,
                                   make_kernel)
 from lilmistral.quant.linear import FusedQuantLinear
-from lilmistral.quant.pack import QuantSpec, dequantize, pack_int4, pack_int6, quantize
+from lilmistral.quant.pack import QuantSpec, dequantize, pack_int4, pack_int5, pack_int6, quantize
 
 from conftest import make_hf_model
 from reference import assert_blockwise_product
@@ -28,6 +28,7 @@ from reference import assert_blockwise_product
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 64, True), QuantSpec("int4", 128, False)]
 SUPER = QuantSpec("int4", 32, False, super_block=256)  # the default int4 (a GGUF's Q4_K too): super-blocked
 INT6 = QuantSpec("int6", 16, True, super_block=256)  # a GGUF's Q6_K
+INT5 = [QuantSpec("int5", 32, True), QuantSpec("int5", 32, False, super_block=256)]  # a GGUF's Q5_0, Q5_K
 SHAPES = [(48, 256), (40, 128), (192, 576), (100, 384), (1024, 512)]  # 40 and 100: not multiples of 16
 
 
@@ -55,13 +56,13 @@ def check_against_reference(kernel, parts: dict, spec: QuantSpec, rows: int, g: 
 
 
 def random_parts(n: int, k: int, spec: QuantSpec, seed: int) -> tuple[dict, QuantSpec, torch.Generator]:
-    if spec.scheme == "int4" and k % spec.group_size:
-        spec = QuantSpec("int4", 64, spec.symmetric)  # the converter's own fallback for such K
+    if spec.group_size and k % spec.group_size:
+        spec = QuantSpec(spec.scheme, 64, spec.symmetric)  # the converter's own fallback for such K
     g = torch.Generator().manual_seed(seed)
     return quantize(torch.randn(n, k, generator=g) * 0.05, spec), spec, g
 
 
-@pytest.mark.parametrize("spec,n,k", cases(SPECS + [SUPER, INT6], SHAPES))
+@pytest.mark.parametrize("spec,n,k", cases(SPECS + [SUPER, INT6, *INT5], SHAPES))
 @pytest.mark.parametrize("rows", [1, 5, 40])  # decode, small batch, prefill (PyTorch's int8: W8A8 above 16)
 def test_kernel_matches_dequantized_reference(spec, n, k, rows):
     parts, spec, g = random_parts(n, k, spec, n + k + rows)
@@ -69,8 +70,10 @@ def test_kernel_matches_dequantized_reference(spec, n, k, rows):
     int4_kind = VnniInt4Kernel if vnni.available() else Int4Kernel if n % 16 == 0 else DequantKernel
     int8_kind = VnniInt8Kernel if vnni.available() else Int8Kernel
     int6_kind = VnniInt6Kernel if vnni.available() else Int8Kernel
-    assert isinstance(kernel, {"int8": int8_kind, "int4": int4_kind, "int6": int6_kind}[spec.scheme])
-    requantized = spec.scheme == "int6" and not vnni.available()  # to int8 for PyTorch's kernel: ~0.9% more error
+    int5_kind = VnniInt4Kernel if vnni.available() else Int8Kernel
+    assert isinstance(kernel, {"int8": int8_kind, "int4": int4_kind, "int6": int6_kind, "int5": int5_kind}[spec.scheme])
+    # int5 and int6 to int8 for PyTorch's kernel: ~0.9% more error
+    requantized = spec.scheme in ("int5", "int6") and not vnni.available()
     check_against_reference(kernel, parts, spec, rows, g, tolerance=0.02 if requantized else 0.01)
 
 
@@ -82,11 +85,13 @@ def test_pytorch_int4_kernel(spec, n, k, rows):
     check_against_reference(Int4Kernel(parts, spec), parts, spec, rows, g)
 
 
-@pytest.mark.parametrize("spec,n,k", cases([QuantSpec("int8"), INT6], [shape for shape in SHAPES if shape[0] % 8 == 0]))
+@pytest.mark.parametrize("spec,n,k", cases([QuantSpec("int8"), INT6, INT5[1]],
+                                            [shape for shape in SHAPES if shape[0] % 8 == 0]))
 @pytest.mark.parametrize("rows", [1, 40])
 def test_pytorch_int8_kernel(spec, n, k, rows):
     """PyTorch's weight-only int8 kernel (decode) and torch._int_mm (prefill), which CPUs without AVX-512
-    VNNI use; int6 weights requantized to int8 for it (~0.9% more error), float32 activations still exact."""
+    VNNI use; int5 and int6 weights requantized to int8 for it (~0.9% more error), float32 activations still
+    exact."""
     parts, spec, g = random_parts(n, k, spec, n + k + rows)
     check_against_reference(Int8Kernel(parts, spec), parts, spec, rows, g, tolerance=0.02)
 
@@ -137,7 +142,7 @@ def test_the_wheel_ships_every_kernel_source(tmp_path):
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
 def test_vnni_packing_follows_the_documented_layouts():
     """pack_int4_vnni and pack_int8_vnni (one pass in C++ each) put every weight, scale and min (super-blocked:
-    code and factor) where their docstrings say, the padded columns of the last group zero."""
+    code and factor; int5: fifth bit) where their docstrings say, the padded columns of the last group zero."""
     g = torch.Generator().manual_seed(0)
     n, k, group_size, groups = 37, 256, 64, 3
 
@@ -160,6 +165,13 @@ def test_vnni_packing_follows_the_documented_layouts():
     assert torch.equal(packed["codes"], pairs.reshape(groups, 16, k // 32, 2).transpose(1, 2))
     for name, factor in (("scales", factors["super_scales"]), ("mins", factors["super_mins"])):
         assert torch.equal(packed[name], padded(factor).reshape(groups, 16, k // 256).transpose(1, 2))
+    q5 = torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=g)  # int5: q as int4's, the fifth bits apart
+    packed = vnni.pack_int4_vnni(pack_int5(q5) | {"scales": scales, "mins": mins})
+    assert torch.equal(packed["q"], vnni.pack_int4_vnni({"qweight": pack_int4(q5 & 0x0F), "scales": scales})["q"])
+    fifths = padded(q5 >> 4).reshape(groups, 16, k // 32, 8, 4)  # group, column c, block, s, byte b: input 4s + b
+    shifts = torch.arange(8, dtype=torch.uint8).view(8, 1)
+    expected = (fifths << shifts).sum(dim=3, dtype=torch.uint8)  # byte b: inputs 4s + b in bit s
+    assert torch.equal(packed["high"], expected.permute(0, 2, 1, 3).reshape(groups, k * 2))
     q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     packed = vnni.pack_int8_vnni(q8, scales[:, 0])
     expected = padded(q8).reshape(groups, 16, k // 4, 4).transpose(1, 2)  # chunk j, column c: inputs 4j..4j+3
@@ -171,7 +183,7 @@ def test_vnni_packing_follows_the_documented_layouts():
 def test_vnni_packing_of_blocks_of_rows_is_the_packing_of_their_concatenation():
     """A fused projection's parts are packed as blocks of rows (not concatenated first): blocks whose sizes
     straddle the groups of 16 columns, a strided (non-contiguous) one among them, pack as their concatenation,
-    super-blocked ones too."""
+    super-blocked ones and int5's too."""
     g = torch.Generator().manual_seed(1)
     sizes, k = (5, 16, 11, 3), 256
     q = [torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g) for n in sizes]
@@ -181,7 +193,9 @@ def test_vnni_packing_of_blocks_of_rows_is_the_packing_of_their_concatenation():
     codes = {name: [torch.randint(0, 64, (n, k // 32), dtype=torch.uint8, generator=g) for n in sizes]
              for name in ("scales", "mins")}
     factors = {name: [torch.rand(n, 1, generator=g).half() for n in sizes] for name in ("super_scales", "super_mins")}
-    for blocks in ({"qweight": q, "scales": scales, "mins": mins}, {"qweight": q, **codes, **factors}):
+    fifths = [torch.randint(0, 256, (n, k // 8), dtype=torch.uint8, generator=g) for n in sizes]  # int5
+    for blocks in ({"qweight": q, "scales": scales, "mins": mins}, {"qweight": q, **codes, **factors},
+                   {"qweight": q, "qhigh": fifths, **codes, **factors}):
         whole = vnni.pack_int4_vnni({name: torch.cat(part) for name, part in blocks.items()})
         for name, value in vnni.pack_int4_vnni(blocks).items():
             assert torch.equal(value, whole[name]) if isinstance(value, torch.Tensor) else value == whole[name]
@@ -232,7 +246,7 @@ def test_weights_in_huge_pages_are_the_same_weights(monkeypatch):
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-@pytest.mark.parametrize("spec,n,k", cases(SPECS + [SUPER, INT6], [(37, 576), (48, 256), (37, 512)]))  # 37: padded
+@pytest.mark.parametrize("spec,n,k", cases(SPECS + [SUPER, INT6, *INT5], [(37, 576), (48, 256), (37, 512)]))  # 37: padded
 def test_vnni_unpacking_gives_back_the_canonical_parts(spec, n, k):
     """What a repacked kernel's float32 fallback dequantizes once the canonical parts are gone: unpacking
     the kernel's layout gives them back, bit for bit."""
@@ -261,7 +275,7 @@ def test_gguf_q4_packing_in_cpp_is_pytorchs(head, k_quants, monkeypatch):
     assert torch.equal(fast, q4_canonical(blocks, head, k_quants))
 
 
-@pytest.mark.parametrize("spec", SPECS[:2] + [SUPER, INT6], ids=spec_id)
+@pytest.mark.parametrize("spec", SPECS[:2] + [SUPER, INT6, INT5[1]], ids=spec_id)
 def test_released_parts_are_freed_and_float32_still_gets_the_exact_product(spec):
     """release_parts: where the kernel repacked the weight, the module lets go of its canonical parts and
     nothing else holds them (their memory is freed); float32 activations still get the dequantized product,
@@ -282,19 +296,21 @@ def test_released_parts_are_freed_and_float32_still_gets_the_exact_product(spec)
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-@pytest.mark.parametrize("spec,n,k", cases(SPECS[1:] + [SUPER], [(1, 128), (37, 576), (300, 4096), (24, 1408),
-                                                                 (37, 512)]))  # N % 16: a padded last group
+@pytest.mark.parametrize("spec,n,k", cases(SPECS[1:] + [SUPER, *INT5], [(1, 128), (37, 576), (300, 4096), (24, 1408),
+                                                                          (37, 512)]))  # N % 16: a padded last group
 @pytest.mark.parametrize("rows", [1, 3, 7])
 def test_vnni_int4_kernels(spec, n, k, rows):
-    """vnni.cpp's int4 GEMV against the dequantized reference, with blocks of all-0 and all-15 codes (and of the
-    largest and zero scale and min codes of super-blocks) and a row of zero activations; each row's result the
-    same bits alone as among many."""
+    """vnni.cpp's int4 GEMV (int5's too) against the dequantized reference, with blocks of all-0 and all-15 (31)
+    values (and of the largest and zero scale and min codes of super-blocks) and a row of zero activations; each
+    row's result the same bits alone as among many."""
     if k % spec.group_size:
-        spec = QuantSpec("int4", 64, spec.symmetric)
+        spec = QuantSpec(spec.scheme, 64, spec.symmetric)
     g = torch.Generator().manual_seed(n * k + rows)
     parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
     parts["qweight"][0, :16] = 0x00
     parts["qweight"][-1, -16:] = 0xFF
+    if spec.scheme == "int5":
+        parts["qhigh"][0, :4], parts["qhigh"][-1, -4:] = 0x00, 0xFF
     if spec.super_block:
         parts["scales"][0, 0], parts["mins"][0, 0], parts["scales"][-1, -1], parts["mins"][-1, -1] = 255, 0, 0, 255
     packed = vnni.pack_int4_vnni(parts)
@@ -557,13 +573,14 @@ def test_fused_projections_give_each_projections_output(spec):
 
 
 def kernel_outputs() -> list[torch.Tensor]:
-    """Every CPU operator's results on fixed inputs: int4 (super-blocked too), int6 and int8 matmuls at 1, 5 and 19
+    """Every CPU operator's results on fixed inputs: int4 (super-blocked too), int5, int6 and int8 matmuls at 1, 5 and 19
     rows; attention in float32, masked and not; RMSNorm (after a residual's sum too), silu * up (inputs far out in
     exp's range among them), RoPE (storing keys and values too) in float32 and bfloat16, with tails shorter than a
     vector; GGUF blocks decoded, to float32 and to int8."""
     g, ops, out = torch.Generator().manual_seed(0), torch.ops.lilmistral, []
-    for (n, k), spec, rows in zip([(37, 576), (300, 4096), (1024, 1024)] * 2 + [(37, 512), (300, 4096)] * 2,
-                                  SPECS[:3] * 2 + [SUPER] * 2 + [INT6] * 2, (1, 5, 19, 19, 5, 1, 1, 19, 1, 19)):
+    for (n, k), spec, rows in zip([(37, 576), (300, 4096), (1024, 1024)] * 2 + [(37, 512), (300, 4096)] * 4,
+                                  SPECS[:3] * 2 + [SUPER] * 2 + [INT6] * 2 + INT5 * 2,
+                                  (1, 5, 19, 19, 5, 1, 1, 19, 1, 19, 19, 1, 5, 19)):
         parts = quantize(torch.randn(n, k, generator=g) * 0.05, spec)
         if spec.scheme == "int8":
             gemv, packed = ops.int8_gemv, vnni.pack_int8_vnni(parts["qweight"], parts["scales"])
@@ -589,13 +606,16 @@ def kernel_outputs() -> list[torch.Tensor]:
             keys, values = torch.zeros(2, 1, 3, x_rope.shape[-1], dtype=dtype)  # K = 1
             qkv = x_rope[:3, 0].reshape(1, -1)  # [1, (H + 2K) * hd], H = 1
             out += [ops.rope_store(qkv, cos[0, :1], sin[0, :1], keys, values, torch.tensor([1])), keys, values]
-    for kind, values, block_bytes, scale_at in (("Q5_1", 32, 24, 2), ("Q4_K", 256, 144, 2), ("Q6_K", 256, 210, 208)):
+    for kind, values, block_bytes, scale_at in (("Q5_1", 32, 24, 2), ("Q4_K", 256, 144, 2), ("Q6_K", 256, 210, 208),
+                                                ("Q5_K", 256, 176, 2)):
         blocks = torch.randint(0, 256, (6, 2, block_bytes), dtype=torch.uint8, generator=g)
         for at in {0, scale_at}:  # finite float16 scales (random bytes: NaNs)
             blocks[..., at:at + 2] = (torch.randn(6, 2, 1, generator=g) / 100).half().view(torch.uint8)
         out += [ops.gguf_dequantize(blocks.view(6, -1), kind), *ops.gguf_int8(blocks.view(6, -1), kind)]
-        if kind == "Q4_K":
+        if kind in ("Q4_K", "Q5_K"):
             out += ops.q4k_codes(blocks)
+        if kind == "Q5_K":
+            out.append(ops.q5k_highs(blocks))
         if kind == "Q6_K":
             out += ops.q6k_canonical(blocks)
     return out

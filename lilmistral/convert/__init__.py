@@ -23,7 +23,7 @@ from ..quant.pack import packed_shapes
 from .gguf import WIDE_TYPES, GGUFSource, gguf_tokenizer
 from .hf import HFSource, TensorEntry
 
-FORMAT_VERSION = 3  # the newest this version reads; 2: super-blocked int4; 3: int6 (docs/format.md)
+FORMAT_VERSION = 4  # the newest this version reads; 2: super-blocked int4; 3: int6; 4: int5 (docs/format.md)
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 FLOAT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -46,13 +46,14 @@ def open_source(path: Path) -> Source:
 
 
 def default_scheme(src: Source) -> str:
-    """The lilmistral scheme closest to how the source is stored, and no narrower: GGUF's 5-bit types, which
-    have no layout here, are requantized to int6 (int4 would lose ~2.4x as much of their values)."""
+    """The lilmistral scheme closest to how the source is stored: each GGUF block type's own layout."""
     kinds = [e.source_type for e in src.entries if e.name.endswith(".w1.weight")] or [src.entries[0].source_type]
     kind = max(set(kinds), key=kinds.count)
     if kind in ("Q4_0", "Q4_1", "Q4_K"):
         return "int4"
-    if kind in ("Q6_K", "Q5_0", "Q5_1", "Q5_K"):
+    if kind in ("Q5_0", "Q5_1", "Q5_K"):
+        return "int5"
+    if kind == "Q6_K":
         return "int6"
     if kind == "Q8_0":
         return "int8"
@@ -75,7 +76,7 @@ def plan(src: Source, scheme: str, group_size: int = DEFAULT_GROUP_SIZE,
     if group_size not in GROUP_SIZES:
         raise LilmistralError(f"group size must be one of {', '.join(map(str, GROUP_SIZES))}")
     gguf = isinstance(src, GGUFSource)
-    keep_wide = gguf and scheme == default_scheme(src) == "int4"  # a 4-bit file's wider tensors
+    keep_wide = gguf and scheme == default_scheme(src) in ("int4", "int5")  # a 4- or 5-bit file's wider tensors
     planned = []
     for e in src.entries:
         spec = spec_for(e.name, e.shape, scheme, group_size, tied=src.args.tie_embeddings)
@@ -141,7 +142,8 @@ def _save_tokenizer(src: Source, folder: Path) -> str:
 def format_version(planned: list[Planned]) -> int:
     """The oldest format that holds these tensors, so that older lilmistral versions read what they can."""
     specs = [p.spec for p in planned if p.spec is not None]
-    return 3 if any(s.scheme == "int6" for s in specs) else 2 if any(s.super_block for s in specs) else 1
+    schemes = {s.scheme for s in specs}
+    return 4 if "int5" in schemes else 3 if "int6" in schemes else 2 if any(s.super_block for s in specs) else 1
 
 
 def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False,
@@ -169,7 +171,7 @@ def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROU
         manifest = {
             "format": "lilmistral", "format_version": version,
             "args": src.args.to_dict(),
-            "quant": {"scheme": scheme, "group_size": group_size if scheme.startswith("int4") else None},
+            "quant": {"scheme": scheme, "group_size": group_size if scheme.startswith(("int4", "int5")) else None},
             "float_dtype": str(float_dtype).removeprefix("torch."),
             "tensors": {p.entry.name: p.spec.to_dict() for p in planned if p.spec is not None},
             "direct_tensors": sum(p.direct for p in planned),

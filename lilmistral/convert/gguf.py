@@ -59,6 +59,9 @@ SUPPORTED = (*FLOAT_TYPES, *BLOCK_TYPES)
 # each sub-block's scale and min
 DIRECT_INT4 = {"Q4_0": QuantSpec("int4", 32, True), "Q4_1": QuantSpec("int4", 32, False),
                "Q4_K": QuantSpec("int4", 32, False, super_block=256)}
+# Block formats that are one of lilmistral's int5 layouts (int4's plus a plane of fifth bits), re-laid likewise
+DIRECT_INT5 = {"Q5_0": QuantSpec("int5", 32, True), "Q5_1": QuantSpec("int5", 32, False),
+               "Q5_K": QuantSpec("int5", 32, False, super_block=256)}
 # Q6_K super-blocks are int6 (pack.py), every value the same
 Q6_K_SPEC = QuantSpec("int6", 16, True, super_block=256)
 # Block types of 6 bits or more, which a mostly 4-bit file (llama.cpp's Q4_K_M: its output head, attn_v and
@@ -401,11 +404,12 @@ class GGUFSource:
         return tensor if rows is None else tensor[rows]
 
     def direct_spec(self, entry: GGUFEntry, spec: QuantSpec | None) -> QuantSpec | None:
-        """The spec read_packed makes this tensor's blocks into for `spec`: for int4 groups of 32, the int4 layout
-        that holds Q4 blocks as they are; for int6, Q6_K's as they are; for int8, int8 (blocks decoded a few rows
-        at a time); else None."""
-        if spec and spec.scheme == "int4" and spec.group_size == 32 and entry.source_type in DIRECT_INT4:
-            return DIRECT_INT4[entry.source_type]
+        """The spec read_packed makes this tensor's blocks into for `spec`: for int4 (int5) groups of 32, the int4
+        (int5) layout that holds Q4 (Q5) blocks as they are; for int6, Q6_K's as they are; for int8, int8 (blocks
+        decoded a few rows at a time); else None."""
+        direct = {"int4": DIRECT_INT4, "int5": DIRECT_INT5}.get(spec.scheme, {}) if spec else {}
+        if entry.source_type in direct and spec.group_size == 32:
+            return direct[entry.source_type]
         if spec and spec.scheme == "int6" and entry.source_type == "Q6_K":
             return Q6_K_SPEC
         if spec and spec.scheme == "int8" and entry.source_type not in FLOAT_TYPES:
@@ -413,16 +417,18 @@ class GGUFSource:
         return None
 
     def read_packed(self, entry: GGUFEntry, spec: QuantSpec) -> dict[str, torch.Tensor]:
-        """The parts of direct_spec's `spec`: Q4_0 / Q4_1 / Q4_K blocks re-laid into lilmistral's int4 parts (see
-        DIRECT_INT4), Q6_K's into int6 parts (q6k_parts), or blocks decoded and quantized to int8 by int8_parts:
+        """The parts of direct_spec's `spec`: Q4_0 / Q4_1 / Q4_K (Q5_0 / Q5_1 / Q5_K) blocks re-laid into
+        lilmistral's int4 (int5) parts (see DIRECT_INT4, DIRECT_INT5), Q6_K's into int6 parts (q6k_parts), or
+        blocks decoded and quantized to int8 by int8_parts:
         quantize(read(entry)) without the float32 copy of the whole tensor, whose fresh pages cost more than the
         decoding (int8 scales are per row: the same bits)."""
         raw = self._raw(entry)
         rows = self._rope_rows(entry)
         if rows is not None:
             raw = raw[rows]
-        if spec.scheme == "int4":
-            parts = q4k_parts(raw) if entry.source_type == "Q4_K" else q4_parts(raw, entry.source_type == "Q4_1")
+        if spec.scheme in ("int4", "int5"):
+            parts = q4k_parts(raw, entry.source_type) if entry.source_type.endswith("_K") else \
+                q4_parts(raw, entry.source_type)
         elif spec.scheme == "int6":
             parts = q6k_parts(raw)
         else:
@@ -441,13 +447,16 @@ def int8_parts(raw: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     return {name: torch.cat([c[name] for c in chunks]) for name in ("qweight", "scales")}
 
 
-def q4_parts(raw: torch.Tensor, with_mins: bool) -> dict[str, torch.Tensor]:
-    """Rows of Q4_0 (or Q4_1) blocks [N, bytes]: a float16 scale (and min), 16 bytes of quants."""
-    head = 4 if with_mins else 2
-    blocks = raw.view(raw.shape[0], -1, head + 16)
-    parts = {"qweight": q4_canonical(blocks, head), "scales": blocks[..., :2].view(torch.float16)[..., 0].clone()}
-    if with_mins:
+def q4_parts(raw: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """Rows of Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks [N, bytes]: a float16 scale (and min: _1), (Q5: 4 bytes of fifth
+    bits, value i's in bit i: int5's qhigh as they are,) 16 bytes of quants."""
+    n, head, fifths = raw.shape[0], 4 if kind.endswith("_1") else 2, 4 if kind.startswith("Q5") else 0
+    blocks = raw.view(n, -1, head + fifths + 16)
+    parts = {"qweight": q4_canonical(blocks, head + fifths), "scales": blocks[..., :2].view(torch.float16)[..., 0].clone()}
+    if head == 4:
         parts["mins"] = blocks[..., 2:4].view(torch.float16)[..., 0].clone()
+    if fifths:
+        parts["qhigh"] = blocks[..., head:head + 4].reshape(n, -1)
     return parts
 
 
@@ -467,16 +476,29 @@ def q4k_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scales, mins
 
 
-def q4k_parts(raw: torch.Tensor) -> dict[str, torch.Tensor]:
+def q4k_parts(raw: torch.Tensor, kind: str = "Q4_K") -> dict[str, torch.Tensor]:
     """Rows of Q4_K super-blocks [N, bytes], each 256 values in 8 sub-blocks of 32 (sub-block j: d * scale[j] * q
     - dmin * min[j]; q4k_codes), then 4 chunks of 32 bytes, chunk c's low nibbles sub-block 2c, its high ones
-    2c + 1: the super-blocked int4 parts (pack.py) of the gguf package's Q4_K.dequantize_blocks, its bits."""
-    n = raw.shape[0]
-    blocks = raw.view(n, -1, 144)
+    2c + 1: the super-blocked int4 parts (pack.py) of the gguf package's Q4_K.dequantize_blocks, its bits. Q5_K's
+    are Q4_K's with 32 bytes of fifth bits before the quants (q5k_highs): int5's parts."""
+    n, fifths = raw.shape[0], 32 if kind == "Q5_K" else 0
+    blocks = raw.view(n, -1, 144 + fifths)
     scales, mins = torch.ops.lilmistral.q4k_codes(blocks) if vnni.available() else q4k_codes(blocks)
     d, dmin = q4k_factors(blocks)
-    return {"qweight": q4_canonical(blocks, 16, k_quants=True), "scales": scales.view(n, -1),
-            "mins": mins.view(n, -1), "super_scales": d, "super_mins": -dmin}
+    parts = {"qweight": q4_canonical(blocks, 16 + fifths, k_quants=True), "scales": scales.view(n, -1),
+             "mins": mins.view(n, -1), "super_scales": d, "super_mins": -dmin}
+    if fifths:
+        parts["qhigh"] = torch.ops.lilmistral.q5k_highs(blocks) if vnni.available() else q5k_highs(blocks)
+    return parts
+
+
+def q5k_highs(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_K super-blocks [N, B, 176] -> int5's qhigh [N, B * 32] of their fifth bits: 32 bytes after the codes,
+    bit j of byte i for value i of sub-block j (in C++ where lilmistral's CPU kernels are built)."""
+    n, b = blocks.shape[:2]
+    bits = (blocks[..., 16:48, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [N, B, i, j]
+    values = bits.transpose(-1, -2).reshape(n, b, 32, 8)  # value 32j + i, eight a byte
+    return (values << torch.arange(8, dtype=torch.uint8)).sum(dim=-1, dtype=torch.uint8).view(n, -1)
 
 
 def q6k_parts(raw: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -499,7 +521,8 @@ def q6k_canonical(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def q4_canonical(blocks: torch.Tensor, head: int, k_quants: bool = False) -> torch.Tensor:
     """The quants of Q4_0 / Q4_1 blocks [N, B, head + 16] (byte j: value j in its low nibble, j + 16 in its high
-    one), or of Q4_K super-blocks [N, B, 144] (k_quants; see q4k_parts), as pack.py's bytes [N, K/2] (byte b:
+    one), or of Q4_K super-blocks [N, B, 144] (k_quants; see q4k_parts), or the low 4 bits of Q5 blocks' (head:
+    up to their quants), as pack.py's bytes [N, K/2] (byte b:
     values 2b, 2b + 1). In one pass of gguf_blocks.cpp's where lilmistral's CPU kernels are built (~5x faster than
     PyTorch's operators on strided bytes)."""
     if vnni.available():

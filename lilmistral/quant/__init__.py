@@ -7,11 +7,12 @@ import importlib
 from typing import Any
 
 FLOAT_SCHEMES = ("f32", "bf16", "f16")
-# int4: with a per-group min; int4-sym: without; int6: GGUF Q6_K's layout
-SCHEMES = ("int4", "int4-sym", "int6", "int8", *FLOAT_SCHEMES)
+# int4: with a per-group min; int4-sym: without; int5: int4's layouts with a fifth bit (GGUF Q5_K's, super-blocked);
+# int6: GGUF Q6_K's layout
+SCHEMES = ("int4", "int4-sym", "int5", "int6", "int8", *FLOAT_SCHEMES)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 32  # chosen by measurement: README, "Quantization quality"
-# int4 g32's super-blocks (pack.py), the first that divides K: GGUF Q4_K's 256; 192 for K = 576 (SmolLM2)
+# int4 (int5) g32's super-blocks (pack.py), the first that divides K: GGUF Q4_K's 256; 192 for K = 576 (SmolLM2)
 SUPER_BLOCKS = (256, 192)
 QUANTIZED_SUFFIXES = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
                       ".w1.weight", ".w2.weight", ".w3.weight")

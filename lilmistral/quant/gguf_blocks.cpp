@@ -1,7 +1,7 @@
 // GGUF's block formats (convert/gguf.py reads the files): rows of blocks decoded to float32 with the gguf
 // package's operations (its dequantize_blocks, step for step: the same bits), or to int8 rows as pack.py's
-// quantize_int8 makes them from those floats, one row at a time; Q4_K's scales and mins, and the quants of Q4
-// blocks, as pack.py's int4 parts; Q6_K's quants as its int6 parts. Loading a GGUF runs these over most of its
+// quantize_int8 makes them from those floats, one row at a time; Q4_K's (Q5_K's) scales and mins, and the quants
+// of Q4 (Q5) blocks, as pack.py's int4 (int5) parts; Q6_K's quants as its int6 parts. Loading a GGUF runs these over most of its
 // bytes (docs/performance.md, "Loading"). vnni.py compiles this file after lanes.cpp and vnni.cpp (store_int8),
 // in one unit.
 #include <c10/util/Half.h>
@@ -167,11 +167,12 @@ std::tuple<at::Tensor, at::Tensor> gguf_int8(const at::Tensor& raw, c10::string_
   return {q, scales};
 }
 
-// Q4_K super-blocks uint8 [N, B, 144] -> the 6-bit codes of their sub-blocks' scales and mins, uint8 [N, B * 8]
-// each, as convert/gguf.py's q4k_parts keeps them (times the super-block's d and -dmin).
+// Q4_K (Q5_K) super-blocks uint8 [N, B, 144 (176)] -> the 6-bit codes of their sub-blocks' scales and mins, uint8
+// [N, B * 8] each, as convert/gguf.py's q4k_parts keeps them (times the super-block's d and -dmin).
 std::tuple<at::Tensor, at::Tensor> q4k_codes(const at::Tensor& blocks) {
-  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == 144 &&
-              blocks.stride(2) == 1 && blocks.stride(1) == 144, "q4k_codes: blocks must be uint8 [N, B, 144]");
+  const int64_t size = blocks.dim() == 3 ? blocks.size(2) : 0;
+  TORCH_CHECK(blocks.scalar_type() == at::kByte && (size == 144 || size == 176) && blocks.stride(2) == 1 &&
+              blocks.stride(1) == size, "q4k_codes: blocks must be uint8 [N, B, 144 or 176]");
   const int64_t N = blocks.size(0), B = blocks.size(1), stride = blocks.stride(0);
   at::Tensor scales = at::empty({N, B * 8}, blocks.options()), mins = at::empty_like(scales);
   const uint8_t* in = blocks.data_ptr<uint8_t>();
@@ -181,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> q4k_codes(const at::Tensor& blocks) {
     for (int64_t n = begin; n < end; ++n)
       for (int64_t b = 0; b < B; ++b)
         for (int j = 0; j < 8; ++j) {
-          const auto [scale, min] = scale_min(in + n * stride + b * 144 + 4, j);
+          const auto [scale, min] = scale_min(in + n * stride + b * size + 4, j);
           s[(n * B + b) * 8 + j] = static_cast<uint8_t>(scale), m[(n * B + b) * 8 + j] = static_cast<uint8_t>(min);
         }
   });
@@ -267,12 +268,41 @@ std::tuple<at::Tensor, at::Tensor> q6k_canonical(const at::Tensor& blocks) {
   return {low, high};
 }
 
+// Q5_K super-blocks uint8 [N, B, 176] -> pack.py's int5 qhigh, uint8 [N, B * 32]: their 32 bytes of fifth bits
+// (bit j of byte i: value i of sub-block j) transposed, 8x8 bits at a time, to byte 4j + t holding values 32j + 8t
+// + r in bit r.
+at::Tensor q5k_highs(const at::Tensor& blocks) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.scalar_type() == at::kByte && blocks.size(2) == 176 &&
+              blocks.stride(2) == 1 && blocks.stride(1) == 176, "q5k_highs: blocks must be uint8 [N, B, 176]");
+  const int64_t N = blocks.size(0), B = blocks.size(1), stride = blocks.stride(0);
+  at::Tensor out = at::empty({N, B * 32}, blocks.options());
+  const uint8_t* in = blocks.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t b = 0; b < B; ++b)
+        for (int t = 0; t < 4; ++t) {
+          uint64_t x;  // byte r: value 8t + r's bits, bit j its sub-block j's; transposed (Hacker's Delight 7-3)
+          std::memcpy(&x, in + n * stride + b * 176 + 16 + 8 * t, 8);
+          uint64_t d = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAull;
+          x ^= d ^ (d << 7);
+          d = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCull;
+          x ^= d ^ (d << 14);
+          d = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ull;
+          x ^= d ^ (d << 28);
+          for (int j = 0; j < 8; ++j) o[(n * B + b) * 32 + 4 * j + t] = static_cast<uint8_t>(x >> (8 * j));
+        }
+  });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(lilmistral, m) {
   m.def("gguf_dequantize(Tensor raw, str kind) -> Tensor");
   m.def("gguf_int8(Tensor raw, str kind) -> (Tensor, Tensor)");
   m.def("q4k_codes(Tensor blocks) -> (Tensor, Tensor)");
   m.def("q4_canonical(Tensor blocks, int head, bool k_quants) -> Tensor");
   m.def("q6k_canonical(Tensor blocks) -> (Tensor, Tensor)");
+  m.def("q5k_highs(Tensor blocks) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
@@ -281,4 +311,5 @@ TORCH_LIBRARY_IMPL(lilmistral, CPU, m) {
   m.impl("q4k_codes", &q4k_codes);
   m.impl("q4_canonical", &q4_canonical);
   m.impl("q6k_canonical", &q6k_canonical);
+  m.impl("q5k_highs", &q5k_highs);
 }

@@ -179,8 +179,8 @@ def spec_for(name: str, shape: tuple[int, ...], scheme: str, group_size: int = D
              tied: bool = False) -> QuantSpec | None:
     """How tensor `name` is stored under `scheme`; None: kept in floating point.
 
-    Attention and FFN (and expert) projections take the scheme; int4 g32 with mins in super-blocks where one
-    of SUPER_BLOCKS divides the input size (4.625 bits a weight for 5.0, perplexity alike: README); int6 in
+    Attention and FFN (and expert) projections take the scheme; int4 (int5) g32 with mins in super-blocks where
+    one of SUPER_BLOCKS divides the input size (4.625 bits a weight for 5.0, perplexity alike: README); int6 in
     super-blocks too (else int8: it has no plain layout). An untied output head takes int8 (it is read every
     token but is sensitive to 4-bit error). Embeddings, norms and router gates stay in floating point: they are
     small, or (embeddings) only one row is read per token.
@@ -196,7 +196,7 @@ def spec_for(name: str, shape: tuple[int, ...], scheme: str, group_size: int = D
         g = group_size_for(shape[1], group_size)
         if scheme == "int4-sym":
             return QuantSpec("int4", g, symmetric=True)
-        return QuantSpec("int4", g, symmetric=False, super_block=super_block if g == 32 else 0)
+        return QuantSpec(scheme, g, symmetric=False, super_block=super_block if g == 32 else 0)
     if name == "output.weight" and not tied:
         return QuantSpec("int8")
     return None
