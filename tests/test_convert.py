@@ -14,7 +14,7 @@ import torch
 import lilmistral
 from conftest import SPM_V1, make_hf_model, write_gguf
 from lilmistral.cli import main
-from lilmistral.convert import convert, default_scheme, gguf as gguf_module, plan
+from lilmistral.convert import FORMAT_VERSION, convert, default_scheme, gguf as gguf_module, plan
 from lilmistral.convert.gguf import BLOCK_TYPES, Q6_K_SPEC, GGUFSource, dequantize_blocks, q4k_parts
 from lilmistral.quant import QuantExperts, QuantLinear, QuantSpec, dequantize, quantize, vnni
 from lilmistral.quant.pack import pack_int4, packed_shapes, unpack_int4
@@ -212,8 +212,9 @@ def test_a_q4_k_m_gguf_runs_its_q4_k_and_q6_k_blocks_as_they_are_and_converts_to
     counts = Counter(spec["scheme"] for spec in manifest["tensors"].values())
     layouts = f"(tensors {counts['int4']} int4 g32 in super-blocks of 256, {counts['int6']} int6)"
     assert shown.returncode == 0 and layouts in shown.stdout
-    (out / "manifest.json").write_text(json.dumps(manifest | {"format_version": 4, "tensors": {}}))
-    assert_one_line_error(cli("run", str(out), "Hi"), "made by a newer lilmistral (format 4)")
+    newer = FORMAT_VERSION + 1
+    (out / "manifest.json").write_text(json.dumps(manifest | {"format_version": newer, "tensors": {}}))
+    assert_one_line_error(cli("run", str(out), "Hi"), f"made by a newer lilmistral (format {newer})")
     name = "layers.0.attention.wq.weight"  # a layout the file cannot have: one line, as any bad file
     for layout, words in (({"super_block": 48}, "unknown layout"), ({"bits": 3}, "unknown layout"),
                           ({"super_block": 96}, "not whole groups")):

@@ -405,13 +405,15 @@ def test_super_blocked_parts_run_as_they_are_stored():
         assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
-def test_int6_parts_run_requantized_to_int8():
-    """int6 (a GGUF's Q6_K) has no Triton layout of its own: the kernel (and the gated one, over blocks of rows)
-    takes it requantized to int8 per output channel (each weight within half its row's int8 step of the int6
-    value), and computes those weights' product."""
+@pytest.mark.parametrize("spec", [QuantSpec("int6", 16, True, super_block=256), QuantSpec("int5", 32, True),
+                                  QuantSpec("int5", 32, False, super_block=256)], ids=["int6", "int5-sym", "int5-s256"])
+def test_int5_and_int6_parts_run_requantized_to_int8(spec):
+    """int6 (a GGUF's Q6_K) and int5 (Q5_0, Q5_K) have no Triton layout of their own: the kernel (and the gated
+    one, over blocks of rows) takes them requantized to int8 per output channel (each weight within half its
+    row's int8 step of its value), and computes those weights' product."""
     from lilmistral.quant.pack import plain_parts
 
-    spec, g = QuantSpec("int6", 16, True, super_block=256), torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     w1, w3 = (quantize(torch.randn(40, 512, generator=g) * 0.05, spec) for _ in range(2))
     as_int8 = [dequantize(*plain_parts(w, spec)).double() for w in (w1, w3)]
     for w, e in zip((w1, w3), as_int8):
