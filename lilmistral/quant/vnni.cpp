@@ -62,8 +62,10 @@ inline void int4_block(const uint8_t* w, const uint8_t* fifths, const int8_t* x,
   const auto fifth = [&](int s) {  // sub-chunk s's fifth bits, moved from bit s to bit 4 of each byte
     return _mm512_and_si512(s < 4 ? _mm512_slli_epi16(hb, 4 - s) : _mm512_srli_epi16(hb, s - 4), bit4);
   };
-  __m512i low_sum[M], high_sum[M];  // two chains of vpdpbusd per row, for their latency
-  for (int m = 0; m < M; ++m) low_sum[m] = high_sum[m] = _mm512_setzero_si512();
+  constexpr int C = M < 4 ? 2 : 1;  // few rows: two chains of vpdpbusd per row, for their latency
+  __m512i chains[M][C];
+  for (int m = 0; m < M; ++m)
+    for (int c = 0; c < C; ++c) chains[m][c] = _mm512_setzero_si512();
   for (int j = 0; j < 4; ++j) {
     _mm_prefetch(reinterpret_cast<const char*>(w + j * 64 + PREFETCH), _MM_HINT_T0);
     const __m512i v = _mm512_loadu_si512(w + j * 64);
@@ -71,11 +73,11 @@ inline void int4_block(const uint8_t* w, const uint8_t* fifths, const int8_t* x,
     if constexpr (FIFTH) low = _mm512_or_si512(low, fifth(2 * j)), high = _mm512_or_si512(high, fifth(2 * j + 1));
     for (int m = 0; m < M; ++m) {
       const int8_t* xm = x + m * K + 8 * j;
-      low_sum[m] = _mm512_dpbusd_epi32(low_sum[m], low, _mm512_broadcastd_epi32(_mm_loadu_si32(xm)));
-      high_sum[m] = _mm512_dpbusd_epi32(high_sum[m], high, _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4)));
+      chains[m][0] = _mm512_dpbusd_epi32(chains[m][0], low, _mm512_broadcastd_epi32(_mm_loadu_si32(xm)));
+      chains[m][C - 1] = _mm512_dpbusd_epi32(chains[m][C - 1], high, _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4)));
     }
   }
-  for (int m = 0; m < M; ++m) sum[m] = {_mm512_add_epi32(low_sum[m], high_sum[m])};
+  for (int m = 0; m < M; ++m) sum[m] = {C == 2 ? _mm512_add_epi32(chains[m][0], chains[m][C - 1]) : chains[m][0]};
 }
 
 // int6 weights' integer sums for a half block, a group of 16 inputs: w its 128 bytes of low 4 bits (two chunks as
