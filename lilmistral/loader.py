@@ -383,7 +383,8 @@ def _load_source(path: Path, quant: str | None, device: str, dtype: str | torch.
         planned = [p for p in plan(src, quant, group_size, compute) if keep is None or keep(p.entry.name)]
         specs = {p.entry.name: p.spec for p in planned if p.spec is not None}
         model = build_model(src.args, produce(src, planned), specs, device, compute, keep)
-    info = {"quant": quant or "as stored", "group_size": group_size if quant and quant.startswith(("int4", "int5")) else None}
+    grouped = quant is not None and quant.startswith(("int4", "int5"))
+    info = {"quant": quant or "as stored", "group_size": group_size if grouped else None}
     return model, info
 
 

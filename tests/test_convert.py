@@ -44,14 +44,17 @@ def test_pack_int4_round_trip():
 
 
 @pytest.mark.parametrize("spec,max_rel", [(QuantSpec("int8"), 0.01), (QuantSpec("int4", 32, False), 0.09),
-                                          (QuantSpec("int4", 64, False), 0.1), (QuantSpec("int4", 32, True), 0.1)])
+                                          (QuantSpec("int4", 64, False), 0.1), (QuantSpec("int4", 32, True), 0.1),
+                                          (QuantSpec("int5", 32, False, super_block=256), 0.045),
+                                          (QuantSpec("int5", 32, True), 0.05)])
 def test_quantize_error_bounds(spec, max_rel):
     w = torch.randn(96, 256)
     rel = ((dequantize(quantize(w, spec), spec) - w).norm() / w.norm()).item()
     assert rel < max_rel
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True)])
+@pytest.mark.parametrize("spec", [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True),
+                                  QuantSpec("int5", 32, False, super_block=256)])
 def test_quantizing_in_chunks_of_rows_gives_each_rows_own_bits(spec, monkeypatch):
     """Rows are quantized a chunk at a time (float32 temporaries that fit the cache): any chunking, the
     parts of quantizing each row alone; a row of zeros too."""

@@ -509,7 +509,8 @@ def test_moe_loop_over_experts_is_not_traced(tmp_path):
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-@pytest.mark.parametrize("quant", ["int4-sym", "int8"])  # int4 with mins: test_moe_decode_batches_the_routed_experts
+# int4 with mins: test_moe_decode_batches_the_routed_experts
+@pytest.mark.parametrize("quant", ["int4-sym", "int5", "int8"])
 def test_moe_with_batched_experts_traces_and_routes_each_token(tmp_path, quant):
     """A MoE whose experts run in one batched kernel call (QuantExperts on the CPU kernels: the routed ids go
     in as a tensor) is traced, and the traced step routes every token afresh: bit for bit the eager step's

@@ -246,7 +246,7 @@ def test_weights_in_huge_pages_are_the_same_weights(monkeypatch):
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
-@pytest.mark.parametrize("spec,n,k", cases(SPECS + [SUPER, INT6, *INT5], [(37, 576), (48, 256), (37, 512)]))  # 37: padded
+@pytest.mark.parametrize("spec,n,k", cases(SPECS + [SUPER, INT6, *INT5], [(37, 576), (48, 256), (37, 512)]))  # 37: pads
 def test_vnni_unpacking_gives_back_the_canonical_parts(spec, n, k):
     """What a repacked kernel's float32 fallback dequantizes once the canonical parts are gone: unpacking
     the kernel's layout gives them back, bit for bit."""
@@ -302,7 +302,7 @@ def test_released_parts_are_freed_and_float32_still_gets_the_exact_product(spec)
 def test_vnni_int4_kernels(spec, n, k, rows):
     """vnni.cpp's int4 GEMV (int5's too) against the dequantized reference, with blocks of all-0 and all-15 (31)
     values (and of the largest and zero scale and min codes of super-blocks) and a row of zero activations; each
-    row's result the same bits alone as among many."""
+    row's result the same bits alone as among many, and in the expert-batched form (rows of two experts)."""
     if k % spec.group_size:
         spec = QuantSpec(spec.scheme, 64, spec.symmetric)
     g = torch.Generator().manual_seed(n * k + rows)
@@ -327,6 +327,16 @@ def test_vnni_int4_kernels(spec, n, k, rows):
     assert torch.equal(torch.ops.lilmistral.int4_gemv(x[1:2], **packed)[0], got[1])
     xb = x.bfloat16()  # bfloat16 in and out: as float32 in, rounded out
     assert torch.equal(torch.ops.lilmistral.int4_gemv(xb, **packed), torch.ops.lilmistral.int4_gemv(xb.float(), **packed).bfloat16())
+    experts = [packed, vnni.pack_int4_vnni(quantize(torch.randn(n, k, generator=g) * 0.05, spec))]
+    chosen = torch.arange(rows + 1) % 2  # row r times expert r % 2's weight, each row as alone
+
+    def of_experts(name: str) -> list:
+        return [] if experts[0][name] is None else [e[name] for e in experts]
+
+    batched = torch.ops.lilmistral.int4_gemv_experts(x, *map(of_experts, ("q", "scales", "mins")), n, chosen,
+                                                     of_experts("codes"), of_experts("high"))
+    for r, e in enumerate(chosen.tolist()):
+        assert torch.equal(batched[r], torch.ops.lilmistral.int4_gemv(x[r:r + 1], **experts[e])[0])
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
@@ -573,8 +583,8 @@ def test_fused_projections_give_each_projections_output(spec):
 
 
 def kernel_outputs() -> list[torch.Tensor]:
-    """Every CPU operator's results on fixed inputs: int4 (super-blocked too), int5, int6 and int8 matmuls at 1, 5 and 19
-    rows; attention in float32, masked and not; RMSNorm (after a residual's sum too), silu * up (inputs far out in
+    """Every CPU operator's results on fixed inputs: int4 (super-blocked too), int5, int6 and int8 matmuls at 1, 5 and
+    19 rows; attention in float32, masked and not; RMSNorm (after a residual's sum too), silu * up (inputs far out in
     exp's range among them), RoPE (storing keys and values too) in float32 and bfloat16, with tails shorter than a
     vector; GGUF blocks decoded, to float32 and to int8."""
     g, ops, out = torch.Generator().manual_seed(0), torch.ops.lilmistral, []

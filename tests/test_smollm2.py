@@ -96,7 +96,7 @@ def test_cli_run_on_the_gguf(gguf_path, quant, question):
     assert expected in r.stdout
 
 
-@pytest.mark.parametrize("quant", ["int8", "int6", "int4"])
+@pytest.mark.parametrize("quant", ["int8", "int6", "int5", "int4"])
 def test_kernels_follow_the_dequantized_model(gguf_path, quant):
     """The packed CPU kernels (bfloat16 activations) against the same weights dequantized and run in float32:
     the same greedy tokens, or a first divergence that the reference itself calls a near tie."""
@@ -135,7 +135,7 @@ def quality_table(gguf_path, n_tokens: int, full: bool = True) -> dict[str, floa
 
     def ours(scheme: str, g: int = 0, symmetric: bool = False, super_blocked: bool = False):
         def transform(w):
-            if super_blocked or scheme == "int6":  # as spec_for makes Hugging Face weights' int4 (and int6)
+            if super_blocked or scheme == "int6":  # as spec_for makes Hugging Face weights' int4 (int5, int6)
                 spec = spec_for("x.w1.weight", tuple(w.shape), scheme)
                 assert spec.super_block  # 256 where it divides K, else 192 (K = 576)
             else:
@@ -159,6 +159,10 @@ def quality_table(gguf_path, n_tokens: int, full: bool = True) -> dict[str, floa
     table["int4-sym g32"] = ppl_with(ours("int4", 32, symmetric=True))
     table["llama.cpp Q4_0 (g32 sym)"] = ppl_with(llama_cpp("Q4_0"))
     table["llama.cpp Q4_1 (g32 min)"] = ppl_with(llama_cpp("Q4_1"))
+    table["int5 g32 super-blocked"] = ppl_with(ours("int5", 32, super_blocked=True))
+    table["int5-sym g32 (Q5_0's layout)"] = ppl_with(ours("int5", 32, symmetric=True))
+    table["llama.cpp Q5_0 (g32 sym)"] = ppl_with(llama_cpp("Q5_0"))
+    table["llama.cpp Q5_1 (g32 min)"] = ppl_with(llama_cpp("Q5_1"))
     return table
 
 

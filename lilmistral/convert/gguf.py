@@ -452,7 +452,8 @@ def q4_parts(raw: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     bits, value i's in bit i: int5's qhigh as they are,) 16 bytes of quants."""
     n, head, fifths = raw.shape[0], 4 if kind.endswith("_1") else 2, 4 if kind.startswith("Q5") else 0
     blocks = raw.view(n, -1, head + fifths + 16)
-    parts = {"qweight": q4_canonical(blocks, head + fifths), "scales": blocks[..., :2].view(torch.float16)[..., 0].clone()}
+    parts = {"qweight": q4_canonical(blocks, head + fifths),
+             "scales": blocks[..., :2].view(torch.float16)[..., 0].clone()}
     if head == 4:
         parts["mins"] = blocks[..., 2:4].view(torch.float16)[..., 0].clone()
     if fifths:

@@ -1,9 +1,9 @@
 // GGUF's block formats (convert/gguf.py reads the files): rows of blocks decoded to float32 with the gguf
 // package's operations (its dequantize_blocks, step for step: the same bits), or to int8 rows as pack.py's
 // quantize_int8 makes them from those floats, one row at a time; Q4_K's (Q5_K's) scales and mins, and the quants
-// of Q4 (Q5) blocks, as pack.py's int4 (int5) parts; Q6_K's quants as its int6 parts. Loading a GGUF runs these over most of its
-// bytes (docs/performance.md, "Loading"). vnni.py compiles this file after lanes.cpp and vnni.cpp (store_int8),
-// in one unit.
+// of Q4 (Q5) blocks, as pack.py's int4 (int5) parts; Q6_K's quants as its int6 parts. Loading a GGUF runs these
+// over most of its bytes (docs/performance.md, "Loading"). vnni.py compiles this file after lanes.cpp and
+// vnni.cpp (store_int8), in one unit.
 #include <c10/util/Half.h>
 
 #include <string>

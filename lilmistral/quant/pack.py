@@ -50,7 +50,6 @@ class QuantSpec:
         d = {"scheme": self.scheme, "group_size": self.group_size, "symmetric": self.symmetric}
         return d | {"super_block": self.super_block} if self.super_block else d
 
-
     @property
     def levels(self) -> int:
         """int4's and int5's number of values q takes (16, 32)."""
@@ -208,8 +207,8 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
 
 
 def group_scales(parts: dict[str, torch.Tensor], spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """int4's (int5's) float32 scales and mins (None: symmetric) [N, K/G], super-blocked ones decoded (exactly: a float16
-    times an 8-bit code)."""
+    """int4's (int5's) float32 scales and mins (None: symmetric) [N, K/G], super-blocked ones decoded (exactly: a
+    float16 times an 8-bit code)."""
     scales, mins = parts["scales"].float(), parts.get("mins")
     if not spec.super_block:
         return scales, None if mins is None else mins.float()

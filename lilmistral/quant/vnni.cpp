@@ -618,7 +618,8 @@ Int4Gemv int4_kernel(const at::Tensor& q, const at::Tensor& scales, const c10::o
               (codes || factors == blocks) &&
               (!codes || (codes->scalar_type() == at::kByte && codes->is_contiguous() && mins &&
                           codes->sizes() == at::IntArrayRef({groups, blocks, 16, 2}))) &&
-              (!mins || (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())) &&
+              (!mins ||
+               (mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->sizes() == scales.sizes())) &&
               (!high || (high->scalar_type() == at::kByte && high->is_contiguous() &&
                          high->sizes() == at::IntArrayRef({groups, K * 2}))),
               "int4_gemv: unsupported layout");
@@ -860,7 +861,8 @@ at::Tensor weight_empty(int64_t rows, int64_t cols) {
 // (int5_high_lanes); 0, none.
 at::Tensor pack_columns(at::TensorList blocks, int64_t word_bytes, int64_t repeat, int64_t fields) {
   TORCH_CHECK(!blocks.empty() && (word_bytes == 2 || word_bytes == 4) && repeat >= 1 &&
-              (fields == 0 || (fields == 1 || fields == 2 || fields == 4) && word_bytes == 4), "pack_columns: unsupported arguments");
+              (fields == 0 || (fields == 1 || fields == 2 || fields == 4) && word_bytes == 4),
+              "pack_columns: unsupported arguments");
   const int64_t row_bytes = blocks[0].size(1) * blocks[0].element_size();
   std::vector<at::Tensor> contiguous;
   std::vector<const uint8_t*> rows;

@@ -56,13 +56,13 @@ def isa() -> str | None:
     """The instruction set the operators were built for, one of ISAS (building them on the first call, the best
     that builds); None where there are none. torch.ops.lilmistral.int8_gemv(x [M, K], q, scales, n) with
     pack_int8_vnni's parts, int4_gemv(x, q, scales, mins, n, codes, high) with pack_int4_vnni's (int5 too),
-    int6_gemv(x, q, high, scales, codes, n) with pack_int6_vnni's, and for mixtures of experts int8_gemv_experts(x,
-    [q], [scales], n, expert [M]), int4_gemv_experts(x, [q], [scales], [mins] ([] where symmetric), n, expert,
-    [codes] ([] unless super-blocked), [high] ([] unless int5)) and int6_gemv_experts(x, [q], [high], [scales], [codes], n, expert): row m of x times the
-    weight of expert[m];
-    attention(q, keys, values, mask, scale) (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin),
-    silu_mul(gate, up) (pointwise.cpp); gguf_dequantize(raw, kind), gguf_int8(raw, kind), q4k_codes(blocks),
-    q4_canonical(blocks, head, k_quants) (gguf_blocks.cpp); sample(logits, recent, penalty, temperature, top_k,
+    int6_gemv(x, q, high, scales, codes, n) with pack_int6_vnni's, and for mixtures of experts
+    int8_gemv_experts(x, [q], [scales], n, expert [M]), int4_gemv_experts(x, [q], [scales], [mins] ([] where
+    symmetric), n, expert, [codes] ([] unless super-blocked), [high] ([] unless int5)) and int6_gemv_experts(x,
+    [q], [high], [scales], [codes], n, expert): row m of x times the weight of expert[m]; attention(q, keys,
+    values, mask, scale) (attention.cpp); rms_norm(x, weight, eps), rope(x, cos, sin), silu_mul(gate, up)
+    (pointwise.cpp); gguf_dequantize(raw, kind), gguf_int8(raw, kind), q4k_codes(blocks), q4_canonical(blocks,
+    head, k_quants), q5k_highs(blocks) (gguf_blocks.cpp); sample(logits, recent, penalty, temperature, top_k,
     top_p, u) (sampling.cpp)."""
     wanted, have = os.environ.get("LILMISTRAL_CPU_KERNELS"), cpu_isas()
     if wanted == "torch" or not have:
