@@ -97,9 +97,20 @@ def test_cli_run_on_the_gguf(gguf_path, quant, question):
 
 
 @pytest.mark.parametrize("quant", ["int8", "int6", "int5", "int4"])
-def test_kernels_follow_the_dequantized_model(gguf_path, quant):
+def test_kernels_follow_the_dequantized_model(gguf_path, quant, monkeypatch):
     """The packed CPU kernels (bfloat16 activations) against the same weights dequantized and run in float32:
     the same greedy tokens, or a first divergence that the reference itself calls a near tie."""
+    from lilmistral.quant.cpu import DequantKernel
+    from lilmistral.quant.pack import dequantize
+
+    weights = {}  # the reference's weights dequantized once, not at every call: the same products, 5x sooner
+
+    def dequantized_once(kernel: DequantKernel, x: torch.Tensor) -> torch.Tensor:
+        if kernel not in weights:
+            weights[kernel] = dequantize(kernel.parts, kernel.spec, x.dtype)
+        return torch.nn.functional.linear(x, weights[kernel])
+
+    monkeypatch.setattr(DequantKernel, "__call__", dequantized_once)
     fast = lilmistral.load(gguf_path, quant=quant)
     exact = lilmistral.load(gguf_path, quant=quant, dtype="float32")
     ids = fast.tokenize_chat([{"role": "user", "content": "Tell me about the Moon."}])
