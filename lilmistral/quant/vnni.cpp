@@ -74,7 +74,8 @@ inline void int4_block(const uint8_t* w, const uint8_t* fifths, const int8_t* x,
     for (int m = 0; m < M; ++m) {
       const int8_t* xm = x + m * K + 8 * j;
       chains[m][0] = _mm512_dpbusd_epi32(chains[m][0], low, _mm512_broadcastd_epi32(_mm_loadu_si32(xm)));
-      chains[m][C - 1] = _mm512_dpbusd_epi32(chains[m][C - 1], high, _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4)));
+      const __m512i x_high = _mm512_broadcastd_epi32(_mm_loadu_si32(xm + 4));
+      chains[m][C - 1] = _mm512_dpbusd_epi32(chains[m][C - 1], high, x_high);
     }
   }
   for (int m = 0; m < M; ++m) sum[m] = {C == 2 ? _mm512_add_epi32(chains[m][0], chains[m][C - 1]) : chains[m][0]};
