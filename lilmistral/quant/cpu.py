@@ -1,8 +1,7 @@
 """CPU kernels. With AVX-512 VNNI or AVX2 (vnni.cpp): int4, int5, int6 and int8 at every row count by integer dot
 products with int8 activations; attention (attention.cpp); RMSNorm, RoPE and silu(gate) * up (pointwise.cpp).
-Without: PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm; int5 and int6 requantized to
-int8)
-and operators. The fast matmuls take bfloat16 activations; others (float32 for exact reference runs) and shapes
+Without: PyTorch's own weight-only int4/int8 matmuls (int8 prefill by torch._int_mm; int5 and int6 requantized
+to int8) and operators. The fast matmuls take bfloat16 activations; others (float32 for exact reference runs) and shapes
 the kernels cannot take dequantize the packed weight on the fly instead.
 """
 from __future__ import annotations
@@ -162,8 +161,7 @@ class Int4Kernel(RowsKernel):
 def kernel_type(n: int, k: int, spec: QuantSpec) -> type:
     """The kernel class for an [N, K] weight packed as spec."""
     if k % 64 == 0 and vnni.available():
-        return {"int8": VnniInt8Kernel, "int6": VnniInt6Kernel, "int5": VnniInt4Kernel, "int4": VnniInt4Kernel}[
-            spec.scheme]
+        return VnniInt8Kernel if spec.scheme == "int8" else VnniInt6Kernel if spec.scheme == "int6" else VnniInt4Kernel
     if spec.scheme != "int4":  # int5 and int6 as int8 (plain_parts)
         return Int8Kernel
     return Int4Kernel if n % 16 == 0 else DequantKernel
@@ -185,11 +183,9 @@ def expert_gemv(kernels: list):
     if len({k.spec for k in kernels}) > 1:
         return None
     if all(isinstance(k, VnniInt4Kernel) for k in kernels):
-        q, scales, mins, codes, high = ([k.parts[name] for k in kernels]
+        # mins (none: symmetric), codes (none: not super-blocked) and high (none: int4) as [] where absent
+        q, scales, mins, codes, high = ([k.parts[name] for k in kernels if k.parts[name] is not None]
                                         for name in ("q", "scales", "mins", "codes", "high"))
-        mins = [] if mins[0] is None else mins  # symmetric: none
-        codes = [] if codes[0] is None else codes  # not super-blocked: none
-        high = [] if high[0] is None else high  # not int5: none
         n = kernels[0].parts["n"]
         return lambda x, expert: torch.ops.lilmistral.int4_gemv_experts(x, q, scales, mins, n, expert, codes, high)
     if all(isinstance(k, VnniInt6Kernel) for k in kernels):
