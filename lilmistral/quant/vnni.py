@@ -1,4 +1,4 @@
-"""The CPU kernels of vnni.cpp (int4/int6/int8 matmuls), attention.cpp, pointwise.cpp and gguf_blocks.cpp (GGUF's
+"""The CPU kernels of vnni.cpp (int4/int5/int6/int8 matmuls), attention.cpp, pointwise.cpp and gguf_blocks.cpp (GGUF's
 blocks decoded at load), compiled on first use into operators under torch.ops.lilmistral (see isa()): a C++
 compiler is needed once, and torch.utils.cpp_extension caches the build. Built for AVX-512 VNNI or, on CPUs
 without it, for AVX-VNNI or AVX2 (lanes.cpp: the same results, bit for bit, bfloat16 attention scores aside);
