@@ -24,8 +24,8 @@ from triton.compiler import ASTSource
 from lilmistral.quant import triton_kernels
 from lilmistral.quant.pack import QuantSpec
 
-POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "c_ptr": "*i16", "out_ptr": "*bf16",
-            "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64", "nw_ptr": "*bf16",
+POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "c_ptr": "*i16", "h_ptr": "*i32",
+            "out_ptr": "*bf16", "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64", "nw_ptr": "*bf16",
             "normed_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "keys_ptr": "*bf16", "values_ptr": "*bf16",
             "slot_ptr": "*i64"}  # _gemv's, in order
 GEMV_SIGNATURE = dict(POINTERS, N="i32", K="i32", magic="i32", eps="fp32", q_cols="i32", stride_ch="i32",
@@ -47,9 +47,10 @@ def gemv_constants(spec: QuantSpec, arch: int = 90, **variant: bool) -> dict:
     """The GEMV's constants at TILES' sizes for a matrix its tiles divide (as Mistral's); `variant`: experts,
     residual, gated, norm or rotary."""
     block_n, block_k, _ = triton_kernels.TILES[spec.scheme]
-    g = spec.group_size if spec.scheme == "int4" else 0
+    g = spec.group_size if spec.scheme != "int8" else 0
     return {**dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
-                   ZERO=0 if g and not spec.symmetric else 8 if g else 128, SUPER=spec.super_block, STEP=32,
+                   ZERO=0 if g and not spec.symmetric else spec.levels // 2 if g else 128, SUPER=spec.super_block,
+                   FIFTH=spec.scheme == "int5", STEP=32,
                    BLOCK_N=block_n,
                    BLOCK_K=block_k, SPLIT=4, EVEN=True, HAS_EXPERTS=False, HAS_RESIDUAL=False, GATED=False,
                    NORM=False, NORM_BLOCK=4096, ROTARY=False, HD=128, PDL=arch >= 90, INT8_X=True, PTX=True),
@@ -76,15 +77,16 @@ def compile_attention(arch: int = 90):
 def compile_others(arch: int = 90) -> dict:
     """The other kernels a GPU runs, each in the variant it runs (bfloat16, Mistral's sizes), by name."""
     tk = triton_kernels
-    gemm = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", c_ptr="*i16", out_ptr="*bf16",
-                res_ptr="*bf16", M="i32", N="i32", K="i32", magic="i32")
-    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, SUPER=256, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32,
-                          HAS_RESIDUAL=True, GATED=False, INT8_X=True)
-    gemm_aligned = [*gemm][:7] + ["N", "K"]
+    gemm = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", c_ptr="*i16", h_ptr="*i32",
+                out_ptr="*bf16", res_ptr="*bf16", M="i32", N="i32", K="i32", magic="i32")
+    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, SUPER=256, FIFTH=False, BLOCK_M=64, BLOCK_N=64,
+                          BLOCK_K=32, HAS_RESIDUAL=True, GATED=False, INT8_X=True)
+    gemm_aligned = [*gemm][:8] + ["N", "K"]
     int4, int8 = QuantSpec("int4", 32, False, super_block=256), QuantSpec("int8")  # the default int4, and int8
     kernels = {  # name: (kernel, signature, constants, aligned arguments, warps)
         "gemm residual": (tk._gemm, gemm, gemm_constants, gemm_aligned, 4),
         "gemm gated": (tk._gemm, gemm, dict(gemm_constants, HAS_RESIDUAL=False, GATED=True), gemm_aligned, 4),
+        "gemm int5 residual": (tk._gemm, gemm, dict(gemm_constants, FIFTH=True), gemm_aligned, 4),
         "gemv int8 experts residual": (tk._gemv, GEMV_SIGNATURE,
                                        gemv_constants(int8, arch, HAS_EXPERTS=True, HAS_RESIDUAL=True), GEMV_ALIGNED,
                                        tk.TILES["int8"][2]),
@@ -132,7 +134,7 @@ def attention_report(arch: int) -> dict:
 def report(spec: QuantSpec, arch: int, int8_x: bool = True) -> dict:
     """The GEMV's code for bfloat16 activations rounded to int8 (what a model runs) or, without int8_x, for
     the exact float product (float32 activations; what bfloat16 ones took before)."""
-    block_k, g = triton_kernels.TILES[spec.scheme][1], spec.group_size if spec.scheme == "int4" else 0
+    block_k, g = triton_kernels.TILES[spec.scheme][1], spec.group_size if spec.scheme != "int8" else 0
     kernel, constants = compile_gemv(spec, arch, **({} if int8_x else dict(INT8_X=False, STEP=min(block_k, g or 64))))
     ops = sass_ops(kernel)
     weights_per_thread = constants["BLOCK_N"] * constants["BLOCK_K"] // (32 * kernel.metadata.num_warps)
@@ -153,7 +155,8 @@ def main() -> None:
     arch = p.parse_args().arch
     for int8_x in (True, False):
         for spec in (QuantSpec("int4", 32, False, super_block=256), QuantSpec("int4", 32, False),
-                     QuantSpec("int4", 32, True), QuantSpec("int4", 128, False), QuantSpec("int8")):
+                     QuantSpec("int4", 32, True), QuantSpec("int4", 128, False), QuantSpec("int8"),
+                     QuantSpec("int5", 32, False, super_block=256), QuantSpec("int5", 32, True)):
             print(json.dumps(report(spec, arch, int8_x)), flush=True)
     print(json.dumps(attention_report(arch)), flush=True)
     for name, kernel in compile_others(arch).items():

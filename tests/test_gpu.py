@@ -62,7 +62,7 @@ def cache_for(model, args: ModelArgs, size: int = 512) -> RollingKVCache:
 
 
 @pytest.mark.parametrize("args", [DENSE, MOE, WINDOWED], ids=["dense", "moe", "windowed"])
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("scheme", ["int4", "int5", "int8"])
 def test_gpu_model_matches_the_dequantized_reference(args, scheme):
     """Prefill (the tl.dot GEMM) and decode (the GEMVs, fused projections, gated w1/w3, residuals added in the
     output projections, expert-batched MoE, the decode attention; a sliding window's prompt in chunks and its

@@ -19,7 +19,7 @@ if not HAS_CUDA:
 triton = pytest.importorskip("triton", reason="Triton is an optional extra: pip install lilmistral[gpu]")
 
 from lilmistral.quant import cuda  # noqa: E402
-from lilmistral.quant.pack import QuantSpec, dequantize, quantize, unpack_int4  # noqa: E402
+from lilmistral.quant.pack import QuantSpec, dequantize, quantize, unpack_int4, unpack_int5  # noqa: E402
 from lilmistral.quant.triton_kernels import ExpertsKernel, TritonKernel, repack  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -27,6 +27,8 @@ SHAPES = [(40, 128), (100, 256), (64, 96), (33, 64)]  # odd N, K not a multiple 
 SUPER = QuantSpec("int4", 32, False, super_block=64)  # the default int4's layout (super-blocks of 256 or 192), smaller
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), QuantSpec("int4", 64, False),
          SUPER]
+# int5 (GGUF's Q5_0, Q5_1, Q5_K): int4's layouts plus a plane of fifth bits
+INT5 = [QuantSpec("int5", 32, True), QuantSpec("int5", 64, False), QuantSpec("int5", 32, False, super_block=64)]
 
 
 def spec_id(v: object) -> str:
@@ -37,8 +39,9 @@ def spec_id(v: object) -> str:
 
 
 # int4 K is always a multiple of the group size and super-block (the format guarantees it)
-CASES = [(n, k, spec) for n, k in SHAPES for spec in SPECS
-         if spec.scheme == "int8" or k % max(spec.group_size, spec.super_block) == 0]
+CASES = [(n, k, spec) for n, k in SHAPES for spec in SPECS + INT5
+         if (spec.scheme == "int8" or k % max(spec.group_size, spec.super_block) == 0)
+         and (spec.scheme != "int5" or n * k < 20000)]  # the interpreter is slow
 
 
 @pytest.mark.parametrize("n,k,spec", CASES, ids=spec_id)
@@ -55,19 +58,21 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
     assert (got.double() - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
 
 
-@pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS] + [(33, 130, SPECS[0])], ids=spec_id)
+@pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS + INT5] + [(33, 130, SPECS[0])], ids=spec_id)
 def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeypatch):
     """bfloat16 x (a model's) rounds its blocks of 32 to int8, as the CPU kernels do, and multiplies them by
     integer dot products, in the GEMV (decode) and the GEMM (prefill, integer tensor cores) alike: in float32
     (the rounding forced on float32 x), the exact product of the rounded x up to float32 sums, for extreme
-    codes (all 0, all 15; int8's -128 and 127), a zero row and a row of one value; and by default bfloat16 x
-    takes that path, float32 x the exact one."""
+    codes (all 0, all 15 (int5: 31); int8's -128 and 127), a zero row and a row of one value; and by default
+    bfloat16 x takes that path, float32 x the exact one."""
     from lilmistral.quant import triton_kernels
 
     g = torch.Generator().manual_seed(n * k)
     parts = quantize(torch.randn(n, k, generator=g), spec)
     extremes = [-128, 127] if spec.scheme == "int8" else [0x00, 0xFF]
     parts["qweight"][0, :8], parts["qweight"][-1, -8:] = extremes
+    if spec.scheme == "int5":  # values 0 and 31
+        parts["qhigh"][0, :2], parts["qhigh"][-1, -2:] = 0x00, 0xFF
     parts = {name: t.to(DEVICE) for name, t in parts.items()}
     x = torch.randn(12, k, generator=g)  # 3 rows: the GEMV; 12: the GEMM
     x[1], x[2] = 0, 0.75
@@ -179,6 +184,13 @@ def test_repack_layout_and_fused_projections():
     assert packed["q"].shape == (8, 32) and packed["scales"].shape == (2, 32)
     word = int(packed["q"][1, 5]) & 0xFFFFFFFF  # inputs 8..15 of column 5
     assert [(word >> (4 * j)) & 0xF for j in range(8)] == [int(v) for v in unpack_int4(q)[5, 8:16]]
+    int5 = QuantSpec("int5", 32, True)
+    fifths = quantize(ws[0], int5)
+    high = repack(fifths, int5)["high"]  # a word per block of 32 a column: input 8r + 2t + p at bit 8t + 2r + p
+    assert high.shape == (2, 32) and high.dtype == torch.int32
+    word = int(high[1, 5]) & 0xFFFFFFFF  # inputs 32..63 of column 5
+    position = [8 * ((i % 8) // 2) + 2 * (i // 8) + i % 2 for i in range(32)]
+    assert [(word >> position[i]) & 1 for i in range(32)] == [int(v) >> 4 for v in unpack_int5(fifths)[5, 32:]]
     blocks = {name: [p[name].to(DEVICE) for p in parts] for name in parts[0]}
     fused = cuda.make_kernel(blocks, spec)
     assert isinstance(fused, TritonKernel) and fused.n == 64
@@ -212,8 +224,8 @@ def test_gated_kernel_writes_silu_gate_times_up(spec):
         torch.testing.assert_close(Columns(kernel, slice(1, None, 2))(x).float(), up, atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("spec", SPECS[:3] + [SUPER], ids=spec_id)
-@pytest.mark.parametrize("k", [128, 1024])  # 1024: split along K
+@pytest.mark.parametrize("spec,k", [(spec, k) for spec in SPECS[:3] + [SUPER] for k in (128, 1024)]
+                         + [(INT5[2], 128)], ids=spec_id)  # 1024: split along K into more programs
 def test_experts_kernel_reads_each_rows_expert(spec, k):
     """The fused MoE GEMV: rows routed to different experts (one twice, one not at all) in one launch, each
     against its expert's dequantized weight; the experts' own kernels keep working on views of the stack."""
@@ -242,7 +254,8 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     float32 with every GPU layer kernel (normalize, rotate, activate, attend, store_kv), to float32's rounding;
     in bfloat16 (wq/wk/wv fused, as on a GPU) with project_store, within its rounding. Decoding, the GEMVs of
     wo and w2 normalize the sum they write for what follows, and the fused wq/wk/wv's rotates q and k and
-    stores k and v as it writes them."""
+    stores k and v as it writes them. In float32 the projections are int5 (int4's layouts and its fifth bits: every
+    path int4 takes, and more), in bfloat16 int4."""
     from benchmarks.random_model import random_weights
     from lilmistral.cache import RollingKVCache
     from lilmistral.config import ModelArgs
@@ -254,7 +267,9 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     # head_dim 32: heads x head_dim (128) is not dim (64), as in Mistral Nemo and Small 3
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=100, max_seq_len=256,
                      n_experts=4 if moe else 0, n_experts_per_tok=2 if moe else 0, head_dim=32)
-    tensors, specs = random_weights(args, "int4")
+    scheme = "int5" if dtype == torch.float32 else "int4"
+    tensors, specs = random_weights(args, scheme)
+    assert {spec.scheme for spec in specs.values()} == {scheme, "int8"}  # the projections', the head's
     reference = build_model(args, tensors, specs, "cpu", torch.float32)
     monkeypatch.setattr(linear, "make_kernel", lambda parts, spec, dtype=None: cuda.make_kernel(parts, spec))
     monkeypatch.setattr(linear, "fusable", lambda *args: True)
@@ -307,7 +322,7 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
                          capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     gemv = [r for r in rows if r["kernel"] == "gemv"]
-    assert len(gemv) == 10 and all(r["vector_loads_16B"] > 0 for r in gemv), rows
+    assert len(gemv) == 14 and all(r["vector_loads_16B"] > 0 for r in gemv), rows
     int8 = [r for r in gemv if r["activations"] == "int8"]  # dp4a (the float product: ~5, more than an H200 issues)
     assert all(r["scalar_word_loads"] == 0 and r["instructions_per_weight"] < 2.5 for r in int8), rows
     assert all(r["weight_loads_before_wait"] > 0 for r in gemv), rows  # read while the kernel before finishes
@@ -316,7 +331,7 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles, and waits
     assert all(r["waits_for_previous"] for r in rows if "instructions" in r), rows
     assert all(r["tensor_core_ops"] > 0 for r in rows if r["kernel"].startswith("gemm ")), rows  # int8 ones
-    assert others == {"gemm residual", "gemm gated", "gemv int8 experts residual", "gemv int8 gated",
+    assert others == {"gemm residual", "gemm gated", "gemm int5 residual", "gemv int8 experts residual", "gemv int8 gated",
                       "gemv int4 residual norm", "gemv int4 rotary", "rms_norm", "rope", "silu_mul", "store_kv"}, rows
 
 
@@ -386,17 +401,22 @@ def test_decode_attention_matches_sdpa(n_kv, rows, slots, mask_rows):
 
 
 
-def test_super_blocked_parts_run_as_they_are_stored():
+@pytest.mark.parametrize("spec,bits", [(QuantSpec("int4", 32, False, super_block=256), 4.625),
+                                       (QuantSpec("int5", 32, True), 5.5), (QuantSpec("int5", 32, False, super_block=256), 5.625)],
+                         ids=["int4-s256", "int5-sym", "int5-s256"])
+def test_parts_run_as_they_are_stored(spec, bits):
     """Super-blocked int4 (the default int4; a GGUF's Q4_K) keeps its layout on the GPU: 8-bit codes a group and
     float16 factors a super-block (4.625 bits a weight, not the 5.0 of scales expanded per group), each group's
-    scale and min computed exactly in the kernel. The kernel (and the gated one, over w1's and w3's blocks of
-    rows) holds those bytes and computes the exact dequantized product, at decode (split along K) and prefill."""
-    spec, g = QuantSpec("int4", 32, False, super_block=256), torch.Generator().manual_seed(0)
+    scale and min computed exactly in the kernel; and int5 (Q5_0's 5.5 bits, Q5_K's 5.625) its fifth bits, a
+    word per 32 inputs a column. The kernel (and the gated one, over w1's and w3's blocks of rows) holds those
+    bytes and computes the exact dequantized product, at decode (split along K) and prefill."""
+    g = torch.Generator().manual_seed(0)
     w1, w3 = (quantize(torch.randn(40, 512, generator=g) * 0.05, spec) for _ in range(2))
     exact = [dequantize(w, spec).double() for w in (w1, w3)]
     kernel = cuda.make_kernel({name: t.to(DEVICE) for name, t in w1.items()}, spec)
     assert isinstance(kernel, TritonKernel) and kernel.spec == spec and kernel.gemv_constants["SPLIT"] > 1
-    assert sum(t.nbytes for t in kernel.parts.values()) == sum(t.nbytes for t in w1.values())  # 4.625 bits
+    stored = sum(t.nbytes for t in w1.values())
+    assert sum(t.nbytes for t in kernel.parts.values()) == stored == 40 * 512 * bits / 8
     gated = cuda.gated_kernel({name: [w1[name].to(DEVICE), w3[name].to(DEVICE)] for name in w1}, spec)
     for rows in (2, 12):  # GEMV, GEMM
         x = torch.randn(rows, 512, generator=g).to(DEVICE)
@@ -405,15 +425,13 @@ def test_super_blocked_parts_run_as_they_are_stored():
         assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [QuantSpec("int6", 16, True, super_block=256), QuantSpec("int5", 32, True),
-                                  QuantSpec("int5", 32, False, super_block=256)], ids=["int6", "int5-sym", "int5-s256"])
-def test_int5_and_int6_parts_run_requantized_to_int8(spec):
-    """int6 (a GGUF's Q6_K) and int5 (Q5_0, Q5_K) have no Triton layout of their own: the kernel (and the gated
-    one, over blocks of rows) takes them requantized to int8 per output channel (each weight within half its
-    row's int8 step of its value), and computes those weights' product."""
+def test_int6_parts_run_requantized_to_int8():
+    """int6 (a GGUF's Q6_K) has no Triton layout of its own: the kernel (and the gated one, over blocks of rows)
+    takes it requantized to int8 per output channel (each weight within half its row's int8 step of its
+    value), and computes those weights' product."""
     from lilmistral.quant.pack import plain_parts
 
-    g = torch.Generator().manual_seed(0)
+    spec, g = QuantSpec("int6", 16, True, super_block=256), torch.Generator().manual_seed(0)
     w1, w3 = (quantize(torch.randn(40, 512, generator=g) * 0.05, spec) for _ in range(2))
     as_int8 = [dequantize(*plain_parts(w, spec)).double() for w in (w1, w3)]
     for w, e in zip((w1, w3), as_int8):

@@ -1,4 +1,4 @@
-"""CUDA kernels: Triton's int4/int8 matmuls (`pip install lilmistral[gpu]`); without Triton, dequantize on the fly
+"""CUDA kernels: Triton's int4/int5/int8 matmuls (`pip install lilmistral[gpu]`); without Triton, dequantize on the fly
 and use cuBLAS (correct on any GPU, slower at decode)."""
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def has_triton() -> bool:
 
 
 def triton_parts(parts: Parts, spec: QuantSpec) -> tuple[Parts, QuantSpec]:
-    """Parts as Triton's kernels take them: int4 as it is (super-blocked too), int5 and int6 as int8 (`plain_parts`)."""
-    return (parts, spec) if spec.scheme in ("int4", "int8") else plain_parts(parts, spec)
+    """Parts as Triton's kernels take them: int4, int5 and int8 as they are (super-blocked too), int6 as int8
+    (`plain_parts`)."""
+    return plain_parts(parts, spec) if spec.scheme == "int6" else (parts, spec)
 
 
 def make_kernel(parts: Parts, spec: QuantSpec):
