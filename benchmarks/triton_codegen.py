@@ -50,7 +50,7 @@ def gemv_constants(spec: QuantSpec, arch: int = 90, **variant: bool) -> dict:
     g = spec.group_size if spec.scheme != "int8" else 0
     return {**dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
                    ZERO=0 if g and not spec.symmetric else spec.levels // 2 if g else 128, SUPER=spec.super_block,
-                   FIFTH=spec.scheme == "int5", STEP=32,
+                   HIGH=triton_kernels.HIGH_BITS.get(spec.scheme, 0), STEP=32,
                    BLOCK_N=block_n,
                    BLOCK_K=block_k, SPLIT=4, EVEN=True, HAS_EXPERTS=False, HAS_RESIDUAL=False, GATED=False,
                    NORM=False, NORM_BLOCK=4096, ROTARY=False, HD=128, PDL=arch >= 90, INT8_X=True, PTX=True),
@@ -60,7 +60,8 @@ def gemv_constants(spec: QuantSpec, arch: int = 90, **variant: bool) -> dict:
 def compile_gemv(spec: QuantSpec, arch: int = 90, **variant: bool):
     constants = gemv_constants(spec, arch, **variant)
     warps = triton_kernels.TILES[spec.scheme][2]
-    return compile_kernel(triton_kernels._gemv, GEMV_SIGNATURE, constants, GEMV_ALIGNED, warps, arch), constants
+    signature = dict(GEMV_SIGNATURE, c_ptr="*i8") if spec.scheme == "int6" else GEMV_SIGNATURE  # signed codes
+    return compile_kernel(triton_kernels._gemv, signature, constants, GEMV_ALIGNED, warps, arch), constants
 
 
 def compile_attention(arch: int = 90):
@@ -79,14 +80,16 @@ def compile_others(arch: int = 90) -> dict:
     tk = triton_kernels
     gemm = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", c_ptr="*i16", h_ptr="*i32",
                 out_ptr="*bf16", res_ptr="*bf16", M="i32", N="i32", K="i32", magic="i32")
-    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, SUPER=256, FIFTH=False, BLOCK_M=64, BLOCK_N=64,
+    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, SUPER=256, HIGH=0, BLOCK_M=64, BLOCK_N=64,
                           BLOCK_K=32, HAS_RESIDUAL=True, GATED=False, INT8_X=True)
     gemm_aligned = [*gemm][:8] + ["N", "K"]
     int4, int8 = QuantSpec("int4", 32, False, super_block=256), QuantSpec("int8")  # the default int4, and int8
     kernels = {  # name: (kernel, signature, constants, aligned arguments, warps)
         "gemm residual": (tk._gemm, gemm, gemm_constants, gemm_aligned, 4),
         "gemm gated": (tk._gemm, gemm, dict(gemm_constants, HAS_RESIDUAL=False, GATED=True), gemm_aligned, 4),
-        "gemm int5 residual": (tk._gemm, gemm, dict(gemm_constants, FIFTH=True), gemm_aligned, 4),
+        "gemm int5 residual": (tk._gemm, gemm, dict(gemm_constants, HIGH=1), gemm_aligned, 4),
+        "gemm int6 residual": (tk._gemm, dict(gemm, c_ptr="*i8"),
+                               dict(gemm_constants, G=16, HAS_MIN=False, ZERO=32, HIGH=2), gemm_aligned, 4),
         "gemv int8 experts residual": (tk._gemv, GEMV_SIGNATURE,
                                        gemv_constants(int8, arch, HAS_EXPERTS=True, HAS_RESIDUAL=True), GEMV_ALIGNED,
                                        tk.TILES["int8"][2]),
@@ -156,7 +159,8 @@ def main() -> None:
     for int8_x in (True, False):
         for spec in (QuantSpec("int4", 32, False, super_block=256), QuantSpec("int4", 32, False),
                      QuantSpec("int4", 32, True), QuantSpec("int4", 128, False), QuantSpec("int8"),
-                     QuantSpec("int5", 32, False, super_block=256), QuantSpec("int5", 32, True)):
+                     QuantSpec("int5", 32, False, super_block=256), QuantSpec("int5", 32, True),
+                     QuantSpec("int6", 16, True, super_block=256)):
             print(json.dumps(report(spec, arch, int8_x)), flush=True)
     print(json.dumps(attention_report(arch)), flush=True)
     for name, kernel in compile_others(arch).items():

@@ -19,7 +19,8 @@ if not HAS_CUDA:
 triton = pytest.importorskip("triton", reason="Triton is an optional extra: pip install lilmistral[gpu]")
 
 from lilmistral.quant import cuda  # noqa: E402
-from lilmistral.quant.pack import QuantSpec, dequantize, quantize, unpack_int4, unpack_int5  # noqa: E402
+from lilmistral.quant.pack import (QuantSpec, dequantize, quantize, unpack_int4, unpack_int5,  # noqa: E402
+                                   unpack_int6)
 from lilmistral.quant.triton_kernels import ExpertsKernel, TritonKernel, repack  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -27,8 +28,9 @@ SHAPES = [(40, 128), (100, 256), (64, 96), (33, 64)]  # odd N, K not a multiple 
 SUPER = QuantSpec("int4", 32, False, super_block=64)  # the default int4's layout (super-blocks of 256 or 192), smaller
 SPECS = [QuantSpec("int8"), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True), QuantSpec("int4", 64, False),
          SUPER]
-# int5 (GGUF's Q5_0, Q5_1, Q5_K): int4's layouts plus a plane of fifth bits
-INT5 = [QuantSpec("int5", 32, True), QuantSpec("int5", 64, False), QuantSpec("int5", 32, False, super_block=64)]
+# int5 (GGUF's Q5_0, Q5_1, Q5_K) and int6 (Q6_K): int4's words plus a plane of high bits
+HIGH = [QuantSpec("int5", 32, True), QuantSpec("int5", 64, False), QuantSpec("int5", 32, False, super_block=64),
+        QuantSpec("int6", 16, True, super_block=64)]
 
 
 def spec_id(v: object) -> str:
@@ -39,9 +41,9 @@ def spec_id(v: object) -> str:
 
 
 # int4 K is always a multiple of the group size and super-block (the format guarantees it)
-CASES = [(n, k, spec) for n, k in SHAPES for spec in SPECS + INT5
+CASES = [(n, k, spec) for n, k in SHAPES for spec in SPECS + HIGH
          if (spec.scheme == "int8" or k % max(spec.group_size, spec.super_block) == 0)
-         and (spec.scheme != "int5" or n * k < 20000)]  # the interpreter is slow
+         and (spec in SPECS or n * k < 20000)]  # the interpreter is slow
 
 
 @pytest.mark.parametrize("n,k,spec", CASES, ids=spec_id)
@@ -58,12 +60,13 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
     assert (got.double() - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
 
 
-@pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS + INT5] + [(33, 130, SPECS[0])], ids=spec_id)
+@pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS + HIGH[:1] + HIGH[2:]] + [(33, 130, SPECS[0])],
+                         ids=spec_id)
 def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeypatch):
     """bfloat16 x (a model's) rounds its blocks of 32 to int8, as the CPU kernels do, and multiplies them by
     integer dot products, in the GEMV (decode) and the GEMM (prefill, integer tensor cores) alike: in float32
     (the rounding forced on float32 x), the exact product of the rounded x up to float32 sums, for extreme
-    codes (all 0, all 15 (int5: 31); int8's -128 and 127), a zero row and a row of one value; and by default
+    codes (all 0, all 15 (int5: 31, int6: 63); int8's -128 and 127), a zero row and a row of one value; and by default
     bfloat16 x takes that path, float32 x the exact one."""
     from lilmistral.quant import triton_kernels
 
@@ -71,7 +74,7 @@ def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeyp
     parts = quantize(torch.randn(n, k, generator=g), spec)
     extremes = [-128, 127] if spec.scheme == "int8" else [0x00, 0xFF]
     parts["qweight"][0, :8], parts["qweight"][-1, -8:] = extremes
-    if spec.scheme == "int5":  # values 0 and 31
+    if "qhigh" in parts:  # int5's values 0 and 31, int6's 0 and 63
         parts["qhigh"][0, :2], parts["qhigh"][-1, -2:] = 0x00, 0xFF
     parts = {name: t.to(DEVICE) for name, t in parts.items()}
     x = torch.randn(12, k, generator=g)  # 3 rows: the GEMV; 12: the GEMM
@@ -184,13 +187,16 @@ def test_repack_layout_and_fused_projections():
     assert packed["q"].shape == (8, 32) and packed["scales"].shape == (2, 32)
     word = int(packed["q"][1, 5]) & 0xFFFFFFFF  # inputs 8..15 of column 5
     assert [(word >> (4 * j)) & 0xF for j in range(8)] == [int(v) for v in unpack_int4(q)[5, 8:16]]
-    int5 = QuantSpec("int5", 32, True)
-    fifths = quantize(ws[0], int5)
-    high = repack(fifths, int5)["high"]  # a word per block of 32 a column: input 8r + 2t + p at bit 8t + 2r + p
-    assert high.shape == (2, 32) and high.dtype == torch.int32
-    word = int(high[1, 5]) & 0xFFFFFFFF  # inputs 32..63 of column 5
-    position = [8 * ((i % 8) // 2) + 2 * (i // 8) + i % 2 for i in range(32)]
-    assert [(word >> position[i]) & 1 for i in range(32)] == [int(v) >> 4 for v in unpack_int5(fifths)[5, 32:]]
+    # int5's and int6's high bits (b an input) a word per 32 / b inputs a column, input 8r + 2t + p at bit 8t + b(2r + p)
+    for wide, unpack in ((QuantSpec("int5", 32, True), unpack_int5), (QuantSpec("int6", 16, True, 64), unpack_int6)):
+        wide_parts, b = quantize(ws[0], wide), 1 if wide.scheme == "int5" else 2
+        high = repack(wide_parts, wide)["high"]
+        assert high.shape == (2 * b, 32) and high.dtype == torch.int32
+        word = int(high[1, 5]) & 0xFFFFFFFF  # the second word's inputs of column 5
+        span = 32 // b
+        position = [8 * ((i % 8) // 2) + b * (2 * (i // 8) + i % 2) for i in range(span)]
+        expected = [int(v) >> 4 for v in unpack(wide_parts)[5, span:2 * span]]
+        assert [(word >> position[i]) & (2 ** b - 1) for i in range(span)] == expected
     blocks = {name: [p[name].to(DEVICE) for p in parts] for name in parts[0]}
     fused = cuda.make_kernel(blocks, spec)
     assert isinstance(fused, TritonKernel) and fused.n == 64
@@ -225,7 +231,7 @@ def test_gated_kernel_writes_silu_gate_times_up(spec):
 
 
 @pytest.mark.parametrize("spec,k", [(spec, k) for spec in SPECS[:3] + [SUPER] for k in (128, 1024)]
-                         + [(INT5[2], 128)], ids=spec_id)  # 1024: split along K into more programs
+                         + [(HIGH[2], 128), (HIGH[3], 128)], ids=spec_id)  # 1024: split along K into more programs
 def test_experts_kernel_reads_each_rows_expert(spec, k):
     """The fused MoE GEMV: rows routed to different experts (one twice, one not at all) in one launch, each
     against its expert's dequantized weight; the experts' own kernels keep working on views of the stack."""
@@ -322,7 +328,7 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
                          capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
     gemv = [r for r in rows if r["kernel"] == "gemv"]
-    assert len(gemv) == 14 and all(r["vector_loads_16B"] > 0 for r in gemv), rows
+    assert len(gemv) == 16 and all(r["vector_loads_16B"] > 0 for r in gemv), rows
     int8 = [r for r in gemv if r["activations"] == "int8"]  # dp4a (the float product: ~5, more than an H200 issues)
     assert all(r["scalar_word_loads"] == 0 and r["instructions_per_weight"] < 2.5 for r in int8), rows
     assert all(r["weight_loads_before_wait"] > 0 for r in gemv), rows  # read while the kernel before finishes
@@ -331,7 +337,8 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles, and waits
     assert all(r["waits_for_previous"] for r in rows if "instructions" in r), rows
     assert all(r["tensor_core_ops"] > 0 for r in rows if r["kernel"].startswith("gemm ")), rows  # int8 ones
-    assert others == {"gemm residual", "gemm gated", "gemm int5 residual", "gemv int8 experts residual", "gemv int8 gated",
+    assert others == {"gemm residual", "gemm gated", "gemm int5 residual", "gemm int6 residual",
+                      "gemv int8 experts residual", "gemv int8 gated",
                       "gemv int4 residual norm", "gemv int4 rotary", "rms_norm", "rope", "silu_mul", "store_kv"}, rows
 
 
@@ -400,16 +407,19 @@ def test_decode_attention_matches_sdpa(n_kv, rows, slots, mask_rows):
     assert (chunk > 64) == (n_kv == 16)  # several blocks a chunk: the online softmax within a program
 
 
-
 @pytest.mark.parametrize("spec,bits", [(QuantSpec("int4", 32, False, super_block=256), 4.625),
-                                       (QuantSpec("int5", 32, True), 5.5), (QuantSpec("int5", 32, False, super_block=256), 5.625)],
-                         ids=["int4-s256", "int5-sym", "int5-s256"])
+                                       (QuantSpec("int5", 32, True), 5.5),
+                                       (QuantSpec("int5", 32, False, super_block=256), 5.625),
+                                       (QuantSpec("int6", 16, True, super_block=256), 6.5625)],
+                         ids=["int4-s256", "int5-sym", "int5-s256", "int6-s256"])
 def test_parts_run_as_they_are_stored(spec, bits):
     """Super-blocked int4 (the default int4; a GGUF's Q4_K) keeps its layout on the GPU: 8-bit codes a group and
     float16 factors a super-block (4.625 bits a weight, not the 5.0 of scales expanded per group), each group's
-    scale and min computed exactly in the kernel; and int5 (Q5_0's 5.5 bits, Q5_K's 5.625) its fifth bits, a
-    word per 32 inputs a column. The kernel (and the gated one, over w1's and w3's blocks of rows) holds those
-    bytes and computes the exact dequantized product, at decode (split along K) and prefill."""
+    scale and min computed exactly in the kernel; int5 (Q5_0's 5.5 bits, Q5_K's 5.625) its fifth bits, a word
+    per 32 inputs a column; and int6 (Q6_K's 6.5625) its high 2 bits, a word per 16 inputs, and its groups of 16
+    (two a block of activations) their signed codes. The kernel (and the gated one, over w1's and w3's blocks
+    of rows) holds those bytes and computes the exact dequantized product, at decode (split along K) and
+    prefill."""
     g = torch.Generator().manual_seed(0)
     w1, w3 = (quantize(torch.randn(40, 512, generator=g) * 0.05, spec) for _ in range(2))
     exact = [dequantize(w, spec).double() for w in (w1, w3)]
@@ -423,25 +433,3 @@ def test_parts_run_as_they_are_stored(spec, bits):
         gate, up = (x.double().cpu() @ e.t() for e in exact)
         assert torch.allclose(kernel(x).double().cpu(), gate, rtol=1e-5, atol=1e-5)
         assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
-
-
-def test_int6_parts_run_requantized_to_int8():
-    """int6 (a GGUF's Q6_K) has no Triton layout of its own: the kernel (and the gated one, over blocks of rows)
-    takes it requantized to int8 per output channel (each weight within half its row's int8 step of its
-    value), and computes those weights' product."""
-    from lilmistral.quant.pack import plain_parts
-
-    spec, g = QuantSpec("int6", 16, True, super_block=256), torch.Generator().manual_seed(0)
-    w1, w3 = (quantize(torch.randn(40, 512, generator=g) * 0.05, spec) for _ in range(2))
-    as_int8 = [dequantize(*plain_parts(w, spec)).double() for w in (w1, w3)]
-    for w, e in zip((w1, w3), as_int8):
-        exact = dequantize(w, spec).double()
-        step = exact.abs().amax(dim=1, keepdim=True) / 127
-        assert ((e - exact).abs() <= step * 0.5 * (1 + 2 ** -9)).all()  # the step itself rounded to float16
-    x = torch.randn(2, 512, generator=g).to(DEVICE)
-    kernel = cuda.make_kernel({name: t.to(DEVICE) for name, t in w1.items()}, spec)
-    assert isinstance(kernel, TritonKernel) and kernel.spec == QuantSpec("int8")
-    gate, up = (x.double().cpu() @ e.t() for e in as_int8)
-    assert torch.allclose(kernel(x).double().cpu(), gate, rtol=1e-4, atol=1e-4)
-    gated = cuda.gated_kernel({name: [w1[name].to(DEVICE), w3[name].to(DEVICE)] for name in w1}, spec)
-    assert torch.allclose(gated.gated(x).double().cpu(), F.silu(gate) * up, rtol=1e-4, atol=1e-4)

@@ -1,5 +1,5 @@
-"""CUDA kernels: Triton's int4/int5/int8 matmuls (`pip install lilmistral[gpu]`); without Triton, dequantize on the fly
-and use cuBLAS (correct on any GPU, slower at decode)."""
+"""CUDA kernels: Triton's int4/int5/int6/int8 matmuls (`pip install lilmistral[gpu]`); without Triton, dequantize on
+the fly and use cuBLAS (correct on any GPU, slower at decode)."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +10,7 @@ import torch
 
 from ..model import rms_norm, rope, sdpa, silu_mul, store_kv
 from .cpu import DequantKernel, Parts, eager_only, stacked
-from .pack import QuantSpec, plain_parts
+from .pack import QuantSpec
 
 
 @functools.cache
@@ -22,19 +22,13 @@ def has_triton() -> bool:
     return True
 
 
-def triton_parts(parts: Parts, spec: QuantSpec) -> tuple[Parts, QuantSpec]:
-    """Parts as Triton's kernels take them: int4, int5 and int8 as they are (super-blocked too), int6 as int8
-    (`plain_parts`)."""
-    return plain_parts(parts, spec) if spec.scheme == "int6" else (parts, spec)
-
-
 def make_kernel(parts: Parts, spec: QuantSpec):
     """The kernel for a weight's parts (a fused projection's as blocks of rows), repacked for Triton's kernels."""
     if not has_triton():
         return DequantKernel(stacked(parts), spec)
     from .triton_kernels import TritonKernel
 
-    return TritonKernel(*triton_parts(parts, spec))
+    return TritonKernel(parts, spec)
 
 
 def gated_kernel(parts: Parts, spec: QuantSpec):
@@ -42,7 +36,7 @@ def gated_kernel(parts: Parts, spec: QuantSpec):
     call writes silu(w1 x) * w3 x. Needs Triton (`has_triton`)."""
     from .triton_kernels import TritonKernel
 
-    return TritonKernel(*triton_parts(parts, spec), interleave=True)
+    return TritonKernel(parts, spec, interleave=True)
 
 
 def expert_gemv(kernels: list) -> Callable | None:

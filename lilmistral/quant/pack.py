@@ -52,8 +52,8 @@ class QuantSpec:
 
     @property
     def levels(self) -> int:
-        """int4's and int5's number of values q takes (16, 32)."""
-        return 32 if self.scheme == "int5" else 16
+        """The number of values q takes: int4's 16, int5's 32, int6's 64."""
+        return {"int5": 32, "int6": 64}.get(self.scheme, 16)
 
 
 def group_size_for(k: int, wanted: int) -> int:

@@ -1,4 +1,5 @@
-"""Triton kernels for the GPU: int4/int5/int8 matmuls that read the packed weights once, dequantizing in registers.
+"""Triton kernels for the GPU: int4/int5/int6/int8 matmuls that read the packed weights once, dequantizing in
+registers.
 
 The canonical parts are repacked once at load into a layout of the kernels' own (`repack`): the weight
 transposed to [K, N] and packed along K into int32 words (int4: 8 inputs a word, input 8i+j in bits 4j..4j+3
@@ -6,8 +7,10 @@ of word row i: the canonical bytes read as little-endian words; int8: 4 inputs a
 (and mins) transposed to [K/G, N]; super-blocked int4 (the default int4, GGUF's Q4_K) as stored, 4.625 bits a
 weight: its float16 factors [K/S, N] and a group's two 8-bit codes as one int16 [K/G, N], the group's scale
 and min computed exactly in the kernel (`_group_scale`). int5 (GGUF's Q5_0, Q5_1, Q5_K) is int4's layouts
-plus its fifth bits, an int32 word per 32 inputs a column [K/32, N] (`_fifth_words`), 5.5 to 6 bits a weight
-as stored. A warp then reads consecutive columns of one word row: whole 128-byte lines, 16 bytes a thread.
+plus its fifth bits, an int32 word per 32 inputs a column [K/32, N]; int6 (Q6_K) int4's words plus its high
+2 bits, a word per 16 inputs [K/16, N] (`_high_words`), its groups of 16 signed 8-bit codes [K/16, N] times
+float16 factors [K/S, N]: each as stored, 5.5 to 6.5625 bits a weight. A warp then reads consecutive columns
+of one word row: whole 128-byte lines, 16 bytes a thread.
 
 Decode (`_gemv`, a few rows): every program takes BLOCK_N columns and only BLOCK_K inputs (one or a few
 groups), so a 4096-wide layer is split into thousands of programs, which keep enough loads in flight to
@@ -44,13 +47,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .pack import QuantSpec
+from .pack import QuantSpec, unpack_int5, unpack_int6
 
 GEMV_MAX_ROWS = 8
 # (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU. Until
 # then, the fewest sm_90 instructions a weight (benchmarks/triton_codegen.py): each thread's x rounding is
 # shared by more columns
-TILES = {"int4": (512, 64, 1), "int5": (512, 64, 1), "int8": (512, 64, 2)}
+TILES = {"int4": (512, 64, 1), "int5": (512, 64, 1), "int6": (512, 64, 1), "int8": (512, 64, 2)}
+HIGH_BITS = {"int5": 1, "int6": 2}  # bits a weight above the low 4 (`_high_words`)
 # float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it. The kernels take it as an
 # argument: in a register, the field's mask and this OR are one LOP3 instruction (two with both immediates)
 MAGIC = 0x4B000000
@@ -113,11 +117,11 @@ def _wait_previous(PDL: tl.constexpr):
 
 
 @triton.jit
-def _unpack(words, shift, fifth, magic, BITS: tl.constexpr, ZERO: tl.constexpr):
-    """The field at bit `shift` of each int32 word, with `fifth` OR-ed into it (int5's fifth bits at bit 4, or
-    0), as float32, exactly, less ZERO (the code that stands for 0: int4 8, int5 16, or 0 with a min; int8 128,
-    its bytes read as offset binary)."""
-    bits = ((words >> shift) & ((1 << BITS) - 1)) | fifth
+def _unpack(words, shift, high, magic, BITS: tl.constexpr, ZERO: tl.constexpr):
+    """The field at bit `shift` of each int32 word, with `high` OR-ed into it (int5's and int6's high bits from
+    bit 4, or 0), as float32, exactly, less ZERO (the code that stands for 0: int4 8, int5 16, int6 32, or 0
+    with a min; int8 128, its bytes read as offset binary)."""
+    bits = ((words >> shift) & ((1 << BITS) - 1)) | high
     if BITS == 8:
         bits = bits ^ 0x80
     return (bits | magic).to(tl.float32, bitcast=True) - (8388608.0 + ZERO)
@@ -136,22 +140,36 @@ def _load(pointer, mask, EVEN: tl.constexpr):
 @triton.jit
 def _group_scale(s_ptr, c_ptr, k, offs_n, N, ok, G: tl.constexpr, SUPER: tl.constexpr, SHIFT: tl.constexpr,
                  EVEN: tl.constexpr):
-    """float32 [BLOCK_N]: the scale (or min) of the group holding input k, for columns offs_n: stored per group
-    [K/G, N] or, SUPER-blocked, the super-block's float16 factor [K/SUPER, N] times the group's 8-bit code
-    (bits SHIFT.. of c's int16 [K/G, N]: 0, the scale's; 8, the min's), exactly."""
+    """float32 [BLOCK_N] (or k [R, 1]: [R, BLOCK_N]): the scale (or min) of the group holding input k, for
+    columns offs_n: stored per group [K/G, N] or, SUPER-blocked, the super-block's float16 factor [K/SUPER, N]
+    times the group's 8-bit code (bits SHIFT.. of c's int16 [K/G, N]: 0, the scale's; 8, the min's; int6's
+    signed codes c int8 [K/G, N]), exactly."""
     if SUPER == 0:
         return _load(s_ptr + (k // G) * N + offs_n, ok, EVEN).to(tl.float32)
     factor = _load(s_ptr + (k // SUPER) * N + offs_n, ok, EVEN).to(tl.float32)
-    code = (_load(c_ptr + (k // G) * N + offs_n, ok, EVEN).to(tl.int32) >> SHIFT) & 0xFF
+    code = _load(c_ptr + (k // G) * N + offs_n, ok, EVEN).to(tl.int32)
+    if c_ptr.dtype.element_ty != tl.int8:
+        code = (code >> SHIFT) & 0xFF
     return factor * code.to(tl.float32)
 
 
 @triton.jit
-def _fifth_position(i):
-    """The bit of a block's int5 fifth-bit word (`repack`) that holds block input i (0..31): input 8r + 2t + p (word
-    row r, its byte t of even (p = 0) or odd (p = 1) nibbles) at bit 8t + 2r + p, so that one shift and mask put a
-    word row's even (or odd) fifth bits in its four bytes (`_int8_block_dot`)."""
-    return 8 * ((i % 8) // 2) + 2 * (i // 8) + i % 2
+def _high_position(i, HIGH: tl.constexpr):
+    """The first bit of a high-bit word (`_high_words`: HIGH bits an input, 32 // HIGH inputs a word) that holds
+    the word's input i: input 8r + 2t + p (word row r, its byte t of even (p = 0) or odd (p = 1) nibbles) at bit
+    8t + HIGH * (2r + p), so that one shift and mask put a word row's even (or odd) high bits in its four bytes
+    (`_with_high_bits`)."""
+    return 8 * ((i % 8) // 2) + HIGH * (2 * (i // 8) + i % 2)
+
+
+@triton.jit
+def _with_high_bits(low, high, highs, r, HIGH: tl.constexpr):
+    """A step's word rows r [ROWS, 1] of nibbles as bytes (low: even inputs, high: odd; `_int8_block_dot`) with
+    their HIGH high bits (highs [ROWS, BLOCK_N]: each row's high-bit word) OR-ed in from bit 4: int5's or int6's
+    values, a byte each."""
+    at = HIGH * 2 * (r % (4 // HIGH))  # the row's even inputs' bits in the word; its odd ones' HIGH further
+    mask: tl.constexpr = ((1 << HIGH) - 1) * 0x01010101
+    return low | (((highs >> at) & mask) << 4), high | (((highs >> (at + HIGH)) & mask) << 4)
 
 
 @triton.jit
@@ -251,11 +269,11 @@ def _normalize_when_last(out_ptr, w_ptr, normed_ptr, counter, N, eps, BLOCK: tl.
 
 
 @triton.jit
-def _float_dot(x_row, words, fifths, k, K, BITS: tl.constexpr, ZERO: tl.constexpr, FIFTH: tl.constexpr,
+def _float_dot(x_row, words, highs, k, K, BITS: tl.constexpr, ZERO: tl.constexpr, HIGH: tl.constexpr,
                EVEN: tl.constexpr, magic):
     """The words' [ROWS, BLOCK_N] values times x_row's inputs from k: the [ROWS, BLOCK_N] float32 products
-    summed over each word, exactly (the values made float by OR-ing them into 2**23's mantissa). FIFTH: int5, each
-    word row's fifth bits in fifths [ROWS, BLOCK_N] (its block's word)."""
+    summed over each word, exactly (the values made float by OR-ing them into 2**23's mantissa). HIGH (int5: 1,
+    int6: 2): each word row's high bits in highs [ROWS, BLOCK_N] (its high-bit word)."""
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = words.shape[0]
     r = tl.arange(0, ROWS)
@@ -270,9 +288,9 @@ def _float_dot(x_row, words, fifths, k, K, BITS: tl.constexpr, ZERO: tl.constexp
         else:
             src, pos = high, j - 16 // BITS
         field = src & (((1 << BITS) - 1) << (BITS * pos))
-        if FIFTH:  # bit 4 of the field, at most bit 20: within the mantissa
-            at = _fifth_position((k + r * PER_WORD + j) % 32)
-            field |= ((fifths >> at[:, None]) & 1) << (BITS * pos + 4)
+        if HIGH > 0:  # from bit 4 of the field, at most to bit 21: within the mantissa
+            at = _high_position((k + r * PER_WORD + j) % (32 // HIGH), HIGH)
+            field |= ((highs >> at[:, None]) & ((1 << HIGH) - 1)) << (BITS * pos + 4)
         value = (field | magic).to(tl.float32, bitcast=True) - (8388608.0 + ZERO * (1 << (BITS * pos)))
         kj = k + r * PER_WORD + j  # input j of each word row
         xj = _load(x_row + kj, kj < K, EVEN).to(tl.float32) / (1 << (BITS * pos))
@@ -281,30 +299,29 @@ def _float_dot(x_row, words, fifths, k, K, BITS: tl.constexpr, ZERO: tl.constexp
 
 
 @triton.jit
-def _int8_block_dot(x_row, words, fifths, k, K, BITS: tl.constexpr, FIFTH: tl.constexpr, EVEN: tl.constexpr,
+def _int8_block_dot(x_row, words, highs, k, K, BITS: tl.constexpr, HIGH: tl.constexpr, EVEN: tl.constexpr,
                     PTX: tl.constexpr):
     """x_row's inputs [k, k + 32) rounded to int8 steps of their largest magnitude / 127, as the CPU kernels
-    round activations, times the words' [32 // (32 // BITS), BLOCK_N] stored integers (int4: unsigned, its
-    zero not taken off; int8: signed; FIFTH: int5, the block's fifth bits fifths [BLOCK_N] OR-ed in) by integer
-    dot products: (the sums [BLOCK_N] int32, the int8s' sum, the step). Four products an instruction (`_dot4`)."""
+    round activations, times the words' [ROWS = 32 // (32 // BITS), BLOCK_N] stored integers (int4: unsigned,
+    its zero not taken off; int8: signed; HIGH > 0: int5's or int6's high bits OR-ed in, highs [ROWS, BLOCK_N]
+    each row's high-bit word) by integer dot products: (each word row's sums [ROWS, BLOCK_N] int32, each word
+    row's sum of int8s [ROWS], the step). Four products an instruction (`_dot4`)."""
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = words.shape[0]
     kk = k + tl.arange(0, ROWS)[:, None] * PER_WORD + tl.arange(0, PER_WORD)[None, :]  # [ROWS, PER_WORD]
-    q, x_sum, step = _round_int8(tl.reshape(_load(x_row + kk, kk < K, EVEN).to(tl.float32), [1, 32]))
+    q, _, step = _round_int8(tl.reshape(_load(x_row + kk, kk < K, EVEN).to(tl.float32), [1, 32]))
     q = tl.reshape(q, [ROWS, PER_WORD])
     shifts = 8 * tl.arange(0, 4)[None, :]
     if BITS == 4:  # a word's nibbles 0, 2, 4, 6 (and 1, 3, 5, 7) as bytes; x's words of the same inputs
         low, high = words & 0x0F0F0F0F, (words >> 4) & 0x0F0F0F0F
-        if FIFTH:  # word row r's even inputs' fifth bits at bit 2r of each byte, its odd ones' at 2r + 1
-            at = 2 * tl.arange(0, ROWS)[:, None]
-            low |= ((fifths[None, :] >> at) & 0x01010101) << 4
-            high |= ((fifths[None, :] >> (at + 1)) & 0x01010101) << 4
+        if HIGH > 0:
+            low, high = _with_high_bits(low, high, highs, tl.arange(0, ROWS)[:, None], HIGH)
         even, odd = tl.split(tl.reshape(q & 0xFF, [ROWS, 4, 2]))
         dot = _dot4(low, tl.sum(even << shifts, axis=1)[:, None], tl.zeros_like(words), False, PTX)
         dot = _dot4(high, tl.sum(odd << shifts, axis=1)[:, None], dot, False, PTX)
     else:
         dot = _dot4(words, tl.sum((q & 0xFF) << shifts, axis=1)[:, None], tl.zeros_like(words), True, PTX)
-    return tl.sum(dot, axis=0), tl.sum(x_sum, axis=0), tl.sum(step, axis=0)
+    return dot, tl.sum(q, axis=1), tl.sum(step, axis=0)
 
 
 @triton.jit
@@ -344,14 +361,14 @@ def _dot4(a, b, c, SIGNED: tl.constexpr, PTX: tl.constexpr):
 def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, nw_ptr, normed_ptr,
           cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, N, K, magic, eps, q_cols, stride_ch, stride_cs,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, SUPER: tl.constexpr,
-          FIFTH: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+          HIGH: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
           EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
           NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ROTARY: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr,
           INT8_X: tl.constexpr, PTX: tl.constexpr):
     """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K
     inputs in steps of STEP inputs (a group, or a part of one: G == 0 is int8's one scale a column; SUPER:
-    super-blocked scales and mins, `_group_scale`; FIFTH: int5, a block's fifth bits an int32 word a column, h
-    [K/32, N]). INT8_X:
+    super-blocked scales and mins, `_group_scale`; HIGH: int5's or int6's high bits, h [K / (32 / HIGH), N],
+    `_high_words`; G 16: int6's two groups a block of activations). INT8_X:
     x's blocks of 32 rounded to int8 (as the CPU kernels' activations) and multiplied by integer dot products
     (`_int8_block_dot`, STEP 32); else (float32 x) the exact dequantized product (`_float_dot`). SPLIT
     programs along K add their parts to float32 sums (`_workspace`); the last of a column tile to finish, told
@@ -368,7 +385,8 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
         _wait_previous(PDL)  # the experts were chosen by an earlier kernel
         expert = tl.load(e_ptr + row).to(tl.int64)
         q_ptr += expert * word_rows_k * N
-        h_ptr += expert * (K // 32) * N
+        if HIGH > 0:
+            h_ptr += expert * (K // (32 // HIGH)) * N
         meta = expert * N  # int8: one scale a column
         if SUPER > 0:
             c_ptr += meta * (K // G)
@@ -393,18 +411,32 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
             g_ok = n_ok & (k + 0 * offs_n < K)  # a tensor: the interpreter takes no scalar mask
             scale = _group_scale(s_ptr, c_ptr, k, offs_n, N, g_ok, G, SUPER, 0, EVEN)
         if INT8_X:  # STEP is 32: one block of activations
-            fifths = _load(h_ptr + (k // 32) * N + offs_n, g_ok, EVEN) if FIFTH else 0
-            dot, x_sum, x_step = _int8_block_dot(x_ptr + row * K, words, fifths, k, K, BITS, FIFTH, EVEN, PTX)
+            highs = 0
+            if HIGH == 1:  # int5: the block's one word of fifth bits, for every word row
+                highs = _load(h_ptr + (k // 32) * N + offs_n, g_ok, EVEN)[None, :]
+            elif HIGH == 2:  # int6: two words of high bits, word rows 0-1's and 2-3's
+                first = _load(h_ptr + (k // 16) * N + offs_n, g_ok, EVEN)[None, :]
+                highs = tl.where(r[:, None] < 2, first, _load(h_ptr + (k // 16 + 1) * N + offs_n, g_ok, EVEN)[None, :])
+            dots, x_sums, x_step = _int8_block_dot(x_ptr + row * K, words, highs, k, K, BITS, HIGH, EVEN, PTX)
+            dot, x_sum = tl.sum(dots, axis=0), tl.sum(x_sums, axis=0)
             if G == 0:
                 acc += dot.to(tl.float32) * x_step
+            elif G == 16:  # int6 (symmetric): the block's two groups, word rows 0-1 and 2-3, each its own scale
+                first_dot = tl.sum(tl.where(r[:, None] < 2, dots, 0), axis=0)
+                first_sum = tl.sum(tl.where(r < 2, x_sums, 0), axis=0)
+                second = _group_scale(s_ptr, c_ptr, k + 16, offs_n, N, g_ok, G, SUPER, 0, EVEN)
+                acc += ((first_dot - ZERO * first_sum).to(tl.float32) * scale
+                        + (dot - first_dot - ZERO * (x_sum - first_sum)).to(tl.float32) * second) * x_step
             else:
                 acc += (dot - ZERO * x_sum).to(tl.float32) * (scale * x_step)
                 if HAS_MIN:
                     acc_min += _group_scale(m_ptr, c_ptr, k, offs_n, N, g_ok, G, SUPER, 8, EVEN) * (
                         x_sum.to(tl.float32) * x_step)
         else:
-            fifths = _load(h_ptr + (word_rows // 4)[:, None] * N + offs_n[None, :], w_ok, EVEN) if FIFTH else 0
-            dot = _float_dot(x_ptr + row * K, words, fifths, k, K, BITS, ZERO, FIFTH, EVEN, magic)
+            highs = 0
+            if HIGH > 0:  # each word row's high-bit word
+                highs = _load(h_ptr + (word_rows // (4 // HIGH))[:, None] * N + offs_n[None, :], w_ok, EVEN)
+            dot = _float_dot(x_ptr + row * K, words, highs, k, K, BITS, ZERO, HIGH, EVEN, magic)
             if G == 0:
                 acc += tl.sum(dot, axis=0)
             else:
@@ -449,13 +481,13 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
 @triton.jit
 def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, M, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, SUPER: tl.constexpr,
-          FIFTH: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-          GATED: tl.constexpr, PDL: tl.constexpr, INT8_X: tl.constexpr):
+          HIGH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr, INT8_X: tl.constexpr):
     """out = x @ w (+ res; or gated: `_write`) for many rows, BLOCK_K (32) inputs a step. INT8_X: each row's
     block of 32 rounded to int8 as the GEMV rounds it (`_round_int8`) and multiplied by w's stored integers on
     integer tensor cores, each block's sums scaled by its step and w's scale; else [BLOCK_K, BLOCK_N] tiles of
-    w dequantized to x's dtype for tl.dot. A step lies within one group (G a multiple of 32)."""
+    w dequantized to x's dtype for tl.dot. A step lies within one group (G a multiple of 32) or, int6's G 16,
+    holds two."""
     _let_next_start(PDL)
     _wait_previous(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
@@ -470,16 +502,27 @@ def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, M, N, K, m
         w_ok = k_ok[:, None] & n_ok[None, :]
         words = tl.load(q_ptr + (k // PER_WORD)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)
         shift = ((k % PER_WORD) * BITS)[:, None]
-        fifth = 0
-        if FIFTH:  # int5: the block's fifth bits (a word a column) to bit 4 of each value
-            fifths = tl.load(h_ptr + (k0 // 32) * N + offs_n, mask=n_ok, other=0)
-            fifth = ((fifths[None, :] >> _fifth_position(k % 32)[:, None]) & 1) << 4
+        high = 0
+        if HIGH > 0:  # int5's or int6's high bits (`_high_words`: one word a block, or two) from bit 4 of each value
+            highs = tl.load(h_ptr + (k0 * HIGH // 32) * N + offs_n, mask=n_ok, other=0)[None, :]
+            if HIGH == 2:
+                second = tl.load(h_ptr + (k0 // 16 + 1) * N + offs_n, mask=n_ok, other=0)[None, :]
+                highs = tl.where((k % 32 < 16)[:, None], highs, second)
+            high = ((highs >> _high_position(k % (32 // HIGH), HIGH)[:, None]) & ((1 << HIGH) - 1)) << 4
         if INT8_X:
             q, x_sum, x_step = _round_int8(x.to(tl.float32))
-            stored = (((words >> shift) & ((1 << BITS) - 1)) | fifth).to(tl.int8)  # int8's byte: signed again
+            stored = (((words >> shift) & ((1 << BITS) - 1)) | high).to(tl.int8)  # int8's byte: signed again
             dot = tl.dot(q.to(tl.int8), stored, out_dtype=tl.int32)  # [BLOCK_M, BLOCK_N]
             if G == 0:
                 acc += dot.to(tl.float32) * x_step[:, None]
+            elif G == 16:  # int6 (symmetric): the block's first group's product apart, each group its own scale
+                q_first = tl.where((k % 32 < 16)[None, :], q, 0)
+                first_dot = tl.dot(q_first.to(tl.int8), stored, out_dtype=tl.int32)
+                first_sum = tl.sum(q_first, axis=1)[:, None]
+                first = _group_scale(s_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 0, False)[None, :]
+                second = _group_scale(s_ptr, c_ptr, k0 + 16, offs_n, N, n_ok, G, SUPER, 0, False)[None, :]
+                acc += ((first_dot - ZERO * first_sum).to(tl.float32) * first + (
+                    dot - first_dot - ZERO * (x_sum[:, None] - first_sum)).to(tl.float32) * second) * x_step[:, None]
             else:
                 scale = _group_scale(s_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 0, False)
                 acc += (dot - ZERO * x_sum[:, None]).to(tl.float32) * (x_step[:, None] * scale[None, :])
@@ -487,8 +530,10 @@ def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, M, N, K, m
                     mins = _group_scale(m_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 8, False)
                     acc += (x_sum.to(tl.float32) * x_step)[:, None] * mins[None, :]
         else:
-            w = _unpack(words, shift, fifth, magic, BITS, ZERO)  # [BLOCK_K, BLOCK_N]
-            if G > 0:
+            w = _unpack(words, shift, high, magic, BITS, ZERO)  # [BLOCK_K, BLOCK_N]
+            if G == 16:  # int6: each input's group's scale
+                w = w * _group_scale(s_ptr, c_ptr, k[:, None], offs_n[None, :], N, w_ok, G, SUPER, 0, False)
+            elif G > 0:
                 w = w * _group_scale(s_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 0, False)[None, :]
                 if HAS_MIN:
                     w += _group_scale(m_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 8, False)[None, :]
@@ -524,14 +569,17 @@ def _words(q: torch.Tensor) -> torch.Tensor:
     return q.view(torch.int32).t().contiguous()
 
 
-def _fifth_words(qhigh: torch.Tensor) -> torch.Tensor:
-    """int5's canonical fifth bits uint8 [N, K/8] (input 8j + i in bit i of byte j) -> int32 [K/32, N]: a word
-    per block of 32 inputs a column, block input 8r + 2t + p at bit 8t + 2r + p (`_fifth_position`)."""
-    n = qhigh.shape[0]
-    bits = (qhigh[..., None] >> torch.arange(8, dtype=torch.uint8, device=qhigh.device)) & 1  # [N, K/8, 8]
-    bits = bits.reshape(n, -1, 4, 4, 2).transpose(2, 3).reshape(n, -1, 8)  # (r, t, p) -> (t, r, p)
-    weights = 1 << torch.arange(8, dtype=torch.uint8, device=qhigh.device)
-    return _words((bits * weights).sum(dim=-1, dtype=torch.uint8).reshape(n, -1))
+def _high_words(parts: dict[str, torch.Tensor], high: int) -> torch.Tensor:
+    """int5's (high = 1) or int6's (2) canonical parts -> their values' high bits as int32 [K / span, N]: a word
+    per span = 32 / high inputs a column, input 8r + 2t + p of a word's span at bits 8t + high * (2r + p)..
+    (`_high_position`)."""
+    values = (unpack_int5(parts) if high == 1 else unpack_int6(parts)) >> 4  # uint8 [N, K]
+    n, span = values.shape[0], 32 // high
+    order = values.reshape(n, -1, 4 // high, 4, 2).transpose(2, 3).reshape(n, -1, span)  # (r, t, p) -> (t, r, p)
+    words = torch.zeros(order.shape[:2], dtype=torch.int32, device=values.device)
+    for i in range(span):  # bits 31 (and 30) wrap into the sign, as the kernel reads them
+        words |= order[..., i].to(torch.int32) << (high * i)
+    return words.t().contiguous()
 
 
 def repack(parts: dict[str, torch.Tensor | list[torch.Tensor]], spec: QuantSpec,
@@ -540,16 +588,21 @@ def repack(parts: dict[str, torch.Tensor | list[torch.Tensor]], spec: QuantSpec,
     fused projection's blocks of rows (their columns side by side; `interleave`: two blocks' columns
     alternating, for the gated kernel): q int32 [words, N], scales [K/G, N] (int8: [N]) and, with a min,
     mins [K/G, N]; super-blocked, scales and mins the factors [K/S, N] and codes int16 [K/G, N], a group's
-    scale code in the low byte and min code in the high one; int5's fifth bits high int32 [K/32, N]
-    (`_fifth_words`)."""
+    scale code in the low byte and min code in the high one (int6: its factors [K/S, N] and signed codes int8
+    [K/16, N]); int5's and int6's high bits high int32 [K / (32 / bits), N] (`_high_words`)."""
     def join(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(tensors, dim=-1).flatten(-2) if interleave else torch.cat(tensors, dim=-1)
 
     blocks = {name: part if isinstance(part, list) else [part] for name, part in parts.items()}
     out = {"q": join([_words(b) for b in blocks["qweight"]])}
-    if spec.scheme == "int5":
-        out["high"] = join([_fifth_words(b) for b in blocks["qhigh"]])
-    if spec.super_block:
+    if "qhigh" in blocks:
+        high = HIGH_BITS[spec.scheme]
+        out["high"] = join([_high_words({"qweight": q, "qhigh": h}, high)
+                            for q, h in zip(blocks["qweight"], blocks["qhigh"])])
+    if spec.scheme == "int6":
+        out["codes"] = join([codes.t() for codes in blocks["scales"]]).contiguous()
+        blocks = {"scales": blocks["super_scales"]}
+    elif spec.super_block:
         pairs = [torch.stack(pair, dim=-1).view(torch.int16)[..., 0] for pair in zip(blocks["scales"], blocks["mins"])]
         out["codes"] = join([pair.t() for pair in pairs]).contiguous()
         blocks = {"scales": blocks["super_scales"], "mins": blocks["super_mins"]}
@@ -571,7 +624,7 @@ class TritonKernel:
         self.parts, self.spec = repack(parts, spec, interleave), spec
         q = parts["qweight"]
         self.n = self.parts["q"].shape[1]
-        grouped = spec.scheme != "int8"  # int4 and int5: 4-bit words, groups (int6 takes plain_parts' int8)
+        grouped = spec.scheme != "int8"  # int4, int5 and int6: 4-bit words (and high bits), groups
         self.k = (q[0] if isinstance(q, list) else q).shape[1] * (2 if grouped else 1)
         default_n, default_k, default_warps = TILES[spec.scheme]
         self.block_n, self.block_k = block_n or default_n, block_k or default_k
@@ -580,12 +633,12 @@ class TritonKernel:
             raise ValueError(f"block_k {self.block_k} is not a multiple of 32")
         g = spec.group_size if grouped else 0
         bits = 4 if grouped else 8
-        zero = 128 if bits == 8 else 0 if "mins" in self.parts else spec.levels // 2
+        zero = 128 if bits == 8 else 0 if "mins" in self.parts else spec.levels // 2  # int6: 32
         # a GEMV step of float activations is a group (or a part of one); int8's, at most 64 inputs: more would
         # cost registers. Of int8 activations, one block of 32
         self.float_step = min(self.block_k, g or 64)
         self.constants = dict(BITS=bits, G=g, HAS_MIN="mins" in self.parts, ZERO=zero, SUPER=spec.super_block,
-                              FIFTH=spec.scheme == "int5")
+                              HIGH=HIGH_BITS.get(spec.scheme, 0))
         self.workspace = _workspace(self.device, GEMV_MAX_ROWS * self.n)
         self.gemv_constants = dict(self.constants, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                                    SPLIT=triton.cdiv(self.k, self.block_k), num_warps=self.num_warps,
