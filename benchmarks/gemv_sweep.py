@@ -1,7 +1,7 @@
 """Sweep the Triton GEMV tile sizes on a GPU (Mistral-7B layer shapes, batch 1): GB/s per configuration, the
 best few by their sum over the shapes, to set triton_kernels.TILES.
 
-    python -m benchmarks.gemv_sweep [--scheme int4|int5|int8]
+    python -m benchmarks.gemv_sweep [--scheme int4|int5|int6|int8]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lilmistral.quant.triton_kernels import TritonKernel
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scheme", choices=["int4", "int5", "int8"], nargs="*", default=["int4", "int8"])
+    p.add_argument("--scheme", choices=["int4", "int5", "int6", "int8"], nargs="*", default=["int4", "int8"])
     for scheme in p.parse_args().scheme:
         inputs = [(spec_for("layers.0.attention.wq.weight", (n, k), scheme), *gemv_inputs(scheme, n, k))
                   for n, k in SHAPES]

@@ -1,8 +1,8 @@
 """GPU decode benchmark: the Triton GEMV kernels and a Mistral-7B-shape model, against the memory bandwidth.
 
-    python -m benchmarks.gpu_bench [--layers 32] [--tokens 64] [--schemes int4 int8 bf16 (int5)] [--compile]
+    python -m benchmarks.gpu_bench [--layers 32] [--tokens 64] [--schemes int4 int8 bf16 (int5 int6)] [--compile]
 
-Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16 (and int5, asked for), the GEMV
+Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16 (and int5, int6, asked for), the GEMV
 kernels' GB/s on Mistral-7B's layer shapes (quantized: with int8 activations, and with the exact float
 product); the decode
 attention against SDPA; decode tokens/s of a Mistral-7B-shape model (random weights, `--layers` layers, int8
@@ -193,7 +193,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--schemes", nargs="+", choices=["int4", "int5", "int8", "bf16"], default=["int4", "int8", "bf16"])
+    p.add_argument("--schemes", nargs="+", choices=["int4", "int5", "int6", "int8", "bf16"], default=["int4", "int8", "bf16"])
     p.add_argument("--compile", action="store_true", help="also time the torch.compile decode step")
     ns = p.parse_args()
     bw = measure_bandwidth(torch.device("cuda"), gib=4.0)

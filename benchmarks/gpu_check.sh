@@ -3,9 +3,10 @@
 # calls of the device tool, "int4 tests" then "others sweep compile", each within 600 s), the most wanted
 # first: 32-layer Mistral-7B-shape int4 decode (eager; graphed, the target; graphed without each of
 # PDL, the fused norms, the fused RoPE/cache write, decoding ahead and the int8 activations, to see what each
-# buys), the GPU tests, int8/bf16 decode, the int4 GEMV tile sweep and int4 compiled. Each step has its own
-# time limit, so one that hangs costs only its own, and writes its log under $OUT as it goes (what a cut-off
-# call still returns). Steps can be named to run only some: bash benchmarks/gpu_check.sh tests sweep
+# buys), the GPU tests, int8/bf16 decode, the int4 GEMV tile sweep, int4 compiled, and last int5/int6 (a Q5 or
+# Q6_K file's layouts; "wide", a call of its own where device time is left). Each step has its own time
+# limit, so one that hangs costs only its own, and writes its log under $OUT as it goes (what a cut-off call
+# still returns). Steps can be named to run only some: bash benchmarks/gpu_check.sh tests sweep
 # Run from the repository root (the device image has no mistral_common: --noconftest; the package runs from
 # the working tree, not installed).
 set -u
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-steps=${*:-"int4 tests sweep others compile"}
+steps=${*:-"int4 tests sweep others compile wide"}
 
 step() {  # name, seconds, command...
     local name=$1 seconds=$2
@@ -33,6 +34,7 @@ for s in $steps; do
         sweep) step sweep 150 python3 -m benchmarks.gemv_sweep --scheme int4 ;;
         others) step others 120 python3 -m benchmarks.gpu_bench --schemes int8 bf16 ;;
         compile) step compile 150 python3 -m benchmarks.gpu_bench --schemes int4 --compile ;;
-        *) echo "unknown step $s (int4, tests, sweep, others, compile)"; exit 2 ;;
+        wide) step wide 150 python3 -m benchmarks.gpu_bench --schemes int5 int6 ;;
+        *) echo "unknown step $s (int4, tests, sweep, others, compile, wide)"; exit 2 ;;
     esac
 done

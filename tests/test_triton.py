@@ -187,7 +187,7 @@ def test_repack_layout_and_fused_projections():
     assert packed["q"].shape == (8, 32) and packed["scales"].shape == (2, 32)
     word = int(packed["q"][1, 5]) & 0xFFFFFFFF  # inputs 8..15 of column 5
     assert [(word >> (4 * j)) & 0xF for j in range(8)] == [int(v) for v in unpack_int4(q)[5, 8:16]]
-    # int5's and int6's high bits (b an input) a word per 32 / b inputs a column, input 8r + 2t + p at bit 8t + b(2r + p)
+    # int5's and int6's high bits (b an input): a word per 32 / b inputs a column, input 8r + 2t + p at 8t + b(2r + p)
     for wide, unpack in ((QuantSpec("int5", 32, True), unpack_int5), (QuantSpec("int6", 16, True, 64), unpack_int6)):
         wide_parts, b = quantize(ws[0], wide), 1 if wide.scheme == "int5" else 2
         high = repack(wide_parts, wide)["high"]
