@@ -319,8 +319,8 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     """The GEMV compiled offline for Hopper (Triton's own ptxas; no GPU needed), for int8 activations (a
     model's) and float ones: every scheme's weight words come in 16-byte vector loads, for int8 activations
     none one word at a time (the previous kernel's byte-wise loads read at 6-17% of an H100's bandwidth),
-    with ~1.1-1.4 instructions a weight, some before it waits for the kernel before it (programmatic
-    dependent launch). The decode attention compiles too, its dot products on tensor cores, and so does every
+    with ~1.1-1.6 instructions a weight for int8 and int4 (~2-2.3 for int5 and int6, their high bits), some
+    before it waits for the kernel before it (programmatic dependent launch). The decode attention compiles too, its dot products on tensor cores, and so does every
     other kernel, each waiting for the one before (a compile error would otherwise first show on a GPU), the
     prefill GEMM's on integer tensor cores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
