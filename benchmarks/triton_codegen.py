@@ -156,11 +156,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, 90 for Hopper")
     arch = p.parse_args().arch
-    for int8_x in (True, False):
-        for spec in (QuantSpec("int4", 32, False, super_block=256), QuantSpec("int4", 32, False),
-                     QuantSpec("int4", 32, True), QuantSpec("int4", 128, False), QuantSpec("int8"),
-                     QuantSpec("int5", 32, False, super_block=256), QuantSpec("int5", 32, True),
-                     QuantSpec("int6", 16, True, super_block=256)):
+    specs = [QuantSpec("int4", 32, False, super_block=256), QuantSpec("int4", 32, False), QuantSpec("int4", 32, True),
+             QuantSpec("int4", 128, False), QuantSpec("int8")]
+    wide = [QuantSpec("int5", 32, False, super_block=256), QuantSpec("int5", 32, True),
+            QuantSpec("int6", 16, True, super_block=256)]
+    for int8_x, schemes in ((True, specs + wide), (False, specs)):  # float activations: float32 models only
+        for spec in schemes:
             print(json.dumps(report(spec, arch, int8_x)), flush=True)
     print(json.dumps(attention_report(arch)), flush=True)
     for name, kernel in compile_others(arch).items():
