@@ -193,7 +193,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--schemes", nargs="+", choices=["int4", "int5", "int6", "int8", "bf16"], default=["int4", "int8", "bf16"])
+    p.add_argument("--schemes", nargs="+", choices=["int4", "int5", "int6", "int8", "bf16"],
+                   default=["int4", "int8", "bf16"])
     p.add_argument("--compile", action="store_true", help="also time the torch.compile decode step")
     ns = p.parse_args()
     bw = measure_bandwidth(torch.device("cuda"), gib=4.0)

@@ -25,9 +25,9 @@ from lilmistral.quant import triton_kernels
 from lilmistral.quant.pack import QuantSpec
 
 POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "c_ptr": "*i16", "h_ptr": "*i32",
-            "out_ptr": "*bf16", "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64", "nw_ptr": "*bf16",
-            "normed_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "keys_ptr": "*bf16", "values_ptr": "*bf16",
-            "slot_ptr": "*i64"}  # _gemv's, in order
+            "out_ptr": "*bf16", "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64",
+            "nw_ptr": "*bf16", "normed_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "keys_ptr": "*bf16",
+            "values_ptr": "*bf16", "slot_ptr": "*i64"}  # _gemv's, in order
 GEMV_SIGNATURE = dict(POINTERS, N="i32", K="i32", magic="i32", eps="fp32", q_cols="i32", stride_ch="i32",
                       stride_cs="i32")
 GEMV_ALIGNED = [*POINTERS, "N", "K", "q_cols", "stride_ch", "stride_cs"]

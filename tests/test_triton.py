@@ -60,7 +60,8 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
     assert (got.double() - expected).abs().max().item() < 1e-3 * max(1.0, expected.abs().max().item())
 
 
-@pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS + HIGH[2:]] + [(33, 130, SPECS[0])], ids=spec_id)
+@pytest.mark.parametrize("n,k,spec", [(40, 128, spec) for spec in SPECS + HIGH[2:]] + [(33, 130, SPECS[0])],
+                         ids=spec_id)
 def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeypatch):
     """bfloat16 x (a model's) rounds its blocks of 32 to int8, as the CPU kernels do, and multiplies them by
     integer dot products, in the GEMV (decode) and the GEMM (prefill, integer tensor cores) alike: in float32
@@ -319,9 +320,9 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     model's) and float ones: every scheme's weight words come in 16-byte vector loads, for int8 activations
     none one word at a time (the previous kernel's byte-wise loads read at 6-17% of an H100's bandwidth),
     with ~1.1-1.6 instructions a weight for int8 and int4 (~2-2.3 for int5 and int6, their high bits), some
-    before it waits for the kernel before it (programmatic dependent launch). The decode attention compiles too, its dot products on tensor cores, and so does every
-    other kernel, each waiting for the one before (a compile error would otherwise first show on a GPU), the
-    prefill GEMM's on integer tensor cores."""
+    before it waits for the kernel before it (programmatic dependent launch). The decode attention compiles
+    too, its dot products on tensor cores, and so does every other kernel, each waiting for the one before (a
+    compile error would otherwise first show on a GPU), the prefill GEMM's on integer tensor cores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_codegen"], env=env, cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout

@@ -167,7 +167,7 @@ def _with_high_bits(low, high, highs, r, HIGH: tl.constexpr):
     """A step's word rows r [ROWS, 1] of nibbles as bytes (low: even inputs, high: odd; `_int8_block_dot`) with
     their HIGH high bits (highs [ROWS, BLOCK_N]: each row's high-bit word) OR-ed in from bit 4: int5's or int6's
     values, a byte each."""
-    at = HIGH * 2 * (r % (4 // HIGH))  # the row's even inputs' bits in the word; its odd ones' HIGH further
+    at = _high_position((8 * r) % (32 // HIGH), HIGH)  # the row's even inputs' bits; its odd ones' HIGH further
     mask: tl.constexpr = ((1 << HIGH) - 1) * 0x01010101
     return low | (((highs >> at) & mask) << 4), high | (((highs >> (at + HIGH)) & mask) << 4)
 
