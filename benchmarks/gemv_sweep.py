@@ -1,16 +1,27 @@
-"""Sweep the Triton GEMV tile sizes on a GPU (Mistral-7B layer shapes, batch 1): GB/s per configuration, the
-best few by their sum over the shapes, to set triton_kernels.TILES.
+"""Sweep the Triton GEMV tile sizes on a GPU (Mistral-7B layer shapes, batch 1, each kernel timed alone in a
+CUDA graph on weights cycled through more than L2 holds): GB/s per configuration as it goes, then the best
+few by their time over the four shapes (a layer's GEMV time), the best for each shape, and on the last line
+the best as gpu_bench's --tiles takes it (SCHEME=BN,BK,WARPS).
 
-    python -m benchmarks.gemv_sweep [--scheme int4|int5|int6|int8]
+    python -m benchmarks.gemv_sweep [--scheme int4|int5|int6|int8 ...]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import time
 
-from benchmarks.gpu_bench import SHAPES, gemv_inputs, timed
+from benchmarks.gpu_bench import SHAPES, copies, gemv_inputs, graphed_seconds
 from lilmistral.quant import spec_for
 from lilmistral.quant.triton_kernels import TritonKernel
+
+
+def configurations() -> list[tuple[int, int, int]]:
+    """(BLOCK_N, BLOCK_K, num_warps) with 128 to 1024 weights a thread: fewer share a thread's x rounding
+    among too few columns, more spill registers."""
+    return [(bn, bk, warps) for bn, bk, warps in itertools.product((128, 256, 512, 1024), (32, 64, 128, 256, 512),
+                                                                   (1, 2, 4, 8))
+            if 128 <= bn * bk // (32 * warps) <= 1024]
 
 
 def main() -> None:
@@ -19,19 +30,30 @@ def main() -> None:
     for scheme in p.parse_args().scheme:
         inputs = [(spec_for("layers.0.attention.wq.weight", (n, k), scheme), *gemv_inputs(scheme, n, k))
                   for n, k in SHAPES]
-        results = []
-        for bn, bk, warps in itertools.product((256, 512, 1024), (32, 64, 128), (1, 2, 4)):
-            if not 128 <= bn * bk // (32 * warps) <= 1024:  # weights a thread: too few share x's rounding
+        results, start = [], time.perf_counter()
+        for tiles in configurations():
+            seconds, rates = [], []
+            try:
+                for spec, parts, x in inputs:
+                    kernels = [TritonKernel(parts, spec, *tiles)]
+                    nbytes = sum(t.nbytes for t in kernels[0].parts.values())
+                    kernels += [TritonKernel(parts, spec, *tiles) for _ in range(copies(nbytes) - 1)]
+                    seconds.append(graphed_seconds([lambda c=c, x=x: c.gemv(x) for c in kernels], repeat=40))
+                    rates.append(nbytes / seconds[-1] / 1e9)
+            except Exception as e:  # a configuration the compiler cannot build (registers, shared memory)
+                print(f"{scheme} {tiles}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
-            rates = []
-            for spec, parts, x in inputs:
-                kernel = TritonKernel(parts, spec, block_n=bn, block_k=bk, num_warps=warps)
-                seconds = timed(lambda: kernel.gemv(x), repeat=30)
-                rates.append(sum(t.nbytes for t in kernel.parts.values()) / seconds / 1e9)
-            results.append((sum(rates), f"{scheme} TILES ({bn}, {bk}, {warps}): "
-                            + " ".join(f"{r:6.0f}" for r in rates) + " GB/s"))
-        for _, line in sorted(results, reverse=True)[:6]:
-            print(line, flush=True)
+            results.append((sum(seconds), tiles, seconds, rates))
+            print(f"{scheme} TILES {tiles}: {sum(seconds) * 1e6:6.1f} us " + " ".join(f"{r:5.0f}" for r in rates)
+                  + f" GB/s  ({time.perf_counter() - start:.0f} s)", flush=True)
+        results.sort()
+        print(f"best of {scheme} ({', '.join(f'{n}x{k}' for n, k in SHAPES)}):")
+        for total, tiles, _, rates in results[:6]:
+            print(f"  {tiles}: {total * 1e6:6.1f} us " + " ".join(f"{r:5.0f}" for r in rates) + " GB/s")
+        for i, (n, k) in enumerate(SHAPES):
+            total, tiles, seconds, rates = min(results, key=lambda r: r[2][i])
+            print(f"  best for {n}x{k}: {tiles} {seconds[i] * 1e6:.1f} us {rates[i]:.0f} GB/s")
+        print(f"{scheme}={','.join(map(str, results[0][1]))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,27 @@ def timed(fn, repeat: int = 50) -> float:
     return start.elapsed_time(end) / repeat / 1e3
 
 
+COLD_BYTES = 256e6  # over 4x an H200's L2: weights cycled through this many bytes are read from memory
+
+
+def graphed_seconds(calls: list, repeat: int = 60) -> float:
+    """Seconds a call of a kernel alone: `repeat` calls, cycling through `calls` (each on its own copy of the
+    weights, so they come from memory, not L2), captured in one CUDA graph and replayed: no launch overhead
+    from the host between them, as in a graphed decode step."""
+    for call in calls:
+        call()  # Triton builds
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(repeat):
+            calls[i % len(calls)]()
+    return timed(graph.replay, repeat=5) / repeat
+
+
+def copies(nbytes: int) -> int:
+    return max(2, -(-int(COLD_BYTES) // nbytes))
+
+
 def gemv_inputs(scheme: str, n: int, k: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """A random weight's packed parts on the GPU, and one bfloat16 row of activations."""
     spec = spec_for("layers.0.attention.wq.weight", (n, k), scheme)
@@ -53,27 +74,31 @@ def gemv_inputs(scheme: str, n: int, k: int) -> tuple[dict[str, torch.Tensor], t
 
 
 def kernel_table(bw: float, schemes: list[str]) -> list[dict]:
-    """GEMV speeds: bfloat16 (cuBLAS); int4 and int8 with the activations rounded to int8 (the default) and,
-    to compare, with the exact float product at the tiles it had (256, 32, 2)."""
+    """GEMV speeds (`graphed_seconds`): bfloat16 (cuBLAS); quantized with the activations rounded to int8 (the
+    default) and, to compare, with the exact float product at the tiles it had (256, 32, 2)."""
     from lilmistral.quant import triton_kernels
 
     rows = []
     for scheme in schemes:
         for n, k in SHAPES:
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             if scheme == "bf16":
-                w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-                x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-                variants = [("bf16", timed(lambda: x @ w.t()), w.nbytes)]
+                ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16)]
+                ws += [ws[0].clone() for _ in range(copies(ws[0].nbytes) - 1)]
+                variants = [("bf16", graphed_seconds([lambda w=w: x @ w.t() for w in ws]), ws[0].nbytes)]
             else:
-                parts, x = gemv_inputs(scheme, n, k)
                 spec = spec_for("layers.0.attention.wq.weight", (n, k), scheme)
-                kernel = triton_kernels.TritonKernel(parts, spec)
-                nbytes = sum(t.nbytes for t in kernel.parts.values())
-                variants = [("int8", timed(lambda: kernel(x)), nbytes)]
-                float_x = triton_kernels.TritonKernel(parts, spec, block_n=256, block_k=32, num_warps=2)
+                parts, _ = gemv_inputs(scheme, n, k)
+                kernels = [triton_kernels.TritonKernel(parts, spec)]
+                nbytes = sum(t.nbytes for t in kernels[0].parts.values())
+                kernels += [triton_kernels.TritonKernel(parts, spec) for _ in range(copies(nbytes) - 1)]
+                variants = [("int8", graphed_seconds([lambda c=c: c(x) for c in kernels]), nbytes)]
+                floats = [triton_kernels.TritonKernel(parts, spec, block_n=256, block_k=32, num_warps=2)
+                          for _ in kernels]
                 exact, triton_kernels.int8_activations = triton_kernels.int8_activations, lambda x: False
-                variants.append(("float", timed(lambda: float_x(x)), nbytes))
+                variants.append(("float", graphed_seconds([lambda c=c: c(x) for c in floats]), nbytes))
                 triton_kernels.int8_activations = exact
+                del kernels, floats
             for activations, seconds, nbytes in variants:
                 rows.append({"scheme": scheme, "shape": f"{n}x{k}", "activations": activations,
                              "us": round(seconds * 1e6, 1), "gbps": round(nbytes / seconds / 1e9, 1),
@@ -148,7 +173,16 @@ def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int,
     return first - start, (end - first) / (n - 1), replay
 
 
-def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compile: bool) -> list[dict]:
+VARIANTS = ("no-pdl", "unfused-norm", "unfused-rope", "not-ahead", "float-activations",
+            "no-pdl+unfused-norm+unfused-rope")
+
+
+def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compile: bool,
+                 variants: list[str]) -> list[dict]:
+    """Decode eager and graphed; for int4 also graphed in each of `variants` (words of VARIANTS joined by +):
+    without programmatic dependent launch, with each RMSNorm a launch of its own (not in wo's and w2's GEMVs)
+    or RoPE and the cache write (not in wqkv's), all read as the graphs are captured, each step queued only
+    once the host has read the token before (not ahead), the exact float product instead of int8 activations."""
     from lilmistral.quant import triton_kernels
     from lilmistral.quant.triton_kernels import TritonKernel
 
@@ -158,24 +192,21 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
     for scheme in schemes:
         model = random_model(args, scheme, "cuda")
         nbytes = weight_bytes_per_token(model.args, held_weights(model))
-        # eager, graphed; for int4 also graphed without programmatic dependent launch, with each RMSNorm a launch
-        # of its own (not in wo's and w2's GEMVs) or RoPE and the cache write (not in wqkv's), all read as the
-        # graphs are captured, and with each step queued only once the host has read the token before (not ahead)
         steps = [(DecodeStep(model, graphs=False), ""), (DecodeStep(model), "")]
         if scheme == "int4":
-            steps += [(DecodeStep(model), variant) for variant in (" no-pdl", " unfused-norm", " unfused-rope",
-                                                                     " not-ahead", " float-activations")]
+            steps += [(DecodeStep(model), variant) for variant in variants]
         if compile:
             steps.append((DecodeStep(model, compile=True), ""))
         for step, variant in steps:
-            os.environ["LILMISTRAL_PDL"] = "0" if variant == " no-pdl" else "1"
-            TritonKernel.adds_norm, TritonKernel.rotates = variant != " unfused-norm", variant != " unfused-rope"
-            triton_kernels.int8_activations = (lambda x: False) if variant == " float-activations" else int8_x
-            ttft, per_token, replay = decode_seconds(model, args, step, tokens, variant != " not-ahead")
+            words = set(variant.split("+"))
+            os.environ["LILMISTRAL_PDL"] = "0" if "no-pdl" in words else "1"
+            TritonKernel.adds_norm, TritonKernel.rotates = "unfused-norm" not in words, "unfused-rope" not in words
+            triton_kernels.int8_activations = (lambda x: False) if "float-activations" in words else int8_x
+            ttft, per_token, replay = decode_seconds(model, args, step, tokens, "not-ahead" not in words)
             os.environ.pop("LILMISTRAL_PDL")
             TritonKernel.adds_norm = TritonKernel.rotates = True
             triton_kernels.int8_activations = int8_x
-            row = {"scheme": scheme, "layers": layers, "step": step.mode + variant}
+            row = {"scheme": scheme, "layers": layers, "step": f"{step.mode} {variant}".strip()}
             if replay is not None:
                 row["replay_ms"] = round(replay * 1e3, 3)
             rows.append({**row, "decode_tps": round(1 / per_token, 1),
@@ -195,15 +226,28 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--schemes", nargs="+", choices=["int4", "int5", "int6", "int8", "bf16"],
                    default=["int4", "int8", "bf16"])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="int4's graphed variants (VARIANTS)")
+    p.add_argument("--tiles", nargs="*", default=[], metavar="SCHEME=BN,BK,WARPS",
+                   help="GEMV tiles instead of triton_kernels.TILES' (as gemv_sweep prints them)")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="the GEMV and attention tables, and the kernels a step launches")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile decode step")
     ns = p.parse_args()
+    from lilmistral.quant import triton_kernels
+
+    for tile in ns.tiles:
+        scheme, sizes = tile.split("=")
+        triton_kernels.TILES[scheme] = tuple(int(v) for v in sizes.split(","))
     bw = measure_bandwidth(torch.device("cuda"), gib=4.0)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "read_bandwidth_gbps": round(bw, 1)}), flush=True)
-    for row in kernel_table(bw, ns.schemes) + attention_table(bw):
-        print(json.dumps(row), flush=True)
-    decode_table(ns.layers, ns.tokens, bw, ns.schemes, ns.compile)
-    for layers in (1, 2):  # the difference: a layer's kernels
-        print(json.dumps(kernels_per_token(layers)), flush=True)
+    print(json.dumps({"device": torch.cuda.get_device_name(), "read_bandwidth_gbps": round(bw, 1),
+                      "tiles": triton_kernels.TILES}), flush=True)
+    if ns.kernels:
+        for row in kernel_table(bw, ns.schemes) + attention_table(bw):
+            print(json.dumps(row), flush=True)
+    decode_table(ns.layers, ns.tokens, bw, ns.schemes, ns.compile, ns.variants)
+    if ns.kernels:
+        for layers in (1, 2):  # the difference: a layer's kernels
+            print(json.dumps(kernels_per_token(layers)), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,16 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for s in $steps; do
     case $s in
         int4) step int4 300 python3 -m benchmarks.gpu_bench --schemes int4 ;;
-        tests) step tests 240 python3 -m pytest --noconftest -q --maxfail=5 tests/test_gpu.py tests/test_triton.py ;;
+        tests) step tests 150 python3 -m pytest --noconftest -q --maxfail=20 tests/test_gpu.py tests/test_triton.py ;;
         sweep) step sweep 150 python3 -m benchmarks.gemv_sweep --scheme int4 ;;
+        tune)  # the sweep, then 32-layer int4 decode on its best tiles, with and without the fusions
+            step sweep 200 python3 -m benchmarks.gemv_sweep --scheme int4
+            best=$(tail -n 1 "$OUT/sweep.log" | grep -E '^int4=[0-9,]+$' || echo int4=512,64,1)
+            step tuned 120 python3 -m benchmarks.gpu_bench --schemes int4 --no-kernels --tiles "$best" \
+                --variants no-pdl+unfused-norm+unfused-rope unfused-norm no-pdl+unfused-norm unfused-norm+unfused-rope ;;
         others) step others 120 python3 -m benchmarks.gpu_bench --schemes int8 bf16 ;;
         compile) step compile 150 python3 -m benchmarks.gpu_bench --schemes int4 --compile ;;
         wide) step wide 150 python3 -m benchmarks.gpu_bench --schemes int5 int6 ;;
-        *) echo "unknown step $s (int4, tests, sweep, others, compile, wide)"; exit 2 ;;
+        *) echo "unknown step $s (int4, tests, sweep, tune, others, compile, wide)"; exit 2 ;;
     esac
 done

@@ -86,14 +86,14 @@ def pack_int6(q: torch.Tensor) -> dict[str, torch.Tensor]:
 def pack_int5(q: torch.Tensor) -> dict[str, torch.Tensor]:
     """uint8 values 0..31 [N, K] -> int5's qweight (low 4 bits) and qhigh (fifth bits, eight a byte)."""
     q = q.to(torch.uint8)
-    fifth = (q >> 4).reshape(q.shape[0], -1, 8) << torch.arange(8, dtype=torch.uint8)
+    fifth = (q >> 4).reshape(q.shape[0], -1, 8) << torch.arange(8, dtype=torch.uint8, device=q.device)
     return {"qweight": pack_int4(q & 0x0F), "qhigh": fifth.sum(dim=-1, dtype=torch.uint8)}
 
 
 def unpack_int5(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """int5's qweight and qhigh -> uint8 values 0..31 [N, K]."""
     high = parts["qhigh"]
-    fifth = (high[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    fifth = (high[..., None] >> torch.arange(8, dtype=torch.uint8, device=high.device)) & 1
     return unpack_int4(parts["qweight"]) | (fifth.reshape(high.shape[0], -1) << 4)
 
 

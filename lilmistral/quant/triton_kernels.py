@@ -537,7 +537,7 @@ def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, M, N, K, m
                 w = w * _group_scale(s_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 0, False)[None, :]
                 if HAS_MIN:
                     w += _group_scale(m_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 8, False)[None, :]
-            acc = tl.dot(x, w.to(x.dtype), acc)
+            acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")  # float32 x: not TF32's 10 bits
     if G == 0:
         acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     _write(out_ptr, res_ptr, offs_m[:, None], m_ok[:, None], tl.program_id(1) * BLOCK_N, N, acc, BLOCK_N,
