@@ -1,17 +1,17 @@
 """GPU decode benchmark: the Triton GEMV kernels and a Mistral-7B-shape model, against the memory bandwidth.
 
     python -m benchmarks.gpu_bench [--layers 32] [--tokens 64] [--schemes int4 int8 bf16 (int5 int6)] [--compile]
+                                   [--tiles int4=256,128,1] [--variants no-pdl ...] [--no-kernels]
 
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16 (and int5, int6, asked for), the GEMV
-kernels' GB/s on Mistral-7B's layer shapes (quantized: with int8 activations, and with the exact float
-product); the decode
-attention against SDPA; decode tokens/s of a Mistral-7B-shape model (random weights, `--layers` layers, int8
-head) with the weight bytes read per token and that as a fraction of the read bandwidth, for each decode step:
-eager, CUDA graphs (the default on a GPU; for int4 also without programmatic dependent launch, with each
-RMSNorm a launch of its own, with RoPE and the cache write launches of their own, with each step queued only
-after the host read the token before, and with the GEMVs' exact float product instead of int8 activations)
-and, with --compile, torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and
-their GPU time.
+kernels' GB/s on Mistral-7B's layer shapes, each timed alone in a CUDA graph on weights cycled through more
+than L2 holds (quantized: with int8 activations, and with the exact float product); the decode attention
+against SDPA; decode tokens/s of a Mistral-7B-shape model (random weights, `--layers` layers, int8 head) with
+the weight bytes read per token and that as a fraction of the read bandwidth, for each decode step: eager,
+CUDA graphs (the default on a GPU; for int4 also in each of --variants: without programmatic dependent
+launch, with each step queued only after the host read the token before, with the GEMVs' exact float product
+instead of int8 activations) and, with --compile, torch.compile; last, the kernels an eager int4 step
+launches with 1 and 2 layers, and their GPU time.
 """
 from __future__ import annotations
 
@@ -173,18 +173,15 @@ def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int,
     return first - start, (end - first) / (n - 1), replay
 
 
-VARIANTS = ("no-pdl", "unfused-norm", "unfused-rope", "not-ahead", "float-activations",
-            "no-pdl+unfused-norm+unfused-rope")
+VARIANTS = ("no-pdl", "not-ahead", "float-activations")
 
 
 def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compile: bool,
                  variants: list[str]) -> list[dict]:
     """Decode eager and graphed; for int4 also graphed in each of `variants` (words of VARIANTS joined by +):
-    without programmatic dependent launch, with each RMSNorm a launch of its own (not in wo's and w2's GEMVs)
-    or RoPE and the cache write (not in wqkv's), all read as the graphs are captured, each step queued only
-    once the host has read the token before (not ahead), the exact float product instead of int8 activations."""
+    without programmatic dependent launch (read as the graphs are captured), each step queued only once the
+    host has read the token before (not ahead), the exact float product instead of int8 activations."""
     from lilmistral.quant import triton_kernels
-    from lilmistral.quant.triton_kernels import TritonKernel
 
     int8_x = triton_kernels.int8_activations
     args = ModelArgs(n_layers=layers, **MISTRAL_7B)
@@ -200,11 +197,9 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
         for step, variant in steps:
             words = set(variant.split("+"))
             os.environ["LILMISTRAL_PDL"] = "0" if "no-pdl" in words else "1"
-            TritonKernel.adds_norm, TritonKernel.rotates = "unfused-norm" not in words, "unfused-rope" not in words
             triton_kernels.int8_activations = (lambda x: False) if "float-activations" in words else int8_x
             ttft, per_token, replay = decode_seconds(model, args, step, tokens, "not-ahead" not in words)
             os.environ.pop("LILMISTRAL_PDL")
-            TritonKernel.adds_norm = TritonKernel.rotates = True
             triton_kernels.int8_activations = int8_x
             row = {"scheme": scheme, "layers": layers, "step": f"{step.mode} {variant}".strip()}
             if replay is not None:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# What a session lent a GPU runs first (~10-12 minutes on an H200 in all, much of it Triton compiling: two
-# calls of the device tool, "int4 tests" then "others sweep compile", each within 600 s), the most wanted
-# first: 32-layer Mistral-7B-shape int4 decode (eager; graphed, the issue's target; graphed without each of
-# PDL, the fused norms, the fused RoPE/cache write, decoding ahead and the int8 activations, to see what each
-# buys), the GPU tests, int8/bf16 decode, the int4 GEMV tile sweep, int4 compiled, and last int5/int6 (a Q5 or
-# Q6_K file's layouts; "wide", a call of its own where device time is left). Each step has its own time
-# limit, so one that hangs costs only its own, and writes its log under $OUT as it goes (what a cut-off call
-# still returns). Steps can be named to run only some: bash benchmarks/gpu_check.sh tests sweep
+# What a session lent a GPU runs, the most wanted first, within its ~15 minutes of device time (a machine's
+# start ~30 s a call). Steps: int4 (32-layer Mistral-7B-shape int4 decode: eager; graphed, the issue's target;
+# graphed without PDL, not decoding ahead, float activations; ~75 s on an H200), tests (tests/test_gpu.py
+# and tests/test_triton.py compiled for the GPU: over 150 s), tune (the int4 GEMV tile sweep, then decode on
+# its best tiles: ~5 min), sweep alone, others (int8/bf16), compile (int4 under torch.compile), wide
+# (int5/int6: a Q5 or Q6_K file's layouts). Each step has its own time limit, so one that hangs costs only
+# its own, and writes its log under $OUT as it goes (what a cut-off call still returns). Steps can be named
+# to run only some: bash benchmarks/gpu_check.sh int4 tests
 # Run from the repository root (the device image has no mistral_common: --noconftest; the package runs from
 # the working tree, not installed).
 set -u
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-steps=${*:-"int4 tests sweep others compile wide"}
+steps=${*:-"int4 tests tune others compile wide"}
 
 step() {  # name, seconds, command...
     local name=$1 seconds=$2
@@ -30,13 +30,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for s in $steps; do
     case $s in
         int4) step int4 300 python3 -m benchmarks.gpu_bench --schemes int4 ;;
-        tests) step tests 150 python3 -m pytest --noconftest -q --maxfail=20 tests/test_gpu.py tests/test_triton.py ;;
+        tests) step tests 300 python3 -m pytest --noconftest -q --maxfail=20 tests/test_gpu.py tests/test_triton.py ;;
         sweep) step sweep 150 python3 -m benchmarks.gemv_sweep --scheme int4 ;;
-        tune)  # the sweep, then 32-layer int4 decode on its best tiles, with and without the fusions
-            step sweep 200 python3 -m benchmarks.gemv_sweep --scheme int4
+        tune)  # the sweep, then 32-layer int4 decode on its best tiles
+            step sweep 240 python3 -m benchmarks.gemv_sweep --scheme int4
             best=$(tail -n 1 "$OUT/sweep.log" | grep -E '^int4=[0-9,]+$' || echo int4=512,64,1)
-            step tuned 120 python3 -m benchmarks.gpu_bench --schemes int4 --no-kernels --tiles "$best" \
-                --variants no-pdl+unfused-norm+unfused-rope unfused-norm no-pdl+unfused-norm unfused-norm+unfused-rope ;;
+            step tuned 120 python3 -m benchmarks.gpu_bench --schemes int4 --no-kernels --tiles "$best" --variants no-pdl ;;
         others) step others 120 python3 -m benchmarks.gpu_bench --schemes int8 bf16 ;;
         compile) step compile 150 python3 -m benchmarks.gpu_bench --schemes int4 --compile ;;
         wide) step wide 150 python3 -m benchmarks.gpu_bench --schemes int5 int6 ;;

@@ -25,12 +25,10 @@ from lilmistral.quant import triton_kernels
 from lilmistral.quant.pack import QuantSpec
 
 POINTERS = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp16", "m_ptr": "*fp16", "c_ptr": "*i16", "h_ptr": "*i32",
-            "out_ptr": "*bf16", "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32", "e_ptr": "*i64",
-            "nw_ptr": "*bf16", "normed_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "keys_ptr": "*bf16",
-            "values_ptr": "*bf16", "slot_ptr": "*i64"}  # _gemv's, in order
-GEMV_SIGNATURE = dict(POINTERS, N="i32", K="i32", magic="i32", eps="fp32", q_cols="i32", stride_ch="i32",
-                      stride_cs="i32")
-GEMV_ALIGNED = [*POINTERS, "N", "K", "q_cols", "stride_ch", "stride_cs"]
+            "out_ptr": "*bf16", "res_ptr": "*bf16", "sums_ptr": "*fp32", "count_ptr": "*i32",
+            "e_ptr": "*i64"}  # _gemv's, in order
+GEMV_SIGNATURE = dict(POINTERS, N="i32", K="i32", magic="i32")
+GEMV_ALIGNED = [*POINTERS, "N", "K"]
 
 
 def compile_kernel(fn, signature: dict, constants: dict, aligned: list[str], warps: int, arch: int):
@@ -45,7 +43,7 @@ def compile_kernel(fn, signature: dict, constants: dict, aligned: list[str], war
 
 def gemv_constants(spec: QuantSpec, arch: int = 90, **variant: bool) -> dict:
     """The GEMV's constants at TILES' sizes for a matrix its tiles divide (as Mistral's); `variant`: experts,
-    residual, gated, norm or rotary."""
+    residual or gated."""
     block_n, block_k, _ = triton_kernels.TILES[spec.scheme]
     g = spec.group_size if spec.scheme != "int8" else 0
     return {**dict(BITS=4 if g else 8, G=g, HAS_MIN=g > 0 and not spec.symmetric,
@@ -53,7 +51,7 @@ def gemv_constants(spec: QuantSpec, arch: int = 90, **variant: bool) -> dict:
                    HIGH=triton_kernels.HIGH_BITS.get(spec.scheme, 0), STEP=32,
                    BLOCK_N=block_n,
                    BLOCK_K=block_k, SPLIT=4, EVEN=True, HAS_EXPERTS=False, HAS_RESIDUAL=False, GATED=False,
-                   NORM=False, NORM_BLOCK=4096, ROTARY=False, HD=128, PDL=arch >= 90, INT8_X=True, PTX=True),
+                   PDL=arch >= 90, INT8_X=True, PTX=True),
             **variant}
 
 
@@ -95,10 +93,8 @@ def compile_others(arch: int = 90) -> dict:
                                        tk.TILES["int8"][2]),
         "gemv int8 gated": (tk._gemv, GEMV_SIGNATURE, gemv_constants(int8, arch, GATED=True), GEMV_ALIGNED,
                             tk.TILES["int8"][2]),
-        "gemv int4 residual norm": (tk._gemv, GEMV_SIGNATURE, gemv_constants(int4, arch, HAS_RESIDUAL=True, NORM=True),
-                                    GEMV_ALIGNED, tk.TILES["int4"][2]),
-        "gemv int4 rotary": (tk._gemv, GEMV_SIGNATURE, gemv_constants(int4, arch, ROTARY=True), GEMV_ALIGNED,
-                             tk.TILES["int4"][2]),
+        "gemv int4 residual": (tk._gemv, GEMV_SIGNATURE, gemv_constants(int4, arch, HAS_RESIDUAL=True), GEMV_ALIGNED,
+                               tk.TILES["int4"][2]),
         "rms_norm": (tk._rms_norm, dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", D="i32", eps="fp32"),
                      dict(BLOCK=4096), ["x_ptr", "w_ptr", "out_ptr", "D"], 4),
         "rope": (tk._rope, dict(x_ptr="*bf16", cos_ptr="*bf16", sin_ptr="*bf16", out_ptr="*bf16", T="i32",

@@ -110,8 +110,10 @@ def repack(module: torch.nn.Module, kind: str, dtype: torch.dtype, fuse: bool) -
             release(fused.linears)
     loaded = [m for m in module.modules()
               if isinstance(m, QuantLinear) and m.kernel is None and m.qweight.device.type != "meta"]
-    loaded += [m for m in module.modules() if isinstance(m, QuantExperts) and m.batched is None
-               and m[0].w1.qweight.device.type != "meta"]  # with batched kernels: prepared with its layer
+    # experts whose QuantLinears this pass prepares (a later pass over the model finds them prepared, and their
+    # parts let go of, batched or not: the backend may have no batched kernel for their shape)
+    preparing = {id(m) for m in loaded}
+    loaded += [m for m in module.modules() if isinstance(m, QuantExperts) and id(m[0].w1) in preparing]
     for m in loaded:  # QuantExperts after the QuantLinears they are made of
         m.prepare(dtype)
         release([m] if isinstance(m, QuantLinear) else [])

@@ -13,6 +13,19 @@ def blockwise_int8(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(blocks * inverse) * step).reshape(x.shape)
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.float().cpu(), expected.float().cpu()
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def assert_within_bfloat16(got: torch.Tensor, cpu_got: torch.Tensor, expected: torch.Tensor) -> None:
+    """got (a bfloat16 model's logits) within bfloat16's error of the float32 reference's: the CPU's own bfloat16
+    path (cpu_got) is ~3% off (a random tiny model's; an MoE's more, where a token's experts change); a wrong
+    kernel is tens of percent off."""
+    error, cpu_error = relative_error(got, expected), relative_error(cpu_got, expected)
+    assert error < max(0.04, 2 * cpu_error), f"{error:.4f} off, the CPU in bfloat16 {cpu_error:.4f}"
+
+
 def assert_blockwise_product(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     """got is x's blocks rounded to int8 times w (what the kernels compute) up to float32 sums: each entry
     within 1e-6 of the sum of its products' magnitudes (a cancelling dot product's relative error means

@@ -627,3 +627,20 @@ def test_gguf_block_decoders_give_the_gguf_packages_bits(kind, kernels, monkeypa
             monkeypatch.setattr(vnni, "available", lambda: not kernels)
             other = re_lay(raw, kind)
             assert all(torch.equal(re_laid[name], other[name]) for name in re_laid)
+
+
+def test_experts_without_a_batched_kernel_load_and_run_one_by_one(tmp_path, monkeypatch):
+    """Where the backend has no expert-batched kernel (a CPU with neither AVX2 nor AVX-512; a shape its kernels
+    do not take), a MoE still loads in bfloat16 (its experts' parts let go of as each is repacked; the loader
+    once failed there) and runs its experts one by one, with the logits of the batched kernel's calls."""
+    from lilmistral.quant import cpu
+
+    make_hf_model(tmp_path / "hf", "mixtral", hidden_size=256, intermediate_size=512, **MIXTRAL)
+    batched = lilmistral.load(tmp_path / "hf", quant="int4")
+    monkeypatch.setattr(cpu, "expert_gemv", lambda kernels: None)
+    one_by_one = lilmistral.load(tmp_path / "hf", quant="int4")
+    experts = [[m for m in llm.model.modules() if isinstance(m, QuantExperts)] for llm in (batched, one_by_one)]
+    assert all(m.batched or not vnni.available() for m in experts[0])
+    assert experts[1] and all(m.batched is None and m[0].w1.qweight is None for m in experts[1])
+    for ids in (list(range(10, 40)), [17], [99]):  # a prompt (the loop in both), then tokens alone (batched)
+        assert torch.equal(one_by_one.forward(ids), batched.forward(ids))

@@ -49,24 +49,10 @@ def expert_gemv(kernels: list) -> Callable | None:
     return triton_kernels.ExpertsKernel(kernels)
 
 
-def project_store(wqkv, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write) -> torch.Tensor | None:
-    """Attention.project_store: a decode step's fused wq, wk, wv GEMV, which rotates q and k and stores k and v
-    into the cache's slot (write: model.SlotWrite) as it writes them; returns q. None where its kernel cannot
-    (not Triton's; tiles that split heads) or torch.compile traces (inductor fuses PyTorch's operators)."""
-    from .triton_kernels import Rotary, TritonKernel
-
-    kernel = getattr(wqkv, "kernel", None)
-    if (torch.compiler.is_compiling() or not isinstance(kernel, TritonKernel)
-            or not kernel.can_rotate(x, write.keys.shape[-1])):
-        return None
-    return kernel.gemv(x.contiguous(), rotary=Rotary(cos, sin, write.keys, write.values, write.slot))
-
-
 @functools.cache
 def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
-    """Triton's kernels for model.py's slots (`normalize`, `rotate`, `activate`, `attend`, `store_kv`,
-    `project_store`): one launch each where PyTorch's operators take several (or none: `project_store`), in
-    eager decoding (compiled, inductor fuses PyTorch's). None without Triton; RoPE, attention and the cache's
+    """Triton's kernels for model.py's slots (`normalize`, `rotate`, `activate`, `attend`, `store_kv`): one
+    launch each where PyTorch's operators take several, in eager decoding (compiled, inductor fuses PyTorch's). None without Triton; RoPE, attention and the cache's
     write for head dimensions that are powers of two (16 and up)."""
     if not has_triton():
         return {}
@@ -77,5 +63,4 @@ def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
         kernels["rotate"] = eager_only(tk.rope, rope)
         kernels["attend"] = eager_only(tk.DecodeAttention(sdpa), sdpa)
         kernels["store_kv"] = eager_only(tk.store_kv, store_kv)
-        kernels["project_store"] = project_store
     return kernels

@@ -65,14 +65,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: RMSNorm | None = None):
         """x's product with the weight, plus residual given one, and normalized by norm given one (model.Linear):
-        in the kernel where it does so as it writes its output (Triton's adds a residual; at decode, normalizes
-        the sum too), else after it."""
+        the residual added in the kernel where it does so as it writes its output (Triton's), else after it."""
         if self.kernel is None:
             self.prepare(x.dtype)
         if residual is None or not getattr(self.kernel, "adds_residual", False):
             return add_norm(self.kernel(x), residual, norm)
-        if norm is not None and getattr(self.kernel, "adds_norm", False) and not torch.compiler.is_compiling():
-            return self.kernel(x, residual, (norm.weight, norm.eps))  # compiled, inductor fuses the norm itself
         return add_norm(self.kernel(x, residual), None, norm)
 
     def extra_repr(self) -> str:

@@ -24,10 +24,10 @@ exact product: each value made float by OR-ing its bits into the mantissa of 2**
 multiplies a whole group's sum, the min the group's sum of activations. Prefill (`_gemm`, more rows) rounds
 its activations alike, a row's block of 32 a step, and multiplies them by the weights' integers on integer
 tensor cores (`tl.dot` of int8 tiles: IGMMA on sm_90), so a prompt's token and a decoded one are computed
-alike; float32 activations take tiles of dequantized weights. Both write through `_write`, which may add a residual (wo, w2) or, for
-w1/w3 repacked with their columns interleaved, write silu(gate) * up. The GEMV may also RMS-normalize a row
-once all its column tiles are written (`_normalize_when_last`: the norm after wo and w2) or, for a decode
-step's fused wq/wk/wv, rotate q and k and store k and v into the cache as it writes them (`_write_rotated`).
+alike; float32 activations take tiles of dequantized weights. Both write through `_write`, which may add a
+residual (wo, w2) or, for w1/w3 repacked with their columns interleaved, write silu(gate) * up. (The GEMV
+once also RMS-normalized the sum it wrote, and rotated and cached a fused wq/wk/wv's output: on an H200, a
+32-layer decode step was ~7% faster with those as launches of their own.)
 
 Besides: attention at decode (`DecodeAttention`, flash-decoding), and RMSNorm, RoPE, silu(gate) * up and the
 cache's write as one launch each. On Hopper every kernel is launched with programmatic dependent launch
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,27 +49,15 @@ import triton.language as tl
 from .pack import QuantSpec, unpack_int5, unpack_int6
 
 GEMV_MAX_ROWS = 8
-# (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV: benchmarks/gemv_sweep.py picks them on a GPU. Until
-# then, the fewest sm_90 instructions a weight (benchmarks/triton_codegen.py): each thread's x rounding is
-# shared by more columns
+# (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV (benchmarks/gemv_sweep.py). On an H200, int4's 1 warp
+# was fastest, 4 or 8 two to four times slower; (256, 128, 1) timed ~5% faster alone than (256, 64, 1), but a
+# 32-layer decode step took the same time on it as on these, the fewest sm_90 instructions a weight (1.63
+# against 1.84: each thread's x rounding shared by more columns). int5, int6, int8: not yet swept
 TILES = {"int4": (512, 64, 1), "int5": (512, 64, 1), "int6": (512, 64, 1), "int8": (512, 64, 2)}
 HIGH_BITS = {"int5": 1, "int6": 2}  # bits a weight above the low 4 (`_high_words`)
 # float32 2**23: OR-ed into its low mantissa bits, a small integer reads as 2**23 + it. The kernels take it as an
 # argument: in a register, the field's mask and this OR are one LOP3 instruction (two with both immediates)
 MAGIC = 0x4B000000
-
-Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight and eps
-
-
-class Rotary(NamedTuple):
-    """What a decode step's fused wq, wk, wv GEMV needs to rotate q and k and store k and v as it writes them."""
-
-    cos: torch.Tensor  # the position's [1, hd]
-    sin: torch.Tensor
-    keys: torch.Tensor  # the layer's [K, size, hd]
-    values: torch.Tensor
-    slot: torch.Tensor  # [1]
-
 
 @functools.cache
 def _hopper(device: torch.device) -> bool:
@@ -186,37 +173,6 @@ def _rotate(lo, hi, cos_ptr, sin_ptr, i, HALF: tl.constexpr):
 
 
 @triton.jit
-def _store_head_halves(out_ptr, keys_ptr, values_ptr, slot_ptr, cols, rotated, raw, N, Q_COLS, stride_ch,
-                       stride_cs, HD: tl.constexpr):
-    """Columns `cols` of a decode step's fused q, k, v row: q's (rotated) to out, k's (rotated) and v's (raw)
-    into the slot of the layer's keys and values [K, size, HD]."""
-    kv_cols = (N - Q_COLS) // 2
-    at = tl.load(slot_ptr) * stride_cs
-    tl.store(out_ptr + cols, rotated, mask=cols < Q_COLS)
-    k = tl.maximum(cols - Q_COLS, 0)
-    tl.store(keys_ptr + (k // HD) * stride_ch + at + k % HD, rotated, mask=(cols >= Q_COLS) & (cols < Q_COLS + kv_cols))
-    v = tl.maximum(cols - Q_COLS - kv_cols, 0)
-    tl.store(values_ptr + (v // HD) * stride_ch + at + v % HD, raw, mask=(cols >= Q_COLS + kv_cols) & (cols < N))
-
-
-@triton.jit
-def _write_rotated(out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, col0, N, Q_COLS, stride_ch, stride_cs,
-                   value, BLOCK_N: tl.constexpr, HD: tl.constexpr):
-    """A decode step's tile of wq, wk, wv's fused product (value [BLOCK_N] in float32: whole heads, q's, then
-    k's, then v's), rounded to out's dtype as the projection's output is: q's and k's heads rotated (RoPE, the
-    position's cos and sin [HD]), q to out [Q_COLS], k and v into the cache's slot (model.store_kv)."""
-    HALF: tl.constexpr = HD // 2
-    heads = tl.permute(tl.reshape(value.to(out_ptr.dtype.element_ty), (BLOCK_N // HD, 2, HALF)), (0, 2, 1))
-    lo, hi = tl.split(heads)  # [BLOCK_N / HD, HALF]: each head's dimensions i and i + HALF
-    i = tl.arange(0, HALF)[None, :]
-    rot_lo, rot_hi = _rotate(lo, hi, cos_ptr, sin_ptr, i, HALF)
-    cols = col0 + tl.arange(0, BLOCK_N // HD)[:, None] * HD + i
-    _store_head_halves(out_ptr, keys_ptr, values_ptr, slot_ptr, cols, rot_lo, lo, N, Q_COLS, stride_ch, stride_cs, HD)
-    _store_head_halves(out_ptr, keys_ptr, values_ptr, slot_ptr, cols + HALF, rot_hi, hi, N, Q_COLS, stride_ch,
-                       stride_cs, HD)
-
-
-@triton.jit
 def _silu_times(gate, up, dt):
     """silu(gate) * up from float32 values, rounded to dt where model.silu_mul's bfloat16 operators round."""
     g = gate.to(dt).to(tl.float32)
@@ -242,30 +198,6 @@ def _write(out_ptr, res_ptr, rows, row_ok, col0, N, value, BLOCK_N: tl.constexpr
         if HAS_RESIDUAL:
             out = (out.to(tl.float32) + tl.load(res_ptr + rows * N + cols, mask=ok, other=0.0).to(tl.float32)).to(dt)
         tl.store(out_ptr + rows * N + cols, out, mask=ok)
-
-
-@triton.jit
-def _normalize_row(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
-    """A row of D values RMS-normalized, rounded where model.rms_norm rounds. x is read past the L1 cache (.cg):
-    other multiprocessors may have just written it (`_normalize_when_last`)."""
-    offs = tl.arange(0, BLOCK)
-    ok = offs < D
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
-    xf = x.to(tl.float32)
-    normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, (w * normed.to(tl.float32)).to(x.dtype), mask=ok)
-
-
-@triton.jit
-def _normalize_when_last(out_ptr, w_ptr, normed_ptr, counter, N, eps, BLOCK: tl.constexpr):
-    """Once a program has written its columns of out's row [N]: the last of the row's column tiles to do so (a
-    counter, left at zero) writes the whole row RMS-normalized to normed's, in the same launch."""
-    tl.debug_barrier()  # every thread's columns stored before the counter's release
-    if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        tl.debug_barrier()
-        _normalize_row(out_ptr, w_ptr, normed_ptr, N, eps, BLOCK)
-        tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
@@ -358,13 +290,11 @@ def _dot4(a, b, c, SIGNED: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
-def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, nw_ptr, normed_ptr,
-          cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, N, K, magic, eps, q_cols, stride_ch, stride_cs,
+def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, count_ptr, e_ptr, N, K, magic,
           BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, SUPER: tl.constexpr,
           HIGH: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
           EVEN: tl.constexpr, HAS_EXPERTS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr,
-          NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, ROTARY: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr,
-          INT8_X: tl.constexpr, PTX: tl.constexpr):
+          PDL: tl.constexpr, INT8_X: tl.constexpr, PTX: tl.constexpr):
     """out[row, n] = x[row, k] * w[k, n] (+ res[row, n]; or gated: `_write`), this program's part over BLOCK_K
     inputs in steps of STEP inputs (a group, or a part of one: G == 0 is int8's one scale a column; SUPER:
     super-blocked scales and mins, `_group_scale`; HIGH: int5's or int6's high bits, h [K / (32 / HIGH), N],
@@ -373,9 +303,8 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
     (`_int8_block_dot`, STEP 32); else (float32 x) the exact dequantized product (`_float_dot`). SPLIT
     programs along K add their parts to float32 sums (`_workspace`); the last of a column tile to finish, told
     by a counter, writes the output in its dtype and leaves sums and counter at zero for the next call: no
-    zeroing, casting or adding launch a call. NORM: the row's last tile written, out's row RMS-normalized (by
-    nw, eps) goes to normed's. ROTARY (a decode step's fused wq, wk, wv, one row): `_write_rotated` instead of
-    `_write`. With PDL, the first step's weights are read before waiting for the kernel before."""
+    zeroing, casting or adding launch a call. With PDL, the first step's weights are read before waiting for
+    the kernel before."""
     _let_next_start(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = STEP // PER_WORD  # word rows a step
@@ -448,16 +377,9 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
     out = acc + acc_min
     if G == 0:
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    row_counter = count_ptr + tl.num_programs(2) * tl.num_programs(0) + row  # after the tiles' counters
     if SPLIT == 1:
-        if ROTARY:
-            _write_rotated(out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, pid_n * BLOCK_N, N, q_cols,
-                           stride_ch, stride_cs, out, BLOCK_N, HD)
-        else:
-            _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, out[None, :], BLOCK_N,
-                   HAS_RESIDUAL, GATED)
-        if NORM:
-            _normalize_when_last(out_ptr + row * N, nw_ptr, normed_ptr + row * N, row_counter, N, eps, NORM_BLOCK)
+        _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, out[None, :], BLOCK_N,
+               HAS_RESIDUAL, GATED)
     else:
         tl.atomic_add(sums_ptr + row * N + offs_n, out, mask=n_ok, sem="relaxed")
         tl.debug_barrier()  # every thread's sums added before the counter's release (CUDA's threadFenceReduction)
@@ -465,20 +387,13 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
         if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:  # the tile's last program: its sums are complete
             tl.debug_barrier()
             total = tl.load(sums_ptr + row * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-            if ROTARY:
-                _write_rotated(out_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, slot_ptr, pid_n * BLOCK_N, N, q_cols,
-                               stride_ch, stride_cs, total, BLOCK_N, HD)
-            else:
-                _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, total[None, :],
-                       BLOCK_N, HAS_RESIDUAL, GATED)
+            _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, total[None, :], BLOCK_N,
+                   HAS_RESIDUAL, GATED)
             # every warp has read the sums before any zeroes them: a tile narrower than the program's threads
             # holds each column in several warps, and a warp that zeroed its copy early left another warp zeros
             tl.debug_barrier()
             tl.store(sums_ptr + row * N + offs_n, tl.zeros_like(total), mask=n_ok)
             tl.atomic_xchg(tile, 0)
-            if NORM:
-                _normalize_when_last(out_ptr + row * N, nw_ptr, normed_ptr + row * N, row_counter, N, eps,
-                                     NORM_BLOCK)
 
 
 @triton.jit
@@ -645,8 +560,7 @@ class TritonKernel:
         self.workspace = _workspace(self.device, GEMV_MAX_ROWS * self.n)
         self.gemv_constants = dict(self.constants, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
                                    SPLIT=triton.cdiv(self.k, self.block_k), num_warps=self.num_warps,
-                                   EVEN=self.k % self.block_k == 0 and self.n % self.block_n == 0,
-                                   NORM_BLOCK=triton.next_power_of_2(self.n))
+                                   EVEN=self.k % self.block_k == 0 and self.n % self.block_n == 0)
 
     @property
     def device(self) -> torch.device:
@@ -658,41 +572,25 @@ class TritonKernel:
         return p["q"], p["scales"], p.get("mins", unread), p.get("codes", unread), p.get("high", unread)
 
     def gemv(self, x: torch.Tensor, expert: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-             gated: bool = False, norm: Norm | None = None, rotary: Rotary | None = None):
+             gated: bool = False) -> torch.Tensor:
         """x [M, K] with M <= GEMV_MAX_ROWS -> [M, N] in x's dtype (plus residual [M, N], given one; gated:
-        `gated`; given norm, the pair (out, out RMS-normalized)). With expert [M] (the parts stacked [E, ...]:
-        ExpertsKernel), row m times expert[m]'s weight. With rotary (`can_rotate`): q [1, H * hd] rotated, k
-        rotated and v stored into the cache's slot."""
+        `gated`). With expert [M] (the parts stacked [E, ...]: ExpertsKernel), row m times expert[m]'s weight."""
         m = x.shape[0]
-        width = self.n // 2 if gated else self.n
-        if rotary is not None:  # q's columns
-            width -= 2 * rotary.keys.shape[0] * rotary.keys.shape[2]
-        out = torch.empty((m, width), dtype=x.dtype, device=x.device)
-        normed = torch.empty_like(out) if norm is not None else out  # unwritten without a norm
-        norm_weight, eps = norm if norm is not None else (out, 0.0)
-        cos, sin, keys, values, slot = rotary if rotary is not None else (out, out, out, out, out)  # unread without
+        out = torch.empty((m, self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
         sums, counts = self.workspace
         grid = (triton.cdiv(self.n, self.block_n), triton.cdiv(self.k, self.block_k), m)
         e = expert if expert is not None else out  # unread without experts
         res = residual if residual is not None else out  # unread without a residual
         int8_x = int8_activations(x)
-        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, norm_weight, normed, cos, sin, keys, values, slot,
-                    self.n, self.k, MAGIC, eps, width, keys.stride(0), keys.stride(-2),
+        _gemv[grid](x, *self._pointers(), out, res, sums, counts, e, self.n, self.k, MAGIC,
                     HAS_EXPERTS=expert is not None, HAS_RESIDUAL=residual is not None, GATED=gated,
-                    NORM=norm is not None, ROTARY=rotary is not None, HD=keys.shape[-1] if rotary is not None else 2,
                     INT8_X=int8_x, STEP=32 if int8_x else self.float_step, PTX=_ptx(x.device),
                     **self.gemv_constants, **launch_options(x.device))
-        return out if norm is None else (out, normed)
+        return out
 
-    def can_rotate(self, x: torch.Tensor, head_dim: int) -> bool:
-        """Whether the GEMV rotates and stores a fused wq, wk, wv's output for x as it writes it (gemv's
-        rotary): one row, each column tile whole heads."""
-        return self.rotates and x.shape[0] == 1 and self.block_n % head_dim == 0 and head_dim & (head_dim - 1) == 0
-
-    def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False,
-             norm: Norm | None = None):
-        """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`; given norm, the pair
-        (out, out RMS-normalized: a launch of its own)), for any M (prefill)."""
+    def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+        """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`), for any M
+        (prefill)."""
         m = x.shape[0]
         out = torch.empty((m, self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
@@ -701,14 +599,12 @@ class TritonKernel:
         _gemm[grid](x, *self._pointers(), out, res, m, self.n, self.k, MAGIC, BLOCK_M=block_m, BLOCK_N=64,
                     BLOCK_K=32, HAS_RESIDUAL=residual is not None, GATED=gated, INT8_X=int8_activations(x),
                     num_warps=4, **self.constants, **launch_options(x.device))
-        return out if norm is None else (out, rms_norm(out, *norm))
+        return out
 
     adds_residual = True  # QuantLinear passes its residual: added as the output is written
-    adds_norm = True  # and the next RMSNorm's weight and eps: at decode, the sum normalized in the same launch
-    rotates = True  # decoding, a fused wq, wk, wv's RoPE and cache write in its launch (`can_rotate`)
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: Norm | None = None):
-        return self._rows(x, residual=residual, norm=norm)
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self._rows(x, residual=residual)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up [..., N/2] where the weight's columns are (gate, up) pairs (repacked interleaved: w1's
@@ -720,8 +616,6 @@ class TritonKernel:
         if options.get("residual") is not None:
             options["residual"] = options["residual"].reshape(-1, self.n).contiguous()
         out = (self.gemv if rows.shape[0] <= GEMV_MAX_ROWS else self.gemm)(rows, **options)
-        if isinstance(out, tuple):
-            return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in out)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -873,7 +767,13 @@ def _rms_norm(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr, PDL: tl.conste
     _let_next_start(PDL)
     _wait_previous(PDL)
     row = tl.program_id(0)
-    _normalize_row(x_ptr + row * D, w_ptr, out_ptr + row * D, D, eps, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < D
+    x = tl.load(x_ptr + row * D + offs, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    normed = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)).to(x.dtype)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + offs, (w * normed.to(tl.float32)).to(x.dtype), mask=ok)
 
 
 @triton.jit
