@@ -35,7 +35,8 @@ for s in $steps; do
         tune)  # the sweep, then 32-layer int4 decode on its best tiles
             step sweep 240 python3 -m benchmarks.gemv_sweep --scheme int4
             best=$(tail -n 1 "$OUT/sweep.log" | grep -E '^int4=[0-9,]+$' || echo int4=512,64,1)
-            step tuned 120 python3 -m benchmarks.gpu_bench --schemes int4 --no-kernels --tiles "$best" --variants no-pdl ;;
+            step tuned 120 python3 -m benchmarks.gpu_bench --schemes int4 --no-kernels --tiles "$best" \
+                --variants no-pdl ;;
         others) step others 120 python3 -m benchmarks.gpu_bench --schemes int8 bf16 ;;
         compile) step compile 150 python3 -m benchmarks.gpu_bench --schemes int4 --compile ;;
         wide) step wide 150 python3 -m benchmarks.gpu_bench --schemes int5 int6 ;;

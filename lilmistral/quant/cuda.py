@@ -52,8 +52,9 @@ def expert_gemv(kernels: list) -> Callable | None:
 @functools.cache
 def layer_kernels(head_dim: int, dtype: torch.dtype) -> dict:
     """Triton's kernels for model.py's slots (`normalize`, `rotate`, `activate`, `attend`, `store_kv`): one
-    launch each where PyTorch's operators take several, in eager decoding (compiled, inductor fuses PyTorch's). None without Triton; RoPE, attention and the cache's
-    write for head dimensions that are powers of two (16 and up)."""
+    launch each where PyTorch's operators take several, in eager decoding (compiled, inductor fuses PyTorch's).
+    None without Triton; RoPE, attention and the cache's write for head dimensions that are powers of two (16
+    and up)."""
     if not has_triton():
         return {}
     from . import triton_kernels as tk
