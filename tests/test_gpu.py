@@ -75,7 +75,6 @@ def test_gpu_model_matches_the_dequantized_reference(args, scheme):
     else:  # w1 and w3 in one kernel that writes silu(w1 x) * w3 x
         assert gpu.layers[0].feed_forward.gated is not None and gpu.layers[0].feed_forward.w13 is None
     ids = torch.randint(1, args.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
-
     with torch.inference_mode(), rounding_inputs(reference):
         caches = cache_for(gpu, args), cache_for(reference, args), cache_for(cpu, args)
         got, expected, cpu_got = (prefill(model, cache, ids.tolist(), all_logits=True)
