@@ -108,20 +108,23 @@ def kernel_table(bw: float, schemes: list[str]) -> list[dict]:
 
 def attention_table(bw: float) -> list[dict]:
     """The decode attention (Triton) against PyTorch's SDPA, Mistral-7B's heads (8 kv heads of 4 query rows,
-    hd 128) over n cached slots with a one-row mask: µs a call and the keys' and values' GB/s."""
+    hd 128) over n cached slots with a one-row mask: µs a call (`graphed_seconds`, over copies of the cache)
+    and the keys' and values' GB/s."""
     from lilmistral.model import sdpa
     from lilmistral.quant.triton_kernels import DecodeAttention
 
     attention, rows = DecodeAttention(sdpa), []
     for n in (512, 4096, 32768):
         q = torch.randn(8, 4, 128, device="cuda", dtype=torch.bfloat16)
-        keys, values = (torch.randn(8, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         mask = torch.rand(1, n, device="cuda") < 0.95
-        nbytes = keys.nbytes + values.nbytes
+        nbytes = 2 * 8 * n * 128 * 2
+        caches = [[torch.randn(8, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+                  for _ in range(copies(nbytes))]
         for name, fn in (("triton", attention), ("sdpa", sdpa)):
-            seconds = timed(lambda: fn(q, keys, values, mask))
+            seconds = graphed_seconds([lambda k=k, v=v: fn(q, k, v, mask) for k, v in caches])
             rows.append({"attention": name, "slots": n, "us": round(seconds * 1e6, 1),
                          "gbps": round(nbytes / seconds / 1e9, 1), "fraction": round(nbytes / seconds / 1e9 / bw, 3)})
+        del caches
     return rows
 
 
