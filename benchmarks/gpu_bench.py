@@ -236,7 +236,7 @@ def main() -> None:
     for tile in ns.tiles:
         scheme, sizes = tile.split("=")
         triton_kernels.TILES[scheme] = tuple(int(v) for v in sizes.split(","))
-    bw = measure_bandwidth(torch.device("cuda"), gib=4.0)
+    bw = measure_bandwidth(torch.device("cuda"))
     print(json.dumps({"device": torch.cuda.get_device_name(), "read_bandwidth_gbps": round(bw, 1),
                       "tiles": triton_kernels.TILES}), flush=True)
     if ns.kernels:
