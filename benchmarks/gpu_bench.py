@@ -6,12 +6,12 @@
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16 (and int5, int6, asked for), the GEMV
 kernels' GB/s on Mistral-7B's layer shapes, each timed alone in a CUDA graph on weights cycled through more
 than L2 holds (quantized: with int8 activations, and with the exact float product); the decode attention
-against SDPA; decode tokens/s of a Mistral-7B-shape model (random weights, `--layers` layers, int8 head) with
-the weight bytes read per token and that as a fraction of the read bandwidth, for each decode step: eager,
-CUDA graphs (the default on a GPU; for int4 also in each of --variants: without programmatic dependent
-launch, with each step queued only after the host read the token before, with the GEMVs' exact float product
-instead of int8 activations) and, with --compile, torch.compile; last, the kernels an eager int4 step
-launches with 1 and 2 layers, and their GPU time.
+against SDPA; a Mistral-7B-shape model's (random weights, `--layers` layers, int8 head) prefill tokens/s at a
+1024-token prompt, and its decode tokens/s with the weight bytes read per token and that as a fraction of
+the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; for int4 also in each of
+--variants: without programmatic dependent launch, with each step queued only after the host read the token
+before, with the GEMVs' exact float product instead of int8 activations) and, with --compile,
+torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and their GPU time.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from benchmarks.random_model import MISTRAL_7B, random_model
 from lilmistral.bench import held_weights, measure_bandwidth, weight_bytes_per_token
 from lilmistral.cache import RollingKVCache
 from lilmistral.config import ModelArgs
-from lilmistral.generate import DecodeStep, SamplingParams, generate_tokens
+from lilmistral.generate import DecodeStep, SamplingParams, generate_tokens, prefill
 from lilmistral.quant import quantize, spec_for
 
 SHAPES = ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336))  # wo; fused wqkv, w13; w2
@@ -176,6 +176,20 @@ def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int,
     return first - start, (end - first) / (n - 1), replay
 
 
+def prefill_seconds(model, args: ModelArgs, tokens: int = 1024) -> float:
+    """Seconds to prefill a `tokens`-token prompt (the GEMM, SDPA over the prompt), after one to warm up."""
+    cache = RollingKVCache(args.n_layers, args.n_kv_heads, args.head_dim, 4096, None, torch.bfloat16, "cuda")
+    prompt = list(range(1, tokens + 1))
+    with torch.inference_mode():
+        prefill(model, cache, prompt)  # Triton builds
+        cache.reset()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        prefill(model, cache, prompt)
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 VARIANTS = ("no-pdl", "not-ahead", "float-activations")
 
 
@@ -192,6 +206,9 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
     for scheme in schemes:
         model = random_model(args, scheme, "cuda")
         nbytes = weight_bytes_per_token(model.args, held_weights(model))
+        seconds = prefill_seconds(model, args)
+        print(json.dumps({"scheme": scheme, "layers": layers, "prefill_tokens": 1024,
+                          "prefill_tps": round(1024 / seconds, 1)}), flush=True)
         steps = [(DecodeStep(model, graphs=False), ""), (DecodeStep(model), "")]
         if scheme == "int4":
             steps += [(DecodeStep(model), variant) for variant in variants]
