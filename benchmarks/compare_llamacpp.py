@@ -41,14 +41,16 @@ def smollm2() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def mistral_width_gguf(path: Path, layers: int, experts: int = 0) -> Path:
-    """Random weights in Mistral-7B's shapes as a llama-architecture Q4_0 GGUF (embeddings Q8_0 aside); with
-    `experts`, Mixtral-8x7B's: that many experts a layer (2 routed), stacked as llama.cpp stores them."""
+def mistral_width_gguf(path: Path, layers: int, experts: int = 0, dim: int = 4096, hidden: int = 14336,
+                       heads: int = 32, kv: int = 8) -> Path:
+    """Random weights in Mistral-7B's shapes (or dim, hidden, heads and kv heads of 128 dimensions given) as a
+    llama-architecture Q4_0 GGUF (embeddings Q8_0 aside), with Mistral's v1 tokenizer and chat template; with `experts`,
+    Mixtral-8x7B's: that many experts a layer (2 routed), stacked as llama.cpp stores them."""
     import gguf
     import mistral_common
     import sentencepiece
 
-    dim, hidden, heads, kv, vocab = 4096, 14336, 32, 8, 32000
+    vocab = 32000
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(layers)
     w.add_context_length(32768)
@@ -67,6 +69,8 @@ def mistral_width_gguf(path: Path, layers: int, experts: int = 0) -> Path:
     w.add_token_list([sp.id_to_piece(i) for i in range(vocab)])
     w.add_token_scores([sp.get_score(i) for i in range(vocab)])
     w.add_token_types([3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(vocab)])
+    w.add_chat_template("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                        " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
     rng = np.random.default_rng(0)
 
     def random(shape: tuple[int, ...], kind: str = "Q4_0") -> np.ndarray:

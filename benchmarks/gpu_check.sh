@@ -4,7 +4,8 @@
 # graphed without PDL, not decoding ahead, float activations; ~75 s on an H200), tests (tests/test_gpu.py
 # and tests/test_triton.py compiled for the GPU: over 150 s), tune (the int4 GEMV tile sweep, then decode on
 # its best tiles: ~5 min), sweep alone, others (int8/bf16), compile (int4 under torch.compile), wide
-# (int5/int6: a Q5 or Q6_K file's layouts). Each step has its own time limit, so one that hangs costs only
+# (int5/int6: a Q5 or Q6_K file's layouts), cli (`lilmistral bench` and `run` on the GPU, on a small model
+# made here and carried: benchmarks/gpu_cli_model.py). Each step has its own time limit, so one that hangs costs only
 # its own, and writes its log under $OUT as it goes (what a cut-off call still returns). Steps can be named
 # to run only some: bash benchmarks/gpu_check.sh int4 tests
 # Run from the repository root (the device image has no mistral_common: --noconftest; the package runs from
@@ -40,6 +41,7 @@ for s in $steps; do
         others) step others 120 python3 -m benchmarks.gpu_bench --schemes int8 bf16 ;;
         compile) step compile 150 python3 -m benchmarks.gpu_bench --schemes int4 --compile ;;
         wide) step wide 150 python3 -m benchmarks.gpu_bench --schemes int5 int6 ;;
-        *) echo "unknown step $s (int4, tests, sweep, tune, others, compile, wide)"; exit 2 ;;
+        cli) step cli 150 bash benchmarks/gpu_cli.sh ;;
+        *) echo "unknown step $s (int4, tests, sweep, tune, others, compile, wide, cli)"; exit 2 ;;
     esac
 done
