@@ -390,7 +390,7 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
             _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, total[None, :], BLOCK_N,
                    HAS_RESIDUAL, GATED)
             # every warp has read the sums before any zeroes them: a tile narrower than the program's threads
-            # holds each column in several warps, and a warp that zeroed its copy early left another warp zeros
+            # holds each column in several warps, and one zeroing early could leave another reading zeros
             tl.debug_barrier()
             tl.store(sums_ptr + row * N + offs_n, tl.zeros_like(total), mask=n_ok)
             tl.atomic_xchg(tile, 0)
