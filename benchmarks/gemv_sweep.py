@@ -11,9 +11,8 @@ import argparse
 import itertools
 import time
 
-from benchmarks.gpu_bench import SHAPES, copies, gemv_inputs, graphed_seconds
+from benchmarks.gpu_bench import SHAPES, cold_kernels, gemv_inputs, graphed_seconds
 from lilmistral.quant import spec_for
-from lilmistral.quant.triton_kernels import TritonKernel
 
 
 def configurations() -> list[tuple[int, int, int]]:
@@ -36,9 +35,7 @@ def main() -> None:
             seconds, rates = [], []
             try:
                 for spec, parts, x in inputs:
-                    kernels = [TritonKernel(parts, spec, *tiles)]
-                    nbytes = sum(t.nbytes for t in kernels[0].parts.values())
-                    kernels += [TritonKernel(parts, spec, *tiles) for _ in range(copies(nbytes) - 1)]
+                    kernels, nbytes = cold_kernels(parts, spec, *tiles)
                     seconds.append(graphed_seconds([lambda c=c, x=x: c.gemv(x) for c in kernels], repeat=40))
                     rates.append(nbytes / seconds[-1] / 1e9)
             except Exception as e:  # a configuration the compiler cannot build (registers, shared memory)

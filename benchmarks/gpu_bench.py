@@ -63,7 +63,18 @@ def graphed_seconds(calls: list, repeat: int = 60) -> float:
 
 
 def copies(nbytes: int) -> int:
+    """How many copies of nbytes of weights make COLD_BYTES."""
     return max(2, -(-int(COLD_BYTES) // nbytes))
+
+
+def cold_kernels(parts: dict, spec, *tiles: int) -> tuple[list, int]:
+    """Triton kernels on a weight's parts (at tiles BLOCK_N, BLOCK_K, num_warps, given them), each on its own
+    repacked copy, `copies` of them; and the bytes one reads."""
+    from lilmistral.quant.triton_kernels import TritonKernel
+
+    first = TritonKernel(parts, spec, *tiles)
+    nbytes = sum(t.nbytes for t in first.parts.values())
+    return [first] + [TritonKernel(parts, spec, *tiles) for _ in range(copies(nbytes) - 1)], nbytes
 
 
 def gemv_inputs(scheme: str, n: int, k: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -89,12 +100,9 @@ def kernel_table(bw: float, schemes: list[str]) -> list[dict]:
             else:
                 spec = spec_for("layers.0.attention.wq.weight", (n, k), scheme)
                 parts, _ = gemv_inputs(scheme, n, k)
-                kernels = [triton_kernels.TritonKernel(parts, spec)]
-                nbytes = sum(t.nbytes for t in kernels[0].parts.values())
-                kernels += [triton_kernels.TritonKernel(parts, spec) for _ in range(copies(nbytes) - 1)]
+                kernels, nbytes = cold_kernels(parts, spec)
                 variants = [("int8", graphed_seconds([lambda c=c: c(x) for c in kernels]), nbytes)]
-                floats = [triton_kernels.TritonKernel(parts, spec, block_n=256, block_k=32, num_warps=2)
-                          for _ in kernels]
+                floats, _ = cold_kernels(parts, spec, 256, 32, 2)
                 exact, triton_kernels.int8_activations = triton_kernels.int8_activations, lambda x: False
                 variants.append(("float", graphed_seconds([lambda c=c: c(x) for c in floats]), nbytes))
                 triton_kernels.int8_activations = exact
