@@ -4,14 +4,14 @@
                                    [--tiles int4=256,128,1] [--variants no-pdl ...] [--no-kernels]
 
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16 (and int5, int6, asked for), the GEMV
-kernels' GB/s on Mistral-7B's layer shapes, each timed alone in a CUDA graph on weights cycled through more
-than L2 holds (quantized: with int8 activations, and with the exact float product); the decode attention
-against SDPA; a Mistral-7B-shape model's (random weights, `--layers` layers, int8 head) prefill tokens/s at a
-1024-token prompt, and its decode tokens/s with the weight bytes read per token and that as a fraction of
-the read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; for int4 also in each of
+kernels' GB/s on Mistral-7B's layer shapes, each timed alone in a CUDA graph on weights cycled through more than
+L2 holds (quantized: with int8 activations, and with the exact float product); the decode attention against SDPA;
+a Mistral-7B-shape model's (random weights, `--layers` layers, int8 head) prefill time and tokens/s at 16-, 128-
+and 1024-token prompts, and its decode tokens/s with the weight bytes read per token and that as a fraction of the
+read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; for int4 also in each of
 --variants: without programmatic dependent launch, with each step queued only after the host read the token
-before, with the GEMVs' exact float product instead of int8 activations) and, with --compile,
-torch.compile; last, the kernels an eager int4 step launches with 1 and 2 layers, and their GPU time.
+before, with the GEMVs' exact float product instead of int8 activations) and, with --compile, torch.compile; last,
+the kernels an eager int4 step launches with 1 and 2 layers, and their GPU time.
 """
 from __future__ import annotations
 
@@ -185,7 +185,8 @@ def decode_seconds(model, args: ModelArgs, step: DecodeStep, tokens: int,
 
 
 def prefill_seconds(model, args: ModelArgs, tokens: int = 1024) -> float:
-    """Seconds to prefill a `tokens`-token prompt (the GEMM, SDPA over the prompt), after one to warm up."""
+    """Seconds to prefill a `tokens`-token prompt (the weights dequantized for cuBLAS's matmuls, SDPA over the
+    prompt), after one to warm up."""
     cache = RollingKVCache(args.n_layers, args.n_kv_heads, args.head_dim, 4096, None, torch.bfloat16, "cuda")
     prompt = list(range(1, tokens + 1))
     with torch.inference_mode():
@@ -199,6 +200,7 @@ def prefill_seconds(model, args: ModelArgs, tokens: int = 1024) -> float:
 
 
 VARIANTS = ("no-pdl", "not-ahead", "float-activations")
+PREFILL_TOKENS = (16, 128, 1024)  # a follow-up's prompt, a short one, a document's
 
 
 def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compile: bool,
@@ -214,9 +216,11 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
     for scheme in schemes:
         model = random_model(args, scheme, "cuda")
         nbytes = weight_bytes_per_token(model.args, held_weights(model))
-        seconds = prefill_seconds(model, args)
-        print(json.dumps({"scheme": scheme, "layers": layers, "prefill_tokens": 1024,
-                          "prefill_tps": round(1024 / seconds, 1)}), flush=True)
+        for prompt in PREFILL_TOKENS:
+            seconds = prefill_seconds(model, args, prompt)
+            print(json.dumps({"scheme": scheme, "layers": layers, "prefill_tokens": prompt,
+                              "prefill_ms": round(seconds * 1e3, 2), "prefill_tps": round(prompt / seconds, 1)}),
+                  flush=True)
         steps = [(DecodeStep(model, graphs=False), ""), (DecodeStep(model), "")]
         if scheme == "int4":
             steps += [(DecodeStep(model), variant) for variant in variants]

@@ -76,18 +76,20 @@ def compile_attention(arch: int = 90):
 def compile_others(arch: int = 90) -> dict:
     """The other kernels a GPU runs, each in the variant it runs (bfloat16, Mistral's sizes), by name."""
     tk = triton_kernels
-    gemm = dict(x_ptr="*bf16", q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", c_ptr="*i16", h_ptr="*i32",
-                out_ptr="*bf16", res_ptr="*bf16", M="i32", N="i32", K="i32", magic="i32")
-    gemm_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, SUPER=256, HIGH=0, BLOCK_M=64, BLOCK_N=64,
-                          BLOCK_K=32, HAS_RESIDUAL=True, GATED=False, INT8_X=True)
-    gemm_aligned = [*gemm][:8] + ["N", "K"]
+    dequantize = dict(q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", c_ptr="*i16", h_ptr="*i32", out_ptr="*bf16",
+                      N="i32", K="i32", magic="i32")
+    int4_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, SUPER=256, HIGH=0, BLOCK_K=32, BLOCK_N=128)
+    dequantize_aligned = [*dequantize][:6] + ["N", "K"]
     int4, int8 = QuantSpec("int4", 32, False, super_block=256), QuantSpec("int8")  # the default int4, and int8
     kernels = {  # name: (kernel, signature, constants, aligned arguments, warps)
-        "gemm residual": (tk._gemm, gemm, gemm_constants, gemm_aligned, 4),
-        "gemm gated": (tk._gemm, gemm, dict(gemm_constants, HAS_RESIDUAL=False, GATED=True), gemm_aligned, 4),
-        "gemm int5 residual": (tk._gemm, gemm, dict(gemm_constants, HIGH=1), gemm_aligned, 4),
-        "gemm int6 residual": (tk._gemm, dict(gemm, c_ptr="*i8"),
-                               dict(gemm_constants, G=16, HAS_MIN=False, ZERO=32, HIGH=2), gemm_aligned, 4),
+        "dequantize int4": (tk._dequantize, dequantize, int4_constants, dequantize_aligned, 4),
+        "dequantize int5": (tk._dequantize, dequantize, dict(int4_constants, HIGH=1), dequantize_aligned, 4),
+        "dequantize int6": (tk._dequantize, dict(dequantize, c_ptr="*i8"),
+                            dict(int4_constants, G=16, HAS_MIN=False, ZERO=32, HIGH=2), dequantize_aligned, 4),
+        "dequantize int8": (tk._dequantize, dequantize,
+                            dict(int4_constants, BITS=8, G=0, HAS_MIN=False, ZERO=128, SUPER=0), dequantize_aligned, 4),
+        "round_blocks": (tk._round_blocks, dict(x_ptr="*bf16", out_ptr="*bf16", K="i32"), dict(BLOCKS=16),
+                         ["x_ptr", "out_ptr", "K"], 4),
         "gemv int8 experts residual": (tk._gemv, GEMV_SIGNATURE,
                                        gemv_constants(int8, arch, HAS_EXPERTS=True, HAS_RESIDUAL=True), GEMV_ALIGNED,
                                        tk.TILES["int8"][2]),
@@ -162,9 +164,9 @@ def main() -> None:
     print(json.dumps(attention_report(arch)), flush=True)
     for name, kernel in compile_others(arch).items():
         ops = sass_ops(kernel)
-        print(json.dumps({"kernel": name, "instructions": len(ops),
-                          "tensor_core_ops": sum("MMA" in op.split(".")[0] for op in ops),  # the GEMM's int8 IGMMA
-                          "waits_for_previous": "griddepcontrol.wait" in kernel.asm["ptx"]}), flush=True)
+        ptx = kernel.asm["ptx"]
+        print(json.dumps({"kernel": name, "instructions": len(ops), "waits_for_previous": "griddepcontrol.wait" in ptx,
+                          "vector_stores_16B": ptx.count("st.global.v4.b32")}), flush=True)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_gemv_matches_dequantized_reference(n, k, spec, rows):
                          ids=spec_id)
 def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeypatch):
     """bfloat16 x (a model's) rounds its blocks of 32 to int8, as the CPU kernels do, and multiplies them by
-    integer dot products, in the GEMV (decode) and the GEMM (prefill, integer tensor cores) alike: in float32
+    integer dot products in the GEMV (decode), and prefill's matmul rounds them alike: in float32
     (the rounding forced on float32 x), the exact product of the rounded x up to float32 sums, for extreme
     codes (all 0, all 15 (int5: 31, int6: 63); int8's -128 and 127), a zero row and a row of one value; and by default
     bfloat16 x takes that path, float32 x the exact one."""
@@ -77,7 +77,7 @@ def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeyp
     if "qhigh" in parts:  # int5's values 0 and 31, int6's 0 and 63
         parts["qhigh"][0, :2], parts["qhigh"][-1, -2:] = 0x00, 0xFF
     parts = {name: t.to(DEVICE) for name, t in parts.items()}
-    x = torch.randn(12, k, generator=g)  # 3 rows: the GEMV; 12: the GEMM
+    x = torch.randn(12, k, generator=g)  # 3 rows: the GEMV; 12: prefill's matmul
     x[1], x[2] = 0, 0.75
     x = x.to(DEVICE)
     w = dequantize(parts, spec).cpu()
@@ -102,9 +102,9 @@ def test_int8_activations_give_the_blockwise_rounded_product(n, k, spec, monkeyp
                          ids=["int8", "int4-g32", "int4-g64", "int4-super", "int8-k130"])
 def test_split_k_and_prefill_path(spec, n, k):
     """Decode splits K over programs (atomic adds into a workspace the last one turns into the output); more than
-    GEMV_MAX_ROWS rows take the tl.dot GEMM, in the activations' dtype (float32 under the interpreter, which
-    multiplies bfloat16 tiles wrongly). Both add a residual as they write, given one, the GEMV split along K
-    or not."""
+    GEMV_MAX_ROWS rows take prefill's path, the weight dequantized to the activations' dtype (float32 under the
+    interpreter, bfloat16 on a GPU) for PyTorch's matmul. Both add a residual, given one, the GEMV as it writes,
+    split along K or not."""
     w = torch.randn(n, k)
     parts = {name: t.to(DEVICE) for name, t in quantize(w, spec).items()}
     kernel = TritonKernel(parts, spec, block_n=16, block_k=64)
@@ -113,7 +113,7 @@ def test_split_k_and_prefill_path(spec, n, k):
     assert kernel.gemv_constants["EVEN"] == (n == 48)  # the tiles divide the matrix: no masks
     reference = dequantize(parts, spec)
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
-    for rows in (1, 40):  # the GEMV, then the GEMM (BLOCK_M 64: a long prompt's)
+    for rows in (1, 40):  # the GEMV, then prefill's matmul
         x = torch.randn(rows, k).to(DEVICE, dtype)
         got = kernel(x)
         assert got.dtype == dtype
@@ -167,7 +167,7 @@ def test_repack_layout_and_fused_projections():
 
 @pytest.mark.parametrize("spec", SPECS[:2] + [SUPER], ids=spec_id)
 def test_gated_kernel_writes_silu_gate_times_up(spec):
-    """w1 and w3 fused gated: their columns interleaved, the GEMV (split along K) and the GEMM write
+    """w1 and w3 fused gated: their columns interleaved, the GEMV (split along K) and prefill's matmul write
     silu(w1 x) * w3 x as model.silu_mul computes it from the two products; each member alone is its columns."""
     from lilmistral import model
     from lilmistral.quant.linear import Columns
@@ -178,7 +178,7 @@ def test_gated_kernel_writes_silu_gate_times_up(spec):
     kernel = TritonKernel({name: [p[name] for p in parts] for name in parts[0]}, spec, block_n=16, block_k=64,
                           interleave=True)  # as cuda.gated_kernel makes it, with several column tiles, split along K
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
-    for rows in (3, 40):  # GEMV, GEMM
+    for rows in (3, 40):  # GEMV, prefill
         x = torch.randn(rows, 256, generator=g).to(DEVICE, dtype)
         rounded = blockwise_int8(x.float()) if HAS_CUDA else x  # bfloat16 x: rounded to int8 as the kernels do
         gate, up = (rounded.float() @ dequantize(p, spec).t() for p in parts)
@@ -285,7 +285,8 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     with ~1.1-1.6 instructions a weight for int8 and int4 (~2-2.3 for int5 and int6, their high bits), some
     before it waits for the kernel before it (programmatic dependent launch). The decode attention compiles
     too, its dot products on tensor cores, and so does every other kernel, each waiting for the one before (a
-    compile error would otherwise first show on a GPU), the prefill GEMM's on integer tensor cores."""
+    compile error would otherwise first show on a GPU), the weight's dequantization for prefill writing 16 bytes
+    a store."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     out = subprocess.run([sys.executable, "-m", "benchmarks.triton_codegen"], env=env, cwd=Path(__file__).parents[1],
                          capture_output=True, text=True, check=True).stdout
@@ -299,10 +300,11 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     assert attention["tensor_core_ops"] > 0 and attention["async_loads_16B"] > 0, attention
     others = {r["kernel"] for r in rows if "instructions" in r}  # and every other kernel compiles, and waits
     assert all(r["waits_for_previous"] for r in rows if "instructions" in r), rows
-    assert all(r["tensor_core_ops"] > 0 for r in rows if r["kernel"].startswith("gemm ")), rows  # int8 ones
-    assert others == {"gemm residual", "gemm gated", "gemm int5 residual", "gemm int6 residual",
+    dequantize = [r for r in rows if r["kernel"].startswith("dequantize ")]
+    assert len(dequantize) == 4 and all(r["vector_stores_16B"] > 0 for r in dequantize), rows
+    assert others == {"dequantize int4", "dequantize int5", "dequantize int6", "dequantize int8",
                       "gemv int8 experts residual", "gemv int8 gated",
-                      "gemv int4 residual", "rms_norm", "rope", "silu_mul", "store_kv"}, rows
+                      "gemv int4 residual", "rms_norm", "rope", "round_blocks", "silu_mul", "store_kv"}, rows
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -391,7 +393,7 @@ def test_parts_run_as_they_are_stored(spec, bits):
     stored = sum(t.nbytes for t in w1.values())
     assert sum(t.nbytes for t in kernel.parts.values()) == stored == 40 * 512 * bits / 8
     gated = cuda.gated_kernel({name: [w1[name].to(DEVICE), w3[name].to(DEVICE)] for name in w1}, spec)
-    for rows in (2, 12):  # GEMV, GEMM
+    for rows in (2, 12):  # GEMV, prefill
         x = torch.randn(rows, 512, generator=g).to(DEVICE)
         gate, up = (x.double().cpu() @ e.t() for e in exact)
         assert torch.allclose(kernel(x).double().cpu(), gate, rtol=1e-5, atol=1e-5)

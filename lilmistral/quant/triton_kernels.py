@@ -21,13 +21,15 @@ weights' integers four at a time (PTX's dp4a): ~1.4 instructions a weight on sm_
 weight to float took ~5.4, more than an H200 can issue (132 SMs x 4 schedulers x 1.98 GHz, 32 threads
 each, over its 4.8 TB/s of 5-bit weights: ~4.4 a weight). Float32 activations (the reference) take the
 exact product: each value made float by OR-ing its bits into the mantissa of 2**23. The group scale
-multiplies a whole group's sum, the min the group's sum of activations. Prefill (`_gemm`, more rows) rounds
-its activations alike, a row's block of 32 a step, and multiplies them by the weights' integers on integer
-tensor cores (`tl.dot` of int8 tiles: IGMMA on sm_90), so a prompt's token and a decoded one are computed
-alike; float32 activations take tiles of dequantized weights. Both write through `_write`, which may add a
-residual (wo, w2) or, for w1/w3 repacked with their columns interleaved, write silu(gate) * up. (The GEMV
-once also RMS-normalized the sum it wrote, and rotated and cached a fused wq/wk/wv's output: on an H200, a
-32-layer decode step was ~7% faster with those as launches of their own.)
+multiplies a whole group's sum, the min the group's sum of activations. The GEMV writes through `_write`, which
+may add a residual (wo, w2) or, for w1/w3 repacked with their columns interleaved, write silu(gate) * up. Prefill
+(more rows) dequantizes the weight to the activations' dtype (`_dequantize`: one pass over the weights, 2 bytes a
+weight written) and multiplies by PyTorch's matmul (cuBLAS, on tensor cores, for any number of rows), its
+activations first rounded to int8 as the GEMV rounds them (`int8_blocks`), so that a prompt's token and a decoded
+one are computed alike. (Until session 37 a Triton GEMM of int8 tiles took prefill: a 128-token prompt's first
+token after 73 ms on an H200, 32 layers, ~1% of its int8 tensor cores' peak. And the GEMV once also RMS-normalized
+the sum it wrote, and rotated and cached a fused wq/wk/wv's output: on an H200, a 32-layer decode step was ~7%
+faster with those as launches of their own.)
 
 Besides: attention at decode (`DecodeAttention`, flash-decoding), and RMSNorm, RoPE, silu(gate) * up and the
 cache's write as one launch each. On Hopper every kernel is launched with programmatic dependent launch
@@ -397,69 +399,55 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
 
 
 @triton.jit
-def _gemm(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, M, N, K, magic,
-          BITS: tl.constexpr, G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, SUPER: tl.constexpr,
-          HIGH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          HAS_RESIDUAL: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr, INT8_X: tl.constexpr):
-    """out = x @ w (+ res; or gated: `_write`) for many rows, BLOCK_K (32) inputs a step. INT8_X: each row's
-    block of 32 rounded to int8 as the GEMV rounds it (`_round_int8`) and multiplied by w's stored integers on
-    integer tensor cores, each block's sums scaled by its step and w's scale; else [BLOCK_K, BLOCK_N] tiles of
-    w dequantized to x's dtype for tl.dot. A step lies within one group (G a multiple of 32) or, int6's G 16,
-    holds two."""
+def _dequantize(q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, N, K, magic, BITS: tl.constexpr, G: tl.constexpr,
+                HAS_MIN: tl.constexpr, ZERO: tl.constexpr, SUPER: tl.constexpr, HIGH: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """The weight as out [K, N] in out's dtype, each value (`_unpack`) times its group's scale plus its min
+    (`_group_scale`; int8: times its column's scale): what prefill's matmul multiplies."""
+    _let_next_start(PDL)
+    PER_WORD: tl.constexpr = 32 // BITS
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    ok = (k < K) & (n < N)
+    words = tl.load(q_ptr + (k // PER_WORD) * N + n, mask=ok, other=0)
+    high = 0
+    if HIGH > 0:  # int5's or int6's high bits (`_high_words`: a word a column every 32 // HIGH inputs) from bit 4
+        highs = tl.load(h_ptr + (k // (32 // HIGH)) * N + n, mask=ok, other=0)
+        high = ((highs >> _high_position(k % (32 // HIGH), HIGH)) & ((1 << HIGH) - 1)) << 4
+    w = _unpack(words, (k % PER_WORD) * BITS, high, magic, BITS, ZERO)
+    if G > 0:
+        group, group_ok = k, ok
+        if G >= BLOCK_K:  # the tile's rows in one group: a scale (and min) a column
+            group, group_ok = tl.program_id(0) * BLOCK_K, n < N
+        w = w * _group_scale(s_ptr, c_ptr, group, n, N, group_ok, G, SUPER, 0, False)
+        if HAS_MIN:
+            w += _group_scale(m_ptr, c_ptr, group, n, N, group_ok, G, SUPER, 8, False)
+    else:
+        w = w * tl.load(s_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+    _wait_previous(PDL)  # out may be memory that the kernel before still reads
+    tl.store(out_ptr + k * N + n, w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _round_blocks(x_ptr, out_ptr, K, BLOCKS: tl.constexpr, PDL: tl.constexpr):
+    """A row's BLOCKS blocks of 32 inputs rounded to int8 as the GEMV rounds them (`_round_int8`), written as
+    the int8s times their step in x's dtype."""
     _let_next_start(PDL)
     _wait_previous(PDL)
-    PER_WORD: tl.constexpr = 32 // BITS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < K
-        x = tl.load(x_ptr + offs_m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w_ok = k_ok[:, None] & n_ok[None, :]
-        words = tl.load(q_ptr + (k // PER_WORD)[:, None] * N + offs_n[None, :], mask=w_ok, other=0)
-        shift = ((k % PER_WORD) * BITS)[:, None]
-        high = 0
-        if HIGH > 0:  # int5's or int6's high bits (`_high_words`: one word a block, or two) from bit 4 of each value
-            highs = tl.load(h_ptr + (k0 * HIGH // 32) * N + offs_n, mask=n_ok, other=0)[None, :]
-            if HIGH == 2:
-                second = tl.load(h_ptr + (k0 // 16 + 1) * N + offs_n, mask=n_ok, other=0)[None, :]
-                highs = tl.where((k % 32 < 16)[:, None], highs, second)
-            high = ((highs >> _high_position(k % (32 // HIGH), HIGH)[:, None]) & ((1 << HIGH) - 1)) << 4
-        if INT8_X:
-            q, x_sum, x_step = _round_int8(x.to(tl.float32))
-            stored = (((words >> shift) & ((1 << BITS) - 1)) | high).to(tl.int8)  # int8's byte: signed again
-            dot = tl.dot(q.to(tl.int8), stored, out_dtype=tl.int32)  # [BLOCK_M, BLOCK_N]
-            if G == 0:
-                acc += dot.to(tl.float32) * x_step[:, None]
-            elif G == 16:  # int6 (symmetric): the block's first group's product apart, each group its own scale
-                q_first = tl.where((k % 32 < 16)[None, :], q, 0)
-                first_dot = tl.dot(q_first.to(tl.int8), stored, out_dtype=tl.int32)
-                first_sum = tl.sum(q_first, axis=1)[:, None]
-                first = _group_scale(s_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 0, False)[None, :]
-                second = _group_scale(s_ptr, c_ptr, k0 + 16, offs_n, N, n_ok, G, SUPER, 0, False)[None, :]
-                acc += ((first_dot - ZERO * first_sum).to(tl.float32) * first + (
-                    dot - first_dot - ZERO * (x_sum[:, None] - first_sum)).to(tl.float32) * second) * x_step[:, None]
-            else:
-                scale = _group_scale(s_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 0, False)
-                acc += (dot - ZERO * x_sum[:, None]).to(tl.float32) * (x_step[:, None] * scale[None, :])
-                if HAS_MIN:
-                    mins = _group_scale(m_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 8, False)
-                    acc += (x_sum.to(tl.float32) * x_step)[:, None] * mins[None, :]
-        else:
-            w = _unpack(words, shift, high, magic, BITS, ZERO)  # [BLOCK_K, BLOCK_N]
-            if G == 16:  # int6: each input's group's scale
-                w = w * _group_scale(s_ptr, c_ptr, k[:, None], offs_n[None, :], N, w_ok, G, SUPER, 0, False)
-            elif G > 0:
-                w = w * _group_scale(s_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 0, False)[None, :]
-                if HAS_MIN:
-                    w += _group_scale(m_ptr, c_ptr, k0, offs_n, N, n_ok, G, SUPER, 8, False)[None, :]
-            acc = tl.dot(x, w.to(x.dtype), acc, input_precision="ieee")  # float32 x: not TF32's 10 bits
-    if G == 0:
-        acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    _write(out_ptr, res_ptr, offs_m[:, None], m_ok[:, None], tl.program_id(1) * BLOCK_N, N, acc, BLOCK_N,
-           HAS_RESIDUAL, GATED)
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1) * BLOCKS * 32 + tl.arange(0, BLOCKS)[:, None] * 32 + tl.arange(0, 32)[None, :]
+    x = tl.load(x_ptr + row * K + k, mask=k < K, other=0.0).to(tl.float32)
+    q, _, step = _round_int8(x)
+    tl.store(out_ptr + row * K + k, (q.to(tl.float32) * step[:, None]).to(out_ptr.dtype.element_ty), mask=k < K)
+
+
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with each row's blocks of 32 rounded to int8 steps of their largest magnitude / 127, to nearest,
+    ties to even, as the GEMV rounds them, in x's dtype."""
+    out = torch.empty_like(x)
+    _round_blocks[(x.shape[0], triton.cdiv(x.shape[1], 512))](x, out, x.shape[1], BLOCKS=16,
+                                                              **launch_options(x.device))
+    return out
 
 
 _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -590,16 +578,17 @@ class TritonKernel:
 
     def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`), for any M
-        (prefill)."""
-        m = x.shape[0]
-        out = torch.empty((m, self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        grid = (triton.cdiv(m, block_m), triton.cdiv(self.n, 64))
-        res = residual if residual is not None else out  # unread without a residual
-        _gemm[grid](x, *self._pointers(), out, res, m, self.n, self.k, MAGIC, BLOCK_M=block_m, BLOCK_N=64,
-                    BLOCK_K=32, HAS_RESIDUAL=residual is not None, GATED=gated, INT8_X=int8_activations(x),
-                    num_warps=4, **self.constants, **launch_options(x.device))
-        return out
+        (prefill): the weight dequantized to x's dtype (`_dequantize`), then PyTorch's matmul (cuBLAS) of it
+        and x, whose blocks of 32 are first rounded to int8 as the GEMV rounds them (bfloat16 x): a prompt's
+        token and a decoded one are computed alike, up to the weights' rounding to bfloat16."""
+        w = torch.empty((self.k, self.n), dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(self.k, 32), triton.cdiv(self.n, 128))
+        _dequantize[grid](*self._pointers(), w, self.n, self.k, MAGIC, BLOCK_K=32, BLOCK_N=128, num_warps=4,
+                          **self.constants, **launch_options(x.device))
+        out = (int8_blocks(x) if int8_activations(x) else x) @ w
+        if residual is not None:
+            out += residual
+        return F.silu(out[:, 0::2]) * out[:, 1::2] if gated else out
 
     adds_residual = True  # QuantLinear passes its residual: added as the output is written
 
