@@ -77,9 +77,9 @@ def compile_others(arch: int = 90) -> dict:
     """The other kernels a GPU runs, each in the variant it runs (bfloat16, Mistral's sizes), by name."""
     tk = triton_kernels
     dequantize = dict(q_ptr="*i32", s_ptr="*fp16", m_ptr="*fp16", c_ptr="*i16", h_ptr="*i32", out_ptr="*bf16",
-                      N="i32", K="i32", magic="i32")
+                      N="i32", WIDTH="i32", K="i32", magic="i32")
     int4_constants = dict(BITS=4, G=32, HAS_MIN=True, ZERO=0, SUPER=256, HIGH=0, BLOCK_K=32, BLOCK_N=128)
-    dequantize_aligned = [*dequantize][:6] + ["N", "K"]
+    dequantize_aligned = [*dequantize][:6] + ["N", "WIDTH", "K"]
     int4, int8 = QuantSpec("int4", 32, False, super_block=256), QuantSpec("int8")  # the default int4, and int8
     kernels = {  # name: (kernel, signature, constants, aligned arguments, warps)
         "dequantize int4": (tk._dequantize, dequantize, int4_constants, dequantize_aligned, 4),

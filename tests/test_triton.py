@@ -127,6 +127,27 @@ def test_split_k_and_prefill_path(spec, n, k):
     same(kernel(x[:3]), kernel(x[:3]))
 
 
+@pytest.mark.parametrize("spec", [SUPER, SPECS[0]], ids=spec_id)
+def test_prefill_dequantizes_the_weight_a_few_columns_at_a_time(spec, monkeypatch):
+    """Prefill holds at most DEQUANTIZED_BYTES of a weight dequantized (here: tiles of 128 columns, the last
+    narrower), each slice's product written to its columns, plus the residual's, or gated to its half."""
+    from lilmistral.quant import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "DEQUANTIZED_BYTES", 1)
+    g = torch.Generator().manual_seed(7)
+    parts = [{name: t.to(DEVICE) for name, t in quantize(torch.randn(150, 64, generator=g), spec).items()}
+             for _ in range(2)]
+    joined = {name: [p[name] for p in parts] for name in parts[0]}
+    x, residual = torch.randn(12, 64, generator=g).to(DEVICE), torch.randn(12, 300, generator=g).to(DEVICE)
+    gate, up = (x @ dequantize(p, spec).t() for p in parts)
+    product = torch.cat([gate, up], dim=1)
+    kernel = TritonKernel(joined, spec)
+    torch.testing.assert_close(kernel(x), product, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kernel(x, residual), product + residual, atol=1e-4, rtol=1e-4)
+    gated = TritonKernel(joined, spec, interleave=True).gated(x)
+    torch.testing.assert_close(gated, F.silu(gate) * up, atol=1e-4, rtol=1e-4)
+
+
 def same(a: torch.Tensor, b: torch.Tensor) -> None:
     """Equal, but on a GPU within a step of bfloat16: atomic float adds from programs in any order round alike
     only mostly."""

@@ -51,6 +51,7 @@ import triton.language as tl
 from .pack import QuantSpec, unpack_int5, unpack_int6
 
 GEMV_MAX_ROWS = 8
+DEQUANTIZED_BYTES = 128 << 20  # the most of a weight prefill holds dequantized at once (Mistral 7B's w1/w3: 235 MB)
 # (BLOCK_N, BLOCK_K, num_warps) per scheme for the GEMV (benchmarks/gemv_sweep.py). On an H200, int4's 1 warp
 # was fastest, 4 or 8 two to four times slower; (256, 128, 1) timed ~5% faster alone than (256, 64, 1), but a
 # 32-layer decode step took the same time on it as on these, the fewest sm_90 instructions a weight (1.63
@@ -399,16 +400,17 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
 
 
 @triton.jit
-def _dequantize(q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, N, K, magic, BITS: tl.constexpr, G: tl.constexpr,
-                HAS_MIN: tl.constexpr, ZERO: tl.constexpr, SUPER: tl.constexpr, HIGH: tl.constexpr,
+def _dequantize(q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, N, WIDTH, K, magic, BITS: tl.constexpr,
+                G: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, SUPER: tl.constexpr, HIGH: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """The weight as out [K, N] in out's dtype, each value (`_unpack`) times its group's scale plus its min
-    (`_group_scale`; int8: times its column's scale): what prefill's matmul multiplies."""
+    """WIDTH columns of the weight (the parts' pointers at the first; rows of N) as out [K, WIDTH] in out's
+    dtype, each value (`_unpack`) times its group's scale plus its min (`_group_scale`; int8: times its
+    column's scale): what prefill's matmul multiplies."""
     _let_next_start(PDL)
     PER_WORD: tl.constexpr = 32 // BITS
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)[:, None]
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    ok = (k < K) & (n < N)
+    ok = (k < K) & (n < WIDTH)
     words = tl.load(q_ptr + (k // PER_WORD) * N + n, mask=ok, other=0)
     high = 0
     if HIGH > 0:  # int5's or int6's high bits (`_high_words`: a word a column every 32 // HIGH inputs) from bit 4
@@ -418,14 +420,14 @@ def _dequantize(q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, N, K, magic, BITS: t
     if G > 0:
         group, group_ok = k, ok
         if G >= BLOCK_K:  # the tile's rows in one group: a scale (and min) a column
-            group, group_ok = tl.program_id(0) * BLOCK_K, n < N
+            group, group_ok = tl.program_id(0) * BLOCK_K, n < WIDTH
         w = w * _group_scale(s_ptr, c_ptr, group, n, N, group_ok, G, SUPER, 0, False)
         if HAS_MIN:
             w += _group_scale(m_ptr, c_ptr, group, n, N, group_ok, G, SUPER, 8, False)
     else:
-        w = w * tl.load(s_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+        w = w * tl.load(s_ptr + n, mask=n < WIDTH, other=0.0).to(tl.float32)
     _wait_previous(PDL)  # out may be memory that the kernel before still reads
-    tl.store(out_ptr + k * N + n, w.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + k * WIDTH + n, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -578,17 +580,27 @@ class TritonKernel:
 
     def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`), for any M
-        (prefill): the weight dequantized to x's dtype (`_dequantize`), then PyTorch's matmul (cuBLAS) of it
-        and x, whose blocks of 32 are first rounded to int8 as the GEMV rounds them (bfloat16 x): a prompt's
-        token and a decoded one are computed alike, up to the weights' rounding to bfloat16."""
-        w = torch.empty((self.k, self.n), dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(self.k, 32), triton.cdiv(self.n, 128))
-        _dequantize[grid](*self._pointers(), w, self.n, self.k, MAGIC, BLOCK_K=32, BLOCK_N=128, num_warps=4,
-                          **self.constants, **launch_options(x.device))
-        out = (int8_blocks(x) if int8_activations(x) else x) @ w
-        if residual is not None:
-            out += residual
-        return F.silu(out[:, 0::2]) * out[:, 1::2] if gated else out
+        (prefill): the weight dequantized to x's dtype (`_dequantize`), at most DEQUANTIZED_BYTES of it at a
+        time, and multiplied by PyTorch's matmul (cuBLAS), x's blocks of 32 first rounded to int8 as the GEMV
+        rounds them (bfloat16 x): a prompt's token and a decoded one are computed alike, up to the
+        dequantized weights' rounding to x's dtype."""
+        x = int8_blocks(x) if int8_activations(x) else x
+        out = torch.empty((x.shape[0], self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
+        width = max(128, DEQUANTIZED_BYTES // (self.k * x.element_size()) // 128 * 128)  # even: gated pairs
+        for first in range(0, self.n, width):
+            cols = min(width, self.n - first)
+            w = torch.empty((self.k, cols), dtype=x.dtype, device=x.device)
+            grid = (triton.cdiv(self.k, 32), triton.cdiv(cols, 128))
+            _dequantize[grid](*(part[..., first:] for part in self._pointers()), w, self.n, cols, self.k, MAGIC,
+                              BLOCK_K=32, BLOCK_N=128, num_warps=4, **self.constants, **launch_options(x.device))
+            product = x @ w
+            if gated:
+                out[:, first // 2:(first + cols) // 2] = F.silu(product[:, 0::2]) * product[:, 1::2]
+            elif residual is not None:
+                torch.add(product, residual[:, first:first + cols], out=out[:, first:first + cols])
+            else:
+                out[:, first:first + cols] = product
+        return out
 
     adds_residual = True  # QuantLinear passes its residual: added as the output is written
 
