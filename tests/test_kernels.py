@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 import weakref
 import zipfile
 from pathlib import Path
@@ -94,6 +95,23 @@ def test_pytorch_int8_kernel(spec, n, k, rows):
     exact."""
     parts, spec, g = random_parts(n, k, spec, n + k + rows)
     check_against_reference(Int8Kernel(parts, spec), parts, spec, rows, g, tolerance=0.02)
+
+
+def test_a_gpu_without_triton_dequantizes_and_says_how_to_get_its_kernels(monkeypatch):
+    """Without Triton the GPU's backend dequantizes each weight at every call (correct, slow), and says once
+    how to install the kernels."""
+    from lilmistral.quant import cuda
+
+    monkeypatch.setattr(cuda, "has_triton", lambda: False)
+    cuda._say_triton_is_missing.cache_clear()
+    parts, spec, g = random_parts(48, 64, QuantSpec("int4", 32, False), 0)
+    with pytest.warns(UserWarning, match=r"Triton is not installed.*pip install 'lilmistral\[gpu\]'"):
+        kernel = cuda.make_kernel(parts, spec)
+    assert isinstance(kernel, DequantKernel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once a process
+        cuda.make_kernel(parts, spec)
+    check_against_reference(kernel, parts, spec, 3, g)
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -25,10 +26,17 @@ def has_triton() -> bool:
 def make_kernel(parts: Parts, spec: QuantSpec):
     """The kernel for a weight's parts (a fused projection's as blocks of rows), repacked for Triton's kernels."""
     if not has_triton():
+        _say_triton_is_missing()
         return DequantKernel(stacked(parts), spec)
     from .triton_kernels import TritonKernel
 
     return TritonKernel(parts, spec)
+
+
+@functools.cache
+def _say_triton_is_missing() -> None:
+    warnings.warn("lilmistral: Triton is not installed, so the GPU dequantizes every weight at every token, "
+                  "many times slower than its kernels: pip install 'lilmistral[gpu]'", stacklevel=3)
 
 
 def gated_kernel(parts: Parts, spec: QuantSpec):
