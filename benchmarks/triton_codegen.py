@@ -112,13 +112,26 @@ def compile_others(arch: int = 90) -> dict:
             for name, (fn, sig, constants, aligned, warps) in kernels.items()}
 
 
-def sass_ops(kernel) -> list[str]:
-    """The opcodes of the kernel's machine code (nvdisasm)."""
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+def cuda_tool(name: str, kernel, *options: str) -> str:
+    """The output of one of Triton's CUDA tools (nvdisasm, cuobjdump) run on the kernel's machine code."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, *options, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def registers(kernel) -> dict:
+    """Registers a thread and bytes of local memory (spilled registers) a thread (cuobjdump -res-usage): a GEMV's
+    registers bound how many of its programs an SM holds (65,536 registers an SM)."""
+    usage = cuda_tool("cuobjdump", kernel, "-res-usage")
+    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+            "local_bytes": int(re.search(r"LOCAL:(\d+)", usage).group(1))}
+
+
+def sass_ops(kernel) -> list[str]:
+    """The opcodes of the kernel's machine code (nvdisasm)."""
+    text = cuda_tool("nvdisasm", kernel, "-c")
     return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
 
 
@@ -145,7 +158,7 @@ def report(spec: QuantSpec, arch: int, int8_x: bool = True) -> dict:
             "scheme": spec.scheme, "group_size": spec.group_size, "symmetric": spec.symmetric,
             "super_block": spec.super_block,
             "activations": "int8" if int8_x else "float",
-            "instructions_per_weight": round(len(ops) / weights_per_thread, 2),
+            "instructions_per_weight": round(len(ops) / weights_per_thread, 2), **registers(kernel),
             "vector_loads_16B": ptx.count("ld.global.v4.b32"), "scalar_word_loads": ptx.count("ld.global.b32"),
             "top": collections.Counter(op.split(".")[0] for op in ops).most_common(6)}
 

@@ -316,6 +316,7 @@ def test_gemv_reads_the_weights_in_16_byte_loads():
     assert len(gemv) == 13 and all(r["vector_loads_16B"] > 0 for r in gemv), rows
     int8 = [r for r in gemv if r["activations"] == "int8"]  # dp4a (the float product: ~5, more than an H200 issues)
     assert all(r["scalar_word_loads"] == 0 and r["instructions_per_weight"] < 2.5 for r in int8), rows
+    assert all(r["local_bytes"] == 0 for r in gemv), rows  # no register spilled to memory
     assert all(r["weight_loads_before_wait"] > 0 for r in gemv), rows  # read while the kernel before finishes
     attention, = (r for r in rows if r["kernel"] == "attention")  # on tensor cores, keys and values 16 bytes a copy
     assert attention["tensor_core_ops"] > 0 and attention["async_loads_16B"] > 0, attention
