@@ -247,6 +247,35 @@ def decode_table(layers: int, tokens: int, bw: float, schemes: list[str], compil
     return rows
 
 
+def use_tiles(choices: list[str]) -> dict[tuple[str, int, int], tuple[int, int, int]]:
+    """--tiles: SCHEME=BN,BK,WARPS sets triton_kernels.TILES[SCHEME]; SCHEME@NxK=BN,BK,WARPS the tiles of that
+    scheme's N x K weights alone (TritonKernel wrapped to pick them). Returns the tiles by shape."""
+    from lilmistral.quant import triton_kernels
+
+    shaped = {}
+    for choice in choices:
+        name, sizes = choice.split("=")
+        scheme, _, shape = name.partition("@")
+        tiles = tuple(int(v) for v in sizes.split(","))
+        if shape:
+            n, k = shape.split("x")
+            shaped[scheme, int(n), int(k)] = tiles
+        else:
+            triton_kernels.TILES[scheme] = tiles
+    if shaped:
+        init = triton_kernels.TritonKernel.__init__
+
+        def init_at_shape_tiles(self, parts, spec, block_n=None, block_k=None, num_warps=None, interleave=False):
+            blocks = parts["qweight"] if isinstance(parts["qweight"], list) else [parts["qweight"]]
+            n, k = sum(b.shape[0] for b in blocks), blocks[0].shape[1] * (1 if spec.scheme == "int8" else 2)
+            if block_n is None and (spec.scheme, n, k) in shaped:
+                block_n, block_k, num_warps = shaped[spec.scheme, n, k]
+            init(self, parts, spec, block_n, block_k, num_warps, interleave)
+
+        triton_kernels.TritonKernel.__init__ = init_at_shape_tiles
+    return shaped
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
@@ -254,20 +283,20 @@ def main() -> None:
     p.add_argument("--schemes", nargs="+", choices=["int4", "int5", "int6", "int8", "bf16"],
                    default=["int4", "int8", "bf16"])
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="int4's graphed variants (VARIANTS)")
-    p.add_argument("--tiles", nargs="*", default=[], metavar="SCHEME=BN,BK,WARPS",
-                   help="GEMV tiles instead of triton_kernels.TILES' (as gemv_sweep prints them)")
+    p.add_argument("--tiles", nargs="*", default=[], metavar="SCHEME[@NxK]=BN,BK,WARPS",
+                   help="GEMV tiles instead of triton_kernels.TILES', for a scheme or only its weights of one "
+                        "shape (as gemv_sweep prints them)")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="the GEMV and attention tables, and the kernels a step launches")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile decode step")
     ns = p.parse_args()
     from lilmistral.quant import triton_kernels
 
-    for tile in ns.tiles:
-        scheme, sizes = tile.split("=")
-        triton_kernels.TILES[scheme] = tuple(int(v) for v in sizes.split(","))
+    shaped = use_tiles(ns.tiles)
     bw = measure_bandwidth(torch.device("cuda"))
     print(json.dumps({"device": torch.cuda.get_device_name(), "read_bandwidth_gbps": round(bw, 1),
-                      "tiles": triton_kernels.TILES}), flush=True)
+                      "tiles": triton_kernels.TILES, "shape_tiles": {f"{s}@{n}x{k}": t for (s, n, k), t in shaped.items()}}),
+          flush=True)
     if ns.kernels:
         for row in kernel_table(bw, ns.schemes) + attention_table(bw):
             print(json.dumps(row), flush=True)
