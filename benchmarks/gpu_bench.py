@@ -294,9 +294,9 @@ def main() -> None:
 
     shaped = use_tiles(ns.tiles)
     bw = measure_bandwidth(torch.device("cuda"))
+    shape_tiles = {f"{scheme}@{n}x{k}": tiles for (scheme, n, k), tiles in shaped.items()}
     print(json.dumps({"device": torch.cuda.get_device_name(), "read_bandwidth_gbps": round(bw, 1),
-                      "tiles": triton_kernels.TILES, "shape_tiles": {f"{s}@{n}x{k}": t for (s, n, k), t in shaped.items()}}),
-          flush=True)
+                      "tiles": triton_kernels.TILES, "shape_tiles": shape_tiles}), flush=True)
     if ns.kernels:
         for row in kernel_table(bw, ns.schemes) + attention_table(bw):
             print(json.dumps(row), flush=True)

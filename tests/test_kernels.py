@@ -248,10 +248,10 @@ def test_weights_in_huge_pages_are_the_same_weights(monkeypatch):
         packed[setting] = vnni.pack_int4_vnni(parts)
     address = packed["1"]["q"].data_ptr()
     assert address % (2 << 20) == 0 and huge_page_bytes_at(address) >= 2 << 20
+    # smaller weights, and every weight with =0, not in mappings of their own (which of PyTorch's memory the
+    # kernel backs with huge pages depends on what else the process did: a whole test run's process had some)
     assert huge_page_fraction([packed["1"]["q"]]) == 1 and huge_page_fraction([packed["0"]["q"]]) == 0
-    if "[madvise]" in THP.read_text():  # huge pages only where asked for
-        assert huge_page_bytes_at(packed["1"]["scales"].data_ptr()) == 0
-        assert huge_page_bytes_at(packed["0"]["q"].data_ptr()) == 0
+    assert huge_page_fraction([packed["1"]["scales"]]) == 0
     products = [torch.ops.lilmistral.int4_gemv(x, p["q"], p["scales"], p["mins"], p["n"], p["codes"])
                 for p in packed.values()]
     for p, product in zip(packed.values(), products):

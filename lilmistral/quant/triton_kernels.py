@@ -25,11 +25,11 @@ multiplies a whole group's sum, the min the group's sum of activations. The GEMV
 may add a residual (wo, w2) or, for w1/w3 repacked with their columns interleaved, write silu(gate) * up. Prefill
 (more rows) dequantizes the weight to the activations' dtype (`_dequantize`: one pass over the weights, 2 bytes a
 weight written) and multiplies by PyTorch's matmul (cuBLAS, on tensor cores, for any number of rows), its
-activations first rounded to int8 as the GEMV rounds them (`int8_blocks`), so that a prompt's token and a decoded
-one are computed alike. (Until session 37 a Triton GEMM of int8 tiles took prefill: a 128-token prompt's first
-token after 73 ms on an H200, 32 layers, ~1% of its int8 tensor cores' peak. And the GEMV once also RMS-normalized
-the sum it wrote, and rotated and cached a fused wq/wk/wv's output: on an H200, a 32-layer decode step was ~7%
-faster with those as launches of their own.)
+activations first rounded to int8 as the GEMV rounds them (`round_to_int8_blocks`), so that a prompt's token and a
+decoded one are computed alike. (Until session 37 a Triton GEMM of int8 tiles took prefill: a 128-token prompt's
+first token after 73 ms on an H200, 32 layers, ~1% of its int8 tensor cores' peak. And the GEMV once also
+RMS-normalized the sum it wrote, and rotated and cached a fused wq/wk/wv's output: on an H200, a 32-layer decode
+step was ~7% faster with those as launches of their own.)
 
 Besides: attention at decode (`DecodeAttention`, flash-decoding), and RMSNorm, RoPE, silu(gate) * up and the
 cache's write as one launch each. On Hopper every kernel is launched with programmatic dependent launch
@@ -443,7 +443,7 @@ def _round_blocks(x_ptr, out_ptr, K, BLOCKS: tl.constexpr, PDL: tl.constexpr):
     tl.store(out_ptr + row * K + k, (q.to(tl.float32) * step[:, None]).to(out_ptr.dtype.element_ty), mask=k < K)
 
 
-def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] with each row's blocks of 32 rounded to int8 steps of their largest magnitude / 127, to nearest,
     ties to even, as the GEMV rounds them, in x's dtype."""
     out = torch.empty_like(x)
@@ -580,27 +580,26 @@ class TritonKernel:
 
     def gemm(self, x: torch.Tensor, residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype (plus residual [M, N], given one; gated: `gated`), for any M
-        (prefill): the weight dequantized to x's dtype (`_dequantize`), at most DEQUANTIZED_BYTES of it at a
-        time, and multiplied by PyTorch's matmul (cuBLAS), x's blocks of 32 first rounded to int8 as the GEMV
-        rounds them (bfloat16 x): a prompt's token and a decoded one are computed alike, up to the
-        dequantized weights' rounding to x's dtype."""
-        x = int8_blocks(x) if int8_activations(x) else x
-        out = torch.empty((x.shape[0], self.n // 2 if gated else self.n), dtype=x.dtype, device=x.device)
+        (prefill): PyTorch's matmul (cuBLAS) of x and the weight dequantized to x's dtype, at most
+        DEQUANTIZED_BYTES of it at a time, x's blocks of 32 first rounded to int8 as the GEMV rounds them
+        (bfloat16 x): a prompt's token and a decoded one are computed alike, up to the dequantized weights'
+        rounding to x's dtype."""
+        x = round_to_int8_blocks(x) if int8_activations(x) else x
         width = max(128, DEQUANTIZED_BYTES // (self.k * x.element_size()) // 128 * 128)  # even: gated pairs
+        products = []
         for first in range(0, self.n, width):
-            cols = min(width, self.n - first)
-            w = torch.empty((self.k, cols), dtype=x.dtype, device=x.device)
-            grid = (triton.cdiv(self.k, 32), triton.cdiv(cols, 128))
-            _dequantize[grid](*(part[..., first:] for part in self._pointers()), w, self.n, cols, self.k, MAGIC,
-                              BLOCK_K=32, BLOCK_N=128, num_warps=4, **self.constants, **launch_options(x.device))
-            product = x @ w
-            if gated:
-                out[:, first // 2:(first + cols) // 2] = F.silu(product[:, 0::2]) * product[:, 1::2]
-            elif residual is not None:
-                torch.add(product, residual[:, first:first + cols], out=out[:, first:first + cols])
-            else:
-                out[:, first:first + cols] = product
-        return out
+            product = x @ self.dequantized(first, min(width, self.n - first), x.dtype)
+            products.append(F.silu(product[:, 0::2]) * product[:, 1::2] if gated else product)
+        out = products[0] if len(products) == 1 else torch.cat(products, dim=1)
+        return out.add_(residual) if residual is not None else out
+
+    def dequantized(self, first: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """Columns first..first + cols of the weight, dequantized to dtype as [K, cols] (`_dequantize`)."""
+        w = torch.empty((self.k, cols), dtype=dtype, device=self.device)
+        _dequantize[(triton.cdiv(self.k, 32), triton.cdiv(cols, 128))](
+            *(part[..., first:] for part in self._pointers()), w, self.n, cols, self.k, MAGIC, BLOCK_K=32,
+            BLOCK_N=128, num_warps=4, **self.constants, **launch_options(self.device))
+        return w
 
     adds_residual = True  # QuantLinear passes its residual: added as the output is written
 
