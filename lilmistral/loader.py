@@ -32,6 +32,9 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEME_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+# a GPU's room to work in besides the weights and the cache: prefill's dequantized slice of a weight (128 MB,
+# triton_kernels.DEQUANTIZED_BYTES) and a prompt chunk's activations (~60 MB at Mistral 7B's width)
+GPU_WORKING_BYTES = 256 << 20
 
 
 Keep = Callable[[str], bool]
@@ -302,15 +305,19 @@ def check_memory(weights: list[int], caches: list[int], device: str) -> None:
     """Fail before loading when the model, or each pipeline stage, cannot fit its weights and its KV cache
     at num_ctx, and say what each needs and what there is (as Ollama does; else the kernel's OOM killer ends
     the load halfway, or a long conversation, with one word). A GPU allocates the cache whole after the
-    weights; the CPU takes its pages as the context fills. A pipeline's stage i goes on GPU i; else the
+    weights, and needs GPU_WORKING_BYTES more to prefill in (else a prompt, not the load, fails with CUDA's
+    out-of-memory error); the CPU takes the cache's pages as the context fills. A pipeline's stage i goes on GPU i; else the
     device's own GPU. LILMISTRAL_MEMORY_LIMIT_MB stands in for the RAM."""
-    per_stage = [w + c for w, c in zip(weights, caches)]
+    gpu = device.startswith("cuda")
+    working = GPU_WORKING_BYTES if gpu else 0
+    per_stage = [w + c + working for w, c in zip(weights, caches)]
     many = len(per_stage) > 1
     needs = ", ".join(f"stage {i} needs {n / 1e9:.2f} GB" for i, n in enumerate(per_stage)) if many else \
         f"it needs {per_stage[0] / 1e9:.2f} GB"
-    needs += f" ({sum(weights) / 1e9:.2f} GB of weights, {sum(caches) / 1e9:.2f} GB of KV cache: a smaller " \
-             "--num-ctx needs less)"
-    if device.startswith("cuda"):
+    to_work_in = f", {working * len(per_stage) / 1e9:.2f} GB to work in" if working else ""
+    needs += f" ({sum(weights) / 1e9:.2f} GB of weights, {sum(caches) / 1e9:.2f} GB of KV cache{to_work_in}: a " \
+             "smaller --num-ctx needs less)"
+    if gpu:
         gpus = range(len(per_stage)) if many else [torch.device(device).index or 0]
         free = [torch.cuda.mem_get_info(i)[0] for i in gpus if i < torch.cuda.device_count()]
         if len(free) < len(per_stage) or any(need > have for need, have in zip(per_stage, free)):

@@ -355,8 +355,9 @@ def test_a_model_that_does_not_fit_in_memory_fails_before_loading(full, monkeypa
 
 
 def test_a_gpu_needs_room_for_the_weights_and_the_whole_cache(full, monkeypatch):
-    """A GPU allocates the KV cache whole after the weights: the check counts both (a simulated GPU with just
-    the weights' room free fails before loading; one with the cache's room too passes the check)."""
+    """A GPU allocates the KV cache whole after the weights and works in GPU_WORKING_BYTES more (prefill's
+    dequantized slice of a weight, a chunk's activations): the check counts all three (a simulated GPU with
+    a byte less free fails before loading; one with that room passes the check)."""
     from lilmistral import loader
     from lilmistral.cache import cache_bytes
 
@@ -367,14 +368,16 @@ def test_a_gpu_needs_room_for_the_weights_and_the_whole_cache(full, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("loaded"))
-    for free, fits in ((weights + cache - 1, False), (weights + cache, True)):
+    needs = weights + cache + loader.GPU_WORKING_BYTES
+    for free, fits in ((needs - 1, False), (needs, True)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index, free=free: (free, 2 * free))
         if fits:
             with pytest.raises(pytest.fail.Exception, match="loaded"):  # past the check, into the load
                 lilmistral.load(full, device="cuda", num_ctx=64)
         else:
-            with pytest.raises(lilmistral.LilmistralError, match=f"does not fit the GPU: it needs "
-                                                                 f"{(weights + cache) / 1e9:.2f} GB"):
+            with pytest.raises(lilmistral.LilmistralError, match=f"does not fit the GPU: it needs {needs / 1e9:.2f} "
+                                                                 r"GB \(.* GB of weights, .* GB of KV cache, 0\.27 GB "
+                                                                 "to work in"):
                 lilmistral.load(full, device="cuda", num_ctx=64)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # pipeline stages, each on a GPU of its own
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (1, 2))
