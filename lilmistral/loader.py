@@ -357,6 +357,14 @@ def check_device(device: str) -> None:
         raise LilmistralError(f"device {device!r} is not supported (cpu, cuda or cuda:N)")
 
 
+def use_device(device: str) -> None:
+    """Make a CUDA device with an index (cuda:N) the process's current one: Triton launches its kernels, CUDA
+    graphs capture and NCCL's collectives run on the current device, whatever device their tensors are on."""
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and parsed.index is not None:
+        torch.cuda.set_device(parsed)
+
+
 def resolve_source(source: str | Path) -> Path:
     path = Path(source).expanduser()
     return path if path.exists() else installed_path(str(source))
@@ -370,7 +378,9 @@ def load_model_tokenizer(path: Path) -> Tokenizer:
 
 def load_model(path: Path, *, quant: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
                group_size: int = DEFAULT_GROUP_SIZE, keep: Keep | None = None) -> tuple[Transformer, dict]:
-    """The model (or, with `keep`, the part of it a pipeline stage holds) and a description of its weights."""
+    """The model (or, with `keep`, the part of it a pipeline stage holds) and a description of its weights, on
+    `device`, which becomes the current CUDA device (`use_device`)."""
+    use_device(device)
     model, info = _load_converted(path, quant, device, dtype, keep) if is_converted(path) else \
         _load_source(path, quant, device, dtype, group_size, keep)
     if model.tok_embeddings.weight.device.type == "cpu":  # where the table stayed in a mapped file (the rest

@@ -385,6 +385,33 @@ def test_a_gpu_needs_room_for_the_weights_and_the_whole_cache(full, monkeypatch)
         lilmistral.load(full, device="cuda", num_ctx=64, pp=2)
 
 
+def test_a_model_on_a_gpu_makes_that_gpu_current_first(full, monkeypatch):
+    """Triton launches its kernels, CUDA graphs capture and NCCL communicates on the process's current CUDA
+    device, not their tensors': loading on cuda:1, and a pipeline stage's set-up on its GPU, make that device
+    current before anything else; cpu and a bare cuda leave the current device as it is."""
+    from lilmistral import loader, parallel
+
+    made_current = []
+
+    class Made(Exception):
+        pass
+
+    def set_device(device):
+        made_current.append(torch.device(device))
+        raise Made
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda *a, **k: pytest.fail("NCCL before the device"))
+    with pytest.raises(Made):
+        loader.load_model(full, device="cuda:1")
+    with pytest.raises(Made):
+        parallel._init(2, 3, "cuda", "env://")  # stage 2 of 3: GPU 2
+    loader.use_device("cpu")
+    loader.use_device("cuda")
+    assert made_current == [torch.device("cuda:1"), torch.device("cuda:2")]
+
+
 def test_cli_run_of_a_model_without_a_chat_format_fails_before_reading_the_weights(full, monkeypatch, capsys):
     """A model the chat cannot use fails as soon as its tokenizer is read, before its weights (a 7B's: seconds)."""
     from lilmistral import loader
