@@ -131,7 +131,7 @@ def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def nonzero(t: torch.Tensor) -> torch.Tensor:
     """t as float32 with its zeros made ones: a divisor (a zero scale's values are all its min)."""
-    return t.float().where(t.float() != 0, torch.ones(()))
+    return t.float().where(t.float() != 0, 1.0)
 
 
 def quantize_int4(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
