@@ -121,7 +121,8 @@ def _init(rank: int, world: int, device: str, init_method: str) -> None:
     from .loader import use_device
 
     use_device(_stage_device(device, rank))  # NCCL's communicator on the stage's own GPU
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    # the headers are CPU tensors, which NCCL cannot send: gloo takes them, NCCL the activations
+    backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=world, init_method=init_method,
                             timeout=timedelta(seconds=120))
 

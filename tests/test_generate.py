@@ -388,7 +388,8 @@ def test_a_gpu_needs_room_for_the_weights_and_the_whole_cache(full, monkeypatch)
 def test_a_model_on_a_gpu_makes_that_gpu_current_first(full, monkeypatch):
     """Triton launches its kernels, CUDA graphs capture and NCCL communicates on the process's current CUDA
     device, not their tensors': loading on cuda:1, and a pipeline stage's set-up on its GPU, make that device
-    current before anything else; cpu and a bare cuda leave the current device as it is."""
+    current before anything else; cpu and a bare cuda leave the current device as it is. GPU stages send their
+    CPU headers by gloo and their activations by NCCL (which sends no CPU tensor)."""
     from lilmistral import loader, parallel
 
     made_current = []
@@ -410,6 +411,12 @@ def test_a_model_on_a_gpu_makes_that_gpu_current_first(full, monkeypatch):
     loader.use_device("cpu")
     loader.use_device("cuda")
     assert made_current == [torch.device("cuda:1"), torch.device("cuda:2")]
+    backends = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda backend, **k: backends.append(backend))
+    parallel._init(1, 2, "cuda", "env://")
+    parallel._init(1, 2, "cpu", "env://")
+    assert backends == ["cpu:gloo,cuda:nccl", "gloo"]
 
 
 def test_cli_run_of_a_model_without_a_chat_format_fails_before_reading_the_weights(full, monkeypatch, capsys):
