@@ -63,8 +63,10 @@ class LLM:
 
     def warm_up(self) -> None:
         """Run a short generation so that one-off costs (the decode step's trace or compile, GPU kernels' builds)
-        are paid now."""
-        list(self.generate([1, 2, 3], temperature=0, max_tokens=3))
+        are paid now: on a GPU a 16-token prompt, more rows than the decode GEMV takes (8), so that prefill's
+        kernels are built too, not during the first answer's prompt."""
+        prompt = 16 if self.cache.device.type == "cuda" else 3
+        list(self.generate(list(range(1, prompt + 1)), temperature=0, max_tokens=3))
         self.cache.reset()
         self._cached_ids = []
 

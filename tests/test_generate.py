@@ -515,6 +515,20 @@ def test_traced_decode_gives_the_eager_logits(source, quant, request):
     assert (traced.decode_step.mode, eager.decode_step.mode) == ("traced", "eager")  # not left eager
 
 
+def test_warming_up_on_a_gpu_builds_prefills_kernels_too(full, monkeypatch):
+    """On a GPU the warm-up prompt has more rows than the decode GEMV takes (triton_kernels.GEMV_MAX_ROWS, 8),
+    so that the prefill path's kernels are built before the first answer; on the CPU 3 tokens do."""
+    from lilmistral.cache import RollingKVCache
+
+    llm = lilmistral.load(full, quant="int8", num_ctx=64)
+    prompts = []
+    monkeypatch.setattr(llm, "generate", lambda ids, **sampling: prompts.append(ids) or iter(()))
+    llm.warm_up()
+    monkeypatch.setattr(RollingKVCache, "device", property(lambda cache: torch.device("cuda")))
+    llm.warm_up()
+    assert [len(p) for p in prompts] == [3, 16]
+
+
 def test_a_traced_model_is_freed_with_its_llm(full):
     """The traced graph holds the weights as constants: it must go with the LLM (a graph in PyTorch's global
     compilation unit, as torch.jit.trace makes, kept every traced model in memory for good)."""
