@@ -238,7 +238,8 @@ def test_experts_kernel_reads_each_rows_expert(spec, k):
 def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype, monkeypatch):
     """The GPU path's modules under the interpreter: every weight on a Triton kernel (as on a GPU: wq/wk/wv
     fused from their blocks of rows, w1/w3 fused gated, a MoE's experts on ExpertsKernels over views of their stacks)
-    gives the float32 dequantized reference's logits, prompt and decoded tokens (forward and decode_step): in
+    gives the float32 dequantized reference's logits, prompt and decoded tokens (forward and decode_step) and
+    12 more tokens at once (prefill's path: the weights dequantized for PyTorch's matmul): in
     float32 with every GPU layer kernel (normalize, rotate, activate, attend, store_kv), to float32's rounding;
     in bfloat16 (wq/wk/wv fused, as on a GPU), within its rounding; wo's and w2's GEMVs add the residual as
     they write. The dense model in float32 is int5 (int4's layouts and its fifth bits: every
@@ -248,7 +249,7 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     from lilmistral.config import ModelArgs
     from lilmistral.generate import DecodeStep
     from lilmistral.loader import build_model
-    from lilmistral.quant import QuantExperts, cpu, linear
+    from lilmistral.quant import QuantExperts, cpu, linear, triton_kernels
     from lilmistral.quant.triton_kernels import DecodeAttention
 
     # head_dim 32: heads x head_dim (128) is not dim (64), as in Mistral Nemo and Small 3
@@ -265,6 +266,12 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     gpu_kernels = cuda.layer_kernels(args.head_dim, dtype)
     if dtype == torch.bfloat16:  # the interpreter multiplies bfloat16 tiles wrongly, and truncates where a GPU rounds
         gpu_kernels = {}
+        # so prefill's bfloat16 weights and activations are made in float32 and rounded to nearest by PyTorch, as
+        # a GPU rounds them (truncated, every product leans one way: a MoE's 12-token logits 8% off, not 3%)
+        dequantized, rounded = TritonKernel.dequantized, triton_kernels.round_to_int8_blocks
+        monkeypatch.setattr(TritonKernel, "dequantized",
+                            lambda self, first, cols, dt: dequantized(self, first, cols, torch.float32).to(dt))
+        monkeypatch.setattr(triton_kernels, "round_to_int8_blocks", lambda x: rounded(x.float()).to(x.dtype))
     monkeypatch.setattr(cpu, "layer_kernels", lambda head_dim, dtype: gpu_kernels)
     model = build_model(args, tensors, specs, "cpu", dtype)
     fused = dtype == torch.bfloat16  # the loader fuses for a GPU or bfloat16 on the CPU
@@ -277,9 +284,10 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
     attended = []  # the decode attention kernel's calls
     kernel_call = DecodeAttention.__call__
     monkeypatch.setattr(DecodeAttention, "__call__", lambda self, *a: attended.append(1) or kernel_call(self, *a))
-    gemvs = []  # the GEMVs' options
-    gemv = TritonKernel.gemv
+    gemvs, gemms = [], []  # the GEMVs' and prefill matmuls' options
+    gemv, gemm = TritonKernel.gemv, TritonKernel.gemm
     monkeypatch.setattr(TritonKernel, "gemv", lambda self, x, *a, **kw: gemvs.append(kw) or gemv(self, x, *a, **kw))
+    monkeypatch.setattr(TritonKernel, "gemm", lambda self, x, *a, **kw: gemms.append(kw) or gemm(self, x, *a, **kw))
     caches = [RollingKVCache(2, 2, args.head_dim, 64, None, t) for t in (dtype, dtype, torch.float32)]
     step, cpu_step = DecodeStep(model, trace=False), DecodeStep(cpu_model, trace=False)
 
@@ -289,14 +297,19 @@ def test_a_model_on_triton_kernels_matches_the_dequantized_reference(moe, dtype,
         else:
             assert relative_error(got, expected) < 1e-4
 
-    for tokens in ([3, 14, 15, 92, 65], [35], [89]):  # a prompt (GEMV rows), then decoded tokens one by one
+    # a prompt (GEMV rows), decoded tokens one by one, then 12 more tokens (prefill's dequantized matmuls)
+    for tokens in ([3, 14, 15, 92, 65], [35], [89], list(range(20, 32))):
         check(*(m(torch.tensor(tokens), cache) for m, cache in zip((model, cpu_model, reference), caches)))
     for token in (7, 41):
         check(step(token, caches[0]), cpu_step(token, caches[1]), reference(torch.tensor([token]), caches[2])[-1])
-    # every call: the prompt's 2 x 5 query rows a kv head are few enough too (a causal mask a row)
-    assert len(attended) == (5 * args.n_layers if dtype == torch.float32 else 0)
-    # wo's GEMV adds the residual (3 forward calls, 2 decode steps), and w2's too (a MoE's experts: no)
+    # every call (the 12 tokens' 24 query rows a kv head go on to SDPA): the prompt's 2 x 5 rows are few enough
+    # too (a causal mask a row)
+    assert len(attended) == (6 * args.n_layers if dtype == torch.float32 else 0)
+    # wo's GEMV adds the residual (3 forward calls, 2 decode steps), and w2's too (a MoE's experts: no); the 12
+    # tokens' wo and w2 add it in prefill's path, where w1/w3 write silu(gate) * up
     assert sum(kw.get("residual") is not None for kw in gemvs) == args.n_layers * 5 * (1 if moe else 2)
+    assert sum(kw.get("residual") is not None for kw in gemms) == args.n_layers * (1 if moe else 2)
+    assert sum(bool(kw.get("gated")) for kw in gemms) == (args.n_layers if fused and not moe else 0)
 
 
 def test_gemv_reads_the_weights_in_16_byte_loads():
