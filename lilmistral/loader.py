@@ -306,8 +306,8 @@ def check_memory(weights: list[int], caches: list[int], device: str) -> None:
     at num_ctx, and say what each needs and what there is (as Ollama does; else the kernel's OOM killer ends
     the load halfway, or a long conversation, with one word). A GPU allocates the cache whole after the
     weights, and needs GPU_WORKING_BYTES more to prefill in (else a prompt, not the load, fails with CUDA's
-    out-of-memory error); the CPU takes the cache's pages as the context fills. A pipeline's stage i goes on GPU i; else the
-    device's own GPU. LILMISTRAL_MEMORY_LIMIT_MB stands in for the RAM."""
+    out-of-memory error); the CPU takes the cache's pages as the context fills. A pipeline's stage i goes on
+    GPU i; else the device's own GPU. LILMISTRAL_MEMORY_LIMIT_MB stands in for the RAM."""
     gpu = device.startswith("cuda")
     working = GPU_WORKING_BYTES if gpu else 0
     per_stage = [w + c + working for w, c in zip(weights, caches)]
