@@ -62,8 +62,9 @@ def cache_for(model, args: ModelArgs, size: int = 512) -> RollingKVCache:
 def test_gpu_model_matches_the_dequantized_reference(args, scheme):
     """Prefill (the weights dequantized for PyTorch's matmul) and decode (the GEMVs, fused projections, gated
     w1/w3, residuals added in the output projections, expert-batched MoE, the decode attention; a sliding
-    window's prompt in chunks and its slots reused) within bfloat16's rounding of the float32 reference, whose projections round their inputs
-    to int8 as the kernels do; every packed weight runs a Triton kernel on its own repacked copy."""
+    window's prompt in chunks and its slots reused) within bfloat16's rounding of the float32 reference, whose
+    projections round their inputs to int8 as the kernels do; every packed weight runs a Triton kernel on its
+    own repacked copy."""
     from lilmistral.quant.triton_kernels import TritonKernel
 
     gpu, reference, cpu = models(args, scheme)

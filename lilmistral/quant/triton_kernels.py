@@ -184,23 +184,23 @@ def _silu_times(gate, up, dt):
 
 
 @triton.jit
-def _write(out_ptr, res_ptr, rows, row_ok, col0, N, value, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+def _write(out_ptr, res_ptr, row, col0, N, value, BLOCK_N: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
            GATED: tl.constexpr):
-    """value [R, BLOCK_N] (output rows `rows` [R, 1], columns col0...) rounded to out's dtype and written, plus the
-    residual there given one (rounded again: as PyTorch adds the product to it). GATED: value's columns are
-    (gate, up) pairs, and silu(gate) * up goes to columns col0 / 2... of out [M, N / 2]."""
+    """value [BLOCK_N] (output row `row`, columns col0...) rounded to out's dtype and written, plus the residual
+    there given one (rounded again: as PyTorch adds the product to it). GATED: value's columns are (gate, up)
+    pairs, and silu(gate) * up goes to columns col0 / 2... of out [M, N / 2]."""
     dt = out_ptr.dtype.element_ty
     if GATED:
-        gate, up = tl.split(tl.reshape(value, (value.shape[0], BLOCK_N // 2, 2)))
-        cols = col0 // 2 + tl.arange(0, BLOCK_N // 2)[None, :]
-        tl.store(out_ptr + rows * (N // 2) + cols, _silu_times(gate, up, dt), mask=row_ok & (cols < N // 2))
+        gate, up = tl.split(tl.reshape(value, (BLOCK_N // 2, 2)))
+        cols = col0 // 2 + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + row * (N // 2) + cols, _silu_times(gate, up, dt), mask=cols < N // 2)
     else:
-        cols = col0 + tl.arange(0, BLOCK_N)[None, :]
-        ok = row_ok & (cols < N)
+        cols = col0 + tl.arange(0, BLOCK_N)
+        ok = cols < N
         out = value.to(dt)
         if HAS_RESIDUAL:
-            out = (out.to(tl.float32) + tl.load(res_ptr + rows * N + cols, mask=ok, other=0.0).to(tl.float32)).to(dt)
-        tl.store(out_ptr + rows * N + cols, out, mask=ok)
+            out = (out.to(tl.float32) + tl.load(res_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)).to(dt)
+        tl.store(out_ptr + row * N + cols, out, mask=ok)
 
 
 @triton.jit
@@ -381,8 +381,7 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
     if G == 0:
         out *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if SPLIT == 1:
-        _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, out[None, :], BLOCK_N,
-               HAS_RESIDUAL, GATED)
+        _write(out_ptr, res_ptr, row, pid_n * BLOCK_N, N, out, BLOCK_N, HAS_RESIDUAL, GATED)
     else:
         tl.atomic_add(sums_ptr + row * N + offs_n, out, mask=n_ok, sem="relaxed")
         tl.debug_barrier()  # every thread's sums added before the counter's release (CUDA's threadFenceReduction)
@@ -390,8 +389,7 @@ def _gemv(x_ptr, q_ptr, s_ptr, m_ptr, c_ptr, h_ptr, out_ptr, res_ptr, sums_ptr, 
         if tl.atomic_add(tile, 1, sem="acq_rel") == SPLIT - 1:  # the tile's last program: its sums are complete
             tl.debug_barrier()
             total = tl.load(sums_ptr + row * N + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-            _write(out_ptr, res_ptr, row, tl.full([1, 1], 1, tl.int1), pid_n * BLOCK_N, N, total[None, :], BLOCK_N,
-                   HAS_RESIDUAL, GATED)
+            _write(out_ptr, res_ptr, row, pid_n * BLOCK_N, N, total, BLOCK_N, HAS_RESIDUAL, GATED)
             # every warp has read the sums before any zeroes them: a tile narrower than the program's threads
             # holds each column in several warps, and one zeroing early could leave another reading zeros
             tl.debug_barrier()
