@@ -190,10 +190,17 @@ def download_file(repo: str, revision: str, f: RemoteFile, dest: Path, on_bytes:
 def pull(ref: ModelRef, store: Store, keep_source: bool = False, force: bool = False,
          on_file: Callable[[str, int, int], Callable[[int], None]] | None = None,
          say: Callable[[str], None] = lambda s: None) -> Path:
-    """Make sure `ref` is in the store, up to date with the hub; return its folder.
+    """Make sure `ref` is in the store, up to date with the hub; return its folder. One pull of a model at a
+    time (two would append to the same FILE.partial): a second waits for the first, then finds it pulled.
 
     on_file(name, size, already_have) returns the callback that receives byte counts for that file.
     """
+    with store.pull_lock(ref, on_wait=lambda: say(f"another lilmistral is pulling {ref.display}; waiting for it")):
+        return _pull(ref, store, keep_source, force, on_file, say)
+
+
+def _pull(ref: ModelRef, store: Store, keep_source: bool, force: bool,
+          on_file: Callable[[str, int, int], Callable[[int], None]] | None, say: Callable[[str], None]) -> Path:
     from .convert import convert, default_scheme, open_source
 
     installed = store.installed(ref)

@@ -4,6 +4,7 @@
                               folder is renamed into place, so a model is either whole or absent
     downloads/NAME/TAG/REV/   files being pulled: FILE.partial while incomplete (resumed from its size),
                               FILE once verified; removed after a successful convert
+    locks/NAME@TAG.lock       held (flock) while NAME:TAG is pulled: a second pull waits for the first
     models.toml               your own registry entries (override the shipped ones)
     history                   the REPL's input history
 
@@ -16,6 +17,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,21 @@ class Store:
 
     def download_dir(self, ref: ModelRef, revision: str) -> Path:
         return self._inside(self.downloads / ref.name / ref.tag / revision, self.downloads)
+
+    @contextmanager
+    def pull_lock(self, ref: ModelRef, on_wait: Callable[[], None]) -> Iterator[None]:
+        """Hold ref's lock (released when its process ends, however it ends); on_wait() first if another holds it."""
+        import fcntl
+
+        locks = self.home / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{ref.name}@{ref.tag}.lock", "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
 
     def installed(self, ref: ModelRef) -> InstalledModel | None:
         path = self.model_dir(ref)

@@ -243,6 +243,27 @@ def test_sigint_then_pull_again_resumes(home, hub):
     assert "tiny:latest" in cli(home, hub, "list").stdout
 
 
+def test_two_pulls_at_once_download_once(home, hub):
+    """A second `pull` (or `run` pulling) of a model being pulled waits for the first, which would otherwise
+    find its FILE.partial appended to by both, and then finds the model there."""
+    files = hub.repos["test/tiny-mistral"]["files"]
+    shard = max(shard_names(hub, "test/tiny-mistral"), key=lambda n: len(files[n]))
+    hub.slow[shard] = 0.02  # about 3 MB/s
+    first = subprocess.Popen([sys.executable, "-m", "lilmistral", "pull", "tiny"], env=env_for(home, hub),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(home.glob(f"downloads/**/{shard}.partial")) and time.time() < deadline:
+        time.sleep(0.05)
+    second = cli(home, hub, "run", "tiny", "Hi", "--max-tokens", "3")
+    _, err = first.communicate(timeout=120)
+    hub.slow.clear()
+    assert first.returncode == 0, err
+    assert second.returncode == 0, second.stderr
+    assert "another lilmistral is pulling tiny:latest" in second.stderr and "up to date" in second.stderr
+    assert len(hub.file_requests(shard)) == 1
+    assert "tiny:latest" in cli(home, hub, "list").stdout
+
+
 def test_corrupted_byte_is_caught(home, hub):
     shard = shard_names(hub, "test/tiny-mistral")[0]
     hub.corrupt.add(shard)
