@@ -299,11 +299,8 @@ def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err
         err.print("pipeline stages: " + "; ".join(f"{s} ({b / 1e6:.1f} MB)" for s, b in
                                                   zip(llm.info["stages"], llm.info["stage_bytes"])), highlight=False)
     chat, saves = Chat(llm), AutoSave(_store().conversations_dir, ns.model)
-    if ns.resume:
-        saves.path = saves.latest(chat.model)
-        if saves.path is None:
-            raise LilmistralError(f"no saved conversation with {ns.model} to resume (in {saves.folder})")
-        chat.load(saves.path)
+    if ns.resume and saves.resume(chat) is None:
+        raise LilmistralError(f"no saved conversation with {ns.model} to resume (in {saves.folder})")
     if (interactive or ns.resume) and not ns.no_save:  # a one-shot answer is not a conversation to keep
         chat.autosave = saves
     if ns.system is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import shlex
 import time
@@ -88,8 +89,8 @@ class Chat:
             self.autosave.path = None
 
     def notice(self) -> str | None:
-        """After an answer: that the conversation outgrew the context (once), and whether the context cut the
-        answer short."""
+        """After an answer: that the conversation outgrew the context (once), whether the context cut the
+        answer short, and that it is saved in a new file."""
         lines = []
         if self.llm.stats.dropped_messages and not self.told_overflow:
             self.told_overflow = True
@@ -98,6 +99,9 @@ class Chat:
         if self.llm.stats.done_reason == "context":
             lines.append(f"(the answer filled the context, num_ctx={self.llm.num_ctx}: raise it with /set num_ctx "
                          "or --num-ctx)")
+        if self.autosave is not None and self.autosave.moved:
+            lines.append(self.autosave.moved)
+            self.autosave.moved = None
         return "\n".join(lines) or None
 
     def set(self, key: str, value: str) -> str:
@@ -122,7 +126,7 @@ class Chat:
     def save(self, path: Path) -> None:
         data = {"model": self.model, "system": self.system, "messages": self.messages,
                 "options": {k: v for k, v in self.params.__dict__.items() if k != "stop"}}
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two chats may save one file
         tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
         tmp.replace(path)
 
@@ -148,24 +152,43 @@ class Chat:
 class AutoSave:
     """Each conversation in a JSON file of its own in `folder` (Chat.save's format), rewritten after every
     answer, a stopped one too: a crash, a closed terminal or Ctrl-D loses nothing. `latest` finds the one to
-    resume."""
+    resume. A file another chat rewrote since this one read or wrote it (the same conversation resumed in two
+    terminals) is left as it is: this chat goes on in a file of its own."""
     folder: Path
     label: str  # the model as the user named it, for the files' names
     path: Path | None = None  # this conversation's file, named at its first save
+    version: tuple[int, int] | None = None  # the file's (inode, mtime) as this chat last read or wrote it
+    moved: str | None = None  # a notice for the user that the conversation went on in a new file
+
+    def resume(self, chat: Chat) -> Path | None:
+        """Load the latest conversation with chat's model into it, to go on in its file; None if there is none."""
+        path = self.latest(chat.model)
+        if path is not None:
+            self.version = _version(path)  # before reading: a rewrite in between is seen as one
+            chat.load(path)
+            self.path = path
+        return path
 
     def save(self, chat: Chat) -> None:
         if not chat.messages:
             return
         try:
-            if self.path is None:
-                self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are private
-                model = re.sub(r"[^\w.]+", "-", Path(self.label).name).strip("-.") or "model"
-                stem = time.strftime("%Y%m%d-%H%M%S-") + model
-                names = (f"{stem}.json" if n == 1 else f"{stem}-{n}.json" for n in itertools.count(1))
-                self.path = next(self.folder / name for name in names if not (self.folder / name).exists())
+            if self.path is not None and _version(self.path) != self.version:
+                rewritten, self.path = self.path, self._new_file()
+                self.moved = f"({rewritten.name} was changed by another chat; this one goes on in {self.path})"
+            self.path = self.path or self._new_file()
             chat.save(self.path)
+            self.version = _version(self.path)
         except OSError as e:
             raise LilmistralError(f"could not save the conversation to {self.path or self.folder}: {e}") from None
+
+    def _new_file(self) -> Path:
+        """A new file, created empty so that another chat starting in the same second takes the next name."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # conversations are private
+        model = re.sub(r"[^\w.]+", "-", Path(self.label).name).strip("-.") or "model"
+        stem = time.strftime("%Y%m%d-%H%M%S-") + model
+        names = (f"{stem}.json" if n == 1 else f"{stem}-{n}.json" for n in itertools.count(1))
+        return next(self.folder / name for name in names if _created(self.folder / name))
 
     def latest(self, model: str) -> Path | None:
         """The conversation with `model` (Chat.model) saved last in the folder, if any."""
@@ -178,6 +201,23 @@ class AutoSave:
             except (OSError, ValueError):  # unreadable, or removed meanwhile: not one to resume
                 continue
         return max(saved)[1] if saved else None
+
+
+def _created(path: Path) -> bool:
+    try:
+        path.open("x").close()
+    except FileExistsError:
+        return False
+    return True
+
+
+def _version(path: Path) -> tuple[int, int] | None:
+    """Which write of a file this is: Chat.save replaces the file, so each write is a new inode."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def recap(chat: Chat, path: Path) -> str:

@@ -15,7 +15,7 @@ import lilmistral
 from conftest import smollm2_gguf
 from lilmistral.cli import main, parse_args
 from lilmistral.convert import convert
-from lilmistral.repl import Chat, run_command
+from lilmistral.repl import AutoSave, Chat, run_command
 
 PROMPT = ">>>"  # prompt-toolkit draws the space after it with a cursor move
 NEXT_PROMPT = r"\n(?:\x1b\[[0-9;?]*[A-Za-z]|\r)*>>>"  # a fresh prompt line, not the redraw of the one just sent
@@ -180,6 +180,36 @@ def test_every_answer_is_saved_and_a_crashed_chat_resumes(spawn, smol, tmp_path,
     assert len(json.loads(latest.read_text())["messages"]) == 4
     assert main([*run, "Hello"]) == 0
     assert len(list(folder.glob("*.json"))) == 2
+
+
+def test_one_conversation_resumed_twice_at_once_keeps_both(smol, tmp_path):
+    """Two chats that resumed the same conversation: the first to answer goes on in its file, the other in a
+    file of its own (it would otherwise rewrite the file without the first one's exchange), and says where."""
+    llm = lilmistral.load(smol)
+    folder = tmp_path / "conversations"
+
+    def chat() -> Chat:
+        c = Chat(llm, autosave=AutoSave(folder, "smol"))
+        c.set("temperature", "0")
+        c.set("max_tokens", "4")
+        return c
+
+    start = chat()
+    "".join(start.ask("Hi"))
+    first, second = chat(), chat()
+    assert first.autosave.resume(first) == second.autosave.resume(second) == start.autosave.path
+    "".join(first.ask("What is 2 + 2?"))
+    assert first.notice() is None and first.autosave.path == start.autosave.path
+    "".join(second.ask("Name a color."))
+    assert second.autosave.path != start.autosave.path
+    assert second.notice() == (f"({start.autosave.path.name} was changed by another chat; this one goes on in "
+                               f"{second.autosave.path})")
+    asked = {p.name: [m["content"] for m in json.loads(p.read_text())["messages"][::2]] for p in folder.iterdir()}
+    assert asked == {start.autosave.path.name: ["Hi", "What is 2 + 2?"],
+                     second.autosave.path.name: ["Hi", "Name a color."]}
+    "".join(second.ask("Another?"))  # its own file from now on, with no further notice
+    assert second.notice() is None and len(list(folder.iterdir())) == 2
+    assert AutoSave(folder, "smol").latest(start.model) == second.autosave.path
 
 
 def test_resume_without_a_saved_conversation_is_one_line(smol, tmp_path, monkeypatch, capsys):
