@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import json
 import sys
@@ -484,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(file=sys.stderr)
             return 130
+        except OSError as e:
+            if e.errno != errno.ENOSPC:  # a full disk is the machine's state, not a bug: no traceback
+                raise
+            print(f"Error: no space left on the device{f' for {e.filename}' if e.filename else ''}", file=sys.stderr)
+            return 1
 
 
 def run_main() -> None:

@@ -7,6 +7,7 @@ matches the hub's is renamed into place.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .errors import LilmistralError
 from .registry import ModelRef
-from .store import Store
+from .store import Store, human_size, require_space
 
 CHUNK = 1 << 20
 # a GGUF file's type at the end of its name (model.Q4_K_M.gguf, model-Q4_K_M.gguf), before a split's part number
@@ -147,6 +148,11 @@ def verify(path: Path, f: RemoteFile) -> bool:
     return h.hexdigest() == (f.sha256 or f.blob_id)
 
 
+def _partial_size(dest: Path) -> int:
+    partial = dest.with_name(dest.name + ".partial")
+    return partial.stat().st_size if partial.exists() else 0
+
+
 def download_file(repo: str, revision: str, f: RemoteFile, dest: Path, on_bytes: Callable[[int], None]) -> None:
     """Download one file to dest, resuming from dest.partial; verify it, then rename it into place."""
     import httpx2
@@ -157,7 +163,7 @@ def download_file(repo: str, revision: str, f: RemoteFile, dest: Path, on_bytes:
     url = hf_hub_url(repo, f.name, revision=revision, endpoint=endpoint())
     headers = build_hf_headers(token=_token(), library_name="lilmistral")
     for attempt in range(RETRIES + 1):
-        have = partial.stat().st_size if partial.exists() else 0
+        have = _partial_size(dest)
         if have >= f.size:
             break
         ranged = {**headers, "Range": f"bytes={have}-"} if have else headers
@@ -176,6 +182,9 @@ def download_file(repo: str, revision: str, f: RemoteFile, dest: Path, on_bytes:
                     out.flush()
                     os.fsync(out.fileno())
         except (httpx2.TransportError, OSError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise LilmistralError(f"no space left in {dest.parent} ({human_size(_partial_size(dest))} of "
+                                      f"{f.name} kept): free some, then run pull again to resume") from None
             if attempt == RETRIES:
                 raise OfflineError(f"downloading {f.name} failed ({type(e).__name__}); run pull again to resume") \
                     from None
@@ -219,13 +228,10 @@ def _pull(ref: ModelRef, store: Store, keep_source: bool, force: bool,
     files = select_gguf(ref, remote) if ref.gguf else select_files(ref, remote)
     folder = store.download_dir(ref, revision)
     folder.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        dest = folder / f.name
-        if dest.exists():
-            continue
-        partial = dest.with_name(dest.name + ".partial")
-        have = partial.stat().st_size if partial.exists() else 0
-        download_file(ref.repo, revision, f, dest, on_file(f.name, f.size, have) if on_file else lambda n: None)
+    missing = [(f, _partial_size(folder / f.name)) for f in files if not (folder / f.name).exists()]
+    require_space(folder, sum(f.size - have for f, have in missing), f"downloading {ref.display}")
+    for f, have in missing:
+        download_file(ref.repo, revision, f, folder / f.name, on_file(f.name, f.size, have) if on_file else lambda n: None)
     source = folder / files[0].name if ref.gguf else folder  # a split GGUF's first part names it
     scheme = ref.quant or default_scheme(open_source(source))  # a GGUF's: as close to its own as there is
     say(f"converting to {scheme}")

@@ -143,6 +143,13 @@ def human_parameters(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def require_space(folder: Path, needed: int, what: str) -> None:
+    """A clear error, before writing, when `folder`'s file system has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise LilmistralError(f"{what} needs {human_size(needed)} in {folder}, which has {human_size(free)} free")
+
+
 def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:

@@ -517,6 +517,22 @@ def test_bad_inputs_give_one_line_and_write_nothing(hf_models, tmp_path):
     assert list(outdir.iterdir()) == []  # nothing written, not even a partial folder
 
 
+def test_a_disk_that_fills_up_while_converting_is_one_line_and_leaves_nothing(hf_models, tmp_path, monkeypatch,
+                                                                              capsys):
+    import errno
+
+    from lilmistral.convert.safetensors_io import SafetensorsWriter
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() raises it: no file name
+
+    monkeypatch.setattr(SafetensorsWriter, "write", full)
+    folder, _ = hf_models["mistral"]
+    assert main(["convert", str(folder), "--out", str(tmp_path / "out" / "m")]) == 1
+    assert capsys.readouterr().err.splitlines() == ["Error: no space left on the device"]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_interrupted_convert_leaves_nothing(hf_models, tmp_path):
     """Ctrl-C part-way: the temporary folder is removed and no output folder appears."""
     folder, _ = hf_models["mixtral"]

@@ -277,6 +277,51 @@ def test_corrupted_byte_is_caught(home, hub):
     assert not list(home.glob(f"downloads/**/{shard}*"))
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_download(home, hub, monkeypatch, capsys):
+    """Too little space to download: said before any byte is fetched. The disk filling up meanwhile: the bytes
+    that reached it are kept for the next pull. Too little to convert: the download is kept."""
+    import errno
+    import shutil
+
+    import lilmistral.download
+
+    for key, value in env_for(home, hub).items():
+        monkeypatch.setenv(key, value)
+    usage = shutil.disk_usage(home)
+
+    def pull_error() -> str:
+        assert main(["pull", "tiny"]) == 1
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1_000_000))
+        err = pull_error()
+    assert err.startswith("Error: downloading tiny:latest needs 17.") and err.endswith("which has 1.0 MB free")
+    assert not hub.file_requests(shard_names(hub, "test/tiny-mistral")[0])
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(lilmistral.download.os, "fsync", full)  # where a full disk shows on some file systems
+        err = pull_error()
+    assert err.startswith(f"Error: no space left in {home / 'downloads'}") and "run pull again to resume" in err
+    [partial] = home.glob("downloads/**/*.partial")
+    have = partial.stat().st_size
+
+    downloaded = sum(len(b) for b in hub.repos["test/tiny-mistral"]["files"].values())
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "disk_usage", lambda path: usage._replace(free=downloaded if "downloads" in str(path)
+                                                                     else 2_000_000))
+        err = pull_error()
+    assert err.startswith("Error: converting to int8 needs ") and err.endswith("which has 2.0 MB free")
+    assert len(hub.file_requests(partial.name.removesuffix(".partial"))) == 1  # its bytes were kept
+    assert partial.with_suffix("").stat().st_size == have
+    assert shard_names(hub, "test/tiny-mistral") == sorted(p.name for p in partial.parent.glob("model-*"))
+    assert "tiny" not in cli(home, hub, "list").stdout
+    assert cli(home, hub, "pull", "tiny").returncode == 0
+
+
 def test_gated_repo_needs_a_token(home, hub):
     r = cli(home, hub, "pull", "gated")
     assert r.returncode == 1 and "gated" in r.stderr and "HF_TOKEN" in r.stderr and "Traceback" not in r.stderr

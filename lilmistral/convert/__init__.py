@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -20,6 +21,7 @@ import torch
 from ..errors import LilmistralError, ModelFormatError
 from ..quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, QuantSpec, quantize, spec_for
 from ..quant.pack import packed_shapes
+from ..store import require_space
 from .gguf import WIDE_TYPES, GGUFSource, gguf_tokenizer
 from .hf import HFSource, TensorEntry
 
@@ -157,11 +159,14 @@ def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROU
     from .safetensors_io import SafetensorsWriter
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    outputs = [o for p in planned for o in p.outputs]
+    require_space(out.parent, sum(dtype.itemsize * math.prod(shape) for _, dtype, shape in outputs),
+                  f"converting to {scheme}")
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         version = format_version(planned)
-        writer = SafetensorsWriter(tmp / WEIGHTS, [o for p in planned for o in p.outputs],
+        writer = SafetensorsWriter(tmp / WEIGHTS, outputs,
                                    metadata={"format": "pt", "lilmistral": str(version)})
         for name, tensor in produce(src, planned):
             writer.write(name, tensor)
