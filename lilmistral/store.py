@@ -4,7 +4,7 @@
                               folder is renamed into place, so a model is either whole or absent
     downloads/NAME/TAG/REV/   files being pulled: FILE.partial while incomplete (resumed from its size),
                               FILE once verified; removed after a successful convert
-    locks/NAME@TAG.lock       held (flock) while NAME:TAG is pulled: a second pull waits for the first
+    locks/NAME@TAG.lock       held (flock) while NAME:TAG is pulled: a second pull waits, rm refuses
     models.toml               your own registry entries (override the shipped ones)
     history                   the REPL's input history
 
@@ -112,7 +112,11 @@ class Store:
         return found
 
     def remove(self, ref: ModelRef) -> int:
-        """Delete a model (and any download of it); returns the bytes freed."""
+        """Delete a model (and any download of it); returns the bytes freed. Not while it is being pulled."""
+        with self.pull_lock(ref, on_wait=lambda: _being_pulled(ref)):
+            return self._remove(ref)
+
+    def _remove(self, ref: ModelRef) -> int:
         path = self.model_dir(ref)
         if not path.exists():
             raise LilmistralError(f"{ref.display} is not pulled")
@@ -141,6 +145,10 @@ class Store:
 def human_parameters(n: int) -> str:
     """A parameter count as Ollama shows it: 7.25B, 134.52M."""
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _being_pulled(ref: ModelRef) -> None:
+    raise LilmistralError(f"{ref.display} is being pulled; stop that pull first")
 
 
 def require_space(folder: Path, needed: int, what: str) -> None:

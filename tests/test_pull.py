@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 from conftest import SPM_V3, hf_to_interleaved, make_hf_model, write_gguf
 from hub import Hub
 from lilmistral.cli import main
+from lilmistral.registry import resolve
+from lilmistral.store import Store
 
 REGISTRY = """
 [tiny]
@@ -196,6 +198,16 @@ def test_run_pulls_first_and_rm_frees_space(home, hub):
     assert r.returncode == 0, r.stderr
     removed, listed = r.stdout.split("freed")
     assert not model.exists() and "tinymix" in removed and "tinymix" not in listed
+
+
+def test_rm_refuses_a_model_being_pulled(home, hub):
+    assert cli(home, hub, "pull", "tiny").returncode == 0
+    store = Store(home)
+    with store.pull_lock(resolve("tiny", home), on_wait=lambda: None):  # as a pull in progress holds it
+        r = cli(home, hub, "rm", "tiny")
+    assert r.returncode == 1 and r.stderr == "Error: tiny:latest is being pulled; stop that pull first\n"
+    assert store.installed(resolve("tiny", home)) is not None
+    assert cli(home, hub, "rm", "tiny").returncode == 0
 
 
 def shard_names(hub: Hub, repo: str) -> list[str]:
