@@ -231,13 +231,15 @@ def _pull(ref: ModelRef, store: Store, keep_source: bool, force: bool,
     missing = [(f, _partial_size(folder / f.name)) for f in files if not (folder / f.name).exists()]
     require_space(folder, sum(f.size - have for f, have in missing), f"downloading {ref.display}")
     for f, have in missing:
-        download_file(ref.repo, revision, f, folder / f.name, on_file(f.name, f.size, have) if on_file else lambda n: None)
+        on_bytes = on_file(f.name, f.size, have) if on_file else lambda n: None
+        download_file(ref.repo, revision, f, folder / f.name, on_bytes)
     source = folder / files[0].name if ref.gguf else folder  # a split GGUF's first part names it
     scheme = ref.quant or default_scheme(open_source(source))  # a GGUF's: as close to its own as there is
     say(f"converting to {scheme}")
     extra = {"name": ref.name, "tag": ref.tag, "repo": ref.repo, "revision": revision, "license": ref.license,
              "description": ref.description, "num_ctx": ref.num_ctx}
     path = convert(source, store.model_dir(ref), scheme, overwrite=True, extra=extra)
-    if not keep_source:
-        shutil.rmtree(folder, ignore_errors=True)
+    for download in folder.parent.iterdir():  # and what an earlier revision left half done
+        if download != folder or not keep_source:
+            shutil.rmtree(download, ignore_errors=True)
     return path

@@ -127,12 +127,15 @@ def cli(home: Path, hub: Hub, *args: str, **extra: str) -> subprocess.CompletedP
 
 
 def test_pull_then_run_then_pull_again(home, hub):
+    stale = home / "downloads" / "tiny" / "latest" / ("0" * 40)  # an earlier revision's download, left half done
+    stale.mkdir(parents=True)
+    (stale / "model-00001-of-00003.safetensors.partial").write_bytes(b"\0" * 1000)
     r = cli(home, hub, "pull", "tiny")
     assert r.returncode == 0, r.stderr
     fetched = {p.rsplit("/", 1)[1] for _, p, _ in hub.requests if "/resolve/" in p}
     assert "consolidated.safetensors" not in fetched  # the repo has the weights twice: one set only
     assert any(f.startswith("model-000") for f in fetched) and "tokenizer.model.v3" in fetched
-    assert not (home / "downloads" / "tiny").exists() or not any((home / "downloads" / "tiny").rglob("*.safetensors"))
+    assert not [p for p in (home / "downloads").rglob("*") if p.is_file()]  # the download, and the stale one, gone
     r = cli(home, hub, "list")
     assert r.returncode == 0 and "tiny:latest" in r.stdout and "int8" in r.stdout
     r = cli(home, hub, "show", "tiny")
@@ -145,6 +148,10 @@ def test_pull_then_run_then_pull_again(home, hub):
     r = cli(home, hub, "pull", "tiny")
     assert r.returncode == 0 and "up to date" in r.stderr
     assert not any("/resolve/" in p for _, p, _ in hub.requests)  # nothing downloaded again
+    r = cli(home, hub, "pull", "tiny", "--force", "--keep-source")
+    assert r.returncode == 0, r.stderr
+    [kept] = (home / "downloads" / "tiny" / "latest").iterdir()
+    assert shard_names(hub, "test/tiny-mistral") == sorted(p.name for p in kept.glob("model-*"))
 
 
 def test_pull_a_gguf_file_by_its_type(home, hub, tmp_path):
