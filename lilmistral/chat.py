@@ -1,11 +1,14 @@
-"""Chat templates from model files (GGUF `tokenizer.chat_template`, HF `chat_template`), rendered in a sandbox.
+"""Chat formats: Mistral's instruct format by tokenizer version, and chat templates from model files (GGUF
+`tokenizer.chat_template`, HF `chat_template`), rendered in a sandbox.
 
 A template comes from an untrusted file: Jinja's immutable sandbox keeps it away from Python internals
 (attribute access to dunders, mutation of the messages, calling unsafe methods).
 """
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -41,3 +44,55 @@ def render_chat_template(source: str, messages: list[dict[str, Any]], **variable
         raise
     except TemplateError as e:  # includes the sandbox's SecurityError
         raise LilmistralError(f"chat template failed: {e}") from None
+
+
+def check_conversation(messages: list[dict[str, Any]]) -> None:
+    """The conversations Mistral's own library accepts for a reply (text only, no tools)."""
+    if not messages:
+        raise LilmistralError("invalid conversation: it has no messages")
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise LilmistralError(f"unknown message role {m.get('role')!r} (use system, user, assistant)")
+        if not isinstance(m.get("content"), str):
+            raise LilmistralError(f"invalid conversation: a {m['role']} message's content must be text")
+        if m["role"] == "assistant" and not m["content"]:
+            raise LilmistralError("invalid conversation: an assistant message is empty")
+    if len(messages) > 1 and messages[-1]["role"] != "user":
+        raise LilmistralError("invalid conversation: it must end with a user message")
+    if len(messages) == 1 and messages[0]["role"] == "assistant":
+        raise LilmistralError("invalid conversation: it must start with a user or system message")
+    if any(a["role"] == "assistant" and b["role"] == "system" for a, b in itertools.pairwise(messages)):
+        raise LilmistralError("invalid conversation: a system message cannot follow an assistant message")
+
+
+def mistral_instruct(messages: list[dict[str, Any]], version: int, encode: Callable[[str], list[int]],
+                     special: Callable[[str], int], bos: int, eos: int) -> list[int]:
+    """The prompt ids of a conversation in Mistral's instruct format of tokenizer `version` (1, 2, 3, 7 or
+    later), as mistral_common encodes it (tests/test_chat_format.py compares every version's ids): runs of
+    messages of one role joined by a blank line; up to v3 the system messages joined into one prompt, put
+    before the first (v1) or the last (v2, v3) user message, from v7 each in [SYSTEM_PROMPT] tokens where it
+    stands; v1 writes [INST] as text, later versions as control tokens."""
+    check_conversation(messages)
+    turns: list[tuple[str, str]] = []
+    for role, run in itertools.groupby(messages, key=lambda m: m["role"]):
+        texts = [m["content"] for m in run]
+        if role != "system":
+            turns.append((role, "\n\n".join(t for t in texts if t)))
+        elif version >= 7:
+            turns += [(role, t) for t in texts]
+    if not turns or (version < 7 and turns[0][0] != "user"):
+        turns.insert(0, ("user", ""))
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    ids = [bos]
+    for i, (role, text) in enumerate(turns):
+        if role == "system":
+            ids += [special("[SYSTEM_PROMPT]"), *encode(text), special("[/SYSTEM_PROMPT]")]
+        elif role == "assistant":
+            ids += [*encode(text if version == 1 else text.rstrip(" ")), eos]
+        elif version == 1:
+            ids += encode(f"[INST] {system}\n\n{text} [/INST]" if system and i == users[0] else f"[INST] {text} [/INST]")
+        else:
+            text = f"{system}\n\n{text}" if system and version < 7 and i == users[-1] else text
+            ids += [special("[INST]"), *encode(text), special("[/INST]")]
+    return ids

@@ -133,7 +133,7 @@ def _architecture_lines(args, num_ctx: int | None = None) -> list[tuple[str, str
 def _chat_format(folder: Path) -> str:
     from .tokenizer import find_mistral_tokenizer_file
 
-    return "Mistral instruct, encoded by mistral_common" if find_mistral_tokenizer_file(folder) else JINJA_FORMAT
+    return "Mistral instruct, as mistral_common encodes it" if find_mistral_tokenizer_file(folder) else JINJA_FORMAT
 
 
 def _layouts(specs: Iterable[dict]) -> str:

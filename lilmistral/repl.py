@@ -244,7 +244,7 @@ def show(chat: Chat, what: str) -> str:
         return "\n".join(f"  {k:16s}{getattr(p, k)}" for k in SETTABLE if k != "num_ctx") + f"\n  {'num_ctx':16s}{llm.num_ctx}"
     if what == "template":
         template = getattr(llm.tokenizer, "chat_template", None)
-        return template or f"Mistral's own chat format ({llm.tokenizer.kind}), encoded by mistral_common"
+        return template or f"Mistral's own chat format ({llm.tokenizer.kind}), as mistral_common encodes it"
     if what == "system":
         return chat.system or "No system message was specified."
     raise LilmistralError("usage: /show info|parameters|template|system")

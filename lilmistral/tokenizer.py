@@ -1,7 +1,10 @@
-"""Tokenizers and chat formats: Mistral's own (through mistral_common), and streaming detokenization."""
+"""Tokenizers: Mistral's own files (SentencePiece, tekken), `tokenizers` ones with a chat template, and streaming
+detokenization."""
 from __future__ import annotations
 
-import tempfile
+import base64
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,19 +33,19 @@ class Tokenizer:
         raise NotImplementedError
 
 
-def _spm_version(path: Path) -> str:
-    """mistral_common reads the version from the file name; a bare tokenizer.model gets it from its vocabulary."""
+def _spm_version(path: Path) -> int:
+    """tokenizer.model.v3 (or .v7m1, a multimodal v7) names its version; a bare tokenizer.model's is read from its
+    control tokens (Mistral's repos ship v1, v3 and v7 files under that name)."""
+    if match := re.search(r"\.v(\d+)(?:m\d+)?$", path.name):
+        return int(match.group(1))
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     controls = {sp.id_to_piece(i) for i in range(min(sp.vocab_size(), 1000)) if sp.is_control(i)}
-    if "[SYSTEM_PROMPT]" in controls:
-        return "v7"
-    if "[IMG]" in controls:
-        return "v3"
-    if "[TOOL_CALLS]" in controls:
-        return "v2"
-    return "v1"
+    for piece, version in (("[SYSTEM_PROMPT]", 7), ("[IMG]", 3), ("[TOOL_CALLS]", 2)):
+        if piece in controls:
+            return version
+    return 1
 
 
 def find_mistral_tokenizer_file(folder: Path) -> Path | None:
@@ -56,47 +59,97 @@ def find_mistral_tokenizer_file(folder: Path) -> Path | None:
     return bare if bare.is_file() else None
 
 
+VERSIONS = (1, 2, 3, 7, 11, 13)  # Mistral's instruct formats `chat.mistral_instruct` writes (text, no tools)
+# a tekken file's control tokens when it does not list them (files before v11)
+TEKKEN_CONTROLS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                   "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte, the alphabet of `tokenizers`' byte-level BPE."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def tekken_bpe(data: dict[str, Any]) -> Any:
+    """A tekken file's byte-level BPE as a `tokenizers` tokenizer whose ids are the ranks (tekken is tiktoken's
+    algorithm: a piece of the file's pattern that is a token is that token; else its bytes merge, the pair
+    whose union ranks lowest first, which merges listed in the order of their union's rank reproduce)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    config = data["config"]
+    size = config["default_vocab_size"] - config["default_num_special_tokens"]
+    tokens = [base64.b64decode(t["token_bytes"]) for t in data["vocab"][:size]]
+    rank = {token: i for i, token in enumerate(tokens)}
+    chars = _byte_chars()
+    names = ["".join(chars[b] for b in token) for token in tokens]
+    merges = [(names[a], names[b]) for token in tokens for a, b in sorted(
+        (rank[token[:j]], rank[token[j:]]) for j in range(1, len(token)) if token[:j] in rank and token[j:] in rank)]
+    bpe = Tokenizer(models.BPE(dict(zip(names, range(size))), merges, ignore_merges=True))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(config["pattern"]), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    return bpe
+
+
 class MistralTokenizer(Tokenizer):
-    """Mistral's SentencePiece (v1, v2, v3, v7) and tekken tokenizers, with prompts built by mistral_common."""
+    """Mistral's SentencePiece (v1, v2, v3, v7) and tekken tokenizer files, with prompts in Mistral's instruct
+    format of their version (`chat.mistral_instruct`)."""
 
     def __init__(self, path: Path) -> None:
-        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as MT
-
         try:
-            if path.name == "tokenizer.model":
-                with tempfile.TemporaryDirectory() as tmp:
-                    versioned = Path(tmp) / f"tokenizer.model.{_spm_version(path)}"
-                    versioned.symlink_to(path.resolve())
-                    self._mt = MT.from_file(str(versioned))
+            if path.suffix == ".json":
+                self._load_tekken(path)
             else:
-                self._mt = MT.from_file(str(path))
-        except Exception as e:  # mistral_common raises several kinds for unreadable files
+                self._load_sentencepiece(path)
+        except Exception as e:  # sentencepiece, tokenizers and a malformed file raise several kinds
             raise ModelFormatError(f"{path}: cannot load tokenizer ({e})") from None
-        self._tok = self._mt.instruct_tokenizer.tokenizer
-        self.bos_id = self._tok.bos_id
-        self.eos_ids = frozenset({self._tok.eos_id})
-        self.vocab_size = self._tok.n_words
-        version = getattr(self._tok.version, "value", str(self._tok.version))
-        self.kind = f"tekken {version}" if path.suffix == ".json" else f"sentencepiece {version}"
+        if self.version not in VERSIONS:
+            raise ModelFormatError(f"{path}: tokenizer version v{self.version} is not supported "
+                                   f"({', '.join(f'v{v}' for v in VERSIONS)})")
+        self.eos_ids = frozenset({self.eos_id})
+
+    def _load_sentencepiece(self, path: Path) -> None:
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.version = _spm_version(path)
+        self.kind = f"sentencepiece v{self.version}"
+        self.bos_id, self.eos_id, self.vocab_size = sp.bos_id(), sp.eos_id(), sp.vocab_size()
+        self.controls = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
+        self.encode_text, self._decode = sp.encode, sp.decode  # decode leaves control tokens out
+
+    def _load_tekken(self, path: Path) -> None:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        self.version = int(str(data["config"]["version"]).removeprefix("v"))
+        self.kind = f"tekken v{self.version}"
+        specials = data.get("special_tokens") or [{"rank": i, "token_str": t} for i, t in enumerate(TEKKEN_CONTROLS)]
+        self.controls = {t["token_str"]: t["rank"] for t in specials}
+        self.bos_id, self.eos_id = self.controls["<s>"], self.controls["</s>"]
+        self.vocab_size = data["config"]["default_vocab_size"]
+        offset = data["config"]["default_num_special_tokens"]  # ids below it are control tokens, ranks above
+        bpe = tekken_bpe(data)
+        self.encode_text = lambda text: [i + offset for i in bpe.encode(text, add_special_tokens=False).ids]
+        self._decode = lambda ids: bpe.decode([i - offset for i in ids if i >= offset])
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        return self._tok.encode(text, bos=bos, eos=False)
+        return [self.bos_id, *self.encode_text(text)] if bos else self.encode_text(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids)
+        return self._decode(ids)
+
+    def control(self, piece: str) -> int:
+        if piece not in self.controls:
+            raise ModelFormatError(f"this {self.kind} tokenizer has no {piece} token")
+        return self.controls[piece]
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
-        from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+        from .chat import mistral_instruct
 
-        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-        try:
-            request = ChatCompletionRequest(messages=[kinds[m["role"]](content=m["content"]) for m in messages])
-            return self._mt.encode_chat_completion(request).tokens
-        except KeyError as e:
-            raise LilmistralError(f"unknown message role {e} (use system, user, assistant)") from None
-        except Exception as e:  # pydantic/mistral_common validation of the conversation's structure
-            raise LilmistralError(f"invalid conversation: {str(e).splitlines()[0]}") from None
+        return mistral_instruct(messages, self.version, self.encode_text, self.control, self.bos_id, self.eos_id)
 
 
 class HFTokenizer(Tokenizer):
@@ -139,15 +192,11 @@ class HFTokenizer(Tokenizer):
                 "add_bos_token": self.add_bos, "chat_template": self.chat_template, "lilmistral_kind": self.kind}
 
     def save(self, folder: Path) -> None:
-        import json
-
         self._tk.save(str(folder / "tokenizer.json"))
         (folder / "tokenizer_config.json").write_text(json.dumps(self.to_config(), indent=1, ensure_ascii=False))
 
     @classmethod
     def from_folder(cls, folder: Path) -> HFTokenizer:
-        import json
-
         import tokenizers
 
         try:
