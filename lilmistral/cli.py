@@ -17,6 +17,7 @@ from .errors import LilmistralError, show_warning
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES
 
 JINJA_FORMAT = "the model's Jinja chat template (sandboxed)"  # show's chat format line, where not Mistral's
+MISTRAL_FORMAT = "Mistral instruct, as mistral_common encodes it"
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -131,9 +132,13 @@ def _architecture_lines(args, num_ctx: int | None = None) -> list[tuple[str, str
 
 
 def _chat_format(folder: Path) -> str:
+    """A folder's: Mistral's instruct format where it has Mistral's tokenizer files, or a GGUF's Mistral vocabulary
+    converted (its tokenizer_config.json says so); else its template."""
     from .tokenizer import find_mistral_tokenizer_file
 
-    return "Mistral instruct, as mistral_common encodes it" if find_mistral_tokenizer_file(folder) else JINJA_FORMAT
+    config = folder / "tokenizer_config.json"
+    converted = json.loads(config.read_text()).get("lilmistral_instruct_version") if config.is_file() else None
+    return MISTRAL_FORMAT if find_mistral_tokenizer_file(folder) or converted else JINJA_FORMAT
 
 
 def _layouts(specs: Iterable[dict]) -> str:
@@ -175,7 +180,7 @@ def _source_lines(path: Path) -> list[tuple[str, str]]:
     from collections import Counter
 
     from .convert import default_scheme, open_source, tokenizer_files
-    from .convert.gguf import GGUFSource, ggml
+    from .convert.gguf import GGUFSource, ggml, mistral_instruct_version
 
     src = open_source(path)
     counts = Counter(e.source_type for e in src.entries).most_common()
@@ -196,7 +201,8 @@ def _source_lines(path: Path) -> list[tuple[str, str]]:
         ("quantization", f"{stored}; runs as {default_scheme(src)} (convert it once: lilmistral convert)"),
         ("tokenizer", f"gguf {_printable(src.meta('tokenizer.ggml.model', str, '?'))}, "
                       f"{len(src.meta('tokenizer.ggml.tokens', list, []))} tokens"),
-        ("chat format", JINJA_FORMAT if template else "none in the file"),
+        ("chat format", MISTRAL_FORMAT if mistral_instruct_version(src) else JINJA_FORMAT if template
+         else "none in the file"),
         ("licence", _printable(src.meta("general.license", str, ""))),
         ("source", f"{src.path.resolve()} (gguf{split})"),
     ]

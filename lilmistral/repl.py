@@ -243,8 +243,11 @@ def show(chat: Chat, what: str) -> str:
         p = chat.params
         return "\n".join(f"  {k:16s}{getattr(p, k)}" for k in SETTABLE if k != "num_ctx") + f"\n  {'num_ctx':16s}{llm.num_ctx}"
     if what == "template":
-        template = getattr(llm.tokenizer, "chat_template", None)
-        return template or f"Mistral's own chat format ({llm.tokenizer.kind}), as mistral_common encodes it"
+        tokenizer = llm.tokenizer
+        if tokenizer.instruct_version is not None:
+            return (f"Mistral's instruct format v{tokenizer.instruct_version} ({tokenizer.kind}), as mistral_common "
+                    "encodes it")
+        return getattr(tokenizer, "chat_template", None) or "none in the model"
     if what == "system":
         return chat.system or "No system message was specified."
     raise LilmistralError("usage: /show info|parameters|template|system")

@@ -21,6 +21,7 @@ class Tokenizer:
     eos_ids: frozenset[int]
     vocab_size: int
     kind: str  # shown by `show`, e.g. "sentencepiece v3", "tekken"
+    instruct_version: int | None = None  # prompts in Mistral's instruct format of this version (chat.mistral_instruct)
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         raise NotImplementedError
@@ -33,19 +34,21 @@ class Tokenizer:
         raise NotImplementedError
 
 
-def _spm_version(path: Path) -> int:
-    """tokenizer.model.v3 (or .v7m1, a multimodal v7) names its version; a bare tokenizer.model's is read from its
-    control tokens (Mistral's repos ship v1, v3 and v7 files under that name)."""
-    if match := re.search(r"\.v(\d+)(?:m\d+)?$", path.name):
-        return int(match.group(1))
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-    controls = {sp.id_to_piece(i) for i in range(min(sp.vocab_size(), 1000)) if sp.is_control(i)}
+def spm_version(controls: set[str]) -> int:
+    """The instruct version of a Mistral SentencePiece vocabulary, told by its control tokens."""
     for piece, version in (("[SYSTEM_PROMPT]", 7), ("[IMG]", 3), ("[TOOL_CALLS]", 2)):
         if piece in controls:
             return version
     return 1
+
+
+def bpe_merges(tokens: list[Any], priority: list[float]) -> list[tuple[int, int]]:
+    """The merges of a vocabulary that lists none (SentencePiece's BPE, tiktoken's): every split of a token into
+    two tokens, by the priority of the token it makes (then by its halves' ids), as pairs of ids."""
+    index = {token: i for i, token in enumerate(tokens)}
+    splits = [(priority[i], index[token[:j]], index[token[j:]]) for i, token in enumerate(tokens)
+              for j in range(1, len(token)) if token[:j] in index and token[j:] in index]
+    return [(left, right) for _, left, right in sorted(splits)]
 
 
 def find_mistral_tokenizer_file(folder: Path) -> Path | None:
@@ -83,11 +86,9 @@ def tekken_bpe(data: dict[str, Any]) -> Any:
     config = data["config"]
     size = config["default_vocab_size"] - config["default_num_special_tokens"]
     tokens = [base64.b64decode(t["token_bytes"]) for t in data["vocab"][:size]]
-    rank = {token: i for i, token in enumerate(tokens)}
     chars = _byte_chars()
     names = ["".join(chars[b] for b in token) for token in tokens]
-    merges = [(names[a], names[b]) for token in tokens for a, b in sorted(
-        (rank[token[:j]], rank[token[j:]]) for j in range(1, len(token)) if token[:j] in rank and token[j:] in rank)]
+    merges = [(names[a], names[b]) for a, b in bpe_merges(tokens, list(range(size)))]
     bpe = Tokenizer(models.BPE(dict(zip(names, range(size))), merges, ignore_merges=True))
     bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(config["pattern"]), "isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -107,8 +108,8 @@ class MistralTokenizer(Tokenizer):
                 self._load_sentencepiece(path)
         except Exception as e:  # sentencepiece, tokenizers and a malformed file raise several kinds
             raise ModelFormatError(f"{path}: cannot load tokenizer ({e})") from None
-        if self.version not in VERSIONS:
-            raise ModelFormatError(f"{path}: tokenizer version v{self.version} is not supported "
+        if self.instruct_version not in VERSIONS:
+            raise ModelFormatError(f"{path}: tokenizer version v{self.instruct_version} is not supported "
                                    f"({', '.join(f'v{v}' for v in VERSIONS)})")
         self.eos_ids = frozenset({self.eos_id})
 
@@ -116,16 +117,19 @@ class MistralTokenizer(Tokenizer):
         import sentencepiece
 
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        self.version = _spm_version(path)
-        self.kind = f"sentencepiece v{self.version}"
         self.bos_id, self.eos_id, self.vocab_size = sp.bos_id(), sp.eos_id(), sp.vocab_size()
         self.controls = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
+        # tokenizer.model.v3 (or .v7m1, a multimodal v7) names its version; Mistral's repos also ship v1, v3 and
+        # v7 files as a bare tokenizer.model
+        named = re.search(r"\.v(\d+)(?:m\d+)?$", path.name)
+        self.instruct_version = int(named.group(1)) if named else spm_version(set(self.controls))
+        self.kind = f"sentencepiece v{self.instruct_version}"
         self.encode_text, self._decode = sp.encode, sp.decode  # decode leaves control tokens out
 
     def _load_tekken(self, path: Path) -> None:
         data = json.loads(path.read_text(encoding="utf-8"))
-        self.version = int(str(data["config"]["version"]).removeprefix("v"))
-        self.kind = f"tekken v{self.version}"
+        self.instruct_version = int(str(data["config"]["version"]).removeprefix("v"))
+        self.kind = f"tekken v{self.instruct_version}"
         specials = data.get("special_tokens") or [{"rank": i, "token_str": t} for i, t in enumerate(TEKKEN_CONTROLS)]
         self.controls = {t["token_str"]: t["rank"] for t in specials}
         self.bos_id, self.eos_id = self.controls["<s>"], self.controls["</s>"]
@@ -149,14 +153,15 @@ class MistralTokenizer(Tokenizer):
     def encode_chat(self, messages: list[Message]) -> list[int]:
         from .chat import mistral_instruct
 
-        return mistral_instruct(messages, self.version, self.encode_text, self.control, self.bos_id, self.eos_id)
+        return mistral_instruct(messages, self.instruct_version, self.encode_text, self.control, self.bos_id,
+                                self.eos_id)
 
 
 class HFTokenizer(Tokenizer):
     """A `tokenizers` tokenizer (built from GGUF metadata or a tokenizer.json) with a Jinja chat template."""
 
     def __init__(self, tk: Any, bos_id: int | None, eos_ids: set[int], chat_template: str | None,
-                 add_bos: bool, kind: str) -> None:
+                 add_bos: bool, kind: str, instruct_version: int | None = None) -> None:
         self._tk = tk
         self.bos_id = -1 if bos_id is None else bos_id
         self.eos_ids = frozenset(eos_ids)
@@ -164,6 +169,9 @@ class HFTokenizer(Tokenizer):
         self.chat_template = chat_template
         self.add_bos = add_bos and bos_id is not None
         self.kind = kind
+        self.instruct_version = instruct_version  # a Mistral vocabulary's (a GGUF's: `gguf.mistral_instruct_version`)
+        # in Mistral's format a message's "[INST]" is text, as Mistral's own tokenizers encode it
+        tk.encode_special_tokens = instruct_version is not None
 
     def token(self, token_id: int) -> str:
         return self._tk.id_to_token(token_id) or ""
@@ -175,9 +183,18 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self._tk.decode(ids, skip_special_tokens=True)
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
-        from .chat import render_chat_template
+    def control(self, piece: str) -> int:
+        token_id = self._tk.token_to_id(piece)
+        if token_id is None:
+            raise ModelFormatError(f"this {self.kind} tokenizer has no {piece} token")
+        return token_id
 
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        from .chat import mistral_instruct, render_chat_template
+
+        if self.instruct_version is not None:
+            return mistral_instruct(messages, self.instruct_version, self.encode, self.control, self.control("<s>"),
+                                    self.control("</s>"))
         if not self.chat_template:
             raise LilmistralError("this model has no chat template")
         bos = self.token(self.bos_id) if self.bos_id >= 0 else ""
@@ -189,7 +206,8 @@ class HFTokenizer(Tokenizer):
         """What tokenizer_config.json records beside tokenizer.json in a converted model."""
         return {"bos_token": self.token(self.bos_id) if self.bos_id >= 0 else None,
                 "eos_token": [self.token(i) for i in sorted(self.eos_ids)],
-                "add_bos_token": self.add_bos, "chat_template": self.chat_template, "lilmistral_kind": self.kind}
+                "add_bos_token": self.add_bos, "chat_template": self.chat_template, "lilmistral_kind": self.kind,
+                "lilmistral_instruct_version": self.instruct_version}
 
     def save(self, folder: Path) -> None:
         self._tk.save(str(folder / "tokenizer.json"))
@@ -217,7 +235,7 @@ class HFTokenizer(Tokenizer):
         eos = cfg.get("eos_token")
         eos_ids = {i for t in (eos if isinstance(eos, list) else [eos]) if (i := token_id(t)) is not None}
         return cls(tk, token_id(cfg.get("bos_token")), eos_ids, template, bool(cfg.get("add_bos_token", False)),
-                   cfg.get("lilmistral_kind", "huggingface tokenizer.json"))
+                   cfg.get("lilmistral_kind", "huggingface tokenizer.json"), cfg.get("lilmistral_instruct_version"))
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:

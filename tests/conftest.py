@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mistral_common
 import torch
@@ -53,16 +55,31 @@ MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'u
                     "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 
 
+def add_spm_vocab(w, model_file: Path = SPM_V1) -> None:
+    """A SentencePiece vocabulary's GGUF metadata, as llama.cpp's converter writes it."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    n = sp.vocab_size()
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
+    w.add_token_scores([sp.get_score(i) for i in range(n)])
+    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+                       for i in range(n)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
 def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F32", magic_ok: bool = True,
                raw_types: dict[str, str] | None = None, types: dict[str, str] | None = None,
-               strings: dict[str, str] | None = None, split_tensors: int = 0) -> None:
+               strings: dict[str, str] | None = None, split_tensors: int = 0,
+               vocab: Callable[[Any], None] = add_spm_vocab, template: str = MISTRAL_TEMPLATE) -> None:
     """A llama-architecture GGUF as llama.cpp writes it (interleaved q/k rows, experts stacked as
-    ffn_*_exps), from lilmistral-named HF-layout tensors, with Mistral's v1 SentencePiece vocabulary; matrices
-    in qtype, or in types[gguf name]; `strings` more metadata. split_tensors: split as llama.cpp's gguf-split
-    does, that many tensors a file (PATH-00001-of-0000N.gguf for PATH.gguf)."""
+    ffn_*_exps), from lilmistral-named HF-layout tensors, with `vocab` (Mistral's v1 SentencePiece vocabulary)
+    and chat `template`; matrices in qtype, or in types[gguf name]; `strings` more metadata. split_tensors:
+    split as llama.cpp's gguf-split does, that many tensors a file (PATH-00001-of-0000N.gguf for PATH.gguf)."""
     import gguf
     import numpy as np
-    import sentencepiece
 
     w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_tensors)
     w.add_block_count(args.n_layers)
@@ -76,16 +93,8 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], args, qtype: str = "F
     if args.n_experts:
         w.add_expert_count(args.n_experts)
         w.add_expert_used_count(args.n_experts_per_tok)
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(SPM_V1))
-    n = sp.vocab_size()
-    w.add_tokenizer_model("llama")
-    w.add_token_list([sp.id_to_piece(i) for i in range(n)])
-    w.add_token_scores([sp.get_score(i) for i in range(n)])
-    w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
-                       for i in range(n)])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_chat_template(MISTRAL_TEMPLATE)
+    vocab(w)
+    w.add_chat_template(template)
     for key, value in (strings or {}).items():
         w.add_string(key, value)
 

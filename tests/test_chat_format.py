@@ -2,6 +2,7 @@
 itself: mistral_common is the reference, a test dependency only)."""
 from __future__ import annotations
 
+import base64
 import json
 import random
 import shutil
@@ -14,9 +15,12 @@ from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMe
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as Reference
 
-from conftest import MC_DATA
+from conftest import MC_DATA, MISTRAL_TEMPLATE, add_spm_vocab, make_hf_model, write_gguf
 from lilmistral import LilmistralError
-from lilmistral.tokenizer import TEKKEN_CONTROLS, StreamDecoder, load_tokenizer
+from lilmistral.cli import main
+from lilmistral.convert import convert, open_source
+from lilmistral.convert.gguf import gguf_tokenizer
+from lilmistral.tokenizer import TEKKEN_CONTROLS, StreamDecoder, _byte_chars, bpe_merges, load_tokenizer
 
 # (file shipped by mistral_common, name it gets in the model folder). Bare tokenizer.model is how
 # Mistral-7B-Instruct-v0.1/v0.2 and some v0.3 repos ship it: its version must be detected.
@@ -191,3 +195,96 @@ def test_mistral_common_is_not_needed_to_run(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == expected
+
+
+# Mistral's templates for v2/v3 and v7 vocabularies, as Hugging Face repos (and the GGUFs made from them) carry
+# them in spirit: the same markers, whitespace of their own
+V3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + "
+               "'[/INST]' }}{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + eos_token }}{% endif %}"
+               "{% endfor %}")
+V7_TEMPLATE = "{% if messages[0]['role'] == 'system' %}[SYSTEM_PROMPT]{% endif %}" + V3_TEMPLATE
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}<|im_start|>assistant\\n")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny model's tensors, to write GGUFs around a vocabulary."""
+    import lilmistral
+
+    folder = tmp_path_factory.mktemp("tiny") / "m"
+    make_hf_model(folder, "mistral")
+    llm = lilmistral.load(folder)
+    return llm.model.state_dict(), llm.args
+
+
+def add_tekken_vocab(w, data: dict) -> None:
+    """A tekken vocabulary's GGUF metadata as llama.cpp's converter writes Nemo's: control tokens, then the ranks as
+    byte-level strings, with their merges."""
+    offset = data["config"]["default_num_special_tokens"]
+    size = data["config"]["default_vocab_size"] - offset
+    tokens = [base64.b64decode(t["token_bytes"]) for t in data["vocab"][:size]]
+    chars = _byte_chars()
+    names = ["".join(chars[b] for b in token) for token in tokens]
+    controls = [*TEKKEN_CONTROLS, *(f"<SPECIAL_{i}>" for i in range(len(TEKKEN_CONTROLS), offset))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("tekken")
+    w.add_token_list(controls + names)
+    w.add_token_types([3] * offset + [1] * size)
+    w.add_token_merges([f"{names[a]} {names[b]}" for a, b in bpe_merges(tokens, list(range(size)))])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
+GGUF_VOCABULARIES = [("mistral_instruct_tokenizer_240323.model.v3", V3_TEMPLATE, "v3"),
+                     ("mistral_instruct_tokenizer_241114.model.v7", V7_TEMPLATE, "v7"),
+                     ("tekken_240911.json", V3_TEMPLATE, "v3"), ("tekken_240911.json", V7_TEMPLATE, "v7")]
+
+
+@pytest.mark.parametrize("source,template,version", GGUF_VOCABULARIES, ids=[f"{s}-{v}" for s, _, v in GGUF_VOCABULARIES])
+def test_a_gguf_of_a_mistral_vocabulary_prompts_as_mistral_common(tiny, tmp_path, source, template, version):
+    """A GGUF of a Mistral model (Mistral 7B v0.3, Nemo, Small 3) takes Mistral's own format, not its template,
+    whose whitespace and system messages are its converter's; its version from the vocabulary's
+    control tokens (SentencePiece) or the template's use of [SYSTEM_PROMPT] (tekken, whose every version has it).
+    Its template stays where it is not Mistral's (a fine-tune's ChatML), and a v1 vocabulary has no control
+    tokens to tell it by."""
+    state, args = tiny
+    if source.endswith(".json"):
+        data = json.loads((MC_DATA / source).read_text())
+        vocab = lambda w: add_tekken_vocab(w, data)  # noqa: E731
+        reference = Reference.from_file(str(tekken_of_version(tmp_path, version)))
+    else:
+        vocab = lambda w: add_spm_vocab(w, MC_DATA / source)  # noqa: E731
+        reference = Reference.from_file(str(MC_DATA / source))
+    write_gguf(tmp_path / "m.gguf", state, args, vocab=vocab, template=template)
+    ours = gguf_tokenizer(open_source(tmp_path / "m.gguf"))
+    assert ours.instruct_version == int(version[1:])
+    for conversation in CONVERSATIONS:
+        messages = [{"role": r, "content": c} for r, c in conversation]
+        assert ours.encode_chat(messages) == reference_ids(reference, conversation), conversation
+    write_gguf(tmp_path / "chatml.gguf", state, args, vocab=vocab, template=CHATML)
+    assert gguf_tokenizer(open_source(tmp_path / "chatml.gguf")).instruct_version is None
+
+
+def test_a_gguf_of_mistrals_v1_vocabulary_is_known_by_its_digest(tiny, tmp_path, capsys):
+    """v1 writes [INST] as text: its GGUFs (Mistral 7B v0.1/v0.2, Mixtral 8x7B) are told by their vocabulary,
+    whose digest is that of mistral_common's v1 file; another vocabulary (Llama 2's, say) keeps its template."""
+    write_gguf(tmp_path / "m.gguf", *tiny, template=MISTRAL_TEMPLATE)  # Mistral's v1 vocabulary
+    ours = gguf_tokenizer(open_source(tmp_path / "m.gguf"))
+    assert ours.instruct_version == 1
+    reference = Reference.from_file(str(MC_DATA / "tokenizer.model.v1"))
+    for conversation in CONVERSATIONS:
+        messages = [{"role": r, "content": c} for r, c in conversation]
+        assert ours.encode_chat(messages) == reference_ids(reference, conversation), conversation
+    converted = convert(tmp_path / "m.gguf", tmp_path / "converted", "int8")  # it keeps to the format
+    assert load_tokenizer(converted).instruct_version == 1
+    assert main(["show", str(converted)]) == 0 and "chat format   Mistral instruct" in capsys.readouterr().out
+
+    def another_vocabulary(w):  # one piece other than Mistral's
+        add_token_list = w.add_token_list
+        w.add_token_list = lambda tokens: add_token_list([*tokens[:-1], "\u2581lilmistral"])
+        add_spm_vocab(w)
+
+    write_gguf(tmp_path / "other.gguf", *tiny, vocab=another_vocabulary, template=MISTRAL_TEMPLATE)
+    other = gguf_tokenizer(open_source(tmp_path / "other.gguf"))
+    assert other.instruct_version is None and other.chat_template == MISTRAL_TEMPLATE

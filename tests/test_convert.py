@@ -315,7 +315,7 @@ def test_show_describes_a_gguf_and_a_hf_folder_without_loading_them(hf_models, t
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "tiny?]0;pwned?" in out
     for words in ("LlamaForCausalLM: 2 layers, dim 64", "parameters    4.27M", "tensors 14 Q4_0, 6 F32, 1 Q8_0", "runs as int4", "gguf llama, 32000 tokens",
-                  "Jinja chat template", "apache-2.0", f"size on disk  {human_size(path.stat().st_size)}"):
+                  "chat format   Mistral instruct", "apache-2.0", f"size on disk  {human_size(path.stat().st_size)}"):
         assert words in out, out
     assert main(["show", str(folder), "--pp", "2"]) == 0
     out = capsys.readouterr().out

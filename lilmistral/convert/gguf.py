@@ -6,6 +6,7 @@ file, and its chat template is only ever rendered in a sandbox (see chat.py).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import mmap
 import re
@@ -22,6 +23,7 @@ from ..config import ModelArgs, RopeScaling
 from ..errors import ModelFormatError
 from ..quant import vnni
 from ..quant.pack import QuantSpec, pack_int6, quantize_int8
+from ..tokenizer import HFTokenizer, bpe_merges, spm_version
 from .hf import TensorEntry, name_mapper, unpermute_rope
 
 GGUF_TO_LILMISTRAL = {
@@ -562,25 +564,33 @@ def _byte_level_pre_tokenizer(pre: str | None):
     return byte_level
 
 
-def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """SentencePiece-BPE vocabularies list no merges: every split of a token into two known pieces is a
-    merge, ranked by the score of the token it makes."""
-    index = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for token, score in zip(tokens, scores):
-        for k in range(1, len(token)):
-            left, right = token[:k], token[k:]
-            if left in index and right in index:
-                merges.append((-score, index[left], index[right], left, right))
-    merges.sort()
-    return [(m[3], m[4]) for m in merges]
+# sha256 of Mistral's v1 SentencePiece pieces joined by NUL (Mistral 7B v0.1/v0.2, Mixtral 8x7B): v1 writes
+# [INST] as text, so only the vocabulary itself tells a GGUF of one from, say, Llama 2's
+MISTRAL_V1_VOCABULARY = "10dfbba944925c7eabd5534c13217433c6d73e61b8a9ba3ba736f9541b4a78c7"
+
+
+def mistral_instruct_version(src: GGUFSource) -> int | None:
+    """The version of Mistral's instruct format for a GGUF of a Mistral vocabulary whose template is Mistral's
+    (a fine-tune's ChatML keeps its template). From v2, [INST] and [/INST] are control tokens: a SentencePiece
+    vocabulary's version shows in its control tokens; every tekken vocabulary has [SYSTEM_PROMPT], which only the
+    templates of v7 and later use. v1's vocabulary is known by its digest."""
+    template = src.meta("tokenizer.chat_template", str) or ""
+    tokens = src.meta("tokenizer.ggml.tokens", list, [])
+    controls = {t for t, kind in zip(tokens, src.meta("tokenizer.ggml.token_type", list, [])) if kind == CONTROL}
+    spm = src.meta("tokenizer.ggml.model", str) == "llama"
+    if "[INST]" not in template:
+        return None
+    if not {"[INST]", "[/INST]"} <= controls:
+        digest = hashlib.sha256("\0".join(map(str, tokens)).encode()).hexdigest()
+        return 1 if spm and digest == MISTRAL_V1_VOCABULARY else None
+    if spm:
+        return spm_version(controls)
+    return 7 if "[SYSTEM_PROMPT]" in template else 3
 
 
 def gguf_tokenizer(src: GGUFSource):
     """A `tokenizers` tokenizer rebuilt from the GGUF vocabulary, with the file's chat template."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
-    from ..tokenizer import HFTokenizer
 
     kind = src.meta("tokenizer.ggml.model", str)
     tokens = src.meta("tokenizer.ggml.tokens", list, [])
@@ -596,8 +606,9 @@ def gguf_tokenizer(src: GGUFSource):
     elif kind == "llama":
         scores = src.meta("tokenizer.ggml.scores", list, [0.0] * len(tokens))
         unk_id = src.meta("tokenizer.ggml.unknown_token_id", int, 0)
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(tokens, scores), unk_token=tokens[unk_id],
-                                  fuse_unk=True, byte_fallback=True))
+        merges = [(tokens[a], tokens[b]) for a, b in bpe_merges(tokens, [-score for score in scores])]
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk_id], fuse_unk=True,
+                                  byte_fallback=True))
         # SentencePiece's dummy prefix, always added (Metaspace skips it before a leading space); as in
         # llama.cpp, every stretch of text after a special token gets one
         spaces = [normalizers.Replace(" ", "\u2581")]
@@ -617,4 +628,5 @@ def gguf_tokenizer(src: GGUFSource):
     if eot := src.meta("tokenizer.ggml.eot_token_id", int):
         eos_ids.add(eot)
     return HFTokenizer(tk, bos, eos_ids, src.meta("tokenizer.chat_template", str),
-                       src.meta("tokenizer.ggml.add_bos_token", bool, kind == "llama"), f"gguf {kind}")
+                       src.meta("tokenizer.ggml.add_bos_token", bool, kind == "llama"), f"gguf {kind}",
+                       mistral_instruct_version(src))
