@@ -62,6 +62,9 @@ class Chat:
 
     def ask(self, text: str) -> Iterator[str]:
         """Stream the answer to `text`. The answer joins the conversation even when the stream is cut short."""
+        # bytes that were not UTF-8 (Python's stdin and arguments, and prompt-toolkit, keep them as lone
+        # surrogates, which no tokenizer or saved file takes) become U+FFFD
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         self.messages.append({"role": "user", "content": text})
         answer: list[str] = []
         try:

@@ -212,6 +212,20 @@ def test_one_conversation_resumed_twice_at_once_keeps_both(smol, tmp_path):
     assert AutoSave(folder, "smol").latest(start.model) == second.autosave.path
 
 
+def test_bytes_that_are_not_utf8_are_replaced_not_a_crash(smol, tmp_path):
+    """Piped input, arguments and the REPL's input in another encoding (or junk) reach Python as lone
+    surrogates, which neither a tokenizer nor a saved conversation takes: each such byte becomes U+FFFD."""
+    env = {**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home")}
+    run = [sys.executable, "-m", "lilmistral", "run", str(smol), "--max-tokens", "3", "--temperature", "0"]
+    for args, stdin in (([], b"caf\xe9 \xff?"), ([os.fsdecode(b"caf\xe9?")], b"")):
+        r = subprocess.run(run + args, input=stdin, capture_output=True, env=env, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip(), r.stderr.decode(errors="replace")
+    chat = Chat(lilmistral.load(smol), autosave=AutoSave(tmp_path / "conversations", "smol"))
+    chat.set("max_tokens", "3")
+    "".join(chat.ask(os.fsdecode(b"caf\xe9?")))
+    assert json.loads(chat.autosave.path.read_text())["messages"][0]["content"] == "caf\ufffd?"
+
+
 def test_resume_without_a_saved_conversation_is_one_line(smol, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LILMISTRAL_HOME", str(tmp_path / "home"))
     assert main(["run", str(smol), "--resume", "hi"]) == 1
