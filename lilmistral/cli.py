@@ -20,6 +20,17 @@ JINJA_FORMAT = "the model's Jinja chat template (sandboxed)"  # show's chat form
 MISTRAL_FORMAT = "Mistral instruct, as mistral_common encodes it"
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `low` (argparse says which option it was)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+    parse.__name__ = "int"  # argparse's message for a non-number: "invalid int value"
+    return parse
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int)
@@ -40,7 +51,7 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-ctx", type=int, help="context length for models without a sliding window")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype of float weights")
     p.add_argument("--device", default="cpu", help="cpu or cuda (with --pp, stage i on GPU i)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages, one process each")
+    p.add_argument("--pp", type=_at_least(1), default=1, help="pipeline stages, one process each")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU); on a CPU the default step is as fast")
 
@@ -436,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", aliases=["ls"], help="list pulled models").set_defaults(func=cmd_list)
     show = sub.add_parser("show", help="describe a model")
     show.add_argument("model", help="a model name, a model folder or a .gguf file")
-    show.add_argument("--pp", type=int, default=1, help="also show how N pipeline stages would split it")
+    show.add_argument("--pp", type=_at_least(1), default=1, help="also show how N pipeline stages would split it")
     show.set_defaults(func=cmd_show)
     rm = sub.add_parser("rm", help="delete pulled models")
     rm.add_argument("models", nargs="+")
@@ -444,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure prefill and decode speed")
     b.add_argument("model", help="a model name, a converted folder, a HF folder or a .gguf file")
-    b.add_argument("--prompt-tokens", type=int, default=128)
-    b.add_argument("--gen-tokens", type=int, default=64)
+    b.add_argument("--prompt-tokens", type=_at_least(1), default=128)
+    b.add_argument("--gen-tokens", type=_at_least(2), default=64, help="the first comes from prefill: at least 2")
     b.add_argument("--json", action="store_true", help="only the JSON line")
     _load_args(b)
     b.set_defaults(func=cmd_bench)

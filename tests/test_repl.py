@@ -233,6 +233,19 @@ def test_resume_without_a_saved_conversation_is_one_line(smol, tmp_path, monkeyp
                                                         f"(in {tmp_path / 'home' / 'conversations'})")
 
 
+def test_counts_below_their_least_are_usage_errors(capsys):
+    """Not a stage count of 0 taken as 1, nor a traceback from a benchmark of no tokens."""
+    for argv, said in ((["run", "m", "--pp", "0"], "argument --pp: 0 is less than 1"),
+                       (["show", "m", "--pp", "-1"], "argument --pp: -1 is less than 1"),
+                       (["bench", "m", "--prompt-tokens", "0"], "argument --prompt-tokens: 0 is less than 1"),
+                       (["bench", "m", "--gen-tokens", "1"], "argument --gen-tokens: 1 is less than 2"),
+                       (["bench", "m", "--gen-tokens", "x"], "argument --gen-tokens: invalid int value: 'x'")):
+        with pytest.raises(SystemExit) as exit:
+            parse_args(argv)
+        assert exit.value.code == 2 and said in capsys.readouterr().err, argv
+    assert parse_args(["bench", "m", "--prompt-tokens", "1", "--gen-tokens", "2", "--pp", "2"]).gen_tokens == 2
+
+
 def test_the_prompt_may_follow_options_unquoted():
     """As `ollama run MODEL why is the sky blue`: the prompt's words anywhere after the model."""
     assert parse_args(["run", "m", "--verbose", "why", "is", "the", "sky", "blue?"]).prompt == "why is the sky blue?"
