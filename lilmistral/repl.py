@@ -130,24 +130,30 @@ class Chat:
         data = {"model": self.model, "system": self.system, "messages": self.messages,
                 "options": {k: v for k, v in self.params.__dict__.items() if k != "stop"}}
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two chats may save one file
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+            tmp.replace(path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise LilmistralError(f"could not save the conversation to {path}: {e.strerror or e}") from None
 
     def load(self, path: Path) -> int:
+        """Take the conversation, system prompt and options saved in `path` (`save`'s JSON), all checked first."""
         try:
             data = json.loads(path.read_text())
-            messages = data["messages"]
+            messages, system = data["messages"], data.get("system")
             ok = all(m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str) for m in messages)
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+            options = {k: v if v is None else SETTABLE[k](v) for k, v in (data.get("options") or {}).items()
+                       if k in SETTABLE and k != "num_ctx"}
+            params = SamplingParams(**{**self.params.__dict__, **options})
+            params.validate()
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, LilmistralError) as e:
             raise LilmistralError(f"{path}: not a saved conversation ({e})") from None
-        if not ok:
-            raise LilmistralError(f"{path}: messages must be user/assistant with text content")
+        if not ok or not isinstance(system, str | None):
+            raise LilmistralError(f"{path}: messages must be user/assistant with text content, the system prompt text")
         if [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2):
             raise LilmistralError(f"{path}: messages must alternate user, assistant, ..., ending with an answer")
-        self.messages = messages
-        self.system = data.get("system")
-        options = {k: v for k, v in (data.get("options") or {}).items() if k in SETTABLE and k != "num_ctx"}
-        self.params = SamplingParams(**{**self.params.__dict__, **options})
+        self.messages, self.system, self.params = messages, system, params
         return len(messages)
 
 

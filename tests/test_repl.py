@@ -267,6 +267,26 @@ def test_load_takes_only_a_conversation_that_alternates(smol, tmp_path):
     assert chat.load(path) == 2
 
 
+def test_load_checks_the_options_and_save_a_folder_that_is_not_there(smol, tmp_path):
+    """An edited file's options are checked as /set checks them (one failed later, at the next answer), and
+    the chat is left as it was; /save somewhere it cannot write is one line."""
+    chat = Chat(lilmistral.load(smol))
+    path = tmp_path / "edited.json"
+    answered = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    for extra, said in (({"options": {"temperature": "hot"}}, "could not convert string to float"),
+                        ({"options": {"top_p": 5}}, "top_p must be in"), ({"options": [1]}, "not a saved"),
+                        ({"system": 5}, "the system prompt text")):
+        path.write_text(json.dumps({"messages": answered, **extra}))
+        with pytest.raises(lilmistral.LilmistralError, match=said):
+            chat.load(path)
+        assert chat.messages == [] and chat.params.top_p == 0.9
+    path.write_text(json.dumps({"messages": answered, "system": "s", "options": {"seed": None, "temperature": 0.5}}))
+    assert chat.load(path) == 2 and (chat.system, chat.params.temperature, chat.params.seed) == ("s", 0.5, None)
+    with pytest.raises(lilmistral.LilmistralError, match="could not save the conversation to .*: No such file"):
+        run_command(chat, f"/save {tmp_path / 'missing' / 'x.json'}")
+    assert not (tmp_path / "missing").exists()
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--version"])
