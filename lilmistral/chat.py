@@ -91,7 +91,8 @@ def mistral_instruct(messages: list[dict[str, Any]], version: int, encode: Calla
         elif role == "assistant":
             ids += [*encode(text if version == 1 else text.rstrip(" ")), eos]
         elif version == 1:
-            ids += encode(f"[INST] {system}\n\n{text} [/INST]" if system and i == users[0] else f"[INST] {text} [/INST]")
+            text = f"{system}\n\n{text}" if system and i == users[0] else text
+            ids += encode(f"[INST] {text} [/INST]")
         else:
             text = f"{system}\n\n{text}" if system and version < 7 and i == users[-1] else text
             ids += [special("[INST]"), *encode(text), special("[/INST]")]

@@ -72,7 +72,8 @@ CONVERSATIONS = [
     [(U, "x"), (A, "one"), (A, "two"), (U, "y")],
     [(U, "x"), (S, "s1"), (A, "a"), (U, "y"), (S, "s2"), (U, "z")],
 ]
-INVALID = [[], [(A, "x")], [(U, "x"), (A, "y")], [(U, "x"), (A, "y"), (S, "z"), (U, "w")], [(U, "x"), (A, ""), (U, "y")]]
+INVALID = [[], [(A, "x")], [(U, "x"), (A, "y")], [(U, "x"), (A, "y"), (S, "z"), (U, "w")],
+           [(U, "x"), (A, ""), (U, "y")]]
 
 
 def tekken_of_version(folder: Path, version: str) -> Path:
@@ -81,8 +82,8 @@ def tekken_of_version(folder: Path, version: str) -> Path:
     data = json.loads((MC_DATA / "tekken_240911.json").read_text())
     data["config"]["version"] = version
     if version != "v7":
-        data["special_tokens"] = [{"rank": i, "token_str": t, "is_control": True}
-                                  for i, t in enumerate([*TEKKEN_CONTROLS, "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]"])]
+        controls = [*TEKKEN_CONTROLS, "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]"]
+        data["special_tokens"] = [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(controls)]
     path = folder / "tekken.json"
     path.write_text(json.dumps(data))
     return path
@@ -93,9 +94,9 @@ def tokenizer_pair(tmp_path: Path, source: str, name: str):
     if source.startswith("tekken v"):
         path = tekken_of_version(tmp_path, source.removeprefix("tekken "))
     else:
-        path = tmp_path / name
-        shutil.copy(MC_DATA / source, path)
-    return load_tokenizer(tmp_path), Reference.from_file(str(path if source.startswith("tekken v") else MC_DATA / source))
+        path = MC_DATA / source
+        shutil.copy(path, tmp_path / name)
+    return load_tokenizer(tmp_path), Reference.from_file(str(path))
 
 
 ALL = [*TOKENIZERS, ("tekken v7", "tekken.json"), ("tekken v11", "tekken.json"), ("tekken v13", "tekken.json")]
@@ -191,7 +192,8 @@ def test_mistral_common_is_not_needed_to_run(tmp_path):
     code = ("import json, pathlib, sys; sys.modules['mistral_common'] = None\n"
             "from lilmistral.tokenizer import load_tokenizer\n"
             f"messages = {[{'role': r, 'content': c} for r, c in conversation]!r}\n"
-            f"print(json.dumps({{f: load_tokenizer(pathlib.Path(f)).encode_chat(messages) for f in {list(expected)!r}}}))")
+            f"print(json.dumps({{f: load_tokenizer(pathlib.Path(f)).encode_chat(messages) "
+            f"for f in {list(expected)!r}}}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == expected
@@ -241,7 +243,8 @@ GGUF_VOCABULARIES = [("mistral_instruct_tokenizer_240323.model.v3", V3_TEMPLATE,
                      ("tekken_240911.json", V3_TEMPLATE, "v3"), ("tekken_240911.json", V7_TEMPLATE, "v7")]
 
 
-@pytest.mark.parametrize("source,template,version", GGUF_VOCABULARIES, ids=[f"{s}-{v}" for s, _, v in GGUF_VOCABULARIES])
+@pytest.mark.parametrize("source,template,version", GGUF_VOCABULARIES,
+                         ids=[f"{s}-{v}" for s, _, v in GGUF_VOCABULARIES])
 def test_a_gguf_of_a_mistral_vocabulary_prompts_as_mistral_common(tiny, tmp_path, source, template, version):
     """A GGUF of a Mistral model (Mistral 7B v0.3, Nemo, Small 3) takes Mistral's own format, not its template,
     whose whitespace and system messages are its converter's; its version from the vocabulary's
