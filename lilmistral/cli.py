@@ -167,14 +167,14 @@ def _layouts(specs: Iterable[dict]) -> str:
 
 
 def _converted_lines(path: Path) -> list[tuple[str, str]]:
-    from .config import ModelArgs
+    from .loader import read_manifest
 
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest, args = read_manifest(path)
     q, source = manifest["quant"], manifest.get("source", {})
     return [
         ("model", manifest.get("name", path.name) + (f":{manifest['tag']}" if manifest.get("tag") else "")),
         ("description", manifest.get("description") or ""),
-        *_architecture_lines(ModelArgs.from_dict(manifest["args"]), manifest.get("num_ctx")),
+        *_architecture_lines(args, manifest.get("num_ctx")),
         ("quantization", q["scheme"] + (f", group size {q['group_size']}" if q.get("group_size") else "") +
          _layouts(manifest["tensors"].values())),
         ("tokenizer", manifest.get("tokenizer", "")),

@@ -220,15 +220,27 @@ def _compute_dtype(dtype: str | torch.dtype | None, scheme: str | None, stored: 
     return torch.bfloat16 if device == "cpu" or scheme is not None else torch.float16
 
 
+def read_manifest(folder: Path) -> tuple[dict, ModelArgs]:
+    """A converted folder's manifest.json and the architecture it records; one line on what is wrong with it."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        version, scheme, tensors = manifest.get("format_version", 0), manifest["quant"]["scheme"], manifest["tensors"]
+        args = ModelArgs.from_dict(manifest["args"])
+        if not isinstance(version, int) or not isinstance(scheme, str) or not isinstance(tensors, dict):
+            raise TypeError("format_version, quant.scheme or tensors of the wrong type")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelFormatError(f"{folder / MANIFEST}: not a lilmistral manifest ({type(e).__name__}: {e})") from None
+    if version > FORMAT_VERSION:
+        raise ModelFormatError(f"{folder}: made by a newer lilmistral (format {version})")
+    return manifest, args
+
+
 def _load_converted(folder: Path, quant: str | None, device: str, dtype: str | torch.dtype | None,
                     keep: Keep | None) -> tuple[Transformer, dict]:
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFormatError(f"{folder}: made by a newer lilmistral (format {manifest['format_version']})")
+    manifest, args = read_manifest(folder)
     scheme = manifest["quant"]["scheme"]
     if quant is not None and quant != scheme:
         raise LilmistralError(f"{folder} is stored as {scheme}; convert the source again for {quant}")
-    args = ModelArgs.from_dict(manifest["args"])
     specs = {}
     for name, layout in manifest["tensors"].items():
         try:
@@ -409,9 +421,7 @@ def _load_source(path: Path, quant: str | None, device: str, dtype: str | torch.
 
 def model_args(path: Path) -> ModelArgs:
     """The architecture of a source, read from its metadata only."""
-    if is_converted(path):
-        return ModelArgs.from_dict(json.loads((path / MANIFEST).read_text())["args"])
-    return open_source(path).args
+    return read_manifest(path)[1] if is_converted(path) else open_source(path).args
 
 
 def tensor_bytes(path: Path, quant: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:

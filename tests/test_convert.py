@@ -224,6 +224,12 @@ def test_a_q4_k_m_gguf_runs_its_q4_k_and_q6_k_blocks_as_they_are_and_converts_to
         tensors = manifest["tensors"] | {name: manifest["tensors"][name] | layout}
         (out / "manifest.json").write_text(json.dumps(manifest | {"tensors": tensors}))
         assert_one_line_error(cli("run", str(out), "Hi"), name, words)
+    damaged = [("{oops", "JSONDecodeError"), (json.dumps(manifest | {"tensors": []}), "TypeError"),
+               (json.dumps({k: v for k, v in manifest.items() if k != "args"}), "KeyError: 'args'")]
+    for text, words in damaged[:1 if arch == "mixtral" else None]:  # edited by hand, or a disk's damage
+        (out / "manifest.json").write_text(text)
+        assert_one_line_error(cli("run", str(out), "Hi"), "manifest.json: not a lilmistral manifest", words)
+    assert_one_line_error(cli("show", str(out)), "manifest.json: not a lilmistral manifest", "KeyError: 'args'")
 
 
 def test_a_q6_k_gguf_loads_as_int6_with_its_values_unless_int8_is_asked_for(tmp_path):
