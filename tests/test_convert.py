@@ -229,7 +229,7 @@ def test_a_q4_k_m_gguf_runs_its_q4_k_and_q6_k_blocks_as_they_are_and_converts_to
     for text, words in damaged[:1 if arch == "mixtral" else None]:  # edited by hand, or a disk's damage
         (out / "manifest.json").write_text(text)
         assert_one_line_error(cli("run", str(out), "Hi"), "manifest.json: not a lilmistral manifest", words)
-    assert_one_line_error(cli("show", str(out)), "manifest.json: not a lilmistral manifest", "KeyError: 'args'")
+    assert_one_line_error(cli("show", str(out)), "manifest.json: not a lilmistral manifest", words)
 
 
 def test_a_q6_k_gguf_loads_as_int6_with_its_values_unless_int8_is_asked_for(tmp_path):
