@@ -44,11 +44,14 @@ def spm_version(controls: set[str]) -> int:
 
 def bpe_merges(tokens: list[Any], priority: list[float]) -> list[tuple[int, int]]:
     """The merges of a vocabulary that lists none (SentencePiece's BPE, tiktoken's): every split of a token into
-    two tokens, by the priority of the token it makes (then by its halves' ids), as pairs of ids."""
+    two tokens, by the priority of the token it makes, as pairs of ids. Where priorities tie (SentencePiece's
+    runs of spaces all score -1e9), the merge with the longer left part first: SentencePiece takes the leftmost
+    of tied pairs, so a run grows from its left end (16 spaces, then the rest), which a ranked list of merges,
+    one pair at a time, reproduces only this way."""
     index = {token: i for i, token in enumerate(tokens)}
-    splits = [(priority[i], index[token[:j]], index[token[j:]]) for i, token in enumerate(tokens)
+    splits = [(priority[i], -j, index[token[:j]], index[token[j:]]) for i, token in enumerate(tokens)
               for j in range(1, len(token)) if token[:j] in index and token[j:] in index]
-    return [(left, right) for _, left, right in sorted(splits)]
+    return [(left, right) for _, _, left, right in sorted(splits)]
 
 
 def find_mistral_tokenizer_file(folder: Path) -> Path | None:

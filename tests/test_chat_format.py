@@ -265,6 +265,9 @@ def test_a_gguf_of_a_mistral_vocabulary_prompts_as_mistral_common(tiny, tmp_path
     for conversation in CONVERSATIONS:
         messages = [{"role": r, "content": c} for r, c in conversation]
         assert ours.encode_chat(messages) == reference_ids(reference, conversation), conversation
+    text_tokenizer = reference.instruct_tokenizer.tokenizer
+    for text in random_texts(seed=3) + [" " * n + "x" for n in range(1, 40)]:  # runs of spaces: see bpe_merges
+        assert ours.encode(text) == text_tokenizer.encode(text, bos=False, eos=False), text
     write_gguf(tmp_path / "chatml.gguf", state, args, vocab=vocab, template=CHATML)
     assert gguf_tokenizer(open_source(tmp_path / "chatml.gguf")).instruct_version is None
 
