@@ -29,9 +29,23 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
-        """The exact prompt ids for a conversation, ending where the assistant's answer begins."""
+    def control_id(self, piece: str) -> int | None:
+        """The id of a control token ("<s>", "[INST]"), or None where the vocabulary has none."""
         raise NotImplementedError
+
+    def control(self, piece: str) -> int:
+        token_id = self.control_id(piece)
+        if token_id is None:
+            raise ModelFormatError(f"this {self.kind} tokenizer has no {piece} token")
+        return token_id
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        """The exact prompt ids for a conversation, ending where the assistant's answer begins: here, in Mistral's
+        instruct format of `instruct_version`."""
+        from .chat import mistral_instruct
+
+        return mistral_instruct(messages, self.instruct_version, self.encode, self.control, self.control("<s>"),
+                                self.control("</s>"))
 
 
 def spm_version(controls: set[str]) -> int:
@@ -114,20 +128,19 @@ class MistralTokenizer(Tokenizer):
         if self.instruct_version not in VERSIONS:
             raise ModelFormatError(f"{path}: tokenizer version v{self.instruct_version} is not supported "
                                    f"({', '.join(f'v{v}' for v in VERSIONS)})")
-        self.eos_ids = frozenset({self.eos_id})
 
     def _load_sentencepiece(self, path: Path) -> None:
         import sentencepiece
 
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-        self.bos_id, self.eos_id, self.vocab_size = sp.bos_id(), sp.eos_id(), sp.vocab_size()
+        self.bos_id, self.eos_ids, self.vocab_size = sp.bos_id(), frozenset({sp.eos_id()}), sp.vocab_size()
         self.controls = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
         # tokenizer.model.v3 (or .v7m1, a multimodal v7) names its version; Mistral's repos also ship v1, v3 and
         # v7 files as a bare tokenizer.model
         named = re.search(r"\.v(\d+)(?:m\d+)?$", path.name)
         self.instruct_version = int(named.group(1)) if named else spm_version(set(self.controls))
         self.kind = f"sentencepiece v{self.instruct_version}"
-        self.encode_text, self._decode = sp.encode, sp.decode  # decode leaves control tokens out
+        self._encode, self._decode = sp.encode, sp.decode  # decode leaves control tokens out
 
     def _load_tekken(self, path: Path) -> None:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -135,29 +148,21 @@ class MistralTokenizer(Tokenizer):
         self.kind = f"tekken v{self.instruct_version}"
         specials = data.get("special_tokens") or [{"rank": i, "token_str": t} for i, t in enumerate(TEKKEN_CONTROLS)]
         self.controls = {t["token_str"]: t["rank"] for t in specials}
-        self.bos_id, self.eos_id = self.controls["<s>"], self.controls["</s>"]
+        self.bos_id, self.eos_ids = self.controls["<s>"], frozenset({self.controls["</s>"]})
         self.vocab_size = data["config"]["default_vocab_size"]
         offset = data["config"]["default_num_special_tokens"]  # ids below it are control tokens, ranks above
         bpe = tekken_bpe(data)
-        self.encode_text = lambda text: [i + offset for i in bpe.encode(text, add_special_tokens=False).ids]
+        self._encode = lambda text: [i + offset for i in bpe.encode(text, add_special_tokens=False).ids]
         self._decode = lambda ids: bpe.decode([i - offset for i in ids if i >= offset])
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        return [self.bos_id, *self.encode_text(text)] if bos else self.encode_text(text)
+        return [self.bos_id, *self._encode(text)] if bos else self._encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self._decode(ids)
 
-    def control(self, piece: str) -> int:
-        if piece not in self.controls:
-            raise ModelFormatError(f"this {self.kind} tokenizer has no {piece} token")
-        return self.controls[piece]
-
-    def encode_chat(self, messages: list[Message]) -> list[int]:
-        from .chat import mistral_instruct
-
-        return mistral_instruct(messages, self.instruct_version, self.encode_text, self.control, self.bos_id,
-                                self.eos_id)
+    def control_id(self, piece: str) -> int | None:
+        return self.controls.get(piece)
 
 
 class HFTokenizer(Tokenizer):
@@ -186,18 +191,15 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self._tk.decode(ids, skip_special_tokens=True)
 
-    def control(self, piece: str) -> int:
-        token_id = self._tk.token_to_id(piece)
-        if token_id is None:
-            raise ModelFormatError(f"this {self.kind} tokenizer has no {piece} token")
-        return token_id
+    def control_id(self, piece: str) -> int | None:
+        return self._tk.token_to_id(piece)
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
-        from .chat import mistral_instruct, render_chat_template
+        """Mistral's instruct format for a Mistral vocabulary (`instruct_version`); else the chat template."""
+        from .chat import render_chat_template
 
         if self.instruct_version is not None:
-            return mistral_instruct(messages, self.instruct_version, self.encode, self.control, self.control("<s>"),
-                                    self.control("</s>"))
+            return super().encode_chat(messages)
         if not self.chat_template:
             raise LilmistralError("this model has no chat template")
         bos = self.token(self.bos_id) if self.bos_id >= 0 else ""
