@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,29 @@ class ModelArgs:
     architecture: str = "MistralForCausalLM"
 
     def __post_init__(self) -> None:
+        """Checks what a damaged or hand-written config could get wrong; ValueError, which each reader of a
+        config turns into one line naming its file."""
+        for name, least in (("dim", 1), ("n_layers", 1), ("n_heads", 1), ("n_kv_heads", 1), ("hidden_dim", 1),
+                            ("vocab_size", 1), ("max_seq_len", 1), ("head_dim", 0), ("n_experts", 0),
+                            ("n_experts_per_tok", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} is {value!r}, not an integer of at least {least}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window is {self.sliding_window!r}, not a positive integer")
+        if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0 and math.isfinite(self.rope_theta)
+                and self.rope_theta > 0):
+            raise ValueError(f"norm_eps {self.norm_eps} or rope_theta {self.rope_theta} is out of range")
         if self.head_dim == 0:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} is odd: RoPE rotates pairs")
         if self.n_heads % self.n_kv_heads:
-            raise ModelFormatError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise ValueError(f"{self.n_experts_per_tok} experts a token of {self.n_experts}")
 
     @property
     def is_moe(self) -> bool:

@@ -48,9 +48,9 @@ def build_model(args: ModelArgs, tensors: Iterable[tuple[str, torch.Tensor]], sp
     in memory (a GGUF's) are then one layer's at a time, and the next layer's take the memory they leave:
     fresh memory from the OS cost a 32-layer GGUF's load ~1 s of 5-6 (docs/performance.md, "Loading"). With
     `keep`, only the tensors it accepts are loaded (a pipeline stage); the rest stay on meta."""
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory until the tensors come (and were checked against the config)
         model = Transformer(args)
-    swap_in_quant_linears(model, specs)
+        swap_in_quant_linears(model, specs)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if keep is None or keep(name)}
     if args.tie_embeddings:
         expected.pop("output.weight", None)

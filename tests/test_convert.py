@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lilmistral
+import conftest
 from conftest import SPM_V1, make_hf_model, write_gguf
 from lilmistral.cli import main
 from lilmistral.convert import FORMAT_VERSION, convert, default_scheme, gguf as gguf_module, plan
@@ -521,6 +522,49 @@ def test_bad_inputs_give_one_line_and_write_nothing(hf_models, tmp_path):
     converted = convert(folder, tmp_path / "converted", "int8")
     assert_one_line_error(cli("convert", str(converted), "--out", str(outdir / "e")), "already a converted model")
     assert list(outdir.iterdir()) == []  # nothing written, not even a partial folder
+
+
+def gpt2_vocab(merges: list[str]):
+    def vocab(w) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(["a", "b", "ab", "</s>"])
+        w.add_token_types([1, 1, 1, 3])
+        w.add_token_merges(merges)
+        w.add_eos_token_id(3)
+    return vocab
+
+
+DAMAGED_METADATA = {  # what a damaged GGUF's metadata may say (found by fuzzing SmolLM2's), the error's words
+    "no layers": (lambda w, args: w.add_block_count(0), "n_layers is 0"),
+    "2 ** 40 layers": (lambda w, args: w.add_uint64("llama.block_count", 2 ** 40),
+                       "the config says 1099511627776 layers, the weights have 2"),
+    "odd heads": (lambda w, args: w.add_head_count(3), "multiple of n_heads 3"),
+    "huge FFN": (lambda w, args: w.add_uint64("llama.feed_forward_length", 2 ** 40), "w1.weight has shape"),
+    "kv heads": (lambda w, args: w.add_head_count_kv(args.n_heads), "wk.weight has shape"),
+    "eos id": (lambda w, args: w.add_eos_token_id(10 ** 6), "eos_token_id 1000000 is not a token"),
+    "scores": (lambda w, args: w.add_token_scores([0.5]), "scores does not give each token a number"),
+    "types": (lambda w, args: w.add_token_types([1]), "token_type does not give each token"),
+    "merges": (lambda w, args: gpt2_vocab(["a c"])(w), "merges do not fit its vocabulary"),
+    "merge": (lambda w, args: gpt2_vocab(["ab"])(w), "merges has entries that are not two tokens"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_METADATA)
+def test_gguf_metadata_at_odds_with_its_tensors_or_vocabulary_is_one_line(hf_models, tmp_path, monkeypatch, capsys,
+                                                                          case):
+    """One line naming the file. Fuzzing SmolLM2's metadata found tracebacks: RoPE's rows reshaped by the wrong
+    head count, 2 ** 40 columns allocated, the tokenizers package's exceptions, ids out of range; here, before,
+    "scores" and the merges were tracebacks, "eos id" and "types" ran, the rest named no file."""
+    monkeypatch.setenv("LILMISTRAL_HOME", str(tmp_path / "home"))
+    damage, words = DAMAGED_METADATA[case]
+    base = lilmistral.load(hf_models["mistral"][0])
+    path = tmp_path / "damaged.gguf"
+    write_gguf(path, base.model.state_dict(), base.args,
+               vocab=lambda w: (conftest.add_spm_vocab(w), damage(w, base.args)))
+    capsys.readouterr()
+    assert main(["run", str(path), "Hi", "--max-tokens", "2", "--no-save"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "damaged.gguf" in err, err
 
 
 def test_a_disk_that_fills_up_while_converting_is_one_line_and_leaves_nothing(hf_models, tmp_path, monkeypatch,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LilmistralError, ModelFormatError
+from ..model import Transformer
 from ..quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, QuantSpec, quantize, spec_for
 from ..quant.pack import packed_shapes
 from ..store import require_space
@@ -38,13 +39,32 @@ Source = HFSource | GGUFSource
 def open_source(path: Path) -> Source:
     """A Hugging Face folder or a GGUF file to convert (or load, converting in memory)."""
     if path.is_file() and path.suffix == ".gguf":
-        return GGUFSource(path)
-    if is_converted(path):
+        src: Source = GGUFSource(path)
+    elif is_converted(path):
         raise LilmistralError(f"{path} is already a converted model: convert its source (a Hugging Face folder or "
                               "a .gguf) again instead")
-    if path.is_dir():
-        return HFSource(path)
-    raise LilmistralError(f"{path}: not a model folder or a .gguf file")
+    elif path.is_dir():
+        src = HFSource(path)
+    else:
+        raise LilmistralError(f"{path}: not a model folder or a .gguf file")
+    check_shapes(src, path)
+    return src
+
+
+def check_shapes(src: Source, path: Path) -> None:
+    """Every tensor of the shape its config implies, before any is read: a damaged config (or another model's)
+    is one line here, not a failed reshape while reading (RoPE's rows) or an allocation of its sizes."""
+    layers = {int(e.name.split(".")[1]) for e in src.entries if e.name.startswith("layers.")}
+    experts = {int(e.name.split(".")[4]) for e in src.entries if e.name.startswith("layers.0.feed_forward.experts.")}
+    for what, said, found in (("layers", src.args.n_layers, layers), ("experts", src.args.n_experts, experts)):
+        if said != len(found):  # checked before a module is made for each
+            raise ModelFormatError(f"{path}: the config says {said} {what}, the weights have {len(found)}")
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(src.args).state_dict().items()}
+    for e in src.entries:
+        if e.name in expected and tuple(e.shape) != expected[e.name]:
+            raise ModelFormatError(f"{e.file}: tensor {e.name} has shape {tuple(e.shape)}, the config implies "
+                                   f"{expected[e.name]}")
 
 
 def default_scheme(src: Source) -> str:

@@ -339,8 +339,8 @@ class GGUFSource:
                 n_experts=self.meta(a + "expert_count", int, 0), n_experts_per_tok=self.meta(a + "expert_used_count", int, 0),
                 architecture="MixtralForCausalLM" if self.meta(a + "expert_count", int, 0) else "LlamaForCausalLM",
             )
-        except TypeError as e:
-            raise ModelFormatError(f"{self.path}: incomplete llama metadata ({e})") from None
+        except (TypeError, ValueError) as e:
+            raise ModelFormatError(f"{self.path}: incomplete or invalid llama metadata ({e})") from None
 
     def _entries(self) -> list[GGUFEntry]:
         sizes = {file: file.stat().st_size for file in {t.file for t in self.tensors}}
@@ -588,27 +588,50 @@ def mistral_instruct_version(src: GGUFSource) -> int | None:
     return 7 if "[SYSTEM_PROMPT]" in template else 3
 
 
+def _bpe(src: GGUFSource, vocab: dict[str, int], merges: list[tuple[str, str]], **options: Any) -> Any:
+    """The file's BPE model; merges of tokens its vocabulary lacks (a damaged file) are one line."""
+    from tokenizers import models
+
+    try:
+        return models.BPE(vocab=vocab, merges=merges, **options)
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise ModelFormatError(f"{src.path}: its tokenizer's merges do not fit its vocabulary ({e})") from None
+
+
 def gguf_tokenizer(src: GGUFSource):
     """A `tokenizers` tokenizer rebuilt from the GGUF vocabulary, with the file's chat template."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
 
     kind = src.meta("tokenizer.ggml.model", str)
     tokens = src.meta("tokenizer.ggml.tokens", list, [])
     types = src.meta("tokenizer.ggml.token_type", list, [1] * len(tokens))
     if not tokens or not all(isinstance(t, str) for t in tokens):
         raise ModelFormatError(f"{src.path}: no tokenizer vocabulary in the metadata")
+    if len(types) != len(tokens) or not all(isinstance(t, int) for t in types):
+        raise ModelFormatError(f"{src.path}: tokenizer.ggml.token_type does not give each token an integer type")
     vocab = {t: i for i, t in enumerate(tokens)}
+
+    def token_id(role: str, default: int | None = None) -> int | None:
+        i = src.meta(f"tokenizer.ggml.{role}_token_id", int, default)
+        if i is not None and not 0 <= i < len(tokens):
+            raise ModelFormatError(f"{src.path}: tokenizer.ggml.{role}_token_id {i} is not a token of its vocabulary")
+        return i
+
     if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in src.meta("tokenizer.ggml.merges", list, [])]
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        listed = src.meta("tokenizer.ggml.merges", list, [])
+        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else () for m in listed]
+        if not all(len(m) == 2 for m in merges):
+            raise ModelFormatError(f"{src.path}: tokenizer.ggml.merges has entries that are not two tokens")
+        tk = Tokenizer(_bpe(src, vocab, merges, fuse_unk=False))
         tk.pre_tokenizer = _byte_level_pre_tokenizer(src.meta("tokenizer.ggml.pre", str))
         tk.decoder = decoders.ByteLevel()
     elif kind == "llama":
         scores = src.meta("tokenizer.ggml.scores", list, [0.0] * len(tokens))
-        unk_id = src.meta("tokenizer.ggml.unknown_token_id", int, 0)
+        if len(scores) != len(tokens) or not all(isinstance(x, (int, float)) for x in scores):
+            raise ModelFormatError(f"{src.path}: tokenizer.ggml.scores does not give each token a number")
+        unk_id = token_id("unknown", 0)
         merges = [(tokens[a], tokens[b]) for a, b in bpe_merges(tokens, [-score for score in scores])]
-        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk_id], fuse_unk=True,
-                                  byte_fallback=True))
+        tk = Tokenizer(_bpe(src, vocab, merges, unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=True))
         # SentencePiece's dummy prefix, always added (Metaspace skips it before a leading space); as in
         # llama.cpp, every stretch of text after a special token gets one
         spaces = [normalizers.Replace(" ", "\u2581")]
@@ -622,11 +645,8 @@ def gguf_tokenizer(src: GGUFSource):
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, ty in zip(tokens, types) if ty == CONTROL])
     tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
-    bos = src.meta("tokenizer.ggml.bos_token_id", int)
-    eos = src.meta("tokenizer.ggml.eos_token_id", int)
-    eos_ids = {eos} if eos is not None else set()
-    if eot := src.meta("tokenizer.ggml.eot_token_id", int):
-        eos_ids.add(eot)
+    bos = token_id("bos")
+    eos_ids = {i for i in (token_id("eos"), token_id("eot")) if i is not None}
     return HFTokenizer(tk, bos, eos_ids, src.meta("tokenizer.chat_template", str),
                        src.meta("tokenizer.ggml.add_bos_token", bool, kind == "llama"), f"gguf {kind}",
                        mistral_instruct_version(src))
