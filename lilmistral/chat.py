@@ -2,18 +2,19 @@
 `tokenizer.chat_template`, HF `chat_template`), rendered in a sandbox.
 
 A template comes from an untrusted file: Jinja's immutable sandbox keeps it away from Python internals
-(attribute access to dunders, mutation of the messages, calling unsafe methods).
+(attribute access to dunders, mutation of the messages, calling unsafe methods); `TemplateSandbox` also keeps
+it from taking all the memory (`{{ "a" * 10**10 }}`), and any failure of it is one line.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
-from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import LilmistralError
@@ -27,23 +28,82 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, s
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
 
 
-@lru_cache(maxsize=8)
+TEMPLATE_LIMIT = 1 << 23  # characters a template may write; the most any value it makes may hold
+_WIDE_FORMAT = re.compile(r"%[-#0 +]*(\d{7}|\d*\.\d{7})")  # a printf width or precision of millions
+
+
+def _size(value: Any) -> int:
+    """What a value holds, as the limit counts it: an int's magnitude, a string's characters, a list's items
+    and their characters (so that `[big] * n` is as large as its join)."""
+    if isinstance(value, int):
+        return abs(value)
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return len(value) + sum(len(v) for v in value if isinstance(v, str))
+    return 0
+
+
+def _bounded(*values: Any) -> None:
+    if any(_size(v) > TEMPLATE_LIMIT for v in values):
+        raise LilmistralError("chat template failed: it makes a value too large")
+
+
+class TemplateSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox where no operator, call or filter takes or makes a value larger than
+    TEMPLATE_LIMIT (a size's int argument included: `"a".center(10**10)`)."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _bounded(left, right)
+        if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
+            left, right = right, left
+        if operator == "*" and isinstance(left, (str, list, tuple)) and isinstance(right, int):
+            _bounded(_size(left) * right)  # the product's size, before making it
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+            _bounded(right * left.bit_length() // 3)  # about the digits of the power
+        elif operator == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
+            _bounded(TEMPLATE_LIMIT + 1)
+        return super().call_binop(context, operator, left, right)
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        _bounded(*args, *kwargs.values())
+        return super().call(context, obj, *args, **kwargs)
+
+
+def _bounded_filter(f: Callable) -> Callable:
+    @functools.wraps(f)  # keeps Jinja's pass_context (and the like) marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _bounded(*args, *kwargs.values())
+        return f(*args, **kwargs)
+    return bounded
+
+
+@functools.lru_cache(maxsize=8)
 def _compile(source: str):
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = TemplateSandbox(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
 
 
 def render_chat_template(source: str, messages: list[dict[str, Any]], **variables: Any) -> str:
-    """Render with `add_generation_prompt=True`, as HF and llama.cpp do for a reply."""
+    """Render with `add_generation_prompt=True`, as HF and llama.cpp do for a reply; at most TEMPLATE_LIMIT
+    characters."""
     try:
-        return _compile(source).render(messages=messages, add_generation_prompt=True, **variables)
+        pieces, written = [], 0
+        for piece in _compile(source).generate(messages=messages, add_generation_prompt=True, **variables):
+            written += len(piece)
+            _bounded(written)
+            pieces.append(piece)
+        return "".join(pieces)
     except LilmistralError:
         raise
-    except TemplateError as e:  # includes the sandbox's SecurityError
-        raise LilmistralError(f"chat template failed: {e}") from None
+    except Exception as e:  # the template's own faults (TemplateError, the sandbox's SecurityError, 1 / 0, ...)
+        raise LilmistralError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 
 def check_conversation(messages: list[dict[str, Any]]) -> None:

@@ -201,20 +201,24 @@ def _source_lines(path: Path) -> list[tuple[str, str]]:
                 ("quantization", f"{stored}; runs as stored, or quantized as it loads with --quant"),
                 ("tokenizer", ", ".join(p.name for p in tokenizer_files(path))), ("chat format", _chat_format(path)),
                 ("source", f"{path.resolve()} (huggingface)")]
-    file_type = src.meta("general.file_type", int)
-    if file_type in ggml().LlamaFileType._value2member_map_:
+    def general(key: str, default: str = "") -> str:  # descriptive: one of the wrong type is shown as missing
+        value = src.metadata.get(f"general.{key}")
+        return _printable(value if isinstance(value, str) else default)
+
+    file_type = src.metadata.get("general.file_type")
+    if isinstance(file_type, int) and file_type in ggml().LlamaFileType._value2member_map_:
         stored = f"{ggml().LlamaFileType(file_type).name.removeprefix('MOSTLY_')} ({stored})"
     template = src.meta("tokenizer.chat_template", str)
     split = f", split in {len(src.parts)} files" if len(src.parts) > 1 else ""
     return [
-        ("model", _printable(src.meta("general.name", str, path.stem))),
+        ("model", general("name", path.stem)),
         *_architecture_lines(src.args),
         ("quantization", f"{stored}; runs as {default_scheme(src)} (convert it once: lilmistral convert)"),
         ("tokenizer", f"gguf {_printable(src.meta('tokenizer.ggml.model', str, '?'))}, "
                       f"{len(src.meta('tokenizer.ggml.tokens', list, []))} tokens"),
         ("chat format", MISTRAL_FORMAT if mistral_instruct_version(src) else JINJA_FORMAT if template
          else "none in the file"),
-        ("licence", _printable(src.meta("general.license", str, ""))),
+        ("licence", general("license")),
         ("source", f"{src.path.resolve()} (gguf{split})"),
     ]
 

@@ -13,6 +13,14 @@ from .errors import ModelFormatError
 HF_ARCHITECTURES = ("MistralForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """RoPE scaling as in HF's `rope_parameters`: kind is "linear" or "yarn"."""
@@ -26,6 +34,16 @@ class RopeScaling:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "yarn"):
+            raise ValueError(f"RoPE scaling {self.kind!r} is not linear or yarn")
+        optional = (self.beta_fast, self.beta_slow, self.attention_factor, self.mscale, self.mscale_all_dim)
+        if not (_is_number(self.factor) and math.isfinite(self.factor) and self.factor > 0) or not all(
+                x is None or _is_number(x) and math.isfinite(x) for x in optional):
+            raise ValueError("RoPE scaling's factors are not finite numbers")
+        if self.original_max_position is not None and not _count(self.original_max_position, 1):
+            raise ValueError(f"RoPE scaling's original_max_position is {self.original_max_position!r}")
 
 
 @dataclass(frozen=True)
@@ -53,14 +71,15 @@ class ModelArgs:
         for name, least in (("dim", 1), ("n_layers", 1), ("n_heads", 1), ("n_kv_heads", 1), ("hidden_dim", 1),
                             ("vocab_size", 1), ("max_seq_len", 1), ("head_dim", 0), ("n_experts", 0),
                             ("n_experts_per_tok", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{name} is {value!r}, not an integer of at least {least}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            if not _count(getattr(self, name), least):
+                raise ValueError(f"{name} is {getattr(self, name)!r}, not an integer of at least {least}")
+        if self.sliding_window is not None and not _count(self.sliding_window, 1):
             raise ValueError(f"sliding_window is {self.sliding_window!r}, not a positive integer")
-        if not (math.isfinite(self.norm_eps) and self.norm_eps >= 0 and math.isfinite(self.rope_theta)
-                and self.rope_theta > 0):
-            raise ValueError(f"norm_eps {self.norm_eps} or rope_theta {self.rope_theta} is out of range")
+        if not (_is_number(self.norm_eps) and _is_number(self.rope_theta) and math.isfinite(self.norm_eps)
+                and self.norm_eps >= 0 and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"norm_eps {self.norm_eps!r} or rope_theta {self.rope_theta!r} is out of range")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling is {self.rope_scaling!r}")
         if self.head_dim == 0:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
@@ -90,7 +109,7 @@ class ModelArgs:
     def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if d.get("rope_scaling"):
+        if isinstance(d.get("rope_scaling"), dict):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         return cls(**d)
 

@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from .cache import cache_bytes
 from .config import ModelArgs
-from .convert import FORMAT_VERSION, MANIFEST, WEIGHTS, default_scheme, is_converted, open_source, plan, produce
+from .convert import (FORMAT_VERSION, MANIFEST, WEIGHTS, check_counts, default_scheme, is_converted, open_source, plan,
+                      produce)
 from .convert.gguf import GGUFSource, gguf_tokenizer
 from .errors import LilmistralError, ModelFormatError
 from .llm import DEFAULT_NUM_CTX, LLM
@@ -249,6 +250,7 @@ def _load_converted(folder: Path, quant: str | None, device: str, dtype: str | t
             raise ModelFormatError(f"{folder}: tensor {name!r} has an unknown layout {layout}") from None
     compute = _compute_dtype(dtype, scheme, DTYPES.get(manifest.get("float_dtype", "")), device)
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+        check_counts(args, list(f.keys()), folder)
         names = [k for k in f.keys() if keep is None or keep(k)]
         model = build_model(args, ((k, f.get_tensor(k)) for k in names), specs, device, compute, keep)
     info = {"quant": scheme, "group_size": manifest["quant"].get("group_size"), "source": manifest.get("source", {})}

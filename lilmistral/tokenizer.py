@@ -229,8 +229,13 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # tokenizers raises its own exception type for malformed files
             raise ModelFormatError(f"{folder}/tokenizer.json: cannot load ({e})") from None
         template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates (as transformers writes them): the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
         if template is None and (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text()
+        if template is not None and not isinstance(template, str):
+            raise ModelFormatError(f"{folder}/tokenizer_config.json: chat_template is not text")
 
         def token_id(tok: Any) -> int | None:
             if isinstance(tok, dict):

@@ -294,3 +294,19 @@ def test_a_gguf_of_mistrals_v1_vocabulary_is_known_by_its_digest(tiny, tmp_path,
     write_gguf(tmp_path / "other.gguf", *tiny, vocab=another_vocabulary, template=MISTRAL_TEMPLATE)
     other = gguf_tokenizer(open_source(tmp_path / "other.gguf"))
     assert other.instruct_version is None and other.chat_template == MISTRAL_TEMPLATE
+
+
+def test_a_tokenizer_config_with_named_chat_templates_uses_the_default_one(tmp_path):
+    """transformers writes several templates as a list of {name, template}; one that is not text is one line."""
+    from conftest import smollm2_gguf
+
+    gguf_tokenizer(open_source(smollm2_gguf())).save(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ 'D' }}"}]
+    config_path.write_text(json.dumps(config))
+    assert load_tokenizer(tmp_path).chat_template == "{{ 'D' }}"
+    config["chat_template"] = 5
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(LilmistralError, match="chat_template is not text"):
+        load_tokenizer(tmp_path)

@@ -453,6 +453,31 @@ def test_chat_template_is_sandboxed():
                                 [{"role": "user", "content": "é"}]) == '"é"'
 
 
+BOMBS = ["{{ 'a' * 10**10 }}", "{{ ('a' * 1000000) * 1000000 }}", "{{ 9 ** 9 ** 9 }}",
+         "{{ 'a'.center(10**10) }}", "{{ 'a'|center(10**10) }}", "{{ (['a' * 1000000] * 1000)|join }}",
+         "{{ '%999999999d' % 1 }}", "{% for i in range(100000) %}{% for j in range(100000) %}xxxx{% endfor %}{% endfor %}"]
+
+
+@pytest.mark.parametrize("bomb", BOMBS)
+def test_a_chat_template_cannot_take_all_the_memory(bomb):
+    """Each would make a gigabyte or more (the first, tried before the limit, took all of this machine's 24 GB
+    and was killed by the kernel)."""
+    from lilmistral.chat import render_chat_template
+
+    with pytest.raises(lilmistral.LilmistralError, match="too large"):
+        render_chat_template(bomb, [{"role": "user", "content": "x"}])
+
+
+def test_a_chat_templates_own_faults_are_one_line_and_ordinary_templates_still_render():
+    from lilmistral.chat import render_chat_template
+
+    for fault in ("{{ 1 / 0 }}", "{{ 'a' + 1 }}", "{{ messages[0]['content'].foo() }}"):
+        with pytest.raises(lilmistral.LilmistralError, match="chat template failed"):
+            render_chat_template(fault, [{"role": "user", "content": "x"}])
+    ordinary = "{{ '-' * 80 }}{{ messages[0]['content'] * 3 }}{{ '%5d|%-3s' % (4, 'ab') }}{{ 2 ** 10 }}{{ 'x'|center(5) }}"
+    assert render_chat_template(ordinary, [{"role": "user", "content": "hi"}]) == "-" * 80 + "hihihi    4|ab 1024  x  "
+
+
 def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
@@ -522,6 +547,29 @@ def test_bad_inputs_give_one_line_and_write_nothing(hf_models, tmp_path):
     converted = convert(folder, tmp_path / "converted", "int8")
     assert_one_line_error(cli("convert", str(converted), "--out", str(outdir / "e")), "already a converted model")
     assert list(outdir.iterdir()) == []  # nothing written, not even a partial folder
+
+
+DAMAGED_ARGS = [  # a converted folder's manifest, edited (found by fuzzing): each was a traceback or a hang
+    ("mistral", {"n_layers": 1}, "the config says 1 layers, the weights have 2"),
+    ("mistral", {"rope_scaling": 0}, "rope_scaling is 0"),
+    ("mistral", {"sliding_window": True}, "sliding_window is True"),
+    ("mistral", {"head_dim": 3}, "head_dim 3 is odd"),
+    ("mixtral", {"n_experts": 2 ** 40}, "the config says 1099511627776 experts, the weights have 4"),
+    ("mixtral", {"n_experts_per_tok": 5}, "5 experts a token of 4"),
+]
+
+
+@pytest.mark.parametrize("arch,edit,words", DAMAGED_ARGS)
+def test_a_converted_folders_architecture_at_odds_with_its_weights_is_one_line(hf_models, tmp_path, monkeypatch,
+                                                                               capsys, arch, edit, words):
+    monkeypatch.setenv("LILMISTRAL_HOME", str(tmp_path / "home"))
+    out = convert(hf_models[arch][0], tmp_path / "converted", "int4")
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(manifest | {"args": manifest["args"] | edit}))
+    capsys.readouterr()
+    assert main(["run", str(out), "Hi", "--max-tokens", "2", "--no-save"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
 
 
 def gpt2_vocab(merges: list[str]):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import ModelArgs
 from ..errors import LilmistralError, ModelFormatError
 from ..model import Transformer
 from ..quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, QuantSpec, quantize, spec_for
@@ -51,20 +52,32 @@ def open_source(path: Path) -> Source:
     return src
 
 
+def check_counts(args: ModelArgs, names: list[str], path: Path) -> None:
+    """The config's layers and experts are the weights' (checked before a module is made for each)."""
+    layers = {int(name.split(".")[1]) for name in names if name.startswith("layers.")}
+    experts = {int(name.split(".")[4]) for name in names if name.startswith("layers.0.feed_forward.experts.")}
+    for what, said, found in (("layers", args.n_layers, layers), ("experts", args.n_experts, experts)):
+        if said != len(found):
+            raise ModelFormatError(f"{path}: the config says {said} {what}, the weights have {len(found)}")
+
+
 def check_shapes(src: Source, path: Path) -> None:
     """Every tensor of the shape its config implies, before any is read: a damaged config (or another model's)
     is one line here, not a failed reshape while reading (RoPE's rows) or an allocation of its sizes."""
-    layers = {int(e.name.split(".")[1]) for e in src.entries if e.name.startswith("layers.")}
-    experts = {int(e.name.split(".")[4]) for e in src.entries if e.name.startswith("layers.0.feed_forward.experts.")}
-    for what, said, found in (("layers", src.args.n_layers, layers), ("experts", src.args.n_experts, experts)):
-        if said != len(found):  # checked before a module is made for each
-            raise ModelFormatError(f"{path}: the config says {said} {what}, the weights have {len(found)}")
+    a = src.args
+    check_counts(a, [e.name for e in src.entries], path)
+
+    def check(expected: dict[str, tuple[int, ...]]) -> None:
+        for e in src.entries:
+            if e.name in expected and tuple(e.shape) != expected[e.name]:
+                raise ModelFormatError(f"{e.file}: tensor {e.name} has shape {tuple(e.shape)}, the config implies "
+                                       f"{expected[e.name]}")
+
+    # first the sizes the others are made of, before a model of them is made (RoPE's tables take memory)
+    check({"tok_embeddings.weight": (a.vocab_size, a.dim),
+           "layers.0.attention.wq.weight": (a.n_heads * a.head_dim, a.dim)})
     with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(src.args).state_dict().items()}
-    for e in src.entries:
-        if e.name in expected and tuple(e.shape) != expected[e.name]:
-            raise ModelFormatError(f"{e.file}: tensor {e.name} has shape {tuple(e.shape)}, the config implies "
-                                   f"{expected[e.name]}")
+        check({name: tuple(t.shape) for name, t in Transformer(a).state_dict().items()})
 
 
 def default_scheme(src: Source) -> str:
