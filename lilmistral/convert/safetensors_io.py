@@ -38,17 +38,11 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except ValueError:
                 raise ModelFormatError(f"{path}: corrupt safetensors header") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
         self.data_start = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            if info.get("dtype") not in DTYPES:
-                raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-            begin, end = info["data_offsets"]
-            dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
-            if end - begin != _numel(shape) * dtype.itemsize or self.data_start + end > size:
-                raise ModelFormatError(f"{path}: truncated safetensors file (tensor {name!r} runs past the end)")
-            self.entries[name] = (dtype, shape, begin, end)
+        try:
+            self.metadata, self.entries = _check_header(header, path, size - self.data_start)
+        except (TypeError, ValueError) as e:
+            raise ModelFormatError(f"{path}: corrupt safetensors header ({e})") from None
 
     def read(self, name: str) -> torch.Tensor:
         dtype, shape, begin, end = self.entries[name]
@@ -60,6 +54,39 @@ class SafetensorsFile:
         if not buf:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _check_header(header: dict, path: Path, data_bytes: int
+                  ) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """The metadata and each tensor's (dtype, shape, begin, end), checked as the safetensors package checks them
+    (tensors back to back from the data's start to the file's end) so that what passes here also opens there;
+    TypeError or ValueError on a malformed header."""
+    if not isinstance(header, dict):
+        raise TypeError("not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise TypeError("__metadata__ is not an object of strings")
+    entries = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"data_offsets", "shape"} <= info.keys():
+            raise ValueError(f"tensor {name!r} has no shape or data_offsets")
+        if info.get("dtype") not in DTYPES:
+            raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        (begin, end), shape = info["data_offsets"], tuple(info["shape"])
+        if not all(isinstance(x, int) and x >= 0 for x in (begin, end, *shape)):
+            raise ValueError(f"tensor {name!r}: offsets or shape not counts")
+        dtype = DTYPES[info["dtype"]]
+        if end - begin != _numel(shape) * dtype.itemsize or end > data_bytes:
+            raise ModelFormatError(f"{path}: truncated safetensors file (tensor {name!r} runs past the end)")
+        entries[name] = (dtype, shape, begin, end)
+    ends = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != ends:
+            raise ValueError(f"tensor {name!r} overlaps another or leaves a gap")
+        ends = end
+    if ends != data_bytes:
+        raise ValueError(f"{data_bytes - ends} bytes after the last tensor")
+    return metadata, entries
 
 
 def _numel(shape: tuple[int, ...]) -> int:
