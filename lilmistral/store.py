@@ -112,18 +112,25 @@ class Store:
         return found
 
     def remove(self, ref: ModelRef) -> int:
-        """Delete a model (and any download of it); returns the bytes freed. Not while it is being pulled."""
+        """Delete a model and any download of it (an interrupted pull's too); returns the bytes freed. Not while
+        it is being pulled."""
+        if not self._has_files(ref):
+            raise LilmistralError(f"{ref.display} is not pulled")
         with self.pull_lock(ref, on_wait=lambda: _being_pulled(ref)):
+            if not self._has_files(ref):  # removed while this waited
+                raise LilmistralError(f"{ref.display} is not pulled")
             return self._remove(ref)
 
+    def _has_files(self, ref: ModelRef) -> bool:
+        return self.model_dir(ref).exists() or (self.downloads / ref.name / ref.tag).exists()
+
     def _remove(self, ref: ModelRef) -> int:
-        path = self.model_dir(ref)
-        if not path.exists():
-            raise LilmistralError(f"{ref.display} is not pulled")
-        freed = folder_size(path)
-        trash = path.parent / f".{path.name}.rm-{uuid.uuid4().hex[:8]}"
-        os.rename(path, trash)  # atomic: `list` never sees a half-deleted model
-        shutil.rmtree(trash, ignore_errors=True)
+        path, freed = self.model_dir(ref), 0
+        if path.exists():
+            freed = folder_size(path)
+            trash = path.parent / f".{path.name}.rm-{uuid.uuid4().hex[:8]}"
+            os.rename(path, trash)  # atomic: `list` never sees a half-deleted model
+            shutil.rmtree(trash, ignore_errors=True)
         downloads = self.downloads / ref.name / ref.tag
         if downloads.exists():
             freed += folder_size(downloads)

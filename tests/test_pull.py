@@ -217,6 +217,21 @@ def test_rm_refuses_a_model_being_pulled(home, hub):
     assert cli(home, hub, "rm", "tiny").returncode == 0
 
 
+def test_rm_deletes_an_interrupted_pulls_download(home, hub, monkeypatch, capsys):
+    """It said "not pulled" and kept the download (a 7B model's is ~14 GB); and `rm` of a model never pulled
+    made an empty lock file in the store."""
+    monkeypatch.setenv("LILMISTRAL_HOME", str(home))
+    download = home / "downloads" / "tiny" / "latest" / ("0" * 40)
+    download.mkdir(parents=True)
+    (download / "model-00001-of-00003.safetensors.partial").write_bytes(b"\0" * 3000)
+    assert main(["rm", "tiny"]) == 0
+    assert "deleted tiny:latest (3.0 KB freed)" in capsys.readouterr().out
+    assert not (home / "downloads" / "tiny").exists()
+    assert main(["rm", "tinymix"]) == 1
+    assert capsys.readouterr().err == "Error: tinymix:latest is not pulled\n"
+    assert not (home / "locks" / "tinymix@latest.lock").exists()
+
+
 def shard_names(hub: Hub, repo: str) -> list[str]:
     return sorted(n for n in hub.repos[repo]["files"] if n.startswith("model-"))
 
