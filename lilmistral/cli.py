@@ -201,6 +201,7 @@ def _source_lines(path: Path) -> list[tuple[str, str]]:
                 ("quantization", f"{stored}; runs as stored, or quantized as it loads with --quant"),
                 ("tokenizer", ", ".join(p.name for p in tokenizer_files(path))), ("chat format", _chat_format(path)),
                 ("source", f"{path.resolve()} (huggingface)")]
+
     def general(key: str, default: str = "") -> str:  # descriptive: one of the wrong type is shown as missing
         value = src.metadata.get(f"general.{key}")
         return _printable(value if isinstance(value, str) else default)

@@ -643,6 +643,8 @@ BAD_HEADERS = {  # what the safetensors package refuses (or a Python exception w
     "overlapping tensors": (lambda h, body: ({k: v | {"data_offsets": [0, 16]} if k != "__metadata__" else v
                                               for k, v in h.items()}, body), "runs past the end"),
     "bytes after the data": (lambda h, body: (h, body + b"\0" * 8), "8 bytes after the last tensor"),
+    "a layer not numbered": (lambda h, body: ({k.replace("layers.1.", "layers.x."): v for k, v in h.items()}, body),
+                             "layers"),  # HF: an unexpected tensor; converted: 1 layer of 2
 }
 
 
@@ -650,7 +652,8 @@ BAD_HEADERS = {  # what the safetensors package refuses (or a Python exception w
 def test_a_corrupt_safetensors_header_is_one_line(hf_models, tmp_path, monkeypatch, capsys, case):
     """A HF folder's (show reads its header) and a converted folder's (run maps it with the safetensors package,
     after lilmistral's own check of the header). Before, show raised Python's exceptions on the first, third,
-    fourth and fifth, and took the second, sixth and last, which the safetensors package refuses (a traceback)."""
+    fourth and fifth, and took the second, sixth and "bytes after the data", which the safetensors package refuses
+    (a traceback); run raised ValueError on "a layer not numbered"."""
     import shutil
 
     monkeypatch.setenv("LILMISTRAL_HOME", str(tmp_path / "home"))
@@ -663,7 +666,8 @@ def test_a_corrupt_safetensors_header_is_one_line(hf_models, tmp_path, monkeypat
         capsys.readouterr()
         assert main(argv) == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "model.safetensors" in err and words in err, err
+        assert err.count("\n") == 1 and words in err, err
+        assert "model.safetensors" in err or "the config says 2 layers, the weights have 1" in err, err
 
 
 def test_a_disk_that_fills_up_while_converting_is_one_line_and_leaves_nothing(hf_models, tmp_path, monkeypatch,

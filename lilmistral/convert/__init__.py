@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -54,8 +55,8 @@ def open_source(path: Path) -> Source:
 
 def check_counts(args: ModelArgs, names: list[str], path: Path) -> None:
     """The config's layers and experts are the weights' (checked before a module is made for each)."""
-    layers = {int(name.split(".")[1]) for name in names if name.startswith("layers.")}
-    experts = {int(name.split(".")[4]) for name in names if name.startswith("layers.0.feed_forward.experts.")}
+    layers = {m[1] for name in names if (m := re.match(r"layers\.(\d+)\.", name))}
+    experts = {m[1] for name in names if (m := re.match(r"layers\.0\.feed_forward\.experts\.(\d+)\.", name))}
     for what, said, found in (("layers", args.n_layers, layers), ("experts", args.n_experts, experts)):
         if said != len(found):
             raise ModelFormatError(f"{path}: the config says {said} {what}, the weights have {len(found)}")
