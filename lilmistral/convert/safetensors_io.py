@@ -9,6 +9,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ class SafetensorsFile:
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-def _check_header(header: dict, path: Path, data_bytes: int
+def _check_header(header: Any, path: Path, data_bytes: int
                   ) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
     """The metadata and each tensor's (dtype, shape, begin, end), checked as the safetensors package checks them
     (tensors back to back from the data's start to the file's end) so that what passes here also opens there;
