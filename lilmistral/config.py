@@ -41,7 +41,7 @@ class RopeScaling:
         optional = (self.beta_fast, self.beta_slow, self.attention_factor, self.mscale, self.mscale_all_dim)
         if not (_is_number(self.factor) and math.isfinite(self.factor) and self.factor > 0) or not all(
                 x is None or _is_number(x) and math.isfinite(x) for x in optional):
-            raise ValueError("RoPE scaling's factors are not finite numbers")
+            raise ValueError("RoPE scaling's factor is not a positive number, or another of its numbers not finite")
         if self.original_max_position is not None and not _count(self.original_max_position, 1):
             raise ValueError(f"RoPE scaling's original_max_position is {self.original_max_position!r}")
 
