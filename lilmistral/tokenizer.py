@@ -86,31 +86,16 @@ TEKKEN_CONTROLS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOL
                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
 
 
-def _byte_chars() -> list[str]:
-    """GPT-2's printable stand-in for each byte, the alphabet of `tokenizers`' byte-level BPE."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
-    others = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
-
-
-def tekken_bpe(data: dict[str, Any]) -> Any:
-    """A tekken file's byte-level BPE as a `tokenizers` tokenizer whose ids are the ranks (tekken is tiktoken's
-    algorithm: a piece of the file's pattern that is a token is that token; else its bytes merge, the pair
-    whose union ranks lowest first, which merges listed in the order of their union's rank reproduce)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def tekken_encoding(data: dict[str, Any]) -> Any:
+    """A tekken file's byte-level BPE in tiktoken, whose algorithm it is (mistral_common's too): ids are the ranks,
+    the control tokens below them are the caller's."""
+    import tiktoken
 
     config = data["config"]
     size = config["default_vocab_size"] - config["default_num_special_tokens"]
-    tokens = [base64.b64decode(t["token_bytes"]) for t in data["vocab"][:size]]
-    chars = _byte_chars()
-    names = ["".join(chars[b] for b in token) for token in tokens]
-    merges = [(names[a], names[b]) for a, b in bpe_merges(tokens, list(range(size)))]
-    bpe = Tokenizer(models.BPE(dict(zip(names, range(size))), merges, ignore_merges=True))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(config["pattern"]), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    return bpe
+    ranks = {base64.b64decode(t["token_bytes"]): rank for rank, t in enumerate(data["vocab"][:size])}
+    return tiktoken.Encoding(name=f"tekken-{config['version']}", pat_str=config["pattern"], mergeable_ranks=ranks,
+                             special_tokens={})
 
 
 class MistralTokenizer(Tokenizer):
@@ -151,9 +136,9 @@ class MistralTokenizer(Tokenizer):
         self.bos_id, self.eos_ids = self.controls["<s>"], frozenset({self.controls["</s>"]})
         self.vocab_size = data["config"]["default_vocab_size"]
         offset = data["config"]["default_num_special_tokens"]  # ids below it are control tokens, ranks above
-        bpe = tekken_bpe(data)
-        self._encode = lambda text: [i + offset for i in bpe.encode(text, add_special_tokens=False).ids]
-        self._decode = lambda ids: bpe.decode([i - offset for i in ids if i >= offset])
+        bpe = tekken_encoding(data)
+        self._encode = lambda text: [i + offset for i in bpe.encode_ordinary(text)]  # "[INST]" in a message is text
+        self._decode = lambda ids: bpe.decode([i - offset for i in ids if i >= offset])  # bad UTF-8 as U+FFFD
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         return [self.bos_id, *self._encode(text)] if bos else self._encode(text)

@@ -20,7 +20,7 @@ from lilmistral import LilmistralError
 from lilmistral.cli import main
 from lilmistral.convert import convert, open_source
 from lilmistral.convert.gguf import gguf_tokenizer
-from lilmistral.tokenizer import TEKKEN_CONTROLS, StreamDecoder, _byte_chars, bpe_merges, load_tokenizer
+from lilmistral.tokenizer import TEKKEN_CONTROLS, StreamDecoder, bpe_merges, load_tokenizer
 
 # (file shipped by mistral_common, name it gets in the model folder). Bare tokenizer.model is how
 # Mistral-7B-Instruct-v0.1/v0.2 and some v0.3 repos ship it: its version must be detected.
@@ -220,13 +220,21 @@ def tiny(tmp_path_factory):
     return llm.model.state_dict(), llm.args
 
 
+def byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte, the alphabet of a byte-level BPE's tokens in a GGUF."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
 def add_tekken_vocab(w, data: dict) -> None:
     """A tekken vocabulary's GGUF metadata as llama.cpp's converter writes Nemo's: control tokens, then the ranks as
     byte-level strings, with their merges."""
     offset = data["config"]["default_num_special_tokens"]
     size = data["config"]["default_vocab_size"] - offset
     tokens = [base64.b64decode(t["token_bytes"]) for t in data["vocab"][:size]]
-    chars = _byte_chars()
+    chars = byte_chars()
     names = ["".join(chars[b] for b in token) for token in tokens]
     controls = [*TEKKEN_CONTROLS, *(f"<SPECIAL_{i}>" for i in range(len(TEKKEN_CONTROLS), offset))]
     w.add_tokenizer_model("gpt2")
