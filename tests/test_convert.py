@@ -572,6 +572,26 @@ def test_a_converted_folders_architecture_at_odds_with_its_weights_is_one_line(h
     assert err.count("\n") == 1 and words in err, err
 
 
+@pytest.mark.parametrize("edit,words", [({"head_dim": 2 ** 40}, "attention.wq.weight has shape"),
+                                        ({"hidden_size": 2 ** 40}, "tok_embeddings.weight has shape"),
+                                        ({"num_hidden_layers": 2 ** 40}, "the config says 1099511627776 layers")])
+def test_a_config_json_of_impossible_sizes_is_one_line(hf_models, tmp_path, monkeypatch, capsys, edit, words):
+    """Said before: "the model does not fit in memory: it needs 72057594 GB" (a KV cache of those sizes), which
+    blames the machine; now the config's sizes are checked against the weights', before a model is made of
+    them (head_dim 2 ** 40 would make RoPE's tables in memory)."""
+    import shutil
+
+    monkeypatch.setenv("LILMISTRAL_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_models["mixtral"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | edit))
+    capsys.readouterr()
+    assert main(["run", str(folder), "Hi", "--no-save"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err, err
+
+
 def gpt2_vocab(merges: list[str]):
     def vocab(w) -> None:
         w.add_tokenizer_model("gpt2")
