@@ -549,7 +549,8 @@ def test_bad_inputs_give_one_line_and_write_nothing(hf_models, tmp_path):
     assert list(outdir.iterdir()) == []  # nothing written, not even a partial folder
 
 
-DAMAGED_ARGS = [  # a converted folder's manifest, edited (found by fuzzing): each was a traceback or a hang
+DAMAGED_ARGS = [  # a converted folder's manifest, edited (found by fuzzing): each was a traceback or a hang, but
+    # head_dim 3 (one line already, on its groups)
     ("mistral", {"n_layers": 1}, "the config says 1 layers, the weights have 2"),
     ("mistral", {"rope_scaling": 0}, "rope_scaling is 0"),
     ("mistral", {"sliding_window": True}, "sliding_window is True"),
