@@ -674,7 +674,7 @@ def test_a_corrupt_safetensors_header_is_one_line(hf_models, tmp_path, monkeypat
     """A HF folder's (show reads its header) and a converted folder's (run maps it with the safetensors package,
     after lilmistral's own check of the header). Before, show raised Python's exceptions on the first, third,
     fourth and fifth, and took the second, sixth and "bytes after the data", which the safetensors package refuses
-    (a traceback); run raised ValueError on "a layer not numbered"."""
+    (a traceback). "a layer not numbered" keeps check_counts reading numbers by pattern."""
     import shutil
 
     monkeypatch.setenv("LILMISTRAL_HOME", str(tmp_path / "home"))
