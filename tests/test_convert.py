@@ -618,6 +618,24 @@ DAMAGED_METADATA = {  # what a damaged GGUF's metadata may say (found by fuzzing
 }
 
 
+def test_show_takes_odd_descriptive_gguf_fields_as_missing(hf_models, tmp_path, capsys):
+    """A name, licence or file type of another type made show refuse the file (run never read them)."""
+    base = lilmistral.load(hf_models["mistral"][0])
+    path = tmp_path / "odd.gguf"
+
+    def vocab(w) -> None:
+        conftest.add_spm_vocab(w)
+        w.add_uint32("general.name", 5)
+        w.add_bool("general.license", True)
+        w.add_string("general.file_type", "Q4_0")
+
+    write_gguf(path, base.model.state_dict(), base.args, vocab=vocab)
+    capsys.readouterr()
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["model", "odd"] and "tensors 21 F32;" in out, out  # no name, no type
+
+
 @pytest.mark.parametrize("case", DAMAGED_METADATA)
 def test_gguf_metadata_at_odds_with_its_tensors_or_vocabulary_is_one_line(hf_models, tmp_path, monkeypatch, capsys,
                                                                           case):
