@@ -145,10 +145,12 @@ def _architecture_lines(args, num_ctx: int | None = None) -> list[tuple[str, str
 def _chat_format(folder: Path) -> str:
     """A folder's: Mistral's instruct format where it has Mistral's tokenizer files, or a GGUF's Mistral vocabulary
     converted (its tokenizer_config.json says so); else its template."""
+    from .config import read_json
     from .tokenizer import find_mistral_tokenizer_file
 
     config = folder / "tokenizer_config.json"
-    converted = json.loads(config.read_text()).get("lilmistral_instruct_version") if config.is_file() else None
+    settings = read_json(config) if config.is_file() else {}  # damaged: one line
+    converted = isinstance(settings, dict) and settings.get("lilmistral_instruct_version")
     return MISTRAL_FORMAT if find_mistral_tokenizer_file(folder) or converted else JINJA_FORMAT
 
 

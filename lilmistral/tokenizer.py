@@ -108,7 +108,7 @@ class MistralTokenizer(Tokenizer):
                 self._load_tekken(path)
             else:
                 self._load_sentencepiece(path)
-        except Exception as e:  # sentencepiece, tokenizers and a malformed file raise several kinds
+        except Exception as e:  # sentencepiece, tiktoken and a malformed file raise several kinds
             raise ModelFormatError(f"{path}: cannot load tokenizer ({e})") from None
         if self.instruct_version not in VERSIONS:
             raise ModelFormatError(f"{path}: tokenizer version v{self.instruct_version} is not supported "

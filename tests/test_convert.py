@@ -636,6 +636,21 @@ def test_show_takes_odd_descriptive_gguf_fields_as_missing(hf_models, tmp_path, 
     assert out.splitlines()[0].split() == ["model", "odd"] and "tensors 21 F32;" in out, out  # no name, no type
 
 
+def test_show_of_a_folder_with_a_damaged_tokenizer_config_is_one_line(hf_models, tmp_path, capsys):
+    """It was a JSONDecodeError (or, for a JSON list, an AttributeError) traceback."""
+    import shutil
+
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_models["mistral"][0], folder)
+    (folder / "tokenizer_config.json").write_text("{oops")
+    capsys.readouterr()
+    assert main(["show", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tokenizer_config.json: cannot read JSON" in err, err
+    (folder / "tokenizer_config.json").write_text("[1]")
+    assert main(["show", str(folder)]) == 0
+
+
 @pytest.mark.parametrize("case", DAMAGED_METADATA)
 def test_gguf_metadata_at_odds_with_its_tensors_or_vocabulary_is_one_line(hf_models, tmp_path, monkeypatch, capsys,
                                                                           case):
