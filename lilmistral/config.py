@@ -137,7 +137,8 @@ def _rope_scaling_from_hf(params: dict[str, Any] | None) -> RopeScaling | None:
 
 def from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     """ModelArgs from a Hugging Face config.json (Mistral, Mixtral or Llama)."""
-    arch = (cfg.get("architectures") or ["MistralForCausalLM"])[0]
+    archs = cfg.get("architectures") or ["MistralForCausalLM"]
+    arch = archs if isinstance(archs, str) else archs[0] if isinstance(archs, list) else archs
     if arch not in HF_ARCHITECTURES:
         raise ModelFormatError(f"unsupported architecture {arch!r} (supported: {', '.join(HF_ARCHITECTURES)})")
     # transformers >= 5 nests rope_theta in rope_parameters; older configs keep rope_theta/rope_scaling at top level

@@ -575,11 +575,14 @@ def test_a_converted_folders_architecture_at_odds_with_its_weights_is_one_line(h
 
 @pytest.mark.parametrize("edit,words", [({"head_dim": 2 ** 40}, "attention.wq.weight has shape"),
                                         ({"hidden_size": 2 ** 40}, "tok_embeddings.weight has shape"),
-                                        ({"num_hidden_layers": 2 ** 40}, "the config says 1099511627776 layers")])
-def test_a_config_json_of_impossible_sizes_is_one_line(hf_models, tmp_path, monkeypatch, capsys, edit, words):
+                                        ({"num_hidden_layers": 2 ** 40}, "the config says 1099511627776 layers"),
+                                        ({"architectures": "GPT2LMHeadModel"}, "architecture 'GPT2LMHeadModel'"),
+                                        ({"architectures": {"a": 1}}, "architecture {'a': 1}")])
+def test_a_config_json_of_impossible_sizes_or_architecture_is_one_line(hf_models, tmp_path, monkeypatch, capsys, edit, words):
     """Said before: "the model does not fit in memory: it needs 72057594 GB" (a KV cache of those sizes), which
     blames the machine; now the config's sizes are checked against the weights', before a model is made of
-    them (head_dim 2 ** 40 would make RoPE's tables in memory)."""
+    them (head_dim 2 ** 40 would make RoPE's tables in memory). `architectures` as one name, not a list, said
+    "unsupported architecture 'G'" (its first letter)."""
     import shutil
 
     monkeypatch.setenv("LILMISTRAL_HOME", str(tmp_path / "home"))
