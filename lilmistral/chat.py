@@ -3,18 +3,23 @@
 
 A template comes from an untrusted file: Jinja's immutable sandbox keeps it away from Python internals
 (attribute access to dunders, mutation of the messages, calling unsafe methods); `TemplateSandbox` also keeps
-it from taking all the memory (`{{ "a" * 10**10 }}`), and any failure of it is one line.
+it from taking all the memory (`{{ "a" * 10**10 }}`) or running for ever (`_timed_loops`), and any failure of
+it is one line.
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import itertools
 import json
+import math
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import LilmistralError
@@ -47,11 +52,38 @@ def _size(value: Any) -> int:
 def _bounded(*values: Any) -> None:
     if any(_size(v) > TEMPLATE_LIMIT for v in values):
         raise LilmistralError("chat template failed: it makes a value too large")
+    if time.monotonic() > _deadline.get():
+        raise LilmistralError(f"chat template failed: it ran for over {TEMPLATE_SECONDS:g} s")
+
+
+TEMPLATE_SECONDS = 10.0  # the longest a template may render (ordinary ones take milliseconds)
+_deadline = contextvars.ContextVar("template_deadline", default=math.inf)  # this render's, time.monotonic()'s
+
+
+def _timed(items: Iterable) -> Iterator:
+    """A template loop's items, the clock looked at before each: every loop and call of a render does, so
+    that the work between two looks is bounded (one operation on values of at most TEMPLATE_LIMIT)."""
+    for item in items:
+        _bounded()
+        yield item
+
+
+def _timed_loops(template: nodes.Template) -> nodes.Template:
+    """The template with each loop's items given by `_timed`, a recursive loop's `loop(items)` too (calls,
+    macros' included, pass the sandbox's `call`)."""
+    timed = nodes.ImportedName(f"{__name__}._timed")  # the compiler's import: no name a template could set
+    for loop in list(template.find_all(nodes.For)):
+        loop.iter = nodes.Call(timed, [loop.iter], [], None, None, lineno=loop.lineno)
+    for call in list(template.find_all(nodes.Call)):
+        if isinstance(call.node, nodes.Name) and call.node.name == "loop" and call.args:
+            call.args[0] = nodes.Call(timed, [call.args[0]], [], None, None, lineno=call.lineno)
+    return template
 
 
 class TemplateSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox where no operator, call or filter takes or makes a value larger than
-    TEMPLATE_LIMIT (a size's int argument included: `"a".center(10**10)`)."""
+    TEMPLATE_LIMIT (a size's int argument included: `"a".center(10**10)`), nor runs past the render's
+    deadline (`_bounded`)."""
 
     intercepted_binops = frozenset({"*", "**", "%"})
 
@@ -87,12 +119,13 @@ def _compile(source: str):
     env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+    return env.from_string(_timed_loops(env.parse(source)))
 
 
 def render_chat_template(source: str, messages: list[dict[str, Any]], **variables: Any) -> str:
     """Render with `add_generation_prompt=True`, as HF and llama.cpp do for a reply; at most TEMPLATE_LIMIT
-    characters."""
+    characters, in at most TEMPLATE_SECONDS."""
+    deadline = _deadline.set(time.monotonic() + TEMPLATE_SECONDS)
     try:
         pieces, written = [], 0
         for piece in _compile(source).generate(messages=messages, add_generation_prompt=True, **variables):
@@ -104,6 +137,8 @@ def render_chat_template(source: str, messages: list[dict[str, Any]], **variable
         raise
     except Exception as e:  # the template's own faults (TemplateError, the sandbox's SecurityError, 1 / 0, ...)
         raise LilmistralError(f"chat template failed: {type(e).__name__}: {e}") from None
+    finally:
+        _deadline.reset(deadline)
 
 
 def check_conversation(messages: list[dict[str, Any]]) -> None:

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 
 import numpy as np
@@ -468,6 +469,26 @@ def test_a_chat_template_cannot_take_all_the_memory(bomb):
         render_chat_template(bomb, [{"role": "user", "content": "x"}])
 
 
+ENDLESS = ["{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+           "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+           "{% for x in [0] recursive %}{% if x < 40 %}{{ loop([x + 1, x + 1]) }}{% endif %}{% endfor %}",
+           "{% set s = 'a' * 8000000 %}{% for i in range(100000) %}{% if s == s ~ '' %}{% endif %}{% endfor %}",
+           "{% for i in range(100000) %}{% for c in 'ab' * 100000 %}{% set x = c %}{% endfor %}{% endfor %}"]
+
+
+@pytest.mark.parametrize("endless", ENDLESS)
+def test_a_chat_template_cannot_run_for_ever(endless, monkeypatch):
+    """Loops that write nothing, a macro or a recursive loop branching 2^40 times, comparisons of 8 MB strings
+    10^5 times: each ran on (until Ctrl-C) before renders had a deadline."""
+    from lilmistral import chat
+
+    monkeypatch.setattr(chat, "TEMPLATE_SECONDS", 0.5)
+    start = time.monotonic()
+    with pytest.raises(lilmistral.LilmistralError, match="ran for over 0.5 s"):
+        chat.render_chat_template(endless, [{"role": "user", "content": "x"}])
+    assert time.monotonic() - start < 5
+
+
 def test_a_chat_templates_own_faults_are_one_line_and_ordinary_templates_still_render():
     from lilmistral.chat import render_chat_template
 
@@ -476,6 +497,10 @@ def test_a_chat_templates_own_faults_are_one_line_and_ordinary_templates_still_r
             render_chat_template(fault, [{"role": "user", "content": "x"}])
     ordinary = "{{ '-' * 80 }}{{ messages[0]['content'] * 3 }}{{ '%5d|%-3s' % (4, 'ab') }}{{ 2 ** 10 }}{{ 'x'|center(5) }}"
     assert render_chat_template(ordinary, [{"role": "user", "content": "hi"}]) == "-" * 80 + "hihihi    4|ab 1024  x  "
+    loops = ("{% for m in messages %}{{ loop.index0 }}/{{ loop.length }}{% if loop.last %}!{% endif %}{% endfor %}"
+             "{% for m in [] %}x{% else %}none{% endfor %}"
+             "{% for x in [[1, [2]]] recursive %}<{% if x is iterable %}{{ loop(x) }}{% else %}{{ x }}{% endif %}>{% endfor %}")
+    assert render_chat_template(loops, [{"role": "user", "content": "hi"}] * 2) == "0/21/2!none<<1><<2>>>"
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
