@@ -5,7 +5,8 @@
 
 Prints JSON lines: the GPU's measured read bandwidth; for int4 / int8 / bf16 (and int5, int6, asked for), the GEMV
 kernels' GB/s on Mistral-7B's layer shapes, each timed alone in a CUDA graph on weights cycled through more than
-L2 holds (quantized: with int8 activations, and with the exact float product); the decode attention against SDPA;
+L2 holds (quantized: with int8 activations, and with the exact float product); what a kernel costs beyond its
+bytes (an empty graph node, a small GEMV in one program and split along K); the decode attention against SDPA;
 a Mistral-7B-shape model's (random weights, `--layers` layers, int8 head) prefill time and tokens/s at 16-, 128-
 and 1024-token prompts, and its decode tokens/s with the weight bytes read per token and that as a fraction of the
 read bandwidth, for each decode step: eager, CUDA graphs (the default on a GPU; for int4 also in each of
@@ -112,6 +113,24 @@ def kernel_table(bw: float, schemes: list[str]) -> list[dict]:
                              "us": round(seconds * 1e6, 1), "gbps": round(nbytes / seconds / 1e9, 1),
                              "fraction": round(nbytes / seconds / 1e9 / bw, 3)})
     return rows
+
+
+def latency_table() -> list[dict]:
+    """What a kernel costs beyond its bytes (`graphed_seconds`, weights hot in L2): an empty node (a
+    one-element fill), and a small int4 GEMV (512 columns, 256 inputs, one super-block) as one program reading
+    every input, and split along K into 4 (the decode tiles) and 8 programs whose float32 sums the last one
+    finishes. Leads for where each decode GEMV's ~4 us over its bytes go (docs/performance.md, session 37)."""
+    from lilmistral.quant.triton_kernels import TritonKernel
+
+    n, k = 512, 256
+    spec = spec_for("layers.0.attention.wq.weight", (n, k), "int4")
+    parts, x = gemv_inputs("int4", n, k)
+    one = torch.zeros(1, device="cuda")
+    calls = {"empty node": lambda: one.fill_(1.0)}
+    for block_k in (256, 64, 32):
+        kernel = TritonKernel(parts, spec, 512, block_k, 1)
+        calls[f"int4 gemv {n}x{k} in {k // block_k} program(s)"] = lambda kernel=kernel: kernel(x)
+    return [{"latency": name, "us": round(graphed_seconds([call], repeat=200) * 1e6, 2)} for name, call in calls.items()]
 
 
 def attention_table(bw: float) -> list[dict]:
@@ -298,7 +317,7 @@ def main() -> None:
     print(json.dumps({"device": torch.cuda.get_device_name(), "read_bandwidth_gbps": round(bw, 1),
                       "tiles": triton_kernels.TILES, "shape_tiles": shape_tiles}), flush=True)
     if ns.kernels:
-        for row in kernel_table(bw, ns.schemes) + attention_table(bw):
+        for row in kernel_table(bw, ns.schemes) + latency_table() + attention_table(bw):
             print(json.dumps(row), flush=True)
     decode_table(ns.layers, ns.tokens, bw, ns.schemes, ns.compile, ns.variants)
     if ns.kernels:
