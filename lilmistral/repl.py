@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import shlex
 import time
@@ -19,7 +18,7 @@ from typing import Any
 from .errors import LilmistralError
 from .generate import SamplingParams
 from .llm import LLM
-from .store import human_parameters
+from .store import human_parameters, write_durably
 from .tokenizer import Message
 
 HELP = """Available commands:
@@ -129,12 +128,9 @@ class Chat:
     def save(self, path: Path) -> None:
         data = {"model": self.model, "system": self.system, "messages": self.messages,
                 "options": {k: v for k, v in self.params.__dict__.items() if k != "stop"}}
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two chats may save one file
         try:
-            tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-            tmp.replace(path)
+            write_durably(path, json.dumps(data, indent=1, ensure_ascii=False))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise LilmistralError(f"could not save the conversation to {path}: {e.strerror or e}") from None
 
     def load(self, path: Path) -> int:

@@ -158,6 +158,31 @@ def _being_pulled(ref: ModelRef) -> None:
     raise LilmistralError(f"{ref.display} is being pulled; stop that pull first")
 
 
+def sync(path: Path) -> None:
+    """A file's writes, or a folder's entries (the files renamed into it), flushed to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """text into `path` through a temporary file renamed over it, each on the disk before the next step: a
+    crash, even the machine's, leaves the old file or the new one, whole. (Two processes may write one path.)"""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync(path.parent)
+
+
 def require_space(folder: Path, needed: int, what: str) -> None:
     """A clear error, before writing, when `folder`'s file system has less than `needed` bytes free."""
     free = shutil.disk_usage(folder).free

@@ -212,6 +212,41 @@ def test_one_conversation_resumed_twice_at_once_keeps_both(smol, tmp_path):
     assert AutoSave(folder, "smol").latest(start.model) == second.autosave.path
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the files synced by /proc/self/fd")
+def test_a_conversion_and_a_saved_answer_are_on_the_disk_before_they_are_renamed_into_place(smol, tmp_path,
+                                                                                           monkeypatch):
+    """A machine that goes down (power lost) after a rename may keep the new name without the data not yet on
+    the disk: a converted model (whose download `pull` deletes after converting) or a conversation could be
+    left empty. Each file is flushed to the disk before it is renamed into place, and its folder after."""
+    events = []
+
+    def recorded(kind: str, real):
+        def call(*args):
+            names = [os.readlink(f"/proc/self/fd/{a}") if kind == "sync" else os.fspath(a) for a in args]
+            events.append((kind, *names))
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(os, "fsync", recorded("sync", os.fsync))
+    monkeypatch.setattr(os, "rename", recorded("rename", os.rename))
+    monkeypatch.setattr(os, "replace", recorded("rename", os.replace))
+    out = convert(smollm2_gguf(), tmp_path / "converted", "int4")
+    (_, partial, target), = [e for e in events if e[0] == "rename"]
+    assert target == str(out)
+    before = events[:events.index(("rename", partial, target))]
+    assert {("sync", f"{partial}/{p.name}") for p in out.iterdir()} | {("sync", partial)} <= set(before)
+    assert events[-1] == ("sync", str(tmp_path))
+
+    events.clear()
+    chat = Chat(lilmistral.load(smol), autosave=AutoSave(tmp_path / "conversations", "smol"))
+    chat.set("max_tokens", "2")
+    "".join(chat.ask("Hi"))
+    path = str(chat.autosave.path)
+    (_, tmp, target), = [e for e in events if e[0] == "rename"]
+    assert target == path and events[-2:] == [("rename", tmp, path), ("sync", str(tmp_path / "conversations"))]
+    assert ("sync", tmp) in events[:-2] and json.loads(chat.autosave.path.read_text())["messages"][0]["content"] == "Hi"
+
+
 def test_bytes_that_are_not_utf8_are_replaced_not_a_crash(smol, tmp_path):
     """Piped input, arguments and the REPL's input in another encoding (or junk) reach Python as lone
     surrogates, which neither a tokenizer nor a saved conversation takes: each such byte becomes U+FFFD."""

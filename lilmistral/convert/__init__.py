@@ -24,7 +24,7 @@ from ..errors import LilmistralError, ModelFormatError
 from ..model import Transformer
 from ..quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, QuantSpec, quantize, spec_for
 from ..quant.pack import packed_shapes
-from ..store import require_space
+from ..store import require_space, sync
 from .gguf import WIDE_TYPES, GGUFSource, gguf_tokenizer
 from .hf import HFSource, TensorEntry
 
@@ -223,7 +223,10 @@ def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROU
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for path in (*tmp.iterdir(), tmp):  # on the disk before the folder is renamed (and a pull's source removed)
+            sync(path)
         _replace_dir(tmp, out)
+        sync(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
