@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import gc
 import json
@@ -270,8 +269,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         return 0
     path = _model_path(ns.model)
     err = _stderr_console()
-    with err.status("loading model...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
-        llm = _load(ns, path, chat=True)
+    llm = _load(ns, path, chat=True)
     try:
         return _run(ns, llm, prompt, interactive, err)
     finally:
@@ -284,18 +282,21 @@ def _load(ns: argparse.Namespace, path: str, chat: bool = False):
     from .quant import vnni
 
     err = _stderr_console()
-    if ns.device == "cpu" and vnni.cpu_isas():
-        with err.status("preparing the CPU kernels (built once, under a minute)"):
+    with err.status("loading model...") as status:  # one spinner line, its words following the steps
+        if ns.device == "cpu" and vnni.cpu_isas():
+            status.update("preparing the CPU kernels (built once, under a minute)")
             vnni.available()
-    llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
-               compile=ns.compile, require_chat=chat)
-    if err.is_terminal and path.endswith(".gguf") and llm.load_s > 5:  # converted in memory, every run
-        err.print(f"converting {Path(path).name} took {llm.load_s:.0f} s: `lilmistral convert {path} --name NAME` "
-                  "once, then `lilmistral run NAME` loads it without converting", style="dim", markup=False,
-                  highlight=False)
-    # the first tokens pay one-off costs (the decode step's compile or trace, GPU kernels' builds): now, not mid-answer
-    status = "compiling the decode step (about a minute the first time, cached after)" if ns.compile else "warming up"
-    with err.status(status):
+            status.update("loading model...")
+        llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
+                   compile=ns.compile, require_chat=chat)
+        if err.is_terminal and path.endswith(".gguf") and llm.load_s > 5:  # converted in memory, every run
+            err.print(f"converting {Path(path).name} took {llm.load_s:.0f} s: `lilmistral convert {path} --name "
+                      "NAME` once, then `lilmistral run NAME` loads it without converting", style="dim", markup=False,
+                      highlight=False)
+        # the first tokens pay one-off costs (the decode step's compile or trace, GPU kernels' builds): now, not
+        # mid-answer
+        status.update("compiling the decode step (about a minute the first time, cached after)" if ns.compile
+                      else "warming up")
         llm.warm_up()
     return llm
 

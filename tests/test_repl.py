@@ -1,6 +1,7 @@
 """The real REPL in a pseudo-terminal (pexpect), on SmolLM2 converted to int4."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -45,6 +46,18 @@ def spawn(smol, tmp_path):
     yield start
     for child in children:
         child.close(force=True)
+
+
+def test_the_start_shows_one_spinner_whose_words_follow_the_steps(smol, tmp_path):
+    """`run` showed "loading model..." and, inside it, a spinner of each step's own: the two redrew one line in
+    turn (the words flickered between "loading model..." and "warming up") and left a line behind."""
+    env = {**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home"), "TERM": "xterm"}
+    child = pexpect.spawn(sys.executable, ["-m", "lilmistral", "run", str(smol), "Hi", "--max-tokens", "2"], env=env,
+                          encoding="utf-8", timeout=90, dimensions=(50, 200))
+    child.expect(pexpect.EOF)
+    shown = [words for words, _ in itertools.groupby(re.findall(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]\x1b\[0m ([a-z][^\r\x1b⠋]*)", child.before))]
+    kernels = ["preparing the CPU kernels (built once, under a minute)", "loading model...", "warming up"]
+    assert shown in (["loading model...", "warming up"], kernels, ["loading model...", *kernels]), shown
 
 
 def ask(child: pexpect.spawn, text: str) -> str:
