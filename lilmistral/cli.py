@@ -61,9 +61,21 @@ def _store():
     return Store()
 
 
-def _pull(name: str, keep_source: bool = False, force: bool = False) -> Path:
+def _byte_progress(console):
+    """Progress bars of bytes (a download's, a conversion's written), on a terminal."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=console, disable=not console.is_terminal)
+
+
+def _bar(progress, description: str, total: int, completed: int = 0) -> Callable[[int], None]:
+    """A new bar; returns what advances it by a count of bytes."""
+    task = progress.add_task(description, total=total, completed=completed)
+    return lambda n: progress.advance(task, n)
+
+
+def _pull(name: str, keep_source: bool = False, force: bool = False) -> Path:
     from .download import pull
     from .registry import resolve
 
@@ -71,14 +83,11 @@ def _pull(name: str, keep_source: bool = False, force: bool = False) -> Path:
     ref = resolve(name, store.home)
     console = _stderr_console()
     console.print(f"pulling {ref.display} from {ref.repo}", highlight=False)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, disable=not console.is_terminal) as progress:
-        def on_file(file: str, size: int, have: int):
-            task = progress.add_task(file, total=size, completed=have)
-            return lambda n: progress.advance(task, n)
-
-        path = pull(ref, store, keep_source=keep_source, force=force, on_file=on_file,
-                    say=lambda m: console.print(m, highlight=False))
+    with _byte_progress(console) as progress:
+        path = pull(ref, store, keep_source=keep_source, force=force, say=lambda m: console.print(m, highlight=False),
+                    on_file=lambda file, size, have: _bar(progress, file, size, have),
+                    on_convert=(lambda scheme, total: _bar(progress, f"converting to {scheme}", total))
+                    if console.is_terminal else None)
     console.print(f"{ref.display} ready", highlight=False)
     return path
 
@@ -391,8 +400,6 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from .convert import convert, default_scheme, open_source, plan
     from .convert.gguf import SPLIT_NAME, GGUFSource
 
@@ -403,20 +410,15 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     out = Path(ns.out).expanduser() if ns.out else Path.cwd() / (ns.name or f"{stem}-{quant}")
     planned = plan(src, quant, ns.group_size)
     total = sum(p.entry.shape[0] * (p.entry.shape[1] if len(p.entry.shape) > 1 else 1) for p in planned)
-    console = _stderr_console()
-    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), DownloadColumn(),
-                  TimeRemainingColumn(), console=console, disable=not console.is_terminal) as progress:
-        tensors = progress.add_task("tensors", total=len(planned))
-        progress.update(tensors, total=len(planned))
-        written = {"bytes": 0}
+    written = []
 
-        def on_tensor(name: str, nbytes: int) -> None:
-            written["bytes"] += nbytes
-            if not name.endswith((".scales", ".mins")):
-                progress.advance(tensors)
+    def on_write(nbytes: int) -> Callable[[int], None]:
+        written.append(nbytes)
+        return _bar(progress, "converting", nbytes)
 
-        convert(source, out, quant, ns.group_size, overwrite=ns.force, on_tensor=on_tensor)
-    print(f"wrote {out} ({quant}, {written['bytes'] / 1e6:.1f} MB from {total / 1e6:.1f}M weights)")
+    with _byte_progress(_stderr_console()) as progress:
+        convert(source, out, quant, ns.group_size, overwrite=ns.force, on_write=on_write)
+    print(f"wrote {out} ({quant}, {written[0] / 1e6:.1f} MB from {total / 1e6:.1f}M weights)")
     return 0
 
 

@@ -23,6 +23,7 @@ from .registry import ModelRef
 from .store import Store, human_size, require_space
 
 CHUNK = 1 << 20
+OnBytes = Callable[[int], None]  # told the byte counts of a file (or a conversion) as they come
 # a GGUF file's type at the end of its name (model.Q4_K_M.gguf, model-Q4_K_M.gguf), before a split's part number
 GGUF_FILE = re.compile(r"[-.]([A-Za-z0-9_]+)(?:-\d{5}-of-\d{5})?\.gguf$")
 RETRIES = 5
@@ -153,7 +154,7 @@ def _partial_size(dest: Path) -> int:
     return partial.stat().st_size if partial.exists() else 0
 
 
-def download_file(repo: str, revision: str, f: RemoteFile, dest: Path, on_bytes: Callable[[int], None]) -> None:
+def download_file(repo: str, revision: str, f: RemoteFile, dest: Path, on_bytes: OnBytes) -> None:
     """Download one file to dest, resuming from dest.partial; verify it, then rename it into place."""
     import httpx2
     from huggingface_hub import get_session, hf_hub_url
@@ -197,19 +198,21 @@ def download_file(repo: str, revision: str, f: RemoteFile, dest: Path, on_bytes:
 
 
 def pull(ref: ModelRef, store: Store, keep_source: bool = False, force: bool = False,
-         on_file: Callable[[str, int, int], Callable[[int], None]] | None = None,
-         say: Callable[[str], None] = lambda s: None) -> Path:
+         on_file: Callable[[str, int, int], OnBytes] | None = None,
+         on_convert: Callable[[str, int], OnBytes] | None = None, say: Callable[[str], None] = lambda s: None) -> Path:
     """Make sure `ref` is in the store, up to date with the hub; return its folder. One pull of a model at a
     time (two would append to the same FILE.partial): a second waits for the first, then finds it pulled.
 
-    on_file(name, size, already_have) returns the callback that receives byte counts for that file.
+    on_file(name, size, already_have) returns the callback that receives byte counts for that file;
+    on_convert(scheme, bytes to write) the one for the conversion's (without it, `say` tells of the conversion).
     """
     with store.pull_lock(ref, on_wait=lambda: say(f"another lilmistral is pulling {ref.display}; waiting for it")):
-        return _pull(ref, store, keep_source, force, on_file, say)
+        return _pull(ref, store, keep_source, force, on_file, on_convert, say)
 
 
 def _pull(ref: ModelRef, store: Store, keep_source: bool, force: bool,
-          on_file: Callable[[str, int, int], Callable[[int], None]] | None, say: Callable[[str], None]) -> Path:
+          on_file: Callable[[str, int, int], OnBytes] | None, on_convert: Callable[[str, int], OnBytes] | None,
+          say: Callable[[str], None]) -> Path:
     from .convert import convert, default_scheme, open_source
 
     installed = store.installed(ref)
@@ -235,10 +238,12 @@ def _pull(ref: ModelRef, store: Store, keep_source: bool, force: bool,
         download_file(ref.repo, revision, f, folder / f.name, on_bytes)
     source = folder / files[0].name if ref.gguf else folder  # a split GGUF's first part names it
     scheme = ref.quant or default_scheme(open_source(source))  # a GGUF's: as close to its own as there is
-    say(f"converting to {scheme}")
+    if on_convert is None:
+        say(f"converting to {scheme}")
     extra = {"name": ref.name, "tag": ref.tag, "repo": ref.repo, "revision": revision, "license": ref.license,
              "description": ref.description, "num_ctx": ref.num_ctx}
-    path = convert(source, store.model_dir(ref), scheme, overwrite=True, extra=extra)
+    path = convert(source, store.model_dir(ref), scheme, overwrite=True, extra=extra,
+                   on_write=(lambda total: on_convert(scheme, total)) if on_convert else None)
     for download in folder.parent.iterdir():  # and what an earlier revision left half done
         if download != folder or not keep_source:
             shutil.rmtree(download, ignore_errors=True)

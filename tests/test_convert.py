@@ -14,7 +14,7 @@ import torch
 
 import lilmistral
 import conftest
-from conftest import SPM_V1, make_hf_model, write_gguf
+from conftest import SPM_V1, make_hf_model, progress_bars, write_gguf
 from lilmistral.cli import main
 from lilmistral.convert import FORMAT_VERSION, convert, default_scheme, gguf as gguf_module, plan
 from lilmistral.convert.gguf import BLOCK_TYPES, Q6_K_SPEC, GGUFSource, dequantize_blocks, q4k_parts
@@ -768,15 +768,29 @@ def test_a_disk_that_fills_up_while_converting_is_one_line_and_leaves_nothing(hf
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_convert_at_a_terminal_shows_the_bytes_it_writes(hf_models, tmp_path):
+    """Its bar counted tensors and said they were bytes ("272/272 bytes" for SmolLM2)."""
+    folder, _ = hf_models["mistral"]
+    out = tmp_path / "out"
+    bars, shown = progress_bars("convert", str(folder), "--quant", "int8", "--out", str(out))
+    written = (out / "model.safetensors").stat().st_size
+    assert bars.keys() == {"converting"} and abs(bars["converting"] / written - 1) < 0.02, (bars, written)
+    assert f"wrote {out}" in shown
+
+
 def test_interrupted_convert_leaves_nothing(hf_models, tmp_path):
     """Ctrl-C part-way: the temporary folder is removed and no output folder appears."""
     folder, _ = hf_models["mixtral"]
     code = textwrap.dedent(f"""
         import lilmistral.convert as c
-        def on_tensor(name, n):
-            if name.startswith("layers.1"):
-                raise KeyboardInterrupt
-        c.convert(c.Path({str(folder)!r}), c.Path({str(tmp_path / 'out')!r}), "int4", on_tensor=on_tensor)
+        def on_write(total):
+            written = []
+            def on_bytes(n):
+                written.append(n)
+                if sum(written) > total / 2:
+                    raise KeyboardInterrupt
+            return on_bytes
+        c.convert(c.Path({str(folder)!r}), c.Path({str(tmp_path / 'out')!r}), "int4", on_write=on_write)
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "KeyboardInterrupt" in r.stderr

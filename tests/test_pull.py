@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from conftest import SPM_V3, hf_to_interleaved, make_hf_model, write_gguf
+from conftest import SPM_V3, hf_to_interleaved, make_hf_model, progress_bars, write_gguf
 from hub import Hub
 from lilmistral.cli import main
 from lilmistral.registry import resolve
@@ -152,6 +152,13 @@ def test_pull_then_run_then_pull_again(home, hub):
     assert r.returncode == 0, r.stderr
     [kept] = (home / "downloads" / "tiny" / "latest").iterdir()
     assert shard_names(hub, "test/tiny-mistral") == sorted(p.name for p in kept.glob("model-*"))
+
+
+def test_a_pull_at_a_terminal_shows_a_bar_for_each_file_and_for_the_conversion(home, hub):
+    """The conversion (minutes for a 7B model) had no bar: the downloads' stood finished meanwhile."""
+    bars, shown = progress_bars("pull", "tiny", env=env_for(home, hub))
+    assert {"config.json", "tokenizer.model.v3", "converting to int8"} <= bars.keys(), bars
+    assert all(done > 0 for done in bars.values()) and "tiny:latest ready" in shown, bars
 
 
 def test_pull_a_gguf_file_by_its_type(home, hub, tmp_path):

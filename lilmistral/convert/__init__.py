@@ -185,8 +185,9 @@ def format_version(planned: list[Planned]) -> int:
 
 
 def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROUP_SIZE, overwrite: bool = False,
-            on_tensor: Callable[[str, int], None] | None = None, extra: dict | None = None) -> Path:
-    """Convert `source` into a lilmistral model folder at `out`, atomically."""
+            on_write: Callable[[int], Callable[[int], None]] | None = None, extra: dict | None = None) -> Path:
+    """Convert `source` into a lilmistral model folder at `out`, atomically. on_write(the bytes it will write)
+    returns the callback that receives each tensor's bytes as they are written."""
     src = open_source(source)
     float_dtype = FLOAT_DTYPES.get(scheme, torch.bfloat16)
     planned = plan(src, scheme, group_size, float_dtype)
@@ -196,8 +197,9 @@ def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROU
 
     out.parent.mkdir(parents=True, exist_ok=True)
     outputs = [o for p in planned for o in p.outputs]
-    require_space(out.parent, sum(dtype.itemsize * math.prod(shape) for _, dtype, shape in outputs),
-                  f"converting to {scheme}")
+    total = sum(dtype.itemsize * math.prod(shape) for _, dtype, shape in outputs)
+    require_space(out.parent, total, f"converting to {scheme}")
+    written = on_write(total) if on_write else lambda n: None
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -206,8 +208,7 @@ def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROU
                                    metadata={"format": "pt", "lilmistral": str(version)})
         for name, tensor in produce(src, planned):
             writer.write(name, tensor)
-            if on_tensor:
-                on_tensor(name, tensor.numel() * tensor.element_size())
+            written(tensor.numel() * tensor.element_size())
         writer.close()
         manifest = {
             "format": "lilmistral", "format_version": version,
