@@ -12,6 +12,7 @@ Folders starting with "." are temporary (a convert or rm in progress) and are ne
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -159,10 +160,14 @@ def _being_pulled(ref: ModelRef) -> None:
 
 
 def sync(path: Path) -> None:
-    """A file's writes, or a folder's entries (the files renamed into it), flushed to the disk."""
+    """A file's writes, or a folder's entries (the files renamed into it), flushed to the disk (where the file
+    system can: some network ones refuse a folder's)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 

@@ -1,6 +1,7 @@
 """The real REPL in a pseudo-terminal (pexpect), on SmolLM2 converted to int4."""
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -258,6 +259,14 @@ def test_a_conversion_and_a_saved_answer_are_on_the_disk_before_they_are_renamed
     (_, tmp, target), = [e for e in events if e[0] == "rename"]
     assert target == path and events[-2:] == [("rename", tmp, path), ("sync", str(tmp_path / "conversations"))]
     assert ("sync", tmp) in events[:-2] and json.loads(chat.autosave.path.read_text())["messages"][0]["content"] == "Hi"
+
+    def refused(fd):  # as a file system that cannot sync a folder does
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refused)
+    "".join(chat.ask("Hi again"))  # saved all the same
+    assert len(json.loads(chat.autosave.path.read_text())["messages"]) == 4
 
 
 def test_bytes_that_are_not_utf8_are_replaced_not_a_crash(smol, tmp_path):
