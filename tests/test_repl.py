@@ -51,7 +51,7 @@ def spawn(smol, tmp_path):
 
 def test_the_start_shows_one_spinner_whose_words_follow_the_steps(smol, tmp_path):
     """`run` showed "loading model..." and, inside it, a spinner of each step's own: the two redrew one line in
-    turn (the words flickered between "loading model..." and "warming up") and left a line behind."""
+    turn: the words flickered between "loading model..." and "warming up"."""
     env = {**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home"), "TERM": "xterm"}
     child = pexpect.spawn(sys.executable, ["-m", "lilmistral", "run", str(smol), "Hi", "--max-tokens", "2"], env=env,
                           encoding="utf-8", timeout=90, dimensions=(50, 200))
