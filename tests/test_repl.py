@@ -57,8 +57,10 @@ def test_the_start_shows_one_spinner_whose_words_follow_the_steps(smol, tmp_path
                           encoding="utf-8", timeout=90, dimensions=(50, 200))
     child.expect(pexpect.EOF)
     shown = [words for words, _ in itertools.groupby(re.findall(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]\x1b\[0m ([a-z][^\r\x1b⠋]*)", child.before))]
-    kernels = ["preparing the CPU kernels (built once, under a minute)", "loading model...", "warming up"]
-    assert shown in (["loading model...", "warming up"], kernels, ["loading model...", *kernels]), shown
+    steps = iter(["loading model...", "preparing the CPU kernels (built once, under a minute)", "loading model...",
+                  "warming up"])
+    assert shown and all(words in steps for words in shown), shown  # in the steps' order (a step under ~80 ms,
+    # between two of the spinner's frames, may not show)
 
 
 def ask(child: pexpect.spawn, text: str) -> str:
