@@ -34,6 +34,8 @@ def _tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, s
 
 
 TEMPLATE_LIMIT = 1 << 23  # characters a template may write; the most any value it makes may hold
+TEMPLATE_SECONDS = 10.0  # the longest a template may render (ordinary ones take milliseconds)
+_deadline = contextvars.ContextVar("template_deadline", default=math.inf)  # this render's, time.monotonic()'s
 _WIDE_FORMAT = re.compile(r"%[-#0 +]*(\d{7}|\d*\.\d{7})")  # a printf width or precision of millions
 
 
@@ -55,9 +57,6 @@ def _bounded(*values: Any) -> None:
     if time.monotonic() > _deadline.get():
         raise LilmistralError(f"chat template failed: it ran for over {TEMPLATE_SECONDS:g} s")
 
-
-TEMPLATE_SECONDS = 10.0  # the longest a template may render (ordinary ones take milliseconds)
-_deadline = contextvars.ContextVar("template_deadline", default=math.inf)  # this render's, time.monotonic()'s
 
 
 def _timed(items: Iterable) -> Iterator:

@@ -410,13 +410,13 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     out = Path(ns.out).expanduser() if ns.out else Path.cwd() / (ns.name or f"{stem}-{quant}")
     planned = plan(src, quant, ns.group_size)
     total = sum(p.entry.shape[0] * (p.entry.shape[1] if len(p.entry.shape) > 1 else 1) for p in planned)
-    written = []
-
-    def on_write(nbytes: int) -> Callable[[int], None]:
-        written.append(nbytes)
-        return _bar(progress, "converting", nbytes)
+    written = []  # the bytes convert writes, as it tells on_write
 
     with _byte_progress(_stderr_console()) as progress:
+        def on_write(nbytes: int) -> Callable[[int], None]:
+            written.append(nbytes)
+            return _bar(progress, "converting", nbytes)
+
         convert(source, out, quant, ns.group_size, overwrite=ns.force, on_write=on_write)
     print(f"wrote {out} ({quant}, {written[0] / 1e6:.1f} MB from {total / 1e6:.1f}M weights)")
     return 0

@@ -138,7 +138,7 @@ def _rope_scaling_from_hf(params: dict[str, Any] | None) -> RopeScaling | None:
 def from_hf_config(cfg: dict[str, Any]) -> ModelArgs:
     """ModelArgs from a Hugging Face config.json (Mistral, Mixtral or Llama)."""
     archs = cfg.get("architectures") or ["MistralForCausalLM"]
-    arch = archs if isinstance(archs, str) else archs[0] if isinstance(archs, list) else archs
+    arch = archs[0] if isinstance(archs, list) else archs  # a list of names, or (hand-written) one
     if arch not in HF_ARCHITECTURES:
         raise ModelFormatError(f"unsupported architecture {arch!r} (supported: {', '.join(HF_ARCHITECTURES)})")
     # transformers >= 5 nests rope_theta in rope_parameters; older configs keep rope_theta/rope_scaling at top level

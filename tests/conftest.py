@@ -154,15 +154,20 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def progress_bars(*args: str, env: dict[str, str] | None = None) -> tuple[dict[str, float], str]:
-    """Run `lilmistral ARGS` in a terminal: each rich progress bar's last frame (description -> bytes done, or
-    -1 where the bar is unfinished), and the output without colours."""
+def in_terminal(*args: str, env: dict[str, str] | None = None) -> str:
+    """What `lilmistral ARGS` writes to a terminal (a pseudo-terminal of 140 columns), escape codes and all."""
     import pexpect
 
     child = pexpect.spawn(sys.executable, ["-m", "lilmistral", *args], env={"TERM": "xterm", **(env or os.environ)},
                           encoding="utf-8", timeout=120, dimensions=(30, 140))
     child.expect(pexpect.EOF)
-    shown = re.sub(r"\x1b\[[0-9;]*m", "", child.before)
+    return child.before
+
+
+def progress_bars(*args: str, env: dict[str, str] | None = None) -> tuple[dict[str, float], str]:
+    """Run `lilmistral ARGS` in a terminal: each rich progress bar's last frame (description -> bytes done, or
+    -1 where the bar is unfinished), and the output without colours."""
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", in_terminal(*args, env=env))
     bars = {}
     for line in re.split(r"\r|\n|\x1b\[[0-9;?]*[a-zA-Z]", shown):  # frames and lines, at the cursor's moves
         if m := re.match(r"(\S.*?) +━+ ([\d.]+)/([\d.]+) (bytes|kB|MB|GB)", line):

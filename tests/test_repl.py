@@ -14,7 +14,7 @@ import pexpect
 import pytest
 
 import lilmistral
-from conftest import smollm2_gguf
+from conftest import in_terminal, smollm2_gguf
 from lilmistral.cli import main, parse_args
 from lilmistral.convert import convert
 from lilmistral.repl import AutoSave, Chat, run_command
@@ -52,11 +52,10 @@ def spawn(smol, tmp_path):
 def test_the_start_shows_one_spinner_whose_words_follow_the_steps(smol, tmp_path):
     """`run` showed "loading model..." and, inside it, a spinner of each step's own: the two redrew one line in
     turn: the words flickered between "loading model..." and "warming up"."""
-    env = {**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home"), "TERM": "xterm"}
-    child = pexpect.spawn(sys.executable, ["-m", "lilmistral", "run", str(smol), "Hi", "--max-tokens", "2"], env=env,
-                          encoding="utf-8", timeout=90, dimensions=(50, 200))
-    child.expect(pexpect.EOF)
-    shown = [words for words, _ in itertools.groupby(re.findall(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]\x1b\[0m ([a-z][^\r\x1b⠋]*)", child.before))]
+    written = in_terminal("run", str(smol), "Hi", "--max-tokens", "2",
+                          env={**os.environ, "LILMISTRAL_HOME": str(tmp_path / "home")})
+    frames = re.findall(r"[⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏]\x1b\[0m ([a-z][^\r\x1b⠋]*)", written)  # each frame's words
+    shown = [words for words, _ in itertools.groupby(frames)]
     steps = iter(["loading model...", "preparing the CPU kernels (built once, under a minute)", "loading model...",
                   "warming up"])
     assert shown and all(words in steps for words in shown), shown  # in the steps' order (a step under ~80 ms,
