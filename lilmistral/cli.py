@@ -347,7 +347,7 @@ def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err
         if ns.resume:
             say(console, recap(chat, saves.path), "dim")
         chat.verbose = ns.verbose
-        repl(chat, console, _store().history_file, markdown=ns.markdown)
+        repl(chat, console, _store().history_file, markdown=ns.markdown, wrap=not ns.nowordwrap)
         return 0
     start = time.perf_counter()
     if ns.format == "json":
@@ -360,7 +360,7 @@ def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err
                           "done_reason": s.done_reason},
                          ensure_ascii=False))
         return 0
-    stream_answer(chat, prompt.strip(), console, ns.markdown, verbose=False, notices=err)
+    stream_answer(chat, prompt.strip(), console, ns.markdown, verbose=False, notices=err, wrap=not ns.nowordwrap)
     if ns.verbose:
         err.print(stats_text(llm, llm.load_s + time.perf_counter() - start, load_s=llm.load_s), markup=False,
                   highlight=False)
@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--format", choices=["text", "json"], default="text",
                      help="json: one JSON object with the answer and stats")
     run.add_argument("--markdown", action="store_true", help="render answers as Markdown")
+    run.add_argument("--nowordwrap", action="store_true",
+                     help="let the terminal break answers' lines anywhere (by default words are kept whole)")
     run.add_argument("--verbose", action="store_true", help="timings after each answer")
     run.add_argument("--resume", action="store_true",
                      help="go on with the latest saved conversation with this model (with a prompt: answer it there)")

@@ -9,6 +9,7 @@ import itertools
 import json
 import re
 import shlex
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -336,31 +337,87 @@ def stats_text(llm: LLM, total_s: float, load_s: float | None = None) -> str:
     return "\n".join(lines)
 
 
+# Control characters (but newline and tab) shown as `cat -v` shows them, where text goes to a terminal: a model's
+# answer, a template or a loaded conversation could carry escape sequences (a title, the clipboard, the cursor).
+# A carriage return is dropped, as rich drops it.
+VISIBLE: dict[int, str | None] = {
+    **{c: f"^{chr(c ^ 64)}" for c in [*range(32), 127] if chr(c) not in "\n\t"},
+    **{c: f"M-^{chr(c ^ 192)}" for c in range(128, 160)},
+    ord("\r"): None,
+}
+
+
+def visible(text: str) -> str:
+    return text.translate(VISIBLE)
+
+
 def say(console: Any, text: str, style: str | None = None) -> None:
     """Print plain text: no markup parsing, no highlighting (model output and file names are not markup)."""
-    console.print(text, style=style, markup=False, highlight=False)
+    console.print(visible(text) if console.is_terminal else text, style=style, markup=False, highlight=False)
 
 
-def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: bool, notices: Any = None) -> None:
-    """Print the answer as it streams; Ctrl-C stops it and keeps what was written. Notices about the context go
-    to `notices` (default: the console)."""
+class WrappedAnswer:
+    """An answer streamed to a terminal with its words wrapped at the terminal's width, as Ollama wraps them: a
+    word that reaches the last column is erased and written again at the start of the next line (it was shown as
+    it came); a word of half a line or more is broken there instead."""
+
+    def __init__(self, file: Any, width: Callable[[], int]) -> None:
+        self.file, self.width = file, width
+        self.column = 0
+        self.word = ""  # the word being written, as far as it is on this line
+
+    def write(self, text: str) -> None:
+        from rich.cells import cell_len
+
+        width, out = self.width(), []
+        for char in visible(text):
+            if char == "\n":
+                out.append(char)
+                self.column, self.word = 0, ""
+                continue
+            cells = 8 - self.column % 8 if char == "\t" else cell_len(char)
+            if self.column + cells >= width:  # the last column stays empty: the cursor never waits there to wrap
+                if char in " \t":  # the line ends at the space: the next does not begin with it
+                    out.append("\n")
+                    self.column, self.word = 0, ""
+                    continue
+                moved = cell_len(self.word) if self.word and cell_len(self.word) < width // 2 else 0
+                out.append(f"\x1b[{moved}D\x1b[K\n{self.word}" if moved else "\n")
+                self.column, self.word = moved, self.word if moved else ""
+            out.append(" " * cells if char == "\t" else char)
+            self.column += cells
+            self.word = "" if char in " \t" else self.word + char
+        self.file.write("".join(out))
+        self.file.flush()
+
+
+def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: bool, notices: Any = None,
+                  wrap: bool = True) -> None:
+    """Print the answer as it streams (at a terminal: control characters made visible and, unless `wrap` is
+    False, words wrapped); Ctrl-C stops it and keeps what was written. Notices about the context go to `notices`
+    (default: the console)."""
     start = time.perf_counter()
     pieces = chat.ask(text)
-    written = ""
     try:
         if markdown and console.is_terminal:
             from rich.live import Live
             from rich.markdown import Markdown
 
+            written = ""
             with Live(Markdown(""), console=console, refresh_per_second=8, vertical_overflow="visible") as live:
                 for piece in pieces:
-                    written += piece
+                    written += visible(piece)
                     live.update(Markdown(written))
         else:
+            if console.is_terminal:
+                answer = WrappedAnswer(console.file, lambda: console.width if wrap else sys.maxsize)
+                write = answer.write
+            else:
+                def write(piece: str) -> None:
+                    console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+                    console.file.flush()
             for piece in pieces:
-                written += piece
-                console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
-                console.file.flush()
+                write(piece)
             console.print()
     except KeyboardInterrupt:
         pieces.close()
@@ -388,7 +445,7 @@ def read_message(session: Any, first: str) -> str:
         lines.append(line)
 
 
-def repl(chat: Chat, console: Any, history: Path, markdown: bool = False) -> None:
+def repl(chat: Chat, console: Any, history: Path, markdown: bool = False, wrap: bool = True) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
@@ -414,6 +471,6 @@ def repl(chat: Chat, console: Any, history: Path, markdown: bool = False) -> Non
         if not text.strip():
             continue
         try:
-            stream_answer(chat, text, console, markdown, chat.verbose)
+            stream_answer(chat, text, console, markdown, chat.verbose, wrap=wrap)
         except LilmistralError as e:
             say(console, f"Error: {e}", "red")

@@ -154,14 +154,23 @@ def smollm2_gguf() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def in_terminal(*args: str, env: dict[str, str] | None = None) -> str:
+def in_terminal(*args: str, env: dict[str, str] | None = None, columns: int = 140) -> str:
     """What `lilmistral ARGS` writes to a terminal (a pseudo-terminal of 140 columns), escape codes and all."""
     import pexpect
 
     child = pexpect.spawn(sys.executable, ["-m", "lilmistral", *args], env={"TERM": "xterm", **(env or os.environ)},
-                          encoding="utf-8", timeout=120, dimensions=(30, 140))
+                          encoding="utf-8", timeout=120, dimensions=(30, columns))
     child.expect(pexpect.EOF)
     return child.before
+
+
+def screen(written: str, columns: int, rows: int = 60) -> list[str]:
+    """The lines a terminal of `columns` shows after `written` (pyte, a VT100 emulator), right-stripped."""
+    import pyte
+
+    terminal = pyte.Screen(columns, rows)
+    pyte.Stream(terminal).feed(written.replace("\r\n", "\n").replace("\n", "\r\n"))  # a tty's ONLCR
+    return [line.rstrip() for line in terminal.display]
 
 
 def progress_bars(*args: str, env: dict[str, str] | None = None) -> tuple[dict[str, float], str]:

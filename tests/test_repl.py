@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -12,12 +14,14 @@ import sys
 
 import pexpect
 import pytest
+from rich.cells import cell_len
+from rich.console import Console
 
 import lilmistral
-from conftest import in_terminal, smollm2_gguf
+from conftest import in_terminal, screen, smollm2_gguf
 from lilmistral.cli import main, parse_args
 from lilmistral.convert import convert
-from lilmistral.repl import AutoSave, Chat, run_command
+from lilmistral.repl import AutoSave, Chat, WrappedAnswer, run_command, say, stream_answer
 
 PROMPT = ">>>"  # prompt-toolkit draws the space after it with a cursor move
 NEXT_PROMPT = r"\n(?:\x1b\[[0-9;?]*[A-Za-z]|\r)*>>>"  # a fresh prompt line, not the redraw of the one just sent
@@ -394,3 +398,72 @@ def test_pipes_and_json_output(smol):
     r = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(smol), "hi", "--temperature", "-1"],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1 and "temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("columns", [20, 41, 80])
+def test_answers_at_a_terminal_wrap_between_words(columns):
+    """Words arrive in pieces of any size; on the screen no line reaches the last column, a word shorter than half
+    a line is never split, and each line holds as many words as fit (the greedy fill)."""
+    rng = random.Random(columns)
+    words = ["".join(rng.choices("abcdefghij", k=rng.randint(1, columns // 2 - 1))) for _ in range(300)]
+    words += ["東京は", "首都"] * 5  # two cells a character
+    rng.shuffle(words)
+    text = "".join(w + rng.choice([" "] * 12 + ["\n"]) for w in words).rstrip() + "\n"
+    written = io.StringIO()
+    answer, at = WrappedAnswer(written, lambda: columns), 0
+    while at < len(text):
+        step = rng.randint(1, 8)
+        answer.write(text[at:at + step])
+        at += step
+    expected = []
+    for paragraph in text.split("\n")[:-1]:
+        line = ""
+        for word in paragraph.split(" "):
+            if line and cell_len(line) + 1 + cell_len(word) >= columns:
+                expected.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        expected.append(line)
+    assert screen(written.getvalue(), columns, rows=len(expected) + 1) == expected + [""]
+
+
+def test_a_word_of_half_a_line_or_more_is_broken_at_the_edge():
+    written = io.StringIO()
+    answer = WrappedAnswer(written, lambda: 20)
+    for piece in ["a few ", "words", " then ", "x" * 30, " end"]:
+        answer.write(piece)
+    assert screen(written.getvalue(), 20)[:4] == ["a few words then", "xxxxxxxxxxxxxxxxxxx", "xxxxxxxxxxx end", ""]
+
+
+def test_control_characters_in_an_answer_reach_a_terminal_made_visible(smol, monkeypatch):
+    """A model's answer is untrusted text: an escape sequence in it (here one setting the window's title and one
+    erasing the screen) is shown as `cat -v` shows it, never run by the terminal; a pipe gets the bytes as they
+    are. So do the other things the chat prints (say)."""
+    chat = Chat(lilmistral.load(smol))
+    answer = "Hi\x1b]0;owned\x07 there\x1b[2J\x9b2J\r\tend"
+    monkeypatch.setattr(chat.llm, "chat", lambda messages, **options: iter([answer[:5], answer[5:]]))
+    for markdown in (False, True):
+        terminal = io.StringIO()
+        stream_answer(chat, "hello", Console(file=terminal, force_terminal=True, width=60), markdown, verbose=False)
+        assert "\x1b]" not in terminal.getvalue() and "\x1b[2J" not in terminal.getvalue()
+        shown = screen(terminal.getvalue(), 60)[0].strip()
+        assert shown == "Hi^[]0;owned^G there^[[2JM-^[2J end"  # the tab: to column 32
+    assert chat.messages[-1]["content"] == answer  # the conversation keeps what the model wrote
+    piped = io.StringIO()
+    stream_answer(chat, "hello", Console(file=piped, force_terminal=False), markdown=False, verbose=False)
+    assert "\x1b]0;owned" in piped.getvalue() and "\x1b[2J" in piped.getvalue()
+    terminal = io.StringIO()
+    say(Console(file=terminal, force_terminal=True), "a template \x1b[2J")
+    assert "\x1b[2J" not in terminal.getvalue() and "a template ^[[2J" in screen(terminal.getvalue(), 80)[0]
+
+
+def test_a_one_shot_answer_at_a_narrow_terminal_keeps_its_words_whole(smol):
+    prompt = ["Write a poem about the sea.", "--temperature", "0", "--max-tokens", "60"]
+    r = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(smol), *prompt, "--format", "json"],
+                       capture_output=True, text=True, timeout=120)
+    words = json.loads(r.stdout)["response"].split()
+    for extra, whole in (([], True), (["--nowordwrap"], False)):
+        lines = [line for line in screen(in_terminal("run", str(smol), *prompt, *extra, columns=32), 32) if line]
+        assert (" ".join(lines).split() == words) is whole
+        assert max(map(len, lines)) < 32 if whole else max(map(len, lines)) == 32
