@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import __version__
-from .errors import LilmistralError, show_warning
+from .errors import LilmistralError, for_stderr, show_warning
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES
 
 JINJA_FORMAT = "the model's Jinja chat template (sandboxed)"  # show's chat format line, where not Mistral's
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return func(ns)
         except LilmistralError as e:
-            print(f"Error: {e}", file=sys.stderr)
+            print(f"Error: {for_stderr(str(e))}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print(file=sys.stderr)

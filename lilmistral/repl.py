@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import LilmistralError
+from .errors import LilmistralError, visible
 from .generate import SamplingParams
 from .llm import LLM
 from .store import human_parameters, write_durably
@@ -335,20 +335,6 @@ def stats_text(llm: LLM, total_s: float, load_s: float | None = None) -> str:
     if load_s is not None:
         lines.insert(1, f"load duration:        {load_s:.3f}s")
     return "\n".join(lines)
-
-
-# Control characters (but newline and tab) shown as `cat -v` shows them, where text goes to a terminal: a model's
-# answer, a template or a loaded conversation could carry escape sequences (a title, the clipboard, the cursor).
-# A carriage return is dropped, as rich drops it.
-VISIBLE: dict[int, str | None] = {
-    **{c: f"^{chr(c ^ 64)}" for c in [*range(32), 127] if chr(c) not in "\n\t"},
-    **{c: f"M-^{chr(c ^ 192)}" for c in range(128, 160)},
-    ord("\r"): None,
-}
-
-
-def visible(text: str) -> str:
-    return text.translate(VISIBLE)
 
 
 def say(console: Any, text: str, style: str | None = None) -> None:

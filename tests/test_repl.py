@@ -467,3 +467,12 @@ def test_a_one_shot_answer_at_a_narrow_terminal_keeps_its_words_whole(smol):
         lines = [line for line in screen(in_terminal("run", str(smol), *prompt, *extra, columns=32), 32) if line]
         assert (" ".join(lines).split() == words) is whole
         assert max(map(len, lines)) < 32 if whole else max(map(len, lines)) == 32
+
+
+def test_an_error_at_a_terminal_shows_its_control_characters():
+    """An error can quote a file's text (a config's architecture, a template's fault): at a terminal, its escape
+    sequences are made visible as the chat's are; piped, the message is as it was."""
+    model = "/nonexistent/\x1b]0;owned\x1b\\.gguf"
+    assert "Error: /nonexistent/^[]0;owned^[\\.gguf: no such model folder or file" in in_terminal("run", model, "Hi")
+    r = subprocess.run([sys.executable, "-m", "lilmistral", "run", model, "Hi"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr == f"Error: {model}: no such model folder or file\n"
