@@ -33,6 +33,7 @@ class BenchResult:
     decode_step: str  # DecodeStep.mode: traced, graphed, compiled, eager or pipeline
     cpu_kernels: str | None  # on the CPU: lilmistral's (vnni.isa(): avx512, avxvnni, avx2) or "pytorch"
     huge_page_fraction: float | None  # on the CPU, one process: the kernels' repacked weights' share in 2 MB pages
+    threads: int | None  # on the CPU: the threads each matmul and attention runs on (torch.get_num_threads())
 
     def to_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -168,4 +169,5 @@ def bench(llm: LLM, prompt_tokens: int = 128, gen_tokens: int = 64, bandwidth: f
                        rss, nbytes, achieved, bw, achieved / bw, str(device), llm.decode_step.mode,
                        (vnni.isa() or "pytorch") if device.type == "cpu" else None,
                        huge_page_fraction([t for _, t in repacked_weights(llm.model)])
-                       if device.type == "cpu" and not stored else None)
+                       if device.type == "cpu" and not stored else None,
+                       torch.get_num_threads() if device.type == "cpu" else None)

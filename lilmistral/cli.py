@@ -51,6 +51,8 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype of float weights")
     p.add_argument("--device", default="cpu", help="cpu or cuda (with --pp, stage i on GPU i)")
     p.add_argument("--pp", type=_at_least(1), default=1, help="pipeline stages, one process each")
+    p.add_argument("--threads", type=_at_least(1),
+                   help="CPU threads (default: one per core, as llama.cpp); with --pp, each stage's")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU); on a CPU the default step is as fast")
 
@@ -267,7 +269,19 @@ def cmd_rm(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _set_threads(ns: argparse.Namespace) -> None:
+    """--threads, for this process and the pipeline stages it starts (their PyTorch reads OMP_NUM_THREADS)."""
+    if ns.threads is not None:
+        import os
+
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(ns.threads)
+        torch.set_num_threads(ns.threads)
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
+    _set_threads(ns)
     prompt = ns.prompt
     interactive = prompt is None and sys.stdin.isatty()
     if prompt is None and not interactive:
@@ -370,6 +384,7 @@ def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err
 def cmd_bench(ns: argparse.Namespace) -> int:
     from .bench import bench
 
+    _set_threads(ns)
     if _torchrun_worker(ns):
         return 0
     llm = _load(ns, _model_path(ns.model))
@@ -382,7 +397,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if not ns.json:
         how = [f"{result['gen_tokens']} tokens", f"{result['decode_step']} step"]
         if result["cpu_kernels"]:
-            how.append(f"{result['cpu_kernels']} kernels")
+            how.append(f"{result['cpu_kernels']} kernels on {result['threads']} thread" + "s" * (result["threads"] > 1))
         if result["huge_page_fraction"] is not None:
             how.append(f"{100 * result['huge_page_fraction']:.0f}% of their weights in 2 MB pages")
         rows = [("prefill", f"{result['prefill_tps']:.1f} tokens/s ({ns.prompt_tokens} tokens)"),

@@ -442,7 +442,8 @@ def test_cli_run_of_a_model_without_a_chat_format_fails_before_reading_the_weigh
 
 def test_bench_reports_every_key(full, monkeypatch):
     monkeypatch.setenv("LILMISTRAL_HUGE_PAGES", "0")  # its int8 head (2 MB) in 4 KB pages, whatever they cost
-    r = run_cli("bench", str(full), "--prompt-tokens", "32", "--gen-tokens", "8", "--quant", "int4", "--json")
+    r = run_cli("bench", str(full), "--prompt-tokens", "32", "--gen-tokens", "8", "--quant", "int4", "--json",
+                "--threads", "1")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("prefill_tps", "decode_tps", "ttft_s", "load_s", "peak_rss_mb", "weight_bytes_per_token",
@@ -451,6 +452,7 @@ def test_bench_reports_every_key(full, monkeypatch):
     assert result["gen_tokens"] == 8 and result["decode_step"] == "traced"
     assert result["cpu_kernels"] == (vnni.isa() or "pytorch")
     assert result["huge_page_fraction"] == (0 if vnni.isa() else None)
+    assert result["threads"] == 1
     llm = lilmistral.load(full)
     params = sum(p.numel() * p.element_size() for p in llm.model.parameters())
     assert result["weight_bytes_per_token"] < params  # one embedding row, not the table
