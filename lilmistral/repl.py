@@ -406,8 +406,9 @@ def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: 
                 write(piece)
             console.print()
     except KeyboardInterrupt:
-        pieces.close()
         say(console, "\n(stopped)", "dim")
+    finally:  # whatever stopped the answer (also an exit): the conversation keeps, and saves, what was written
+        pieces.close()
     if notice := chat.notice():
         say(notices or console, notice, "yellow")
     if verbose:

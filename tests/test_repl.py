@@ -201,6 +201,24 @@ def test_every_answer_is_saved_and_a_crashed_chat_resumes(spawn, smol, tmp_path,
     assert len(list(folder.glob("*.json"))) == 2
 
 
+@pytest.mark.parametrize("signal_number", [signal.SIGHUP, signal.SIGTERM])
+def test_a_closed_terminal_or_a_shutdown_mid_answer_keeps_the_answer_so_far(spawn, tmp_path, signal_number):
+    """SIGHUP (the terminal window closed) or SIGTERM (the machine shutting down) while an answer streams: the
+    chat saves the question and what was written of the answer, then exits with 128 + the signal's number.
+    Before, either signal ended the process where it stood and the turn was lost."""
+    child = spawn("--max-tokens", "2000")
+    child.sendline("Write a very long story about a dragon who learns to cook, with many chapters.")
+    child.expect(r"chapters\.(?:\x1b\[[0-9;?]*[A-Za-z])*\r\r?\n")
+    child.expect(r"[A-Za-z]+ [A-Za-z]+ [A-Za-z]+ [A-Za-z]+ ")
+    child.kill(signal_number)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 128 + signal_number
+    [saved] = (tmp_path / "home" / "conversations").glob("*.json")
+    question, answer = json.loads(saved.read_text())["messages"]
+    assert question["content"].startswith("Write a very long story") and len(answer["content"].split()) >= 4
+
+
 def test_one_conversation_resumed_twice_at_once_keeps_both(smol, tmp_path):
     """Two chats that resumed the same conversation: the first to answer goes on in its file, the other in a
     file of its own (it would otherwise rewrite the file without the first one's exchange), and says where."""
