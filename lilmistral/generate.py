@@ -1,6 +1,7 @@
 """Prefill, incremental decode and sampling. Generation is an iterator and never prints."""
 from __future__ import annotations
 
+import math
 import types
 import warnings
 import weakref
@@ -16,6 +17,7 @@ from .quant import vnni
 
 PREFILL_CHUNK = 512  # tokens per prefill step for models without a sliding window
 NO_IDS = torch.empty(0, dtype=torch.long)
+INT32_MAX = 2**31 - 1
 
 
 @dataclass
@@ -44,15 +46,42 @@ class SamplingParams:
     def validate(self) -> None:
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
-            (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.top_k <= INT32_MAX, f"top_k must be between 0 (off) and {INT32_MAX}"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1 (-1: every token so far)"),
+            (-1 <= self.repeat_last_n <= INT32_MAX, f"repeat_last_n must be between -1 (every token so far) and "
+                                                   f"{INT32_MAX}"),
             (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
+            (self.seed is None or -2**63 <= self.seed < 2**64, "seed must be between -2**63 and 2**64 - 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise LilmistralError(message)
+
+
+RECOMMENDABLE = {"temperature": float, "top_k": int, "top_p": float, "repeat_penalty": float, "repeat_last_n": int}
+
+
+def recommended_sampling(values: object, where: str) -> dict[str, float | int]:
+    """The sampling options a model recommends ({SamplingParams name: value}), checked: they come from its files
+    (GGUF metadata, generation_config.json, a manifest) or models.toml. One of the wrong type or out of range is
+    left out with a warning; the rest stand."""
+    kept: dict[str, float | int] = {}
+    for name, value in (values if isinstance(values, dict) else {}).items():
+        kind = RECOMMENDABLE.get(name)
+        if kind is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            if not number or (kind is int and value != int(value)):
+                raise LilmistralError("not a number of its kind")
+            value = kind(f"{value:.6g}" if kind is float else value)  # a float32 0.949999988 is 0.95
+            SamplingParams(**{name: value}).validate()
+        except LilmistralError:
+            warnings.warn(f"lilmistral: {where}: the recommended {name} {value!r:.40} is not a valid one; left out")
+            continue
+        kept[name] = value
+    return kept
 
 
 class Sampler:

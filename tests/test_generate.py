@@ -209,6 +209,12 @@ def test_sample_filters():
         SamplingParams.from_kwargs(temperature=-1)
     with pytest.raises(lilmistral.LilmistralError):
         SamplingParams.from_kwargs(temprature=1)
+    # numbers past what the sampler's int64 (or the generator's seed) holds were a traceback from inside it
+    for option, value in (("top_k", 10**20), ("repeat_last_n", 10**20), ("seed", 2**64), ("seed", -2**63 - 1)):
+        with pytest.raises(lilmistral.LilmistralError, match=option):
+            SamplingParams.from_kwargs(**{option: value})
+    for seed in (-2**63, 2**64 - 1):
+        Sampler(SamplingParams.from_kwargs(seed=seed, top_k=2**31 - 1, repeat_last_n=2**31 - 1), [1], "cpu")(logits)
 
 
 @pytest.mark.skipif(not vnni.available(), reason="no lilmistral CPU kernels (no AVX2, or no C++ compiler)")
