@@ -130,11 +130,23 @@ def cmd_show(ns: argparse.Namespace) -> int:
 
     path = resolve_source(ns.model)
     lines = _converted_lines(path) if is_converted(path) else _source_lines(path)
-    lines += [("size on disk", _size(path)), ("pipeline", _stage_split(path, ns.pp) if ns.pp > 1 else "")]
+    lines += [("sampling", _sampling_line(path)), ("size on disk", _size(path)),
+              ("pipeline", _stage_split(path, ns.pp) if ns.pp > 1 else "")]
     for key, value in lines:
         if value:
             print(f"  {key:14s}{value}")
     return 0
+
+
+def _sampling_line(path: Path) -> str:
+    """The sampling options `run` starts with: the model's recommended ones (marked) over lilmistral's defaults."""
+    from .generate import RECOMMENDABLE, SamplingParams
+    from .loader import model_sampling
+
+    recommended = model_sampling(path)
+    params = SamplingParams(**recommended)
+    return ", ".join(f"{name} {getattr(params, name)}" + (" (the model's)" if name in recommended else "")
+                     for name in RECOMMENDABLE)
 
 
 def _architecture_lines(args, num_ctx: int | None = None) -> list[tuple[str, str]]:

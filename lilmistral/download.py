@@ -241,7 +241,7 @@ def _pull(ref: ModelRef, store: Store, keep_source: bool, force: bool,
     if on_convert is None:
         say(f"converting to {scheme}")
     extra = {"name": ref.name, "tag": ref.tag, "repo": ref.repo, "revision": revision, "license": ref.license,
-             "description": ref.description, "num_ctx": ref.num_ctx}
+             "description": ref.description, "num_ctx": ref.num_ctx, "sampling": ref.sampling}
     path = convert(source, store.model_dir(ref), scheme, overwrite=True, extra=extra,
                    on_write=(lambda total: on_convert(scheme, total)) if on_convert else None)
     for download in folder.parent.iterdir():  # and what an earlier revision left half done

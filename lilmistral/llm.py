@@ -44,6 +44,7 @@ class LLM:
         self.info = info or {}
         self.stats = GenerationStats()
         self.load_s = 0.0  # seconds lilmistral.load() took (set by it)
+        self.sampling_defaults: dict[str, Any] = {}  # the model's recommended options, under the caller's (set by load)
         self.resize_context(num_ctx or DEFAULT_NUM_CTX)
 
     def resize_context(self, num_ctx: int) -> None:
@@ -85,8 +86,9 @@ class LLM:
         return logits
 
     def generate(self, ids: list[int], **sampling: Any) -> Iterator[int]:
-        """Stream token ids after `ids`; sampling options as `SamplingParams`."""
-        params = SamplingParams.from_kwargs(**sampling)
+        """Stream token ids after `ids`; sampling options as `SamplingParams` (those not given: the model's
+        recommended ones, else SamplingParams' defaults)."""
+        params = SamplingParams.from_kwargs(**(self.sampling_defaults | sampling))
         return self._generate(list(ids), params)
 
     def _reuse_prefix(self, ids: list[int]) -> None:
@@ -150,8 +152,9 @@ class LLM:
         return system + turns
 
     def chat(self, messages: list[Message], **sampling: Any) -> Iterator[str]:
-        """Stream the assistant's answer as text pieces (whole UTF-8 characters), stopping at stop strings."""
-        params = SamplingParams.from_kwargs(**sampling)
+        """Stream the assistant's answer as text pieces (whole UTF-8 characters), stopping at stop strings;
+        sampling options as `generate`'s."""
+        params = SamplingParams.from_kwargs(**(self.sampling_defaults | sampling))
         reserve = min(params.max_tokens or 512, self.num_ctx // 4)
         fitted = self.fit_messages(list(messages), reserve)
         self.stats.dropped_messages = len(messages) - len(fitted)

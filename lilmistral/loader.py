@@ -23,6 +23,7 @@ from .convert import (FORMAT_VERSION, MANIFEST, WEIGHTS, check_counts, default_s
                       produce)
 from .convert.gguf import GGUFSource, gguf_tokenizer
 from .errors import LilmistralError, ModelFormatError
+from .generate import recommended_sampling
 from .llm import DEFAULT_NUM_CTX, LLM
 from .model import Transformer
 from .quant import (DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, fuse_projections, quantize,
@@ -311,6 +312,7 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
                      [kv_cache_bytes(args, args.n_layers, num_ctx, dtype)], device)
         model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
         llm = LLM(model, tokenizer, num_ctx=num_ctx, source=str(path), info=info, compile=compile)
+    llm.sampling_defaults = model_sampling(path)
     llm.load_s = time.perf_counter() - start
     return llm
 
@@ -424,6 +426,14 @@ def _load_source(path: Path, quant: str | None, device: str, dtype: str | torch.
 def model_args(path: Path) -> ModelArgs:
     """The architecture of a source, read from its metadata only."""
     return read_manifest(path)[1] if is_converted(path) else open_source(path).args
+
+
+def model_sampling(path: Path) -> dict[str, float | int]:
+    """The sampling options a model recommends (a GGUF's metadata, generation_config.json; for a pulled model also
+    its registry entry's, kept in the manifest), checked."""
+    if is_converted(path):
+        return recommended_sampling(read_manifest(path)[0].get("sampling"), str(path / MANIFEST))
+    return recommended_sampling(open_source(path).sampling, str(path))
 
 
 def tensor_bytes(path: Path, quant: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> dict[str, int]:

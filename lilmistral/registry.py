@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-
 QUANT_SUFFIXES = ("int4", "int5", "int6", "int8", "bf16")
 DEFAULT_FILES = ["config.json", "params.json", "model-*.safetensors", "model.safetensors",
                  "model.safetensors.index.json", "consolidated*.safetensors", "tekken.json", "tokenizer.model*",
-                 "tokenizer.json", "tokenizer_config.json"]
+                 "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class ModelRef:
     license: str = ""
     revision: str = "main"
     gguf: str = ""  # a GGUF file's type ("q4_k_m"): the repo's one file of that type is pulled, not `files`
+    sampling: dict[str, Any] = field(default_factory=dict, compare=False)  # recommended options (the model card's)
 
     @property
     def display(self) -> str:
@@ -119,11 +120,16 @@ def resolve(ref: str, home: Path | None = None) -> ModelRef:
         gguf = str(t.get("gguf", "")).lower()
         if gguf and not GGUF_TYPE.match(gguf):
             raise LilmistralError(f"models.toml: {name}:{base}: gguf = {gguf!r} is not a GGUF type (Q4_K_M, Q8_0, ...)")
+        sampling = [entry.get("sampling", {}), t.get("sampling", {})]  # the model's, a tag's over them
+        if not all(isinstance(table, dict) for table in sampling):
+            raise LilmistralError(f"models.toml: {name}:{base}: sampling must be a table (sampling = {{ temperature = "
+                                  "0.3 })")
         return ModelRef(name=name, tag=tag, repo=t["repo"], files=tuple(t.get("files", DEFAULT_FILES)),
                         quant=_validate_quant(quant or t.get("quant", "int4"), f"{name}:{tag}") if not gguf else "",
                         gguf=gguf,
                         num_ctx=t.get("num_ctx"), description=t.get("description", entry.get("description", "")),
-                        license=t.get("license", entry.get("license", "")), revision=t.get("revision", "main"))
+                        license=t.get("license", entry.get("license", "")), revision=t.get("revision", "main"),
+                        sampling=sampling[0] | sampling[1])
     except KeyError as e:
         raise LilmistralError(f"models.toml: {name}:{base} has no {e}") from None
 

@@ -44,12 +44,16 @@ OLLAMA_NAMES = {"num_predict": "max_tokens"}
 @dataclass
 class Chat:
     llm: LLM
-    params: SamplingParams = field(default_factory=SamplingParams)
+    params: SamplingParams | None = None  # default: the model's recommended options over SamplingParams' defaults
     system: str | None = None
     messages: list[Message] = field(default_factory=list)
     told_overflow: bool = False
     autosave: AutoSave | None = None  # where the conversation is saved after every answer
     verbose: bool = False  # the timings after each answer
+
+    def __post_init__(self) -> None:
+        if self.params is None:
+            self.params = SamplingParams(**self.llm.sampling_defaults)
 
     @property
     def model(self) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -909,3 +910,55 @@ def test_experts_without_a_batched_kernel_load_and_run_one_by_one(tmp_path, monk
     assert experts[1] and all(m.batched is None and m[0].w1.qweight is None for m in experts[1])
     for ids in (list(range(10, 40)), [17], [99]):  # a prompt (the loop in both), then tokens alone (batched)
         assert torch.equal(one_by_one.forward(ids), batched.forward(ids))
+
+
+def test_a_models_recommended_sampling_is_where_generation_starts(hf_models, tmp_path, monkeypatch, capsys):
+    """A GGUF's general.sampling.* keys (llama.cpp's) and a HF folder's generation_config.json say how the model
+    wants to be sampled: `load` starts there (kept through `convert`), under the caller's own options; `show` says
+    so. They are untrusted: a value of the wrong type or out of range is left out with a warning, and a damaged
+    generation_config.json does not stop the model."""
+    from lilmistral.generate import SamplingParams
+    from lilmistral.repl import Chat
+
+    folder, _ = hf_models["mistral"]
+    base = lilmistral.load(folder)
+    path = tmp_path / "m.gguf"
+
+    def vocab(w) -> None:
+        conftest.add_spm_vocab(w)
+        w.add_float32("general.sampling.temp", 0.0)
+        w.add_int32("general.sampling.top_k", -1)  # llama.cpp's "off"
+        w.add_float32("general.sampling.top_p", 0.95)  # as float32: 0.949999988
+        w.add_float32("general.sampling.penalty_repeat", -1.0)  # out of range
+        w.add_string("general.sampling.penalty_last_n", "64")  # of the wrong type
+
+    write_gguf(path, base.model.state_dict(), base.args, qtype="Q4_0", vocab=vocab)
+    recommended = {"temperature": 0.0, "top_k": 0, "top_p": 0.95}
+    with pytest.warns(UserWarning, match=r"recommended (repeat_penalty -1.0|repeat_last_n '64') is not") as caught:
+        llm = lilmistral.load(path)
+    assert llm.sampling_defaults == recommended and len(caught) == 2
+    used = []
+    monkeypatch.setattr(SamplingParams, "validate", lambda self: used.append(self))
+    ids = list(range(5, 15))
+    assert list(llm.generate(ids, max_tokens=6)) == list(llm.generate(ids, max_tokens=6, temperature=0, seed=1))
+    list(llm.chat([{"role": "user", "content": "hi"}], max_tokens=2, top_p=0.5))
+    assert [(p.temperature, p.top_k, p.top_p) for p in used] == [(0.0, 0, 0.95)] * 2 + [(0.0, 0, 0.5)]
+    assert Chat(llm).params == SamplingParams(**recommended)
+    monkeypatch.undo()
+
+    with pytest.warns(UserWarning):
+        out = convert(path, tmp_path / "converted", "int4")
+    assert json.loads((out / "manifest.json").read_text())["sampling"] == recommended
+    assert lilmistral.load(out).sampling_defaults == recommended
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0
+    assert ("sampling      temperature 0.0 (the model's), top_k 0 (the model's), top_p 0.95 (the model's), "
+            "repeat_penalty 1.1, repeat_last_n 64") in capsys.readouterr().out
+
+    hf = tmp_path / "hf"
+    shutil.copytree(folder, hf)
+    (hf / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    assert lilmistral.load(hf).sampling_defaults == {"temperature": 0.6, "top_p": 0.9}
+    (hf / "generation_config.json").write_text("{")
+    with pytest.warns(UserWarning, match="generation_config.json: cannot read JSON"):
+        assert lilmistral.load(hf).sampling_defaults == {}

@@ -23,6 +23,7 @@ REGISTRY = """
 default = "latest"
 description = "a tiny random Mistral"
 license = "apache-2.0"
+sampling = { temperature = 0.3, top_k = 20 }
 
 [tiny.tags.latest]
 repo = "test/tiny-mistral"
@@ -30,6 +31,7 @@ files = ["config.json", "params.json", "model-*.safetensors", "model.safetensors
          "consolidated.safetensors", "tokenizer.model.v3"]
 quant = "int8"
 num_ctx = 4096
+sampling = { top_k = 10 }
 
 [tinymix]
 default = "latest"
@@ -140,7 +142,8 @@ def test_pull_then_run_then_pull_again(home, hub):
     assert r.returncode == 0 and "tiny:latest" in r.stdout and "int8" in r.stdout
     r = cli(home, hub, "show", "tiny")
     assert r.returncode == 0
-    for words in ("MistralForCausalLM", "sliding window 8", "int8", "test/tiny-mistral", "apache-2.0", "mistral_common"):
+    for words in ("MistralForCausalLM", "sliding window 8", "int8", "test/tiny-mistral", "apache-2.0", "mistral_common",
+                  "temperature 0.3 (the model's), top_k 10 (the model's), top_p 0.9,"):  # the registry's, a tag's over
         assert words in r.stdout, r.stdout
     r = cli(home, hub, "run", "tiny", "Hello", "--temperature", "0", "--max-tokens", "5")
     assert r.returncode == 0, r.stderr
@@ -384,6 +387,10 @@ def test_unknown_and_unsafe_names(home, hub, monkeypatch, capsys):
     for bad in ("../../etc", "/etc/passwd", "tiny:../x", "a/../../b", "..", "x\\y"):
         assert main(["pull", bad]) == 1, bad
         assert capsys.readouterr().err.startswith("Error: "), bad
+    (home / "models.toml").write_text(REGISTRY + '[tinymix.tags.odd]\nrepo = "test/tiny-mixtral"\nsampling = 0.3\n')
+    assert main(["pull", "tinymix:odd"]) == 1
+    assert capsys.readouterr().err == ("Error: models.toml: tinymix:odd: sampling must be a table (sampling = { "
+                                       "temperature = 0.3 })\n")
     assert sorted(p.name for p in home.iterdir()) == ["models.toml"]
     assert not hub.requests
 

@@ -21,6 +21,7 @@ import torch
 
 from ..config import ModelArgs
 from ..errors import LilmistralError, ModelFormatError
+from ..generate import recommended_sampling
 from ..model import Transformer
 from ..quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES, QuantSpec, quantize, spec_for
 from ..quant.pack import packed_shapes
@@ -222,6 +223,8 @@ def convert(source: Path, out: Path, scheme: str, group_size: int = DEFAULT_GROU
                        "sha256": sha256_files(_source_files(src))},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
+            "sampling": {**recommended_sampling(src.sampling, str(source)),  # a registry entry's over the file's
+                         **recommended_sampling((extra or {}).get("sampling"), "models.toml")},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for path in (*tmp.iterdir(), tmp):  # on the disk before the folder is renamed (and a pull's source removed)

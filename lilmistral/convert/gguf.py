@@ -54,6 +54,9 @@ map_gguf_name = name_mapper(GGUF_TO_LILMISTRAL)
 map_stacked_name = name_mapper({k: v.replace("{e}", "{{e}}") for k, v in GGUF_STACKED.items()})
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",  # llama.cpp's keys
+                 "general.sampling.top_p": "top_p", "general.sampling.penalty_repeat": "repeat_penalty",
+                 "general.sampling.penalty_last_n": "repeat_last_n"}
 BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 SUPPORTED = (*FLOAT_TYPES, *BLOCK_TYPES)
 # Block formats that are one of lilmistral's int4 layouts (group 32), re-laid without requantizing, every value
@@ -300,6 +303,14 @@ class GGUFSource:
             raise ModelFormatError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
         self.args = self._args()
         self.entries = self._entries()
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The sampling options the file recommends, by SamplingParams' names, unchecked (llama.cpp reads them)."""
+        values = {ours: self.metadata[key] for key, ours in GGUF_SAMPLING.items() if key in self.metadata}
+        if isinstance(values.get("top_k"), int) and values["top_k"] < 0:
+            values["top_k"] = 0  # llama.cpp's "off"
+        return values
 
     def meta(self, key: str, kind: type, default: Any = None) -> Any:
         value = self.metadata.get(key, default)
