@@ -292,20 +292,18 @@ def _set_threads(ns: argparse.Namespace) -> None:
         torch.set_num_threads(ns.threads)
 
 
-def _exit_on(*signals: int) -> None:
-    """End the process on these signals by raising SystemExit(128 + signal) where it stands, so that the chat's
-    finally blocks run: a terminal closed (SIGHUP) or a shutdown (SIGTERM) mid-answer saves the answer so far."""
+def _exit_on_hangup() -> None:
+    """End the process on SIGHUP (its terminal closed) and SIGTERM (a shutdown) by raising SystemExit(128 + the
+    signal) where it stands, so that the chat's finally blocks run: an answer cut short so is saved."""
     import signal
 
-    for number in signals:
+    for number in (signal.SIGHUP, signal.SIGTERM):
         signal.signal(number, lambda received, frame: sys.exit(128 + received))
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
-    import signal
-
     _set_threads(ns)
-    _exit_on(signal.SIGHUP, signal.SIGTERM)
+    _exit_on_hangup()
     prompt = ns.prompt
     interactive = prompt is None and sys.stdin.isatty()
     if prompt is None and not interactive:

@@ -463,5 +463,6 @@ def repl(chat: Chat, console: Any, history: Path, markdown: bool = False, wrap: 
             continue
         try:
             stream_answer(chat, text, console, markdown, chat.verbose, wrap=wrap)
+            console.print()  # a blank line between an answer and the next prompt, as Ollama leaves
         except LilmistralError as e:
             say(console, f"Error: {e}", "red")

@@ -382,7 +382,7 @@ def test_set_takes_ollamas_names_too(smol):
     assert "repeat_last_n   -1" in run_command(chat, "/show parameters")
     run_command(chat, "/set verbose")
     assert chat.verbose
-    with pytest.raises(lilmistral.LilmistralError, match="repeat_last_n must be >= -1"):
+    with pytest.raises(lilmistral.LilmistralError, match="repeat_last_n must be between -1"):
         run_command(chat, "/set repeat_last_n -2")
     "".join(chat.ask("Hi"))
     assert chat.llm.stats.eval_tokens <= 5
