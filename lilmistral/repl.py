@@ -381,6 +381,73 @@ class WrappedAnswer:
         self.file.flush()
 
 
+FENCE = re.compile(r" {0,3}(```|~~~)")
+
+
+def finished_blocks(text: str) -> int:
+    """How much of a Markdown text streaming in is whole blocks: up to its last blank line outside a code fence
+    that a line starting in its first column follows (an indented one may go on a list item). 0: none yet."""
+    end, fenced, at, after_blank = 0, False, 0, None
+    for line in text.splitlines(keepends=True):
+        if after_blank is not None and not line[:1].isspace():
+            end = after_blank
+        after_blank = None
+        at += len(line)
+        if FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and not line.strip() and line.endswith("\n"):
+            after_blank = at
+    return end
+
+
+class MarkdownAnswer:
+    """An answer rendered as Markdown as it streams: each whole block (`finished_blocks`) is printed once, as rich
+    renders it after the block before it, and only the rest is redrawn (rich's Live), at most 8 times a second.
+    Redrawing the whole answer at every token parsed all of it a token, and an answer taller than the screen was
+    drawn again below itself at every frame (a screen cannot be redrawn above its top)."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.live import Live
+
+        self.console, self.tail, self.drawn = console, "", 0.0
+        self.last, self.last_lines = "", 0  # the block printed last, and the lines it takes where it begins
+        self.live = Live(console=console, auto_refresh=False, vertical_overflow="visible")
+
+    def __enter__(self) -> MarkdownAnswer:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # also on Ctrl-C: what came last is printed
+        self._print(self.tail)
+        self.live.stop()
+
+    def write(self, text: str) -> None:
+        self.tail += visible(text)
+        if cut := finished_blocks(self.tail):
+            self._print(self.tail[:cut])
+            self.tail = self.tail[cut:]
+            self._draw()
+        elif time.perf_counter() - self.drawn > 0.125:
+            self._draw()
+
+    def _print(self, block: str) -> None:
+        """Print a block above the live part: its lines where it follows the last block (their spacing)."""
+        from rich.console import Group
+        from rich.markdown import Markdown
+        from rich.segment import Segment, Segments
+
+        lines = self.console.render_lines(Markdown(self.last + block), pad=False)[self.last_lines:]
+        self.live.update(Group())  # no lines: what the live part showed is erased, and at the end nothing is left
+        self.console.print(Segments(s for line in lines for s in (*line, Segment.line())), end="")
+        self.last, self.last_lines = block, len(self.console.render_lines(Markdown(block), pad=False))
+
+    def _draw(self) -> None:
+        from rich.markdown import Markdown
+
+        self.live.update(Markdown(self.tail), refresh=True)
+        self.drawn = time.perf_counter()
+
+
 def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: bool, notices: Any = None,
                   wrap: bool = True) -> None:
     """Print the answer as it streams (at a terminal: control characters made visible and, unless `wrap` is
@@ -390,14 +457,9 @@ def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: 
     pieces = chat.ask(text)
     try:
         if markdown and console.is_terminal:
-            from rich.live import Live
-            from rich.markdown import Markdown
-
-            written = ""
-            with Live(Markdown(""), console=console, refresh_per_second=8, vertical_overflow="visible") as live:
+            with MarkdownAnswer(console) as answer:
                 for piece in pieces:
-                    written += visible(piece)
-                    live.update(Markdown(written))
+                    answer.write(piece)
         else:
             if console.is_terminal:
                 answer = WrappedAnswer(console.file, lambda: console.width if wrap else sys.maxsize)

@@ -165,12 +165,14 @@ def in_terminal(*args: str, env: dict[str, str] | None = None, columns: int = 14
 
 
 def screen(written: str, columns: int, rows: int = 60) -> list[str]:
-    """The lines a terminal of `columns` shows after `written` (pyte, a VT100 emulator), right-stripped."""
+    """The lines a terminal of `columns` x `rows` holds after `written` (pyte, a VT100 emulator): those scrolled
+    off its top, then its rows, right-stripped."""
     import pyte
 
-    terminal = pyte.Screen(columns, rows)
+    terminal = pyte.HistoryScreen(columns, rows, history=100_000)
     pyte.Stream(terminal).feed(written.replace("\r\n", "\n").replace("\n", "\r\n"))  # a tty's ONLCR
-    return [line.rstrip() for line in terminal.display]
+    scrolled = ["".join(line[x].data for x in range(columns)) for line in terminal.history.top]
+    return [line.rstrip() for line in scrolled + terminal.display]
 
 
 def progress_bars(*args: str, env: dict[str, str] | None = None) -> tuple[dict[str, float], str]:

@@ -11,11 +11,13 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pexpect
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
+from rich.markdown import Markdown
 
 import lilmistral
 from conftest import in_terminal, screen, smollm2_gguf
@@ -494,3 +496,31 @@ def test_an_error_at_a_terminal_shows_its_control_characters():
     assert "Error: /nonexistent/^[]0;owned^[\\.gguf: no such model folder or file" in in_terminal("run", model, "Hi")
     r = subprocess.run([sys.executable, "-m", "lilmistral", "run", model, "Hi"], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr == f"Error: {model}: no such model folder or file\n"
+
+
+def test_a_markdown_answer_taller_than_the_screen_is_drawn_once(smol, monkeypatch):
+    """--markdown: the answer, streamed in pieces of any size (one every 10 ms, as a model writes them) into a
+    terminal of 12 rows, ends up exactly as rich renders the whole text at once. Before, the whole answer was
+    redrawn at every token, and once taller than the screen it was drawn again below itself at every frame
+    (here the title appeared 11 times)."""
+    text = ("# A title\n\nSome **bold** text and `code`, a paragraph\nthat goes on.\n\n1. first\n2. second\n\n"
+            "   continued under second\n\n- a bullet\n- another\n\n```python\ndef f(x):\n\n    return x\n```\n\n"
+            "## Part two\n\n" + "Words of a long paragraph. " * 20 + "\n\nLast words.")
+    rng = random.Random(0)
+    cuts = sorted(rng.sample(range(1, len(text)), 150))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    chat = Chat(lilmistral.load(smol))
+
+    def chat_slowly(messages, **options):
+        for piece in pieces:
+            time.sleep(0.01)
+            yield piece
+
+    monkeypatch.setattr(chat.llm, "chat", chat_slowly)
+    streamed, whole = io.StringIO(), io.StringIO()
+    stream_answer(chat, "hi", Console(file=streamed, force_terminal=True, width=60, height=12), markdown=True,
+                  verbose=False)
+    Console(file=whole, force_terminal=True, width=60).print(Markdown(text))
+    shown = "\n".join(screen(streamed.getvalue(), 60, rows=12)).rstrip()  # the rows below stay blank
+    expected = "\n".join(screen(whole.getvalue(), 60, rows=12)).rstrip()
+    assert shown == expected and expected.count("A title") == 1
