@@ -382,8 +382,8 @@ def _run(ns: argparse.Namespace, llm, prompt: str | None, interactive: bool, err
     if interactive:
         if ns.resume:
             say(console, recap(chat, saves.path), "dim")
-        chat.verbose = ns.verbose
-        repl(chat, console, _store().history_file, markdown=ns.markdown, wrap=not ns.nowordwrap)
+        chat.verbose, chat.wrap = ns.verbose, not ns.nowordwrap
+        repl(chat, console, _store().history_file, markdown=ns.markdown)
         return 0
     start = time.perf_counter()
     if ns.format == "json":

@@ -26,6 +26,7 @@ HELP = """Available commands:
   /set temperature|top_p|top_k|repeat_penalty|repeat_last_n|seed|num_ctx|max_tokens VALUE
   /set system "text"       set the system prompt (/set system "" removes it)
   /set verbose|quiet       show (or not) the timings after each answer
+  /set wordwrap|nowordwrap keep words whole at the line's end (or let the terminal break them)
   /show info|parameters|template|system
   /clear                   forget the conversation (the next one is saved in a file of its own)
   /save FILE               save the conversation as JSON
@@ -50,6 +51,7 @@ class Chat:
     told_overflow: bool = False
     autosave: AutoSave | None = None  # where the conversation is saved after every answer
     verbose: bool = False  # the timings after each answer
+    wrap: bool = True  # words kept whole at the terminal's line ends
 
     def __post_init__(self) -> None:
         if self.params is None:
@@ -282,6 +284,9 @@ def _set(chat: Chat, args: list[str]) -> str:
     if args in (["verbose"], ["quiet"]):
         chat.verbose = args == ["verbose"]
         return f"Set '{args[0]}' mode."
+    if args in (["wordwrap"], ["nowordwrap"]):
+        chat.wrap = args == ["wordwrap"]
+        return f"Set '{args[0]}' mode."
     if len(args) != 2 and not (args and args[0] == "system"):
         raise LilmistralError("usage: /set PARAMETER VALUE (or /set system \"text\")")
     return chat.set(args[0], " ".join(args[1:]) if args[0] == "system" else args[1])
@@ -498,7 +503,7 @@ def read_message(session: Any, first: str) -> str:
         lines.append(line)
 
 
-def repl(chat: Chat, console: Any, history: Path, markdown: bool = False, wrap: bool = True) -> None:
+def repl(chat: Chat, console: Any, history: Path, markdown: bool = False) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
@@ -524,7 +529,7 @@ def repl(chat: Chat, console: Any, history: Path, markdown: bool = False, wrap: 
         if not text.strip():
             continue
         try:
-            stream_answer(chat, text, console, markdown, chat.verbose, wrap=wrap)
+            stream_answer(chat, text, console, markdown, chat.verbose, wrap=chat.wrap)
             console.print()  # a blank line between an answer and the next prompt, as Ollama leaves
         except LilmistralError as e:
             say(console, f"Error: {e}", "red")

@@ -384,6 +384,7 @@ def test_set_takes_ollamas_names_too(smol):
     assert "repeat_last_n   -1" in run_command(chat, "/show parameters")
     run_command(chat, "/set verbose")
     assert chat.verbose
+    assert run_command(chat, "/set nowordwrap") == "Set 'nowordwrap' mode." and not chat.wrap  # as Ollama's
     with pytest.raises(lilmistral.LilmistralError, match="repeat_last_n must be between -1"):
         run_command(chat, "/set repeat_last_n -2")
     "".join(chat.ask("Hi"))
