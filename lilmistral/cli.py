@@ -31,7 +31,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.8)")
+    p.add_argument("--temperature", type=float, help="0 is greedy (default 0.8, or the model's own: see show)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--repeat-penalty", type=float)
