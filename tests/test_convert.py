@@ -962,3 +962,24 @@ def test_a_models_recommended_sampling_is_where_generation_starts(hf_models, tmp
     (hf / "generation_config.json").write_text("{")
     with pytest.warns(UserWarning, match="generation_config.json: cannot read JSON"):
         assert lilmistral.load(hf).sampling_defaults == {}
+
+
+def test_a_gguf_answer_ends_at_any_of_llama_cpps_end_of_generation_tokens(hf_models, tmp_path):
+    """A ChatML fine-tune's GGUF may name <|endoftext|> its eos and close its turns with <|im_end|>: llama.cpp
+    stops at either (and at eot and eom ids), by their text; so does lilmistral. Before, only eos and eot ids: such
+    a model went on to write the user's next turn."""
+    from lilmistral.convert.gguf import gguf_tokenizer
+
+    def vocab(w) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(["a", "b", "ab", "<|endoftext|>", "<|im_end|>", "<|eom_id|>", "c"])
+        w.add_token_types([1, 1, 1, 3, 3, 3, 1])
+        w.add_token_merges(["a b"])
+        w.add_eos_token_id(3)
+        w.add_uint32("tokenizer.ggml.eom_token_id", 5)
+
+    base = lilmistral.load(hf_models["mistral"][0])
+    path = tmp_path / "chatml.gguf"
+    write_gguf(path, base.model.state_dict(), base.args, vocab=vocab)
+    assert gguf_tokenizer(GGUFSource(path)).eos_ids == {3, 4, 5}
+    assert gguf_tokenizer(GGUFSource(conftest.smollm2_gguf())).eos_ids == {0, 2}  # <|endoftext|>, <|im_end|>

@@ -54,6 +54,10 @@ map_gguf_name = name_mapper(GGUF_TO_LILMISTRAL)
 map_stacked_name = name_mapper({k: v.replace("{e}", "{{e}}") for k, v in GGUF_STACKED.items()})
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# Tokens that end an answer whatever the file's eos and eot ids say, by their text: llama.cpp's list (a
+# ChatML fine-tune whose eos is <|endoftext|> ends its turns with <|im_end|>)
+END_OF_GENERATION = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+                               "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>"})
 GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",  # llama.cpp's keys
                  "general.sampling.top_p": "top_p", "general.sampling.penalty_repeat": "repeat_penalty",
                  "general.sampling.penalty_last_n": "repeat_last_n"}
@@ -657,7 +661,8 @@ def gguf_tokenizer(src: GGUFSource):
                            for t, ty in zip(tokens, types) if ty == CONTROL])
     tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED])
     bos = token_id("bos")
-    eos_ids = {i for i in (token_id("eos"), token_id("eot")) if i is not None}
+    eos_ids = {i for i in (token_id("eos"), token_id("eot"), token_id("eom")) if i is not None}
+    eos_ids |= {i for i, t in enumerate(tokens) if t in END_OF_GENERATION}
     return HFTokenizer(tk, bos, eos_ids, src.meta("tokenizer.chat_template", str),
                        src.meta("tokenizer.ggml.add_bos_token", bool, kind == "llama"), f"gguf {kind}",
                        mistral_instruct_version(src))
