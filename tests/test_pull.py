@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from conftest import SPM_V3, hf_to_interleaved, make_hf_model, progress_bars, write_gguf
+from conftest import SPM_V3, add_spm_vocab, hf_to_interleaved, make_hf_model, progress_bars, write_gguf
 from hub import Hub
 from lilmistral.cli import main
 from lilmistral.registry import resolve
@@ -86,7 +86,8 @@ def publish_gguf(folder: Path, source: Path) -> Path:
 
     folder.mkdir()
     llm = lilmistral.load(source, quant="f32")
-    write_gguf(folder / "tiny-mistral.Q4_0.gguf", llm.model.state_dict(), llm.args, qtype="Q4_0")
+    write_gguf(folder / "tiny-mistral.Q4_0.gguf", llm.model.state_dict(), llm.args, qtype="Q4_0",
+               vocab=lambda w: (add_spm_vocab(w), w.add_float32("general.sampling.top_p", 0.5)))  # its own top_p
     write_gguf(folder / "tiny-mistral.Q8_0.gguf", llm.model.state_dict(), llm.args, qtype="Q8_0", split_tensors=20)
     write_gguf(folder / "tiny-mistral.F16.gguf", llm.model.state_dict(), llm.args, qtype="F16")
     (folder / "README.md").write_text("# tiny-mistral GGUF\n")
@@ -170,6 +171,8 @@ def test_pull_a_gguf_file_by_its_type(home, hub, tmp_path):
     assert {p.rsplit("/", 1)[1] for _, p, _ in hub.requests if "/resolve/" in p} == {"tiny-mistral.Q4_0.gguf"}
     r = cli(home, hub, "list")
     assert r.returncode == 0 and "test--tiny-GGUF:q4_0" in r.stdout and "int4" in r.stdout, r.stdout
+    manifest = json.loads((home / "models" / "test--tiny-GGUF" / "q4_0" / "manifest.json").read_text())
+    assert manifest["sampling"] == {"top_p": 0.5}  # the file's, kept through the conversion
     r = cli(home, hub, "show", "test/tiny-GGUF:q4_0")
     assert r.returncode == 0 and "test/tiny-GGUF" in r.stdout, r.stdout + r.stderr
     local = tmp_path / "tiny-mistral.Q4_0.gguf"
