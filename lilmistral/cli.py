@@ -5,6 +5,8 @@ import argparse
 import errno
 import gc
 import json
+import os
+import stat
 import sys
 import time
 import warnings
@@ -284,8 +286,6 @@ def cmd_rm(ns: argparse.Namespace) -> int:
 def _set_threads(ns: argparse.Namespace) -> None:
     """--threads, for this process and the pipeline stages it starts (their PyTorch reads OMP_NUM_THREADS)."""
     if ns.threads is not None:
-        import os
-
         import torch
 
         os.environ["OMP_NUM_THREADS"] = str(ns.threads)
@@ -301,14 +301,20 @@ def _exit_on_hangup() -> None:
         signal.signal(number, lambda received, frame: sys.exit(128 + received))
 
 
+def _piped_input() -> str:
+    """Standard input's text where it is a pipe or a file (`cat notes.txt | lilmistral run ...`); "" where it is
+    /dev/null, a terminal or a socket, which are not read."""
+    mode = os.fstat(0).st_mode
+    return sys.stdin.read() if stat.S_ISFIFO(mode) or stat.S_ISREG(mode) else ""
+
+
 def cmd_run(ns: argparse.Namespace) -> int:
     _set_threads(ns)
     _exit_on_hangup()
-    prompt = ns.prompt
-    interactive = prompt is None and sys.stdin.isatty()
-    if prompt is None and not interactive:
-        prompt = sys.stdin.read()
-        if not prompt.strip():
+    prompt, interactive = ns.prompt, ns.prompt is None and sys.stdin.isatty()
+    if not sys.stdin.isatty():  # piped text comes first, the prompt's words after it (as Ollama's)
+        prompt = "\n\n".join(text.rstrip() for text in (_piped_input(), ns.prompt) if text and text.strip())
+        if not prompt:
             raise LilmistralError("standard input is empty: give a prompt")
     if _torchrun_worker(ns):
         return 0
@@ -348,8 +354,6 @@ def _load(ns: argparse.Namespace, path: str, chat: bool = False):
 
 def _torchrun_worker(ns: argparse.Namespace) -> bool:
     """Under torchrun, ranks > 0 serve their pipeline stage and return True."""
-    import os
-
     if ns.pp <= 1 or int(os.environ.get("RANK", "0")) == 0:
         return False
     from .loader import resolve_source

@@ -405,6 +405,20 @@ def test_second_turn_reuses_the_first_turns_cache(smol):
     assert second.prompt_tokens - second.prefill_tokens >= first.prompt_tokens + first.eval_tokens - 2
 
 
+def test_piped_text_goes_before_the_prompt(smol):
+    """`lilmistral run MODEL "Summarize:" < notes.txt` (or `cat notes.txt | ...`) asks about the file, as Ollama
+    does: the piped text, a blank line, the prompt's words. Before, with a prompt, standard input was ignored."""
+    run = [sys.executable, "-m", "lilmistral", "run", str(smol), "--format", "json", "--max-tokens", "1"]
+    question = "What is the secret word?"
+    r = subprocess.run([*run, question], input="The secret word is banana.\n", capture_output=True, text=True,
+                       timeout=120)
+    expected = lilmistral.load(smol).tokenize_chat([{"role": "user", "content": f"The secret word is banana.\n\n"
+                                                                                f"{question}"}])
+    assert r.returncode == 0 and json.loads(r.stdout)["prompt_tokens"] == len(expected), r.stderr
+    r = subprocess.run([*run, question], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert json.loads(r.stdout)["prompt_tokens"] < len(expected)  # /dev/null is not read
+
+
 def test_pipes_and_json_output(smol):
     env = {**os.environ, "TERM": "xterm"}
     r = subprocess.run([sys.executable, "-m", "lilmistral", "run", str(smol), "--temperature", "0"],
