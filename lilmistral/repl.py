@@ -467,8 +467,7 @@ def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: 
                     answer.write(piece)
         else:
             if console.is_terminal:
-                answer = WrappedAnswer(console.file, lambda: console.width if wrap else sys.maxsize)
-                write = answer.write
+                write = WrappedAnswer(console.file, lambda: console.width if wrap else sys.maxsize).write
             else:
                 def write(piece: str) -> None:
                     console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
