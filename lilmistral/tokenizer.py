@@ -229,8 +229,23 @@ class HFTokenizer(Tokenizer):
 
         eos = cfg.get("eos_token")
         eos_ids = {i for t in (eos if isinstance(eos, list) else [eos]) if (i := token_id(t)) is not None}
+        eos_ids |= generation_end_ids(folder, tk.get_vocab_size())
         return cls(tk, token_id(cfg.get("bos_token")), eos_ids, template, bool(cfg.get("add_bos_token", False)),
                    cfg.get("lilmistral_kind", "huggingface tokenizer.json"), cfg.get("lilmistral_instruct_version"))
+
+
+def generation_end_ids(folder: Path, vocab_size: int) -> set[int]:
+    """The ids generation_config.json says end an answer (`eos_token_id`, one or a list), where transformers'
+    generate() stops: a chat model's end of turn may not be its tokenizer's eos (Llama 3's <|eot_id|>). A damaged
+    file gives none (its sampling options are left out with a warning, convert.hf)."""
+    path = folder / "generation_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return set()
+    ids = config.get("eos_token_id") if isinstance(config, dict) else None
+    return {i for i in (ids if isinstance(ids, list) else [ids])
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size}
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:

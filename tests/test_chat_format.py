@@ -318,3 +318,26 @@ def test_a_tokenizer_config_with_named_chat_templates_uses_the_default_one(tmp_p
     config_path.write_text(json.dumps(config))
     with pytest.raises(LilmistralError, match="chat_template is not text"):
         load_tokenizer(tmp_path)
+
+
+def test_a_folder_answer_ends_at_the_ids_generation_config_names_too(tmp_path):
+    """transformers' generate() stops at generation_config.json's eos_token_id (one or a list), which may name a
+    chat model's end of turn where tokenizer_config's eos does not (Llama 3's <|eot_id|>): so does lilmistral,
+    in the folder and once converted. Ids out of the vocabulary, or not numbers, are left out; a damaged file
+    gives none."""
+    from conftest import smollm2_gguf
+
+    folder = tmp_path / "hf"
+    make_hf_model(folder, "llama", vocab_size=49152)
+    (folder / "tokenizer.model.v3").unlink()  # SmolLM2's tokenizer.json instead
+    gguf_tokenizer(open_source(smollm2_gguf())).save(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"eos_token": "<|endoftext|>"}))
+    (folder / "generation_config.json").unlink()  # transformers wrote one, with the config's eos
+    assert load_tokenizer(folder).eos_ids == {0}
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2, 10**9, True, "x"]}))
+    assert load_tokenizer(folder).eos_ids == {0, 2}
+    converted = convert(folder, tmp_path / "converted", "int8")
+    assert load_tokenizer(converted).eos_ids == {0, 2}
+    (folder / "generation_config.json").write_text("{")
+    assert load_tokenizer(folder).eos_ids == {0}

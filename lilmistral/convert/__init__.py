@@ -173,7 +173,7 @@ def _save_tokenizer(src: Source, folder: Path) -> str:
     copied = tokenizer_files(src.folder)
     if not copied:
         raise ModelFormatError(f"{src.folder}: no tokenizer files")
-    for p in copied:
+    for p in [*copied, *src.folder.glob("generation_config.json")]:  # the latter: ids that end an answer
         shutil.copy(p, folder / p.name)
     return ", ".join(sorted(p.name for p in copied))
 
