@@ -58,7 +58,6 @@ def _bounded(*values: Any) -> None:
         raise LilmistralError(f"chat template failed: it ran for over {TEMPLATE_SECONDS:g} s")
 
 
-
 def _timed(items: Iterable) -> Iterator:
     """A template loop's items, the clock looked at before each: every loop and call of a render does, so
     that the work between two looks is bounded (one operation on values of at most TEMPLATE_LIMIT)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,18 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ModelFormatError(f"{path}: cannot read JSON ({e})") from None
+
+
+def generation_config(folder: Path) -> dict[str, Any]:
+    """A folder's generation_config.json (transformers' generation defaults: sampling, the ids that end an answer),
+    or {}. A damaged one is left out with a warning, not a reason to refuse the model."""
+    path = folder / "generation_config.json"
+    try:
+        config = read_json(path) if path.is_file() else {}
+    except ModelFormatError as e:
+        warnings.warn(f"lilmistral: {e}; it is left out")
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def load_args(folder: Path) -> ModelArgs:

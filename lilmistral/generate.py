@@ -71,16 +71,16 @@ def recommended_sampling(values: object, where: str) -> dict[str, float | int]:
         kind = RECOMMENDABLE.get(name)
         if kind is None:
             continue
-        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        try:
-            if not number or (kind is int and value != int(value)):
-                raise LilmistralError("not a number of its kind")
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and \
+                (kind is float or value == int(value)):
             value = kind(f"{value:.6g}" if kind is float else value)  # a float32 0.949999988 is 0.95
-            SamplingParams(**{name: value}).validate()
-        except LilmistralError:
-            warnings.warn(f"lilmistral: {where}: the recommended {name} {value!r:.40} is not a valid one; left out")
-            continue
-        kept[name] = value
+            try:
+                SamplingParams(**{name: value}).validate()
+                kept[name] = value
+                continue
+            except LilmistralError:
+                pass
+        warnings.warn(f"lilmistral: {where}: the recommended {name} {value!r:.40} is not a valid one; left out")
     return kept
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LilmistralError, visible
-from .generate import SamplingParams
+from .generate import RECOMMENDABLE, SamplingParams
 from .llm import LLM
 from .store import human_parameters, write_durably
 from .tokenizer import Message
@@ -37,8 +37,7 @@ HELP = """Available commands:
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer (what was written is kept).
 The conversation is saved after every answer; `lilmistral run MODEL --resume` goes on with the latest."""
 
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "repeat_penalty": float, "repeat_last_n": int,
-            "seed": int, "max_tokens": int, "num_ctx": int}
+SETTABLE = {**RECOMMENDABLE, "seed": int, "max_tokens": int, "num_ctx": int}
 OLLAMA_NAMES = {"num_predict": "max_tokens"}
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config import generation_config
 from .errors import LilmistralError, ModelFormatError
 
 Message = dict[str, Any]
@@ -236,14 +237,8 @@ class HFTokenizer(Tokenizer):
 
 def generation_end_ids(folder: Path, vocab_size: int) -> set[int]:
     """The ids generation_config.json says end an answer (`eos_token_id`, one or a list), where transformers'
-    generate() stops: a chat model's end of turn may not be its tokenizer's eos (Llama 3's <|eot_id|>). A damaged
-    file gives none (its sampling options are left out with a warning, convert.hf)."""
-    path = folder / "generation_config.json"
-    try:
-        config = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return set()
-    ids = config.get("eos_token_id") if isinstance(config, dict) else None
+    generate() stops: a chat model's end of turn may not be its tokenizer's eos (Llama 3's <|eot_id|>)."""
+    ids = generation_config(folder).get("eos_token_id")
     return {i for i in (ids if isinstance(ids, list) else [ids])
             if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size}
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..config import load_args, read_json
+from ..config import generation_config, load_args
 from ..errors import ModelFormatError
 from .safetensors_io import CODES, SafetensorsFile
 
@@ -116,16 +115,9 @@ class HFSource:
 
     @property
     def sampling(self) -> dict[str, Any]:
-        """The sampling options generation_config.json recommends (those llama.cpp's converter takes), unchecked;
-        a damaged file is left out with a warning, not a reason to refuse the model."""
-        path = self.folder / "generation_config.json"
-        try:
-            config = read_json(path) if path.is_file() else {}
-        except ModelFormatError as e:
-            warnings.warn(f"lilmistral: {e}; its sampling options are left out")
-            return {}
-        return {k: config[k] for k in ("temperature", "top_k", "top_p") if k in config} if isinstance(config, dict) \
-            else {}
+        """The sampling options generation_config.json recommends (those llama.cpp's converter takes), unchecked."""
+        config = generation_config(self.folder)
+        return {k: config[k] for k in ("temperature", "top_k", "top_p") if k in config}
 
     def read(self, entry: TensorEntry, mmap: bool = False) -> torch.Tensor:
         """The tensor in lilmistral's layout; memory-mapped (for loading) or read into memory (for converting)."""
