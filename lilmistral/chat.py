@@ -13,7 +13,9 @@ import functools
 import itertools
 import json
 import math
+import random
 import re
+import string
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
@@ -139,54 +141,249 @@ def render_chat_template(source: str, messages: list[dict[str, Any]], **variable
         _deadline.reset(deadline)
 
 
-def check_conversation(messages: list[dict[str, Any]]) -> None:
-    """The conversations Mistral's own library accepts for a reply (text only, no tools)."""
+ROLES = ("system", "user", "assistant", "tool")
+_FOLLOWS = {"system": ("system", "user", "assistant"), "user": ("system", "user", "assistant"),
+            "assistant": ("user", "assistant", "tool"), "tool": ("user", "assistant", "tool")}
+_FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # a tool call's id from v3 to v11 (v13: any)
+
+
+def _invalid(why: str) -> None:
+    raise LilmistralError(f"invalid conversation: {why}")
+
+
+def _check_name(name: Any, what: str) -> None:
+    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        _invalid(f"{what} {name!r} is not 1-64 letters, digits, _ or -")
+
+
+def _check_call_id(call_id: Any, version: int, what: str) -> None:
+    if version >= 13 and (not isinstance(call_id, str) or call_id in ("", "null")):
+        _invalid(f"{what} has no id")
+    if 3 <= version < 13 and (not isinstance(call_id, str) or not _CALL_ID.fullmatch(call_id)):
+        _invalid(f"{what}'s id {call_id!r} is not 9 letters or digits")
+
+
+def _check_tool_calls(calls: Any, version: int) -> list[dict[str, Any]]:
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                              for c in calls):
+        _invalid('tool_calls must be a list of {"id", "function": {"name", "arguments"}}')
+    for call in calls:
+        _check_name(call["function"].get("name"), "a tool call's function name")
+        _check_call_id(call.get("id"), version, "a tool call")
+        if not isinstance(call["function"].get("arguments"), (str, dict, type(None))):
+            _invalid("a tool call's arguments must be a JSON object or its text")
+    return calls
+
+
+def check_tools(tools: Any) -> None:
+    """Tools as OpenAI's and Ollama's APIs take them: [{"type": "function", "function": {"name", "description",
+    "parameters"}}]."""
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type", "function") == "function"
+                                              and isinstance(t.get("function"), dict) for t in tools):
+        raise LilmistralError('tools must be a list of {"type": "function", "function": {"name", "description", '
+                              '"parameters"}}')
+    for tool in tools:
+        _check_name(tool["function"].get("name"), "a tool's name")
+        if not isinstance(tool["function"].get("parameters") or {}, dict):
+            raise LilmistralError("a tool's parameters must be a JSON schema object")
+        if not isinstance(tool["function"].get("description") or "", str):
+            raise LilmistralError("a tool's description must be text")
+
+
+def check_conversation(messages: list[dict[str, Any]], version: int, tools: list[dict[str, Any]] | None = None) -> None:
+    """The conversations Mistral's own library accepts for a reply in tokenizer `version`'s format: roles in an
+    order it takes, tool calls answered by tool results (by their ids from v11) before the next answer."""
     if not messages:
-        raise LilmistralError("invalid conversation: it has no messages")
+        _invalid("it has no messages")
+    if tools is not None:
+        check_tools(tools)
+    if version < 2 and (tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)):
+        raise LilmistralError("this model's chat format (Mistral v1) has no tool calls")
+    previous, pending = None, []  # the last answer's tool call ids not yet answered by a tool message
     for m in messages:
-        if m.get("role") not in ("system", "user", "assistant"):
-            raise LilmistralError(f"unknown message role {m.get('role')!r} (use system, user, assistant)")
-        if not isinstance(m.get("content"), str):
-            raise LilmistralError(f"invalid conversation: a {m['role']} message's content must be text")
-        if m["role"] == "assistant" and not m["content"]:
-            raise LilmistralError("invalid conversation: an assistant message is empty")
-    if len(messages) > 1 and messages[-1]["role"] != "user":
-        raise LilmistralError("invalid conversation: it must end with a user message")
-    if len(messages) == 1 and messages[0]["role"] == "assistant":
-        raise LilmistralError("invalid conversation: it must start with a user or system message")
-    if any(a["role"] == "assistant" and b["role"] == "system" for a, b in itertools.pairwise(messages)):
-        raise LilmistralError("invalid conversation: a system message cannot follow an assistant message")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise LilmistralError(f"unknown message role {role!r} (use system, user, assistant, tool)")
+        if not isinstance(content, str) and not (role == "assistant" and content is None):
+            _invalid(f"a {role} message's content must be text")
+        if previous is not None and role not in _FOLLOWS[previous]:
+            _invalid(f"a {role} message cannot follow a {previous} message")
+        if role == "assistant":
+            calls = _check_tool_calls(m.get("tool_calls") or [], version)
+            if not content and not calls:
+                _invalid("an assistant message is empty")
+            if pending:
+                _invalid("tool calls without their results")
+            pending = [c.get("id") for c in calls]
+        elif role == "tool":
+            _check_call_id(m.get("tool_call_id"), version, "a tool message")
+            if m.get("name") is not None:
+                _check_name(m["name"], "a tool message's name")
+            if not pending or (version >= 11 and m.get("tool_call_id") not in pending):
+                _invalid(f"a tool result answers no tool call (tool_call_id {m.get('tool_call_id')!r})")
+            pending.remove(m["tool_call_id"] if version >= 11 else pending[0])
+        previous = role
+    if len(messages) > 1 and messages[-1]["role"] not in ("user", "tool"):
+        _invalid("it must end with a user or tool message")
+    if len(messages) == 1 and messages[0]["role"] not in ("user", "system"):
+        _invalid("it must start with a user or system message")
+
+
+def _json_value(text: str | dict[str, Any] | None) -> Any:
+    """A tool call's arguments or a tool result as mistral_common writes them in JSON: parsed where they are
+    JSON, else the text; nothing is {}."""
+    if not isinstance(text, str):
+        return {} if text is None else text
+    try:
+        return json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return text
+
+
+def _turns(messages: list[dict[str, Any]], version: int) -> list[dict[str, Any]]:
+    """Messages as mistral_common's normalizer leaves them: runs of user or assistant messages joined (their
+    texts by a blank line, their tool calls in order), up to v3 the system messages taken out (they join the
+    user message that _encode gives them), from v11 the tool results in the order of the calls; an empty user
+    message first where the format needs one."""
+    turns: list[dict[str, Any]] = []
+    called: list[str] = []  # the ids of the tool calls since the last tool results
+    for role, run in itertools.groupby(messages, key=lambda m: m["role"]):
+        run = list(run)
+        if role in ("user", "assistant"):
+            turns.append({"role": role, "content": "\n\n".join(m["content"] for m in run if m.get("content")),
+                          "tool_calls": [c for m in run for c in m.get("tool_calls") or []]})
+            called += [c.get("id") for c in turns[-1]["tool_calls"]]
+        elif role == "tool":
+            if version >= 11:
+                run.sort(key=lambda m: called.index(m["tool_call_id"]) if m["tool_call_id"] in called else len(called))
+            turns += run
+            called = []
+        elif version >= 7:
+            turns += run
+    if not turns or (version < 7 and turns[0]["role"] != "user"):
+        turns.insert(0, {"role": "user", "content": ""})
+    return turns
+
+
+def _tool_call_ids(calls: list[dict[str, Any]], version: int, encode: Callable[[str], list[int]],
+                   special: Callable[[str], int]) -> list[int]:
+    """An answer's tool calls: up to v7 one JSON list after [TOOL_CALLS]; from v11 each call's name and its
+    arguments' JSON after [TOOL_CALLS] and [ARGS] (v11 with [CALL_ID] and the id between them)."""
+    prepared = [{"name": c["function"]["name"], "arguments": _json_value(c["function"].get("arguments"))}
+                | ({"id": c["id"]} if version >= 3 and c.get("id") not in (None, "", "null") else {}) for c in calls]
+    if version < 11:
+        return [special("[TOOL_CALLS]"), *encode(json.dumps(prepared, ensure_ascii=False))]
+    ids = []
+    for call in prepared:
+        ids += [special("[TOOL_CALLS]"), *encode(call["name"])]
+        if version == 11 and "id" in call:
+            ids += [special("[CALL_ID]"), *encode(call["id"])]
+        ids += [special("[ARGS]"), *encode(json.dumps(call["arguments"], ensure_ascii=False))]
+    return ids
+
+
+def _tool_result_ids(message: dict[str, Any], version: int, encode: Callable[[str], list[int]],
+                     special: Callable[[str], int]) -> list[int]:
+    """A tool message: v2 {"name", "content"} in a JSON list, v3 {"content", "call_id"}, v7 and v11 the call's id
+    and the text after [TOOL_CONTENT], from v13 the text alone; between [TOOL_RESULTS] and [/TOOL_RESULTS]."""
+    content = message["content"]
+    if version == 2:
+        content = json.dumps([{"name": message.get("name"), "content": _json_value(content)}], ensure_ascii=False)
+    elif version == 3:
+        content = json.dumps({"content": _json_value(content), "call_id": message["tool_call_id"]},
+                             ensure_ascii=False)
+    elif version < 13:
+        return [special("[TOOL_RESULTS]"), *encode(message["tool_call_id"]), special("[TOOL_CONTENT]"),
+                *encode(content), special("[/TOOL_RESULTS]")]
+    return [special("[TOOL_RESULTS]"), *encode(content), special("[/TOOL_RESULTS]")]
+
+
+def _tools_ids(tools: list[dict[str, Any]], encode: Callable[[str], list[int]],
+               special: Callable[[str], int]) -> list[int]:
+    specs = [{"type": "function", "function": {"name": t["function"]["name"],
+                                               "description": t["function"].get("description") or "",
+                                               "parameters": t["function"].get("parameters") or {}}} for t in tools]
+    return [special("[AVAILABLE_TOOLS]"), *encode(json.dumps(specs, ensure_ascii=False)), special("[/AVAILABLE_TOOLS]")]
 
 
 def mistral_instruct(messages: list[dict[str, Any]], version: int, encode: Callable[[str], list[int]],
-                     special: Callable[[str], int], bos: int, eos: int) -> list[int]:
+                     special: Callable[[str], int], bos: int, eos: int,
+                     tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The prompt ids of a conversation in Mistral's instruct format of tokenizer `version` (1, 2, 3, 7 or
     later), as mistral_common encodes it (tests/test_chat_format.py compares every version's ids): runs of
     messages of one role joined by a blank line; up to v3 the system messages joined into one prompt, put
     before the first (v1) or the last (v2, v3) user message, from v7 each in [SYSTEM_PROMPT] tokens where it
-    stands; v1 writes [INST] as text, later versions as control tokens."""
-    check_conversation(messages)
-    turns: list[tuple[str, str]] = []
-    for role, run in itertools.groupby(messages, key=lambda m: m["role"]):
-        texts = [m["content"] for m in run]
-        if role != "system":
-            turns.append((role, "\n\n".join(t for t in texts if t)))
-        elif version >= 7:
-            turns += [(role, t) for t in texts]
-    if not turns or (version < 7 and turns[0][0] != "user"):
-        turns.insert(0, ("user", ""))
+    stands; v1 writes [INST] as text, later versions as control tokens. `tools` go before the last user
+    message (from v13 the first); v2 leaves out the tool calls and results before the last user message."""
+    check_conversation(messages, version, tools)
+    turns = _turns(messages, version)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
-    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    users = [i for i, turn in enumerate(turns) if turn["role"] == "user"]
+    last_user = users[-1] if users else -1
+    if version == 2 and any(len(list(run)) > 1 for role, run in itertools.groupby(
+            turn["role"] for turn in turns[last_user + 1:]) if role == "tool"):
+        raise LilmistralError("this model's chat format (Mistral v2) takes one tool result per tool call turn")
     ids = [bos]
-    for i, (role, text) in enumerate(turns):
+    for i, turn in enumerate(turns):
+        role, text = turn["role"], turn["content"]
         if role == "system":
             ids += [special("[SYSTEM_PROMPT]"), *encode(text), special("[/SYSTEM_PROMPT]")]
+        elif role == "tool":
+            if version > 2 or i > last_user:
+                ids += _tool_result_ids(turn, version, encode, special)
         elif role == "assistant":
-            ids += [*encode(text if version == 1 else text.rstrip(" ")), eos]
+            if text and turn["tool_calls"] and version < 7:
+                _invalid(f"an answer has both text and tool calls (Mistral v{version}'s format takes one)")
+            if turn["tool_calls"] and version == 2 and i < last_user:
+                continue
+            ids += encode(text if version == 1 else text.rstrip(" ")) if text else []
+            ids += _tool_call_ids(turn["tool_calls"], version, encode, special) if turn["tool_calls"] else []
+            ids.append(eos)
         elif version == 1:
             text = f"{system}\n\n{text}" if system and i == users[0] else text
             ids += encode(f"[INST] {text} [/INST]")
         else:
-            text = f"{system}\n\n{text}" if system and version < 7 and i == users[-1] else text
+            if tools and i == (users[0] if version >= 13 else last_user):
+                ids += _tools_ids(tools, encode, special)
+            text = f"{system}\n\n{text}" if system and version < 7 and i == last_user else text
             ids += [special("[INST]"), *encode(text), special("[/INST]")]
     return ids
+
+
+def new_call_id() -> str:
+    """A tool call's id as Mistral's formats take it (v3 to v11: 9 letters or digits), for a call the model
+    wrote without one."""
+    return "".join(random.choices(string.ascii_letters + string.digits, k=9))
+
+
+def parse_tool_calls(ids: list[int], version: int, decode: Callable[[list[int]], str],
+                     control_id: Callable[[str], int | None]) -> list[dict[str, Any]] | None:
+    """The tool calls an answer wrote from its [TOOL_CALLS] token on (what `_tool_call_ids` writes), as an
+    assistant message's "tool_calls" holds them ({"id", "type", "function": {"name", "arguments"}}, the
+    arguments parsed); None where they are not well formed (a call cut short by max_tokens, say)."""
+    calls_id, args_id, call_id_id = (control_id(t) for t in ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"))
+    if version < 11:
+        try:
+            calls = json.loads(decode([i for i in ids if i != calls_id]))
+        except json.JSONDecodeError:
+            return None
+        calls = calls if isinstance(calls, list) else [calls]
+    else:
+        calls = []
+        starts = [k for k, i in enumerate(ids) if i == calls_id]
+        for start, end in zip(starts, [*starts[1:], len(ids)]):
+            part = ids[start + 1:end]  # name [CALL_ID] id [ARGS] arguments
+            if args_id not in part:
+                return None
+            head, args = part[:part.index(args_id)], part[part.index(args_id) + 1:]
+            cut = head.index(call_id_id) if call_id_id in head else len(head)
+            try:
+                arguments = json.loads(decode(args) or "{}")
+            except json.JSONDecodeError:
+                return None
+            calls.append({"name": decode(head[:cut]), "arguments": arguments, "id": decode(head[cut + 1:])})
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"] for c in calls):
+        return None
+    return [{"id": c["id"] if isinstance(c.get("id"), str) and c["id"] else new_call_id(), "type": "function",
+             "function": {"name": c["name"], "arguments": _json_value(c.get("arguments"))}} for c in calls]

@@ -44,6 +44,7 @@ class LLM:
         self.info = info or {}
         self.stats = GenerationStats()
         self.load_s = 0.0  # seconds lilmistral.load() took (set by it)
+        self.tool_calls: list[dict[str, Any]] = []  # the last chat()'s, as an assistant message's "tool_calls"
         self.sampling_defaults: dict[str, Any] = {}  # the model's recommended options, under the caller's (set by load)
         self.resize_context(num_ctx or DEFAULT_NUM_CTX)
 
@@ -133,32 +134,39 @@ class LLM:
         finally:
             self._cached_ids = (ids + generated)[:self.cache.length]
 
-    def tokenize_chat(self, messages: list[Message]) -> list[int]:
-        """The exact prompt ids for a list of {"role", "content"} messages."""
-        return self.tokenizer.encode_chat(messages)
+    def tokenize_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The exact prompt ids for a list of {"role", "content"} messages (and the tools they may call)."""
+        return self.tokenizer.encode_chat(messages, tools)
 
-    def fit_messages(self, messages: list[Message], reserve: int) -> list[Message]:
-        """Drop the oldest turns (never the system prompt or the last message) until the prompt leaves
-        `reserve` tokens for the answer. Sliding-window models never need to."""
+    def fit_messages(self, messages: list[Message], reserve: int,
+                     tools: list[dict[str, Any]] | None = None) -> list[Message]:
+        """Drop the oldest turns (a user message and the answers, tool calls and results after it; never the
+        system prompt or the last user message) until the prompt leaves `reserve` tokens for the answer.
+        Sliding-window models never need to."""
         if self.cache.window is not None:
             return messages
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
-        while len(self.tokenize_chat(system + turns)) + reserve > self.num_ctx:
-            if len(turns) <= 1:
+        while len(self.tokenize_chat(system + turns, tools)) + reserve > self.num_ctx:
+            later = [i for i, m in enumerate(turns) if i > 0 and m["role"] == "user"]
+            if not later:
                 raise ContextLengthError(f"the last message does not fit num_ctx={self.num_ctx} "
                                          f"with {reserve} tokens left for the answer")
-            turns = turns[2:] if turns[0]["role"] == "user" and len(turns) > 2 else turns[1:]
+            turns = turns[later[0]:]
         return system + turns
 
-    def chat(self, messages: list[Message], **sampling: Any) -> Iterator[str]:
+    def chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+             **sampling: Any) -> Iterator[str]:
         """Stream the assistant's answer as text pieces (whole UTF-8 characters), stopping at stop strings;
-        sampling options as `generate`'s."""
+        sampling options as `generate`'s. With `tools` (OpenAI's and Ollama's form), an answer that calls them
+        (Mistral's formats) leaves its calls in `self.tool_calls` once the stream ends."""
         params = SamplingParams.from_kwargs(**(self.sampling_defaults | sampling))
         reserve = min(params.max_tokens or 512, self.num_ctx // 4)
-        fitted = self.fit_messages(list(messages), reserve)
+        fitted = self.fit_messages(list(messages), reserve, tools)
         self.stats.dropped_messages = len(messages) - len(fitted)
-        return stream_text(self._generate(self.tokenize_chat(fitted), params), self.tokenizer, params.stop)
+        self.tool_calls = []
+        tokens = self._generate(self.tokenize_chat(fitted, tools), params)
+        return stream_text(tokens, self.tokenizer, params.stop, self.tool_calls if tools else None)
 
 
 def _partial_stop(text: str, stop: list[str]) -> int:
@@ -166,11 +174,21 @@ def _partial_stop(text: str, stop: list[str]) -> int:
     return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-def stream_text(tokens: Iterator[int], tokenizer: Tokenizer, stop: list[str]) -> Iterator[str]:
-    """Text pieces of a token stream; ends before the first stop string, which is not emitted."""
+def stream_text(tokens: Iterator[int], tokenizer: Tokenizer, stop: list[str],
+                tool_calls: list[dict[str, Any]] | None = None) -> Iterator[str]:
+    """Text pieces of a token stream; ends before the first stop string, which is not emitted. Given a list
+    `tool_calls`, and a Mistral format: the text ends at a [TOOL_CALLS] token, the calls after it go into the
+    list (their text into the answer where they are not well formed)."""
+    calls_id = tokenizer.control_id("[TOOL_CALLS]") if tool_calls is not None and tokenizer.instruct_version else None
     decoder = StreamDecoder(tokenizer.decode)
     held = ""
     for token in tokens:
+        if token == calls_id:
+            rest = [token, *tokens]
+            calls = tokenizer.parse_tool_calls(rest)
+            tool_calls.extend(calls or [])
+            held += "" if calls else tokenizer.decode(rest)
+            break
         held += decoder.push(token)
         hits = [i for i in (held.find(s) for s in stop if s) if i >= 0]
         if hits:

@@ -40,13 +40,20 @@ class Tokenizer:
             raise ModelFormatError(f"this {self.kind} tokenizer has no {piece} token")
         return token_id
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
-        """The exact prompt ids for a conversation, ending where the assistant's answer begins: here, in Mistral's
-        instruct format of `instruct_version`."""
+    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The exact prompt ids for a conversation (and the tools it may call), ending where the assistant's answer
+        begins: here, in Mistral's instruct format of `instruct_version`."""
         from .chat import mistral_instruct
 
         return mistral_instruct(messages, self.instruct_version, self.encode, self.control, self.control("<s>"),
-                                self.control("</s>"))
+                                self.control("</s>"), tools)
+
+    def parse_tool_calls(self, ids: list[int]) -> list[dict[str, Any]] | None:
+        """The tool calls in an answer's ids from its [TOOL_CALLS] token on (Mistral's formats only), None where
+        they are not well formed."""
+        from .chat import parse_tool_calls
+
+        return parse_tool_calls(ids, self.instruct_version, self.decode, self.control_id)
 
 
 def spm_version(controls: set[str]) -> int:
@@ -80,7 +87,7 @@ def find_mistral_tokenizer_file(folder: Path) -> Path | None:
     return bare if bare.is_file() else None
 
 
-VERSIONS = (1, 2, 3, 7, 11, 13)  # Mistral's instruct formats `chat.mistral_instruct` writes (text, no tools)
+VERSIONS = (1, 2, 3, 7, 11, 13)  # Mistral's instruct formats `chat.mistral_instruct` writes (text and tools)
 # a tekken file's control tokens when it does not list them (files before v11)
 TEKKEN_CONTROLS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
@@ -180,17 +187,21 @@ class HFTokenizer(Tokenizer):
     def control_id(self, piece: str) -> int | None:
         return self._tk.token_to_id(piece)
 
-    def encode_chat(self, messages: list[Message]) -> list[int]:
-        """Mistral's instruct format for a Mistral vocabulary (`instruct_version`); else the chat template."""
-        from .chat import render_chat_template
+    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Mistral's instruct format for a Mistral vocabulary (`instruct_version`); else the chat template (given
+        the tools as transformers gives them: `tools`)."""
+        from .chat import check_tools, render_chat_template
 
         if self.instruct_version is not None:
-            return super().encode_chat(messages)
+            return super().encode_chat(messages, tools)
         if not self.chat_template:
             raise LilmistralError("this model has no chat template")
         bos = self.token(self.bos_id) if self.bos_id >= 0 else ""
         eos = self.token(min(self.eos_ids)) if self.eos_ids else ""
-        text = render_chat_template(self.chat_template, messages, bos_token=bos, eos_token=eos)
+        if tools is not None:
+            check_tools(tools)
+        text = render_chat_template(self.chat_template, messages, bos_token=bos, eos_token=eos,
+                                    **({} if tools is None else {"tools": tools}))
         return self.encode(text, bos=self.add_bos and not (bos and text.startswith(bos)))
 
     def to_config(self) -> dict[str, Any]:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer as Reference
 
 from conftest import MC_DATA, MISTRAL_TEMPLATE, add_spm_vocab, make_hf_model, write_gguf
@@ -120,6 +122,142 @@ def test_prompt_ids_identical_to_mistral_common(tmp_path, source, name):
             reference_ids(reference, conversation)
         with pytest.raises(LilmistralError, match="invalid conversation"):
             ours.encode_chat([{"role": r, "content": c} for r, c in conversation])
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "e.g. Paris"},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "get-time_2", "description": "L'heure à Zürich — “now”",
+                                          "parameters": {"type": "object", "properties": {}}}}
+
+
+def call(call_id: str, name: str = "get_weather", arguments=None):
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def result(call_id: str, content: str, name: str | None = "get_weather"):
+    return {"role": "tool", "tool_call_id": call_id, "name": name, "content": content}
+
+
+def asks(*calls, content=None):
+    return {"role": "assistant", "content": content, "tool_calls": list(calls)}
+
+
+def user(text: str):
+    return {"role": "user", "content": text}
+
+
+PARIS = call("abcDEF123", arguments={"city": "Paris"})
+TOKYO = call("Tokyo0001", arguments='{"city":  "Tokyo", "unit": "celsius"}')
+# (name, messages, tools, the versions whose mistral_common refuses it)
+TOOL_CONVERSATIONS = [
+    ("tools offered", [user("What's the weather in Paris?")], [WEATHER, CLOCK], ()),
+    ("no tools offered", [user("Hi")], [], ()),
+    ("a call and its JSON result", [{"role": "system", "content": "Be brief."}, user("Weather in Paris?"), asks(PARIS),
+                                    result("abcDEF123", '{"temperature": 21, "unit": "celsius"}')], [WEATHER], ()),
+    ("a text result, no name", [user("Paris?"), asks(PARIS), result("abcDEF123", "sunny, 21 °C", None)], [WEATHER],
+     ()),
+    ("an empty result", [user("Paris?"), asks(PARIS), result("abcDEF123", "")], [WEATHER], ()),
+    ("arguments as text, none, unicode", [user("x"), asks(TOKYO, call("noArgs123", "get-time_2"),
+                                                              call("unicode12", arguments={"city": "Zürich"})),
+                                          result("Tokyo0001", "[1, 2]"), result("noArgs123", "12:00"),
+                                          result("unicode12", '"neige"')], [WEATHER, CLOCK], (2,)),
+    ("results answered in another order", [user("x"), asks(PARIS, TOKYO), result("Tokyo0001", "rain"),
+                                           result("abcDEF123", "sun")], [WEATHER], (2,)),
+    ("a tool turn before the last user message", [user("Paris?"), asks(PARIS), result("abcDEF123", "21"),
+                                                  {"role": "assistant", "content": "It is 21 °C. "},
+                                                  user("And in Tokyo?")], [WEATHER], ()),
+    ("two tool turns", [user("Paris?"), asks(PARIS), result("abcDEF123", "21"), asks(TOKYO),
+                        result("Tokyo0001", "18")], [WEATHER], ()),
+    ("text, then calls in the next message", [user("Paris?"), {"role": "assistant", "content": "Let me look."},
+                                              asks(PARIS), result("abcDEF123", "21")], [WEATHER], (2, 3)),
+    ("a system message after the results", [user("Paris?"), asks(PARIS), result("abcDEF123", "21"),
+                                            user("ok"), {"role": "system", "content": "Answer in French."},
+                                            user("Tokyo?")], [WEATHER], ()),
+]
+# (what lilmistral says, messages, tools)
+BAD_TOOL_CONVERSATIONS = [
+    ("answers no tool call", [user("x"), asks(PARIS), result("abcDEF123", "21"), result("Tokyo0001", "18"),
+                              {"role": "assistant", "content": "y"}, user("z")], [WEATHER]),
+    ("a tool message cannot follow a user message", [user("x"), result("abcDEF123", "21")], [WEATHER]),
+    ("tool calls without their results", [user("x"), asks(PARIS), {"role": "assistant", "content": "y"}, user("z")],
+     [WEATHER]),
+    ("function name 'get weather' is not", [user("x"), asks(call("abcDEF123", "get weather")),
+                                             result("abcDEF123", "1")], [WEATHER]),
+    ("tool's name 'a.b' is not", [user("x")], [{"type": "function", "function": {"name": "a.b", "parameters": {}}}]),
+    ("a tool message cannot follow a system message", [{"role": "system", "content": "s"},
+                                                       result("abcDEF123", "1")], []),
+]
+
+
+def reference_request(messages, tools) -> ChatCompletionRequest:
+    def reference(m):
+        if m["role"] == "tool":
+            return ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"], name=m["name"])
+        if m["role"] == "assistant":
+            calls = [ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in m.get("tool_calls") or []]
+            return AssistantMessage(content=m["content"], tool_calls=calls or None)
+        return {"system": SystemMessage, "user": UserMessage}[m["role"]](content=m["content"])
+
+    return ChatCompletionRequest(messages=[reference(m) for m in messages],
+                                 tools=[Tool(function=Function(**t["function"])) for t in tools])
+
+
+@pytest.mark.parametrize("source,name", ALL, ids=[f"{s}->{n}" for s, n in ALL])
+def test_tool_conversations_identical_to_mistral_common(tmp_path, source, name):
+    """Tools, tool calls and their results in every version's format (v2's JSON with names, v3's with call ids,
+    v7's [TOOL_CONTENT], v11's [CALL_ID] and [ARGS], v13's tools at the first user message), as mistral_common
+    encodes them; what it refuses is one line here."""
+    ours, reference = tokenizer_pair(tmp_path, source, name)
+    version = ours.instruct_version
+    for title, messages, tools, refused_in in TOOL_CONVERSATIONS:
+        request = reference_request(messages, tools)
+        uses_tools = tools or any(m["role"] == "tool" for m in messages)
+        if version == 1 and uses_tools:  # v1 has no tools (mistral_common leaves tools offered out)
+            with pytest.raises(LilmistralError, match="Mistral v1"):
+                ours.encode_chat(messages, tools)
+            continue
+        if version in refused_in:
+            with pytest.raises(Exception):
+                reference.encode_chat_completion(request)
+            with pytest.raises(LilmistralError, match=f"Mistral v{version}"):
+                ours.encode_chat(messages, tools)
+            continue
+        expected = reference.encode_chat_completion(request).tokens
+        assert ours.encode_chat(messages, tools) == expected, title
+    for said, messages, tools in BAD_TOOL_CONVERSATIONS:
+        with pytest.raises(Exception):
+            reference.encode_chat_completion(reference_request(messages, tools))
+        with pytest.raises(LilmistralError, match=f"{said}|Mistral v1"):
+            ours.encode_chat(messages, tools)
+
+
+CALLS = [[PARIS], [TOKYO, call("noArgs123", "get-time_2"), call("unicode12", arguments={"city": "Zürich 🌨"})]]
+
+
+@pytest.mark.parametrize("source,name", ALL, ids=[f"{s}->{n}" for s, n in ALL])
+def test_tool_calls_a_model_writes_are_read_back(tmp_path, source, name):
+    """An answer's tool calls, written as mistral_common writes them in an assistant message, are read back: names,
+    arguments, and the ids where the format holds them (else a new id of 9 letters and digits)."""
+    ours, reference = tokenizer_pair(tmp_path, source, name)
+    version = ours.instruct_version
+    if version == 1:
+        return
+    for calls in CALLS:
+        message = reference_request([user("x"), asks(*calls)], []).messages[1]
+        ids = reference.instruct_tokenizer.encode_assistant_message(message, False)
+        assert ids[-1] == reference.instruct_tokenizer.tokenizer.eos_id and ids[0] == ours.control("[TOOL_CALLS]")
+        parsed = ours.parse_tool_calls(ids[:-1])
+        assert [c["function"]["name"] for c in parsed] == [c["function"]["name"] for c in calls]
+        assert [c["function"]["arguments"] for c in parsed] == [json.loads(c["function"]["arguments"])
+                                                                 if isinstance(c["function"]["arguments"], str)
+                                                                 else c["function"]["arguments"] or {} for c in calls]
+        keeps_ids = 3 <= version <= 11
+        assert all((p["id"] == c["id"]) == keeps_ids and re.fullmatch("[a-zA-Z0-9]{9}", p["id"])
+                   for p, c in zip(parsed, calls)), (version, parsed)
+        assert ours.parse_tool_calls(ids[:-3]) is None  # cut short: not a call
 
 
 def random_texts(seed: int) -> list[str]:
@@ -318,6 +456,32 @@ def test_a_tokenizer_config_with_named_chat_templates_uses_the_default_one(tmp_p
     config_path.write_text(json.dumps(config))
     with pytest.raises(LilmistralError, match="chat_template is not text"):
         load_tokenizer(tmp_path)
+
+
+TOOLS_TEMPLATE = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+                  "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                  "{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}<|im_end|>\n{% endfor %}"
+                  "<|im_start|>assistant\n")
+
+
+def test_a_chat_template_gets_the_tools_as_transformers_gives_them(tmp_path):
+    import transformers
+    from conftest import smollm2_gguf
+
+    gguf_tokenizer(open_source(smollm2_gguf())).save(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"chat_template": TOOLS_TEMPLATE, "eos_token": config["eos_token"][0]}))
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    conversation = [user("Paris?"), asks(PARIS, content=""), result("abcDEF123", "21")]
+    for tools in (None, [WEATHER, CLOCK]):
+        expected = reference.apply_chat_template(conversation, tools=tools, add_generation_prompt=True,
+                                                 return_dict=False)
+        assert ours.encode_chat(conversation, tools) == list(expected)
+    assert "Tools: [{" in ours.decode(ours.encode_chat(conversation, [WEATHER]))
+    with pytest.raises(LilmistralError, match="tools must be a list"):
+        ours.encode_chat(conversation, {"get_weather": WEATHER})
 
 
 def test_a_folder_answer_ends_at_the_ids_generation_config_names_too(tmp_path):

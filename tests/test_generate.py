@@ -276,6 +276,44 @@ def test_stop_strings_end_the_text(full):
     assert "".join(stream_text(iter(ids), llm.tokenizer, ["STOPX"])) == "alpha beta STOP gamma delta"
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_an_answer_that_calls_tools_leaves_its_calls_for_the_next_message(full, monkeypatch):
+    """chat(tools=...): the answer's text ends at [TOOL_CALLS]; the calls (Mistral v3's JSON here) are in
+    llm.tool_calls, ready to go back into the conversation with their results; a call cut short stays text."""
+    llm = lilmistral.load(full, num_ctx=160)
+    question = [{"role": "user", "content": "Weather in Paris?"}]
+    written = '[{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "abcDEF123"}]'
+    answer = [llm.tokenizer.control("[TOOL_CALLS]"), *llm.tokenizer.encode(written)]
+    prompts = []
+
+    def scripted(ids, params):  # the model's answer, as if it had written it
+        prompts.append(ids)
+        return iter(answer)
+
+    monkeypatch.setattr(llm, "_generate", scripted)
+    assert "".join(llm.chat(question, tools=[WEATHER])) == ""
+    assert prompts[-1] == llm.tokenize_chat(question, [WEATHER]) != llm.tokenize_chat(question)
+    assert llm.tool_calls == [{"id": "abcDEF123", "type": "function",
+                               "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    assert "".join(llm.chat(question)) == written and llm.tool_calls == []  # no tools offered: text
+    answer[:] = answer[:-3]
+    assert "".join(llm.chat(question, tools=[WEATHER])) == llm.tokenizer.decode(answer) and llm.tool_calls == []
+    monkeypatch.undo()
+
+    calls = [{"id": "abcDEF123", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    turn = [{"role": "assistant", "content": "", "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "abcDEF123", "content": '{"temperature": 21}'}]
+    list(llm.chat(question + turn, tools=[WEATHER], temperature=0, max_tokens=3))
+    assert llm.stats.prompt_tokens == len(llm.tokenize_chat(question + turn, [WEATHER]))
+    # the oldest turns go with their tool calls and results, leaving a conversation the format takes
+    long = [{"role": "system", "content": "sys"}] + (question + turn + [{"role": "assistant", "content": "21 C"}]) * 3
+    list(llm.chat(long + question, tools=[WEATHER], temperature=0, max_tokens=8))
+    assert llm.stats.dropped_messages == 8 and llm.stats.prompt_tokens + 8 <= 160
+
+
 def test_context_overflow_policy(full):
     llm = lilmistral.load(full, num_ctx=64)
     assert llm.cache.size == 64
