@@ -145,7 +145,7 @@ ROLES = ("system", "user", "assistant", "tool")
 _FOLLOWS = {"system": ("system", "user", "assistant"), "user": ("system", "user", "assistant"),
             "assistant": ("user", "assistant", "tool"), "tool": ("user", "assistant", "tool")}
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
-_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # a tool call's id from v3 to v11 (v13: any)
+CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # a tool call's id from v3 to v11 (v13: any)
 
 
 def _invalid(why: str) -> None:
@@ -160,7 +160,7 @@ def _check_name(name: Any, what: str) -> None:
 def _check_call_id(call_id: Any, version: int, what: str) -> None:
     if version >= 13 and (not isinstance(call_id, str) or call_id in ("", "null")):
         _invalid(f"{what} has no id")
-    if 3 <= version < 13 and (not isinstance(call_id, str) or not _CALL_ID.fullmatch(call_id)):
+    if 3 <= version < 13 and (not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id)):
         _invalid(f"{what}'s id {call_id!r} is not 9 letters or digits")
 
 

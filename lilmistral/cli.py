@@ -17,6 +17,7 @@ from . import __version__
 from .errors import LilmistralError, for_stderr, show_warning
 from .quant import DEFAULT_GROUP_SIZE, GROUP_SIZES, SCHEMES
 
+DEFAULT_PORT = 11434  # Ollama's: its clients look there (lilmistral.serve imports torch; --help does not)
 JINJA_FORMAT = "the model's Jinja chat template (sandboxed)"  # show's chat format line, where not Mistral's
 MISTRAL_FORMAT = "Mistral instruct, as mistral_common encodes it"
 
@@ -440,6 +441,38 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from . import load
+    from .serve import Models, make_server
+
+    _set_threads(ns)
+    _exit_on_hangup()
+
+    def load_model(path: str):
+        print(f"loading {path}", file=sys.stderr, flush=True)
+        llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
+                   compile=ns.compile, require_chat=True)
+        llm.warm_up()
+        return llm
+
+    preloaded = None
+    if ns.model:
+        path = _model_path(ns.model)
+        preloaded = (ns.model.removesuffix(":latest"), path, _load(ns, path, chat=True))
+    models = Models(load_model, preloaded)
+    server = make_server(ns.host, ns.port, models)
+    host, port = server.server_address[:2]
+    print(f"lilmistral serve: listening on http://{host}:{port} (Ollama's API: /api/chat, /api/generate, /api/tags; "
+          "OpenAI's: /v1/chat/completions, /v1/models); Ctrl-C stops it", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.server_close()
+        models.close()
+
+
 def cmd_convert(ns: argparse.Namespace) -> int:
     from .convert import convert, default_scheme, open_source, plan
     from .convert.gguf import SPLIT_NAME, GGUFSource
@@ -513,6 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="only the JSON line")
     _load_args(b)
     b.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="answer Ollama's and OpenAI's HTTP APIs")
+    serve.add_argument("model", nargs="?", help="a model to load now (a name, folder or .gguf); requests may name "
+                       "any pulled model")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}, Ollama's")
+    _load_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     conv = sub.add_parser("convert", help="write a model in lilmistral's packed format")
     conv.add_argument("source", help="a Hugging Face folder or a .gguf file")

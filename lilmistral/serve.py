@@ -1,0 +1,469 @@
+"""`lilmistral serve`: Ollama's HTTP API (/api/chat, /api/generate, /api/tags, /api/version) and OpenAI's chat
+completions (/v1/chat/completions, /v1/models) over the pulled models, so that the clients written for them
+(Open WebUI, editors' assistants, the `ollama` and `openai` Python libraries) talk to lilmistral.
+
+One model is held at a time, loaded at its first request and replaced when another is asked for; requests take
+turns on it. Requests are untrusted: bodies are size-limited JSON, checked field by field; model names are
+looked up in the store (never a path, never a download); a request with an Origin other than a loopback one (a
+web page's, through the browser) is refused, and on a loopback address one with a Host other than a loopback
+name (a DNS name rebound to 127.0.0.1).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import __version__
+from .chat import CALL_ID, new_call_id
+from .errors import LilmistralError
+from .llm import LLM, stream_text
+
+MAX_BODY = 32 << 20  # bytes a request body may have
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+OLLAMA_OPTIONS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed",
+                  "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n", "num_predict": "max_tokens"}
+INTEGER_OPTIONS = {"top_k", "seed", "repeat_last_n", "max_tokens"}
+OPENAI_OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+                  "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Models:
+    """The model the server holds, by its folder (or file); `lock` is held by the request using it. A model given
+    to `serve` by its path is served under the name it was given."""
+
+    def __init__(self, load: Callable[[str], LLM], preloaded: tuple[str, str, LLM] | None = None) -> None:
+        self.load, self.lock = load, threading.Lock()
+        self.path, self.llm, self.paths = None, None, {}
+        if preloaded:
+            name, self.path, self.llm = preloaded
+            self.paths[name] = self.path
+
+    def take(self, name: str) -> tuple[LLM, float]:
+        """The model `name` (with the lock held), and the seconds its load took now (0 when it was held)."""
+        from .store import Store
+
+        name = name.removesuffix(":latest")  # Ollama's default tag; a registry name's default tag here
+        path = self.paths.get(name) or model_path(name, Store())
+        if path == self.path:
+            return self.llm, 0.0
+        self.close()
+        start = time.perf_counter()
+        try:
+            self.llm = self.load(path)
+        except LilmistralError as e:
+            raise ApiError(500, f"{name}: {e}") from None
+        self.path = path
+        return self.llm, time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+        self.path = self.llm = None
+
+
+def model_path(name: str, store) -> str:
+    """A pulled model's folder, by its registry name (`mistral`, `mistral:7b-instruct-v0.3`) or the name `list`
+    shows; 404 where there is none."""
+    from .registry import resolve
+
+    try:
+        installed = store.installed(resolve(name, store.home))
+    except LilmistralError:
+        installed = None
+    installed = installed or next((m for m in store.list() if f"{m.name}:{m.tag}" == name), None)
+    if installed is None:
+        raise ApiError(404, f"model '{name}' not found: pull it first (lilmistral pull {name})")
+    return str(installed.path)
+
+
+def _number(value: Any, what: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"{what} must be a number")
+    return value
+
+
+def _stop(value: Any) -> list[str]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ApiError(400, "stop must be text or a list of texts")
+    return stops
+
+
+def sampling(options: Any, names: dict[str, str]) -> dict[str, Any]:
+    """lilmistral's sampling keywords from a request's options (Ollama's `options`, OpenAI's top-level fields);
+    those lilmistral does not have are left out, as Ollama leaves them."""
+    if not isinstance(options, dict):
+        raise ApiError(400, "options must be an object")
+    kwargs = {}
+    for theirs, ours in names.items():
+        if options.get(theirs) is None:
+            continue
+        value = _number(options[theirs], theirs)
+        if ours in INTEGER_OPTIONS:
+            if isinstance(value, float) and not value.is_integer():
+                raise ApiError(400, f"{theirs} must be an integer")
+            value = int(value)
+        kwargs[ours] = value
+    if kwargs.get("max_tokens", 0) < 0:  # Ollama's num_predict -1 (no limit) and -2 (fill the context)
+        del kwargs["max_tokens"]
+    if options.get("stop") is not None:
+        kwargs["stop"] = _stop(options["stop"])
+    return kwargs
+
+
+def _text(content: Any, role: str) -> str:
+    """A message's text: a string, or OpenAI's list of text parts."""
+    if content is None and role in ("assistant", "system", "user"):
+        return ""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
+            raise ApiError(400, "only text content is supported (no images or audio)")
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ApiError(400, f"a {role} message's content must be text")
+    return content
+
+
+def messages_in(messages: Any) -> list[dict[str, Any]]:
+    """A request's messages as `LLM.chat` takes them. Ollama's clients send tool calls without ids and results by
+    function name (`tool_name`): each call gets an id and each result the id of the call it answers. Ids that
+    Mistral's formats cannot hold (OpenAI's "call_..." ones) are replaced by ones they can, the same way in the
+    calls and their results."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ApiError(400, "messages must be a non-empty list of objects")
+    out, pending, renamed = [], [], {}
+
+    def our_id(call_id: Any) -> str:
+        if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
+            return renamed.setdefault(call_id, new_call_id()) if isinstance(call_id, str) else new_call_id()
+        return call_id
+
+    for m in messages:
+        if m.get("images"):
+            raise ApiError(400, "images are not supported")
+        role = m.get("role")
+        message = {"role": role, "content": _text(m.get("content"), str(role))}
+        if role == "assistant":
+            calls = m.get("tool_calls") or []
+            if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+                raise ApiError(400, "tool_calls must be a list of objects")
+            pending = [{**c, "id": our_id(c.get("id"))} for c in calls]
+            if pending:
+                message["tool_calls"] = pending
+        elif role == "tool":
+            name = m.get("tool_name") or m.get("name")
+            call_id = our_id(m["tool_call_id"]) if m.get("tool_call_id") else next(
+                (c["id"] for c in pending if isinstance(c.get("function"), dict) and c["function"].get("name") == name),
+                pending[0]["id"] if pending else None)
+            pending = [c for c in pending if c["id"] != call_id]
+            message.update(tool_call_id=call_id, **({"name": name} if name else {}))
+        out.append(message)
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    server_version = f"lilmistral/{__version__}"
+
+    def do_HEAD(self) -> None:
+        self._serve(lambda: self._send_json({}, head=True))
+
+    def do_GET(self) -> None:
+        routes = {"/": lambda: self._send_text("lilmistral is running"), "/api/version": self.version,
+                  "/api/tags": self.tags, "/v1/models": self.openai_models}
+        self._serve(routes.get(urlsplit(self.path).path.rstrip("/") or "/"))
+
+    def do_POST(self) -> None:
+        routes = {"/api/chat": self.chat, "/api/generate": self.generate, "/v1/chat/completions": self.openai_chat}
+        self._serve(routes.get(urlsplit(self.path).path.rstrip("/")))
+
+    def _serve(self, route: Callable[[], None] | None) -> None:
+        try:
+            self._check_origin()
+            if route is None:
+                raise ApiError(404, f"no such endpoint: {self.command} {urlsplit(self.path).path}")
+            route()
+        except ApiError as e:
+            self._send_json({"error": str(e)}, e.status)
+        except LilmistralError as e:  # the request's conversation or options, as the model's format judged them
+            self._send_json({"error": str(e)}, 400)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away: what it asked for was stopped
+
+    def _check_origin(self) -> None:
+        """No Origin but a loopback one (a web page's request carries its own), and on a loopback address a Host
+        of a loopback name (a DNS name rebound to 127.0.0.1 arrives with that name)."""
+        origin = self.headers.get("Origin")
+        if origin is not None and urlsplit(origin).hostname not in LOOPBACK:
+            raise ApiError(403, f"requests from {origin!r} are not served")
+        host = self.headers.get("Host")
+        if self.server.loopback and host is not None and urlsplit(f"//{host}").hostname not in LOOPBACK:
+            raise ApiError(403, f"Host {host!r} is not this machine's loopback address")
+
+    def _body(self) -> dict[str, Any]:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number") from None
+        if length > MAX_BODY:
+            raise ApiError(413, f"the request body is over {MAX_BODY >> 20} MB")
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            raise ApiError(400, "model is required")
+        return body
+
+    def _send_json(self, value: Any, status: int = 200, head: bool = False) -> None:
+        data = json.dumps(value, ensure_ascii=False).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def _send_text(self, text: str) -> None:
+        data = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, content_type: str, events: Iterator[bytes]) -> None:
+        """A response of unknown length (the connection's end ends it, as HTTP/1.0 allows), each event flushed."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        for event in events:
+            self.wfile.write(event)
+            self.wfile.flush()
+
+    def version(self) -> None:
+        self._send_json({"version": __version__})
+
+    def _listed(self) -> list[tuple[str, int, float, str]]:
+        """(name, bytes, modified, quantization) of each model a request may name: the pulled ones, and the one
+        given to `serve` by its path."""
+        from .store import Store, folder_size
+
+        listed = [(f"{m.name}:{m.tag}", m.size, m.modified, m.quant) for m in Store().list()]
+        for name, path in self.server.models.paths.items():
+            listed.append((name, folder_size(Path(path)), Path(path).stat().st_mtime, ""))
+        return listed
+
+    def tags(self) -> None:
+        self._send_json({"models": [{"name": name, "model": name, "size": size, "digest": "",
+                                     "modified_at": datetime.fromtimestamp(modified, timezone.utc).isoformat(),
+                                     "details": {"format": "lilmistral", "quantization_level": quant}}
+                                    for name, size, modified, quant in self._listed()]})
+
+    def openai_models(self) -> None:
+        self._send_json({"object": "list", "data": [{"id": name, "object": "model", "created": int(modified),
+                                                     "owned_by": "lilmistral"}
+                                                    for name, _, modified, _ in self._listed()]})
+
+    def _answer(self, body: dict[str, Any], messages: list[dict[str, Any]] | None, prompt: str | None,
+                tools: list[dict[str, Any]] | None, options: dict[str, Any], num_ctx: Any = None
+                ) -> Iterator[tuple[LLM, str | None]]:
+        """With the model held: (llm, piece) for each piece of the answer, then (llm, None) at its end. The first
+        piece is computed before anything is sent, so that a conversation the model's format refuses is a 400."""
+        with self.server.models.lock:
+            llm, self.load_s = self.server.models.take(body["model"])
+            if num_ctx is not None and int(_number(num_ctx, "num_ctx")) != llm.num_ctx:
+                llm.resize_context(int(num_ctx))
+            if prompt is not None:  # raw: the prompt's own tokens, no chat format
+                ids = llm.tokenizer.encode(prompt, bos=llm.tokenizer.bos_id >= 0)
+                pieces = stream_text(llm.generate(ids, **options), llm.tokenizer, options.get("stop", []))
+            else:
+                pieces = llm.chat(messages, tools=tools, **options)
+            try:
+                first = next(pieces, None)
+                if first is not None:
+                    yield llm, first
+                    for piece in pieces:
+                        yield llm, piece
+                yield llm, None
+            finally:
+                pieces.close()
+
+    def _ollama_stats(self, llm: LLM, request_start: float) -> dict[str, Any]:
+        s = llm.stats
+        return {"done": True, "done_reason": s.done_reason, "total_duration": _ns(time.perf_counter() - request_start),
+                "load_duration": _ns(self.load_s), "prompt_eval_count": s.prompt_tokens,
+                "prompt_eval_duration": _ns(s.prefill_s), "eval_count": s.eval_tokens, "eval_duration": _ns(s.eval_s)}
+
+    def chat(self) -> None:
+        """Ollama's /api/chat."""
+        request_start, body = time.perf_counter(), self._body()
+        if body.get("format"):
+            raise ApiError(400, "format (output constrained to JSON) is not supported")
+        options = body.get("options") or {}
+        answer = self._answer(body, messages_in(body.get("messages")), None, body.get("tools") or None,
+                              sampling(options, OLLAMA_OPTIONS), options.get("num_ctx"))
+
+        def chunks() -> Iterator[dict[str, Any]]:
+            for llm, piece in answer:
+                head = {"model": body["model"], "created_at": _now()}
+                if piece is not None:
+                    yield head | {"message": {"role": "assistant", "content": piece}, "done": False}
+                    continue
+                message = {"role": "assistant", "content": ""} | ({"tool_calls": llm.tool_calls} if llm.tool_calls
+                                                                  else {})
+                yield head | {"message": message} | self._ollama_stats(llm, request_start)
+
+        self._ollama_reply(body, chunks(), "message")
+
+    def generate(self) -> None:
+        """Ollama's /api/generate: a prompt (and system prompt) in the model's chat format, or `raw`."""
+        request_start, body = time.perf_counter(), self._body()
+        for unsupported in ("format", "images", "suffix", "template", "context"):
+            if body.get(unsupported):
+                raise ApiError(400, f"{unsupported} is not supported")
+        prompt, system, options = body.get("prompt", ""), body.get("system"), body.get("options") or {}
+        if not isinstance(prompt, str) or not isinstance(system, (str, type(None))):
+            raise ApiError(400, "prompt and system must be text")
+        if not prompt:  # as Ollama: load the model, answer nothing
+            with self.server.models.lock:
+                self.server.models.take(body["model"])
+            self._send_json({"model": body["model"], "created_at": _now(), "response": "", "done": True,
+                             "done_reason": "load"})
+            return
+        messages = [{"role": "system", "content": system}] if system else []
+        answer = self._answer(body, messages + [{"role": "user", "content": prompt}],
+                              prompt if body.get("raw") else None, None, sampling(options, OLLAMA_OPTIONS),
+                              options.get("num_ctx"))
+
+        def chunks() -> Iterator[dict[str, Any]]:
+            for llm, piece in answer:
+                head = {"model": body["model"], "created_at": _now()}
+                yield head | ({"response": piece, "done": False} if piece is not None
+                              else {"response": ""} | self._ollama_stats(llm, request_start))
+
+        self._ollama_reply(body, chunks(), "response")
+
+    def _ollama_reply(self, body: dict[str, Any], chunks: Iterator[dict[str, Any]], text_key: str) -> None:
+        """Streamed as lines of JSON (Ollama's default), or one object with the whole text (`"stream": false`)."""
+        first = next(chunks)  # the prompt's checks and prefill, before a status is sent
+        if body.get("stream", True):
+            with contextlib.closing(chunks):  # a client gone stops the answer now
+                self._stream("application/x-ndjson", (json.dumps(c, ensure_ascii=False).encode() + b"\n"
+                                                      for c in itertools.chain([first], chunks)))
+            return
+        parts = [first, *chunks]
+        whole = parts[-1]
+        if text_key == "message":
+            whole["message"]["content"] = "".join(p["message"]["content"] for p in parts)
+        else:
+            whole["response"] = "".join(p["response"] for p in parts)
+        self._send_json(whole)
+
+    def openai_chat(self) -> None:
+        """OpenAI's /v1/chat/completions."""
+        body = self._body()
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "n must be 1")
+        if (body.get("response_format") or {}).get("type", "text") != "text":
+            raise ApiError(400, "response_format other than text is not supported")
+        options = sampling(body, OPENAI_OPTIONS)
+        answer = self._answer(body, messages_in(body.get("messages")), None, body.get("tools") or None, options)
+        answer = itertools.chain([next(answer)], answer)  # the prompt's checks and prefill, before a status is sent
+        reply = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body["model"]}
+        if body.get("stream"):
+            include_usage = (body.get("stream_options") or {}).get("include_usage")
+            chunks = self._openai_chunks(answer, include_usage)
+            with contextlib.closing(chunks):
+                self._stream("text/event-stream", (b"data: " + json.dumps(reply | c, ensure_ascii=False).encode()
+                                                   + b"\n\n" for c in chunks))
+            self.wfile.write(b"data: [DONE]\n\n")
+            return
+        text, llm = "", None
+        for llm, piece in answer:
+            text += piece or ""
+        calls = [_openai_call(c) for c in llm.tool_calls]
+        message = {"role": "assistant", "content": text or (None if calls else "")} | (
+            {"tool_calls": calls} if calls else {})
+        self._send_json(reply | {"object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "finish_reason": _finish_reason(llm)}], "usage": _usage(llm)})
+
+    @staticmethod
+    def _openai_chunks(answer: Iterator[tuple[LLM, str | None]], include_usage: bool) -> Iterator[dict[str, Any]]:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {"object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        yield chunk({"role": "assistant", "content": ""})
+        for llm, piece in answer:
+            if piece is not None:
+                yield chunk({"content": piece})
+                continue
+            if llm.tool_calls:
+                yield chunk({"tool_calls": [{"index": i} | _openai_call(c) for i, c in enumerate(llm.tool_calls)]})
+            yield chunk({}, _finish_reason(llm))
+            if include_usage:
+                yield {"object": "chat.completion.chunk", "choices": [], "usage": _usage(llm)}
+
+
+def _openai_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as OpenAI writes it: its arguments as JSON text."""
+    return {"id": call["id"], "type": "function",
+            "function": {"name": call["function"]["name"],
+                         "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False)}}
+
+
+def _finish_reason(llm: LLM) -> str:
+    if llm.tool_calls:
+        return "tool_calls"
+    return "length" if llm.stats.done_reason in ("length", "context") else "stop"
+
+
+def _usage(llm: LLM) -> dict[str, int]:
+    s = llm.stats
+    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.eval_tokens,
+            "total_tokens": s.prompt_tokens + s.eval_tokens}
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, host: str, port: int, models: Models) -> None:
+        super().__init__((host, port), Handler)
+        self.models = models
+        self.loopback = host in LOOPBACK or host.startswith("127.")
+
+
+def make_server(host: str, port: int, models: Models) -> Server:
+    """The server, bound (a port in use is one line); `serve_forever()` runs it."""
+    try:
+        return Server(host, port, models)
+    except OSError as e:
+        raise LilmistralError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
