@@ -274,3 +274,51 @@ def test_serve_listens_on_this_machine_only_by_default(tmp_path, folder):
         assert process.wait(30) == 0
     finally:
         process.kill()
+
+
+def test_ollamas_and_openais_own_clients_talk_to_it(server, reference, monkeypatch):
+    """The `ollama` and `openai` Python libraries, as their users call them: answers, streams, model lists, and a
+    tool call's round trip (scripted answer) the way each library's documentation shows it."""
+    import ollama
+    import openai
+
+    expected = "".join(reference.chat(QUESTION, temperature=0, max_tokens=6))
+    client = ollama.Client(host=server.url)
+    reply = client.chat(model="tiny", messages=QUESTION, options={"temperature": 0, "num_predict": 6})
+    assert reply.message.content == expected and reply.eval_count == 6 and reply.done_reason == "length"
+    parts = client.chat(model="tiny", messages=QUESTION, options={"temperature": 0, "num_predict": 6}, stream=True)
+    assert "".join(part.message.content for part in parts) == expected
+    assert client.generate(model="tiny", prompt="Hi", options={"num_predict": 2}).eval_count == 2
+    assert [m.model for m in client.list().models] == ["tiny"]
+    with pytest.raises(ollama.ResponseError, match="not found"):
+        client.chat(model="missing", messages=QUESTION)
+
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    completion = oa.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=6)
+    assert completion.choices[0].message.content == expected and completion.usage.completion_tokens == 6
+    stream = oa.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=6, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+    assert [m.id for m in oa.models.list()] == ["tiny"]
+
+    llm = server.models.llm
+    call = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    answer = [llm.tokenizer.control("[TOOL_CALLS]"), *llm.tokenizer.encode(call)]
+    monkeypatch.setattr(llm, "_generate", lambda ids, params: iter(answer))
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = client.chat(model="tiny", messages=messages, tools=[WEATHER])
+    assert reply.message.tool_calls[0].function.arguments == {"city": "Paris"}
+    messages += [reply.message, {"role": "tool", "content": "21 C", "tool_name": "get_weather"}]
+    monkeypatch.setattr(llm, "_generate", lambda ids, params: iter(llm.tokenizer.encode("It is 21 C.")))
+    assert client.chat(model="tiny", messages=messages, tools=[WEATHER]).message.content == "It is 21 C."
+
+    monkeypatch.setattr(llm, "_generate", lambda ids, params: iter(answer))
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    completion = oa.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER])
+    calls = completion.choices[0].message.tool_calls
+    assert completion.choices[0].finish_reason == "tool_calls" and json.loads(calls[0].function.arguments) == {
+        "city": "Paris"}
+    messages += [completion.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": calls[0].id, "content": "21 C"}]
+    monkeypatch.setattr(llm, "_generate", lambda ids, params: iter(llm.tokenizer.encode("It is 21 C.")))
+    completion = oa.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER])
+    assert completion.choices[0].message.content == "It is 21 C."
