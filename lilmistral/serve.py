@@ -193,7 +193,7 @@ class Handler(BaseHTTPRequestHandler):
         self._serve(lambda: self._send_json({}, head=True))
 
     def do_GET(self) -> None:
-        routes = {"/": lambda: self._send_text("lilmistral is running"), "/api/version": self.version,
+        routes = {"/": lambda: self._send("lilmistral is running"), "/api/version": self.version,
                   "/api/tags": self.tags, "/v1/models": self.openai_models}
         self._serve(routes.get(urlsplit(self.path).path.rstrip("/") or "/"))
 
@@ -225,10 +225,14 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(403, f"Host {host!r} is not this machine's loopback address")
 
     def _body(self) -> dict[str, Any]:
+        if self.headers.get("Transfer-Encoding"):
+            raise ApiError(411, "send the body with a Content-Length")
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
-            raise ApiError(400, "Content-Length is not a number") from None
+            length = -1
+        if length < 0:
+            raise ApiError(400, "Content-Length is not a length")
         if length > MAX_BODY:
             raise ApiError(413, f"the request body is over {MAX_BODY >> 20} MB")
         try:
@@ -242,21 +246,16 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _send_json(self, value: Any, status: int = 200, head: bool = False) -> None:
-        data = json.dumps(value, ensure_ascii=False).encode()
+        self._send(json.dumps(value, ensure_ascii=False), "application/json", status, head)
+
+    def _send(self, text: str, content_type: str = "text/plain", status: int = 200, head: bool = False) -> None:
+        data = text.encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Type", f"{content_type}; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if not head:
             self.wfile.write(data)
-
-    def _send_text(self, text: str) -> None:
-        data = text.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _stream(self, content_type: str, events: Iterator[bytes]) -> None:
         """A response of unknown length (the connection's end ends it, as HTTP/1.0 allows), each event flushed."""

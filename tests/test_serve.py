@@ -197,6 +197,7 @@ BAD_REQUESTS = [
      "is not 1-64 letters"),
     ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "n": 2}, 400, "n must be 1"),
     ("/api/pull", {"model": "tiny"}, 404, "no such endpoint"),
+    ("/api/chat", b'{"model": "tiny"}', 400, "messages must be a non-empty list"),
 ]
 
 
@@ -205,6 +206,18 @@ def test_a_bad_request_is_one_json_error(server, path, body, status, said):
     got, data = post(server, path, body)
     assert got == status and said in json.loads(data)["error"]
     assert get(server, "/api/version")[0] == 200  # and the server goes on
+
+
+def test_a_body_without_a_length_is_refused(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    connection.request("POST", "/api/chat", body=iter([b'{"model": "tiny"}']), encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    connection.putrequest("POST", "/api/chat")
+    connection.putheader("Content-Length", "-5")
+    connection.endheaders()
+    assert connection.getresponse().status == 400
 
 
 def test_only_this_machines_pages_and_names_reach_a_loopback_server(server):
