@@ -12,6 +12,7 @@ import torch
 
 from .cache import RollingKVCache
 from .errors import LilmistralError
+from .grammar import JsonConstraint
 from .model import Experts, Transformer
 from .quant import vnni
 
@@ -32,6 +33,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = None  # None: until EOS or the context is full
     stop: list[str] = field(default_factory=list)
+    format: str | None = None  # "json": the answer is one JSON object (grammar.JsonConstraint)
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> SamplingParams:
@@ -53,6 +55,7 @@ class SamplingParams:
                                                    f"{INT32_MAX}"),
             (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
             (self.seed is None or -2**63 <= self.seed < 2**64, "seed must be between -2**63 and 2**64 - 1"),
+            (self.format in (None, "json"), f"format {self.format!r} is not one lilmistral has (json)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -316,8 +319,8 @@ class DecodeStep:
 
 
 def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int], params: SamplingParams,
-                    eos_ids: Iterable[int], step: DecodeStep | None = None,
-                    ahead: bool | None = None) -> Generator[int, None, str]:
+                    eos_ids: Iterable[int], step: DecodeStep | None = None, ahead: bool | None = None,
+                    constraint: JsonConstraint | None = None) -> Generator[int, None, str]:
     """Stream sampled token ids after the prompt; the generator returns why it ended: "stop" (an
     end-of-sequence token), "length" (max_tokens) or "context" (the context is full). The cache may already
     hold a prefix of the prompt (cache.length < len(prompt) tokens of it); only the rest is prefilled. `step`
@@ -326,17 +329,27 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
     next draw are queued before the host reads the token they follow, so the GPU computes token i + 1 while
     the host hands out token i (else, between two steps, it waits for the host to read a token, return it and
     queue the next step); a step run ahead for an end-of-sequence token is taken back (the cache rewinds one
-    position): the same tokens and cache."""
+    position): the same tokens and cache. A `constraint` (JSON mode) draws only the tokens it allows, on the
+    host (so never ahead), and ends the answer where it is finished."""
     step = step or DecodeStep(model, trace=False)
     if ahead is None:
-        ahead = cache.device.type == "cuda" and hasattr(model, "decode_step")
+        ahead = cache.device.type == "cuda" and hasattr(model, "decode_step") and constraint is None
     sampler, eos, host = Sampler(params, prompt, cache.device), set(eos_ids), HostRead(cache.device)
+    # the allowed candidates the sampler chooses from: one for a greedy draw, else as many as its top-k takes
+    wanted = 1 if params.temperature == 0 and params.repeat_penalty == 1 else params.top_k or 64
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        if constraint is None:
+            return sampler(logits)
+        token = sampler(constraint.allowed(logits, wanted))
+        constraint.advance(int(token))
+        return token
 
     def advance(token: torch.Tensor, last: bool) -> torch.Tensor | None:  # run token; then draw the next one
         logits = step(token, cache)
-        return None if last else sampler(logits)
+        return None if last else draw(logits)
 
-    token = sampler(prefill(model, cache, prompt[cache.length:])[-1])
+    token = draw(prefill(model, cache, prompt[cache.length:])[-1])
     produced = 0
     while params.max_tokens is None or produced < params.max_tokens:
         room = cache.fits()  # else the context is full
@@ -351,6 +364,8 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
             return "stop"
         yield value
         produced += 1
+        if constraint is not None and constraint.finished:
+            return "stop"
         if not room:
             return "context"
         if not ahead:

@@ -12,6 +12,7 @@ from .cache import RollingKVCache
 from .config import ModelArgs
 from .errors import ContextLengthError, LilmistralError
 from .generate import DecodeStep, SamplingParams, generate_tokens, prefill
+from .grammar import JsonConstraint
 from .model import Transformer
 from .tokenizer import Message, StreamDecoder, Tokenizer
 
@@ -115,8 +116,9 @@ class LLM:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
+                constraint = JsonConstraint(self.tokenizer) if params.format == "json" else None
                 tokens = generate_tokens(self.model, self.cache, ids, params, self.tokenizer.eos_ids,
-                                         self.decode_step)
+                                         self.decode_step, constraint=constraint)
                 while True:
                     try:
                         token = next(tokens)

@@ -12,7 +12,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ HELP = """Available commands:
   /set system "text"       set the system prompt (/set system "" removes it)
   /set verbose|quiet       show (or not) the timings after each answer
   /set wordwrap|nowordwrap keep words whole at the line's end (or let the terminal break them)
+  /set format json|noformat answer with one JSON object (or freely)
   /show info|parameters|template|system
   /clear                   forget the conversation (the next one is saved in a file of its own)
   /save FILE               save the conversation as JSON
@@ -286,6 +287,9 @@ def _set(chat: Chat, args: list[str]) -> str:
     if args in (["wordwrap"], ["nowordwrap"]):
         chat.wrap = args == ["wordwrap"]
         return f"Set '{args[0]}' mode."
+    if args in (["format", "json"], ["noformat"]):  # JSON mode, as Ollama's
+        chat.params = replace(chat.params, format="json" if args[0] == "format" else None)
+        return "Set format to 'json' mode." if args[0] == "format" else "Disabled format."
     if len(args) != 2 and not (args and args[0] == "system"):
         raise LilmistralError("usage: /set PARAMETER VALUE (or /set system \"text\")")
     return chat.set(args[0], " ".join(args[1:]) if args[0] == "system" else args[1])

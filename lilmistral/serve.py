@@ -127,6 +127,15 @@ def sampling(options: Any, names: dict[str, str]) -> dict[str, Any]:
     return kwargs
 
 
+def _ollama_format(body: dict[str, Any]) -> dict[str, str]:
+    """Ollama's `format`: "json" holds the answer to one JSON object; a JSON schema is not supported."""
+    if body.get("format") in (None, ""):
+        return {}
+    if body["format"] != "json":
+        raise ApiError(400, 'format: only "json" is supported (not a JSON schema)')
+    return {"format": "json"}
+
+
 def _text(content: Any, role: str) -> str:
     """A message's text: a string, or OpenAI's list of text parts."""
     if content is None and role in ("assistant", "system", "user"):
@@ -324,11 +333,9 @@ class Handler(BaseHTTPRequestHandler):
     def chat(self) -> None:
         """Ollama's /api/chat."""
         request_start, body = time.perf_counter(), self._body()
-        if body.get("format"):
-            raise ApiError(400, "format (output constrained to JSON) is not supported")
         options = body.get("options") or {}
         answer = self._answer(body, messages_in(body.get("messages")), None, body.get("tools") or None,
-                              sampling(options, OLLAMA_OPTIONS), options.get("num_ctx"))
+                              sampling(options, OLLAMA_OPTIONS) | _ollama_format(body), options.get("num_ctx"))
 
         def chunks() -> Iterator[dict[str, Any]]:
             for llm, piece in answer:
@@ -345,7 +352,7 @@ class Handler(BaseHTTPRequestHandler):
     def generate(self) -> None:
         """Ollama's /api/generate: a prompt (and system prompt) in the model's chat format, or `raw`."""
         request_start, body = time.perf_counter(), self._body()
-        for unsupported in ("format", "images", "suffix", "template", "context"):
+        for unsupported in ("images", "suffix", "template", "context"):
             if body.get(unsupported):
                 raise ApiError(400, f"{unsupported} is not supported")
         prompt, system, options = body.get("prompt", ""), body.get("system"), body.get("options") or {}
@@ -359,8 +366,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         messages = [{"role": "system", "content": system}] if system else []
         answer = self._answer(body, messages + [{"role": "user", "content": prompt}],
-                              prompt if body.get("raw") else None, None, sampling(options, OLLAMA_OPTIONS),
-                              options.get("num_ctx"))
+                              prompt if body.get("raw") else None, None,
+                              sampling(options, OLLAMA_OPTIONS) | _ollama_format(body), options.get("num_ctx"))
 
         def chunks() -> Iterator[dict[str, Any]]:
             for llm, piece in answer:
@@ -391,9 +398,10 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         if body.get("n", 1) != 1:
             raise ApiError(400, "n must be 1")
-        if (body.get("response_format") or {}).get("type", "text") != "text":
-            raise ApiError(400, "response_format other than text is not supported")
-        options = sampling(body, OPENAI_OPTIONS)
+        kind = (body.get("response_format") or {}).get("type", "text")
+        if kind not in ("text", "json_object"):
+            raise ApiError(400, f"response_format {kind!r} is not supported (text, json_object)")
+        options = sampling(body, OPENAI_OPTIONS) | ({"format": "json"} if kind == "json_object" else {})
         answer = self._answer(body, messages_in(body.get("messages")), None, body.get("tools") or None, options)
         answer = itertools.chain([next(answer)], answer)  # the prompt's checks and prefill, before a status is sent
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body["model"]}

@@ -389,6 +389,9 @@ def test_set_takes_ollamas_names_too(smol):
         run_command(chat, "/set repeat_last_n -2")
     "".join(chat.ask("Hi"))
     assert chat.llm.stats.eval_tokens <= 5
+    assert run_command(chat, "/set format json") == "Set format to 'json' mode." and chat.params.format == "json"
+    assert "".join(chat.ask("Hi")).lstrip().startswith("{")  # JSON mode, as Ollama's /set format json
+    assert run_command(chat, "/set noformat") == "Disabled format." and chat.params.format is None
 
 
 def test_second_turn_reuses_the_first_turns_cache(smol):

@@ -139,6 +139,20 @@ def test_openai_chat_completions_answer_what_chat_answers(server, reference):
     assert json.loads(data)["choices"][0]["message"]["content"] == expected
 
 
+def test_json_mode_in_either_api(server, reference):
+    """Ollama's format "json" and OpenAI's response_format json_object hold the answer to one JSON object."""
+    from lilmistral.grammar import START, json_steps
+
+    expected = "".join(reference.chat(QUESTION, temperature=0, max_tokens=8, format="json"))
+    assert json_steps(START, expected) is not None
+    status, data = post(server, "/api/chat", {"model": "tiny", "messages": QUESTION, "format": "json", "stream": False,
+                                              "options": {"temperature": 0, "num_predict": 8}})
+    assert json.loads(data)["message"]["content"] == expected
+    status, data = post(server, "/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "temperature": 0,
+                                                         "max_tokens": 8, "response_format": {"type": "json_object"}})
+    assert json.loads(data)["choices"][0]["message"]["content"] == expected
+
+
 def test_tool_calls_go_out_and_their_results_come_back_in_either_api(server, monkeypatch):
     """A tool-calling answer (scripted: the tiny model's weights are random) reaches Ollama's clients with its
     arguments as an object and OpenAI's as JSON text; results sent back Ollama's way (calls without ids, results
@@ -190,7 +204,9 @@ BAD_REQUESTS = [
     ("/api/chat", {"model": "tiny", "messages": QUESTION, "options": {"top_k": 2.5}}, 400, "top_k must be an integer"),
     ("/api/chat", {"model": "tiny", "messages": QUESTION, "options": {"temperature": -1}}, 400,
      "temperature must be >= 0"),
-    ("/api/chat", {"model": "tiny", "messages": QUESTION, "format": "json"}, 400, "format"),
+    ("/api/chat", {"model": "tiny", "messages": QUESTION, "format": {"type": "object"}}, 400, "not a JSON schema"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "response_format": {"type": "json_schema"}},
+     400, "response_format 'json_schema' is not supported"),
     ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400,
      "images are not supported"),
     ("/api/chat", {"model": "tiny", "messages": QUESTION, "tools": [{"function": {"name": "a b"}}]}, 400,
