@@ -98,6 +98,20 @@ def _number(value: Any, what: str) -> int | float:
     return value
 
 
+def _integer(value: Any, what: str) -> int:
+    value = _number(value, what)
+    if isinstance(value, float) and not value.is_integer():
+        raise ApiError(400, f"{what} must be an integer")
+    return int(value)
+
+
+def _object(body: dict[str, Any], key: str) -> dict[str, Any]:
+    value = body.get(key) or {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"{key} must be an object")
+    return value
+
+
 def _stop(value: Any) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
@@ -105,21 +119,14 @@ def _stop(value: Any) -> list[str]:
     return stops
 
 
-def sampling(options: Any, names: dict[str, str]) -> dict[str, Any]:
+def sampling(options: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     """lilmistral's sampling keywords from a request's options (Ollama's `options`, OpenAI's top-level fields);
     those lilmistral does not have are left out, as Ollama leaves them."""
-    if not isinstance(options, dict):
-        raise ApiError(400, "options must be an object")
     kwargs = {}
     for theirs, ours in names.items():
         if options.get(theirs) is None:
             continue
-        value = _number(options[theirs], theirs)
-        if ours in INTEGER_OPTIONS:
-            if isinstance(value, float) and not value.is_integer():
-                raise ApiError(400, f"{theirs} must be an integer")
-            value = int(value)
-        kwargs[ours] = value
+        kwargs[ours] = (_integer if ours in INTEGER_OPTIONS else _number)(options[theirs], theirs)
     if kwargs.get("max_tokens", 0) < 0:  # Ollama's num_predict -1 (no limit) and -2 (fill the context)
         del kwargs["max_tokens"]
     if options.get("stop") is not None:
@@ -307,7 +314,7 @@ class Handler(BaseHTTPRequestHandler):
         piece is computed before anything is sent, so that a conversation the model's format refuses is a 400."""
         with self.server.models.lock:
             llm, self.load_s = self.server.models.take(body["model"])
-            if num_ctx is not None and int(_number(num_ctx, "num_ctx")) != llm.num_ctx:
+            if num_ctx is not None and _integer(num_ctx, "num_ctx") != llm.num_ctx:
                 llm.resize_context(int(num_ctx))
             if prompt is not None:  # raw: the prompt's own tokens, no chat format
                 ids = llm.tokenizer.encode(prompt, bos=llm.tokenizer.bos_id >= 0)
@@ -333,7 +340,7 @@ class Handler(BaseHTTPRequestHandler):
     def chat(self) -> None:
         """Ollama's /api/chat."""
         request_start, body = time.perf_counter(), self._body()
-        options = body.get("options") or {}
+        options = _object(body, "options")
         answer = self._answer(body, messages_in(body.get("messages")), None, body.get("tools") or None,
                               sampling(options, OLLAMA_OPTIONS) | _ollama_format(body), options.get("num_ctx"))
 
@@ -355,7 +362,7 @@ class Handler(BaseHTTPRequestHandler):
         for unsupported in ("images", "suffix", "template", "context"):
             if body.get(unsupported):
                 raise ApiError(400, f"{unsupported} is not supported")
-        prompt, system, options = body.get("prompt", ""), body.get("system"), body.get("options") or {}
+        prompt, system, options = body.get("prompt", ""), body.get("system"), _object(body, "options")
         if not isinstance(prompt, str) or not isinstance(system, (str, type(None))):
             raise ApiError(400, "prompt and system must be text")
         if not prompt:  # as Ollama: load the model, answer nothing
@@ -398,7 +405,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         if body.get("n", 1) != 1:
             raise ApiError(400, "n must be 1")
-        kind = (body.get("response_format") or {}).get("type", "text")
+        kind = _object(body, "response_format").get("type", "text")
         if kind not in ("text", "json_object"):
             raise ApiError(400, f"response_format {kind!r} is not supported (text, json_object)")
         options = sampling(body, OPENAI_OPTIONS) | ({"format": "json"} if kind == "json_object" else {})
@@ -406,7 +413,7 @@ class Handler(BaseHTTPRequestHandler):
         answer = itertools.chain([next(answer)], answer)  # the prompt's checks and prefill, before a status is sent
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body["model"]}
         if body.get("stream"):
-            include_usage = (body.get("stream_options") or {}).get("include_usage")
+            include_usage = _object(body, "stream_options").get("include_usage")
             chunks = self._openai_chunks(answer, include_usage)
             with contextlib.closing(chunks):
                 self._stream("text/event-stream", (b"data: " + json.dumps(reply | c, ensure_ascii=False).encode()

@@ -214,6 +214,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "n": 2}, 400, "n must be 1"),
     ("/api/pull", {"model": "tiny"}, 404, "no such endpoint"),
     ("/api/chat", b'{"model": "tiny"}', 400, "messages must be a non-empty list"),
+    ("/api/chat", {"model": "tiny", "messages": QUESTION, "options": [1]}, 400, "options must be an object"),
+    ("/api/chat", {"model": "tiny", "messages": QUESTION, "options": {"num_ctx": 1e999}}, 400,
+     "num_ctx must be an integer"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "response_format": "json"}, 400,
+     "response_format must be an object"),
 ]
 
 
