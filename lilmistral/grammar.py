@@ -130,9 +130,12 @@ class JsonConstraint:
     character split across tokens is U+FFFD, which only a string may hold. A token that writes nothing (a
     control token, an end of sequence) may not come before the object closes; `finished` says it has."""
 
+    SCAN = 2048
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.decode = tokenizer.decode
         self.anchor = tokenizer.encode("a")[-1:]
+        self.anchor_text = self.decode(self.anchor)
         self.texts: dict[int, str] = {}
         self.state: State | None = START
 
@@ -142,18 +145,19 @@ class JsonConstraint:
 
     def _text(self, token: int) -> str:
         if token not in self.texts:
-            self.texts[token] = self.decode([*self.anchor, token])[len(self.decode(self.anchor)):]
+            self.texts[token] = self.decode([*self.anchor, token])[len(self.anchor_text):]
         return self.texts[token]
 
     def _after(self, token: int) -> State | None:
         text = self._text(token)
         return json_steps(self.state, text) if text else None
     def allowed(self, logits: torch.Tensor, wanted: int) -> torch.Tensor:
-        """`logits` with every token but the `wanted` likeliest of those allowed set to -inf (fewer where the
-        vocabulary has fewer). Candidates are tried in order of their logits, the first 256, then 8 times more
-        while too few are allowed."""
+        """`logits` with every token but the `wanted` likeliest of those allowed set to -inf: of the SCAN likeliest
+        tokens, or past them until one is allowed (where few tokens may come next, a colon, say, the unlikely rest
+        of the vocabulary is not searched for more). Candidates are tried in order of their logits, the first
+        256, then 8 times more while too few are allowed."""
         keep, tried, k = [], 0, 256
-        while len(keep) < wanted and tried < logits.numel():
+        while (len(keep) < wanted and tried < self.SCAN or not keep) and tried < logits.numel():
             k = min(k, logits.numel())
             for token in torch.topk(logits, k).indices[tried:].tolist():
                 if self._after(token) is not None:
