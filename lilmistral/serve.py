@@ -1,6 +1,6 @@
-"""`lilmistral serve`: Ollama's HTTP API (/api/chat, /api/generate, /api/tags, /api/version) and OpenAI's chat
-completions (/v1/chat/completions, /v1/models) over the pulled models, so that the clients written for them
-(Open WebUI, editors' assistants, the `ollama` and `openai` Python libraries) talk to lilmistral.
+"""`lilmistral serve`: Ollama's HTTP API (/api/chat, /api/generate, /api/show, /api/tags, /api/ps, /api/version)
+and OpenAI's chat completions (/v1/chat/completions, /v1/models) over the pulled models, so that the clients
+written for them (Open WebUI, editors' assistants, the `ollama` and `openai` Python libraries) talk to lilmistral.
 
 One model is held at a time, loaded at its first request and replaced when another is asked for; requests take
 turns on it. Requests are untrusted: bodies are size-limited JSON, checked field by field; model names are
@@ -49,17 +49,21 @@ class Models:
 
     def __init__(self, load: Callable[[str], LLM], preloaded: tuple[str, str, LLM] | None = None) -> None:
         self.load, self.lock = load, threading.Lock()
-        self.path, self.llm, self.paths = None, None, {}
+        self.name, self.path, self.llm, self.paths = None, None, None, {}
         if preloaded:
-            name, self.path, self.llm = preloaded
-            self.paths[name] = self.path
+            self.name, self.path, self.llm = preloaded
+            self.paths[self.name] = self.path
+
+    def path_of(self, name: str) -> str:
+        """A requested model's folder (or file): `serve`'s own by its name, else a pulled one (404 if none)."""
+        from .store import Store
+
+        return self.paths.get(name.removesuffix(":latest")) or model_path(name.removesuffix(":latest"), Store())
 
     def take(self, name: str) -> tuple[LLM, float]:
         """The model `name` (with the lock held), and the seconds its load took now (0 when it was held)."""
-        from .store import Store
-
-        name = name.removesuffix(":latest")  # Ollama's default tag; a registry name's default tag here
-        path = self.paths.get(name) or model_path(name, Store())
+        path = self.path_of(name)
+        self.name = name
         if path == self.path:
             return self.llm, 0.0
         self.close()
@@ -68,18 +72,18 @@ class Models:
             self.llm = self.load(path)
         except LilmistralError as e:
             raise ApiError(500, f"{name}: {e}") from None
-        self.path = path
+        self.path, self.name = path, name
         return self.llm, time.perf_counter() - start
 
     def close(self) -> None:
         if self.llm is not None:
             self.llm.close()
-        self.path = self.llm = None
+        self.name = self.path = self.llm = None
 
 
 def model_path(name: str, store) -> str:
-    """A pulled model's folder, by its registry name (`mistral`, `mistral:7b-instruct-v0.3`) or the name `list`
-    shows; 404 where there is none."""
+    """A pulled model's folder, by its registry name (`mistral`, `mistral:7b-instruct-v0.3`; `:latest` is Ollama's
+    default tag, a name's default here) or the name `list` shows; 404 where there is none."""
     from .registry import resolve
 
     try:
@@ -210,11 +214,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         routes = {"/": lambda: self._send("lilmistral is running"), "/api/version": self.version,
-                  "/api/tags": self.tags, "/v1/models": self.openai_models}
+                  "/api/tags": self.tags, "/api/ps": self.running, "/v1/models": self.openai_models}
         self._serve(routes.get(urlsplit(self.path).path.rstrip("/") or "/"))
 
     def do_POST(self) -> None:
-        routes = {"/api/chat": self.chat, "/api/generate": self.generate, "/v1/chat/completions": self.openai_chat}
+        routes = {"/api/chat": self.chat, "/api/generate": self.generate, "/api/show": self.show,
+                  "/v1/chat/completions": self.openai_chat}
         self._serve(routes.get(urlsplit(self.path).path.rstrip("/")))
 
     def _serve(self, route: Callable[[], None] | None) -> None:
@@ -301,6 +306,38 @@ class Handler(BaseHTTPRequestHandler):
                                      "modified_at": datetime.fromtimestamp(modified, timezone.utc).isoformat(),
                                      "details": {"format": "lilmistral", "quantization_level": quant}}
                                     for name, size, modified, quant in self._listed()]})
+
+    def show(self) -> None:
+        """Ollama's /api/show: a model's details, architecture and capabilities, from its files (it is not loaded)."""
+        from .convert import is_converted
+        from .loader import load_model_tokenizer, model_args, model_sampling, read_manifest
+        from .store import human_parameters
+
+        path = Path(self.server.models.path_of(self._body()["model"]))
+        args, tokenizer = model_args(path), load_model_tokenizer(path)
+        template = getattr(tokenizer, "chat_template", None) or ""
+        tools = (tokenizer.instruct_version or 0) >= 2 or "tools" in template
+        quant = read_manifest(path)[0]["quant"]["scheme"] if is_converted(path) else ""
+        family = args.architecture.removesuffix("ForCausalLM").lower()
+        self._send_json({
+            "modelfile": "", "template": template, "capabilities": ["completion"] + ["tools"] * tools,
+            "parameters": "\n".join(f"{k} {v}" for k, v in model_sampling(path).items()),
+            "details": {"format": "lilmistral", "family": family, "parameter_size": human_parameters(args.n_parameters),
+                        "quantization_level": quant},
+            "model_info": {"general.architecture": family, "general.parameter_count": args.n_parameters,
+                           f"{family}.context_length": args.max_seq_len, f"{family}.embedding_length": args.dim,
+                           f"{family}.block_count": args.n_layers, f"{family}.attention.head_count": args.n_heads,
+                           f"{family}.attention.head_count_kv": args.n_kv_heads}})
+
+    def running(self) -> None:
+        """Ollama's /api/ps: the model held, if any."""
+        from .store import folder_size
+
+        models = self.server.models
+        held = [(models.name, models.path)] if models.path else []
+        self._send_json({"models": [{"name": name, "model": name, "size": folder_size(Path(path)), "digest": "",
+                                     "details": {"format": "lilmistral"}, "expires_at": "2100-01-01T00:00:00Z",
+                                     "size_vram": 0} for name, path in held]})
 
     def openai_models(self) -> None:
         self._send_json({"object": "list", "data": [{"id": name, "object": "model", "created": int(modified),

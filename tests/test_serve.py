@@ -293,6 +293,21 @@ def test_requests_name_any_pulled_model(server, folder):
         assert server.models.path == str(path)
 
 
+def test_show_and_ps_describe_a_model_as_ollamas_do(server, folder):
+    """/api/show (what clients read to know a model can call tools) from the files; /api/ps the model held."""
+    ref = resolve("someone/tiny:int8")
+    convert(folder, Store().model_dir(ref), "int8")
+    for name, quant in (("tiny", ""), ("someone/tiny:int8", "int8")):
+        status, data = post(server, "/api/show", {"model": name})
+        shown = json.loads(data)
+        assert status == 200 and shown["capabilities"] == ["completion", "tools"]  # Mistral's v3 format
+        assert shown["details"]["quantization_level"] == quant and shown["details"]["family"] == "mistral"
+        assert shown["model_info"]["mistral.block_count"] == server.models.llm.args.n_layers
+    assert post(server, "/api/show", {"model": "missing"})[0] == 404
+    running = json.loads(get(server, "/api/ps")[1])["models"]
+    assert [m["name"] for m in running] == ["tiny"] and running[0]["size"] > 0
+
+
 def test_serve_listens_on_this_machine_only_by_default(tmp_path, folder):
     """`lilmistral serve MODEL --port 0`: 127.0.0.1, said on standard error; SIGINT stops it with status 0."""
     process = subprocess.Popen([sys.executable, "-m", "lilmistral", "serve", str(folder), "--port", "0"],
@@ -324,6 +339,7 @@ def test_ollamas_and_openais_own_clients_talk_to_it(server, reference, monkeypat
     assert "".join(part.message.content for part in parts) == expected
     assert client.generate(model="tiny", prompt="Hi", options={"num_predict": 2}).eval_count == 2
     assert [m.model for m in client.list().models] == ["tiny"]
+    assert "tools" in client.show("tiny").capabilities and [m.model for m in client.ps().models] == ["tiny"]
     with pytest.raises(ollama.ResponseError, match="not found"):
         client.chat(model="missing", messages=QUESTION)
 
