@@ -276,8 +276,9 @@ def test_stop_strings_end_the_text(full):
     assert "".join(stream_text(iter(ids), llm.tokenizer, ["STOPX"])) == "alpha beta STOP gamma delta"
 
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
 def test_an_answer_that_calls_tools_leaves_its_calls_for_the_next_message(full, monkeypatch):
@@ -303,7 +304,8 @@ def test_an_answer_that_calls_tools_leaves_its_calls_for_the_next_message(full, 
     assert "".join(llm.chat(question, tools=[WEATHER])) == llm.tokenizer.decode(answer) and llm.tool_calls == []
     monkeypatch.undo()
 
-    calls = [{"id": "abcDEF123", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    calls = [{"id": "abcDEF123", "type": "function",
+              "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
     turn = [{"role": "assistant", "content": "", "tool_calls": calls},
             {"role": "tool", "tool_call_id": "abcDEF123", "content": '{"temperature": 21}'}]
     list(llm.chat(question + turn, tools=[WEATHER], temperature=0, max_tokens=3))

@@ -25,8 +25,9 @@ from lilmistral.serve import Models, make_server
 from lilmistral.store import Store
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of Japan?"}]
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
 @pytest.fixture(scope="module")
