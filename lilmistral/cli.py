@@ -298,8 +298,13 @@ def _exit_on_hangup() -> None:
     signal) where it stands, so that the chat's finally blocks run: an answer cut short so is saved."""
     import signal
 
+    def leave(received: int, frame) -> None:
+        for number in (signal.SIGHUP, signal.SIGTERM):  # a second one (a process group's, `timeout`'s) would
+            signal.signal(number, signal.SIG_IGN)  # interrupt the first one's exit
+        sys.exit(128 + received)
+
     for number in (signal.SIGHUP, signal.SIGTERM):
-        signal.signal(number, lambda received, frame: sys.exit(128 + received))
+        signal.signal(number, leave)
 
 
 def _piped_input() -> str:

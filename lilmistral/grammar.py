@@ -94,8 +94,9 @@ def json_step(state: State, ch: str) -> State | None:
         if ch != detail[0]:
             return None
         return (stack, "literal", detail[1:], 0) if len(detail) > 1 else _after_value(stack)
-    if ch in WHITESPACE:
-        return (stack, mode, detail, spaces + 1) if spaces < MAX_WHITESPACE and mode != "done" else None
+    if ch in WHITESPACE:  # not before the object, as llama.cpp's grammar, nor after it
+        return (stack, mode, detail, spaces + 1) if spaces < MAX_WHITESPACE and mode not in ("object", "done") \
+            else None
     if mode == "object":
         return (stack + "{", "key_or_close", "", 0) if ch == "{" else None
     if mode in ("key_or_close", "key"):

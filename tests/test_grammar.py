@@ -42,12 +42,12 @@ def test_every_prefix_of_a_json_object_goes_on_and_only_json_objects_finish():
         except ValueError:
             is_object = False
         state = json_steps(START, changed)
-        assert (state is not None and state[1] == "done") == is_object, changed
+        assert (state is not None and state[1] == "done") == (is_object and not changed[0].isspace()), changed
 
 
 @pytest.mark.parametrize("text", ['[1]', '"a"', '1', '{"a": 01}', '{"a": .5}', '{"a": 1.}', '{"a": -}', '{"a": tru}',
                                   "{'a': 1}", '{"a" 1}', '{"a": 1,}', '{"a": [1,]}', '{"a": "\x01"}', '{"a": 1}}',
-                                  '{"a": "\\x"}', '{"a": "\\u12G4"}', '{a: 1}', '{"a": 1} ',
+                                  '{"a": "\\x"}', '{"a": "\\u12G4"}', '{a: 1}', '{"a": 1} ', ' {}',
                                   "{" + " " * (MAX_WHITESPACE + 1) + "}"])
 def test_what_is_not_one_json_object_is_refused(text):
     state = json_steps(START, text)
@@ -68,7 +68,7 @@ def test_a_random_models_answer_in_json_mode_is_json_so_far(tiny):
         answer = "".join(tiny.chat([{"role": "user", "content": "Hi"}], format="json", seed=seed, temperature=1.5,
                                    top_k=0, top_p=1.0, max_tokens=40))
         state = json_steps(START, answer)
-        assert state is not None and answer.lstrip().startswith("{"), answer
+        assert state is not None and answer.startswith("{"), answer
         if tiny.stats.done_reason == "stop":
             assert isinstance(json.loads(answer), dict)
         else:
