@@ -310,20 +310,24 @@ def test_show_and_ps_describe_a_model_as_ollamas_do(server, folder):
 
 
 def test_serve_listens_on_this_machine_only_by_default(tmp_path, folder):
-    """`lilmistral serve MODEL --port 0`: 127.0.0.1, said on standard error; SIGINT stops it with status 0."""
-    process = subprocess.Popen([sys.executable, "-m", "lilmistral", "serve", str(folder), "--port", "0"],
-                               stderr=subprocess.PIPE, text=True, env={"LILMISTRAL_HOME": str(tmp_path),
-                                                                       "PATH": "/usr/bin:/bin"})
-    try:
-        line = next(line for line in process.stderr if "listening on" in line)
-        host, port = re.search(r"http://([\d.]+):(\d+)", line).groups()
-        assert host == "127.0.0.1"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/tags", timeout=30) as response:
-            assert json.loads(response.read())["models"][0]["name"] == str(folder)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 0
-    finally:
-        process.kill()
+    """`lilmistral serve MODEL --port 0`: 127.0.0.1, said on standard error; SIGINT stops it with status 0, and
+    SIGTERM twice (a process group's, `timeout`'s) with 143 and nothing more said."""
+    for stop in ([signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]):
+        process = subprocess.Popen([sys.executable, "-m", "lilmistral", "serve", str(folder), "--port", "0"],
+                                   stderr=subprocess.PIPE, text=True, env={"LILMISTRAL_HOME": str(tmp_path),
+                                                                           "PATH": "/usr/bin:/bin"})
+        try:
+            line = next(line for line in process.stderr if "listening on" in line)
+            host, port = re.search(r"http://([\d.]+):(\d+)", line).groups()
+            assert host == "127.0.0.1"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/tags", timeout=30) as response:
+                assert json.loads(response.read())["models"][0]["name"] == str(folder)
+            for number in stop:
+                process.send_signal(number)
+            assert process.wait(30) == (0 if stop == [signal.SIGINT] else 143)
+            assert "Traceback" not in process.stderr.read()
+        finally:
+            process.kill()
 
 
 def test_ollamas_and_openais_own_clients_talk_to_it(server, reference, monkeypatch):
