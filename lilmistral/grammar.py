@@ -152,6 +152,7 @@ class JsonConstraint:
     def _after(self, token: int) -> State | None:
         text = self._text(token)
         return json_steps(self.state, text) if text else None
+
     def allowed(self, logits: torch.Tensor, wanted: int) -> torch.Tensor:
         """`logits` with every token but the `wanted` likeliest of those allowed set to -inf: of the SCAN likeliest
         tokens, or past them until one is allowed (where few tokens may come next, a colon, say, the unlikely rest
