@@ -33,6 +33,13 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port (0-65535)")
+    return port
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="0 is greedy (default 0.8, or the model's own: see show)")
     p.add_argument("--top-k", type=int)
@@ -557,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "any pulled model")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}, Ollama's")
+    serve.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                       help=f"default {DEFAULT_PORT}, Ollama's (0: any free one)")
     _load_args(serve)
     serve.set_defaults(func=cmd_serve)
 

@@ -309,6 +309,16 @@ def test_show_and_ps_describe_a_model_as_ollamas_do(server, folder):
     assert [m["name"] for m in running] == ["tiny"] and running[0]["size"] > 0
 
 
+def test_a_port_or_host_it_cannot_listen_on_is_one_line(server, capsys):
+    from lilmistral.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--port", "99999"])
+    assert "99999 is not a port (0-65535)" in capsys.readouterr().err
+    assert main(["serve", "--port", str(server.server_address[1])]) == 1  # taken by the fixture's server
+    assert capsys.readouterr().err.startswith(f"Error: cannot listen on 127.0.0.1:{server.server_address[1]}: ")
+
+
 def test_serve_listens_on_this_machine_only_by_default(tmp_path, folder):
     """`lilmistral serve MODEL --port 0`: 127.0.0.1, said on standard error; SIGINT stops it with status 0, and
     SIGTERM twice (a process group's, `timeout`'s) with 143 and nothing more said."""
