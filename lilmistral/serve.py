@@ -147,6 +147,11 @@ def _ollama_format(body: dict[str, Any]) -> dict[str, str]:
     return {"format": "json"}
 
 
+def _unloads(body: dict[str, Any]) -> bool:
+    """Ollama's `keep_alive` 0: let go of the model once the request is answered."""
+    return body.get("keep_alive") in (0, "0", "0s", "0m", "0h")
+
+
 def _text(content: Any, role: str) -> str:
     """A message's text: a string, or OpenAI's list of text parts."""
     if content is None and role in ("assistant", "system", "user"):
@@ -367,6 +372,8 @@ class Handler(BaseHTTPRequestHandler):
                 yield llm, None
             finally:
                 pieces.close()
+                if _unloads(body):
+                    self.server.models.close()
 
     def _ollama_stats(self, llm: LLM, request_start: float) -> dict[str, Any]:
         s = llm.stats
@@ -402,11 +409,13 @@ class Handler(BaseHTTPRequestHandler):
         prompt, system, options = body.get("prompt", ""), body.get("system"), _object(body, "options")
         if not isinstance(prompt, str) or not isinstance(system, (str, type(None))):
             raise ApiError(400, "prompt and system must be text")
-        if not prompt:  # as Ollama: load the model, answer nothing
+        if not prompt:  # as Ollama: load the model (or with keep_alive 0 unload it), answer nothing
             with self.server.models.lock:
                 self.server.models.take(body["model"])
+                if _unloads(body):
+                    self.server.models.close()
             self._send_json({"model": body["model"], "created_at": _now(), "response": "", "done": True,
-                             "done_reason": "load"})
+                             "done_reason": "unload" if _unloads(body) else "load"})
             return
         messages = [{"role": "system", "content": system}] if system else []
         answer = self._answer(body, messages + [{"role": "user", "content": prompt}],

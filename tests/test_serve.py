@@ -307,6 +307,13 @@ def test_show_and_ps_describe_a_model_as_ollamas_do(server, folder):
     assert post(server, "/api/show", {"model": "missing"})[0] == 404
     running = json.loads(get(server, "/api/ps")[1])["models"]
     assert [m["name"] for m in running] == ["tiny"] and running[0]["size"] > 0
+    # keep_alive 0, Ollama's way to unload: after an answer, or alone
+    post(server, "/api/chat", {"model": "tiny", "messages": QUESTION, "options": {"num_predict": 1}, "keep_alive": 0})
+    assert json.loads(get(server, "/api/ps")[1])["models"] == [] and server.models.llm is None
+    assert json.loads(post(server, "/api/generate", {"model": "tiny"})[1])["done_reason"] == "load"
+    status, data = post(server, "/api/generate", {"model": "tiny", "keep_alive": "0s"})
+    assert json.loads(data)["done_reason"] == "unload"
+    assert server.models.llm is None
 
 
 def test_a_port_or_host_it_cannot_listen_on_is_one_line(server, capsys):
