@@ -351,6 +351,15 @@ def mistral_instruct(messages: list[dict[str, Any]], version: int, encode: Calla
     return ids
 
 
+def mistral_fim(prefix: str, suffix: str, encode: Callable[[str], list[int]], special: Callable[[str], int],
+                bos: int) -> list[int]:
+    """The prompt ids to fill in between `prefix` and `suffix` (Codestral's fill-in-the-middle), as mistral_common
+    encodes them: the suffix first, its leading space kept (a "☺" encoded before it and its two tokens dropped:
+    SentencePiece would take a leading space as the start of a word), then the prefix, where the answer goes on."""
+    suffix_ids = encode("☺" + suffix)[2:] if suffix else []
+    return [bos, special("[SUFFIX]"), *suffix_ids, special("[PREFIX]"), *encode(prefix)]
+
+
 def new_call_id() -> str:
     """A tool call's id as Mistral's formats take it (v3 to v11: 9 letters or digits), for a call the model
     wrote without one."""

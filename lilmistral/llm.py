@@ -171,6 +171,15 @@ class LLM:
         return stream_text(tokens, self.tokenizer, params.stop, self.tool_calls if tools else None)
 
 
+    def complete(self, prompt: str, suffix: str | None = None, **sampling: Any) -> Iterator[str]:
+        """Stream the text that follows `prompt` (no chat format; the tokenizer's BOS first), or with `suffix` the
+        text that goes between them (fill-in-the-middle, Codestral's format); sampling options as `generate`'s."""
+        ids = self.tokenizer.encode(prompt, bos=self.tokenizer.bos_id >= 0) if suffix is None else \
+            self.tokenizer.encode_fim(prompt, suffix)
+        params = SamplingParams.from_kwargs(**(self.sampling_defaults | sampling))
+        return stream_text(self._generate(ids, params), self.tokenizer, params.stop)
+
+
 def _partial_stop(text: str, stop: list[str]) -> int:
     """Length of the longest end of `text` that begins some stop string (and so must be held back)."""
     return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from . import __version__
 from .chat import CALL_ID, new_call_id
 from .errors import LilmistralError
-from .llm import LLM, stream_text
+from .llm import LLM
 
 MAX_BODY = 32 << 20  # bytes a request body may have
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
@@ -224,7 +224,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         routes = {"/api/chat": self.chat, "/api/generate": self.generate, "/api/show": self.show,
-                  "/v1/chat/completions": self.openai_chat}
+                  "/v1/chat/completions": self.openai_chat, "/v1/completions": self.openai_completion}
         self._serve(routes.get(urlsplit(self.path).path.rstrip("/")))
 
     def _serve(self, route: Callable[[], None] | None) -> None:
@@ -322,10 +322,11 @@ class Handler(BaseHTTPRequestHandler):
         args, tokenizer = model_args(path), load_model_tokenizer(path)
         template = getattr(tokenizer, "chat_template", None) or ""
         tools = (tokenizer.instruct_version or 0) >= 2 or "tools" in template
+        insert = bool(tokenizer.instruct_version) and None not in map(tokenizer.control_id, ("[SUFFIX]", "[PREFIX]"))
         quant = read_manifest(path)[0]["quant"]["scheme"] if is_converted(path) else ""
         family = args.architecture.removesuffix("ForCausalLM").lower()
         self._send_json({
-            "modelfile": "", "template": template, "capabilities": ["completion"] + ["tools"] * tools,
+            "modelfile": "", "template": template, "capabilities": ["completion"] + ["tools"] * tools + ["insert"] * insert,
             "parameters": "\n".join(f"{k} {v}" for k, v in model_sampling(path).items()),
             "details": {"format": "lilmistral", "family": family, "parameter_size": human_parameters(args.n_parameters),
                         "quantization_level": quant},
@@ -349,20 +350,16 @@ class Handler(BaseHTTPRequestHandler):
                                                      "owned_by": "lilmistral"}
                                                     for name, _, modified, _ in self._listed()]})
 
-    def _answer(self, body: dict[str, Any], messages: list[dict[str, Any]] | None, prompt: str | None,
-                tools: list[dict[str, Any]] | None, options: dict[str, Any], num_ctx: Any = None
+    def _answer(self, body: dict[str, Any], start: Callable[[LLM], Iterator[str]], num_ctx: Any = None
                 ) -> Iterator[tuple[LLM, str | None]]:
-        """With the model held: (llm, piece) for each piece of the answer, then (llm, None) at its end. The first
-        piece is computed before anything is sent, so that a conversation the model's format refuses is a 400."""
+        """With the model held: (llm, piece) for each piece of the answer `start(llm)` streams, then (llm, None) at
+        its end. The caller takes the first before sending anything, so that a request the model's format refuses
+        (or its prefill) is a 400."""
         with self.server.models.lock:
             llm, self.load_s = self.server.models.take(body["model"])
             if num_ctx is not None and _integer(num_ctx, "num_ctx") != llm.num_ctx:
                 llm.resize_context(int(num_ctx))
-            if prompt is not None:  # raw: the prompt's own tokens, no chat format
-                ids = llm.tokenizer.encode(prompt, bos=llm.tokenizer.bos_id >= 0)
-                pieces = stream_text(llm.generate(ids, **options), llm.tokenizer, options.get("stop", []))
-            else:
-                pieces = llm.chat(messages, tools=tools, **options)
+            pieces = start(llm)
             try:
                 first = next(pieces, None)
                 if first is not None:
@@ -385,8 +382,9 @@ class Handler(BaseHTTPRequestHandler):
         """Ollama's /api/chat."""
         request_start, body = time.perf_counter(), self._body()
         options = _object(body, "options")
-        answer = self._answer(body, messages_in(body.get("messages")), None, body.get("tools") or None,
-                              sampling(options, OLLAMA_OPTIONS) | _ollama_format(body), options.get("num_ctx"))
+        messages, tools = messages_in(body.get("messages")), body.get("tools") or None
+        kwargs = sampling(options, OLLAMA_OPTIONS) | _ollama_format(body)
+        answer = self._answer(body, lambda llm: llm.chat(messages, tools=tools, **kwargs), options.get("num_ctx"))
 
         def chunks() -> Iterator[dict[str, Any]]:
             for llm, piece in answer:
@@ -403,12 +401,13 @@ class Handler(BaseHTTPRequestHandler):
     def generate(self) -> None:
         """Ollama's /api/generate: a prompt (and system prompt) in the model's chat format, or `raw`."""
         request_start, body = time.perf_counter(), self._body()
-        for unsupported in ("images", "suffix", "template", "context"):
+        for unsupported in ("images", "template", "context"):
             if body.get(unsupported):
                 raise ApiError(400, f"{unsupported} is not supported")
-        prompt, system, options = body.get("prompt", ""), body.get("system"), _object(body, "options")
-        if not isinstance(prompt, str) or not isinstance(system, (str, type(None))):
-            raise ApiError(400, "prompt and system must be text")
+        prompt, system, suffix = body.get("prompt", ""), body.get("system"), body.get("suffix") or None
+        options = _object(body, "options")
+        if not all(isinstance(text, (str, type(None))) for text in (prompt, system, suffix)):
+            raise ApiError(400, "prompt, system and suffix must be text")
         if not prompt:  # as Ollama: load the model (or with keep_alive 0 unload it), answer nothing
             with self.server.models.lock:
                 self.server.models.take(body["model"])
@@ -418,9 +417,12 @@ class Handler(BaseHTTPRequestHandler):
                              "done_reason": "unload" if _unloads(body) else "load"})
             return
         messages = [{"role": "system", "content": system}] if system else []
-        answer = self._answer(body, messages + [{"role": "user", "content": prompt}],
-                              prompt if body.get("raw") else None, None,
-                              sampling(options, OLLAMA_OPTIONS) | _ollama_format(body), options.get("num_ctx"))
+        messages.append({"role": "user", "content": prompt})
+        kwargs = sampling(options, OLLAMA_OPTIONS) | _ollama_format(body)
+        if suffix is not None or body.get("raw"):  # fill in the middle, or the prompt as it is
+            answer = self._answer(body, lambda llm: llm.complete(prompt, suffix, **kwargs), options.get("num_ctx"))
+        else:
+            answer = self._answer(body, lambda llm: llm.chat(messages, **kwargs), options.get("num_ctx"))
 
         def chunks() -> Iterator[dict[str, Any]]:
             for llm, piece in answer:
@@ -455,16 +457,12 @@ class Handler(BaseHTTPRequestHandler):
         if kind not in ("text", "json_object"):
             raise ApiError(400, f"response_format {kind!r} is not supported (text, json_object)")
         options = sampling(body, OPENAI_OPTIONS) | ({"format": "json"} if kind == "json_object" else {})
-        answer = self._answer(body, messages_in(body.get("messages")), None, body.get("tools") or None, options)
+        messages, tools = messages_in(body.get("messages")), body.get("tools") or None
+        answer = self._answer(body, lambda llm: llm.chat(messages, tools=tools, **options))
         answer = itertools.chain([next(answer)], answer)  # the prompt's checks and prefill, before a status is sent
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body["model"]}
         if body.get("stream"):
-            include_usage = _object(body, "stream_options").get("include_usage")
-            chunks = self._openai_chunks(answer, include_usage)
-            with contextlib.closing(chunks):
-                self._stream("text/event-stream", (b"data: " + json.dumps(reply | c, ensure_ascii=False).encode()
-                                                   + b"\n\n" for c in chunks))
-            self.wfile.write(b"data: [DONE]\n\n")
+            self._server_sent(reply, self._openai_chunks(answer, _object(body, "stream_options").get("include_usage")))
             return
         text, llm = "", None
         for llm, piece in answer:
@@ -474,6 +472,41 @@ class Handler(BaseHTTPRequestHandler):
             {"tool_calls": calls} if calls else {})
         self._send_json(reply | {"object": "chat.completion", "choices": [
             {"index": 0, "message": message, "finish_reason": _finish_reason(llm)}], "usage": _usage(llm)})
+
+    def openai_completion(self) -> None:
+        """OpenAI's /v1/completions: text after a prompt, or with `suffix` between them (fill-in-the-middle)."""
+        body = self._body()
+        prompt, suffix = body.get("prompt"), body.get("suffix") or None
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not isinstance(suffix, (str, type(None))):
+            raise ApiError(400, "prompt (one) and suffix must be text")
+        if body.get("n", 1) != 1 or body.get("echo") or body.get("logprobs") is not None:
+            raise ApiError(400, "n other than 1, echo and logprobs are not supported")
+        options = sampling(body, OPENAI_OPTIONS)
+        answer = self._answer(body, lambda llm: llm.complete(prompt, suffix, **options))
+        answer = itertools.chain([next(answer)], answer)
+        reply = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                 "model": body["model"]}
+
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
+            return {"choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+        if body.get("stream"):
+            self._server_sent(reply, (choice(piece, None) if piece is not None else choice("", _finish_reason(llm))
+                                      for llm, piece in answer))
+            return
+        text, llm = "", None
+        for llm, piece in answer:
+            text += piece or ""
+        self._send_json(reply | choice(text, _finish_reason(llm)) | {"usage": _usage(llm)})
+
+    def _server_sent(self, reply: dict[str, Any], chunks: Iterator[dict[str, Any]]) -> None:
+        """OpenAI's stream: each chunk an event, then [DONE]."""
+        with contextlib.closing(chunks):  # a client gone stops the answer now
+            self._stream("text/event-stream", (b"data: " + json.dumps(reply | c, ensure_ascii=False).encode()
+                                               + b"\n\n" for c in chunks))
+        self.wfile.write(b"data: [DONE]\n\n")
 
     @staticmethod
     def _openai_chunks(answer: Iterator[tuple[LLM, str | None]], include_usage: bool) -> Iterator[dict[str, Any]]:

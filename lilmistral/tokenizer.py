@@ -48,6 +48,15 @@ class Tokenizer:
         return mistral_instruct(messages, self.instruct_version, self.encode, self.control, self.control("<s>"),
                                 self.control("</s>"), tools)
 
+    def encode_fim(self, prefix: str, suffix: str) -> list[int]:
+        """The prompt ids to fill in between `prefix` and `suffix`, in Mistral's format (Codestral's)."""
+        from .chat import mistral_fim
+
+        if not self.instruct_version or self.control_id("[SUFFIX]") is None or self.control_id("[PREFIX]") is None:
+            raise LilmistralError("this model has no fill-in-the-middle format (Mistral's [SUFFIX] and [PREFIX] "
+                                  "tokens: Codestral's)")
+        return mistral_fim(prefix, suffix, self.encode, self.control, self.control("<s>"))
+
     def parse_tool_calls(self, ids: list[int]) -> list[dict[str, Any]] | None:
         """The tool calls in an answer's ids from its [TOOL_CALLS] token on (Mistral's formats only), None where
         they are not well formed."""

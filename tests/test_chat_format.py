@@ -234,6 +234,25 @@ def test_tool_conversations_identical_to_mistral_common(tmp_path, source, name):
             ours.encode_chat(messages, tools)
 
 
+FIM = [("def f(x):\n    ", "\n    return y"), ("print(", ")"), ("", "  leading spaces"), ("x = ", ""),
+       ("naïve 😀", " 日本語\n\tend")]
+
+
+@pytest.mark.parametrize("source,name", ALL, ids=[f"{s}->{n}" for s, n in ALL])
+def test_fill_in_the_middle_ids_identical_to_mistral_common(tmp_path, source, name):
+    """Codestral's fill-in-the-middle prompt (suffix first, its leading space kept), as mistral_common encodes it;
+    a vocabulary without [SUFFIX] and [PREFIX] (v1's, v2's) is one line (mistral_common writes <unk> for them)."""
+    from mistral_common.protocol.fim.request import FIMRequest
+
+    ours, reference = tokenizer_pair(tmp_path, source, name)
+    if ours.control_id("[SUFFIX]") is None:
+        with pytest.raises(LilmistralError, match="no fill-in-the-middle format"):
+            ours.encode_fim("a", "b")
+        return
+    for prefix, suffix in FIM:
+        assert ours.encode_fim(prefix, suffix) == reference.encode_fim(FIMRequest(prompt=prefix, suffix=suffix)).tokens
+
+
 CALLS = [[PARIS], [TOKYO, call("noArgs123", "get-time_2"), call("unicode12", arguments={"city": "Zürich 🌨"})]]
 
 

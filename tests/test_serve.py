@@ -119,6 +119,24 @@ def test_ollama_generate_answers_a_prompt_in_the_chat_format_or_raw(server, refe
     assert json.loads(data)["done_reason"] == "load"
 
 
+def test_fill_in_the_middle_through_ollamas_suffix_and_openais_completions(server, reference):
+    """Codestral's fill-in-the-middle: Ollama's /api/generate with `suffix` and OpenAI's /v1/completions answer
+    what LLM.complete answers; without a suffix, /v1/completions goes on from the prompt as it is."""
+    prefix, suffix = "def area(r):\n    ", "\n    return result\n"
+    expected = "".join(reference.complete(prefix, suffix, temperature=0, max_tokens=6))
+    status, data = post(server, "/api/generate", {"model": "tiny", "prompt": prefix, "suffix": suffix, "stream": False,
+                                                  "options": {"temperature": 0, "num_predict": 6}})
+    assert status == 200 and json.loads(data)["response"] == expected
+    body = {"model": "tiny", "prompt": prefix, "suffix": suffix, "temperature": 0, "max_tokens": 6}
+    reply = json.loads(post(server, "/v1/completions", body)[1])
+    assert reply["object"] == "text_completion" and reply["choices"][0]["text"] == expected
+    assert reply["choices"][0]["finish_reason"] == "length" and reply["usage"]["completion_tokens"] == 6
+    chunks = events(post(server, "/v1/completions", body | {"stream": True})[1])
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    plain = "".join(reference.complete(prefix, temperature=0, max_tokens=6))
+    assert json.loads(post(server, "/v1/completions", body | {"suffix": None})[1])["choices"][0]["text"] == plain
+
+
 def test_openai_chat_completions_answer_what_chat_answers(server, reference):
     expected = "".join(reference.chat(QUESTION, temperature=0, max_tokens=6))
     body = {"model": "tiny", "messages": QUESTION, "temperature": 0, "max_tokens": 6}
@@ -301,7 +319,7 @@ def test_show_and_ps_describe_a_model_as_ollamas_do(server, folder):
     for name, quant in (("tiny", ""), ("someone/tiny:int8", "int8")):
         status, data = post(server, "/api/show", {"model": name})
         shown = json.loads(data)
-        assert status == 200 and shown["capabilities"] == ["completion", "tools"]  # Mistral's v3 format
+        assert status == 200 and shown["capabilities"] == ["completion", "tools", "insert"]  # Mistral's v3 format
         assert shown["details"]["quantization_level"] == quant and shown["details"]["family"] == "mistral"
         assert shown["model_info"]["mistral.block_count"] == server.models.llm.args.n_layers
     assert post(server, "/api/show", {"model": "missing"})[0] == 404
