@@ -475,7 +475,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     server = make_server(ns.host, ns.port, models)
     host, port = server.server_address[:2]
     print(f"lilmistral serve: listening on http://{host}:{port} (Ollama's API: /api/chat, /api/generate, /api/tags; "
-          "OpenAI's: /v1/chat/completions, /v1/models); Ctrl-C stops it", file=sys.stderr, flush=True)
+          "OpenAI's: /v1/chat/completions, /v1/completions, /v1/models); Ctrl-C stops it", file=sys.stderr,
+          flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

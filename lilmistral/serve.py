@@ -1,5 +1,5 @@
 """`lilmistral serve`: Ollama's HTTP API (/api/chat, /api/generate, /api/show, /api/tags, /api/ps, /api/version)
-and OpenAI's chat completions (/v1/chat/completions, /v1/models) over the pulled models, so that the clients
+and OpenAI's (/v1/chat/completions, /v1/completions, /v1/models) over the pulled models, so that the clients
 written for them (Open WebUI, editors' assistants, the `ollama` and `openai` Python libraries) talk to lilmistral.
 
 One model is held at a time, loaded at its first request and replaced when another is asked for; requests take
