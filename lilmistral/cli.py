@@ -454,6 +454,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    import threading
+
     from . import load
     from .serve import Models, make_server
 
@@ -477,11 +479,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     print(f"lilmistral serve: listening on http://{host}:{port} (Ollama's API: /api/chat, /api/generate, /api/tags; "
           "OpenAI's: /v1/chat/completions, /v1/completions, /v1/models); Ctrl-C stops it", file=sys.stderr,
           flush=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        server.serve_forever()
+        models.work()  # the model's work on this thread, which loaded it (see serve.Models)
     except KeyboardInterrupt:
         return 0
     finally:
+        server.shutdown()
         server.server_close()
         models.close()
 

@@ -49,12 +49,15 @@ def server(folder, tmp_path, monkeypatch):
     models = Models(lambda path: lilmistral.load(path, require_chat=True),
                     ("tiny", str(folder), lilmistral.load(folder)))
     httpd = make_server("127.0.0.1", 0, models)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    worker = threading.Thread(target=models.work, daemon=True)
+    worker.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield httpd
     httpd.shutdown()
     httpd.server_close()
+    models.stop()
+    worker.join(60)
     models.close()
 
 
