@@ -50,7 +50,7 @@ def server(folder, tmp_path, monkeypatch):
                     ("tiny", str(folder), lilmistral.load(folder)))
     httpd = make_server("127.0.0.1", 0, models)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    worker = threading.Thread(target=models.work, daemon=True)
+    worker = httpd.worker = threading.Thread(target=models.work, daemon=True)
     worker.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield httpd
@@ -273,6 +273,23 @@ def test_only_this_machines_pages_and_names_reach_a_loopback_server(server):
     assert response.status == 403 and "loopback" in json.loads(response.read())["error"]
     status, data = post(server, "/api/chat", {"model": "tiny", "messages": QUESTION}, {"Origin": "null"})
     assert status == 403
+
+
+def test_every_answer_runs_on_the_models_own_thread(server, monkeypatch):
+    """Requests come on threads of their own; the model's work runs on the one thread in Models.work (the CLI's
+    main thread: PyTorch's CPU threads run at half speed for another thread)."""
+    llm, seen = server.models.llm, []
+    generate = llm._generate
+    monkeypatch.setattr(llm, "_generate", lambda ids, params: seen.append(threading.current_thread()) or
+                        generate(ids, params))
+    requests = [threading.Thread(target=post, args=(server, "/api/chat", {"model": "tiny", "messages": QUESTION,
+                                                                          "options": {"num_predict": 3}}))
+                for _ in range(3)]
+    for request in requests:
+        request.start()
+    for request in requests:
+        request.join(60)
+    assert seen == [server.worker] * 3
 
 
 def test_a_client_that_goes_away_stops_the_answer(server, monkeypatch):
