@@ -19,7 +19,7 @@ import string
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -148,7 +148,7 @@ _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")  # a tool call's id from v3 to v11 (v13: any)
 
 
-def _invalid(why: str) -> None:
+def _invalid(why: str) -> NoReturn:
     raise LilmistralError(f"invalid conversation: {why}")
 
 

@@ -170,7 +170,6 @@ class LLM:
         tokens = self._generate(self.tokenize_chat(fitted, tools), params)
         return stream_text(tokens, self.tokenizer, params.stop, self.tool_calls if tools else None)
 
-
     def complete(self, prompt: str, suffix: str | None = None, **sampling: Any) -> Iterator[str]:
         """Stream the text that follows `prompt` (no chat format; the tokenizer's BOS first), or with `suffix` the
         text that goes between them (fill-in-the-middle, Codestral's format); sampling options as `generate`'s."""
