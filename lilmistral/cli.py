@@ -456,7 +456,6 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 def cmd_serve(ns: argparse.Namespace) -> int:
     import threading
 
-    from . import load
     from .serve import Models, make_server
 
     _set_threads(ns)
@@ -464,10 +463,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     def load_model(path: str):
         print(f"loading {path}", file=sys.stderr, flush=True)
-        llm = load(path, quant=ns.quant, device=ns.device, num_ctx=ns.num_ctx, dtype=ns.dtype, pp=ns.pp,
-                   compile=ns.compile, require_chat=True)
-        llm.warm_up()
-        return llm
+        return _load(ns, path, chat=True)
 
     preloaded = None
     if ns.model:

@@ -338,12 +338,12 @@ def generate_tokens(model: Transformer, cache: RollingKVCache, prompt: list[int]
     # the allowed candidates the sampler chooses from: one for a greedy draw, else as many as its top-k takes
     wanted = 1 if params.temperature == 0 and params.repeat_penalty == 1 else params.top_k or 64
 
-    def draw(logits: torch.Tensor) -> torch.Tensor:
-        if constraint is None:
-            return sampler(logits)
+    def constrained(logits: torch.Tensor) -> torch.Tensor:
         token = sampler(constraint.allowed(logits, wanted))
         constraint.advance(int(token))
         return token
+
+    draw = sampler if constraint is None else constrained
 
     def advance(token: torch.Tensor, last: bool) -> torch.Tensor | None:  # run token; then draw the next one
         logits = step(token, cache)
