@@ -1,10 +1,10 @@
 """What serving costs at decode, on the SmolLM2 GGUF (int4; 200 greedy tokens of a story, JSON mode 100 of a JSON
 answer), rounds alternating in one run, medians printed:
 
-- `chat()` on the thread that loaded the model, and on a thread started for it (PyTorch's CPU threads run
-  parallel operators about half as fast for a second thread: why `lilmistral serve` answers on its main thread);
+- `chat()` on the thread that loaded the model, and on a thread started for it (an idle pool of PyTorch's CPU
+  threads slows another thread's operators ~2x: lilmistral.threads lets each go);
 - `lilmistral serve` (a process of its own, Ollama's /api/chat): decode tokens/s as it reports them;
-- JSON mode (`format="json"`) against free text.
+- JSON mode (`format="json"`) and a JSON schema against free text.
 
     python -m benchmarks.serving [--rounds 3]
 """
@@ -27,6 +27,11 @@ from benchmarks.compare_llamacpp import smollm2
 STORY = [{"role": "user", "content": "Write a short story about a cat."}]
 COUNTRIES = [{"role": "user", "content": "Describe three countries as a JSON object, with their capitals, "
                                          "populations and languages."}]
+COUNTRY = {"type": "object", "properties": {"name": {"type": "string"}, "capital": {"type": "string"},
+                                            "population": {"type": "integer"},
+                                            "languages": {"type": "array", "items": {"type": "string"}}},
+           "required": ["name", "capital", "population", "languages"]}
+SCHEMA = {"type": "object", "properties": {"countries": {"type": "array", "items": COUNTRY}}, "required": ["countries"]}
 
 
 def decode_rate(llm, messages, **options) -> float:
@@ -63,13 +68,14 @@ def main() -> None:
         try:
             port = re.search(r"127\.0\.0\.1:(\d+)", next(l for l in server.stderr if "listening" in l)).group(1)
             runs = {"chat, loading thread": [], "chat, another thread": [], "serve /api/chat": [],
-                    "JSON mode off": [], "JSON mode on": []}
+                    "JSON mode off": [], "JSON mode on": [], "JSON schema": []}
             for _ in range(rounds):
                 runs["chat, loading thread"].append(decode_rate(llm, STORY, max_tokens=200))
                 runs["chat, another thread"].append(on_a_thread(llm))
                 runs["serve /api/chat"].append(served(port, model))
                 runs["JSON mode off"].append(decode_rate(llm, COUNTRIES, max_tokens=100))
                 runs["JSON mode on"].append(decode_rate(llm, COUNTRIES, max_tokens=100, format="json"))
+                runs["JSON schema"].append(decode_rate(llm, COUNTRIES, max_tokens=100, format=SCHEMA))
         finally:
             server.terminate()
             server.wait()

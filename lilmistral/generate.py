@@ -12,7 +12,7 @@ import torch
 
 from .cache import RollingKVCache
 from .errors import LilmistralError
-from .grammar import JsonConstraint
+from .grammar import Grammar, JsonConstraint
 from .model import Experts, Transformer
 from .quant import vnni
 
@@ -33,7 +33,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = None  # None: until EOS or the context is full
     stop: list[str] = field(default_factory=list)
-    format: str | None = None  # "json": the answer is one JSON object (grammar.JsonConstraint)
+    format: str | dict | None = None  # "json": the answer is one JSON object; a JSON schema: a value it accepts
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> SamplingParams:
@@ -55,11 +55,12 @@ class SamplingParams:
                                                    f"{INT32_MAX}"),
             (self.max_tokens is None or self.max_tokens >= 0, "max_tokens must be >= 0"),
             (self.seed is None or -2**63 <= self.seed < 2**64, "seed must be between -2**63 and 2**64 - 1"),
-            (self.format in (None, "json"), f"format {self.format!r} is not one lilmistral has (json)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise LilmistralError(message)
+        if self.format is not None:
+            Grammar(self.format)  # a format it cannot hold to is refused before anything runs
 
 
 RECOMMENDABLE = {"temperature": float, "top_k": int, "top_p": float, "repeat_penalty": float, "repeat_last_n": int}

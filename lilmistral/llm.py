@@ -12,8 +12,9 @@ from .cache import RollingKVCache
 from .config import ModelArgs
 from .errors import ContextLengthError, LilmistralError
 from .generate import DecodeStep, SamplingParams, generate_tokens, prefill
-from .grammar import JsonConstraint
+from .grammar import Grammar, JsonConstraint
 from .model import Transformer
+from .threads import release_threads
 from .tokenizer import Message, StreamDecoder, Tokenizer
 
 DEFAULT_NUM_CTX = 8192
@@ -116,7 +117,7 @@ class LLM:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                constraint = JsonConstraint(self.tokenizer) if params.format == "json" else None
+                constraint = None if params.format is None else JsonConstraint(self.tokenizer, Grammar(params.format))
                 tokens = generate_tokens(self.model, self.cache, ids, params, self.tokenizer.eos_ids,
                                          self.decode_step, constraint=constraint)
                 while True:
@@ -135,6 +136,7 @@ class LLM:
                     yield token
         finally:
             self._cached_ids = (ids + generated)[:self.cache.length]
+            release_threads()  # the next answer may be asked for on another thread
 
     def tokenize_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The exact prompt ids for a list of {"role", "content"} messages (and the tools they may call)."""

@@ -30,6 +30,7 @@ from .quant import (DEFAULT_GROUP_SIZE, QuantExperts, QuantLinear, QuantSpec, fu
                     swap_in_quant_linears)
 from .quant import cpu, cuda
 from .quant.pack import packed_shapes
+from .threads import release_threads
 from .tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -313,6 +314,7 @@ def load(source: str | Path, *, quant: str | None = None, device: str = "cpu", n
         model, info = load_model(path, quant=quant, device=device, dtype=dtype, group_size=group_size)
         llm = LLM(model, tokenizer, num_ctx=num_ctx, source=str(path), info=info, compile=compile)
     llm.sampling_defaults = model_sampling(path)
+    release_threads()  # the thread that loaded need not be the one that generates
     llm.load_s = time.perf_counter() - start
     return llm
 

@@ -450,9 +450,14 @@ class MarkdownAnswer:
         self.last, self.last_lines = block, len(self.console.render_lines(Markdown(block), pad=False))
 
     def _draw(self) -> None:
+        """Redraw the unfinished block; one taller than the screen by its last lines (a live part that reaches above
+        the screen's top cannot be erased: it was drawn again below itself at every frame)."""
         from rich.markdown import Markdown
+        from rich.segment import Segment, Segments
 
-        self.live.update(Markdown(self.tail), refresh=True)
+        lines = self.console.render_lines(Markdown(self.tail), pad=False)[-max(self.console.height - 1, 1):]
+        self.live.update(Segments(s for i, line in enumerate(lines) for s in (*([Segment.line()] if i else []), *line)),
+                         refresh=True)
         self.drawn = time.perf_counter()
 
 

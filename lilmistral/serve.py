@@ -47,10 +47,9 @@ class ApiError(Exception):
 class Models:
     """The model the server holds, by its folder (or file); a model given to `serve` by its path is served under
     the name it was given. Everything done with it (loading, answering) runs on one thread, the one in `work()`,
-    one request at a time: `serve` gives it the main thread, which loaded the first model. PyTorch's CPU threads
-    run a parallel operator about half as fast for a thread other than the first to use them (a 1536x576
-    bfloat16 GEMV: 63 us, 122-129 us from another thread; SmolLM2 decoded 137-142 tokens/s from a request's
-    thread where the main thread decoded 214-224)."""
+    one request at a time: `serve` gives it the main thread, which loaded the first model. One thread for all of
+    it leaves PyTorch one pool of CPU threads (lilmistral.threads: a second pool, idle, slows the other's operators
+    ~2x; SmolLM2 decoded 137-142 tokens/s from requests' threads before loads and answers let their pools go)."""
 
     def __init__(self, load: Callable[[str], LLM], preloaded: tuple[str, str, LLM] | None = None) -> None:
         self.load, self.jobs = load, queue.Queue()
@@ -182,13 +181,28 @@ def sampling(options: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
     return kwargs
 
 
-def _ollama_format(body: dict[str, Any]) -> dict[str, str]:
-    """Ollama's `format`: "json" holds the answer to one JSON object; a JSON schema is not supported."""
-    if body.get("format") in (None, ""):
+def _ollama_format(body: dict[str, Any]) -> dict[str, Any]:
+    """Ollama's `format`: "json" holds the answer to one JSON object, a JSON schema to a value the schema accepts."""
+    format = body.get("format")
+    if format in (None, ""):
         return {}
-    if body["format"] != "json":
-        raise ApiError(400, 'format: only "json" is supported (not a JSON schema)')
-    return {"format": "json"}
+    if format != "json" and not isinstance(format, dict):
+        raise ApiError(400, 'format must be "json" or a JSON schema (an object)')
+    return {"format": format}
+
+
+def _openai_format(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `response_format`: text, json_object (one JSON object) or json_schema (a value its schema accepts)."""
+    response_format = _object(body, "response_format")
+    kind = response_format.get("type", "text")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, f"response_format {kind!r} is not supported (text, json_object, json_schema)")
+    if kind == "text":
+        return {}
+    schema = _object(response_format, "json_schema").get("schema") if kind == "json_schema" else None
+    if schema is not None and not isinstance(schema, dict):
+        raise ApiError(400, "response_format.json_schema.schema must be an object")
+    return {"format": schema or "json"}
 
 
 def _unloads(body: dict[str, Any]) -> bool:
@@ -496,10 +510,7 @@ class Handler(BaseHTTPRequestHandler):
         body = self._body()
         if body.get("n", 1) != 1:
             raise ApiError(400, "n must be 1")
-        kind = _object(body, "response_format").get("type", "text")
-        if kind not in ("text", "json_object"):
-            raise ApiError(400, f"response_format {kind!r} is not supported (text, json_object)")
-        options = sampling(body, OPENAI_OPTIONS) | ({"format": "json"} if kind == "json_object" else {})
+        options = sampling(body, OPENAI_OPTIONS) | _openai_format(body)
         messages, tools = messages_in(body.get("messages")), body.get("tools") or None
         answer = self._answer(body, lambda llm: llm.chat(messages, tools=tools, **options))
         answer = itertools.chain([next(answer)], answer)  # the prompt's checks and prefill, before a status is sent

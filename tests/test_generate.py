@@ -256,6 +256,44 @@ def test_the_cpu_sampler_draws_from_pytorchs_candidates_and_probabilities(vocab)
             assert draw(0.0) == ids[0] and draw(1 - 1e-12) == ids[probs.nonzero()[-1]]
 
 
+THREADS_SCRIPT = """
+import os, sys, threading, time, torch, lilmistral
+before = len(os.listdir("/proc/self/task"))
+def tasks(settle=False):  # an ended thread leaves the process a moment after join() returns; an idle worker stays
+    for _ in range(100 if settle else 1):
+        count = len(os.listdir("/proc/self/task"))
+        if count <= before:
+            break
+        time.sleep(0.02)
+    return count
+x, w = torch.randn(1, 512), torch.randn(4096, 512)
+llm = lilmistral.load(sys.argv[1], quant="int4")
+loaded = tasks()
+answer = []
+thread = threading.Thread(target=lambda: answer.append(''.join(llm.chat([{"role": "user", "content": "Hi"}],
+                                                                         temperature=0, max_tokens=4))))
+thread.start(); thread.join()
+answered = tasks(settle=True)
+list(llm.chat([{"role": "user", "content": "Hi"}], temperature=0, max_tokens=4))
+again = tasks()
+x @ w.T  # an operator of PyTorch's own, on two threads: its pool stays
+print(before, loaded, answered, again, tasks(), answer[0] != "")
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or torch.get_num_threads() < 2,
+                    reason="needs Linux's /proc and two CPU threads")
+def test_no_idle_cpu_threads_are_left_after_a_load_or_an_answer(full):
+    """PyTorch's OpenMP workers of the thread that loaded, or answered, are let go once it is done (an idle pool
+    slows another thread's operators ~2x: lilmistral.threads): the process holds as many threads after a load and
+    after answers on another thread and on the main thread as before; a bare PyTorch operator leaves its pool."""
+    script = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(full)], capture_output=True, text=True,
+                            timeout=300)
+    assert script.returncode == 0, script.stderr
+    before, loaded, answered, again, after_operator, answered_text = script.stdout.split()
+    assert before == loaded == answered == again and int(after_operator) > int(before) and answered_text == "True"
+
+
 def test_second_turn_reuses_the_cached_prefix(full):
     llm = lilmistral.load(full)
     messages = [{"role": "user", "content": "Hello there"}]

@@ -520,12 +520,14 @@ def test_a_markdown_answer_taller_than_the_screen_is_drawn_once(smol, monkeypatc
     """--markdown: the answer, streamed in pieces of any size (one every 10 ms, as a model writes them) into a
     terminal of 12 rows, ends up exactly as rich renders the whole text at once. Before, the whole answer was
     redrawn at every token, and once taller than the screen it was drawn again below itself at every frame
-    (here the title appeared 11 times)."""
+    (here the title appeared 11 times); later, one block taller than the screen still was (a code block's first
+    line 8 times)."""
     text = ("# A title\n\nSome **bold** text and `code`, a paragraph\nthat goes on.\n\n1. first\n2. second\n\n"
             "   continued under second\n\n- a bullet\n- another\n\n```python\ndef f(x):\n\n    return x\n```\n\n"
-            "## Part two\n\n" + "Words of a long paragraph. " * 20 + "\n\nLast words.")
+            "## Part two\n\n" + "Words of a long paragraph. " * 20 + "\n\n```python\n" +
+            "".join(f"line_{i} = {i} * 2\n" for i in range(30)) + "```\n\nLast words.")
     rng = random.Random(0)
-    cuts = sorted(rng.sample(range(1, len(text)), 150))
+    cuts = sorted(rng.sample(range(1, len(text)), 250))
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     chat = Chat(lilmistral.load(smol))
 
@@ -541,4 +543,4 @@ def test_a_markdown_answer_taller_than_the_screen_is_drawn_once(smol, monkeypatc
     Console(file=whole, force_terminal=True, width=60).print(Markdown(text))
     shown = "\n".join(screen(streamed.getvalue(), 60, rows=12)).rstrip()  # the rows below stay blank
     expected = "\n".join(screen(whole.getvalue(), 60, rows=12)).rstrip()
-    assert shown == expected and expected.count("A title") == 1
+    assert shown == expected and expected.count("A title") == 1 and expected.count("line_0 ") == 1

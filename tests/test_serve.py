@@ -25,6 +25,8 @@ from lilmistral.serve import Models, make_server
 from lilmistral.store import Store
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of Japan?"}]
+FORECAST = {"type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}, "sunny": {"type": "boolean"}},
+            "required": ["unit", "sunny"], "additionalProperties": False}
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -161,17 +163,21 @@ def test_openai_chat_completions_answer_what_chat_answers(server, reference):
     assert json.loads(data)["choices"][0]["message"]["content"] == expected
 
 
-def test_json_mode_in_either_api(server, reference):
-    """Ollama's format "json" and OpenAI's response_format json_object hold the answer to one JSON object."""
-    from lilmistral.grammar import START, json_steps
+@pytest.mark.parametrize("format", ["json", FORECAST])
+def test_json_mode_and_schemas_in_either_api(server, reference, format):
+    """Ollama's format ("json" or a schema) and OpenAI's response_format (json_object or json_schema) hold the
+    answer as `chat(format=...)` holds it."""
+    from lilmistral.grammar import Grammar
 
-    expected = "".join(reference.chat(QUESTION, temperature=0, max_tokens=8, format="json"))
-    assert json_steps(START, expected) is not None
-    status, data = post(server, "/api/chat", {"model": "tiny", "messages": QUESTION, "format": "json", "stream": False,
-                                              "options": {"temperature": 0, "num_predict": 8}})
+    expected = "".join(reference.chat(QUESTION, temperature=0, max_tokens=8, format=format))
+    assert Grammar(format).steps(Grammar(format).start, expected)
+    status, data = post(server, "/api/chat", {"model": "tiny", "messages": QUESTION, "format": format,
+                                              "stream": False, "options": {"temperature": 0, "num_predict": 8}})
     assert json.loads(data)["message"]["content"] == expected
+    response_format = {"type": "json_object"} if format == "json" else {
+        "type": "json_schema", "json_schema": {"name": "forecast", "schema": format, "strict": True}}
     status, data = post(server, "/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "temperature": 0,
-                                                         "max_tokens": 8, "response_format": {"type": "json_object"}})
+                                                         "max_tokens": 8, "response_format": response_format})
     assert json.loads(data)["choices"][0]["message"]["content"] == expected
 
 
@@ -226,9 +232,15 @@ BAD_REQUESTS = [
     ("/api/chat", {"model": "tiny", "messages": QUESTION, "options": {"top_k": 2.5}}, 400, "top_k must be an integer"),
     ("/api/chat", {"model": "tiny", "messages": QUESTION, "options": {"temperature": -1}}, 400,
      "temperature must be >= 0"),
-    ("/api/chat", {"model": "tiny", "messages": QUESTION, "format": {"type": "object"}}, 400, "not a JSON schema"),
-    ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "response_format": {"type": "json_schema"}},
-     400, "response_format 'json_schema' is not supported"),
+    ("/api/chat", {"model": "tiny", "messages": QUESTION, "format": ["json"]}, 400,
+     'format must be "json" or a JSON schema'),
+    ("/api/chat", {"model": "tiny", "messages": QUESTION, "format": {"type": "strnig"}}, 400,
+     "format: #: type 'strnig' is not one of"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "object", "not": {}}}}}, 400,
+     "format: #: the schema keyword 'not' is not supported"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "response_format": {"type": "xml"}},
+     400, "response_format 'xml' is not supported"),
     ("/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400,
      "images are not supported"),
     ("/api/chat", {"model": "tiny", "messages": QUESTION, "tools": [{"function": {"name": "a b"}}]}, 400,
@@ -388,8 +400,11 @@ def test_serve_listens_on_this_machine_only_by_default(tmp_path, folder):
 def test_ollamas_and_openais_own_clients_talk_to_it(server, reference, monkeypatch):
     """The `ollama` and `openai` Python libraries, as their users call them: answers, streams, model lists, and a
     tool call's round trip (scripted answer) the way each library's documentation shows it."""
+    from typing import Literal
+
     import ollama
     import openai
+    import pydantic
 
     expected = "".join(reference.chat(QUESTION, temperature=0, max_tokens=6))
     client = ollama.Client(host=server.url)
@@ -409,6 +424,16 @@ def test_ollamas_and_openais_own_clients_talk_to_it(server, reference, monkeypat
     stream = oa.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=6, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
     assert [m.id for m in oa.models.list()] == ["tiny"]
+
+    class Forecast(pydantic.BaseModel):  # structured outputs, as each library's documentation shows them
+        unit: Literal["celsius", "fahrenheit"]
+        sunny: bool
+
+    reply = client.chat(model="tiny", messages=QUESTION, format=Forecast.model_json_schema(),
+                        options={"temperature": 0})
+    assert Forecast.model_validate_json(reply.message.content) and reply.done_reason == "stop"
+    parsed = oa.chat.completions.parse(model="tiny", messages=QUESTION, temperature=0, response_format=Forecast)
+    assert isinstance(parsed.choices[0].message.parsed, Forecast) and parsed.choices[0].finish_reason == "stop"
 
     llm = server.models.llm
     call = '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'

@@ -93,6 +93,27 @@ def test_json_mode_answers_one_json_object(float_llm):
         assert float_llm.stats.done_reason == "length" or isinstance(json.loads(held), dict), held
 
 
+def test_an_answer_held_to_a_json_schema_is_a_value_of_it(float_llm):
+    """Real weights held to a schema (Ollama's structured outputs), greedy and sampled: the answer is one the schema
+    accepts (jsonschema), with the properties it asks for in its order, and it is about Japan."""
+    import json
+
+    import jsonschema
+
+    languages = {"type": "array", "items": {"type": "string"}, "maxItems": 3}
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "capital": {"type": "string"},
+                                               "population": {"type": "integer"}, "languages": languages},
+              "required": ["name", "capital", "population", "languages"]}
+    question = [{"role": "user", "content": "Tell me about Japan as JSON."}]
+    held = json.loads("".join(float_llm.chat(question, temperature=0, max_tokens=100, format=schema)))
+    assert float_llm.stats.done_reason == "stop" and list(held) == list(schema["properties"])
+    jsonschema.validate(held, schema)
+    assert held["name"] == "Japan"
+    for seed in range(2):
+        held = "".join(float_llm.chat(question, seed=seed, temperature=1.0, max_tokens=150, format=schema))
+        assert float_llm.stats.done_reason == "length" or jsonschema.validate(json.loads(held), schema) is None
+
+
 @pytest.mark.parametrize("quant", ["f32", "int8", "int4"])
 def test_answers_every_path(gguf_path, float_llm, quant):
     llm = float_llm if quant == "f32" else lilmistral.load(gguf_path, quant=quant)
