@@ -33,7 +33,7 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int | None = None  # None: until EOS or the context is full
     stop: list[str] = field(default_factory=list)
-    format: str | dict | None = None  # "json": the answer is one JSON object; a JSON schema: a value it accepts
+    format: str | dict | type | None = None  # "json": one JSON object; a JSON schema (or pydantic model): a value of it
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> SamplingParams:

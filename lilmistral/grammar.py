@@ -36,7 +36,7 @@ DIGITS = "0123456789"
 # in the exponent; those a number may end in
 NUMBER_ENDS = {"zero", "int", "frac", "exp"}
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-               "readOnly", "writeOnly", "$defs", "definitions"}
+               "readOnly", "writeOnly", "$defs", "definitions", "discriminator"}  # discriminator: a hint
 NOT_ENFORCED = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "pattern", "format",
                 "uniqueItems", "minProperties", "maxProperties", "contentEncoding", "contentMediaType"}
 KNOWN = ANNOTATIONS | NOT_ENFORCED | {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
@@ -52,7 +52,7 @@ State = tuple[tuple[Frame, ...], int]
 
 @dataclass(frozen=True)
 class Node:
-    """A compiled schema: "any", "anyof" (options), "object" (properties (key's JSON texts, node, required),
+    """A compiled schema: "anyof" (options), "object" (properties (key's JSON texts, node, required),
     extra: the node of further properties' values or None), "array" (prefix, items or None, least, most),
     "string" (least, most), "number", "integer", "literal" (texts)."""
 
@@ -94,24 +94,27 @@ def _number(part: str, ch: str, integer: bool) -> str | None:
 
 
 class Grammar:
-    """The answers `format` allows: "json" (one JSON object) or a JSON schema (a dict)."""
+    """The answers `format` allows: "json" (one JSON object), a JSON schema (a dict), or a pydantic model class (its
+    model_json_schema())."""
 
-    def __init__(self, format: str | dict[str, Any]) -> None:
+    def __init__(self, format: str | dict[str, Any] | type) -> None:
         self.nodes: list[Node] = []
         self.refs: dict[str, int] = {}
+        if isinstance(format, type) and hasattr(format, "model_json_schema"):
+            format = format.model_json_schema()
         if format == "json":
             self.schema: dict[str, Any] = {"type": "object"}
         elif isinstance(format, dict):
             self.schema = format
         else:
             raise _invalid(f"{format!r} is not one lilmistral has (json, or a JSON schema object)")
-        self.any = self._add(Node("any"))
+        self.any = self._add(Node("anyof"))  # any JSON value
         self.nodes[self.any] = Node("anyof", options=(
             self._add(Node("object", extra=self.any)), self._add(Node("array", items=self.any)),
             self._add(Node("string")), self._add(Node("number")), self._add(Node("literal", texts=("true", "false",
                                                                                                   "null")))))
         root = self._compile(self.schema, "#")
-        if any(self._may_be_number(root, set())):
+        if self._may_be_number(root):
             raise _invalid("an answer that is a bare number is not supported (its end cannot be told)")
         self.start: tuple[State, ...] = (((("value", root),), 0),)
 
@@ -239,14 +242,11 @@ class Grammar:
         self.nodes[node] = Node("array", prefix=prefix_nodes, items=items_node, least=least, most=most)
         return node
 
-    def _may_be_number(self, node: int, seen: set[int]):
-        if node not in seen:
-            seen.add(node)
-            kind = self.nodes[node].kind
-            yield kind in ("number", "integer")
-            if kind == "anyof":
-                for option in self.nodes[node].options:
-                    yield from self._may_be_number(option, seen)
+    def _may_be_number(self, node: int, seen: tuple[int, ...] = ()) -> bool:
+        n = self.nodes[node]
+        if n.kind == "anyof":
+            return any(self._may_be_number(option, (*seen, node)) for option in n.options if option not in seen)
+        return n.kind in ("number", "integer")
 
     # reading an answer
 

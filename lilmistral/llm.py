@@ -11,7 +11,7 @@ import torch
 from .cache import RollingKVCache
 from .config import ModelArgs
 from .errors import ContextLengthError, LilmistralError
-from .generate import DecodeStep, SamplingParams, generate_tokens, prefill
+from .generate import PREFILL_CHUNK, DecodeStep, SamplingParams, generate_tokens, prefill
 from .grammar import Grammar, JsonConstraint
 from .model import Transformer
 from .threads import release_threads
@@ -179,6 +179,32 @@ class LLM:
             self.tokenizer.encode_fim(prompt, suffix)
         params = SamplingParams.from_kwargs(**(self.sampling_defaults | sampling))
         return stream_text(self._generate(ids, params), self.tokenizer, params.stop)
+
+    @torch.inference_mode()
+    def embed(self, texts: str | list[str], truncate: bool = True) -> torch.Tensor:
+        """float32 embeddings [len(texts), dim], as Ollama's /api/embed makes them: the final hidden states (after
+        the last norm) of each text's tokens (the tokenizer's BOS first) averaged, then scaled to length 1. A text
+        longer than the context is cut to it (`truncate`), or refused. `stats` counts the tokens run."""
+        if not hasattr(self.model, "run_layers"):
+            raise LilmistralError("embeddings are not available with pipeline stages (pp > 1)")
+        start, vectors = time.perf_counter(), []
+        self.stats = GenerationStats()
+        for text in [texts] if isinstance(texts, str) else texts:
+            ids = self.tokenizer.encode(text, bos=self.tokenizer.bos_id >= 0)
+            if len(ids) > self.num_ctx and not truncate:
+                raise ContextLengthError(f"the input has {len(ids)} tokens; the context holds {self.num_ctx}")
+            ids = ids[:self.num_ctx]
+            self.stats.prompt_tokens += len(ids)
+            self.cache.reset()
+            self._cached_ids = []
+            chunks = torch.tensor(ids, device=self.cache.device).split(self.cache.window or PREFILL_CHUNK)
+            hidden = [self.model.norm(self.model.run_layers(self.model.tok_embeddings(chunk), self.cache)).float()
+                      for chunk in chunks]
+            vectors.append(torch.cat(hidden).mean(0))
+        self.cache.reset()
+        release_threads()
+        self.stats.prefill_tokens, self.stats.prefill_s = self.stats.prompt_tokens, time.perf_counter() - start
+        return torch.nn.functional.normalize(torch.stack(vectors), dim=-1).cpu()
 
 
 def _partial_stop(text: str, stop: list[str]) -> int:

@@ -1,6 +1,7 @@
-"""`lilmistral serve`: Ollama's HTTP API (/api/chat, /api/generate, /api/show, /api/tags, /api/ps, /api/version)
-and OpenAI's (/v1/chat/completions, /v1/completions, /v1/models) over the pulled models, so that the clients
-written for them (Open WebUI, editors' assistants, the `ollama` and `openai` Python libraries) talk to lilmistral.
+"""`lilmistral serve`: Ollama's HTTP API (/api/chat, /api/generate, /api/embed, /api/show, /api/tags, /api/ps,
+/api/version) and OpenAI's (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models) over the pulled
+models, so that the clients written for them (Open WebUI, editors' assistants, the `ollama` and `openai` Python
+libraries) talk to lilmistral.
 
 One model is held at a time, loaded at its first request and replaced when another is asked for; requests take
 turns on it. Requests are untrusted: bodies are size-limited JSON, checked field by field; model names are
@@ -10,10 +11,12 @@ name (a DNS name rebound to 127.0.0.1).
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import json
 import queue
+import struct
 import threading
 import time
 import uuid
@@ -23,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import torch
 
 from . import __version__
 from .chat import CALL_ID, new_call_id
@@ -282,7 +287,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         routes = {"/api/chat": self.chat, "/api/generate": self.generate, "/api/show": self.show,
-                  "/v1/chat/completions": self.openai_chat, "/v1/completions": self.openai_completion}
+                  "/api/embed": self.embed, "/v1/chat/completions": self.openai_chat,
+                  "/v1/completions": self.openai_completion, "/v1/embeddings": self.openai_embeddings}
         self._serve(routes.get(urlsplit(self.path).path.rstrip("/")))
 
     def _serve(self, route: Callable[[], None] | None) -> None:
@@ -430,6 +436,59 @@ class Handler(BaseHTTPRequestHandler):
                     models.close()
 
         return models.submit(answer)
+
+    def _embeddings(self, body: dict[str, Any], truncate: Any = True, num_ctx: Any = None) -> tuple[LLM, list]:
+        """The model's embeddings of `input` (a text or a list of texts), cut to `dimensions` and scaled to length
+        1 again where it asks (as Ollama's Matryoshka cut)."""
+        texts, dimensions = body.get("input"), body.get("dimensions")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            raise ApiError(400, "input must be text or a list of texts")
+        if not isinstance(truncate, bool):
+            raise ApiError(400, "truncate must be true or false")
+        models = self.server.models
+
+        def embed() -> tuple[LLM, torch.Tensor]:
+            llm, self.load_s = models.take(body["model"])
+            try:
+                if num_ctx is not None and _integer(num_ctx, "num_ctx") != llm.num_ctx:
+                    llm.resize_context(int(num_ctx))
+                return llm, llm.embed(texts, truncate=truncate) if texts else torch.empty(0, llm.args.dim)
+            finally:
+                if _unloads(body):
+                    models.close()
+
+        [(llm, vectors)] = models.submit(embed)
+        if dimensions is not None:
+            kept = _integer(dimensions, "dimensions")
+            if not 1 <= kept <= vectors.shape[1]:
+                raise ApiError(400, f"dimensions must be between 1 and {vectors.shape[1]}")
+            vectors = torch.nn.functional.normalize(vectors[:, :kept], dim=-1)
+        return llm, vectors.tolist()
+
+    def embed(self) -> None:
+        """Ollama's /api/embed."""
+        request_start, body = time.perf_counter(), self._body()
+        options = _object(body, "options")
+        llm, vectors = self._embeddings(body, body.get("truncate", True), options.get("num_ctx"))
+        self._send_json({"model": body["model"], "embeddings": vectors,
+                         "total_duration": _ns(time.perf_counter() - request_start), "load_duration": _ns(self.load_s),
+                         "prompt_eval_count": llm.stats.prompt_tokens})
+
+    def openai_embeddings(self) -> None:
+        """OpenAI's /v1/embeddings: floats, or base64 of little-endian float32 (what OpenAI's client asks for)."""
+        body = self._body()
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise ApiError(400, f"encoding_format {encoding!r} is not supported (float, base64)")
+        llm, vectors = self._embeddings(body)
+        if encoding == "base64":
+            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() for v in vectors]
+        tokens = llm.stats.prompt_tokens
+        self._send_json({"object": "list", "model": body["model"], "usage": {"prompt_tokens": tokens,
+                                                                             "total_tokens": tokens},
+                         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]})
 
     def _ollama_stats(self, llm: LLM, request_start: float) -> dict[str, Any]:
         s = llm.stats

@@ -294,6 +294,37 @@ def test_no_idle_cpu_threads_are_left_after_a_load_or_an_answer(full):
     assert before == loaded == answered == again and int(after_operator) > int(before) and answered_text == "True"
 
 
+@pytest.mark.parametrize("fixture", ["full", "windowed"])
+def test_embeddings_are_transformers_hidden_states_averaged(fixture, request):
+    """llm.embed: each text's final hidden states (transformers' last_hidden_state, after the last norm) averaged
+    and scaled to length 1, as Ollama's /api/embed; a text longer than a sliding window runs in chunks of it. A text
+    longer than the context is cut to it, or refused with truncate=False; the cache is left empty."""
+    import transformers
+
+    folder = request.getfixturevalue(fixture)
+    llm = lilmistral.load(folder, quant="f32")
+    reference = transformers.AutoModel.from_pretrained(folder, dtype=torch.float32)
+    texts = ["Hello", "A longer text, about cats and dogs and the rain. " * 3, ""]
+    expected = []
+    for text in texts:
+        ids = llm.tokenizer.encode(text, bos=True)
+        with torch.no_grad():
+            expected.append(F.normalize(reference(torch.tensor([ids])).last_hidden_state[0].mean(0), dim=-1))
+    embedded = llm.embed(texts)
+    assert embedded.shape == (3, llm.args.dim) and llm.stats.prompt_tokens == sum(
+        len(llm.tokenizer.encode(t, bos=True)) for t in texts)
+    torch.testing.assert_close(embedded, torch.stack(expected), atol=2e-6, rtol=0)
+    assert llm.cache.length == 0 and llm.embed(texts[1])[0].equal(embedded[1])
+
+    llm.resize_context(16)
+    ids = llm.tokenizer.encode(texts[1], bos=True)[:16]
+    with torch.no_grad():
+        cut = F.normalize(reference(torch.tensor([ids])).last_hidden_state[0].mean(0), dim=-1)
+    torch.testing.assert_close(llm.embed(texts[1])[0], cut, atol=2e-6, rtol=0)
+    with pytest.raises(lilmistral.ContextLengthError, match="the context holds 16"):
+        llm.embed(texts[1], truncate=False)
+
+
 def test_second_turn_reuses_the_cached_prefix(full):
     llm = lilmistral.load(full)
     messages = [{"role": "user", "content": "Hello there"}]

@@ -227,3 +227,20 @@ def test_a_random_models_answer_to_a_schema_is_a_value_of_it(tiny):
             else:
                 assert tiny.stats.done_reason == "length" and tiny.stats.eval_tokens == 60
     assert finished >= len(SCHEMAS) // 2, finished
+
+
+def test_a_pydantic_model_class_is_its_schema(tiny):
+    """format=Model (a pydantic class) holds the answer as format=Model.model_json_schema() does; its answer is
+    one the class reads back."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Forecast(BaseModel):
+        unit: Literal["celsius", "fahrenheit"]
+        sunny: bool
+
+    question = [{"role": "user", "content": "Hi"}]
+    answer = "".join(tiny.chat(question, format=Forecast, temperature=0))
+    assert answer == "".join(tiny.chat(question, format=Forecast.model_json_schema(), temperature=0))
+    assert tiny.stats.done_reason == "stop" and isinstance(Forecast.model_validate_json(answer), Forecast)

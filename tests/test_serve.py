@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 import lilmistral
 from conftest import make_hf_model
@@ -181,6 +182,32 @@ def test_json_mode_and_schemas_in_either_api(server, reference, format):
     assert json.loads(data)["choices"][0]["message"]["content"] == expected
 
 
+def test_embeddings_in_either_api(server, reference):
+    """Ollama's /api/embed and OpenAI's /v1/embeddings (floats, or base64 float32 as OpenAI's client asks) give
+    `llm.embed`'s vectors; `dimensions` keeps the first ones, scaled to length 1 again."""
+    import base64
+    import struct
+
+    texts = ["Hello", "The capital of Japan is Tokyo."]
+    expected = reference.embed(texts)
+    status, data = post(server, "/api/embed", {"model": "tiny", "input": texts})
+    reply = json.loads(data)
+    assert status == 200 and torch.tensor(reply["embeddings"]).equal(expected)
+    assert reply["prompt_eval_count"] == reference.stats.prompt_tokens and reply["load_duration"] == 0
+    status, data = post(server, "/api/embed", {"model": "tiny", "input": texts[0], "dimensions": 8})
+    cut = torch.tensor(json.loads(data)["embeddings"])
+    torch.testing.assert_close(cut, torch.nn.functional.normalize(expected[:1, :8], dim=-1))
+    status, data = post(server, "/v1/embeddings", {"model": "tiny", "input": texts})
+    reply = json.loads(data)
+    assert [d["index"] for d in reply["data"]] == [0, 1]
+    assert reply["usage"]["prompt_tokens"] == reference.stats.prompt_tokens
+    assert torch.tensor([d["embedding"] for d in reply["data"]]).equal(expected)
+    status, data = post(server, "/v1/embeddings", {"model": "tiny", "input": texts, "encoding_format": "base64"})
+    decoded = [struct.unpack(f"<{expected.shape[1]}f", base64.b64decode(d["embedding"]))
+               for d in json.loads(data)["data"]]
+    assert torch.tensor(decoded).equal(expected)
+
+
 def test_tool_calls_go_out_and_their_results_come_back_in_either_api(server, monkeypatch):
     """A tool-calling answer (scripted: the tiny model's weights are random) reaches Ollama's clients with its
     arguments as an object and OpenAI's as JSON text; results sent back Ollama's way (calls without ids, results
@@ -246,6 +273,13 @@ BAD_REQUESTS = [
     ("/api/chat", {"model": "tiny", "messages": QUESTION, "tools": [{"function": {"name": "a b"}}]}, 400,
      "is not 1-64 letters"),
     ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "n": 2}, 400, "n must be 1"),
+    ("/api/embed", {"model": "tiny", "input": [1, 2]}, 400, "input must be text or a list of texts"),
+    ("/api/embed", {"model": "tiny", "input": "x", "truncate": "yes"}, 400, "truncate must be true or false"),
+    ("/api/embed", {"model": "tiny", "input": "x", "dimensions": 0}, 400, "dimensions must be between 1 and 64"),
+    ("/api/embed", {"model": "tiny", "input": "x " * 100, "truncate": False, "options": {"num_ctx": 16}}, 400,
+     "the context holds 16"),
+    ("/v1/embeddings", {"model": "tiny", "input": "x", "encoding_format": "int8"}, 400,
+     "encoding_format 'int8' is not supported"),
     ("/api/pull", {"model": "tiny"}, 404, "no such endpoint"),
     ("/api/chat", b'{"model": "tiny"}', 400, "messages must be a non-empty list"),
     ("/api/chat", {"model": "tiny", "messages": QUESTION, "options": [1]}, 400, "options must be an object"),
@@ -424,6 +458,10 @@ def test_ollamas_and_openais_own_clients_talk_to_it(server, reference, monkeypat
     stream = oa.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=6, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
     assert [m.id for m in oa.models.list()] == ["tiny"]
+    expected_vectors = reference.embed(["Hello", "World"]).tolist()
+    assert client.embed(model="tiny", input=["Hello", "World"]).embeddings == expected_vectors
+    vectors = [d.embedding for d in oa.embeddings.create(model="tiny", input=["Hello", "World"]).data]
+    torch.testing.assert_close(torch.tensor(vectors), torch.tensor(expected_vectors))
 
     class Forecast(pydantic.BaseModel):  # structured outputs, as each library's documentation shows them
         unit: Literal["celsius", "fahrenheit"]
