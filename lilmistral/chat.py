@@ -308,14 +308,15 @@ def _tools_ids(tools: list[dict[str, Any]], encode: Callable[[str], list[int]],
 
 
 def mistral_instruct(messages: list[dict[str, Any]], version: int, encode: Callable[[str], list[int]],
-                     special: Callable[[str], int], bos: int, eos: int,
-                     tools: list[dict[str, Any]] | None = None) -> list[int]:
+                     special: Callable[[str], int], bos: int, eos: int, tools: list[dict[str, Any]] | None = None,
+                     settings: dict[str, Any] | None = None) -> list[int]:
     """The prompt ids of a conversation in Mistral's instruct format of tokenizer `version` (1, 2, 3, 7 or
     later), as mistral_common encodes it (tests/test_chat_format.py compares every version's ids): runs of
     messages of one role joined by a blank line; up to v3 the system messages joined into one prompt, put
     before the first (v1) or the last (v2, v3) user message, from v7 each in [SYSTEM_PROMPT] tokens where it
     stands; v1 writes [INST] as text, later versions as control tokens. `tools` go before the last user
-    message (from v13 the first); v2 leaves out the tool calls and results before the last user message."""
+    message (from v13 the first), and after them v15's model `settings` (their names sorted); v2 leaves out the
+    tool calls and results before the last user message."""
     check_conversation(messages, version, tools)
     turns = _turns(messages, version)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
@@ -344,8 +345,10 @@ def mistral_instruct(messages: list[dict[str, Any]], version: int, encode: Calla
             text = f"{system}\n\n{text}" if system and i == users[0] else text
             ids += encode(f"[INST] {text} [/INST]")
         else:
-            if tools and i == (users[0] if version >= 13 else last_user):
-                ids += _tools_ids(tools, encode, special)
+            if i == (users[0] if version >= 13 else last_user):
+                ids += _tools_ids(tools, encode, special) if tools else []
+                ids += [special("[MODEL_SETTINGS]"), *encode(json.dumps({k: settings[k] for k in sorted(settings)},
+                        ensure_ascii=False)), special("[/MODEL_SETTINGS]")] if settings else []
             text = f"{system}\n\n{text}" if system and version < 7 and i == last_user else text
             ids += [special("[INST]"), *encode(text), special("[/INST]")]
     return ids

@@ -77,6 +77,11 @@ def _texts(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys((json.dumps(value, ensure_ascii=False), json.dumps(value))))
 
 
+def schema_of(format: Any) -> Any:
+    """A pydantic model class's JSON schema; any other format as it is."""
+    return format.model_json_schema() if isinstance(format, type) and hasattr(format, "model_json_schema") else format
+
+
 def _number(part: str, ch: str, integer: bool) -> str | None:
     """The number's part after `ch`, None where `ch` cannot continue it."""
     if ch in DIGITS:
@@ -100,8 +105,7 @@ class Grammar:
     def __init__(self, format: str | dict[str, Any] | type) -> None:
         self.nodes: list[Node] = []
         self.refs: dict[str, int] = {}
-        if isinstance(format, type) and hasattr(format, "model_json_schema"):
-            format = format.model_json_schema()
+        format = schema_of(format)
         if format == "json":
             self.schema: dict[str, Any] = {"type": "object"}
         elif isinstance(format, dict):

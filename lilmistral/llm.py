@@ -138,12 +138,14 @@ class LLM:
             self._cached_ids = (ids + generated)[:self.cache.length]
             release_threads()  # the next answer may be asked for on another thread
 
-    def tokenize_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """The exact prompt ids for a list of {"role", "content"} messages (and the tools they may call)."""
-        return self.tokenizer.encode_chat(messages, tools)
+    def tokenize_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                      settings: dict[str, Any] | None = None) -> list[int]:
+        """The exact prompt ids for a list of {"role", "content"} messages (and the tools they may call; Mistral
+        v15's model settings: `tokenizer.model_settings()`'s, by default its defaults)."""
+        return self.tokenizer.encode_chat(messages, tools, settings)
 
-    def fit_messages(self, messages: list[Message], reserve: int,
-                     tools: list[dict[str, Any]] | None = None) -> list[Message]:
+    def fit_messages(self, messages: list[Message], reserve: int, tools: list[dict[str, Any]] | None = None,
+                     settings: dict[str, Any] | None = None) -> list[Message]:
         """Drop the oldest turns (a user message and the answers, tool calls and results after it; never the
         system prompt or the last user message) until the prompt leaves `reserve` tokens for the answer.
         Sliding-window models never need to."""
@@ -151,7 +153,7 @@ class LLM:
             return messages
         system = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
-        while len(self.tokenize_chat(system + turns, tools)) + reserve > self.num_ctx:
+        while len(self.tokenize_chat(system + turns, tools, settings)) + reserve > self.num_ctx:
             later = [i for i, m in enumerate(turns) if i > 0 and m["role"] == "user"]
             if not later:
                 raise ContextLengthError(f"the last message does not fit num_ctx={self.num_ctx} "
@@ -160,16 +162,18 @@ class LLM:
         return system + turns
 
     def chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
-             **sampling: Any) -> Iterator[str]:
+             reasoning_effort: str | None = None, **sampling: Any) -> Iterator[str]:
         """Stream the assistant's answer as text pieces (whole UTF-8 characters), stopping at stop strings;
         sampling options as `generate`'s. With `tools` (OpenAI's and Ollama's form), an answer that calls them
-        (Mistral's formats) leaves its calls in `self.tool_calls` once the stream ends."""
+        (Mistral's formats) leaves its calls in `self.tool_calls` once the stream ends. A model whose tokenizer
+        (Mistral's v15) takes settings gets `reasoning_effort` (else its default) and the `format`'s schema."""
         params = SamplingParams.from_kwargs(**(self.sampling_defaults | sampling))
+        settings = self.tokenizer.model_settings(params.format, reasoning_effort)
         reserve = min(params.max_tokens or 512, self.num_ctx // 4)
-        fitted = self.fit_messages(list(messages), reserve, tools)
+        fitted = self.fit_messages(list(messages), reserve, tools, settings)
         self.stats.dropped_messages = len(messages) - len(fitted)
         self.tool_calls = []
-        tokens = self._generate(self.tokenize_chat(fitted, tools), params)
+        tokens = self._generate(self.tokenize_chat(fitted, tools, settings), params)
         return stream_text(tokens, self.tokenizer, params.stop, self.tool_calls if tools else None)
 
     def complete(self, prompt: str, suffix: str | None = None, **sampling: Any) -> Iterator[str]:

@@ -315,8 +315,10 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(403, f"Host {host!r} is not this machine's loopback address")
 
     def _body(self) -> dict[str, Any]:
-        if self.headers.get("Transfer-Encoding"):
-            raise ApiError(411, "send the body with a Content-Length")
+        encoding = self.headers.get("Transfer-Encoding")
+        if encoding is not None and encoding.strip().lower() != "chunked":
+            self.close_connection = True
+            raise ApiError(501, f"Transfer-Encoding {encoding!r} is not supported (chunked is)")
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
@@ -326,7 +328,7 @@ class Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             raise ApiError(413, f"the request body is over {MAX_BODY >> 20} MB")
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            body = json.loads((self._chunks() if encoding else self.rfile.read(length)) or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not JSON ({e})") from None
         if not isinstance(body, dict):
@@ -334,6 +336,22 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body.get("model"), str) or not body["model"]:
             raise ApiError(400, "model is required")
         return body
+
+    def _chunks(self) -> bytes:
+        """A chunked body (what clients that stream a request send), at most MAX_BODY bytes."""
+        parts, size = [], 1
+        while size:
+            try:
+                size = int(self.rfile.readline(1024).split(b";")[0], 16)
+            except ValueError:
+                self.close_connection = True
+                raise ApiError(400, "a chunk of the body has no size") from None
+            if size < 0 or sum(map(len, parts)) + size > MAX_BODY:
+                self.close_connection = True
+                raise ApiError(413, f"the request body is over {MAX_BODY >> 20} MB")
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(1024)  # the chunk's CRLF; after the last, the (empty) trailer's
+        return b"".join(parts)
 
     def _send_json(self, value: Any, status: int = 200, head: bool = False) -> None:
         self._send(json.dumps(value, ensure_ascii=False), "application/json", status, head)
@@ -570,8 +588,11 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("n", 1) != 1:
             raise ApiError(400, "n must be 1")
         options = sampling(body, OPENAI_OPTIONS) | _openai_format(body)
-        messages, tools = messages_in(body.get("messages")), body.get("tools") or None
-        answer = self._answer(body, lambda llm: llm.chat(messages, tools=tools, **options))
+        messages, tools, effort = messages_in(body.get("messages")), body.get("tools") or None, \
+            body.get("reasoning_effort")
+        if not isinstance(effort, (str, type(None))):
+            raise ApiError(400, "reasoning_effort must be text")
+        answer = self._answer(body, lambda llm: llm.chat(messages, tools=tools, reasoning_effort=effort, **options))
         answer = itertools.chain([next(answer)], answer)  # the prompt's checks and prefill, before a status is sent
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": body["model"]}
         if body.get("stream"):

@@ -16,6 +16,11 @@ Message = dict[str, Any]
 
 
 class Tokenizer:
+    # Mistral v15's model settings its file takes (`model_settings`): reasoning efforts and the default one, and
+    # whether the answer's JSON schema goes into the prompt
+    reasoning_efforts: tuple[str, ...] = ()
+    default_reasoning_effort: str | None = None
+    schema_setting = False
     """What the rest of lilmistral needs of a tokenizer and its chat format."""
 
     bos_id: int
@@ -40,13 +45,32 @@ class Tokenizer:
             raise ModelFormatError(f"this {self.kind} tokenizer has no {piece} token")
         return token_id
 
-    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                    settings: dict[str, Any] | None = None) -> list[int]:
         """The exact prompt ids for a conversation (and the tools it may call), ending where the assistant's answer
-        begins: here, in Mistral's instruct format of `instruct_version`."""
+        begins: here, in Mistral's instruct format of `instruct_version`, with `settings` (`model_settings()`'s;
+        None: its defaults)."""
         from .chat import mistral_instruct
 
         return mistral_instruct(messages, self.instruct_version, self.encode, self.control, self.control("<s>"),
-                                self.control("</s>"), tools)
+                                self.control("</s>"), tools, self.model_settings() if settings is None else settings)
+
+    def model_settings(self, format: Any = None, reasoning_effort: str | None = None) -> dict[str, Any]:
+        """Mistral v15's model settings, as mistral_common builds them from a request where the tokenizer file's
+        `model_settings_builder` takes them: the reasoning effort (the file's default unless given) and the JSON
+        schema an answer is held to (`format`; "json": an object or an array, as mistral_common's json_object)."""
+        from .grammar import schema_of
+
+        if reasoning_effort is not None and reasoning_effort not in self.reasoning_efforts:
+            raise LilmistralError(f"reasoning_effort {reasoning_effort!r}: this model takes " + (
+                ", ".join(self.reasoning_efforts) if self.reasoning_efforts else "none (its tokenizer has no such "
+                                                                                  "setting; Mistral's v15 may)"))
+        settings: dict[str, Any] = {}
+        if self.reasoning_efforts:
+            settings["reasoning_effort"] = reasoning_effort or self.default_reasoning_effort
+        if self.schema_setting and format is not None:
+            settings["json_schema"] = JSON_OBJECT_OR_ARRAY if format == "json" else schema_of(format)
+        return settings
 
     def encode_fim(self, prefix: str, suffix: str) -> list[int]:
         """The prompt ids to fill in between `prefix` and `suffix`, in Mistral's format (Codestral's)."""
@@ -96,8 +120,9 @@ def find_mistral_tokenizer_file(folder: Path) -> Path | None:
     return bare if bare.is_file() else None
 
 
-VERSIONS = (1, 2, 3, 7, 11, 13)  # Mistral's instruct formats `chat.mistral_instruct` writes (text and tools)
+VERSIONS = (1, 2, 3, 7, 11, 13, 15)  # Mistral's instruct formats `chat.mistral_instruct` writes (text and tools)
 # a tekken file's control tokens when it does not list them (files before v11)
+JSON_OBJECT_OR_ARRAY = {"anyOf": [{"type": "object"}, {"type": "array"}]}  # mistral_common's json_object schema
 TEKKEN_CONTROLS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
@@ -148,14 +173,33 @@ class MistralTokenizer(Tokenizer):
         data = json.loads(path.read_text(encoding="utf-8"))
         self.instruct_version = int(str(data["config"]["version"]).removeprefix("v"))
         self.kind = f"tekken v{self.instruct_version}"
+        if self.instruct_version not in VERSIONS:
+            return  # refused by __init__, in one line
         specials = data.get("special_tokens") or [{"rank": i, "token_str": t} for i, t in enumerate(TEKKEN_CONTROLS)]
         self.controls = {t["token_str"]: t["rank"] for t in specials}
         self.bos_id, self.eos_ids = self.controls["<s>"], frozenset({self.controls["</s>"]})
+        self._read_settings_builder(data.get("model_settings_builder"))
         self.vocab_size = data["config"]["default_vocab_size"]
         offset = data["config"]["default_num_special_tokens"]  # ids below it are control tokens, ranks above
         bpe = tekken_encoding(data)
         self._encode = lambda text: [i + offset for i in bpe.encode_ordinary(text)]  # "[INST]" in a message is text
         self._decode = lambda ids: bpe.decode([i - offset for i in ids if i >= offset])  # bad UTF-8 as U+FFFD
+
+    def _read_settings_builder(self, builder: Any) -> None:
+        """A v15 file's model settings builder (mistral_common's ModelSettingsBuilder, as JSON), checked: a v15 file
+        needs one (mistral_common encodes no prompt without), earlier files have none."""
+        if builder is None and self.instruct_version < 15:
+            return
+        if (self.instruct_version >= 15) != isinstance(builder, dict):
+            raise ValueError("a v15 file (and only one) has a model_settings_builder object")
+        effort, schema = builder.get("reasoning_effort"), builder.get("json_schema")
+        if effort is not None:
+            values = effort.get("values") if isinstance(effort, dict) else None
+            if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values) \
+                    or effort.get("default") not in values:
+                raise ValueError("model_settings_builder.reasoning_effort needs values and a default among them")
+            self.reasoning_efforts, self.default_reasoning_effort = tuple(values), effort["default"]
+        self.schema_setting = schema is not None
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         return [self.bos_id, *self._encode(text)] if bos else self._encode(text)
@@ -196,13 +240,14 @@ class HFTokenizer(Tokenizer):
     def control_id(self, piece: str) -> int | None:
         return self._tk.token_to_id(piece)
 
-    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None,
+                    settings: dict[str, Any] | None = None) -> list[int]:
         """Mistral's instruct format for a Mistral vocabulary (`instruct_version`); else the chat template (given
-        the tools as transformers gives them: `tools`)."""
+        the tools as transformers gives them: `tools`; a template has no model settings)."""
         from .chat import check_tools, render_chat_template
 
         if self.instruct_version is not None:
-            return super().encode_chat(messages, tools)
+            return super().encode_chat(messages, tools, settings)
         if not self.chat_template:
             raise LilmistralError("this model has no chat template")
         bos = self.token(self.bos_id) if self.bos_id >= 0 else ""

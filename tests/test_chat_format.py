@@ -78,14 +78,25 @@ INVALID = [[], [(A, "x")], [(U, "x"), (A, "y")], [(U, "x"), (A, "y"), (S, "z"), 
            [(U, "x"), (A, ""), (U, "y")]]
 
 
-def tekken_of_version(folder: Path, version: str) -> Path:
+# a v15 file's model settings, as mistral_common's ModelSettingsBuilder writes them: every prompt then says the
+# reasoning effort (its default unless a request gives one), and a request's JSON schema
+SETTINGS_BUILDER = {"reasoning_effort": {"type": "enum", "accepts_none": True, "default": "none",
+                                         "values": ["none", "high"]},
+                    "json_schema": {"type": "json_schema", "accepts_none": False, "default": None}}
+
+
+def tekken_of_version(folder: Path, version: str, builder: dict | None = SETTINGS_BUILDER) -> Path:
     """tekken_240911.json (a v3 file) as a file of a later version: v7 reads its control tokens from the defaults,
-    v11 and later from the file's own list, as Mistral's later files carry it (with tokens beyond the defaults')."""
+    v11 and later from the file's own list, as Mistral's later files carry it (with tokens beyond the defaults');
+    v15's with a model settings `builder`."""
     data = json.loads((MC_DATA / "tekken_240911.json").read_text())
     data["config"]["version"] = version
     if version != "v7":
-        controls = [*TEKKEN_CONTROLS, "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]"]
+        controls = [*TEKKEN_CONTROLS, "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]", "[MODEL_SETTINGS]",
+                    "[/MODEL_SETTINGS]"]
         data["special_tokens"] = [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(controls)]
+    if version == "v15" and builder is not None:
+        data["model_settings_builder"] = builder
     path = folder / "tekken.json"
     path.write_text(json.dumps(data))
     return path
@@ -101,7 +112,8 @@ def tokenizer_pair(tmp_path: Path, source: str, name: str):
     return load_tokenizer(tmp_path), Reference.from_file(str(path))
 
 
-ALL = [*TOKENIZERS, ("tekken v7", "tekken.json"), ("tekken v11", "tekken.json"), ("tekken v13", "tekken.json")]
+ALL = [*TOKENIZERS, ("tekken v7", "tekken.json"), ("tekken v11", "tekken.json"), ("tekken v13", "tekken.json"),
+       ("tekken v15", "tekken.json")]
 
 
 def reference_ids(reference, conversation) -> list[int]:
@@ -311,10 +323,100 @@ def test_text_ids_and_decoding_identical_to_mistral_common(tmp_path, source, nam
 
 def test_a_later_tokenizer_version_is_one_line(tmp_path):
     data = json.loads((MC_DATA / "tekken_240911.json").read_text())
-    data["config"]["version"] = "v15"
+    data["config"]["version"] = "v16"
     (tmp_path / "tekken.json").write_text(json.dumps(data))
-    with pytest.raises(LilmistralError, match="tokenizer version v15 is not supported"):
+    with pytest.raises(LilmistralError, match="tokenizer version v16 is not supported"):
         load_tokenizer(tmp_path)
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "description": "naïve, 日本"}},
+          "required": ["city"]}
+
+
+@pytest.mark.parametrize("builder", [SETTINGS_BUILDER, {"reasoning_effort": SETTINGS_BUILDER["reasoning_effort"]},
+                                     {"json_schema": SETTINGS_BUILDER["json_schema"]}, None],
+                         ids=["effort+schema", "effort", "schema", "no builder"])
+def test_v15_model_settings_identical_to_mistral_common(tmp_path, builder):
+    """Mistral v15's [MODEL_SETTINGS] (reasoning effort, given or the file's default, and the answer's JSON schema:
+    json_object's, a json_schema's) after the tools at the first user message, as mistral_common builds and
+    encodes them from a request, for each builder a tekken file may carry; a reasoning effort the file does not
+    take is one line."""
+    from mistral_common.protocol.instruct.request import ResponseFormat
+
+    path = tekken_of_version(tmp_path, "v15", builder)
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Where?"}, {"role": "user", "content": "Paris"}]
+    if builder is None:
+        with pytest.raises(Exception, match="model_settings_builder must not be None"):
+            Reference.from_file(str(path)).encode_chat_completion(reference_request(messages, []))
+        with pytest.raises(LilmistralError, match="a v15 file .and only one. has a model_settings_builder"):
+            load_tokenizer(tmp_path)
+        return
+    ours, reference = load_tokenizer(tmp_path), Reference.from_file(str(path))
+    formats = {None: {}, "json": {"type": "json_object"},
+               "schema": {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}}}
+    efforts = [None, "none", "high"] if builder and "reasoning_effort" in builder else [None]
+    for tools in (None, [WEATHER]):
+        for effort in efforts:
+            for name, response_format in formats.items():
+                request = reference_request(messages, tools or [])
+                request.reasoning_effort = effort
+                request.response_format = ResponseFormat(**response_format) if response_format else ResponseFormat()
+                expected = reference.encode_chat_completion(request).tokens
+                settings = ours.model_settings(SCHEMA if name == "schema" else name, effort)
+                assert ours.encode_chat(messages, tools, settings) == expected, (tools, effort, name)
+    with pytest.raises(LilmistralError, match="reasoning_effort 'max': this model takes "):
+        ours.model_settings(None, "max")
+
+
+def test_chat_puts_the_reasoning_effort_and_the_format_into_a_v15_models_settings(tmp_path, monkeypatch):
+    """A model with a v15 tekken file: `chat(reasoning_effort=..., format=...)` prompts it as mistral_common does
+    with that request (the schema in its settings, and the answer held to it), `lilmistral serve`'s OpenAI route
+    passes `reasoning_effort` on; a model without such settings refuses one in one line."""
+    import lilmistral
+    from lilmistral.grammar import Grammar
+    from mistral_common.protocol.instruct.request import ResponseFormat
+
+    make_hf_model(tmp_path, vocab_size=131072)
+    (tmp_path / "tokenizer.model.v3").unlink()
+    reference = Reference.from_file(str(tekken_of_version(tmp_path, "v15")))
+    llm = lilmistral.load(tmp_path)
+    prompts = []
+    generate = llm._generate
+    monkeypatch.setattr(llm, "_generate", lambda ids, params: prompts.append(ids) or generate(ids, params))
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    answer = "".join(llm.chat(messages, reasoning_effort="high", format=SCHEMA, temperature=0, max_tokens=20))
+    request = reference_request(messages, [])
+    request.reasoning_effort = "high"
+    request.response_format = ResponseFormat(type="json_schema", json_schema={"name": "w", "schema": SCHEMA})
+    assert prompts[-1] == reference.encode_chat_completion(request).tokens
+    grammar = Grammar(SCHEMA)
+    assert answer and grammar.steps(grammar.start, answer)  # held to the schema too
+    list(llm.chat(messages, max_tokens=1))
+    assert prompts[-1] == reference.encode_chat_completion(reference_request(messages, [])).tokens  # the default
+    with pytest.raises(LilmistralError, match="reasoning_effort 'low': this model takes none, high"):
+        list(llm.chat(messages, reasoning_effort="low"))
+
+    import threading
+    import urllib.request
+
+    from lilmistral.serve import Models, make_server
+
+    models = Models(lilmistral.load, ("tiny", str(tmp_path), llm))
+    httpd = make_server("127.0.0.1", 0, models)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=models.work, daemon=True).start()
+    body = {"model": "tiny", "messages": messages, "reasoning_effort": "high", "max_tokens": 1}
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions",
+                                                  data=json.dumps(body).encode()), timeout=60).read()
+    request.response_format = ResponseFormat()
+    assert prompts[-1] == reference.encode_chat_completion(request).tokens
+    httpd.shutdown()
+    models.stop()
+    (tmp_path / "v3").mkdir()
+    shutil.copy(MC_DATA / "tekken_240911.json", tmp_path / "v3" / "tekken.json")
+    with pytest.raises(LilmistralError, match="this model takes none .its tokenizer has no such setting"):
+        load_tokenizer(tmp_path / "v3").model_settings(None, "high")
 
 
 @pytest.mark.parametrize("source", ["tokenizer.model.v1", "mistral_instruct_tokenizer_241114.model.v7",

@@ -297,11 +297,22 @@ def test_a_bad_request_is_one_json_error(server, path, body, status, said):
     assert get(server, "/api/version")[0] == 200  # and the server goes on
 
 
-def test_a_body_without_a_length_is_refused(server):
-    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-    connection.request("POST", "/api/chat", body=iter([b'{"model": "tiny"}']), encode_chunked=True)
+def test_a_chunked_body_is_read_and_a_bad_length_refused(server):
+    """A body sent in chunks (as clients that stream a request send it) is the same request; a length that is
+    not one, or another transfer encoding, is refused."""
+    body = json.dumps({"model": "tiny", "messages": QUESTION, "stream": False,
+                       "options": {"temperature": 0, "num_predict": 4}}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    connection.request("POST", "/api/chat", body=iter([body[:10], body[10:]]), encode_chunked=True)
     response = connection.getresponse()
-    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+    assert response.status == 200
+    assert json.loads(response.read())["message"] == json.loads(post(server, "/api/chat", json.loads(body))[1])[
+        "message"]
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+    connection.putrequest("POST", "/api/chat")
+    connection.putheader("Transfer-Encoding", "gzip")
+    connection.endheaders()
+    assert connection.getresponse().status == 501
     connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
     connection.putrequest("POST", "/api/chat")
     connection.putheader("Content-Length", "-5")
