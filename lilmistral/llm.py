@@ -185,10 +185,11 @@ class LLM:
         return stream_text(self._generate(ids, params), self.tokenizer, params.stop)
 
     @torch.inference_mode()
-    def embed(self, texts: str | list[str], truncate: bool = True) -> torch.Tensor:
+    def embed(self, texts: str | list[str], truncate: bool = True, normalize: bool = True) -> torch.Tensor:
         """float32 embeddings [len(texts), dim], as Ollama's /api/embed makes them: the final hidden states (after
-        the last norm) of each text's tokens (the tokenizer's BOS first) averaged, then scaled to length 1. A text
-        longer than the context is cut to it (`truncate`), or refused. `stats` counts the tokens run."""
+        the last norm) of each text's tokens (the tokenizer's BOS first) averaged, then scaled to length 1 (unless
+        not `normalize`: Ollama's older /api/embeddings). A text longer than the context is cut to it
+        (`truncate`), or refused. `stats` counts the tokens run."""
         if not hasattr(self.model, "run_layers"):
             raise LilmistralError("embeddings are not available with pipeline stages (pp > 1)")
         start, vectors = time.perf_counter(), []
@@ -208,7 +209,8 @@ class LLM:
         self.cache.reset()
         release_threads()
         self.stats.prefill_tokens, self.stats.prefill_s = self.stats.prompt_tokens, time.perf_counter() - start
-        return torch.nn.functional.normalize(torch.stack(vectors), dim=-1).cpu()
+        vectors = torch.stack(vectors)
+        return (torch.nn.functional.normalize(vectors, dim=-1) if normalize else vectors).cpu()
 
 
 def _partial_stop(text: str, stop: list[str]) -> int:

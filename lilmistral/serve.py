@@ -1,7 +1,7 @@
-"""`lilmistral serve`: Ollama's HTTP API (/api/chat, /api/generate, /api/embed, /api/show, /api/tags, /api/ps,
-/api/version) and OpenAI's (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models) over the pulled
-models, so that the clients written for them (Open WebUI, editors' assistants, the `ollama` and `openai` Python
-libraries) talk to lilmistral.
+"""`lilmistral serve`: Ollama's HTTP API (/api/chat, /api/generate, /api/embed, /api/embeddings, /api/show,
+/api/tags, /api/ps, /api/version) and OpenAI's (/v1/chat/completions, /v1/completions, /v1/embeddings,
+/v1/models) over the pulled models, so that the clients written for them (Open WebUI, editors' assistants, the
+`ollama` and `openai` Python libraries) talk to lilmistral.
 
 One model is held at a time, loaded at its first request and replaced when another is asked for; requests take
 turns on it. Requests are untrusted: bodies are size-limited JSON, checked field by field; model names are
@@ -287,8 +287,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         routes = {"/api/chat": self.chat, "/api/generate": self.generate, "/api/show": self.show,
-                  "/api/embed": self.embed, "/v1/chat/completions": self.openai_chat,
-                  "/v1/completions": self.openai_completion, "/v1/embeddings": self.openai_embeddings}
+                  "/api/embed": self.embed, "/api/embeddings": self.embeddings,
+                  "/v1/chat/completions": self.openai_chat, "/v1/completions": self.openai_completion,
+                  "/v1/embeddings": self.openai_embeddings}
         self._serve(routes.get(urlsplit(self.path).path.rstrip("/")))
 
     def _serve(self, route: Callable[[], None] | None) -> None:
@@ -455,14 +456,15 @@ class Handler(BaseHTTPRequestHandler):
 
         return models.submit(answer)
 
-    def _embeddings(self, body: dict[str, Any], truncate: Any = True, num_ctx: Any = None) -> tuple[LLM, list]:
-        """The model's embeddings of `input` (a text or a list of texts), cut to `dimensions` and scaled to length
-        1 again where it asks (as Ollama's Matryoshka cut)."""
-        texts, dimensions = body.get("input"), body.get("dimensions")
+    def _embeddings(self, body: dict[str, Any], truncate: Any = True, num_ctx: Any = None, key: str = "input",
+                    normalize: bool = True) -> tuple[LLM, list]:
+        """The model's embeddings of `body[key]` (a text or a list of texts), cut to `dimensions` and scaled to
+        length 1 again where it asks (as Ollama's Matryoshka cut)."""
+        texts, dimensions = body.get(key), body.get("dimensions")
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
-            raise ApiError(400, "input must be text or a list of texts")
+            raise ApiError(400, f"{key} must be text or a list of texts")
         if not isinstance(truncate, bool):
             raise ApiError(400, "truncate must be true or false")
         models = self.server.models
@@ -472,7 +474,7 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 if num_ctx is not None and _integer(num_ctx, "num_ctx") != llm.num_ctx:
                     llm.resize_context(int(num_ctx))
-                return llm, llm.embed(texts, truncate=truncate) if texts else torch.empty(0, llm.args.dim)
+                return llm, llm.embed(texts, truncate, normalize) if texts else torch.empty(0, llm.args.dim)
             finally:
                 if _unloads(body):
                     models.close()
@@ -493,6 +495,15 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json({"model": body["model"], "embeddings": vectors,
                          "total_duration": _ns(time.perf_counter() - request_start), "load_duration": _ns(self.load_s),
                          "prompt_eval_count": llm.stats.prompt_tokens})
+
+    def embeddings(self) -> None:
+        """Ollama's older /api/embeddings: one `prompt`, its vector not scaled to length 1."""
+        body = self._body()
+        if not isinstance(body.get("prompt"), str):
+            raise ApiError(400, "prompt must be text")
+        options = _object(body, "options")
+        _, [vector] = self._embeddings(body, True, options.get("num_ctx"), "prompt", normalize=False)
+        self._send_json({"embedding": vector})
 
     def openai_embeddings(self) -> None:
         """OpenAI's /v1/embeddings: floats, or base64 of little-endian float32 (what OpenAI's client asks for)."""

@@ -184,7 +184,8 @@ def test_json_mode_and_schemas_in_either_api(server, reference, format):
 
 def test_embeddings_in_either_api(server, reference):
     """Ollama's /api/embed and OpenAI's /v1/embeddings (floats, or base64 float32 as OpenAI's client asks) give
-    `llm.embed`'s vectors; `dimensions` keeps the first ones, scaled to length 1 again."""
+    `llm.embed`'s vectors; `dimensions` keeps the first ones, scaled to length 1 again; Ollama's older
+    /api/embeddings gives one prompt's vector unscaled."""
     import base64
     import struct
 
@@ -206,6 +207,10 @@ def test_embeddings_in_either_api(server, reference):
     decoded = [struct.unpack(f"<{expected.shape[1]}f", base64.b64decode(d["embedding"]))
                for d in json.loads(data)["data"]]
     assert torch.tensor(decoded).equal(expected)
+    status, data = post(server, "/api/embeddings", {"model": "tiny", "prompt": texts[1]})  # Ollama's older route
+    unscaled = torch.tensor(json.loads(data)["embedding"])
+    assert unscaled.equal(reference.embed(texts[1], normalize=False)[0]) and unscaled.norm() > 1.5
+    torch.testing.assert_close(unscaled / unscaled.norm(), expected[1])
 
 
 def test_tool_calls_go_out_and_their_results_come_back_in_either_api(server, monkeypatch):
@@ -274,6 +279,7 @@ BAD_REQUESTS = [
      "is not 1-64 letters"),
     ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "n": 2}, 400, "n must be 1"),
     ("/api/embed", {"model": "tiny", "input": [1, 2]}, 400, "input must be text or a list of texts"),
+    ("/api/embeddings", {"model": "tiny", "prompt": ["a"]}, 400, "prompt must be text"),
     ("/api/embed", {"model": "tiny", "input": "x", "truncate": "yes"}, 400, "truncate must be true or false"),
     ("/api/embed", {"model": "tiny", "input": "x", "dimensions": 0}, 400, "dimensions must be between 1 and 64"),
     ("/api/embed", {"model": "tiny", "input": "x " * 100, "truncate": False, "options": {"num_ctx": 16}}, 400,
@@ -471,6 +477,8 @@ def test_ollamas_and_openais_own_clients_talk_to_it(server, reference, monkeypat
     assert [m.id for m in oa.models.list()] == ["tiny"]
     expected_vectors = reference.embed(["Hello", "World"]).tolist()
     assert client.embed(model="tiny", input=["Hello", "World"]).embeddings == expected_vectors
+    assert client.embeddings(model="tiny", prompt="Hello").embedding == reference.embed("Hello", normalize=False)[
+        0].tolist()
     vectors = [d.embedding for d in oa.embeddings.create(model="tiny", input=["Hello", "World"]).data]
     torch.testing.assert_close(torch.tensor(vectors), torch.tensor(expected_vectors))
 
