@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 MAX_WHITESPACE = 20
+MAX_STATES = 1024  # ways a schema may leave open at once (anyOf options alike, nested: they multiply)
 WHITESPACE = " \t\n\r"
 DIGITS = "0123456789"
 # number parts: after "-", after a leading 0, in the integer, after ".", in the fraction, after e, after its sign,
@@ -117,7 +118,10 @@ class Grammar:
             self._add(Node("object", extra=self.any)), self._add(Node("array", items=self.any)),
             self._add(Node("string")), self._add(Node("number")), self._add(Node("literal", texts=("true", "false",
                                                                                                   "null")))))
-        root = self._compile(self.schema, "#")
+        try:
+            root = self._compile(self.schema, "#")
+        except RecursionError:
+            raise _invalid("the schema nests too deeply") from None
         if self._may_be_number(root):
             raise _invalid("an answer that is a bare number is not supported (its end cannot be told)")
         self.start: tuple[State, ...] = (((("value", root),), 0),)
@@ -363,6 +367,9 @@ class Grammar:
                 states = self.step(states[0], ch)
             else:
                 states = list(dict.fromkeys(s for state in states for s in self.step(state, ch)))
+                if len(states) > MAX_STATES:
+                    raise _invalid(f"the schema leaves over {MAX_STATES} ways open at once (anyOf options that "
+                                   "begin alike, nested)")
             if not states:
                 return ()
         return tuple(states)

@@ -332,6 +332,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads((self._chunks() if encoding else self.rfile.read(length)) or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "the request body nests too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         if not isinstance(body.get("model"), str) or not body["model"]:

@@ -209,6 +209,22 @@ def test_schemas_it_cannot_hold_to_are_refused_in_one_line(schema, words):
         Grammar(schema)
 
 
+def test_a_schema_that_nests_too_deeply_or_leaves_too_many_ways_open_is_one_line():
+    """Schemas are untrusted (a request's): 3,000 nested arrays (Python's recursion) and nested anyOf options that
+    begin alike (their ways multiply: 400,000 states, 5.7 s for one text before the cap) are refused in one line."""
+    deep = {"type": "string"}
+    for _ in range(3000):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(lilmistral.LilmistralError, match="^format: the schema nests too deeply$"):
+        Grammar({"type": "object", "properties": {"a": deep}})
+    alike = {"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}}] * 40}
+    for _ in range(4):
+        alike = {"type": "object", "properties": {"a": {"anyOf": [alike] * 10}}}
+    grammar = Grammar({"type": "object", "properties": {"x": alike}})
+    with pytest.raises(lilmistral.LilmistralError, match="^format: the schema leaves over 1024 ways open"):
+        grammar.steps(grammar.start, '{"x": {"a": {"a": {"a": {"a": {"a": "')
+
+
 def test_a_random_models_answer_to_a_schema_is_a_value_of_it(tiny):
     """Random weights, sampled hot, held to each schema: every answer that finished is a value the schema accepts
     (jsonschema), every other one the beginning of one, cut at max_tokens."""

@@ -280,6 +280,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "tiny", "messages": QUESTION, "n": 2}, 400, "n must be 1"),
     ("/api/embed", {"model": "tiny", "input": [1, 2]}, 400, "input must be text or a list of texts"),
     ("/api/embeddings", {"model": "tiny", "prompt": ["a"]}, 400, "prompt must be text"),
+    ("/api/chat", b'{"model": "tiny", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nests too deeply"),
     ("/api/embed", {"model": "tiny", "input": "x", "truncate": "yes"}, 400, "truncate must be true or false"),
     ("/api/embed", {"model": "tiny", "input": "x", "dimensions": 0}, 400, "dimensions must be between 1 and 64"),
     ("/api/embed", {"model": "tiny", "input": "x " * 100, "truncate": False, "options": {"num_ctx": 16}}, 400,
