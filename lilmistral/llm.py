@@ -218,15 +218,31 @@ def _partial_stop(text: str, stop: list[str]) -> int:
     return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
+class Thinking(str):
+    """A piece of an answer's thinking (a reasoning model's text between its [THINK] and [/THINK] tokens, Mistral's
+    v13 and later): a `str`, so that pieces joined are the text they were before thinking was told apart."""
+
+
 def stream_text(tokens: Iterator[int], tokenizer: Tokenizer, stop: list[str],
                 tool_calls: list[dict[str, Any]] | None = None) -> Iterator[str]:
     """Text pieces of a token stream; ends before the first stop string, which is not emitted. Given a list
     `tool_calls`, and a Mistral format: the text ends at a [TOOL_CALLS] token, the calls after it go into the
-    list (their text into the answer where they are not well formed)."""
+    list (their text into the answer where they are not well formed). In a Mistral format, text between [THINK]
+    and [/THINK] comes as `Thinking` pieces, which stop strings do not end."""
     calls_id = tokenizer.control_id("[TOOL_CALLS]") if tool_calls is not None and tokenizer.instruct_version else None
+    think, done_thinking = (tokenizer.control_id(t) if tokenizer.instruct_version else None
+                            for t in ("[THINK]", "[/THINK]"))
     decoder = StreamDecoder(tokenizer.decode)
-    held = ""
+    held, thinking = "", False
     for token in tokens:
+        if thinking or (think is not None and token == think):
+            if held:  # text held back (the start of a stop string, maybe) comes before the thinking
+                yield held
+                held = ""
+            thinking = token != done_thinking
+            if piece := decoder.push(token):
+                yield Thinking(piece)
+            continue
         if token == calls_id:
             rest = [token, *tokens]
             calls = tokenizer.parse_tool_calls(rest)

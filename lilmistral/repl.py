@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import LilmistralError, visible
 from .generate import RECOMMENDABLE, SamplingParams
-from .llm import LLM
+from .llm import LLM, Thinking
 from .store import human_parameters, write_durably
 from .tokenizer import Message
 
@@ -76,7 +76,8 @@ class Chat:
         try:
             kwargs = {f.name: getattr(self.params, f.name) for f in fields(self.params)}
             for piece in self.llm.chat(self.conversation(), **kwargs):
-                answer.append(piece)
+                if not isinstance(piece, Thinking):  # the conversation keeps the answer, as Ollama's
+                    answer.append(piece)
                 yield piece
         except LilmistralError:
             self.messages.pop()  # the question could not be asked (it does not fit): forget it
@@ -461,6 +462,16 @@ class MarkdownAnswer:
         self.drawn = time.perf_counter()
 
 
+def thinking_marked(pieces: Iterator[str]) -> Iterator[str]:
+    """An answer's pieces with its thinking between "Thinking..." and "...done thinking." lines, as Ollama shows it."""
+    thinking = False
+    for piece in pieces:
+        if isinstance(piece, Thinking) != thinking:
+            thinking = not thinking
+            yield "Thinking...\n" if thinking else "\n...done thinking.\n\n"
+        yield piece
+
+
 def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: bool, notices: Any = None,
                   wrap: bool = True) -> None:
     """Print the answer as it streams (at a terminal: control characters made visible and, unless `wrap` is
@@ -471,7 +482,7 @@ def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: 
     try:
         if markdown and console.is_terminal:
             with MarkdownAnswer(console) as answer:
-                for piece in pieces:
+                for piece in thinking_marked(pieces):
                     answer.write(piece)
         else:
             if console.is_terminal:
@@ -480,7 +491,7 @@ def stream_answer(chat: Chat, text: str, console: Any, markdown: bool, verbose: 
                 def write(piece: str) -> None:
                     console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
                     console.file.flush()
-            for piece in pieces:
+            for piece in thinking_marked(pieces):
                 write(piece)
             console.print()
     except KeyboardInterrupt:

@@ -32,7 +32,7 @@ import torch
 from . import __version__
 from .chat import CALL_ID, new_call_id
 from .errors import LilmistralError
-from .llm import LLM
+from .llm import LLM, Thinking
 
 MAX_BODY = 32 << 20  # bytes a request body may have
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
@@ -539,7 +539,7 @@ class Handler(BaseHTTPRequestHandler):
             for llm, piece in answer:
                 head = {"model": body["model"], "created_at": _now()}
                 if piece is not None:
-                    yield head | {"message": {"role": "assistant", "content": piece}, "done": False}
+                    yield head | {"message": {"role": "assistant"} | _apart(piece, "content"), "done": False}
                     continue
                 message = {"role": "assistant", "content": ""} | ({"tool_calls": llm.tool_calls} if llm.tool_calls
                                                                   else {})
@@ -574,7 +574,7 @@ class Handler(BaseHTTPRequestHandler):
         def chunks() -> Iterator[dict[str, Any]]:
             for llm, piece in answer:
                 head = {"model": body["model"], "created_at": _now()}
-                yield head | ({"response": piece, "done": False} if piece is not None
+                yield head | (_apart(piece, "response") | {"done": False} if piece is not None
                               else {"response": ""} | self._ollama_stats(llm, request_start))
 
         self._ollama_reply(body, chunks(), "response")
@@ -588,12 +588,12 @@ class Handler(BaseHTTPRequestHandler):
                                                       for c in itertools.chain([first], chunks)))
             return
         parts = [first, *chunks]
-        whole = parts[-1]
-        if text_key == "message":
-            whole["message"]["content"] = "".join(p["message"]["content"] for p in parts)
-        else:
-            whole["response"] = "".join(p["response"] for p in parts)
-        self._send_json(whole)
+        texts = [p["message"] if text_key == "message" else p for p in parts]  # where each part's text is
+        key = "content" if text_key == "message" else "response"
+        texts[-1][key] = "".join(t[key] for t in texts)
+        if thinking := "".join(t.get("thinking", "") for t in texts):
+            texts[-1]["thinking"] = thinking
+        self._send_json(parts[-1])
 
     def openai_chat(self) -> None:
         """OpenAI's /v1/chat/completions."""
@@ -611,12 +611,15 @@ class Handler(BaseHTTPRequestHandler):
         if body.get("stream"):
             self._server_sent(reply, self._openai_chunks(answer, _object(body, "stream_options").get("include_usage")))
             return
-        text, llm = "", None
+        text, thinking, llm = "", "", None
         for llm, piece in answer:
-            text += piece or ""
+            if isinstance(piece, Thinking):
+                thinking += piece
+            else:
+                text += piece or ""
         calls = [_openai_call(c) for c in llm.tool_calls]
         message = {"role": "assistant", "content": text or (None if calls else "")} | (
-            {"tool_calls": calls} if calls else {})
+            {"tool_calls": calls} if calls else {}) | ({"reasoning_content": thinking} if thinking else {})
         self._send_json(reply | {"object": "chat.completion", "choices": [
             {"index": 0, "message": message, "finish_reason": _finish_reason(llm)}], "usage": _usage(llm)})
 
@@ -664,13 +667,18 @@ class Handler(BaseHTTPRequestHandler):
         yield chunk({"role": "assistant", "content": ""})
         for llm, piece in answer:
             if piece is not None:
-                yield chunk({"content": piece})
+                yield chunk({"reasoning_content" if isinstance(piece, Thinking) else "content": piece})
                 continue
             if llm.tool_calls:
                 yield chunk({"tool_calls": [{"index": i} | _openai_call(c) for i, c in enumerate(llm.tool_calls)]})
             yield chunk({}, _finish_reason(llm))
             if include_usage:
                 yield {"object": "chat.completion.chunk", "choices": [], "usage": _usage(llm)}
+
+
+def _apart(piece: str, key: str) -> dict[str, str]:
+    """A piece of an answer under `key`, or of its thinking under "thinking" (Ollama's)."""
+    return {key: "", "thinking": piece} if isinstance(piece, Thinking) else {key: piece}
 
 
 def _openai_call(call: dict[str, Any]) -> dict[str, Any]:

@@ -419,6 +419,63 @@ def test_chat_puts_the_reasoning_effort_and_the_format_into_a_v15_models_setting
         load_tokenizer(tmp_path / "v3").model_settings(None, "high")
 
 
+def test_a_reasoning_models_thinking_comes_apart_from_its_answer(tmp_path, monkeypatch):
+    """A v13+ model's answer "[THINK]...[/THINK]answer" (scripted: the tiny model's weights are random): `chat`
+    yields the thinking as `Thinking` pieces (stop strings do not end it) and the answer as text; joined, they are
+    the text as before; the REPL's conversation keeps the answer and shows the thinking between Ollama's lines;
+    serve gives Ollama's `thinking` (streamed, whole, and to the ollama client) and OpenAI's `reasoning_content`."""
+    import threading
+    import urllib.request
+
+    import ollama
+
+    import lilmistral
+    from lilmistral.llm import Thinking
+    from lilmistral.repl import Chat, thinking_marked
+    from lilmistral.serve import Models, make_server
+
+    make_hf_model(tmp_path, vocab_size=131072)
+    (tmp_path / "tokenizer.model.v3").unlink()
+    tekken_of_version(tmp_path, "v13")
+    llm = lilmistral.load(tmp_path)
+    tok = llm.tokenizer
+    answer = [tok.control("[THINK]"), *tok.encode("Paris? STOP, check: yes."), tok.control("[/THINK]"),
+              *tok.encode("It is Paris.")]
+    monkeypatch.setattr(llm, "_generate", lambda ids, params: iter(answer))
+    question = [{"role": "user", "content": "Capital of France?"}]
+    pieces = list(llm.chat(question, stop=["STOP"]))
+    assert "".join(p for p in pieces if isinstance(p, Thinking)) == "Paris? STOP, check: yes."
+    assert "".join(p for p in pieces if not isinstance(p, Thinking)) == "It is Paris."
+    assert "".join(pieces) == tok.decode(answer)
+    chat = Chat(llm)
+    shown = "".join(thinking_marked(chat.ask("Capital of France?")))
+    assert shown == "Thinking...\nParis? STOP, check: yes.\n...done thinking.\n\nIt is Paris."
+    assert chat.messages[-1] == {"role": "assistant", "content": "It is Paris."}
+
+    models = Models(lilmistral.load, ("tiny", str(tmp_path), llm))
+    httpd = make_server("127.0.0.1", 0, models)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=models.work, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    def post(path, body):
+        request = urllib.request.Request(url + path, data=json.dumps(body).encode())
+        return urllib.request.urlopen(request, timeout=60).read().decode()
+
+    lines = [json.loads(line) for line in post("/api/chat", {"model": "tiny", "messages": question}).splitlines()]
+    assert "".join(line["message"].get("thinking", "") for line in lines) == "Paris? STOP, check: yes."
+    assert "".join(line["message"]["content"] for line in lines) == "It is Paris."
+    whole = json.loads(post("/api/chat", {"model": "tiny", "messages": question, "stream": False}))["message"]
+    assert whole["thinking"] == "Paris? STOP, check: yes." and whole["content"] == "It is Paris."
+    reply = ollama.Client(host=url).chat(model="tiny", messages=question)
+    assert reply.message.thinking == "Paris? STOP, check: yes." and reply.message.content == "It is Paris."
+    message = json.loads(post("/v1/chat/completions", {"model": "tiny", "messages": question}))["choices"][0][
+        "message"]
+    assert message["reasoning_content"] == "Paris? STOP, check: yes." and message["content"] == "It is Paris."
+    httpd.shutdown()
+    models.stop()
+
+
 @pytest.mark.parametrize("source", ["tokenizer.model.v1", "mistral_instruct_tokenizer_241114.model.v7",
                                     "tekken_240911.json"])
 def test_stream_decoder_keeps_utf8_whole(tmp_path, source):
