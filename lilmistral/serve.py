@@ -440,23 +440,31 @@ class Handler(BaseHTTPRequestHandler):
         """(llm, piece) for each piece of the answer `start(llm)` streams on the model's thread, then (llm, None)
         at its end. The caller takes the first before sending anything, so that a request the model's format
         refuses (or its prefill) is a 400."""
-        models = self.server.models
-
         def answer() -> Iterator[tuple[LLM, str | None]]:
-            llm, self.load_s = models.take(body["model"])
+            with self._held(body, num_ctx) as llm:
+                pieces = start(llm)
+                try:
+                    for piece in pieces:
+                        yield llm, piece
+                    yield llm, None
+                finally:
+                    pieces.close()
+
+        return self.server.models.submit(answer)
+
+    @contextlib.contextmanager
+    def _held(self, body: dict[str, Any], num_ctx: Any = None) -> Iterator[LLM]:
+        """The model the request names (on the model's thread), its context resized where `num_ctx` asks; let go
+        of after the request where its `keep_alive` is 0."""
+        models = self.server.models
+        llm, self.load_s = models.take(body["model"])
+        try:
             if num_ctx is not None and _integer(num_ctx, "num_ctx") != llm.num_ctx:
                 llm.resize_context(int(num_ctx))
-            pieces = start(llm)
-            try:
-                for piece in pieces:
-                    yield llm, piece
-                yield llm, None
-            finally:
-                pieces.close()
-                if _unloads(body):
-                    models.close()
-
-        return models.submit(answer)
+            yield llm
+        finally:
+            if _unloads(body):
+                models.close()
 
     def _embeddings(self, body: dict[str, Any], truncate: Any = True, num_ctx: Any = None, key: str = "input",
                     normalize: bool = True) -> tuple[LLM, list]:
@@ -469,19 +477,11 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"{key} must be text or a list of texts")
         if not isinstance(truncate, bool):
             raise ApiError(400, "truncate must be true or false")
-        models = self.server.models
-
         def embed() -> tuple[LLM, torch.Tensor]:
-            llm, self.load_s = models.take(body["model"])
-            try:
-                if num_ctx is not None and _integer(num_ctx, "num_ctx") != llm.num_ctx:
-                    llm.resize_context(int(num_ctx))
+            with self._held(body, num_ctx) as llm:
                 return llm, llm.embed(texts, truncate, normalize) if texts else torch.empty(0, llm.args.dim)
-            finally:
-                if _unloads(body):
-                    models.close()
 
-        [(llm, vectors)] = models.submit(embed)
+        [(llm, vectors)] = self.server.models.submit(embed)
         if dimensions is not None:
             kept = _integer(dimensions, "dimensions")
             if not 1 <= kept <= vectors.shape[1]:

@@ -16,12 +16,13 @@ Message = dict[str, Any]
 
 
 class Tokenizer:
+    """What the rest of lilmistral needs of a tokenizer and its chat format."""
+
     # Mistral v15's model settings its file takes (`model_settings`): reasoning efforts and the default one, and
     # whether the answer's JSON schema goes into the prompt
     reasoning_efforts: tuple[str, ...] = ()
     default_reasoning_effort: str | None = None
     schema_setting = False
-    """What the rest of lilmistral needs of a tokenizer and its chat format."""
 
     bos_id: int
     eos_ids: frozenset[int]
@@ -121,8 +122,8 @@ def find_mistral_tokenizer_file(folder: Path) -> Path | None:
 
 
 VERSIONS = (1, 2, 3, 7, 11, 13, 15)  # Mistral's instruct formats `chat.mistral_instruct` writes (text and tools)
-# a tekken file's control tokens when it does not list them (files before v11)
 JSON_OBJECT_OR_ARRAY = {"anyOf": [{"type": "object"}, {"type": "array"}]}  # mistral_common's json_object schema
+# a tekken file's control tokens when it does not list them (files before v11)
 TEKKEN_CONTROLS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
                    "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
